@@ -1,0 +1,1 @@
+"""Tokenizers, chat templates, record sources, packing and the Grain input pipeline."""

@@ -1,0 +1,176 @@
+"""The `pretrain` stage: build everything from the run config, then train with resumption.
+
+Side effects live here (files, clocks, printing); the step itself is pure (train/step.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from kat_jax.checkpoint.manager import RunCheckpointer
+from kat_jax.data import pipeline, sources, synthetic
+from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
+from kat_jax.model import ModelConfig, get_preset, init_params
+from kat_jax.train.metrics import MetricsLogger
+from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from kat_jax.train.state import TrainState, create_train_state
+from kat_jax.train.step import make_eval_step, make_train_step
+
+
+class ConfigError(ValueError):
+  """A run config field holds a value that cannot work; the message names the field."""
+
+
+def model_config_from(model_cfg: ConfigDict) -> ModelConfig:
+  """`config.model`: a preset name plus any ModelConfig field left as None = preset value."""
+  overrides = {k: v for k, v in model_cfg.items()
+               if k not in ("preset", "init_from") and v is not None}
+  try:
+    return get_preset(model_cfg.preset, **overrides)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+
+
+def _split_paths(paths: str) -> list[str]:
+  return [p for p in (s.strip() for s in paths.split(",")) if p]
+
+
+def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
+  """(train_source, eval_source or None) from `config.data`."""
+  if data.source == "synthetic":
+    data_dir = os.path.join(workdir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    train_path = os.path.join(data_dir, "synthetic_train.jsonl")
+    eval_path = os.path.join(data_dir, "synthetic_eval.jsonl")
+    if not os.path.exists(train_path):
+      synthetic.write_corpus_jsonl(train_path, data.synthetic_docs, seed)
+      synthetic.write_corpus_jsonl(eval_path, data.synthetic_eval_docs, seed + 1)
+    return sources.JsonlSource(train_path), sources.JsonlSource(eval_path)
+  kinds = {"jsonl": sources.JsonlSource, "array_record": sources.ArrayRecordSource}
+  if data.source not in kinds:
+    raise ConfigError(f"config.data.source {data.source!r} not in "
+                      f"{['synthetic', *kinds]}")
+  train_paths = _split_paths(data.paths)
+  if not train_paths:
+    raise ConfigError(f"config.data.paths is empty; give the {data.source} files to read")
+  for path in train_paths + _split_paths(data.eval_paths):
+    if not os.path.exists(path):
+      raise ConfigError(f"config.data: file not found: {path}")
+  make = kinds[data.source]
+  train = make(train_paths, on_error=data.on_error)
+  evals = make(_split_paths(data.eval_paths), on_error=data.on_error) if data.eval_paths else None
+  return train, evals
+
+
+def _dataset(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, *, train: bool):
+  return pipeline.make_pretrain_dataset(
+      source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, seed=seed,
+      shuffle=train and data.shuffle, num_epochs=None if train else 1,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      long_docs=data.long_docs,
+      read_options=grain.ReadOptions(num_threads=data.read_threads,
+                                     prefetch_buffer_size=data.prefetch))
+
+
+def _check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(
+        f"config.model: vocab_size {model_config.vocab_size} is smaller than the "
+        f"{type(tokenizer).__name__}'s {tokenizer.vocab_size} ids; pick a matching "
+        "config.data.tokenizer or model preset")
+
+
+def _initial_params(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:
+  if config.model.init_from:
+    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
+    loaded_config, params = load_pretrained(config.model.init_from)
+    execution = {f.name: getattr(model_config, f.name)
+                 for f in dataclasses.fields(ModelConfig)
+                 if f.name in ("dtype", "param_dtype", "remat_policy", "scan_unroll",
+                               "attention_backend")}
+    return loaded_config.replace(**execution), params
+  params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(config.seed))
+  return model_config, params
+
+
+def evaluate(eval_step, params, dataset, max_batches: int) -> dict[str, float]:
+  """Held-out weighted loss/accuracy over up to `max_batches` batches of `dataset`."""
+  totals = {"ce_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+  for i, batch in enumerate(dataset):
+    if i >= max_batches:
+      break
+    aux = jax.device_get(eval_step(params, batch))
+    for k in totals:
+      totals[k] += float(aux[k])
+  denom = max(totals["weight_sum"], 1.0)
+  return {"loss": totals["ce_sum"] / denom, "accuracy": totals["correct_sum"] / denom,
+          "tokens": totals["weight_sum"]}
+
+
+def run_pretrain(config: ConfigDict) -> dict[str, Any]:
+  """Trains a decoder on next-token prediction. Returns the final metrics."""
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  model_config, params = _initial_params(config, model_config_from(config.model))
+  _check_vocab(model_config, tokenizer)
+  train = config.train
+  if train.steps < 1:
+    raise ConfigError(f"config.train.steps must be >= 1, got {train.steps}")
+  optimizer = make_optimizer(config.optim, train.steps)
+  schedule = learning_rate_schedule(config.optim, train.steps)
+  state = create_train_state(params, optimizer)
+  del params
+
+  train_source, eval_source = build_sources(config.data, workdir, config.seed)
+  data_iter = iter(_dataset(train_source, tokenizer, config.data, config.seed, train=True))
+  checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=train.checkpoint_every,
+                                 keep=train.keep_checkpoints, async_save=train.async_checkpoint)
+  meta = {"config": config.to_dict(), "model_config": model_config.to_dict()}
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(state, data_iter)
+    print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
+
+  step_fn = jax.jit(make_train_step(model_config, optimizer, grad_accum=train.grad_accum,
+                                    loss_chunk=train.loss_chunk, z_loss=train.z_loss,
+                                    schedule=schedule), donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(model_config, loss_chunk=train.loss_chunk))
+  logger = MetricsLogger(workdir, train.steps, tensorboard=train.tensorboard)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  print(f"pretrain: {n_params:,} params, {train.steps} steps, batch "
+        f"{config.data.batch_size}x{config.data.seq_len}, workdir {workdir}", flush=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2, default=str)
+
+  metrics: dict[str, Any] = {}
+  start = time.perf_counter()
+  step = int(state.step)
+  while step < train.steps:
+    batch = next(data_iter)
+    state, metrics = step_fn(state, batch)
+    step += 1
+    logger.count_tokens(float(np.sum(batch["weights"] > 0)))
+    if step % train.log_every == 0 or step == train.steps:
+      logger.write(step, jax.device_get(metrics))
+    if eval_source is not None and train.eval_every and (
+        step % train.eval_every == 0 or step == train.steps):
+      eval_ds = _dataset(eval_source, tokenizer, config.data, config.seed, train=False)
+      logger.write_eval(step, evaluate(eval_fn, state.params, eval_ds, train.eval_batches))
+    checkpointer.save(step, state, data_iter, meta, force=step == train.steps)
+  checkpointer.close()
+  logger.close()
+  final = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  logging.info("pretrain finished in %.1fs: %s", time.perf_counter() - start, final)
+  return final

@@ -1,0 +1,82 @@
+"""Token losses under the `pred_index` contract, computed in sequence chunks.
+
+Token t is predicted from the hidden state at `pred_index[t]`; its loss is
+`weights[t] * loss(logits(hidden[pred_index[t]]), tokens[t])`. The LM head and the
+float32 log-softmax run chunk by chunk (rematerialised in the backward pass), so the
+full [B, T, V] float32 logits never exist at once — the 152k-entry vocabulary makes
+them the largest tensor of a step otherwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def gather_predicting_hidden(hidden: jax.Array, pred_index: jax.Array) -> jax.Array:
+  """hidden [B,T,d], pred_index [B,T] -> the hidden state that predicts each token [B,T,d]."""
+  return jnp.take_along_axis(hidden, pred_index[..., None].astype(jnp.int32), axis=1)
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """[N, ...] -> [N/chunk, chunk, ...], zero-padding N up to a multiple of `chunk`."""
+  pad = (-x.shape[0]) % chunk
+  if pad:
+    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+  return x.reshape((-1, chunk) + x.shape[1:])
+
+
+def chunked_cross_entropy(hidden: jax.Array, head_kernel: jax.Array, tokens: jax.Array,
+                          pred_index: jax.Array, weights: jax.Array, *,
+                          chunk_size: int = 1024, z_loss: float = 0.0,
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted next-token cross-entropy, summed (not averaged) over tokens.
+
+  Args:
+    hidden: [B,T,d] final-normed hidden states (compute dtype).
+    head_kernel: [d,V] LM head (the transposed embedding when tied).
+    tokens: [B,T] int32 targets.
+    pred_index: [B,T] int32 index of the predicting hidden state of each target.
+    weights: [B,T] float32 loss weight per target.
+    chunk_size: tokens per LM-head chunk.
+    z_loss: coefficient of the log(Z)² stabiliser (PaLM); 0 disables it.
+
+  Returns:
+    (sum_t weights[t] * (ce[t] + z_loss * logZ[t]²), aux) where aux holds the
+    weighted sums `ce_sum`, `correct_sum` (argmax hits) and `weight_sum`.
+  """
+  d = hidden.shape[-1]
+  pred_hidden = gather_predicting_hidden(hidden, pred_index).reshape(-1, d)
+  flat_tokens = tokens.reshape(-1)
+  flat_weights = weights.reshape(-1).astype(jnp.float32)
+  chunk = min(chunk_size, flat_tokens.shape[0])
+  xs = (_chunks(pred_hidden, chunk), _chunks(flat_tokens, chunk), _chunks(flat_weights, chunk))
+
+  @jax.checkpoint
+  def chunk_loss(h, t, w):
+    logits = jnp.einsum("nd,dv->nv", h, head_kernel.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    ce = log_z - target
+    correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+    loss = jnp.sum(w * (ce + z_loss * log_z**2))
+    return loss, jnp.sum(w * ce), jnp.sum(w * correct)
+
+  def body(carry, x):
+    loss, ce, correct = chunk_loss(*x)
+    return (carry[0] + loss, carry[1] + ce, carry[2] + correct), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss, ce_sum, correct_sum), _ = jax.lax.scan(body, (zero, zero, zero), xs)
+  aux = {"ce_sum": ce_sum, "correct_sum": correct_sum, "weight_sum": jnp.sum(flat_weights)}
+  return loss, aux
+
+
+def full_logits_cross_entropy(logits: jax.Array, tokens: jax.Array, pred_index: jax.Array,
+                              weights: jax.Array) -> jax.Array:
+  """Reference for `chunked_cross_entropy`: logits [B,T,V] of every position, summed CE."""
+  pred_logits = jnp.take_along_axis(logits, pred_index[..., None], axis=1).astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(pred_logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+  return jnp.sum(weights * nll)
