@@ -12,9 +12,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kat_jax.errors import ConfigError
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Path to a config file with get_config().",
-    lock_config=True)
+    "config", None, "Path to a config file with get_config(), e.g. "
+    "experiments/configs/default.py.", lock_config=True)
+flags.mark_flag_as_required("config")
 
 # stage name -> "module:function"; the function takes the ConfigDict.
 STAGES = {
@@ -25,7 +28,7 @@ STAGES = {
 def run_stage(config) -> dict:
   """Runs `config.stage` and returns its final metrics."""
   if config.stage not in STAGES:
-    raise ValueError(f"config.stage {config.stage!r} not in {sorted(STAGES)}")
+    raise ConfigError(f"config.stage {config.stage!r} not in {sorted(STAGES)}")
   module_name, fn_name = STAGES[config.stage].split(":")
   return getattr(importlib.import_module(module_name), fn_name)(config)
 
@@ -35,14 +38,35 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter hides the progress line
-  from kat_jax.train.loop import ConfigError  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
   try:
-    run_stage(_CONFIG.value)
+    config.stage  # pylint: disable=pointless-statement; a failed load raises here
+  except OSError as e:  # the config file is missing or does not import
+    print(f"error: {str(e).splitlines()[0]}: {flags.FLAGS['config'].config_filename}",
+          file=sys.stderr)
+    sys.exit(2)
+  try:
+    run_stage(config)
   except ConfigError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config-override mistakes reported on one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (KeyError, AttributeError) as e:  # ml_collections: unknown field in an override
+    inner = e
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    message = " ".join(str(inner).split())
+    print(f"error: unknown config field in the command line: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -163,6 +163,26 @@ def _finalize(acc, m, l):
   return out, lse
 
 
+def _tile_visible_t(q_start, k_start, key_ends: jax.Array, block_q: int, block_k: int):
+  """Transposed partial-tile mask [bk, bq] (keys on rows); key_ends [bk, 1] int32."""
+  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
+  return (k_pos <= q_pos) & (q_pos < key_ends)
+
+
+def _probs_and_dlogits_t(q, k, v, do, lse_row, delta_row, visible_t, logit_scale):
+  """dK/dV tile in key-major orientation: P^T and dS^T [bk, bq] f32 (lse/delta rows [1, bq]).
+
+  Keeping keys on rows lets dV += P^T dO and dK += dS^T Q feed the register tiles straight
+  into the matmul (no register transposes, as in the Triton FlashAttention tutorial).
+  """
+  p_t = jnp.exp2(_dot_nt(k, q) * logit_scale - lse_row)
+  if visible_t is not None:
+    p_t = jnp.where(visible_t, p_t, 0.0)
+  dp_t = _dot_nt(v, do)
+  return p_t, p_t * (dp_t - delta_row)
+
+
 def _probs_and_dlogits(q, k, v, do, lse, delta, visible, logit_scale):
   """Backward tile: p [bq,bk] and dS [bq,bk] (w.r.t. the unscaled logits q.k), both f32."""
   p = jnp.exp2(_dot_nt(q, k) * logit_scale - lse)
@@ -236,7 +256,7 @@ def _gpu_dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   kb = pl.program_id(0)
   k_start = kb * bk
   k, v = k_ref[...], v_ref[...]
-  key_ends = kv_end_ref[...][None, :]
+  key_ends = kv_end_ref[...][:, None]
   logit_scale = cfg.scale * _LOG2E
 
   def head_rows(ref, rows, g):
@@ -250,11 +270,11 @@ def _gpu_dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     q, do = head_rows(q_ref, rows, g), head_rows(do_ref, rows, g)
     lse_row = lse_ref[rows] if groups == 1 else lse_ref[g, rows]
     delta_row = delta_ref[rows] if groups == 1 else delta_ref[g, rows]
-    visible = _tile_visible(q_start, k_start, key_ends, bq, bk) if masked else None
-    p, ds = _probs_and_dlogits(q, k, v, do, lse_row[:, None], delta_row[:, None], visible,
-                               logit_scale)
-    dv = dv + _dot_tn(p.astype(do.dtype), do)
-    dk = dk + _dot_tn(ds.astype(q.dtype), q)
+    visible_t = _tile_visible_t(q_start, k_start, key_ends, bq, bk) if masked else None
+    p_t, ds_t = _probs_and_dlogits_t(q, k, v, do, lse_row[None, :], delta_row[None, :],
+                                     visible_t, logit_scale)
+    dv = dv + _dot_nn(p_t.astype(do.dtype), do)
+    dk = dk + _dot_nn(ds_t.astype(q.dtype), q)
     return dk, dv
 
   n_full, n_visible = meta_ref[0], meta_ref[1]
@@ -477,14 +497,14 @@ def _tpu_dkdv_kernel(meta_ref, q_ref, k_ref, v_ref, kv_end_ref, do_ref, lse_ref,
 
   def step(masked):
     q_start = _list_entry(meta_ref, b, kb, j) * bq
-    visible = None
+    visible_t = None
     if masked:
-      visible = _tile_visible(q_start, kb * bk, kv_end_ref[...], bq, bk)
+      visible_t = _tile_visible_t(q_start, kb * bk, kv_end_ref[...], bq, bk)
     q, do = q_ref[...], do_ref[...]
-    p, ds = _probs_and_dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...],
-                               visible, cfg.scale * _LOG2E)
-    dv_acc[...] += _dot_tn(p.astype(do.dtype), do)
-    dk_acc[...] += _dot_tn(ds.astype(q.dtype), q)
+    p_t, ds_t = _probs_and_dlogits_t(q, k_ref[...], v_ref[...], do, lse_ref[...],
+                                     delta_ref[...], visible_t, cfg.scale * _LOG2E)
+    dv_acc[...] += _dot_nn(p_t.astype(do.dtype), do)
+    dk_acc[...] += _dot_nn(ds_t.astype(q.dtype), q)
 
   pl.when(j < n_full)(lambda: step(False))
   pl.when((j >= n_full) & (j < n_visible))(lambda: step(True))
@@ -585,6 +605,9 @@ def _tpu_backward(q, k, v, kv_end, do, lse, delta, cfg: _Config):
   def q_side(b, h, i, t, m):
     return b, h * groups + t // nq, _list_entry(m, b, i, t % nq), 0
 
+  def q_side_row(b, h, i, t, m):  # lse / delta as lane-major rows [B, Hq, 1, T]
+    return b, h * groups + t // nq, 0, _list_entry(m, b, i, t % nq)
+
   k_index = lambda b, h, i, t, m: (b, h, i, 0)
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkdv_kernel, cfg=cfg, nq=nq, groups=groups),
@@ -595,10 +618,10 @@ def _tpu_backward(q, k, v, kv_end, do, lse, delta, cfg: _Config):
               pl.BlockSpec((None, None, bq, head_dim), q_side),
               pl.BlockSpec((None, None, bk, head_dim), k_index),
               pl.BlockSpec((None, None, bk, head_dim), k_index),
-              pl.BlockSpec((None, 1, bk), lambda b, h, i, t, m: (b, 0, i)),
+              pl.BlockSpec((None, bk, 1), lambda b, h, i, t, m: (b, i, 0)),
               pl.BlockSpec((None, None, bq, head_dim), q_side),
-              pl.BlockSpec((None, None, bq, 1), q_side),
-              pl.BlockSpec((None, None, bq, 1), q_side),
+              pl.BlockSpec((None, None, 1, bq), q_side_row),
+              pl.BlockSpec((None, None, 1, bq), q_side_row),
           ],
           out_specs=[pl.BlockSpec((None, None, bk, head_dim), k_index),
                      pl.BlockSpec((None, None, bk, head_dim), k_index)],
@@ -610,7 +633,8 @@ def _tpu_backward(q, k, v, kv_end, do, lse, delta, cfg: _Config):
       compiler_params=semantics,
       interpret=interpret,
       name="tree_attention_dkdv_tpu",
-  )(meta_k, q, k, v, kv_end3, do, lse, delta)
+  )(meta_k, q, k, v, kv_end[:, :, None], do, jnp.swapaxes(lse, 2, 3),
+    jnp.swapaxes(delta, 2, 3))
   return dq, dk, dv
 
 

@@ -33,9 +33,14 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.config)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return normed.astype(x.dtype) * scale.astype(x.dtype)
+    return rms_norm(x, scale, self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """The RMSNorm math as a function (the KV-cache sampler calls it on raw weights)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,

@@ -21,15 +21,12 @@ from ml_collections import ConfigDict
 from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.data import pipeline, sources, synthetic
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
+from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig, get_preset, init_params
 from kat_jax.train.metrics import MetricsLogger
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from kat_jax.train.state import TrainState, create_train_state
 from kat_jax.train.step import make_eval_step, make_train_step
-
-
-class ConfigError(ValueError):
-  """A run config field holds a value that cannot work; the message names the field."""
 
 
 def model_config_from(model_cfg: ConfigDict) -> ModelConfig:

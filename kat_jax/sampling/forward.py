@@ -1,0 +1,175 @@
+"""The decoder's forward pass over a preallocated KV cache (prefill chunks and decode steps).
+
+Same math as `kat_jax.model.Decoder` (it reuses `rms_norm`, `rope_cos_sin`, `apply_rope`), laid
+out for decoding:
+
+- layer weights are unstacked into one dict per layer (`prepare_params`), so the unrolled
+  layer loop reads each weight in place; slicing a stacked `[L, ...]` weight inside the step
+  can make XLA copy it, which doubles the bytes a bandwidth-bound decode step moves;
+- q/k/v and gate/up kernels are concatenated into one matmul each (fewer, larger kernels);
+- weights are cast to the compute dtype once, not on every step.
+
+Cache layout (left-aligned slots shared by the batch). Every row writes its next tokens at the
+same slots `[end, end+T)`; a per-row `valid [B, S]` flag says which slots hold real tokens and
+`next_pos [B]` is the RoPE position of the row's next token. Query at slot `q` sees key slot
+`k` iff `valid[b, k] and k <= q`. Padding (left padding of ragged prompts, slots of rows that
+already stopped) is just invalid slots, so RoPE positions and attention equal those of the
+unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kat_jax.model.config import ModelConfig
+from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
+
+CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+@flax.struct.dataclass
+class DecodeParams:
+  """Decode-ready weights (compute dtype). Build with `prepare_params`.
+
+  embed [V,d]; head [V,d] when tied (the embedding) else [d,V]; final_norm [d];
+  layers: one dict per layer with input_norm [d], qkv [d, (Hq+2Hkv)*D], qkv_bias
+  [(Hq+2Hkv)*D] (absent without bias), o [Hq, D, d], post_attn_norm [d], gate_up [d, 2F],
+  down [F, d].
+  """
+  embed: jax.Array
+  head: jax.Array
+  final_norm: jax.Array
+  layers: list[dict[str, jax.Array]]
+
+
+def prepare_params(params: dict, config: ModelConfig) -> DecodeParams:
+  """Training param tree (stacked layers, unboxed) -> `DecodeParams`. Copies the weights once."""
+  if isinstance(params, DecodeParams):
+    return params
+  if "layers" not in params or "embed" not in params:
+    raise ValueError("params must be the Decoder's param tree (keys 'embed', 'layers', ...); "
+                     f"got keys {sorted(params)}")
+  dt = config.compute_dtype
+  d, hq, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+  stacked = params["layers"]
+  attn, mlp = stacked["attn"], stacked["mlp"]
+
+  def flat(w, heads):  # [L, d, H, D] -> [L, d, H*D]
+    return w.reshape(w.shape[0], d, heads * hd)
+
+  qkv = jnp.concatenate([flat(attn["q_kernel"], hq), flat(attn["k_kernel"], hkv),
+                         flat(attn["v_kernel"], hkv)], axis=-1).astype(dt)
+  gate_up = jnp.concatenate([mlp["gate_proj"], mlp["up_proj"]], axis=-1).astype(dt)
+  if config.qkv_bias:
+    qkv_bias = jnp.concatenate([attn[f"{n}_bias"].reshape(config.num_layers, -1)
+                                for n in ("q", "k", "v")], axis=-1).astype(dt)
+  layers = []
+  for i in range(config.num_layers):
+    layer = {
+        "input_norm": stacked["input_norm"]["scale"][i].astype(dt),
+        "qkv": qkv[i],
+        "o": attn["o_kernel"][i].astype(dt),
+        "post_attn_norm": stacked["post_attn_norm"]["scale"][i].astype(dt),
+        "gate_up": gate_up[i],
+        "down": mlp["down_proj"][i].astype(dt),
+    }
+    if config.qkv_bias:
+      layer["qkv_bias"] = qkv_bias[i]
+    layers.append(layer)
+  embed = params["embed"]["embedding"].astype(dt)
+  head = embed if config.tie_word_embeddings else params["lm_head"]["kernel"].astype(dt)
+  return DecodeParams(embed=embed, head=head,
+                      final_norm=params["final_norm"]["scale"].astype(dt), layers=layers)
+
+
+def head_logits(hidden: jax.Array, params: DecodeParams, config: ModelConfig) -> jax.Array:
+  """hidden [..., d] -> float32 logits [..., V] (f32 accumulation, as the training loss does)."""
+  spec = "...d,vd->...v" if config.tie_word_embeddings else "...d,dv->...v"
+  return jnp.einsum(spec, hidden, params.head, preferred_element_type=jnp.float32)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+  """q [B,T,Hq,D], k/v cache [B,S,Hkv,D], mask [B,T,S] bool -> [B,T,Hq,D].
+
+  Float32 scores and softmax like `attention_reference`; a query with no visible key (a
+  padding slot) gets a uniform average instead of NaN, and nothing reads it.
+  """
+  batch, length, num_q_heads, head_dim = q.shape
+  num_kv_heads = k_cache.shape[2]
+  groups = num_q_heads // num_kv_heads
+  qg = q.reshape(batch, length, num_kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache,
+                      preferred_element_type=jnp.float32) * head_dim**-0.5
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, length, num_q_heads, head_dim).astype(q.dtype)
+
+
+def _constrain_cache(x: jax.Array) -> jax.Array:
+  return nn.with_logical_constraint(x, CACHE_AXES)
+
+
+def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, Any],
+                  tokens: jax.Array, token_valid: jax.Array, end: jax.Array
+                  ) -> tuple[dict[str, Any], jax.Array]:
+  """Writes T tokens at slots [end, end+T) of every row and returns the last slot's logits.
+
+  Args:
+    params: `DecodeParams`.
+    config: the model config.
+    cache: {"k": [L x [B,S,Hkv,D]], "v": same, "valid": [B,S] bool, "next_pos": [B] int32}.
+    tokens: [B,T] int32 (anything at invalid slots).
+    token_valid: [B,T] bool, which of the T slots hold real tokens of the row.
+    end: int32 scalar, the first free slot.
+
+  Returns:
+    (updated cache, float32 logits [B,V] at slot end+T-1). Callers put each row's last real
+    token at that slot (left padding inside the chunk).
+  """
+  dt = config.compute_dtype
+  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  batch, length = tokens.shape
+  token_valid = token_valid.astype(bool)
+  positions = cache["next_pos"][:, None] + jnp.cumsum(token_valid, axis=1) - 1
+  positions = jnp.maximum(positions, 0).astype(jnp.int32)
+  valid = jax.lax.dynamic_update_slice(cache["valid"], token_valid, (0, end))
+  slots = jnp.arange(valid.shape[1])
+  query_slots = end + jnp.arange(length)
+  mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+
+  h = jnp.take(params.embed, tokens, axis=0).astype(dt)
+  cos, sin = rope_cos_sin(positions, hd, config.rope_theta, dt)
+  new_k, new_v = [], []
+  for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
+    x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
+    qkv = jnp.einsum("btd,dn->btn", x, layer["qkv"])
+    if "qkv_bias" in layer:
+      qkv = qkv + layer["qkv_bias"]
+    q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
+    q = apply_rope(q.reshape(batch, length, hq, hd), cos, sin)
+    k = apply_rope(k.reshape(batch, length, hkv, hd), cos, sin)
+    v = v.reshape(batch, length, hkv, hd)
+    k_cache = _constrain_cache(jax.lax.dynamic_update_slice(
+        k_cache, k.astype(k_cache.dtype), (0, end, 0, 0)))
+    v_cache = _constrain_cache(jax.lax.dynamic_update_slice(
+        v_cache, v.astype(v_cache.dtype), (0, end, 0, 0)))
+    new_k.append(k_cache)
+    new_v.append(v_cache)
+    out = cached_attention(q, k_cache, v_cache, mask)
+    h = h + jnp.einsum("bthk,hkd->btd", out, layer["o"])
+    x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
+    gate, up = jnp.split(jnp.einsum("btd,df->btf", x, layer["gate_up"]), 2, axis=-1)
+    h = h + jnp.einsum("btf,fd->btd", nn.silu(gate) * up, layer["down"])
+  last = rms_norm(h[:, -1], params.final_norm, config.rms_norm_eps)
+  new_cache = {"k": new_k, "v": new_v, "valid": valid,
+               "next_pos": cache["next_pos"] + jnp.sum(token_valid, axis=1, dtype=jnp.int32)}
+  return new_cache, head_logits(last, params, config)

@@ -1,0 +1,72 @@
+"""Token choice from float32 logits: greedy, temperature, top-k, top-p; log-probs and entropies."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How the next token is chosen (hashable: it is a static argument of the jitted loop).
+
+  temperature 0 means greedy (argmax). top_k 0 and top_p 1.0 switch those filters off.
+  The order is HF's: temperature, then top-k, then top-p. Tokens tied with the last kept
+  logit are kept too.
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """logits [B,V] float32 -> tempered logits with the disallowed tokens at -inf."""
+  scaled = logits / sampling.temperature
+  if sampling.top_k:
+    k = min(sampling.top_k, logits.shape[-1])
+    kth = jax.lax.top_k(scaled, k)[0][:, -1:]
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+  if sampling.top_p < 1.0:
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep the smallest prefix whose mass reaches top_p (the first token always).
+    kept = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+    scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  return scaled
+
+
+def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """logits [B,V] float32 -> next tokens [B] int32."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def logprob_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Under the model's own (untempered, unfiltered) distribution, as the training forward sees it.
+
+  logits [B,V] float32, tokens [B] -> (log p(token) [B], entropy [B]) float32.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+  entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+  return chosen, entropy
