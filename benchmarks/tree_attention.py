@@ -232,9 +232,9 @@ def parse_tiles(text: str) -> KernelTiles:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
-  parser.add_argument("--fwd", default="128,128,8,3", help="bq,bk,warps,stages")
-  parser.add_argument("--dq", default="128,64,8,2")
-  parser.add_argument("--dkdv", default="64,128,8,2")
+  parser.add_argument("--fwd", default="128,128,8,2", help="bq,bk,warps,stages")
+  parser.add_argument("--dq", default="64,64,4,2")
+  parser.add_argument("--dkdv", default="64,64,4,2")
   parser.add_argument("--sweep-fwd", nargs="*", default=[], help="extra fwd tiles to time")
   parser.add_argument("--sweep-bwd", nargs="*", default=[],
                       help="extra 'dq_tiles/dkdv_tiles' pairs to time in fwd+bwd")

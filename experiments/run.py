@@ -46,6 +46,8 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   try:
+    from kat_jax.parallel.distributed import initialize_distributed  # pylint: disable=g-import-not-at-top
+    initialize_distributed(config.get("distributed"))
     run_stage(config)
   except ConfigError as e:
     logging.flush()

@@ -27,6 +27,12 @@ def base_config() -> ConfigDict:
   config.workdir = "runs/default"
   config.model = model_fields("tiny")
 
+  # Device mesh: sizes of (data, fsdp, tensor); -1 = the rest of the devices.
+  config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Multi-process runs (see kat_jax/parallel/distributed.py); empty = single process.
+  config.distributed = ConfigDict(dict(coordinator_address="", num_processes=0,
+                                       process_id=-1, local_device_ids="", auto=False))
+
   config.data = ConfigDict(dict(
       tokenizer="bytes",  # 'bytes' (CPU experiments) or 'qwen2.5' (real vocabulary)
       source="synthetic",  # 'synthetic' | 'jsonl' | 'array_record'
@@ -35,7 +41,7 @@ def base_config() -> ConfigDict:
       synthetic_docs=20000,
       synthetic_eval_docs=400,
       seq_len=256,
-      batch_size=16,
+      batch_size=16,  # global rows per step, over all processes
       shuffle=True,
       long_docs="split",  # 'split' | 'truncate'
       on_error="raise",  # malformed rows: 'raise' or 'skip' (counted and logged)

@@ -52,6 +52,12 @@ class Tuning(NamedTuple):
   dkdv: KernelTiles = KernelTiles()
 
 
+# Measured on an H100 (benchmarks/tree_attention.py, docs/tree_attention.md): 128x128 forward
+# tiles with 8 warps; 64x64 backward tiles with 4 warps (larger dK/dV tiles spill registers).
+DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, 8, 2), dq=KernelTiles(64, 64, 4, 2),
+                        dkdv=KernelTiles(64, 64, 4, 2))
+
+
 class _Config(NamedTuple):
   scale: float
   backend: str
@@ -736,8 +742,8 @@ def tree_attention(
     kv_end: jax.Array,
     *,
     scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    block_q: int | None = None,
+    block_k: int | None = None,
     tuning: Tuning | None = None,
     backend: str = "auto",
     interpret: bool = False,
@@ -750,9 +756,11 @@ def tree_attention(
     v: [B, T, Hkv, D] values.
     kv_end: [B, T] int32, one past the last query allowed to see each key.
     scale: softmax scale, default D**-0.5.
-    block_q, block_k: tile sizes (powers of two >= 16) of all three kernels, unless `tuning`
-      sets them per kernel.  T is padded to a multiple of every block size.
-    tuning: per-kernel tiles and Triton launch parameters (see `Tuning`).
+    block_q, block_k: tile sizes (powers of two >= 16) of all three kernels; when both are
+      None, `tuning` (default `DEFAULT_TUNING`) sets them per kernel.  T is padded to a
+      multiple of every block size.
+    tuning: per-kernel tiles and Triton launch parameters (see `Tuning`); exclusive with
+      block_q / block_k.
     backend: 'auto' (TPU if the default backend is TPU, else GPU/Triton), 'gpu' or 'tpu'.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
 
@@ -760,9 +768,13 @@ def tree_attention(
     [B, T, Hq, D] in q's dtype; differentiable in q, k, v (Pallas backward kernels).
   """
   _validate(q, k, v, kv_end)
-  if tuning is None:
-    tiles = KernelTiles(block_q, block_k)
+  if block_q is not None or block_k is not None:
+    if tuning is not None:
+      raise ValueError("pass either block_q/block_k or tuning, not both")
+    tiles = KernelTiles(block_q or 128, block_k or 128)
     tuning = Tuning(tiles, tiles, tiles)
+  elif tuning is None:
+    tuning = DEFAULT_TUNING
   multiple = 1
   for kernel_name, tiles in zip(Tuning._fields, tuning):
     _check_block(f"{kernel_name}.block_q", tiles.block_q)

@@ -14,11 +14,13 @@ class SamplingParams:
 
   temperature 0 means greedy (argmax). top_k 0 and top_p 1.0 switch those filters off.
   The order is HF's: temperature, then top-k, then top-p. Tokens tied with the last kept
-  logit are kept too.
+  logit are kept too. vocab_limit > 0 never picks ids >= vocab_limit (an embedding table
+  padded past the tokenizer's ids); log-probs stay those of the whole model distribution.
   """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  vocab_limit: int = 0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -27,6 +29,8 @@ class SamplingParams:
       raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.vocab_limit < 0:
+      raise ValueError(f"vocab_limit must be >= 0 (0 = off), got {self.vocab_limit}")
 
   @property
   def greedy(self) -> bool:
@@ -56,6 +60,8 @@ def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
 
 def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams) -> jax.Array:
   """logits [B,V] float32 -> next tokens [B] int32."""
+  if 0 < sampling.vocab_limit < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)

@@ -22,10 +22,11 @@ from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.data import pipeline, sources, synthetic
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.model import ModelConfig, get_preset, init_params
+from kat_jax.model import ModelConfig, get_preset
+from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
+                              replicated, sharding_context)
 from kat_jax.train.metrics import MetricsLogger
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from kat_jax.train.state import TrainState, create_train_state
 from kat_jax.train.step import make_eval_step, make_train_step
 
 
@@ -70,9 +71,20 @@ def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
   return train, evals
 
 
-def _dataset(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, *, train: bool):
+def local_batch_size(global_batch_size: int, mesh) -> int:
+  """Rows each process loads: the global batch split over processes and batch shards."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch_size % shards or global_batch_size % jax.process_count():
+    raise ConfigError(
+        f"config.data.batch_size {global_batch_size} must be divisible by the mesh's "
+        f"data×fsdp = {shards} and by the {jax.process_count()} processes")
+  return global_batch_size // jax.process_count()
+
+
+def _dataset(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, batch_size: int, *,
+             train: bool):
   return pipeline.make_pretrain_dataset(
-      source, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size, seed=seed,
+      source, tokenizer, seq_len=data.seq_len, batch_size=batch_size, seed=seed,
       shuffle=train and data.shuffle, num_epochs=None if train else 1,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       long_docs=data.long_docs,
@@ -89,6 +101,7 @@ def _check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
 
 
 def _initial_params(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:
+  """(model config, host params) from `config.model.init_from`, or (config, None) = fresh init."""
   if config.model.init_from:
     from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
     loaded_config, params = load_pretrained(config.model.init_from)
@@ -97,17 +110,16 @@ def _initial_params(config: ConfigDict, model_config: ModelConfig) -> tuple[Mode
                  if f.name in ("dtype", "param_dtype", "remat_policy", "scan_unroll",
                                "attention_backend")}
     return loaded_config.replace(**execution), params
-  params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(config.seed))
-  return model_config, params
+  return model_config, None
 
 
-def evaluate(eval_step, params, dataset, max_batches: int) -> dict[str, float]:
+def evaluate(eval_step, params, dataset, max_batches: int, mesh) -> dict[str, float]:
   """Held-out weighted loss/accuracy over up to `max_batches` batches of `dataset`."""
   totals = {"ce_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
   for i, batch in enumerate(dataset):
     if i >= max_batches:
       break
-    aux = jax.device_get(eval_step(params, batch))
+    aux = jax.device_get(eval_step(params, global_batch(batch, mesh)))
     for k in totals:
       totals[k] += float(aux[k])
   denom = max(totals["weight_sum"], 1.0)
@@ -125,47 +137,63 @@ def run_pretrain(config: ConfigDict) -> dict[str, Any]:
   train = config.train
   if train.steps < 1:
     raise ConfigError(f"config.train.steps must be >= 1, got {train.steps}")
+  try:
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from e
+  per_process_batch = local_batch_size(config.data.batch_size, mesh)
   optimizer = make_optimizer(config.optim, train.steps)
   schedule = learning_rate_schedule(config.optim, train.steps)
-  state = create_train_state(params, optimizer)
-  del params
 
   train_source, eval_source = build_sources(config.data, workdir, config.seed)
-  data_iter = iter(_dataset(train_source, tokenizer, config.data, config.seed, train=True))
+  data_iter = iter(_dataset(train_source, tokenizer, config.data, config.seed,
+                            per_process_batch, train=True))
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=train.checkpoint_every,
                                  keep=train.keep_checkpoints, async_save=train.async_checkpoint)
   meta = {"config": config.to_dict(), "model_config": model_config.to_dict()}
-  if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(state, data_iter)
-    print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
-
-  step_fn = jax.jit(make_train_step(model_config, optimizer, grad_accum=train.grad_accum,
-                                    loss_chunk=train.loss_chunk, z_loss=train.z_loss,
-                                    schedule=schedule), donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(model_config, loss_chunk=train.loss_chunk))
   logger = MetricsLogger(workdir, train.steps, tensorboard=train.tensorboard)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  print(f"pretrain: {n_params:,} params, {train.steps} steps, batch "
-        f"{config.data.batch_size}x{config.data.seq_len}, workdir {workdir}", flush=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2, default=str)
 
-  metrics: dict[str, Any] = {}
-  start = time.perf_counter()
-  step = int(state.step)
-  while step < train.steps:
-    batch = next(data_iter)
-    state, metrics = step_fn(state, batch)
-    step += 1
-    logger.count_tokens(float(np.sum(batch["weights"] > 0)))
-    if step % train.log_every == 0 or step == train.steps:
-      logger.write(step, jax.device_get(metrics))
-    if eval_source is not None and train.eval_every and (
-        step % train.eval_every == 0 or step == train.steps):
-      eval_ds = _dataset(eval_source, tokenizer, config.data, config.seed, train=False)
-      logger.write_eval(step, evaluate(eval_fn, state.params, eval_ds, train.eval_batches))
-    checkpointer.save(step, state, data_iter, meta, force=step == train.steps)
+  with sharding_context(mesh):
+    state, shardings = init_sharded_state(model_config, optimizer, mesh,
+                                          jax.random.key(config.seed), params=params)
+    del params
+    if checkpointer.latest_step() is not None:
+      state, _ = checkpointer.restore(state, data_iter)
+      logger.status(f"resumed from step {int(state.step)} ({checkpointer.directory})")
+    batch_sh = batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(model_config, optimizer, grad_accum=train.grad_accum,
+                        loss_chunk=train.loss_chunk, z_loss=train.z_loss, schedule=schedule),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,))
+    eval_fn = jax.jit(make_eval_step(model_config, loss_chunk=train.loss_chunk),
+                      in_shardings=(shardings.params, batch_sh), out_shardings=replicated(mesh))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    logger.status(f"pretrain: {n_params:,} params, {train.steps} steps, batch "
+                 f"{config.data.batch_size}x{config.data.seq_len}, mesh {dict(mesh.shape)}, "
+                 f"workdir {workdir}")
+    if logger.active:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, default=str)
+
+    metrics: dict[str, Any] = {}
+    start = time.perf_counter()
+    step = int(state.step)
+    while step < train.steps:
+      local = next(data_iter)
+      state, metrics = step_fn(state, global_batch(local, mesh))
+      step += 1
+      logger.count_tokens(float(np.sum(local["weights"] > 0)) * jax.process_count())
+      if step % train.log_every == 0 or step == train.steps:
+        logger.write(step, jax.device_get(metrics))
+      if eval_source is not None and train.eval_every and (
+          step % train.eval_every == 0 or step == train.steps):
+        eval_ds = _dataset(eval_source, tokenizer, config.data, config.seed, per_process_batch,
+                           train=False)
+        logger.write_eval(step, evaluate(eval_fn, state.params, eval_ds, train.eval_batches,
+                                         mesh))
+      checkpointer.save(step, state, data_iter, meta, force=step == train.steps)
   checkpointer.close()
   logger.close()
   final = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -74,6 +74,11 @@ class MetricsLogger:
       parts.append(f"ETA {_fmt_duration(eta)}")
     print(" | ".join(parts), file=self.stream, flush=True)
 
+  def status(self, text: str) -> None:
+    """A status line on process 0 only."""
+    if self.active:
+      print(text, file=self.stream, flush=True)
+
   def write_eval(self, step: int, scalars: dict[str, Any]) -> None:
     self.write(step, scalars, prefix="eval", progress=False)
     if self.active:

@@ -18,8 +18,8 @@ def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedul
 def _decay_mask(params) -> dict:
   """Weight decay on matrices only: norms' scales and biases are left alone."""
   def keep(path, _) -> bool:
-    names = "/".join(str(getattr(k, "key", k)) for k in path)
-    return not ("norm" in names or names.endswith("bias"))
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return not any("norm" in n or n.endswith("bias") for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -125,7 +125,7 @@ def select_uniform(num_layers: int, k: int) -> list[int]:
 
   32 layers, k=8 -> [3, 7, ..., 31]. Needs k to divide num_layers, as LLaMA-Pro's script does.
   """
-  _check_k(k, num_layers, f"layers in the model")
+  _check_k(k, num_layers, "layers in the model")
   if num_layers % k:
     raise ValueError(f"uniform selection needs k={k} to divide num_layers={num_layers}")
   split = num_layers // k

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict
@@ -72,15 +73,19 @@ def train(config: ModelConfig, params, optim: ConfigDict, steps: int, batches: l
   """`steps` AdamW updates from `params` on `batches` (pre-drawn, so every run sees the same)."""
   optimizer = make_optimizer(optim, steps)
   step_fn = jax.jit(make_train_step(config, optimizer), donate_argnums=(0,))
-  state = create_train_state(params, optimizer)
-  curve, start = [], time.perf_counter()
+  # A private copy: the step donates its state, and `params` may share buffers with other runs.
+  state = create_train_state(jax.tree.map(jnp.copy, params), optimizer)
+  curve, start, first_step = [], time.perf_counter(), 0.0
   for step, batch in enumerate(batches[:steps], start=1):
     state, metrics = step_fn(state, batch)
     if step % _LOG_EVERY.value == 0 or step == steps:
       curve.append([step, round(float(metrics["loss"]), 4)])
+    if step == 1:
+      first_step = time.perf_counter() - start  # includes compilation
   seconds = time.perf_counter() - start
   log = {"train_loss": curve, "final_train_loss": curve[-1][1],
          "eval_loss": eval_fn(state.params), "seconds": round(seconds, 1),
+         "first_step_seconds": round(first_step, 1),
          "params": expand.count_params(state.params), "num_layers": config.num_layers}
   print(f"  {config.num_layers} layers, {steps} steps in {seconds:.0f}s: train "
         f"{log['final_train_loss']:.4f}, eval {log['eval_loss']:.4f}", flush=True)

@@ -22,7 +22,6 @@ import time
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
@@ -64,22 +63,39 @@ def calibration_batches(config: ConfigDict, workdir: str, vocab_size: int):
 def _parse_layers(text: str) -> list[int]:
   try:
     return [int(s) for s in text.replace(" ", "").split(",") if s]
-  except ValueError as e:
-    raise ConfigError(f"config.upscale.layers {text!r} is not a comma-separated int list") from e
+  except ValueError:
+    raise ValueError(f"layers {text!r} is not a comma-separated int list") from None
 
 
 def choose_layer_map(up: ConfigDict, num_layers: int,
-                     report: saturation.SaturationReport | None) -> expand.LayerMap:
-  """`config.upscale` + saturation report -> the layer map (ConfigError on bad fields)."""
+                     mean_cosine: list[float] | None) -> expand.LayerMap:
+  """`config.upscale` + per-layer mean cosine -> the layer map (ConfigError on bad fields)."""
   try:
+    if up.init not in expand.INITS:
+      raise ValueError(f"unknown init {up.init!r}; choose one of {expand.INITS}")
+    layers = _parse_layers(up.layers) if up.selection == "explicit" else []
     duplicated = expand.select_layers(
-        up.selection, num_layers, up.num_new_layers,
-        mean_cosine=None if report is None else report.mean_cosine,
-        layers=_parse_layers(up.layers), exclude_first=up.exclude_first,
-        exclude_last=up.exclude_last)
-    return expand.make_layer_map(num_layers, duplicated, up.placement)
+        up.selection, num_layers, up.num_new_layers, mean_cosine=mean_cosine, layers=layers,
+        exclude_first=up.exclude_first, exclude_last=up.exclude_last)
+    layer_map = expand.make_layer_map(num_layers, duplicated, up.placement)
   except ValueError as e:
     raise ConfigError(f"config.upscale: {e}") from e
+  if up.expected_num_layers and layer_map.new_num_layers != up.expected_num_layers:
+    raise ConfigError(f"config.upscale.expected_num_layers is {up.expected_num_layers} but the"
+                      f" layer map has {layer_map.new_num_layers} layers")
+  return layer_map
+
+
+def check_upscale_fields(up: ConfigDict, num_layers: int) -> None:
+  """Fails fast, before the (long) analysis, on fields that cannot work for any cosines."""
+  if up.selection in ("top_k", "window") and not up.analyze:
+    raise ConfigError(f"config.upscale.selection {up.selection!r} needs upscale.analyze=True")
+  if up.analyze and up.calibration_batches < 1:
+    raise ConfigError(f"config.upscale.calibration_batches must be >= 1, got "
+                      f"{up.calibration_batches}")
+  # A flat profile: top_k picks the first candidates, a contiguous run, so block placement
+  # passes here; whether the measured top-k is contiguous is only known after the analysis.
+  choose_layer_map(up, num_layers, [0.0] * num_layers)
 
 
 def save_orbax_params(path: str, params: Mapping) -> None:
@@ -124,32 +140,25 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
   print(f"upscale: source model {model_config.num_layers} layers, "
         f"{expand.count_params(params):,} params", flush=True)
 
+  check_upscale_fields(up, model_config.num_layers)
   report, kept = None, []
   if up.analyze or up.check_batches:
     dataset = calibration_batches(config, workdir, model_config.vocab_size)
     batches = iter(dataset)
     kept = [next(batches) for _ in range(up.check_batches)]  # also used for the analysis
   if up.analyze:
-    if up.calibration_batches < 1:
-      raise ConfigError(f"config.upscale.calibration_batches must be >= 1, got "
-                        f"{up.calibration_batches}")
     rest = max(up.calibration_batches - len(kept), 0)
     stream = itertools.chain(kept[:up.calibration_batches], itertools.islice(batches, rest))
     report = saturation.analyze_saturation(model_config, params, stream)
     saturation.save_report_json(report, os.path.join(workdir, "saturation.json"),
                                 extra={"calibration": config.data.to_dict()})
 
-  layer_map = choose_layer_map(up, model_config.num_layers, report)
-  if up.expected_num_layers and layer_map.new_num_layers != up.expected_num_layers:
-    raise ConfigError(f"config.upscale.expected_num_layers is {up.expected_num_layers} but the"
-                      f" layer map has {layer_map.new_num_layers} layers")
+  layer_map = choose_layer_map(up, model_config.num_layers,
+                               None if report is None else report.mean_cosine)
   if report is not None:
     saturation.plot_saturation(report, os.path.join(workdir, "saturation.png"),
                                selected=layer_map.duplicated)
-  try:
-    new_config, new_params = expand.upscale(model_config, params, layer_map, up.init)
-  except ValueError as e:
-    raise ConfigError(f"config.upscale: {e}") from e
+  new_config, new_params = expand.upscale(model_config, params, layer_map, up.init)
   layer_map.save_json(os.path.join(workdir, "layer_map.json"),
                       extra={"placement": up.placement, "init": up.init,
                              "selection": up.selection})

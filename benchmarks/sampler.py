@@ -1,0 +1,242 @@
+"""Decode throughput of the KV-cache sampler vs HF transformers `generate` vs the bandwidth floor.
+
+  PYTHONPATH=$PWD python benchmarks/sampler.py --out $OUT/sampler_h100.json
+
+Random bf16 weights of a preset (default qwen2.5-1.5b), greedy, fixed prompt / new-token
+lengths, no stop tokens (every row makes `--new_tokens`). For each batch size it reports:
+
+- time per output token = (generate time - prefill time) / new_tokens, for both samplers
+  (ours runs new_tokens forwards in its loop, HF new_tokens - 1: a conservative comparison);
+- decode tokens/s = batch / time per output token;
+- the bandwidth floor of one decode step = (weight bytes + KV bytes read at the mean context)
+  / device copy bandwidth, the copy bandwidth measured in the same run (bytes read + written).
+
+Imports no grain / ml_collections (absent on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _parse() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default="qwen2.5-1.5b")
+  parser.add_argument("--batch_sizes", default="1,16,64,256")
+  parser.add_argument("--prompt_len", type=int, default=128)
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--hf_repeats", type=int, default=2)
+  parser.add_argument("--skip_hf", action="store_true")
+  parser.add_argument("--out", default="")
+  return parser.parse_args()
+
+
+def copy_bandwidth(torch, device: str) -> float:
+  """Device-to-device copy of 1 GiB: (bytes read + bytes written) / median time, bytes/s."""
+  n = (1 << 30) // 2
+  src = torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16)
+  dst = torch.empty_like(src)
+  times = []
+  for i in range(25):
+    if device == "cuda":
+      start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      dst.copy_(src)
+      stop.record()
+      torch.cuda.synchronize()
+      if i >= 5:
+        times.append(start.elapsed_time(stop) / 1e3)
+    else:
+      t0 = time.perf_counter()
+      dst.copy_(src)
+      if i >= 5:
+        times.append(time.perf_counter() - t0)
+  assert torch.equal(dst, src)
+  return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+
+  from kat_jax.model import Decoder  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
+
+  sampler = Sampler(config, prefill_chunk=max(prompt_len, 8))
+  dparams = jax.block_until_ready(prepare_params(params, config))
+  max_length = prompt_len + new_tokens
+  rng = np.random.default_rng(0)
+  prompts = {b: rng.integers(0, 150000 if config.vocab_size > 150000 else config.vocab_size,
+                             (b, prompt_len)).tolist() for b in batch_sizes}
+
+  def prefill(b):
+    return jax.block_until_ready(sampler.prefill(dparams, prompts[b], max_length=max_length))
+
+  def run(b):
+    state = sampler.prefill(dparams, prompts[b], max_length=max_length)
+    result, state = sampler.decode(dparams, state, jax.random.key(0),
+                                   max_new_tokens=new_tokens, sampling=GREEDY)
+    return jax.block_until_ready(result)
+
+  t0 = time.perf_counter()
+  with ThreadPoolExecutor(len(batch_sizes)) as pool:  # compile all shapes concurrently
+    list(pool.map(run, batch_sizes))
+  compile_s = time.perf_counter() - t0
+
+  # Sanity: prefill logits equal the training forward's (bf16 tolerance).
+  check_b = min(batch_sizes)
+  try:
+    state = prefill(check_b)
+    full = Decoder(config).apply({"params": params}, jnp.asarray(prompts[check_b]))[:, -1]
+    logits_err = relative_error(state.logits, full.astype(jnp.float32))
+    del state
+  except Exception as e:  # pylint: disable=broad-except  # a failed check must not cost the run
+    logits_err = f"check failed: {e!r}"[:300]
+
+  rows = {}
+  for b in batch_sizes:
+    prefill_s = _median_time(lambda: prefill(b), repeats)
+    results = []
+    total_s = _median_time(lambda: results.append(run(b)), repeats)
+    result = results[-1]
+    assert int(np.asarray(result.mask).sum()) == b * new_tokens
+    per_token = (total_s - prefill_s) / new_tokens
+    rows[b] = {"generate_s": total_s, "prefill_s": prefill_s, "time_per_token_ms": per_token * 1e3,
+               "decode_tokens_per_s": b / per_token}
+  return rows, {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err}
+
+
+def bench_hf(config, batch_sizes, prompt_len, new_tokens, repeats, device):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  hf_config = transformers.Qwen2Config(
+      vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+      intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+      rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+      max_position_embeddings=config.max_position_embeddings,
+      tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa")
+  with torch.device(device):
+    model = transformers.Qwen2ForCausalLM(hf_config).to(torch.bfloat16).eval()
+  rng = np.random.default_rng(0)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  rows = {}
+  for b in batch_sizes:
+    ids = torch.as_tensor(rng.integers(0, min(config.vocab_size, 150000), (b, prompt_len)),
+                          device=device)
+    mask = torch.ones_like(ids)
+
+    def generate(n):
+      with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+      sync()
+      return out
+
+    def prefill():
+      with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, use_cache=True)
+      sync()
+
+    generate(4)  # warm-up
+    prefill_s = _median_time(prefill, repeats + 1)
+    outs = []
+    total_s = _median_time(lambda: outs.append(generate(new_tokens)), repeats)
+    assert outs[-1].shape == (b, prompt_len + new_tokens)
+    per_token = (total_s - prefill_s) / new_tokens
+    rows[b] = {"generate_s": total_s, "prefill_s": prefill_s,
+               "time_per_token_ms": per_token * 1e3, "decode_tokens_per_s": b / per_token}
+  del model
+  return rows, {"transformers": transformers.__version__, "attn_implementation": "sdpa",
+                "cache": "default (dynamic)"}
+
+
+def main():
+  args = _parse()
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # leave room for torch
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from kat_jax.model import get_preset, init_params  # pylint: disable=g-import-not-at-top
+
+  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  config = get_preset(args.preset, dtype="bfloat16", param_dtype="bfloat16")
+  params = jax.jit(lambda r: init_params(config, r))(jax.random.key(0))
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  bandwidth = copy_bandwidth(torch, device)
+
+  ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
+                               args.repeats)
+  del params
+  hf, hf_meta = ({}, {"skipped": True}) if args.skip_hf else bench_hf(
+      config, batch_sizes, args.prompt_len, args.new_tokens, args.hf_repeats, device)
+
+  mean_context = args.prompt_len + args.new_tokens / 2
+  rows = []
+  for b in batch_sizes:
+    kv_bytes = 2 * config.num_layers * b * mean_context * config.num_kv_heads * config.head_dim * 2
+    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+    row = {"batch": b, "ours": ours[b], "hf": hf.get(b), "floor_ms": floor_ms,
+           "weight_bytes": weight_bytes, "kv_bytes_per_step": kv_bytes,
+           "ours_over_floor": ours[b]["time_per_token_ms"] / floor_ms}
+    if b in hf:
+      row["speedup_vs_hf"] = hf[b]["time_per_token_ms"] / ours[b]["time_per_token_ms"]
+    rows.append(row)
+
+  print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; compile {ours_meta['compile_s']:.0f}s; "
+        f"prefill logits rel err {ours_meta['prefill_logits_rel_err_vs_decoder']}")
+  print(f"{'batch':>5} {'ours ms/tok':>11} {'ours tok/s':>10} {'HF ms/tok':>9} {'HF tok/s':>9} "
+        f"{'floor ms':>8} {'ours/floor':>10} {'vs HF':>6}")
+  for r in rows:
+    hf_ms = r["hf"]["time_per_token_ms"] if r["hf"] else float("nan")
+    hf_tps = r["hf"]["decode_tokens_per_s"] if r["hf"] else float("nan")
+    print(f"{r['batch']:>5} {r['ours']['time_per_token_ms']:>11.3f} "
+          f"{r['ours']['decode_tokens_per_s']:>10.0f} {hf_ms:>9.3f} {hf_tps:>9.0f} "
+          f"{r['floor_ms']:>8.3f} {r['ours_over_floor']:>10.2f} "
+          f"{r.get('speedup_vs_hf', float('nan')):>6.1f}")
+
+  report = {
+      "device": str(jax.devices()[0].device_kind) if jax.devices() else "?",
+      "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "torch": torch.__version__, **{k: v for k, v in hf_meta.items()
+                                                  if k == "transformers"}},
+      "preset": args.preset, "dtype": "bfloat16", "prompt_len": args.prompt_len,
+      "new_tokens": args.new_tokens, "sampling": "greedy, no stop tokens",
+      "copy_bandwidth_bytes_per_s": bandwidth, "ours_meta": ours_meta, "hf_meta": hf_meta,
+      "rows": rows,
+  }
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

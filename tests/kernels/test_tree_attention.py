@@ -1,0 +1,187 @@
+"""Tree attention kernel vs the plain-JAX reference (interpret mode on CPU; compiled on GPU).
+
+Interpret mode fills every kernel output buffer with NaN before the kernel runs, so the
+finite-everywhere checks below also prove that every output element was written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kat_jax.kernels import attention_reference
+from kat_jax.kernels import causal_kv_end
+from kat_jax.kernels import tile_classes
+from kat_jax.kernels import tree_attention
+from kat_jax.kernels import visibility_mask
+
+_HAS_GPU = jax.default_backend() == "gpu"
+
+
+def random_tree_kv_end(rng: np.random.Generator, length: int, max_segment: int = 12) -> np.ndarray:
+  """kv_end [T] of random prefix trees in depth-first order filling `length` tokens.
+
+  Each node is a segment of tokens; every token of a node gets the end of that node's subtree.
+  """
+  kv_end = np.zeros(length, np.int32)
+
+  def node(start: int, budget: int) -> int:
+    segment = min(budget, int(rng.integers(1, max_segment + 1)))
+    pos = start + segment
+    for _ in range(int(rng.integers(0, 4))):  # random branching 0..3
+      if pos >= start + budget:
+        break
+      pos = node(pos, int(rng.integers(1, start + budget - pos + 1)))
+    kv_end[start:start + segment] = pos
+    return pos
+
+  pos = 0
+  while pos < length:  # a forest: several trees (packed) when the first ends early
+    pos = node(pos, length - pos)
+  return kv_end
+
+
+def packed_kv_end(doc_lengths: list[int]) -> np.ndarray:
+  return np.concatenate([np.full(n, end, np.int32)
+                         for n, end in zip(doc_lengths, np.cumsum(doc_lengths))])
+
+
+def rel_err(out, ref) -> float:
+  out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def _inputs(seed, batch, length, num_q_heads, num_kv_heads, head_dim, dtype):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (batch, length, num_q_heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, length, num_kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, length, num_kv_heads, head_dim), dtype)
+  d_out = jax.random.normal(keys[3], q.shape, dtype)
+  return q, k, v, d_out
+
+
+def _check_against_reference(q, k, v, d_out, kv_end, tol, **kwargs):
+  """Output and dq/dk/dv of the kernel vs the reference (f32, highest matmul precision)."""
+  kernel = lambda q, k, v: tree_attention(q, k, v, kv_end, **kwargs)
+  out, vjp = jax.vjp(kernel, q, k, v)
+  grads = vjp(d_out)
+  f32 = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    ref, ref_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, kv_end),
+                           f32(q), f32(k), f32(v))
+    ref_grads = ref_vjp(f32(d_out))
+  assert out.shape == q.shape and out.dtype == q.dtype
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+    assert got.shape == want.shape, name
+    assert bool(jnp.all(jnp.isfinite(got))), f"{name} has non-finite (unwritten) entries"
+    err = rel_err(got, want)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+def test_random_tree_kv_end_is_well_formed():
+  rng = np.random.default_rng(0)
+  for length in (40, 97):
+    kv_end = random_tree_kv_end(rng, length)
+    assert np.all(kv_end > np.arange(length)) and np.all(kv_end <= length)
+
+
+def test_tile_classes_match_the_dense_mask():
+  rng = np.random.default_rng(1)
+  length, bq, bk = 96, 16, 32
+  kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length), packed_kv_end([30, 50, 16]),
+                                 np.full(length, length, np.int32)]))
+  classes = np.asarray(tile_classes(kv_end, bq, bk))
+  mask = np.asarray(visibility_mask(kv_end))
+  tiles = mask.reshape(3, length // bq, bq, length // bk, bk).transpose(0, 1, 3, 2, 4)
+  all_visible = tiles.all(axis=(-1, -2))
+  any_visible = tiles.any(axis=(-1, -2))
+  np.testing.assert_array_equal(classes == 0, all_visible)  # full <=> every pair visible
+  assert not np.any(any_visible[classes == 2])  # hidden tiles hold no visible pair
+  assert np.any(classes == 2) and np.any(classes == 1) and np.any(classes == 0)
+
+
+def test_random_trees_f32_gqa_d64():
+  rng = np.random.default_rng(2)
+  length = 70  # not a multiple of the blocks
+  kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length),
+                                 random_tree_kv_end(rng, length)]))
+  q, k, v, d_out = _inputs(0, 2, length, 4, 2, 64, jnp.float32)
+  _check_against_reference(q, k, v, d_out, kv_end, 1e-4, block_q=16, block_k=32,
+                           interpret=True, backend="gpu")
+
+
+def test_random_tree_bf16_d128():
+  rng = np.random.default_rng(3)
+  length = 45
+  kv_end = jnp.asarray(random_tree_kv_end(rng, length)[None])
+  q, k, v, d_out = _inputs(1, 1, length, 2, 2, 128, jnp.bfloat16)
+  _check_against_reference(q, k, v, d_out, kv_end, 1e-2, block_q=16, block_k=16,
+                           interpret=True, backend="gpu")
+
+
+def test_packed_documents_and_causal_f32():
+  length = 64
+  kv_end = jnp.stack([jnp.asarray(packed_kv_end([9, 23, 17, 15])),
+                      causal_kv_end(1, length)[0]])
+  q, k, v, d_out = _inputs(2, 2, length, 2, 1, 64, jnp.float32)
+  _check_against_reference(q, k, v, d_out, kv_end, 1e-4, block_q=32, block_k=16,
+                           interpret=True, backend="gpu")
+
+
+def test_rows_that_see_nothing_give_zeros():
+  # kv_end[j] = j hides a token even from itself: rows with no visible key return 0, no NaN.
+  length = 32
+  kv_end_np = packed_kv_end([10, 22])
+  kv_end_np[:5] = np.arange(5)
+  kv_end = jnp.asarray(kv_end_np[None])
+  q, k, v, d_out = _inputs(3, 1, length, 2, 2, 64, jnp.float32)
+  out = tree_attention(q, k, v, kv_end, block_q=16, block_k=16, interpret=True, backend="gpu")
+  assert bool(jnp.all(out[:, :5] == 0.0))
+  assert rel_err(out, attention_reference(q, k, v, kv_end)) < 1e-4
+  grads = jax.grad(lambda q, k, v: jnp.sum(tree_attention(
+      q, k, v, kv_end, block_q=16, block_k=16, interpret=True, backend="gpu") * d_out),
+                   argnums=(0, 1, 2))(q, k, v)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+def test_tpu_backend_interpret_random_tree():
+  """Mosaic-TPU kernels (scalar-prefetched visit lists) in TPU interpret mode."""
+  rng = np.random.default_rng(4)
+  length = 40
+  kv_end = jnp.asarray(random_tree_kv_end(rng, length)[None])
+  q, k, v, d_out = _inputs(4, 1, length, 2, 1, 64, jnp.float32)
+  _check_against_reference(q, k, v, d_out, kv_end, 1e-4, block_q=16, block_k=16,
+                           interpret=True, backend="tpu")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kv_end=jnp.zeros((1, 5), jnp.int32)), "kv_end"),
+    (dict(kv_end=jnp.zeros((1, 8), jnp.float32)), "integer"),
+    (dict(k=jnp.zeros((1, 8, 3, 64))), "multiple"),
+    (dict(block_q=24), "power of two"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_input_raises(bad, match):
+  args = dict(q=jnp.zeros((1, 8, 4, 64)), k=jnp.zeros((1, 8, 2, 64)), v=jnp.zeros((1, 8, 2, 64)),
+              kv_end=jnp.full((1, 8), 8, jnp.int32))
+  kwargs = dict(interpret=True)
+  for key, value in bad.items():
+    (args if key in args else kwargs)[key] = value
+  if "k" in bad:
+    args["v"] = bad["k"]
+  with pytest.raises(ValueError, match=match):
+    tree_attention(args["q"], args["k"], args["v"], args["kv_end"], **kwargs)
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="needs a GPU (compiled Triton kernels); CPU "
+                    "counterparts above run the same kernels in interpret mode")
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 1e-2), (jnp.float32, 1e-4)])
+def test_gpu_compiled_random_tree(dtype, tol):
+  rng = np.random.default_rng(5)
+  length = 1000
+  kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length, 200),
+                                 packed_kv_end([300, 500, 200])]))
+  q, k, v, d_out = _inputs(5, 2, length, 8, 4, 128, dtype)
+  _check_against_reference(q, k, v, d_out, kv_end, tol)

@@ -1,0 +1,249 @@
+"""KV-cache sampler vs the full training forward: greedy, log-probs, entropies, filters, forks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kat_jax.model import Decoder, get_preset, init_params
+from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axes, fork,
+                              prepare_params)
+from kat_jax.sampling.logits import choose_tokens, filter_logits
+from kat_jax.testing import relative_error
+
+PROMPTS = [[3, 17, 250, 9], [100, 5, 7, 8, 9, 10, 11, 12, 13, 14, 60], [42]]
+
+
+@pytest.fixture(scope="module")
+def model():
+  # A wider init than the default makes greedy outputs vary instead of echoing the input.
+  config = get_preset("tiny", num_layers=2, initializer_range=0.3)
+  params = init_params(config, jax.random.key(0))
+  return config, params, prepare_params(params, config)
+
+
+_REF_LEN = 64
+
+
+@jax.jit
+def _padded_log_probs(params, tokens):
+  config = get_preset("tiny", num_layers=2, initializer_range=0.3)
+  logits = Decoder(config).apply({"params": params}, tokens)[0]
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _full_log_probs(config, params, seq):
+  """Training forward over one unpadded sequence -> float32 log-probs [T, V].
+
+  Causal, so right-padding to one fixed length (one compile) leaves positions < T unchanged.
+  """
+  assert config == get_preset("tiny", num_layers=2, initializer_range=0.3)
+  tokens = np.zeros((1, _REF_LEN), np.int32)
+  tokens[0, :len(seq)] = seq
+  return np.asarray(_padded_log_probs(params, jnp.asarray(tokens)))[:len(seq)]
+
+
+def _greedy_reference(config, params, prompt, steps):
+  seq = list(prompt)
+  for _ in range(steps):
+    seq.append(int(np.argmax(_full_log_probs(config, params, seq)[-1])))
+  return seq[len(prompt):]
+
+
+def _check_against_full_forward(config, params, prompt, result, row):
+  """Log-probs and entropies of `row`'s generated tokens equal the full forward's."""
+  tokens = result.token_lists()[row]
+  log_probs = _full_log_probs(config, params, list(prompt) + tokens)
+  pred = log_probs[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+  expected_lp = pred[np.arange(len(tokens)), tokens]
+  expected_ent = -np.sum(np.exp(pred) * pred, axis=-1)
+  n = len(tokens)
+  assert relative_error(np.asarray(result.logprobs)[row, :n], expected_lp) < 1e-5
+  assert relative_error(np.asarray(result.entropies)[row, :n], expected_ent) < 1e-5
+
+
+def test_greedy_equals_stepwise_full_forward_argmax(model):
+  config, params, dparams = model
+  sampler = Sampler(config)
+  result = sampler.generate(dparams, PROMPTS, jax.random.key(0), max_new_tokens=7,
+                            sampling=GREEDY)
+  got = result.token_lists()
+  for row, prompt in enumerate(PROMPTS):
+    assert got[row] == _greedy_reference(config, params, prompt, 7)
+    _check_against_full_forward(config, params, prompt, result, row)
+  assert len({t for row in got for t in row}) > 3  # not a degenerate echo
+  assert np.asarray(result.mask).all() and not np.asarray(result.stopped).any()
+
+
+def test_sampled_logprobs_and_entropies_equal_training_forward(model):
+  config, params, dparams = model
+  result = Sampler(config).generate(dparams, PROMPTS, jax.random.key(3), max_new_tokens=9,
+                                    sampling=SamplingParams(temperature=1.0))
+  for row, prompt in enumerate(PROMPTS):
+    _check_against_full_forward(config, params, prompt, result, row)
+  assert np.all(np.asarray(result.entropies) > 0)
+
+
+def _allowed(logits, top_k, top_p, temperature):
+  """Numpy statement of the filters: top-k by logit, then the smallest top-p mass prefix."""
+  scaled = logits / temperature
+  allowed = np.ones_like(scaled, bool)
+  if top_k:
+    kth = np.sort(scaled, axis=-1)[:, -top_k][:, None]
+    allowed &= scaled >= kth
+  if top_p < 1:
+    for b in range(scaled.shape[0]):
+      vals = np.where(allowed[b], scaled[b], -np.inf)
+      order = np.argsort(-vals, kind="stable")
+      probs = np.exp(vals[order] - vals[order][0])
+      probs /= probs.sum()
+      keep = (np.cumsum(probs) - probs) < top_p
+      threshold = vals[order][keep].min()
+      allowed[b] &= vals >= threshold
+  return allowed
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6), (20, 0.8)])
+def test_filters_never_sample_outside_the_allowed_set(top_k, top_p):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(4, 64)), jnp.float32)
+  sampling = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+  keys = jax.random.split(jax.random.key(0), 400)
+  samples = np.asarray(jax.vmap(lambda k: choose_tokens(logits, k, sampling))(keys))  # [400, 4]
+  allowed = _allowed(np.asarray(logits), top_k, top_p, 0.7)
+  for b in range(4):
+    assert allowed[b][samples[:, b]].all()
+    assert 1 < allowed[b].sum() < 64
+    assert len(set(samples[:, b])) > 1  # really sampling
+  kept = np.isfinite(np.asarray(filter_logits(logits, sampling)))
+  np.testing.assert_array_equal(kept, allowed)
+
+
+def test_top_k_in_decode_loop_stays_in_full_forward_top_k(model):
+  config, params, dparams = model
+  result = Sampler(config).generate(dparams, PROMPTS[:2], jax.random.key(1), max_new_tokens=6,
+                                    sampling=SamplingParams(temperature=2.0, top_k=3))
+  for row, prompt in enumerate(PROMPTS[:2]):
+    tokens = result.token_lists()[row]
+    log_probs = _full_log_probs(config, params, list(prompt) + tokens)
+    for t, token in enumerate(tokens):
+      top3 = np.argsort(-log_probs[len(prompt) - 1 + t])[:3]
+      assert token in top3
+
+
+def test_stop_tokens_end_sequences(model):
+  config, _, dparams = model
+  sampler = Sampler(config, pad_id=0)
+  free = sampler.generate(dparams, PROMPTS, jax.random.key(0), max_new_tokens=8,
+                          sampling=GREEDY).token_lists()
+  stop = free[0][2]  # row 0 stops at its 3rd token
+  result = sampler.generate(dparams, PROMPTS, jax.random.key(0), max_new_tokens=8,
+                            sampling=GREEDY, stop_ids=(stop,))
+  got = result.token_lists()
+  mask, tokens = np.asarray(result.mask), np.asarray(result.tokens)
+  first = free[0].index(stop)
+  assert got[0] == free[0][:first + 1] and bool(result.stopped[0])
+  assert not mask[0, first + 1:].any() and (tokens[0, first + 1:] == 0).all()
+  assert (np.asarray(result.logprobs)[0, first + 1:] == 0).all()
+  for row in (1, 2):  # other rows run on unless they emit the stop token too
+    n = free[row].index(stop) + 1 if stop in free[row] else 8
+    assert got[row] == free[row][:n]
+    assert bool(result.stopped[row]) == (stop in free[row])
+
+
+def test_loop_ends_when_all_rows_stop(model):
+  config, _, dparams = model
+  sampler = Sampler(config)
+  first = sampler.generate(dparams, PROMPTS[:1], jax.random.key(0), max_new_tokens=3,
+                           sampling=GREEDY).token_lists()[0][0]
+  result = sampler.generate(dparams, PROMPTS[:1], jax.random.key(0), max_new_tokens=50,
+                            sampling=GREEDY, stop_ids=(first,))
+  assert result.token_lists() == [[first]] and result.lengths.tolist() == [1]
+
+
+def test_group_fork_equals_separate_prefills(model):
+  config, _, dparams = model
+  sampler = Sampler(config, donate=False)
+  forked = fork(sampler.prefill(dparams, PROMPTS[:2], max_length=40), 3)
+  separate = sampler.prefill(dparams, [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3, max_length=40)
+  assert forked.end == separate.end
+  for a, b in zip(jax.tree.leaves(forked), jax.tree.leaves(separate)):
+    assert relative_error(a, b) < 1e-5  # batch 6 vs 2 may take other matmul paths
+  sampling = SamplingParams(temperature=1.0, top_p=0.9)
+  got, _ = sampler.decode(dparams, forked, jax.random.key(5), max_new_tokens=6,
+                          sampling=sampling)
+  want, _ = sampler.decode(dparams, separate, jax.random.key(5), max_new_tokens=6,
+                           sampling=sampling)
+  assert got.token_lists() == want.token_lists()
+  assert relative_error(got.logprobs, want.logprobs) < 1e-5
+  # Rows of one group draw different samples from the same prefix.
+  assert len({tuple(t) for t in got.token_lists()[:3]}) > 1
+
+
+def test_multi_turn_continuation_equals_fresh_prefill(model):
+  config, _, dparams = model
+  sampler = Sampler(config, prefill_chunk=8)
+  state = sampler.prefill(dparams, PROMPTS, max_length=80)
+  free = Sampler(config).generate(dparams, PROMPTS, jax.random.key(0), max_new_tokens=6,
+                                  sampling=GREEDY).token_lists()
+  result, state = sampler.decode(dparams, state, jax.random.key(0), max_new_tokens=6,
+                                 sampling=GREEDY, stop_ids=(free[1][1],))  # ragged ends
+  generated = result.token_lists()
+  assert len(generated[1]) == 2 and len(generated[0]) > 2
+  tool = [[301, 302, 303, 304, 305], [306, 307], [308, 309, 310, 311, 312, 313, 314, 315, 316]]
+  state = sampler.extend(dparams, state, tool)
+  whole = [p + g + t for p, g, t in zip(PROMPTS, generated, tool)]
+  fresh = Sampler(config).prefill(dparams, whole, max_length=80)
+  assert relative_error(state.logits, fresh.logits) < 1e-5
+  np.testing.assert_array_equal(np.asarray(state.lengths), [len(w) for w in whole])
+  cont, _ = sampler.decode(dparams, state, jax.random.key(1), max_new_tokens=5, sampling=GREEDY)
+  ref, _ = Sampler(config).decode(dparams, fresh, jax.random.key(1), max_new_tokens=5,
+                                  sampling=GREEDY)
+  assert cont.token_lists() == ref.token_lists()
+  assert relative_error(cont.logprobs, ref.logprobs) < 1e-5
+
+
+def test_chunked_prefill_equals_one_chunk(model):
+  config, _, dparams = model
+  long_prompts = [list(range(1, 30)), list(range(40, 45))]
+  one = Sampler(config, prefill_chunk=512).prefill(dparams, long_prompts, max_length=64)
+  chunked = Sampler(config, prefill_chunk=8).prefill(dparams, long_prompts, max_length=64)
+  assert relative_error(chunked.logits, one.logits) < 1e-5
+
+
+def test_bfloat16_model_generates(model):
+  _, params, _ = model
+  config = get_preset("tiny", num_layers=2, initializer_range=0.3, dtype="bfloat16")
+  dparams = prepare_params(params, config)
+  assert dparams.layers[0]["qkv"].dtype == jnp.bfloat16
+  result = Sampler(config).generate(dparams, PROMPTS, jax.random.key(0), max_new_tokens=5,
+                                    sampling=SamplingParams(temperature=0.8, top_k=10))
+  assert np.isfinite(np.asarray(result.logprobs)).all()
+  assert result.lengths.tolist() == [5, 5, 5]
+
+
+def test_cache_logical_axes(model):
+  config, _, dparams = model
+  state = Sampler(config).prefill(dparams, PROMPTS, max_length=16)
+  axes = cache_logical_axes(state)
+  assert tuple(axes.cache["k"][0]) == ("cache_batch", "cache_length", "kv_heads", "head_dim")
+  assert len(axes.cache["v"]) == config.num_layers
+  assert state.cache["k"][0].shape == (3, 16, config.num_kv_heads, config.head_dim)
+
+
+def test_clear_errors(model):
+  config, params, dparams = model
+  sampler = Sampler(config)
+  with pytest.raises(ValueError, match="prepare_params"):
+    sampler.prefill(params, PROMPTS, max_length=32)
+  with pytest.raises(ValueError, match="overflows the cache"):
+    sampler.prefill(dparams, PROMPTS, max_length=8)
+  state = sampler.prefill(dparams, PROMPTS, max_length=20)
+  with pytest.raises(ValueError, match="overflows the cache"):
+    sampler.decode(dparams, state, jax.random.key(0), max_new_tokens=10)
+  with pytest.raises(ValueError, match="empty prompt"):
+    sampler.prefill(dparams, [[1], []], max_length=32)
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(top_p=0.0)
+  with pytest.raises(ValueError, match="3 sequences for a batch of 2"):
+    sampler.extend(dparams, sampler.prefill(dparams, PROMPTS[:2], max_length=32), PROMPTS)
