@@ -42,6 +42,9 @@ def base_config() -> ConfigDict:
       synthetic_eval_docs=400,
       seq_len=256,
       batch_size=16,  # global rows per step, over all processes
+      # multi-process input: 'source' = each process reads a disjoint slice of the records;
+      # 'rows' = each reads everything and keeps its rows (batches independent of #processes)
+      host_sharding="source",
       shuffle=True,
       long_docs="split",  # 'split' | 'truncate'
       on_error="raise",  # malformed rows: 'raise' or 'skip' (counted and logged)

@@ -71,6 +71,35 @@ def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
   return train, evals
 
 
+class _ProcessRows:
+  """Every process reads the same global batches and keeps its own contiguous rows.
+
+  `config.data.host_sharding='rows'`: the batches are identical whatever the process count
+  (reproducible when scaling out) at the cost of every host tokenising all the data.
+  """
+
+  def __init__(self, iterator, rows: int):
+    self._iterator, self._rows = iterator, rows
+    self._start = jax.process_index() * rows
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    return {k: v[self._start:self._start + self._rows] for k, v in batch.items()}
+
+  # Grain's Orbax handler stores non-DatasetIterator states as bytes.
+  def get_state(self) -> bytes:
+    return json.dumps(self._iterator.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    getattr(self._iterator, "start_prefetch", lambda: None)()
+
+
 def local_batch_size(global_batch_size: int, mesh) -> int:
   """Rows each process loads: the global batch split over processes and batch shards."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -81,15 +110,24 @@ def local_batch_size(global_batch_size: int, mesh) -> int:
   return global_batch_size // jax.process_count()
 
 
-def _dataset(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, batch_size: int, *,
+def _batches(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, local_rows: int, *,
              train: bool):
-  return pipeline.make_pretrain_dataset(
-      source, tokenizer, seq_len=data.seq_len, batch_size=batch_size, seed=seed,
+  """This process's batch iterator (checkpointable), sharded per `data.host_sharding`."""
+  by_rows = data.host_sharding == "rows"
+  if data.host_sharding not in ("rows", "source"):
+    raise ConfigError(f"config.data.host_sharding {data.host_sharding!r} not in "
+                      "['source', 'rows']")
+  dataset = pipeline.make_pretrain_dataset(
+      source, tokenizer, seq_len=data.seq_len,
+      batch_size=local_rows * jax.process_count() if by_rows else local_rows, seed=seed,
       shuffle=train and data.shuffle, num_epochs=None if train else 1,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      shard_index=0 if by_rows else jax.process_index(),
+      shard_count=1 if by_rows else jax.process_count(),
       long_docs=data.long_docs,
       read_options=grain.ReadOptions(num_threads=data.read_threads,
                                      prefetch_buffer_size=data.prefetch))
+  iterator = iter(dataset)
+  return _ProcessRows(iterator, local_rows) if by_rows and jax.process_count() > 1 else iterator
 
 
 def _check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -146,8 +184,8 @@ def run_pretrain(config: ConfigDict) -> dict[str, Any]:
   schedule = learning_rate_schedule(config.optim, train.steps)
 
   train_source, eval_source = build_sources(config.data, workdir, config.seed)
-  data_iter = iter(_dataset(train_source, tokenizer, config.data, config.seed,
-                            per_process_batch, train=True))
+  data_iter = _batches(train_source, tokenizer, config.data, config.seed, per_process_batch,
+                       train=True)
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=train.checkpoint_every,
                                  keep=train.keep_checkpoints, async_save=train.async_checkpoint)
@@ -189,7 +227,7 @@ def run_pretrain(config: ConfigDict) -> dict[str, Any]:
         logger.write(step, jax.device_get(metrics))
       if eval_source is not None and train.eval_every and (
           step % train.eval_every == 0 or step == train.steps):
-        eval_ds = _dataset(eval_source, tokenizer, config.data, config.seed, per_process_batch,
+        eval_ds = _batches(eval_source, tokenizer, config.data, config.seed, per_process_batch,
                            train=False)
         logger.write_eval(step, evaluate(eval_fn, state.params, eval_ds, train.eval_batches,
                                          mesh))

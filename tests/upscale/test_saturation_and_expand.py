@@ -13,7 +13,7 @@ from kat_jax.model.layers import rope_cos_sin
 from kat_jax.upscale import expand, saturation
 
 
-def _config(num_layers=4, **overrides):
+def _config(num_layers=3, **overrides):
   return get_preset("tiny", num_layers=num_layers, **overrides)
 
 
@@ -96,14 +96,14 @@ def test_identity_layer_has_cosine_one(tmp_path):
   assert (tmp_path / "sat.json").read_text().count("block_influence") == 1
 
 
-@pytest.mark.parametrize("placement, duplicated", [("interleave", [1, 3]), ("block", [1, 2])])
+@pytest.mark.parametrize("placement, duplicated", [("interleave", [0, 2]), ("block", [1, 2])])
 def test_identity_init_preserves_logits(placement, duplicated):
   config = _config(tie_word_embeddings=False)
   params = init_params(config, jax.random.key(3))
   batch = _packed_batch(np.random.default_rng(3))
   layer_map = expand.make_layer_map(config.num_layers, duplicated, placement)
   new_config, new_params = expand.upscale(config, params, layer_map, "identity")
-  assert new_config.num_layers == 6
+  assert new_config.num_layers == 5
   np.testing.assert_allclose(np.asarray(_logits(new_config, new_params, batch)),
                              np.asarray(_logits(config, params, batch)), rtol=0, atol=1e-6)
   # The copies of the zeroed tensors are zero; everything else is copied.
@@ -189,7 +189,7 @@ def test_bad_inputs_raise_clear_errors():
     expand.select_uniform(10, 3)
   with pytest.raises(ValueError, match="source layer"):
     expand.LayerMap((0, 4), (False, True), 4)
-  config = _config()
+  config = _config(4)
   params = init_params(config, jax.random.key(5))
   layer_map = expand.make_layer_map(4, [1], "interleave")
   with pytest.raises(ValueError, match="unknown init 'zeros'"):
