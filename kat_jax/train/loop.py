@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -71,6 +71,9 @@ def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
   return train, evals
 
 
+ToDocument = Callable[[dict[str, Any]], Any]  # record -> kat_jax.data.packing.Document
+
+
 class _ProcessRows:
   """Every process reads the same global batches and keeps its own contiguous rows.
 
@@ -111,7 +114,7 @@ def local_batch_size(global_batch_size: int, mesh) -> int:
 
 
 def _batches(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, local_rows: int, *,
-             train: bool):
+             train: bool, to_document: ToDocument | None = None):
   """This process's batch iterator (checkpointable), sharded per `data.host_sharding`."""
   by_rows = data.host_sharding == "rows"
   if data.host_sharding not in ("rows", "source"):
@@ -123,7 +126,7 @@ def _batches(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, local_ro
       shuffle=train and data.shuffle, num_epochs=None if train else 1,
       shard_index=0 if by_rows else jax.process_index(),
       shard_count=1 if by_rows else jax.process_count(),
-      long_docs=data.long_docs,
+      long_docs=data.long_docs, to_document=to_document,
       read_options=grain.ReadOptions(num_threads=data.read_threads,
                                      prefetch_buffer_size=data.prefetch))
   iterator = iter(dataset)
@@ -166,7 +169,27 @@ def evaluate(eval_step, params, dataset, max_batches: int, mesh) -> dict[str, fl
 
 
 def run_pretrain(config: ConfigDict) -> dict[str, Any]:
-  """Trains a decoder on next-token prediction. Returns the final metrics."""
+  """Stage `pretrain`: next-token prediction on text/chat records. Returns the final metrics."""
+  return run_training(config)
+
+
+def run_training(config: ConfigDict, *, stage: str = "pretrain",
+                 to_document: Callable[[Tokenizer], ToDocument] | None = None,
+                 sources_fn: Callable[[ConfigDict, str], tuple[Any, Any]] | None = None,
+                 ) -> dict[str, Any]:
+  """The shared weighted next-token training loop of the pretrain and SFT-like stages.
+
+  Args:
+    config: the run config (see experiments/configs/base.py).
+    stage: name shown in the progress output.
+    to_document: tokenizer -> (record -> Document): how a record becomes tokens and
+      per-token loss weights (default: `pipeline.record_to_document`).
+    sources_fn: (config, workdir) -> (train source, eval source or None); default reads
+      `config.data` (synthetic, jsonl or array_record).
+
+  Returns:
+    The metrics of the last step.
+  """
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = get_tokenizer(config.data.tokenizer)
@@ -183,9 +206,13 @@ def run_pretrain(config: ConfigDict) -> dict[str, Any]:
   optimizer = make_optimizer(config.optim, train.steps)
   schedule = learning_rate_schedule(config.optim, train.steps)
 
-  train_source, eval_source = build_sources(config.data, workdir, config.seed)
+  if sources_fn is None:
+    train_source, eval_source = build_sources(config.data, workdir, config.seed)
+  else:
+    train_source, eval_source = sources_fn(config, workdir)
+  doc_fn = to_document(tokenizer) if to_document is not None else None
   data_iter = _batches(train_source, tokenizer, config.data, config.seed, per_process_batch,
-                       train=True)
+                       train=True, to_document=doc_fn)
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=train.checkpoint_every,
                                  keep=train.keep_checkpoints, async_save=train.async_checkpoint)
@@ -208,7 +235,7 @@ def run_pretrain(config: ConfigDict) -> dict[str, Any]:
     eval_fn = jax.jit(make_eval_step(model_config, loss_chunk=train.loss_chunk),
                       in_shardings=(shardings.params, batch_sh), out_shardings=replicated(mesh))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    logger.status(f"pretrain: {n_params:,} params, {train.steps} steps, batch "
+    logger.status(f"{stage}: {n_params:,} params, {train.steps} steps, batch "
                  f"{config.data.batch_size}x{config.data.seq_len}, mesh {dict(mesh.shape)}, "
                  f"workdir {workdir}")
     if logger.active:
@@ -228,12 +255,12 @@ def run_pretrain(config: ConfigDict) -> dict[str, Any]:
       if eval_source is not None and train.eval_every and (
           step % train.eval_every == 0 or step == train.steps):
         eval_ds = _batches(eval_source, tokenizer, config.data, config.seed, per_process_batch,
-                           train=False)
+                           train=False, to_document=doc_fn)
         logger.write_eval(step, evaluate(eval_fn, state.params, eval_ds, train.eval_batches,
                                          mesh))
       checkpointer.save(step, state, data_iter, meta, force=step == train.steps)
   checkpointer.close()
   logger.close()
   final = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  logging.info("pretrain finished in %.1fs: %s", time.perf_counter() - start, final)
+  logging.info("%s finished in %.1fs: %s", stage, time.perf_counter() - start, final)
   return final
