@@ -22,6 +22,7 @@ flags.mark_flag_as_required("config")
 # stage name -> "module:function"; the function takes the ConfigDict.
 STAGES = {
     "pretrain": "kat_jax.train.loop:run_pretrain",
+    "upscale": "kat_jax.upscale.stage:run_upscale",
 }
 
 

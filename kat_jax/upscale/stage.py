@@ -30,7 +30,8 @@ from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.data import pipeline
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import ModelConfig, init_params
-from kat_jax.train.loop import ConfigError, build_sources, model_config_from
+from kat_jax.errors import ConfigError
+from kat_jax.train.loop import build_sources, model_config_from
 from kat_jax.train.step import make_eval_step
 from kat_jax.upscale import expand, saturation
 

@@ -27,8 +27,8 @@ def _packed_batch(rng, batch=2, length=24):
 
 
 def _logits(config, params, batch):
-  return Decoder(config).apply({"params": params}, batch["tokens"], batch["positions"],
-                               batch["kv_end"])
+  apply = jax.jit(Decoder(config).apply)  # one compile instead of op-by-op dispatch
+  return apply({"params": params}, batch["tokens"], batch["positions"], batch["kv_end"])
 
 
 def _with_identity_layer(params, index):
@@ -43,11 +43,10 @@ def test_scanned_stack_matches_decoder_hidden_states():
   config = _config()
   params = init_params(config, jax.random.key(0))
   batch = _packed_batch(np.random.default_rng(0))
-  expected = Decoder(config).apply({"params": params}, batch["tokens"], batch["positions"],
-                                   batch["kv_end"], return_hidden=True)
-  hidden, stats = saturation.run_layers_with_stats(
-      config, params, batch["tokens"], batch["positions"], batch["kv_end"],
-      batch["segment_ids"] > 0)
+  expected = jax.jit(lambda p, b: Decoder(config).apply(
+      {"params": p}, b["tokens"], b["positions"], b["kv_end"], return_hidden=True))(params, batch)
+  hidden, stats = jax.jit(lambda p, b: saturation.run_layers_with_stats(
+      config, p, b["tokens"], b["positions"], b["kv_end"], b["segment_ids"] > 0))(params, batch)
   np.testing.assert_allclose(np.asarray(hidden), np.asarray(expected), rtol=0, atol=1e-6)
   assert stats["cos_sum"].shape == (config.num_layers,)
   assert float(stats["count"]) == float(np.sum(np.asarray(batch["segment_ids"]) > 0)) == 38
@@ -58,9 +57,10 @@ def _reference_cosines(config, params, batch):
   h = Decoder(config).apply({"params": params}, batch["tokens"], method=lambda m, t: m.embed(t))
   cos, sin = rope_cos_sin(batch["positions"], config.head_dim, config.rope_theta, jnp.float32)
   out = []
+  block = jax.jit(DecoderBlock(config).apply)
   for i in range(config.num_layers):
     layer = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-    h_next, _ = DecoderBlock(config).apply({"params": layer}, h, cos, sin, batch["kv_end"])
+    h_next, _ = block({"params": layer}, h, cos, sin, batch["kv_end"])
     a, b = np.asarray(h, np.float64), np.asarray(h_next, np.float64)
     out.append(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
     h = h_next
