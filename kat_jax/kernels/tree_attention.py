@@ -56,6 +56,10 @@ class Tuning(NamedTuple):
 # tiles with 8 warps; 64x64 backward tiles with 4 warps (larger dK/dV tiles spill registers).
 DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, 8, 2), dq=KernelTiles(64, 64, 4, 2),
                         dkdv=KernelTiles(64, 64, 4, 2))
+# float32 tiles take twice the shared memory: 128x128 forward tiles with D=128 overflow the
+# H100's 227 KiB (measured), so 4-byte inputs with D > 64 default to 64x64 tiles everywhere.
+# (f32, D=64 with DEFAULT_TUNING is verified on the H100; f32 D=128 with these tiles is not.)
+DEFAULT_TUNING_F32_WIDE = Tuning(*(KernelTiles(64, 64, 4, 2),) * 3)
 
 
 class _Config(NamedTuple):
@@ -774,7 +778,8 @@ def tree_attention(
     tiles = KernelTiles(block_q or 128, block_k or 128)
     tuning = Tuning(tiles, tiles, tiles)
   elif tuning is None:
-    tuning = DEFAULT_TUNING
+    wide_f32 = jnp.dtype(q.dtype).itemsize >= 4 and q.shape[-1] > 64
+    tuning = DEFAULT_TUNING_F32_WIDE if wide_f32 else DEFAULT_TUNING
   multiple = 1
   for kernel_name, tiles in zip(Tuning._fields, tuning):
     _check_block(f"{kernel_name}.block_q", tiles.block_q)
