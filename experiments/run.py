@@ -23,6 +23,7 @@ flags.mark_flag_as_required("config")
 STAGES = {
     "pretrain": "kat_jax.train.loop:run_pretrain",
     "upscale": "kat_jax.upscale.stage:run_upscale",
+    "generate": "kat_jax.sampling.stage:run_generate",
 }
 
 
