@@ -80,3 +80,35 @@ def full_logits_cross_entropy(logits: jax.Array, tokens: jax.Array, pred_index: 
   log_probs = jax.nn.log_softmax(pred_logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
   return jnp.sum(weights * nll)
+
+
+def chunked_token_logprobs(hidden: jax.Array, head_kernel: jax.Array, tokens: jax.Array,
+                           pred_index: jax.Array, *, chunk_size: int = 1024,
+                           with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+  """log π(tokens[t] | context) and (optionally) the entropy of π at each predicting state.
+
+  Same chunking as `chunked_cross_entropy`: the [B, T, V] float32 logits never exist at
+  once. Returns (logp [B,T] float32, entropy [B,T] float32 or None); positions whose
+  weight is 0 downstream are computed too (they are cheap next to the head).
+  """
+  batch, length = tokens.shape
+  d = hidden.shape[-1]
+  pred_hidden = gather_predicting_hidden(hidden, pred_index).reshape(-1, d)
+  flat_tokens = tokens.reshape(-1)
+  chunk = min(chunk_size, flat_tokens.shape[0])
+
+  @jax.checkpoint
+  def chunk_fn(h, t):
+    logits = jnp.einsum("nd,dv->nv", h, head_kernel.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) if with_entropy else logp
+    return logp, entropy
+
+  _, (logp, entropy) = jax.lax.scan(lambda c, x: (c, chunk_fn(*x)), None,
+                                    (_chunks(pred_hidden, chunk), _chunks(flat_tokens, chunk)))
+  n = batch * length
+  logp = logp.reshape(-1)[:n].reshape(batch, length)
+  entropy = entropy.reshape(-1)[:n].reshape(batch, length) if with_entropy else None
+  return logp, entropy

@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO-family objectives, Step-SRPO, curricula and verifiable rewards."""

@@ -1,0 +1,73 @@
+"""The policy-gradient train step: pure `(state, batch) -> (state, metrics)`.
+
+Batch (rows may be flat trajectories or packed prefix trees, see DESIGN "Tree RL is exact"):
+`tokens`, `positions`, `kv_end`, `pred_index` [B,T] as for pre-training, plus per token
+`old_logp` (behaviour policy), `ref_logp` (frozen reference; only read when beta > 0) and
+the weights `adv_pos`, `adv_neg`, `kl_weight` from `objectives.flat_token_weights` (or the
+tree packer). The weights already hold the aggregation normaliser of the whole rollout
+batch, so the loss is a plain sum and micro-batches/updates just add up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from kat_jax.model import Decoder, ModelConfig, lm_head_kernel
+from kat_jax.rl.objectives import ObjectiveConfig, token_objective
+from kat_jax.train.losses import chunked_token_logprobs
+from kat_jax.train.state import TrainState
+
+POLICY_INPUTS = ("tokens", "positions", "kv_end", "pred_index", "old_logp", "ref_logp",
+                 "adv_pos", "adv_neg", "kl_weight")
+
+
+def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
+                        loss_chunk: int = 1024) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+  model = Decoder(config)
+
+  def loss_fn(params, batch):
+    hidden = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                         batch["kv_end"], return_hidden=True)
+    logp, entropy = chunked_token_logprobs(
+        hidden, lm_head_kernel(params, config), batch["tokens"], batch["pred_index"],
+        chunk_size=loss_chunk, with_entropy=bool(objective.entropy_coef))
+    return token_objective(logp, batch["old_logp"], batch.get("ref_logp"), entropy,
+                           batch["adv_pos"], batch["adv_neg"], batch["kl_weight"], objective)
+
+  return loss_fn
+
+
+def make_policy_step(config: ModelConfig, optimizer: optax.GradientTransformation,
+                     objective: ObjectiveConfig, *, loss_chunk: int = 1024
+                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """One optimizer update on one (mini-)batch of rollouts."""
+  grad_fn = jax.value_and_grad(make_policy_loss_fn(config, objective, loss_chunk=loss_chunk),
+                               has_aux=True)
+
+  def step(state: TrainState, batch: dict):
+    batch = {k: batch[k] for k in POLICY_INPUTS if k in batch}
+    (loss, metrics), grads = grad_fn(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def make_logprob_fn(config: ModelConfig, *, loss_chunk: int = 1024
+                    ) -> Callable[[Any, dict], jax.Array]:
+  """(params, batch) -> logp [B,T] of the batch's tokens (old/reference log-probs)."""
+  model = Decoder(config)
+
+  def logprob_fn(params, batch):
+    hidden = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                         batch["kv_end"], return_hidden=True)
+    logp, _ = chunked_token_logprobs(hidden, lm_head_kernel(params, config), batch["tokens"],
+                                     batch["pred_index"], chunk_size=loss_chunk)
+    return logp
+
+  return logprob_fn
