@@ -24,9 +24,12 @@ setup(
         "tiktoken>=0.7",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "sympy>=1.12",
     ],
     extras_require={
+        "parquet": ["pyarrow>=14"],
         "test": [
+            "pyarrow>=14",
             "pytest>=8",
             "pytest-xdist>=3.5",
             # CPU build of torch on disk here; transformers gives the HF parity reference.

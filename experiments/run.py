@@ -24,6 +24,7 @@ STAGES = {
     "pretrain": "kat_jax.train.loop:run_pretrain",
     "upscale": "kat_jax.upscale.stage:run_upscale",
     "generate": "kat_jax.sampling.stage:run_generate",
+    "sft": "kat_jax.autothink.stage:run_sft",
 }
 
 

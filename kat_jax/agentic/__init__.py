@@ -1,0 +1,1 @@
+"""Agentic RL on prefix trees: trajectory tries, depth-first packing, pruning."""

@@ -1,0 +1,291 @@
+"""The `sft` stage: AutoThink cold start (seed `001_*` §4.1).
+
+  python -m experiments.run --config experiments/configs/sft.py
+
+1. Data (under `<workdir>/data/`, reused when present):
+   - default: generate dual-regime tasks (`tasks.py`), tag each with a mode by majority vote over
+     think-off samples (`tagging.py`; tagger 'simulated' | 'model' | 'endpoint') plus
+     `random_fraction` random modes, and render cold-start examples (`templates.py`);
+   - `sft_paths`: import chat JSONL/Parquet rows instead (`importers.py`).
+2. Train with the shared loop (`train.loop.run_training`), loss weights per segment
+   (judge / mode / think / answer).
+3. Evaluate the trained model on held-out generated tasks (another seed): it chooses its mode
+   (greedy by default); report the format rate and the think-on rate on easy vs hard queries.
+   Written to `<workdir>/sft_eval.json` and `sft_eval_samples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from kat_jax.autothink import generation, importers, tagging, tasks as tasks_lib, templates
+from kat_jax.data import sources
+from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
+from kat_jax.errors import ConfigError
+from kat_jax.model import ModelConfig, init_params
+
+TAGGERS = ("simulated", "model", "endpoint")
+
+
+def autothink_fields() -> ConfigDict:
+  """`config.autothink` with its defaults."""
+  return ConfigDict(dict(
+      data_seed=1234,  # task streams: train = data_seed, eval = +1, held-out prompts = +2
+      num_train=3000,  # generated training tasks
+      num_eval=100,  # generated tasks for the held-out loss
+      hard_fraction=0.5,
+      tasks_path="",  # tag these task records (JSONL/ArrayRecord) instead of generating
+      sft_paths="",  # comma-separated chat JSONL/Parquet to import (skips generation/tagging)
+      on_error="skip",  # malformed imported rows: 'skip' (counted, logged) or 'raise'
+      # tagging
+      tagger="simulated",  # 'simulated' (procedural solver) | 'model' | 'endpoint'
+      votes=5,  # think-off samples per query
+      random_fraction=0.01,  # queries given a random mode (report: 1%)
+      solver_accuracy="1:0.9,2:0.2,3:0.1",  # simulated: P(correct | difficulty)
+      tag_temperature=1.0,  # model/endpoint sampling temperature
+      tag_max_new_tokens=128,
+      endpoint_url="",  # OpenAI-compatible server, e.g. http://127.0.0.1:8000
+      endpoint_model="",
+      endpoint_api_key_env="OPENAI_API_KEY",  # environment variable holding the key, if any
+      # loss weights per segment (the prompt is never trained)
+      weights=ConfigDict(dict(judge=1.0, mode=1.0, think=1.0, answer=1.0)),
+      # evaluation on held-out generated prompts
+      eval_prompts=200,
+      eval_max_new_tokens=160,
+      eval_temperature=0.0,  # 0 = greedy
+      eval_batch_size=100,
+      code_time_limit=2.0,  # seconds per program in the code verifier
+  ))
+
+
+def _split(paths: str) -> list[str]:
+  return [p for p in (s.strip() for s in paths.split(",")) if p]
+
+
+def segment_weights(at: ConfigDict) -> templates.SegmentWeights:
+  try:
+    return templates.SegmentWeights(**at.weights.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.autothink.weights: {e}") from e
+
+
+def parse_accuracy(text: str) -> dict[int, float]:
+  """'1:0.9,2:0.2' -> {1: 0.9, 2: 0.2}."""
+  try:
+    table = {int(k): float(v) for k, v in (item.split(":") for item in _split(text))}
+  except ValueError:
+    raise ConfigError(f"config.autothink.solver_accuracy {text!r}: want "
+                      "'difficulty:probability,...'") from None
+  if not table or not all(0.0 <= p <= 1.0 for p in table.values()):
+    raise ConfigError(f"config.autothink.solver_accuracy {text!r}: probabilities in [0, 1]")
+  return table
+
+
+def check_fields(at: ConfigDict) -> None:
+  if at.tagger not in TAGGERS:
+    raise ConfigError(f"config.autothink.tagger {at.tagger!r} not in {TAGGERS}")
+  for name in ("num_train", "num_eval", "votes", "eval_prompts", "eval_max_new_tokens",
+               "eval_batch_size"):
+    if at[name] < 1:
+      raise ConfigError(f"config.autothink.{name} must be >= 1, got {at[name]}")
+  if not 0.0 <= at.random_fraction <= 1.0:
+    raise ConfigError(f"config.autothink.random_fraction must be in [0, 1], got "
+                      f"{at.random_fraction}")
+  if not 0.0 <= at.hard_fraction <= 1.0:
+    raise ConfigError(f"config.autothink.hard_fraction must be in [0, 1], got {at.hard_fraction}")
+  if at.tagger == "endpoint" and not (at.endpoint_url and at.endpoint_model):
+    raise ConfigError("config.autothink.tagger 'endpoint' needs endpoint_url and endpoint_model")
+  segment_weights(at)
+
+
+# ---------------------------------------------------------------------------
+# Model helpers
+# ---------------------------------------------------------------------------
+
+
+def load_model(config: ConfigDict) -> tuple[ModelConfig, Any]:
+  """(model config, params): `config.model.init_from` (HF dir) or a fresh init."""
+  from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
+  model_config = model_config_from(config.model)
+  if config.model.init_from:
+    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
+    return load_pretrained(config.model.init_from,
+                           config_overrides={"dtype": model_config.dtype,
+                                             "param_dtype": model_config.param_dtype})
+  return model_config, jax.jit(lambda r: init_params(model_config, r))(
+      jax.random.key(config.seed))
+
+
+def trained_model(config: ConfigDict, workdir: str) -> tuple[ModelConfig, Any]:
+  """(model config, params) of the last checkpoint `run_training` wrote under `workdir`."""
+  if config.model.init_from:  # the architecture comes from the HF dir trained from
+    model_config, _ = load_model(config)
+  else:
+    from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
+    model_config = model_config_from(config.model)
+  directory = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.StandardCheckpointHandler()}) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored["state"]
+  params = state["params"] if isinstance(state, dict) else state.params
+  return model_config, params
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def make_generate_fn(config: ConfigDict, tokenizer: Tokenizer, task_list
+                     ) -> tagging.GenerateFn:
+  """The think-off sampler the vote uses (see `config.autothink.tagger`)."""
+  at = config.autothink
+  if at.tagger == "simulated":
+    return tagging.simulated_solver(task_list, accuracy=parse_accuracy(at.solver_accuracy),
+                                    seed=at.data_seed)
+  if at.tagger == "endpoint":
+    return tagging.openai_generate_fn(
+        at.endpoint_url, at.endpoint_model, api_key=os.environ.get(at.endpoint_api_key_env),
+        temperature=at.tag_temperature, max_tokens=at.tag_max_new_tokens)
+  model_config, params = load_model(config)
+  return generation.kat_generate_fn(params, model_config, tokenizer, think_mode="off",
+                                    max_new_tokens=at.tag_max_new_tokens,
+                                    temperature=at.tag_temperature, seed=config.seed)
+
+
+def tagging_summary(tagged: list[dict[str, Any]]) -> dict[str, Any]:
+  modes = np.asarray([r["mode"] == "think_on" for r in tagged])
+  regimes = np.asarray([r.get("regime") for r in tagged], object)
+  out = {"num": len(tagged), "think_on_fraction": float(modes.mean()) if len(tagged) else 0.0,
+         "random_assigned": sum(r["mode_source"] == "random" for r in tagged)}
+  for regime in tasks_lib.REGIMES:
+    picked = modes[regimes == regime]
+    out[f"think_on_fraction_{regime}"] = float(picked.mean()) if picked.size else None
+  return out
+
+
+def _tag_and_render(config: ConfigDict, tokenizer: Tokenizer, task_list, path: str,
+                    seed: int) -> dict[str, Any]:
+  at = config.autothink
+  tagged = tagging.tag_tasks(task_list, make_generate_fn(config, tokenizer, task_list),
+                             num_samples=at.votes, random_fraction=at.random_fraction,
+                             seed=seed, time_limit=at.code_time_limit)
+  sources.write_jsonl((templates.sft_record(r) for r in tagged), path)
+  sources.write_jsonl(tagged, path.replace(".jsonl", "_tagged.jsonl"))
+  return tagging_summary(tagged)
+
+
+def prepare_sft_data(config: ConfigDict, workdir: str) -> dict[str, str]:
+  """Writes (or finds) the SFT train/eval JSONL and held-out tasks; returns their paths."""
+  at = config.autothink
+  data_dir = os.path.join(workdir, "data")
+  os.makedirs(data_dir, exist_ok=True)
+  paths = {"train": os.path.join(data_dir, "sft_train.jsonl"),
+           "eval": os.path.join(data_dir, "sft_eval.jsonl"),
+           "heldout": os.path.join(data_dir, "heldout_tasks.jsonl")}
+  if not os.path.exists(paths["heldout"]):
+    tasks_lib.write_tasks(paths["heldout"], at.eval_prompts, at.data_seed + 2,
+                          hard_fraction=at.hard_fraction)
+  if os.path.exists(paths["train"]) and os.path.exists(paths["eval"]):
+    return paths
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  summary: dict[str, Any] = {}
+  if at.sft_paths:
+    result = importers.import_sft_records(_split(at.sft_paths), on_error=at.on_error)
+    if len(result.records) < 2:
+      raise ConfigError(f"config.autothink.sft_paths: only {len(result.records)} usable rows "
+                        f"({result.num_skipped} skipped: {result.errors[:3]})")
+    n_eval = max(1, min(at.num_eval, len(result.records) // 10))
+    sources.write_jsonl(result.records[n_eval:], paths["train"])
+    sources.write_jsonl(result.records[:n_eval], paths["eval"])
+    summary = {"imported_rows": result.num_rows, "skipped": result.num_skipped,
+               "skip_reasons": result.errors}
+  else:
+    if at.tasks_path:
+      train_tasks = tasks_lib.read_tasks(at.tasks_path)
+    else:
+      train_tasks = tasks_lib.generate_tasks(at.num_train, at.data_seed,
+                                             hard_fraction=at.hard_fraction)
+    eval_tasks = tasks_lib.generate_tasks(at.num_eval, at.data_seed + 1,
+                                          hard_fraction=at.hard_fraction)
+    summary["train"] = _tag_and_render(config, tokenizer, train_tasks, paths["train"],
+                                       at.data_seed)
+    summary["eval"] = _tag_and_render(config, tokenizer, eval_tasks, paths["eval"],
+                                      at.data_seed + 1)
+  with open(os.path.join(data_dir, "data_summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  return paths
+
+
+def _document_fn(tokenizer: Tokenizer, weights: templates.SegmentWeights):
+  return functools.partial(templates.sft_document, tokenizer=tokenizer, weights=weights)
+
+
+# ---------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------
+
+
+def evaluate_model(config: ConfigDict, workdir: str, heldout_path: str) -> dict[str, Any]:
+  """AutoThink metrics of the trained model on the held-out tasks; writes them to workdir."""
+  at = config.autothink
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  model_config, params = trained_model(config, workdir)
+  heldout = tasks_lib.read_tasks(heldout_path)
+  generate = generation.kat_generate_fn(
+      params, model_config, tokenizer, think_mode="auto", max_new_tokens=at.eval_max_new_tokens,
+      temperature=at.eval_temperature, batch_size=at.eval_batch_size, seed=config.seed + 1)
+  start = time.perf_counter()
+  summary, rows = generation.evaluate_autothink(generate, heldout, time_limit=at.code_time_limit)
+  summary["eval_seconds"] = time.perf_counter() - start
+  with open(os.path.join(workdir, "sft_eval.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  sources.write_jsonl(rows, os.path.join(workdir, "sft_eval_samples.jsonl"))
+  return summary
+
+
+def run_sft(config: ConfigDict) -> dict[str, Any]:
+  """Stage `sft`: data -> weighted SFT -> AutoThink evaluation. Returns train + eval metrics."""
+  from kat_jax.train.loop import run_training  # pylint: disable=g-import-not-at-top
+  if "autothink" not in config:
+    raise ConfigError("config.autothink is missing; start from experiments/configs/sft.py")
+  at = config.autothink
+  check_fields(at)
+  workdir = os.path.abspath(config.workdir)
+  start = time.perf_counter()
+  paths = prepare_sft_data(config, workdir)
+  weights = segment_weights(at)
+
+  def sources_fn(cfg, _):
+    return (sources.JsonlSource(paths["train"], on_error=cfg.data.on_error),
+            sources.JsonlSource(paths["eval"], on_error=cfg.data.on_error))
+
+  train_metrics = run_training(config, stage="sft",
+                               to_document=lambda tok: _document_fn(tok, weights),
+                               sources_fn=sources_fn)
+  train_seconds = time.perf_counter() - start
+  summary = evaluate_model(config, workdir, paths["heldout"]) if jax.process_index() == 0 else {}
+  print(f"sft: format rate {_fmt(summary.get('format_rate'))}, think-on rate easy "
+        f"{_fmt(summary.get('think_on_rate_easy'))} / hard "
+        f"{_fmt(summary.get('think_on_rate_hard'))}, accuracy {_fmt(summary.get('accuracy'))} "
+        f"on {summary.get('num_prompts', 0)} held-out prompts ({train_seconds:.0f}s data+train)",
+        flush=True)
+  return {**train_metrics, "train_seconds": train_seconds,
+          **{f"eval_{k}": v for k, v in summary.items()}}
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.2f}"

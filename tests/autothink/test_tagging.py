@@ -1,0 +1,165 @@
+"""Majority-vote mode tagging, random assignment, and the OpenAI-compatible client against a
+local fake server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from kat_jax.autothink import tagging, tasks
+
+
+def test_vote_rule_strict_majority_correct_means_think_off():
+  assert tagging.vote_mode(3, 5) == "think_off"
+  assert tagging.vote_mode(2, 5) == "think_on"
+  assert tagging.vote_mode(2, 4) == "think_on"  # a tie is no majority
+  assert tagging.vote_mode(5, 5) == "think_off" and tagging.vote_mode(0, 1) == "think_on"
+  with pytest.raises(ValueError):
+    tagging.vote_mode(6, 5)
+
+
+def _fake_generate(ts, correct_per_task):
+  """Sample s of task i is correct iff s < correct_per_task[i]."""
+  calls = {"n": 0}
+
+  def generate(prompts):
+    s = calls["n"]
+    calls["n"] += 1
+    return [f"<answer>\n{t.answer}\n</answer>" if s < k else "no idea"
+            for t, k in zip(ts, correct_per_task)]
+
+  return generate, calls
+
+
+def test_tag_tasks_majority_vote_with_fake_generate_fn():
+  ts = tasks.generate_tasks(6, seed=2)
+  counts = [0, 1, 2, 3, 4, 5]
+  generate, calls = _fake_generate(ts, counts)
+  tagged = tagging.tag_tasks(ts, generate, num_samples=5, random_fraction=0.0)
+  assert calls["n"] == 5
+  assert [r["votes_correct"] for r in tagged] == counts
+  assert [r["mode"] for r in tagged] == ["think_on"] * 3 + ["think_off"] * 3
+  assert all(r["mode_source"] == "vote" for r in tagged)
+  assert [r["difficulty_label"] for r in tagged] == ["hard"] * 3 + ["medium", "easy", "easy"]
+  assert tagged[0]["prompt"] == ts[0].prompt and tagged[0]["verifier"] == ts[0].verifier
+
+
+def test_random_assignment_fraction_is_exact_and_overrides_the_vote():
+  ts = tasks.generate_tasks(400, seed=4)
+  generate, _ = _fake_generate(ts, [3] * len(ts))  # the vote says think_off everywhere
+  tagged = tagging.tag_tasks(ts, generate, num_samples=3, random_fraction=0.05, seed=1)
+  randoms = [r for r in tagged if r["mode_source"] == "random"]
+  assert len(randoms) == 20
+  assert {r["mode"] for r in randoms} == {"think_on", "think_off"}
+  assert all(r["mode"] == "think_off" for r in tagged if r["mode_source"] == "vote")
+  again = tagging.tag_tasks(ts, _fake_generate(ts, [3] * len(ts))[0], num_samples=3,
+                            random_fraction=0.05, seed=1)
+  assert [r["mode"] for r in again] == [r["mode"] for r in tagged]
+
+
+def test_tag_tasks_rejects_wrong_response_count():
+  ts = tasks.generate_tasks(3, seed=0)
+  with pytest.raises(ValueError, match="2 responses for 3 prompts"):
+    tagging.tag_tasks(ts, lambda p: ["x", "y"], num_samples=1)
+
+
+def test_simulated_solver_separates_easy_from_hard():
+  ts = tasks.generate_tasks(300, seed=9)
+  tagged = tagging.tag_tasks(ts, tagging.simulated_solver(ts, seed=0), num_samples=5,
+                             random_fraction=0.0)
+  on = np.asarray([r["mode"] == "think_on" for r in tagged])
+  hard = np.asarray([t.regime == "hard" for t in ts])
+  assert on[hard].mean() > 0.85 and on[~hard].mean() < 0.1
+
+
+def test_extract_answer_and_infer_domain():
+  assert tagging.extract_answer("<think_off>\n<answer>\n42\n</answer>") == "42"
+  assert tagging.extract_answer("  42 ") == "42"
+  assert tagging.infer_domain("Write a Python function f(n)") == "code"
+  assert tagging.infer_domain("Solve for x: 2*x = 4") == "math"
+  assert tagging.infer_domain("What force acts on the mass?") == "science"
+  assert tagging.infer_domain("Who wrote Hamlet?") == "general"
+
+
+# ---------------------------------------------------------------------------
+# OpenAI-compatible client against a local fake
+# ---------------------------------------------------------------------------
+
+
+class _FakeServer:
+  """`POST /v1/chat/completions` on 127.0.0.1: answers from a prompt->answer table."""
+
+  def __init__(self, answers, status=200, raw_body=None):
+    self.requests = []
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+
+      def do_POST(self):  # pylint: disable=invalid-name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outer.requests.append({"path": self.path, "body": body,
+                               "auth": self.headers.get("Authorization")})
+        prompt = body["messages"][-1]["content"]
+        reply = raw_body if raw_body is not None else json.dumps(
+            {"choices": [{"message": {"role": "assistant",
+                                      "content": answers.get(prompt, "?")}}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+      def log_message(self, *args):
+        pass
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+def test_chat_completions_url():
+  assert tagging.chat_completions_url("http://h:8000") == "http://h:8000/v1/chat/completions"
+  assert tagging.chat_completions_url("http://h/v1/") == "http://h/v1/chat/completions"
+  with pytest.raises(ValueError, match="http"):
+    tagging.chat_completions_url("h:8000")
+
+
+def test_endpoint_generate_fn_drives_the_vote():
+  ts = tasks.generate_tasks(8, seed=11)
+  answers = {t.prompt: t.answer for t in ts if t.regime == "easy"}
+  with _FakeServer(answers) as server:
+    generate = tagging.openai_generate_fn(server.url, "fake-model", api_key="k123",
+                                          temperature=0.7, max_tokens=32)
+    tagged = tagging.tag_tasks(ts, generate, num_samples=2, random_fraction=0.0)
+  assert len(server.requests) == 16
+  request = server.requests[0]
+  assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer k123"
+  assert request["body"]["model"] == "fake-model" and request["body"]["max_tokens"] == 32
+  assert request["body"]["messages"][0] == {"role": "system",
+                                            "content": tagging.THINK_OFF_SYSTEM}
+  assert [r["mode"] for r in tagged] == [
+      "think_off" if t.regime == "easy" else "think_on" for t in ts]
+
+
+def test_endpoint_errors_are_clear():
+  with _FakeServer({}, status=500, raw_body=b'{"error": "boom"}') as server:
+    with pytest.raises(RuntimeError, match="HTTP 500.*boom"):
+      tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}])
+  with _FakeServer({}, raw_body=b'{"unexpected": 1}') as server:
+    with pytest.raises(ValueError, match=r"choices\[0\].message.content"):
+      tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}])
+  with pytest.raises(RuntimeError, match="cannot connect"):
+    tagging.chat_completion("http://127.0.0.1:9", "m", [{"role": "user", "content": "hi"}],
+                            timeout=2)

@@ -1,0 +1,87 @@
+"""Dual-regime task generator (determinism, coverage, sizes) and the verifiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kat_jax.autothink import tagging, tasks, verifiers
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+  a = [t.to_record() for t in tasks.generate_tasks(50, seed=7)]
+  b = [t.to_record() for t in tasks.generate_tasks(50, seed=7)]
+  c = [t.to_record() for t in tasks.generate_tasks(50, seed=8)]
+  assert a == b
+  assert [r["prompt"] for r in a] != [r["prompt"] for r in c]
+  # A prefix of a longer stream is the same tasks.
+  assert [t.to_record() for t in tasks.generate_tasks(20, seed=7)] == a[:20]
+
+
+def test_both_regimes_every_kind_and_short_texts():
+  ts = tasks.generate_tasks(600, seed=0)
+  kinds = {(t.regime, t.kind) for t in ts}
+  assert kinds == {(r, k) for r, gens in tasks.GENERATORS.items() for k in gens}
+  assert {t.domain for t in ts} == set(tasks.DOMAINS)
+  for t in ts:
+    assert (t.difficulty == 1) == (t.regime == "easy")
+    assert 10 <= len(t.prompt) <= 120, t.prompt
+    assert len(t.think) <= 120 and len(t.answer) <= 100
+    assert set(t.judge) == {"think_on", "think_off"}
+  hard = np.mean([t.regime == "hard" for t in tasks.generate_tasks(400, 1, hard_fraction=0.25)])
+  assert 0.18 < hard < 0.32
+
+
+def test_verifiers_accept_references_and_reject_wrong_answers():
+  ts = tasks.generate_tasks(160, seed=3)
+  specs = [t.verifier for t in ts]
+  assert all(verifiers.verify_many(specs, [t.answer for t in ts]))
+  rng = np.random.default_rng(0)
+  wrong = [tagging.wrong_answer(t, rng) for t in ts]
+  assert not any(verifiers.verify_many(specs, wrong))
+  assert not any(verifiers.verify_many(specs, [None] * len(ts)))
+
+
+def test_math_verifier_uses_symbolic_equivalence_and_never_evals_names():
+  assert verifiers.verify_math("x = 5", "5")
+  assert verifiers.verify_math("10/2", "5")
+  assert verifiers.verify_math("(2 + 3) * 4.", "20")
+  assert not verifiers.verify_math("5.1", "5")
+  assert not verifiers.verify_math("__import__('os').getcwd()", "5")
+  assert verifiers.parse_math_value("x + 1") is None
+
+
+def test_choice_and_exact_verifiers():
+  assert verifiers.extract_choice("B) 30") == "B"
+  assert verifiers.extract_choice("(c)") is None  # lower case is not an option letter
+  assert verifiers.extract_choice("The answer is: D") == "D"
+  assert verifiers.verify_choice("B", "B") and not verifiers.verify_choice("A", "B")
+  assert verifiers.verify_exact(" paris. ", ["Paris"])
+  assert not verifiers.verify_exact("Lyon", ["Paris"])
+
+
+def test_code_verifier_isolates_timeouts_crashes_and_exits():
+  tests = "assert f(2) == 4"
+  programs = ["def f(x): return 2 * x", "def f(x):\n  while True: pass",
+              "import os\nos._exit(0)", "def f(x): return x",
+              "print('noise')\ndef f(x): return x*x"]
+  assert verifiers.verify_code_batch(programs, [tests] * 5, time_limit=0.5) == [
+      True, False, False, False, True]
+  with pytest.raises(ValueError, match="2 programs but 1"):
+    verifiers.verify_code_batch(["a", "b"], ["c"])
+  with pytest.raises(ValueError, match="verifier spec"):
+    verifiers.verify({"type": "regex"}, "x")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".array_record"])
+def test_write_and_read_tasks(tmp_path, suffix):
+  path = tmp_path / f"tasks{suffix}"
+  assert tasks.write_tasks(path, 12, seed=5) == 12
+  assert tasks.read_tasks(path) == tasks.generate_tasks(12, seed=5)
+
+
+def test_read_tasks_names_file_and_line(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"id": "x"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl line 1: .*misses fields"):
+    tasks.read_tasks(path)
