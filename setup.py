@@ -30,6 +30,7 @@ setup(
         "parquet": ["pyarrow>=14"],
         "test": [
             "pyarrow>=14",
+            "math-verify>=0.9",  # cross-checks kat_jax.rl.rewards.math
             "pytest>=8",
             "pytest-xdist>=3.5",
             # CPU build of torch on disk here; transformers gives the HF parity reference.

@@ -25,6 +25,9 @@ STAGES = {
     "upscale": "kat_jax.upscale.stage:run_upscale",
     "generate": "kat_jax.sampling.stage:run_generate",
     "sft": "kat_jax.autothink.stage:run_sft",
+    "step_srpo": "kat_jax.rl.stage:run_step_srpo",
+    "distill": "kat_jax.distill.stage:run_distill",
+    "teacher_logits": "kat_jax.distill.stage:run_teacher_logits",
 }
 
 

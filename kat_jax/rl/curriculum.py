@@ -42,6 +42,11 @@ class HistoryResampler:
     self._history: dict[Hashable, list[float]] = {}
     self.dropped: list[Hashable] = []
 
+  @property
+  def seen(self) -> int:
+    """Distinct prompts recorded since the last `end_epoch`."""
+    return len(self._history)
+
   def record(self, prompt_id: Hashable, rewards: Sequence[float], *,
              correct_threshold: float = 1.0) -> None:
     """Adds one group's rollout outcomes (correct = reward >= threshold)."""

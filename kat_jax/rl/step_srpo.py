@@ -6,7 +6,8 @@ formula (it defers to an unpublished companion paper). Our default, every part c
 
 1. Per group (one prompt, G rollouts), the accuracy of each mode among its rollouts.
 2. The preferred mode: think_off when its accuracy is at least think_on's minus `margin`
-   (reasoning costs tokens, so it must buy accuracy), else think_on. A group that sampled
+   (reasoning costs tokens, so it must buy accuracy), else think_on; when both modes
+   failed every time there is no evidence and no judge signal. A group that sampled
    only one mode has no comparison: `forced_rollouts` asks the sampler to force the other
    mode on a fraction of the group; forced rollouts count for the accuracies but their
    (prefilled) judge tokens are never trained. With no comparison the judge reward is 0.
@@ -59,7 +60,7 @@ def preferred_mode(rollouts: Sequence[Rollout], margin: float) -> str | None:
     scores = [r.score for r in rollouts if r.mode == mode]
     if scores:
       acc[mode] = float(np.mean(scores))
-  if len(acc) < 2:
+  if len(acc) < 2 or max(acc.values()) == 0.0:  # no comparison, or no evidence either way
     return None
   return "think_off" if acc["think_off"] >= acc["think_on"] - margin else "think_on"
 

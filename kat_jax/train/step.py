@@ -72,8 +72,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         "loss": aux["ce_sum"] / denom,
         "accuracy": aux["correct_sum"] / denom,
         "loss_tokens": aux["weight_sum"],
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)

@@ -16,6 +16,7 @@ def test_preferred_mode_prefers_cheap_mode_unless_reasoning_helps():
   assert preferred_mode(easy, margin=0.0) == OFF
   assert preferred_mode(hard, margin=0.0) == ON
   assert preferred_mode([Rollout(ON, False, 1, True)] * 3, margin=0.0) is None
+  assert preferred_mode([Rollout(ON, False, 0, True), Rollout(OFF, False, 0, True)], 0.0) is None
   # with a margin, think_off may be a bit less accurate and still preferred
   close = [Rollout(ON, False, 1, True), Rollout(ON, False, 1, True),
            Rollout(OFF, False, 1, True), Rollout(OFF, False, 0, True)]

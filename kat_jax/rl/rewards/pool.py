@@ -1,0 +1,230 @@
+"""Reward registry and a pool that scores batches off the training thread.
+
+A scored item is a mapping {"response": str, "verifier": {"type": KIND, ...}} (extra keys are
+ignored, so a task record with a "response" added works). Verifier fields per kind (both our
+names and those of `kat_jax/autothink/tasks.py` are accepted):
+
+  math     {"answer": str} or {"value": str}
+  code     {"tests": str | [{"input", "output"}], "entry_point"?: str, "timeout_s"?: float}
+  choice   {"answer": "B"} or {"key": "B"}, "letters"?: "ABCD"
+  exact    {"accept": [str, ...]} or {"answer": str}  (normalised string match)
+  format   {"mode"?: "think_on" | "think_off"}         (AutoThink layout only)
+  general  {"reference"?: str, "keywords"?: [str], "max_chars"?: int}  (heuristic)
+
+Every item gets a `RewardResult`; a reward function that raises or overruns the per-item time
+limit gives status 'error'/'timeout' and reward 0.0 instead of breaking the batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kat_jax.rl.rewards import choice as choice_lib
+from kat_jax.rl.rewards import code as code_lib
+from kat_jax.rl.rewards import format as format_lib
+from kat_jax.rl.rewards import general as general_lib
+from kat_jax.rl.rewards import math as math_lib
+from kat_jax.rl.rewards.sandbox import SandboxLimits
+
+RewardFn = Callable[..., float]  # fn(response, verifier, *, math_checker=None) -> float
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+  """reward: float in [0, 1]; status: 'ok' | 'timeout' | 'error'."""
+  reward: float
+  status: str = "ok"
+  kind: str | None = None
+  detail: str = ""
+  elapsed_s: float = 0.0
+
+
+def _field(verifier: Mapping[str, Any], *names: str) -> Any:
+  for name in names:
+    if name in verifier:
+      return verifier[name]
+  raise ValueError(f"{verifier.get('type')} verifier needs one of {names}: {dict(verifier)!r}")
+
+
+def _math(response: str, verifier: Mapping[str, Any], *, math_checker=None) -> float:
+  return math_lib.math_reward(response, math_lib.gold_from_verifier(verifier),
+                              checker=math_checker)
+
+
+def _code(response: str, verifier: Mapping[str, Any], **_) -> float:
+  limits = SandboxLimits(timeout_s=float(verifier.get("timeout_s", 5.0)))
+  return code_lib.code_reward(response, _field(verifier, "tests"),
+                              entry_point=verifier.get("entry_point"), limits=limits)
+
+
+def _choice(response: str, verifier: Mapping[str, Any], **_) -> float:
+  letters = verifier.get("letters", choice_lib.DEFAULT_LETTERS)
+  return choice_lib.choice_reward(response, str(_field(verifier, "answer", "key")), letters)
+
+
+def _normalize_text(text: str) -> str:
+  text = " ".join(text.strip().lower().split())
+  return re.sub(r"[.!]+$", "", text.strip("'\"`")).strip()
+
+
+def _exact(response: str, verifier: Mapping[str, Any], **_) -> float:
+  accept = _field(verifier, "accept", "answer")
+  accept = [accept] if isinstance(accept, str) else list(accept)
+  answer = _normalize_text(math_lib.answer_region(response))
+  return 1.0 if answer in {_normalize_text(str(a)) for a in accept} else 0.0
+
+
+def _format(response: str, verifier: Mapping[str, Any], **_) -> float:
+  return format_lib.format_reward(response, required_mode=verifier.get("mode"),
+                                  judge_prefilled=bool(verifier.get("judge_prefilled", False)))
+
+
+def _general(response: str, verifier: Mapping[str, Any], **_) -> float:
+  kwargs = {k: verifier[k] for k in ("reference", "keywords", "max_chars", "min_chars",
+                                     "min_coverage") if k in verifier}
+  return general_lib.general_reward(response, **kwargs)
+
+
+_REGISTRY: dict[str, RewardFn] = {"math": _math, "code": _code, "choice": _choice,
+                                  "exact": _exact, "format": _format, "general": _general}
+KINDS = tuple(_REGISTRY)  # the built-in kinds
+
+
+def get_reward_fn(kind: str) -> RewardFn:
+  """Reward function `fn(response, verifier, *, math_checker=None) -> float` of a kind."""
+  if kind not in _REGISTRY:
+    raise ValueError(f"unknown reward kind {kind!r}; known: {', '.join(KINDS)}")
+  return _REGISTRY[kind]
+
+
+def register_reward_fn(kind: str, fn: RewardFn, *, replace: bool = False) -> None:
+  """Add a kind (e.g. a learned judge); replacing an existing kind needs replace=True."""
+  if kind in _REGISTRY and not replace:
+    raise ValueError(f"reward kind {kind!r} already registered")
+  _REGISTRY[kind] = fn
+
+
+def _check_item(item: Any) -> tuple[str, Mapping[str, Any], str]:
+  if not isinstance(item, Mapping):
+    raise ValueError(f"item must be a dict, got {type(item).__name__}")
+  response, verifier = item.get("response"), item.get("verifier")
+  if not isinstance(response, str):
+    raise ValueError("item field 'response' must be str")
+  if not isinstance(verifier, Mapping) or not isinstance(verifier.get("type"), str):
+    raise ValueError("item field 'verifier' must be a dict with a str 'type'")
+  return response, verifier, verifier["type"]
+
+
+def score_item(item: Mapping[str, Any], *, math_checker=None) -> RewardResult:
+  """Score one item in the calling thread; never raises."""
+  start = time.monotonic()
+  kind = None
+  try:
+    response, verifier, kind = _check_item(item)
+    reward = float(get_reward_fn(kind)(response, verifier, math_checker=math_checker))
+    return RewardResult(reward=reward, kind=kind, elapsed_s=time.monotonic() - start)
+  except Exception as e:  # pylint: disable=broad-except  (never break the batch)
+    return RewardResult(reward=0.0, status="error", kind=kind,
+                        detail=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - start)
+
+
+class RewardPool:
+  """Scores batches on background threads; code runs in sandbox processes and SymPy in
+  `MathChecker` worker processes, so threads only wait on children.
+
+  Each item runs in its own daemon thread, at most `max_workers` at a time. An item that
+  overruns `item_timeout_s` is reported as 'timeout' and its slot is freed at once; its thread
+  is abandoned (it ends when the stuck call returns; built-in kinds are bounded by their own
+  limits, so only a custom reward function can hang one for good).
+  """
+
+  def __init__(self, max_workers: int = 4, item_timeout_s: float = 30.0,
+               math_timeout_s: float = 5.0):
+    if max_workers < 1:
+      raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if item_timeout_s <= 0:
+      raise ValueError(f"item_timeout_s must be > 0, got {item_timeout_s}")
+    self.max_workers = max_workers
+    self.item_timeout_s = item_timeout_s
+    self._math_timeout_s = math_timeout_s
+    self._slots = threading.Semaphore(max_workers)
+    self._checkers: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(max_workers):  # workers start lazily on first use
+      self._checkers.put(math_lib.MathChecker(timeout_s=math_timeout_s))
+    self._closed = False
+
+  def _run_item(self, item: Mapping[str, Any]) -> RewardResult:
+    start = time.monotonic()
+    done = threading.Event()
+    box: list[RewardResult] = []
+
+    def target():
+      try:
+        checker = self._checkers.get_nowait()
+      except queue.Empty:  # all held by abandoned (timed-out) items
+        checker = math_lib.MathChecker(timeout_s=self._math_timeout_s)
+      try:
+        box.append(score_item(item, math_checker=checker))
+      finally:
+        self._checkers.put(checker)
+        done.set()
+
+    with self._slots:
+      threading.Thread(target=target, daemon=True, name="reward-item").start()
+      finished = done.wait(self.item_timeout_s)
+    if finished and box:
+      return box[0]
+    kind = item.get("verifier", {}).get("type") if isinstance(item, Mapping) else None
+    return RewardResult(reward=0.0, status="timeout", kind=kind,
+                        detail=f"item took longer than {self.item_timeout_s}s",
+                        elapsed_s=time.monotonic() - start)
+
+  def score_async(self, items: Sequence[Mapping[str, Any]]
+                  ) -> concurrent.futures.Future[list[RewardResult]]:
+    """Future of one `RewardResult` per item, in order. Never fails for bad items."""
+    if self._closed:
+      raise ValueError("RewardPool is closed")
+    items = list(items)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    results: list[RewardResult | None] = [None] * len(items)
+    remaining = [len(items)]
+    lock = threading.Lock()
+
+    def run(i):
+      try:
+        result = self._run_item(items[i])
+      except BaseException as e:  # pylint: disable=broad-except
+        result = RewardResult(reward=0.0, status="error", detail=f"{type(e).__name__}: {e}")
+      with lock:
+        results[i] = result
+        remaining[0] -= 1
+        last = remaining[0] == 0
+      if last:
+        future.set_result(results)
+
+    if not items:
+      future.set_result([])
+    for i in range(len(items)):
+      threading.Thread(target=run, args=(i,), daemon=True, name="reward-wait").start()
+    return future
+
+  def score(self, items: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
+    return self.score_async(items).result()
+
+  def close(self) -> None:
+    self._closed = True
+    while not self._checkers.empty():
+      self._checkers.get().close()
+
+  def __enter__(self) -> RewardPool:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

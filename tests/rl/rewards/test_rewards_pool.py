@@ -1,0 +1,112 @@
+"""Registry dispatch and the background scoring pool."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kat_jax.autothink import tasks as autothink_tasks
+from kat_jax.data.chat_template import format_autothink_response
+from kat_jax.rl.rewards import pool as pool_lib
+
+
+def _item(answer: str, verifier: dict) -> dict:
+  return {"response": format_autothink_response("j", "think_off", answer),
+          "verifier": verifier}
+
+
+def test_registry_kinds_and_errors():
+  for kind in ("math", "code", "choice", "format", "general", "exact"):
+    assert callable(pool_lib.get_reward_fn(kind))
+  with pytest.raises(ValueError, match="unknown reward kind"):
+    pool_lib.get_reward_fn("vibes")
+  with pytest.raises(ValueError, match="already registered"):
+    pool_lib.register_reward_fn("math", lambda *a, **k: 1.0)
+
+
+def test_score_item_dispatch_on_both_field_spellings():
+  cases = [
+      (_item("\\boxed{0.5}", {"type": "math", "answer": "\\frac{1}{2}"}), 1.0),
+      (_item("x = 7", {"type": "math", "value": "7"}), 1.0),  # autothink spelling
+      (_item("B", {"type": "choice", "answer": "B"}), 1.0),
+      (_item("C", {"type": "choice", "key": "B"}), 0.0),
+      (_item("Paris.", {"type": "exact", "accept": ["paris"]}), 1.0),
+      (_item("fine answer", {"type": "format", "mode": "think_off"}), 1.0),
+      (_item("fine answer", {"type": "general"}), 1.0),
+  ]
+  for item, expected in cases:
+    result = pool_lib.score_item(item)
+    assert result.status == "ok", result
+    assert result.reward == expected, (item, result)
+
+
+def test_bad_items_become_error_results():
+  for item in ("not a dict", {"response": 3, "verifier": {"type": "math"}},
+               {"response": "x", "verifier": {"type": "math"}},
+               {"response": "x", "verifier": {"type": "nope"}}):
+    result = pool_lib.score_item(item)
+    assert result.status == "error" and result.reward == 0.0 and result.detail
+
+
+def test_autothink_task_verifiers_score_their_reference_answers():
+  records = _some_task_records()
+  assert {r["verifier"]["type"] for r in records} >= {"math", "code", "choice", "exact"}
+  items = [_item(r["answer"], r["verifier"]) for r in records]
+  with pool_lib.RewardPool(max_workers=2, item_timeout_s=20.0) as pool:
+    results = pool.score(items)
+  assert [r.status for r in results] == ["ok"] * len(items), results
+  assert [r.reward for r in results] == [1.0] * len(items), results
+
+
+def _some_task_records() -> list[dict]:
+  """Two tasks of each verifier type from the AutoThink task generator."""
+  per_type: dict[str, list[dict]] = {}
+  for task in autothink_tasks.generate_tasks(200, seed=0):
+    bucket = per_type.setdefault(task.verifier["type"], [])
+    if len(bucket) < 2:
+      bucket.append(task.to_record())
+  return [r for bucket in per_type.values() for r in bucket]
+
+
+def test_pool_parallel_scoring_hang_and_exception():
+  calls = []
+
+  def hang(response, verifier, **_):
+    time.sleep(30)
+    return 1.0
+
+  def boom(response, verifier, **_):
+    raise RuntimeError("reward fn exploded")
+
+  def slow_ok(response, verifier, **_):
+    calls.append(time.monotonic())
+    time.sleep(0.3)
+    return 1.0
+
+  for name, fn in (("test_hang", hang), ("test_boom", boom), ("test_slow", slow_ok)):
+    pool_lib.register_reward_fn(name, fn, replace=True)
+  items = ([_item("a", {"type": "test_hang"}), _item("a", {"type": "test_boom"})] +
+           [_item("a", {"type": "test_slow"}) for _ in range(4)] +
+           [_item("\\boxed{4}", {"type": "math", "answer": "4"})])
+  with pool_lib.RewardPool(max_workers=3, item_timeout_s=1.5) as pool:
+    start = time.monotonic()
+    future = pool.score_async(items)
+    assert not future.done()  # scoring happens off the calling thread
+    results = future.result(timeout=20)
+    elapsed = time.monotonic() - start
+  assert results[0].status == "timeout" and results[0].reward == 0.0
+  assert results[1].status == "error" and "exploded" in results[1].detail
+  assert [r.reward for r in results[2:6]] == [1.0] * 4
+  assert results[6].reward == 1.0 and results[6].kind == "math"
+  assert elapsed < 8.0  # the hanging item did not hold the batch for its 30 s
+  # 4 slow items on the 2 slots left beside the hanging one: parallel, not serial.
+  assert max(calls) - min(calls) < 1.2
+
+
+def test_empty_batch_and_closed_pool():
+  pool = pool_lib.RewardPool(max_workers=1)
+  assert pool.score([]) == []
+  pool.close()
+  with pytest.raises(ValueError, match="closed"):
+    pool.score_async([])

@@ -1,0 +1,243 @@
+"""The sandbox contains hostile programs, reports the right status, and leaves nothing behind.
+
+Each attack runs with a short wall-clock limit; after each run no process of the run's
+one-off uid or process group may be left, and the test process itself keeps going.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+
+import pytest
+
+from kat_jax.rl.rewards import sandbox as sb
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))))
+FAST = sb.SandboxLimits(timeout_s=2.0)
+
+
+def _assert_cleaned_up(result: sb.SandboxResult) -> None:
+  assert result.pgid is not None
+  assert sb.pids_in_group(result.pgid) == []
+  if result.uid is not None:
+    assert sb.pids_of_uid(result.uid) == []
+
+
+def _run(program: str, limits: sb.SandboxLimits = FAST) -> sb.SandboxResult:
+  result = sb.run_python(program, limits=limits)
+  _assert_cleaned_up(result)
+  return result
+
+
+def _needs(result: sb.SandboxResult, *keys: str) -> None:
+  missing = [k for k in keys if not result.isolation.get(k)]
+  if missing:
+    pytest.skip(f"this host does not allow sandbox isolation {missing}")
+
+
+def test_isolation_available_as_root():
+  result = _run("print('ok')")
+  assert result.status == "pass" and result.stdout == "ok\n"
+  if os.getuid() == 0:  # this machine: everything the sandbox tries is permitted
+    for key in ("net", "mount", "pid", "uid_drop", "readonly_fs"):
+      assert result.isolation[key], (key, result.isolation)
+    assert result.uid not in (0, None)
+
+
+def test_infinite_loop_times_out():
+  result = _run("while True:\n  pass\n", sb.SandboxLimits(timeout_s=1.0))
+  assert result.status == "timeout"
+  assert 1.0 <= result.wall_s < 3.0
+
+
+def test_cpu_limit_is_a_backstop():
+  result = _run("while True:\n  pass\n", sb.SandboxLimits(timeout_s=4.0, cpu_s=1))
+  assert result.status == "timeout"
+  assert result.detail == "CPU time limit"
+  assert result.wall_s < 3.5
+
+
+def test_fork_bomb_is_contained_and_fully_killed():
+  program = (
+      "import os\n"
+      "while True:\n"
+      "  try:\n"
+      "    os.fork()\n"
+      "  except OSError:\n"
+      "    pass\n")
+  result = _run(program, sb.SandboxLimits(timeout_s=1.5, nproc=16))
+  assert result.status == "timeout"
+
+
+def test_escaped_daemon_is_killed():
+  # Double fork + setsid leaves the process group; the pid namespace (or uid sweep) gets it.
+  program = (
+      "import os, time\n"
+      "if os.fork() == 0:\n"
+      "  os.setsid()\n"
+      "  if os.fork() == 0:\n"
+      "    time.sleep(60)\n"
+      "  os._exit(0)\n"
+      "print('parent done')\n")
+  result = _run(program)
+  assert result.status == "pass"
+  assert "parent done" in result.stdout
+
+
+def test_memory_bomb_fails_with_memory_error():
+  result = _run("x = bytearray(4 << 30)\n", sb.SandboxLimits(timeout_s=3.0,
+                                                              memory_bytes=512 << 20))
+  assert result.status == "fail"
+  assert "MemoryError" in result.stderr
+
+
+def test_growing_memory_fails():
+  program = "chunks = []\nwhile True:\n  chunks.append(b'x' * (8 << 20))\n"
+  result = _run(program, sb.SandboxLimits(timeout_s=3.0, memory_bytes=256 << 20))
+  assert result.status == "fail"
+  assert "MemoryError" in result.stderr
+
+
+def test_writes_outside_the_sandbox_do_not_land():
+  tag = uuid.uuid4().hex
+  tmp_target = f"/tmp/kat_sandbox_escape_{tag}"
+  repo_target = os.path.join(REPO, f"kat_sandbox_escape_{tag}")
+  program = (
+      f"for path in [{tmp_target!r}, {repo_target!r}]:\n"
+      "  try:\n"
+      "    open(path, 'w').write('escaped')\n"
+      "    print('WROTE', path)\n"
+      "  except OSError as e:\n"
+      "    print('DENIED', path, type(e).__name__)\n")
+  try:
+    result = _run(program)
+    _needs(result, "mount")
+    assert result.status == "pass"
+    assert not os.path.exists(tmp_target)  # landed in the run's private /tmp, now gone
+    assert not os.path.exists(repo_target)
+    assert f"DENIED {repo_target}" in result.stdout
+  finally:
+    for path in (tmp_target, repo_target):
+      if os.path.exists(path):
+        os.remove(path)
+
+
+def test_cannot_delete_or_modify_a_protected_file():
+  here = os.path.dirname(os.path.abspath(__file__))
+  guard_dir = tempfile.mkdtemp(prefix=".sentinel_", dir=here)
+  try:
+    os.chmod(guard_dir, 0o755)
+    sentinel = os.path.join(guard_dir, "sentinel.txt")
+    with open(sentinel, "w") as f:
+      f.write("keep me")
+    os.chmod(sentinel, 0o644)
+    program = (
+        "import os, shutil\n"
+        f"p = {sentinel!r}\n"
+        "print('VISIBLE', os.path.exists(p))\n"
+        "for attack in (lambda: os.remove(p), lambda: open(p, 'w').write('x'),\n"
+        "               lambda: os.chmod(p, 0o777), lambda: shutil.rmtree(os.path.dirname(p)),\n"
+        "               lambda: os.rename(p, p + '.moved')):\n"
+        "  try:\n"
+        "    attack()\n"
+        "    print('SUCCEEDED')\n"
+        "  except OSError as e:\n"
+        "    print('DENIED', type(e).__name__)\n")
+    result = _run(program)
+    assert result.status == "pass"
+    assert "VISIBLE True" in result.stdout  # the attack really targeted the file
+    assert "SUCCEEDED" not in result.stdout
+    with open(sentinel) as f:
+      assert f.read() == "keep me"
+    assert oct(os.stat(sentinel).st_mode & 0o777) == oct(0o644)
+  finally:
+    shutil.rmtree(guard_dir, ignore_errors=True)
+
+
+def test_environment_secrets_are_not_visible(monkeypatch):
+  monkeypatch.setenv("KAT_SECRET", "xyz-secret-value")
+  program = (
+      "import os\n"
+      "print(sorted(os.environ))\n"
+      "print('ENV', os.environ.get('KAT_SECRET'))\n"
+      f"for pid in ('1', {str(os.getpid())!r}, {str(os.getppid())!r}):\n"
+      "  try:\n"
+      "    print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+      "  except OSError as e:\n"
+      "    print('DENIED', type(e).__name__)\n"
+      "try:\n"
+      "  print(os.listdir('/root'))\n"
+      "except OSError as e:\n"
+      "  print('ROOT DENIED')\n")
+  result = _run(program)
+  assert result.status == "pass"
+  assert "xyz-secret-value" not in result.stdout + result.stderr
+  assert "ENV None" in result.stdout
+  assert "['HOME', 'LANG', 'OMP_NUM_THREADS', 'PATH', 'TMPDIR']" in result.stdout
+
+
+def test_network_is_unreachable():
+  listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(4)
+  listener.setblocking(False)
+  port = listener.getsockname()[1]
+  program = (
+      "import socket\n"
+      "try:\n"
+      f"  socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\n"
+      "  print('CONNECTED')\n"
+      "except OSError as e:\n"
+      "  print('BLOCKED', type(e).__name__, e)\n")
+  try:
+    result = _run(program)
+    _needs(result, "net")
+    assert result.status == "pass"
+    assert "BLOCKED" in result.stdout  # "Network is unreachable": only a down loopback
+    with pytest.raises(BlockingIOError):
+      listener.accept()  # nobody connected
+  finally:
+    listener.close()
+
+
+def test_cannot_signal_the_trainer():
+  program = (
+      "import os, signal\n"
+      f"for pid in ({os.getpid()}, -1):\n"
+      "  try:\n"
+      "    os.kill(pid, signal.SIGKILL)\n"
+      "    print('SENT', pid)\n"
+      "  except OSError as e:\n"
+      "    print('DENIED', pid, type(e).__name__)\n")
+  result = _run(program)
+  _needs(result, "pid")
+  # kill(-1) inside a fresh pid namespace only reaches the program itself -> killed.
+  assert result.status in ("pass", "fail")
+  assert "SENT %d" % os.getpid() not in result.stdout
+
+
+def test_output_flood_is_capped():
+  limits = sb.SandboxLimits(timeout_s=1.5, max_output_bytes=4096)
+  result = _run("while True:\n  print('x' * 1000)\n", limits)
+  assert result.status == "timeout"
+  assert result.stdout_truncated
+  assert len(result.stdout) == 4096
+
+
+def test_bad_arguments_become_error_results():
+  result = sb.run_python("print(1)", limits=sb.SandboxLimits(timeout_s=-1))
+  assert result.status == "error" and "timeout_s" in result.detail
+  result = sb.run_python("print(1)", files={"../evil.py": "x"})
+  assert result.status == "error" and "bad sandbox file name" in result.detail
+
+
+def test_normal_run_still_passes_after_attacks():
+  result = _run("import sys\nprint(sum(range(10)))\nsys.exit(0)\n")
+  assert result.status == "pass"
+  assert result.stdout.strip() == "45"
+  assert result.exit_code == 0
