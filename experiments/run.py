@@ -28,6 +28,7 @@ STAGES = {
     "step_srpo": "kat_jax.rl.stage:run_step_srpo",
     "distill": "kat_jax.distill.stage:run_distill",
     "teacher_logits": "kat_jax.distill.stage:run_teacher_logits",
+    "agentic_rl": "kat_jax.agentic.stage:run_agentic_rl",
 }
 
 

@@ -271,3 +271,18 @@ def validate_batch(batch: dict[str, np.ndarray], *, vocab_size: int | None = Non
   ok = (segments > 0) | (weights == 0)
   _check(ok, "padding (segment_ids == 0) must have weight 0", ok)
   _check_nested_visibility(kv_end)
+
+
+def pad_batch_rows(batch: dict[str, np.ndarray], multiple: int, pad_id: int
+                   ) -> dict[str, np.ndarray]:
+  """Appends padding-only rows (`empty_row`, zeros for any other key) until the row count is
+  a multiple of `multiple` — e.g. of the mesh's batch shards, or a fixed rows-per-update so
+  a jitted step compiles once."""
+  rows, seq_len = batch["tokens"].shape
+  extra = (-rows) % multiple
+  if not extra:
+    return batch
+  pad = empty_row(seq_len, pad_id)
+  return {k: np.concatenate([v, np.broadcast_to(pad.get(k, np.zeros(seq_len, v.dtype)),
+                                                (extra, seq_len)).astype(v.dtype)])
+          for k, v in batch.items()}

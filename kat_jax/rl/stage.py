@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from kat_jax.agentic.tree import Trajectory, unrolled_batch
 from kat_jax.autothink import tasks as task_lib
 from kat_jax.checkpoint.manager import RunCheckpointer
-from kat_jax.data.packing import empty_row
+from kat_jax.data.packing import pad_batch_rows
 from kat_jax.data.chat_template import parse_autothink_response, tokenize_chat
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
@@ -161,18 +161,6 @@ def _plot_curves(history: list[dict[str, Any]], path: str) -> None:
   plt.close(fig)
 
 
-def pad_rows(batch: dict[str, np.ndarray], multiple: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Appends padding-only rows (weight 0 everywhere) until the row count divides `multiple`."""
-  rows, seq_len = batch["tokens"].shape
-  extra = (-rows) % multiple
-  if not extra:
-    return batch
-  pad = empty_row(seq_len, pad_id)
-  return {k: np.concatenate([v, np.broadcast_to(pad.get(k, np.zeros(seq_len, v.dtype)),
-                                                (extra, seq_len)).astype(v.dtype)])
-          for k, v in batch.items()}
-
-
 def _rate(values) -> float | None:
   return float(np.mean(values)) if len(values) else None
 
@@ -269,7 +257,7 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
       longest = max(len(t.tokens) for g in trajectories for t in g)
       seq_len = -(-longest // 64) * 64
       batch = unrolled_batch(trajectories, objective, seq_len, tokenizer.pad_id)
-      batch = pad_rows({k: v for k, v in batch.items() if k != "visits"},
+      batch = pad_batch_rows({k: v for k, v in batch.items() if k != "visits"},
                        mesh.shape["data"] * mesh.shape["fsdp"], tokenizer.pad_id)
       batch = global_batch(batch, mesh)
       batch["old_logp"] = logprob_fn(state.params, batch)

@@ -43,32 +43,35 @@ def test_verifiers_accept_references_and_reject_wrong_answers():
 
 
 def test_math_verifier_uses_symbolic_equivalence_and_never_evals_names():
-  assert verifiers.verify_math("x = 5", "5")
-  assert verifiers.verify_math("10/2", "5")
-  assert verifiers.verify_math("(2 + 3) * 4.", "20")
-  assert not verifiers.verify_math("5.1", "5")
-  assert not verifiers.verify_math("__import__('os').getcwd()", "5")
-  assert verifiers.parse_math_value("x + 1") is None
+  math = lambda value: {"type": "math", "value": value}
+  assert verifiers.verify_many([math("5"), math("5"), math("20")],
+                               ["x = 5", "10/2", "(2 + 3) * 4."]) == [True] * 3
+  assert verifiers.verify_many([math("5"), math("5")],
+                               ["5.1", "__import__('os').getcwd()"]) == [False, False]
 
 
 def test_choice_and_exact_verifiers():
-  assert verifiers.extract_choice("B) 30") == "B"
-  assert verifiers.extract_choice("(c)") is None  # lower case is not an option letter
-  assert verifiers.extract_choice("The answer is: D") == "D"
-  assert verifiers.verify_choice("B", "B") and not verifiers.verify_choice("A", "B")
-  assert verifiers.verify_exact(" paris. ", ["Paris"])
-  assert not verifiers.verify_exact("Lyon", ["Paris"])
+  choice = {"type": "choice", "key": "B"}
+  exact = {"type": "exact", "accept": ["Paris"]}
+  assert verifiers.verify_many([choice, choice, choice, exact, exact],
+                               ["B) 30", "A", "The answer is: B", " paris. ", "Lyon"]) == [
+                                   True, False, True, True, False]
 
 
 def test_code_verifier_isolates_timeouts_crashes_and_exits():
-  tests = "assert f(2) == 4"
+  spec = {"type": "code", "tests": "assert f(2) == 4"}
   programs = ["def f(x): return 2 * x", "def f(x):\n  while True: pass",
               "import os\nos._exit(0)", "def f(x): return x",
               "print('noise')\ndef f(x): return x*x"]
-  assert verifiers.verify_code_batch(programs, [tests] * 5, time_limit=0.5) == [
+  assert verifiers.verify_many([spec] * 5, programs, time_limit=0.5) == [
       True, False, False, False, True]
-  with pytest.raises(ValueError, match="2 programs but 1"):
-    verifiers.verify_code_batch(["a", "b"], ["c"])
+
+
+def test_malformed_specs_are_named():
+  with pytest.raises(ValueError, match="2 specs but 1"):
+    verifiers.verify_many([{"type": "math", "value": "1"}] * 2, ["1"])
+  with pytest.raises(ValueError, match="misses field 'tests'"):
+    verifiers.verify({"type": "code"}, "x")
   with pytest.raises(ValueError, match="verifier spec"):
     verifiers.verify({"type": "regex"}, "x")
 

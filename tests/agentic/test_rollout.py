@@ -1,0 +1,102 @@
+"""Tree rollouts with the tiny model: shared prefixes, masks, rendered text, behaviour log-probs."""
+
+import jax
+import numpy as np
+import pytest
+
+from kat_jax.agentic.environments import Environment, StepResult
+from kat_jax.agentic.rollout import RolloutConfig, continuation_text, tree_rollout
+from kat_jax.agentic.tree import build_trees, unrolled_batch
+from kat_jax.data.chat_template import render_chat
+from kat_jax.data.tokenizer import get_tokenizer
+from kat_jax.model import get_preset, init_params
+from kat_jax.rl.objectives import ObjectiveConfig
+from kat_jax.rl.policy_step import make_logprob_fn
+from kat_jax.sampling import Sampler, SamplingParams, prepare_params
+
+
+class ScriptedToolEnv(Environment):
+  """Answers every turn with a tool output; ends after `max_turns` turns."""
+
+  tools = [{"type": "function", "function": {"name": "look", "description": "look",
+                                              "parameters": {"type": "object"}}}]
+
+  def __init__(self):
+    super().__init__()
+    self.max_turns = 3
+
+  def reset(self, task):
+    self.turns, self.done = 0, False
+    return [{"role": "user", "content": f"task {task}"}]
+
+  def step(self, action):
+    self.turns += 1
+    if self.turns >= self.max_turns:
+      self.done = True
+      return StepResult([], True, float(len(action.content) % 2))
+    return StepResult([{"role": "tool", "content": f"output {self.turns}"}], False)
+
+  def final_reward(self, answer):
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def rollout():
+  tokenizer = get_tokenizer("bytes")
+  config = get_preset("tiny", num_layers=1, initializer_range=0.3)
+  params = init_params(config, jax.random.key(0))
+  sampler = Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=256)
+  # vocab_limit 128: ASCII only, so every turn is cut at max_new_tokens (forced <|im_end|>)
+  # except with the stop id allowed below.
+  cfg = RolloutConfig(branching=(2, 1, 2), max_turns=3, max_new_tokens=6, max_length=1024,
+                      sampling=SamplingParams(1.0, vocab_limit=128))
+  groups = tree_rollout(sampler, prepare_params(params, config), ScriptedToolEnv, [0, 1],
+                        tokenizer, jax.random.key(1), cfg)
+  return tokenizer, config, params, groups
+
+
+def test_groups_branch_and_share_prefixes(rollout):
+  tokenizer, _, _, groups = rollout
+  assert [len(g) for g in groups] == [4, 4]
+  for group in groups:
+    a, b = group[0], group[1]  # same first-turn copy, split before turn 3
+    assert a.branch_id[:2] == b.branch_id[:2] and a.branch_id[2] != b.branch_id[2]
+    split = next(i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y)
+    assert split > len(a.tokens) // 2  # two full turns are shared
+    assert a.logprobs[:split] == b.logprobs[:split]
+    assert a.entropies[:split] == b.entropies[:split]
+    trees = build_trees([[e.trajectory(1.0) for e in group]], ObjectiveConfig())
+    assert trees[0].num_nodes < trees[0].unrolled_tokens
+
+
+def test_tokens_equal_the_rendered_chat_and_masks_cover_only_generation(rollout):
+  tokenizer, _, _, groups = rollout
+  for group in groups:
+    for e in group:
+      assert e.done and e.turns == 3
+      assert tokenizer.decode(e.tokens) + "\n" == render_chat(e.messages, tools=e.tools,
+                                                              template="qwen2.5")
+      mask = np.array(e.loss_mask, bool)
+      assert mask.sum() == 3 * 6  # three turns of max_new_tokens generated tokens
+      generated = tokenizer.decode(np.array(e.tokens)[mask])
+      assert generated == "".join(m["content"] for m in e.messages if m["role"] == "assistant")
+      assert "output 1" not in generated and "output 1" in tokenizer.decode(e.tokens)
+      assert np.all(np.array(e.entropies)[~mask] == 0) and np.all(np.array(e.logprobs)[mask] < 0)
+
+
+def test_behaviour_logprobs_equal_the_training_forward(rollout):
+  tokenizer, config, params, groups = rollout
+  flat = [e.trajectory(1.0) for g in groups for e in g]
+  batch = unrolled_batch([flat], ObjectiveConfig(), seq_len=768, pad_id=tokenizer.pad_id)
+  logp = np.asarray(jax.jit(make_logprob_fn(config, loss_chunk=256))(params, batch))
+  for r, t in enumerate(flat):
+    mask = t.loss_mask > 0
+    np.testing.assert_allclose(logp[r, :len(t.tokens)][mask], t.old_logp[mask], atol=2e-4)
+
+
+def test_continuation_text_is_cut_from_the_template():
+  text = continuation_text([{"role": "tool", "content": "a"}, {"role": "tool", "content": "b"}])
+  assert text == ("\n<|im_start|>user\n<tool_response>\na\n</tool_response>\n<tool_response>\nb"
+                  "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+  with pytest.raises(ValueError, match="branching"):
+    RolloutConfig(branching=(0,))
