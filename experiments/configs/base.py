@@ -7,8 +7,6 @@ from ml_collections import ConfigDict, config_dict
 
 from kat_jax.model.config import ModelConfig
 
-_EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_unroll", "attention_backend")
-
 
 def model_fields(preset: str) -> ConfigDict:
   """`config.model`: a preset plus every ModelConfig field as an overridable placeholder."""

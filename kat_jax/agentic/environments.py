@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 

@@ -31,7 +31,7 @@ from kat_jax.autothink import generation, importers, tagging, tasks as tasks_lib
 from kat_jax.data import sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.model import ModelConfig, init_params
+from kat_jax.model import ModelConfig
 
 TAGGERS = ("simulated", "model", "endpoint")
 
@@ -112,27 +112,15 @@ def check_fields(at: ConfigDict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def load_model(config: ConfigDict) -> tuple[ModelConfig, Any]:
-  """(model config, params): `config.model.init_from` (HF dir) or a fresh init."""
-  from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
-  model_config = model_config_from(config.model)
-  if config.model.init_from:
-    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    return load_pretrained(config.model.init_from,
-                           config_overrides={"dtype": model_config.dtype,
-                                             "param_dtype": model_config.param_dtype})
-  return model_config, jax.jit(lambda r: init_params(model_config, r))(
-      jax.random.key(config.seed))
-
-
 def trained_model(config: ConfigDict, workdir: str) -> tuple[ModelConfig, Any]:
   """(model config, params) of the last checkpoint `run_training` wrote under `workdir`."""
   if config.model.init_from:  # the architecture comes from the HF dir trained from
+    from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
     model_config, _ = load_model(config)
   else:
     from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
     model_config = model_config_from(config.model)
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax needs absolute
   with ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.StandardCheckpointHandler()}) as manager:
     step = manager.latest_step()
@@ -160,6 +148,7 @@ def make_generate_fn(config: ConfigDict, tokenizer: Tokenizer, task_list
     return tagging.openai_generate_fn(
         at.endpoint_url, at.endpoint_model, api_key=os.environ.get(at.endpoint_api_key_env),
         temperature=at.tag_temperature, max_tokens=at.tag_max_new_tokens)
+  from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
   model_config, params = load_model(config)
   return generation.kat_generate_fn(params, model_config, tokenizer, think_mode="off",
                                     max_new_tokens=at.tag_max_new_tokens,

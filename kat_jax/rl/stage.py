@@ -80,7 +80,8 @@ def _parse_mix(text: str, field: str) -> dict[str, float]:
 
 
 def _initial_model(config: ConfigDict):
-  from kat_jax.autothink.stage import load_model, trained_model  # pylint: disable=g-import-not-at-top
+  from kat_jax.autothink.stage import trained_model  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
   if config.rl.init_sft_workdir:
     if not os.path.isdir(os.path.join(config.rl.init_sft_workdir, "checkpoints")):
       raise ConfigError(f"config.rl.init_sft_workdir: no checkpoints under "

@@ -24,14 +24,12 @@ from ml_collections import ConfigDict
 from kat_jax.data.chat_template import TEMPLATES, parse_autothink_response, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.model import ModelConfig, init_params
 from kat_jax.sampling.autothink import (THINK_MODES, autothink_stats, forced_mode_prefix,
                                         think_mode_prompts)
 from kat_jax.sampling.forward import prepare_params
 from kat_jax.sampling.sampler import Sampler
 from kat_jax.sampling.logits import SamplingParams
 
-_EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend")
 
 
 def generate_fields() -> ConfigDict:
@@ -87,17 +85,6 @@ def _prompt_row(row: Any, where: str, index: int) -> dict[str, Any]:
   return {"id": row.get("id", index), "messages": messages}
 
 
-def _load_model(config: ConfigDict) -> tuple[ModelConfig, dict]:
-  from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
-  model_config = model_config_from(config.model)
-  if config.model.init_from:
-    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    overrides = {name: getattr(model_config, name) for name in _EXECUTION_FIELDS}
-    return load_pretrained(config.model.init_from, config_overrides=overrides)
-  params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(config.seed))
-  return model_config, params
-
-
 def _check(gen: ConfigDict, vocab_limit: int) -> SamplingParams:
   if gen.template not in TEMPLATES:
     raise ConfigError(f"config.generate.template {gen.template!r} not in {TEMPLATES}")
@@ -131,7 +118,8 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   rows = read_prompts(gen)
-  model_config, params = _load_model(config)
+  from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
+  model_config, params = load_model(config)
   if model_config.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"config.model: vocab_size {model_config.vocab_size} is smaller than the "
                       f"tokenizer's {tokenizer.vocab_size} ids")

@@ -5,7 +5,6 @@ Side effects live here (files, clocks, printing); the step itself is pure (train
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -13,7 +12,6 @@ from typing import Any, Callable
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
@@ -22,7 +20,8 @@ from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.data import pipeline, sources, synthetic
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.model import ModelConfig, get_preset
+from kat_jax.model import ModelConfig, get_preset, init_params
+from kat_jax.model.config import EXECUTION_FIELDS
 from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
                               replicated, sharding_context)
 from kat_jax.train.metrics import MetricsLogger
@@ -141,16 +140,31 @@ def _check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
         "config.data.tokenizer or model preset")
 
 
+def _load_hf(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:
+  """The HF checkpoint at `config.model.init_from`, run with `config.model`'s execution fields."""
+  from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(config.model.init_from):
+    raise ConfigError(f"config.model.init_from: no such directory {config.model.init_from}")
+  overrides = {name: getattr(model_config, name) for name in EXECUTION_FIELDS}
+  return load_pretrained(config.model.init_from, config_overrides=overrides)
+
+
+def load_model(config: ConfigDict) -> tuple[ModelConfig, Any]:
+  """(model config, params): `config.model.init_from` (HF dir) or a random init of the preset.
+
+  For evaluation, sampling and model surgery; training stages initialise sharded instead.
+  """
+  model_config = model_config_from(config.model)
+  if config.model.init_from:
+    return _load_hf(config, model_config)
+  return model_config, jax.jit(lambda rng: init_params(model_config, rng))(
+      jax.random.key(config.seed))
+
+
 def _initial_params(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:
   """(model config, host params) from `config.model.init_from`, or (config, None) = fresh init."""
   if config.model.init_from:
-    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    loaded_config, params = load_pretrained(config.model.init_from)
-    execution = {f.name: getattr(model_config, f.name)
-                 for f in dataclasses.fields(ModelConfig)
-                 if f.name in ("dtype", "param_dtype", "remat_policy", "scan_unroll",
-                               "attention_backend")}
-    return loaded_config.replace(**execution), params
+    return _load_hf(config, model_config)
   return model_config, None
 
 

@@ -26,27 +26,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
+from kat_jax.checkpoint.hf import save_pretrained
 from kat_jax.data import pipeline
 from kat_jax.data.tokenizer import get_tokenizer
-from kat_jax.model import ModelConfig, init_params
+from kat_jax.model import ModelConfig
 from kat_jax.errors import ConfigError
-from kat_jax.train.loop import build_sources, model_config_from
+from kat_jax.train.loop import build_sources, load_model
 from kat_jax.train.step import make_eval_step
 from kat_jax.upscale import expand, saturation
-
-_EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend")
-
-
-def load_source_model(config: ConfigDict) -> tuple[ModelConfig, dict]:
-  """`config.model.init_from` (HF dir) if set, else a random init of `config.model.preset`."""
-  preset_config = model_config_from(config.model)
-  if config.model.init_from:
-    overrides = {name: getattr(preset_config, name) for name in _EXECUTION_FIELDS}
-    return load_pretrained(config.model.init_from, config_overrides=overrides)
-  params = jax.jit(lambda rng: init_params(preset_config, rng))(jax.random.key(config.seed))
-  return preset_config, params
-
 
 def calibration_batches(config: ConfigDict, workdir: str, vocab_size: int):
   """One pass (no repeat) of packed [B,T] batches from `config.data`."""
@@ -137,7 +124,7 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  model_config, params = load_source_model(config)
+  model_config, params = load_model(config)
   print(f"upscale: source model {model_config.num_layers} layers, "
         f"{expand.count_params(params):,} params", flush=True)
 

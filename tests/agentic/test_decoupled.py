@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import ConfigDict
 
 from kat_jax.agentic.decoupled import (OpenAICompletionsClient, WeightStore, run_decoupled,
                                        server_rollout)

@@ -50,7 +50,7 @@ def test_tiny_stage_writes_loadable_outputs_and_identity_keeps_the_loss(tmp_path
                                             hf_params)
   assert_trees_close(orbax_params, hf_params, rtol=1e-7)
   sources = [row["source_index"] for row in layer_map["layers"]]
-  _, source_params = stage.load_source_model(config)
+  _, source_params = stage.load_model(config)
   np.testing.assert_array_equal(
       np.asarray(hf_params["layers"]["attn"]["q_kernel"]),
       np.asarray(source_params["layers"]["attn"]["q_kernel"])[sources])
