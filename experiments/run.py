@@ -29,6 +29,7 @@ STAGES = {
     "distill": "kat_jax.distill.stage:run_distill",
     "teacher_logits": "kat_jax.distill.stage:run_teacher_logits",
     "agentic_rl": "kat_jax.agentic.stage:run_agentic_rl",
+    "eval": "kat_jax.eval.stage:run_eval",
 }
 
 

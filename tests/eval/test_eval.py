@@ -1,0 +1,217 @@
+"""Tests for kat_jax.eval: pass@k, task sources, scoring and the `eval` stage."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+
+import pytest
+
+from kat_jax.errors import ConfigError
+from kat_jax.eval import (EvalTask, evaluate, humaneval_tasks, jsonl_tasks, mean_pass_at_k,
+                          pass_at_k, read_humaneval, score_responses)
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+  """Fraction of size-k subsets of n samples (c correct) holding a correct one."""
+  samples = [True] * c + [False] * (n - c)
+  subsets = list(itertools.combinations(range(n), k))
+  return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_pass_at_k_matches_enumeration(n):
+  for c in range(n + 1):
+    for k in range(1, n + 1):
+      assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_stable_for_large_n():
+  # C(2000, 1000) overflows floats; the product form stays exact to rounding.
+  value = pass_at_k(2000, 3, 1000)
+  assert value == pytest.approx(1 - math.comb(1997, 1000) / math.comb(2000, 1000))
+  assert pass_at_k(200, 0, 10) == 0.0 and pass_at_k(10, 5, 6) == 1.0
+  assert mean_pass_at_k([4, 4], [0, 4], 1) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n,c,k", [(3, 4, 1), (3, 1, 4), (3, 1, 0)])
+def test_pass_at_k_rejects_bad_counts(n, c, k):
+  with pytest.raises(ValueError, match="pass_at_k"):
+    pass_at_k(n, c, k)
+
+
+def test_humaneval_ships_164_problems():
+  problems = read_humaneval()
+  assert len(problems) == 164
+  tasks = humaneval_tasks()
+  assert len(tasks) == 164 and tasks[0].id == "HumanEval/0"
+  assert tasks[0].verifier["type"] == "code" and tasks[0].verifier["entry_point"]
+
+
+def test_humaneval_canonical_solutions_pass_in_sandbox_and_wrong_fails():
+  problems = list(read_humaneval().values())[:3]
+  tasks = humaneval_tasks(limit=3)
+  # Body-only completion (prefix = prompt), full function in a fence, and a wrong body.
+  responses = [f"\n</judge>\n\n<think_off>\n<answer>\n{p['canonical_solution']}\n</answer>"
+               for p in problems[:2]]
+  responses.append("```python\n" + problems[2]["prompt"] + problems[2]["canonical_solution"]
+                   + "```")
+  wrong = "```python\n" + problems[0]["prompt"] + "    return None\n```"
+  correct = score_responses(tasks + [tasks[0]], responses + [wrong], workers=4)
+  assert correct == [True, True, True, False]
+
+
+def _write(tmp_path, lines):
+  path = tmp_path / "bench.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_jsonl_source_reads_rows(tmp_path):
+  path = _write(tmp_path, [
+      json.dumps({"question": "2+2?", "answer": "4", "verifier": "math"}),
+      "",
+      json.dumps({"question": "Capital of France?", "answer": "Paris", "verifier": "exact",
+                  "id": "q2", "regime": "easy"}),
+      json.dumps({"question": "Pick", "answer": "b", "verifier": "choice"}),
+      json.dumps({"question": "Write f", "answer": "def f(): return 1", "verifier": "code",
+                  "tests": "assert f() == 1"}),
+  ])
+  tasks = jsonl_tasks(path)
+  assert [t.verifier["type"] for t in tasks] == ["math", "exact", "choice", "code"]
+  assert tasks[1].id == "q2" and tasks[1].regime == "easy"
+  assert tasks[2].verifier["key"] == "B" and tasks[0].domain == "math"
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps([1, 2]), "must be a JSON object"),
+    (json.dumps({"answer": "4", "verifier": "math"}), "'question'"),
+    (json.dumps({"question": "q", "answer": "4", "verifier": "regex"}), "'verifier'"),
+    (json.dumps({"question": "q", "answer": "x", "verifier": "code"}), "'tests'"),
+])
+def test_jsonl_source_locates_malformed_rows(tmp_path, bad, message):
+  good = json.dumps({"question": "2+2?", "answer": "4", "verifier": "math"})
+  path = _write(tmp_path, [good, good, bad])
+  with pytest.raises(ValueError, match=f"bench.jsonl:3: .*{message}"):
+    jsonl_tasks(path)
+
+
+def test_evaluate_summary_with_scripted_model():
+  tasks = [EvalTask("a", "math", "1+1?", {"type": "math", "value": "2"}, regime="easy"),
+           EvalTask("b", "general", "Capital of Peru?", {"type": "exact", "accept": ["Lima"]},
+                    regime="hard")]
+  replies = {"1+1?": ["\n</judge>\n\n<think_off>\n<answer>\n2\n</answer>",
+                      "\n</judge>\n\n<think_on>\n<think>\nadd\n</think>\n\n<answer>\n3\n</answer>"],
+             "Capital of Peru?": ["\n</judge>\n\n<think_off>\n<answer>\nLima\n</answer>"] * 2}
+  calls = []
+
+  def generate(prompts):
+    calls.append(list(prompts))
+    seen = {}
+    out = []
+    for p in prompts:
+      out.append(replies[p][seen.get(p, 0)])
+      seen[p] = seen.get(p, 0) + 1
+    return out
+
+  summary, rows = evaluate(generate, tasks, num_samples=2, ks=(1, 2), workers=2)
+  assert len(calls) == 1 and len(rows) == 4
+  assert summary["accuracy"] == pytest.approx(0.75)
+  assert summary["pass@1"] == pytest.approx(0.75) and summary["pass@2"] == pytest.approx(1.0)
+  assert summary["accuracy_domain_math"] == pytest.approx(0.5)
+  assert summary["accuracy_domain_general"] == pytest.approx(1.0)
+  assert summary["think_on_rate"] == pytest.approx(0.25)
+  assert summary["think_on_rate_easy"] == pytest.approx(0.5)
+  assert summary["accuracy_think_on"] == 0.0 and summary["accuracy_think_off"] == 1.0
+  with pytest.raises(ValueError, match="num_samples"):
+    evaluate(generate, tasks, num_samples=1, ks=(2,))
+
+
+def _eval_config(tmp_path, **eval_overrides):
+  from experiments.configs.eval import get_config
+  config = get_config()
+  config.workdir = str(tmp_path / "eval")
+  config.eval.update(dict(num_generated=3, humaneval_limit=1, max_new_tokens=8,
+                          batch_size=8, workers=2, **eval_overrides))
+  return config
+
+
+def _save_random_hf(config, path, seed):
+  import jax
+  from kat_jax.checkpoint.hf import save_pretrained
+  from kat_jax.model import init_params
+  from kat_jax.train.loop import model_config_from
+  model_config = model_config_from(config.model)
+  params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(seed))
+  save_pretrained(path, model_config, params)
+  return str(path)
+
+
+def test_eval_stage_on_tiny_random_models_writes_json_and_png(tmp_path):
+  from kat_jax.eval.stage import run_eval
+  bench = _write(tmp_path, [json.dumps({"question": "2+2?", "answer": "4",
+                                        "verifier": "math"})])
+  config = _eval_config(tmp_path, benchmarks="generated,humaneval,jsonl", jsonl_paths=bench)
+  config.eval.checkpoints = ",".join(
+      _save_random_hf(config, tmp_path / f"hf_{seed}", seed) for seed in (0, 1))
+  config.eval.think_mode = "on"
+  results = run_eval(config)
+  workdir = config.workdir
+  saved = json.load(open(os.path.join(workdir, "eval_results.json")))
+  assert saved == json.loads(json.dumps(results))
+  assert saved["benchmarks"] == {"generated": 3, "humaneval": 1, "bench": 1}
+  assert sorted(saved["checkpoints"]) == ["hf_0", "hf_1"]
+  summary = saved["checkpoints"]["hf_0"]["generated"]
+  for key in ("pass@1", "accuracy", "think_on_rate", "mean_output_tokens", "accuracy_think_on",
+              "think_on_rate_easy", "format_rate"):
+    assert key in summary
+  assert saved["checkpoints"]["hf_0"]["humaneval"]["accuracy_domain_code"] == 0.0
+  assert summary["think_on_rate"] == 1.0  # forced by prefill
+  # Bytes tokenizer: one token per generated byte, at most max_new_tokens of them.
+  assert 0 < summary["mean_output_tokens"] <= 8
+  png = os.path.join(workdir, "eval_comparison.png")
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  lines = open(os.path.join(workdir, "eval_samples.jsonl")).read().splitlines()
+  assert len(lines) == 2 * 5
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(benchmarks="mmlu"), "benchmarks"),
+    (dict(benchmarks="jsonl"), "jsonl_paths"),
+    (dict(ks="1,4"), "ks"),
+    (dict(checkpoints="/no/such/dir"), "no such directory"),
+])
+def test_eval_stage_config_errors(tmp_path, overrides, message):
+  from kat_jax.eval.stage import run_eval
+  with pytest.raises(ConfigError, match=message):
+    run_eval(_eval_config(tmp_path, **overrides))
+
+
+def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
+  import jax
+  import numpy as np
+  from kat_jax.checkpoint.manager import RunCheckpointer
+  from kat_jax.eval.stage import checkpoint_kind, load_checkpoint
+  from kat_jax.model import init_params
+  from kat_jax.train.loop import model_config_from
+  config = _eval_config(tmp_path)
+  run_config = _eval_config(tmp_path)
+  run_config.model.num_layers = 1  # differs from the eval config: must come from the run
+  model_config = model_config_from(run_config.model)
+  params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(3))
+  workdir = tmp_path / "run"
+  checkpointer = RunCheckpointer(str(workdir / "checkpoints"), save_every=1,
+                                 async_save=False)
+  checkpointer.save(2, {"params": params}, None, {"config": run_config.to_dict()}, force=True)
+  checkpointer.close()
+  assert checkpoint_kind(str(workdir)) == "run"
+  loaded_config, loaded = load_checkpoint(config, str(workdir))
+  assert loaded_config.num_layers == 1
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ConfigError, match="neither a HF directory"):
+    checkpoint_kind(str(tmp_path / "empty"))
