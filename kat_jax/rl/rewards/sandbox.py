@@ -60,6 +60,8 @@ _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+# Covered by private tmpfs mounts inside the sandbox: host files there are invisible to it.
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -463,7 +465,7 @@ def _setup_mounts(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes
   opts = f"mode=700,uid={uid},gid={uid}"
   _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
          f"size={config['tmpfs_bytes']},{opts}")
-  for extra in ("/var/tmp", "/dev/shm"):
+  for extra in PRIVATE_DIRS[1:]:
     if os.path.isdir(extra):
       _mount("tmpfs", extra, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size=1m,{opts}")
   for name, data in files.items():

@@ -127,9 +127,19 @@ def test_writes_outside_the_sandbox_do_not_land():
         os.remove(path)
 
 
-def test_cannot_delete_or_modify_a_protected_file():
+def _host_dir_the_sandbox_sees() -> str:
+  """A writable host directory outside the sandbox's private tmpfs mounts (a checkout may
+  itself live under /tmp, whose host contents the sandbox cannot see)."""
   here = os.path.dirname(os.path.abspath(__file__))
-  guard_dir = tempfile.mkdtemp(prefix=".sentinel_", dir=here)
+  for candidate in (here, "/var/lib", "/srv", "/opt", "/"):
+    hidden = any(candidate == d or candidate.startswith(d + "/") for d in sb.PRIVATE_DIRS)
+    if not hidden and os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+      return candidate
+  raise AssertionError("no writable host directory outside the sandbox's private mounts")
+
+
+def test_cannot_delete_or_modify_a_protected_file():
+  guard_dir = tempfile.mkdtemp(prefix=".kat_sentinel_", dir=_host_dir_the_sandbox_sees())
   try:
     os.chmod(guard_dir, 0o755)
     sentinel = os.path.join(guard_dir, "sentinel.txt")
