@@ -25,7 +25,9 @@ POLICY_INPUTS = ("tokens", "positions", "kv_end", "pred_index", "old_logp", "ref
 
 
 def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
-                        loss_chunk: int = 1024) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+                        loss_chunk: int = 1024, temperature: float = 1.0
+                        ) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+  """(params, batch) -> (summed objective, metrics); π is tempered like the rollouts."""
   model = Decoder(config)
 
   def loss_fn(params, batch):
@@ -33,7 +35,8 @@ def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
                          batch["kv_end"], return_hidden=True)
     logp, entropy = chunked_token_logprobs(
         hidden, lm_head_kernel(params, config), batch["tokens"], batch["pred_index"],
-        chunk_size=loss_chunk, with_entropy=bool(objective.entropy_coef))
+        chunk_size=loss_chunk, with_entropy=bool(objective.entropy_coef),
+        temperature=temperature)
     return token_objective(logp, batch["old_logp"], batch.get("ref_logp"), entropy,
                            batch["adv_pos"], batch["adv_neg"], batch["kl_weight"], objective)
 
@@ -41,11 +44,12 @@ def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
 
 
 def make_policy_step(config: ModelConfig, optimizer: optax.GradientTransformation,
-                     objective: ObjectiveConfig, *, loss_chunk: int = 1024
+                     objective: ObjectiveConfig, *, loss_chunk: int = 1024,
+                     temperature: float = 1.0
                      ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """One optimizer update on one (mini-)batch of rollouts."""
-  grad_fn = jax.value_and_grad(make_policy_loss_fn(config, objective, loss_chunk=loss_chunk),
-                               has_aux=True)
+  """One optimizer update on one (mini-)batch of rollouts sampled at `temperature`."""
+  grad_fn = jax.value_and_grad(make_policy_loss_fn(config, objective, loss_chunk=loss_chunk,
+                                                   temperature=temperature), has_aux=True)
 
   def step(state: TrainState, batch: dict):
     batch = {k: batch[k] for k in POLICY_INPUTS if k in batch}
@@ -58,7 +62,7 @@ def make_policy_step(config: ModelConfig, optimizer: optax.GradientTransformatio
   return step
 
 
-def make_logprob_fn(config: ModelConfig, *, loss_chunk: int = 1024
+def make_logprob_fn(config: ModelConfig, *, loss_chunk: int = 1024, temperature: float = 1.0
                     ) -> Callable[[Any, dict], jax.Array]:
   """(params, batch) -> logp [B,T] of the batch's tokens (old/reference log-probs)."""
   model = Decoder(config)
@@ -67,7 +71,8 @@ def make_logprob_fn(config: ModelConfig, *, loss_chunk: int = 1024
     hidden = model.apply({"params": params}, batch["tokens"], batch["positions"],
                          batch["kv_end"], return_hidden=True)
     logp, _ = chunked_token_logprobs(hidden, lm_head_kernel(params, config), batch["tokens"],
-                                     batch["pred_index"], chunk_size=loss_chunk)
+                                     batch["pred_index"], chunk_size=loss_chunk,
+                                     temperature=temperature)
     return logp
 
   return logprob_fn

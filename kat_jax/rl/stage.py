@@ -214,11 +214,15 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
       history = [h for h in history if h["step"] <= int(state.step) // rl.updates_per_batch]
       logger.status(f"resumed from update {int(state.step)}")
     batch_sh = batch_sharding(mesh)
+    # Ratios and KL are taken under the tempered distribution the rollouts came from.
+    temperature = rl.temperature if rl.temperature > 0 else 1.0
     policy_step = jax.jit(make_policy_step(model_config, optimizer, objective,
-                                           loss_chunk=config.train.loss_chunk),
+                                           loss_chunk=config.train.loss_chunk,
+                                           temperature=temperature),
                           in_shardings=(shardings, batch_sh),
                           out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-    logprob_fn = jax.jit(make_logprob_fn(model_config, loss_chunk=config.train.loss_chunk),
+    logprob_fn = jax.jit(make_logprob_fn(model_config, loss_chunk=config.train.loss_chunk,
+                                         temperature=temperature),
                          in_shardings=(shardings.params, batch_sh), out_shardings=batch_sh)
     rng = np.random.default_rng(config.seed)
     logger.status(f"step_srpo: {rl.steps} steps x {rl.prompts_per_step} prompts x "

@@ -84,8 +84,12 @@ def full_logits_cross_entropy(logits: jax.Array, tokens: jax.Array, pred_index: 
 
 def chunked_token_logprobs(hidden: jax.Array, head_kernel: jax.Array, tokens: jax.Array,
                            pred_index: jax.Array, *, chunk_size: int = 1024,
-                           with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                           with_entropy: bool = False, temperature: float = 1.0
+                           ) -> tuple[jax.Array, jax.Array | None]:
   """log π(tokens[t] | context) and (optionally) the entropy of π at each predicting state.
+
+  With `temperature` ≠ 1, π is softmax(logits / temperature): the distribution rollouts
+  sampled from, so that RL ratios compare like with like (as verl does).
 
   Same chunking as `chunked_cross_entropy`: the [B, T, V] float32 logits never exist at
   once. Returns (logp [B,T] float32, entropy [B,T] float32 or None); positions whose
@@ -101,7 +105,7 @@ def chunked_token_logprobs(hidden: jax.Array, head_kernel: jax.Array, tokens: ja
   def chunk_fn(h, t):
     logits = jnp.einsum("nd,dv->nv", h, head_kernel.astype(h.dtype),
                         preferred_element_type=jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    log_probs = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0]
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) if with_entropy else logp
     return logp, entropy

@@ -115,6 +115,13 @@ def test_chunked_token_logprobs_match_full_softmax():
   np.testing.assert_allclose(logp, jnp.take_along_axis(gathered, tokens[..., None], -1)[..., 0],
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(gathered) * gathered, -1), rtol=1e-5)
+  # tempered: softmax(logits / T), the distribution a sampler at temperature T draws from
+  hot, _ = chunked_token_logprobs(hidden, lm_head_kernel(params, config), tokens, pred_index,
+                                  chunk_size=5, temperature=0.7)
+  tempered = jax.nn.log_softmax(model.apply({"params": params}, tokens) / 0.7, axis=-1)
+  tempered = jnp.take_along_axis(tempered, pred_index[..., None], axis=1)
+  np.testing.assert_allclose(hot, jnp.take_along_axis(tempered, tokens[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_config_errors():
