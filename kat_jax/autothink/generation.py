@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from kat_jax.autothink import verifiers
 from kat_jax.autothink.tagging import GenerateFn
 from kat_jax.autothink.tasks import REGIMES, Task
-from kat_jax.data.chat_template import parse_autothink_response, tokenize_chat
+from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.model.config import ModelConfig
 
@@ -30,36 +29,15 @@ def kat_generate_fn(params: Any, model_config: ModelConfig, tokenizer: Tokenizer
   think_mode: 'off' / 'on' force the mode by prefilling (for tagging: 'off'); 'auto' lets the
   model judge and choose. Responses are the assistant text after the generation prompt's
   `<judge>\\n`, the forced prefill included, so `parse_autothink_response(r,
-  judge_prefilled=True)` reads them. Each call draws fresh randomness.
+  judge_prefilled=True)` reads them. Each call draws fresh randomness. (The sampling itself
+  is `kat_jax.eval.generation.model_generate_fn`, which also counts tokens.)
   """
   # pylint: disable-next=g-import-not-at-top  (sampling pulls in the decode machinery)
-  from kat_jax.sampling import (SamplingParams, Sampler, forced_mode_prefix, prepare_params,
-                                think_mode_prompts)
-  if batch_size < 1 or max_new_tokens < 1:
-    raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
-                     f"{max_new_tokens}")
-  sampling = SamplingParams(temperature=temperature, vocab_limit=tokenizer.vocab_size)
-  dparams = prepare_params(params, model_config)
-  sampler = Sampler(model_config, pad_id=tokenizer.pad_id)
-  prefix = forced_mode_prefix(think_mode)
-  stops = set(tokenizer.stop_ids)
-  state = {"rng": jax.random.key(seed)}
-
-  def generate(prompts: list[str]) -> list[str]:
-    ids = [tokenize_chat(tokenizer, [{"role": "user", "content": p}],
-                         add_generation_prompt=True, template="kat").ids for p in prompts]
-    ids = think_mode_prompts(tokenizer, ids, think_mode)
-    out = []
-    for start in range(0, len(ids), batch_size):
-      state["rng"], key = jax.random.split(state["rng"])
-      result = sampler.generate(dparams, ids[start:start + batch_size], key,
-                                max_new_tokens=max_new_tokens, sampling=sampling,
-                                stop_ids=tokenizer.stop_ids)
-      for tokens in result.token_lists():
-        out.append(prefix + tokenizer.decode([t for t in tokens if t not in stops]))
-    return out
-
-  return generate
+  from kat_jax.eval.generation import model_generate_fn
+  counting = model_generate_fn(params, model_config, tokenizer, think_mode=think_mode,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               batch_size=batch_size, seed=seed)
+  return lambda prompts: counting(prompts)[0]
 
 
 def _rate(values: Sequence[bool]) -> float | None:

@@ -1,8 +1,8 @@
-"""A kat_jax model as an evaluation generate function that also reports exact token counts.
+"""A kat_jax model as a generate function: KAT prompts in, responses and token counts out.
 
-Like `kat_jax.autothink.generation.kat_generate_fn`, but returns (responses, generated token
-counts): re-encoding decoded text over-counts (a cut multi-byte character decodes to U+FFFD,
-three bytes), so counts come from the sampler.
+The one sampling path of evaluation, tagging and SFT evaluation (`autothink.generation.
+kat_generate_fn` drops the counts). Counts come from the sampler: re-encoding decoded text
+over-counts (a cut multi-byte character decodes to U+FFFD, three bytes).
 """
 
 from __future__ import annotations
