@@ -35,6 +35,7 @@ from kat_jax.kernels import attention_reference
 from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels import Tuning
+from kat_jax.testing import random_tree_kv_end, relative_error
 
 
 def build_tree(branching=(1, 4, 2, 2), segments=(1024, 512, 512, 1024)):
@@ -62,12 +63,6 @@ def visible_pairs(kv_end: np.ndarray) -> int:
   return int(np.sum(np.maximum(kv_end - np.arange(len(kv_end)), 0)))
 
 
-def rel_err(out, ref) -> float:
-  out = jnp.asarray(out, jnp.float32)
-  ref = jnp.asarray(ref, jnp.float32)
-  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-
-
 def median_ms_jax(fn, *args, warmup=3, iters=20) -> float:
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
@@ -86,25 +81,6 @@ def matmul_tflops(n=8192) -> float:
   return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def random_tree_kv_end(rng: np.random.Generator, length: int) -> np.ndarray:
-  """Random DFS prefix-tree kv_end filling `length` tokens (small correctness checks)."""
-  kv_end = np.zeros(length, np.int32)
-
-  def node(start: int, budget: int, depth: int) -> int:
-    seg = int(rng.integers(1, max(2, min(budget, 40)) + 1)) if budget > 1 else 1
-    seg = min(seg, budget)
-    pos = start + seg
-    while pos < start + budget and depth < 4 and rng.random() < 0.7:
-      pos = node(pos, int(rng.integers(1, start + budget - pos + 1)), depth + 1)
-    kv_end[start:start + seg] = pos
-    return pos
-
-  pos = 0
-  while pos < length:
-    pos = node(pos, length - pos, 0)
-  return kv_end
-
-
 def check_small(tuning: Tuning, log) -> list[dict]:
   """Random trees / packed / causal, bf16 and f32, GQA, vs the reference (outputs and grads)."""
   rng = np.random.default_rng(0)
@@ -112,7 +88,7 @@ def check_small(tuning: Tuning, log) -> list[dict]:
   cases = [(jnp.bfloat16, 1000, 8, 8, 128), (jnp.float32, 777, 8, 2, 64),
            (jnp.bfloat16, 515, 4, 1, 64)]
   for dtype, length, hq, hkv, dim in cases:
-    kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length),
+    kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length, max_segment=40),
                                    np.full(length, length, np.int32)]))
     keys = jax.random.split(jax.random.PRNGKey(length), 4)
     q = jax.random.normal(keys[0], (2, length, hq, dim), dtype)
@@ -127,8 +103,8 @@ def check_small(tuning: Tuning, log) -> list[dict]:
       ref, ref_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, kv_end),
                              f32(q), f32(k), f32(v))
       ref_grads = ref_vjp(f32(do))
-    errs = {"out": rel_err(out, ref)}
-    errs.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    errs = {"out": relative_error(out, ref)}
+    errs.update({n: relative_error(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
     finite = bool(all(jnp.all(jnp.isfinite(x)) for x in (out, *grads)))
     case = dict(dtype=jnp.dtype(dtype).name, T=length, Hq=hq, Hkv=hkv, D=dim, finite=finite,
                 **errs)
@@ -148,14 +124,14 @@ def check_benchmark_size(q, k, v, do, kv_end, paths, tuning, heads, log) -> dict
     ref, ref_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, kv_end),
                            f32(q), f32(k), f32(v))
     rdq, rdk, rdv = ref_vjp(f32(do))
-  result.update(heads_checked=heads, out=rel_err(out[:, :, :heads], ref),
-                dq=rel_err(dq[:, :, :heads], rdq), dk=rel_err(dk[:, :, :heads], rdk),
-                dv=rel_err(dv[:, :, :heads], rdv))
+  result.update(heads_checked=heads, out=relative_error(out[:, :, :heads], ref),
+                dq=relative_error(dq[:, :, :heads], rdq), dk=relative_error(dk[:, :, :heads], rdk),
+                dv=relative_error(dv[:, :, :heads], rdv))
   del ref, rdq, rdk, rdv
   # Every leaf path of the tree is a causal sequence: gather it and compare with cuDNN.
   unrolled = [jnp.take(x[0], paths, axis=0) for x in (q, k, v)]
   cudnn = jax.nn.dot_product_attention(*unrolled, is_causal=True, implementation="cudnn")
-  result["paths_vs_cudnn"] = rel_err(jnp.take(out[0], paths, axis=0), cudnn)
+  result["paths_vs_cudnn"] = relative_error(jnp.take(out[0], paths, axis=0), cudnn)
   log(f"benchmark-size check {result}")
   return result
 

@@ -27,3 +27,35 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float) -> None:
     err = relative_error(a, e)
     if not err < rtol:  # also catches NaN
       raise AssertionError(f"{jax.tree_util.keystr(path)}: relative error {err:.3e} >= {rtol}")
+
+
+def random_tree_kv_end(rng: np.random.Generator, length: int, max_segment: int = 12
+                       ) -> np.ndarray:
+  """kv_end [T] of random prefix trees laid out depth-first, filling `length` tokens.
+
+  Each node is a segment of 1..max_segment tokens with 0..3 children; every token of a node
+  gets the end of that node's subtree. When the first tree ends early, more follow (a forest,
+  i.e. packed trees).
+  """
+  kv_end = np.zeros(length, np.int32)
+
+  def node(start: int, budget: int) -> int:
+    segment = min(budget, int(rng.integers(1, max_segment + 1)))
+    pos = start + segment
+    for _ in range(int(rng.integers(0, 4))):
+      if pos >= start + budget:
+        break
+      pos = node(pos, int(rng.integers(1, start + budget - pos + 1)))
+    kv_end[start:start + segment] = pos
+    return pos
+
+  pos = 0
+  while pos < length:
+    pos = node(pos, length - pos)
+  return kv_end
+
+
+def packed_kv_end(doc_lengths: list[int]) -> np.ndarray:
+  """kv_end [sum(doc_lengths)] of documents packed back to back."""
+  return np.concatenate([np.full(n, end, np.int32)
+                         for n, end in zip(doc_lengths, np.cumsum(doc_lengths))])

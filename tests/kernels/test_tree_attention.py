@@ -16,41 +16,9 @@ from kat_jax.kernels import causal_kv_end
 from kat_jax.kernels import tile_classes
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels import visibility_mask
+from kat_jax.testing import packed_kv_end, random_tree_kv_end, relative_error
 
 _HAS_GPU = jax.default_backend() == "gpu"
-
-
-def random_tree_kv_end(rng: np.random.Generator, length: int, max_segment: int = 12) -> np.ndarray:
-  """kv_end [T] of random prefix trees in depth-first order filling `length` tokens.
-
-  Each node is a segment of tokens; every token of a node gets the end of that node's subtree.
-  """
-  kv_end = np.zeros(length, np.int32)
-
-  def node(start: int, budget: int) -> int:
-    segment = min(budget, int(rng.integers(1, max_segment + 1)))
-    pos = start + segment
-    for _ in range(int(rng.integers(0, 4))):  # random branching 0..3
-      if pos >= start + budget:
-        break
-      pos = node(pos, int(rng.integers(1, start + budget - pos + 1)))
-    kv_end[start:start + segment] = pos
-    return pos
-
-  pos = 0
-  while pos < length:  # a forest: several trees (packed) when the first ends early
-    pos = node(pos, length - pos)
-  return kv_end
-
-
-def packed_kv_end(doc_lengths: list[int]) -> np.ndarray:
-  return np.concatenate([np.full(n, end, np.int32)
-                         for n, end in zip(doc_lengths, np.cumsum(doc_lengths))])
-
-
-def rel_err(out, ref) -> float:
-  out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
-  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
 def _inputs(seed, batch, length, num_q_heads, num_kv_heads, head_dim, dtype):
@@ -76,7 +44,7 @@ def _check_against_reference(q, k, v, d_out, kv_end, tol, **kwargs):
   for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
     assert got.shape == want.shape, name
     assert bool(jnp.all(jnp.isfinite(got))), f"{name} has non-finite (unwritten) entries"
-    err = rel_err(got, want)
+    err = relative_error(got, want)
     assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
 
 
@@ -139,7 +107,7 @@ def test_rows_that_see_nothing_give_zeros():
   q, k, v, d_out = _inputs(3, 1, length, 2, 2, 64, jnp.float32)
   out = tree_attention(q, k, v, kv_end, block_q=16, block_k=16, interpret=True, backend="gpu")
   assert bool(jnp.all(out[:, :5] == 0.0))
-  assert rel_err(out, attention_reference(q, k, v, kv_end)) < 1e-4
+  assert relative_error(out, attention_reference(q, k, v, kv_end)) < 1e-4
   grads = jax.grad(lambda q, k, v: jnp.sum(tree_attention(
       q, k, v, kv_end, block_q=16, block_k=16, interpret=True, backend="gpu") * d_out),
                    argnums=(0, 1, 2))(q, k, v)
