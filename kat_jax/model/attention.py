@@ -10,17 +10,18 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from kat_jax.kernels.reference import attention_reference, causal_kv_end
 
 
-def resolve_backend(backend: str, causal: bool) -> str:
-  """Picks the concrete backend for `auto` from the default JAX platform."""
+def resolve_backend(backend: str, causal: bool, dtype=jnp.bfloat16) -> str:
+  """Picks the concrete backend for `auto` from the default JAX platform and the dtype."""
   if backend != "auto":
     return backend
   platform = jax.default_backend()
-  if platform == "gpu":
-    return "cudnn" if causal else "tree"
+  if platform == "gpu":  # cuDNN's fused attention takes 16-bit inputs only
+    return "cudnn" if causal and jnp.dtype(dtype).itemsize == 2 else "tree"
   if platform == "tpu":
     return "tree"
   return "reference"
@@ -30,7 +31,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array | None, *
            backend: str = "auto", scale: float | None = None) -> jax.Array:
   """q [B,T,Hq,D], k/v [B,T,Hkv,D], kv_end [B,T] int32 or None -> [B,T,Hq,D]."""
   batch, length = q.shape[:2]
-  backend = resolve_backend(backend, causal=kv_end is None)
+  backend = resolve_backend(backend, causal=kv_end is None, dtype=q.dtype)
   if backend == "cudnn":
     if kv_end is not None:
       raise ValueError("attention backend 'cudnn' handles plain causal rows only (kv_end=None);"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import optax
-from ml_collections import ConfigDict
+
+if TYPE_CHECKING:  # any object with these attributes works (benchmarks pass a namespace)
+  from ml_collections import ConfigDict
 
 
 def learning_rate_schedule(optim: ConfigDict, total_steps: int) -> optax.Schedule:
