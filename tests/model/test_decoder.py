@@ -136,3 +136,14 @@ def test_untied_head_has_its_own_kernel():
   assert params["lm_head"]["kernel"].shape == (config.hidden_size, config.vocab_size)
   tied = init_params(_tiny(), jax.random.key(7))
   assert "lm_head" not in tied
+
+
+def test_auto_attention_backend_choice(monkeypatch):
+  from kat_jax.model import attention  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  assert attention.resolve_backend("auto", causal=True, dtype=jnp.bfloat16) == "cudnn"
+  assert attention.resolve_backend("auto", causal=True, dtype=jnp.float32) == "tree"  # cuDNN: 16-bit only
+  assert attention.resolve_backend("auto", causal=False, dtype=jnp.bfloat16) == "tree"
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
+  assert attention.resolve_backend("auto", causal=False) == "reference"
+  assert attention.resolve_backend("tree", causal=True) == "tree"
