@@ -19,7 +19,9 @@ def get_config():
   config.workdir = "runs/step_srpo"
   config.autothink = autothink_fields()  # the SFT run's fields, for loading its model
   config.rl = rl_fields()
-  config.optim.lr = 2e-4
+  config.rl.steps = 40
+  config.rl.temperature = 0.6  # enough correct samples for a judge signal at tiny scale
+  config.optim.lr = 1e-4
   config.optim.warmup_steps = 2
   config.optim.weight_decay = 0.0
   config.train.checkpoint_every = 10
