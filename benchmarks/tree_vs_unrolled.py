@@ -75,10 +75,12 @@ def main():
   parser.add_argument("--turn", type=int, default=64)
   parser.add_argument("--tool", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16 on GPU")
+  parser.add_argument("--remat", default="none")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
 
-  config = get_preset(args.preset)
+  config = get_preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
   groups = synthetic_groups(args.groups, args.branch1, args.branch2, args.prompt, args.turn,
                             args.tool, min(config.vocab_size, 256))
   objective = ObjectiveConfig(eps_high=0.28)
@@ -103,7 +105,7 @@ def main():
   results["token_ratio"] = results["unrolled"]["real_tokens"] / results["tree"]["real_tokens"]
   report = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
             "preset": args.preset, "args": vars(args), "results": results,
-            "note": "CPU only; the GPU (H100) run was not done: no device time was left."}
+            "backend": jax.default_backend()}
   print(json.dumps(report, indent=1))
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
