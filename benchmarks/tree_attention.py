@@ -35,6 +35,7 @@ from kat_jax.kernels import attention_reference
 from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels import Tuning
+from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.testing import random_tree_kv_end, relative_error
 
 
@@ -95,17 +96,9 @@ def check_small(tuning: Tuning, log) -> list[dict]:
     k = jax.random.normal(keys[1], (2, length, hkv, dim), dtype)
     v = jax.random.normal(keys[2], (2, length, hkv, dim), dtype)
     do = jax.random.normal(keys[3], q.shape, dtype)
-    fn = jax.jit(lambda q, k, v: tree_attention(q, k, v, kv_end, tuning=tuning))
-    out, vjp = jax.vjp(fn, q, k, v)
-    grads = vjp(do)
-    f32 = lambda x: x.astype(jnp.float32)
-    with jax.default_matmul_precision("highest"):
-      ref, ref_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, kv_end),
-                             f32(q), f32(k), f32(v))
-      ref_grads = ref_vjp(f32(do))
-    errs = {"out": relative_error(out, ref)}
-    errs.update({n: relative_error(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
-    finite = bool(all(jnp.all(jnp.isfinite(x)) for x in (out, *grads)))
+    pairs = kernel_and_reference(q, k, v, do, kv_end, tuning=tuning)
+    errs = {name: relative_error(got, want) for name, (got, want) in pairs.items()}
+    finite = bool(all(jnp.all(jnp.isfinite(got)) for got, _ in pairs.values()))
     case = dict(dtype=jnp.dtype(dtype).name, T=length, Hq=hq, Hkv=hkv, D=dim, finite=finite,
                 **errs)
     log(f"small check {case}")

@@ -16,6 +16,7 @@ from kat_jax.kernels import causal_kv_end
 from kat_jax.kernels import tile_classes
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels import visibility_mask
+from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.testing import packed_kv_end, random_tree_kv_end, relative_error
 
 _HAS_GPU = jax.default_backend() == "gpu"
@@ -32,16 +33,10 @@ def _inputs(seed, batch, length, num_q_heads, num_kv_heads, head_dim, dtype):
 
 def _check_against_reference(q, k, v, d_out, kv_end, tol, **kwargs):
   """Output and dq/dk/dv of the kernel vs the reference (f32, highest matmul precision)."""
-  kernel = lambda q, k, v: tree_attention(q, k, v, kv_end, **kwargs)
-  out, vjp = jax.vjp(kernel, q, k, v)
-  grads = vjp(d_out)
-  f32 = lambda x: x.astype(jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    ref, ref_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, kv_end),
-                           f32(q), f32(k), f32(v))
-    ref_grads = ref_vjp(f32(d_out))
+  pairs = kernel_and_reference(q, k, v, d_out, kv_end, **kwargs)
+  out = pairs["out"][0]
   assert out.shape == q.shape and out.dtype == q.dtype
-  for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+  for name, (got, want) in pairs.items():
     assert got.shape == want.shape, name
     assert bool(jnp.all(jnp.isfinite(got))), f"{name} has non-finite (unwritten) entries"
     err = relative_error(got, want)
