@@ -80,9 +80,11 @@ def parse_record(raw: bytes | str) -> dict[str, Any]:
   return validate_record(record)
 
 
-def _check_on_error(on_error: str) -> None:
+def _check_on_error(on_error: str, validate: bool) -> None:
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  if on_error == "skip" and not validate:
+    raise ValueError("on_error='skip' needs validate=True (skipping happens while indexing)")
 
 
 def _as_path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -127,9 +129,7 @@ class JsonlSource:
 
   def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                on_error: OnError = "raise", validate: bool = True):
-    _check_on_error(on_error)
-    if on_error == "skip" and not validate:
-      raise ValueError("on_error='skip' needs validate=True (skipping happens while indexing)")
+    _check_on_error(on_error, validate)
     self.paths = _as_path_list(paths)
     self.on_error = on_error
     skips = _SkipLog()
@@ -214,9 +214,7 @@ class ArrayRecordSource:
   def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                on_error: OnError = "raise", validate: bool = True):
     import grain  # pylint: disable=g-import-not-at-top  (heavy; only this source needs it)
-    _check_on_error(on_error)
-    if on_error == "skip" and not validate:
-      raise ValueError("on_error='skip' needs validate=True (skipping happens while indexing)")
+    _check_on_error(on_error, validate)
     self.paths = _as_path_list(paths)
     self.on_error = on_error
     self._readers = [grain.sources.ArrayRecordDataSource([p]) for p in self.paths]
