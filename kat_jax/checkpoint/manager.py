@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from kat_jax.parallel.distributed import wait_for_all_processes
+
 
 class RunCheckpointer:
   """Saves and restores (state, data iterator, meta) under `directory`."""
@@ -29,6 +31,8 @@ class RunCheckpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(save_every, 1), max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
+    # Orbax's first directory sync is a collective; line the processes up before it.
+    wait_for_all_processes("checkpoint_manager")
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),

@@ -289,9 +289,15 @@ def write_array_record(records: Iterable[dict[str, Any]], path: str | os.PathLik
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike) -> int:
-  """Writes records one JSON object per line (UTF-8); returns how many."""
+  """Writes records one JSON object per line (UTF-8); returns how many.
+
+  The file appears whole or not at all (written aside, then renamed), so processes that
+  share a directory never read a half-written file.
+  """
   count = 0
-  with open(path, "w", encoding="utf-8") as f:
+  partial = f"{os.fspath(path)}.{os.getpid()}.partial"
+  with open(partial, "w", encoding="utf-8") as f:
     for count, record in enumerate(records, start=1):
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(partial, path)
   return count

@@ -11,6 +11,7 @@ Nothing set: a single-process run, no initialisation.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -56,3 +57,23 @@ def initialize_distributed(distributed: Any | None = None) -> bool:
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+_BARRIER_COUNT = itertools.count()
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 900.0) -> None:
+  """Blocks until every process reaches this call (no-op in a 1-process run).
+
+  Call it before the first cross-process collective after uneven work (data preparation,
+  compilation): CPU (Gloo) collectives give up after 30 s waiting for a slow peer, while this
+  coordination-service barrier waits `timeout_s`.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None:
+    return
+  # Barrier ids must be unique per use; every process makes the same calls in order.
+  client.wait_at_barrier(f"kat_jax/{name}/{next(_BARRIER_COUNT)}", int(timeout_s * 1000))
