@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kat_jax.train.losses import _chunks
+from kat_jax.train.losses import _chunks, head_logits
 
 LOSS_KINDS = ("kd", "uld")
 
@@ -229,8 +229,7 @@ def chunked_token_loss(per_token: Callable[[jax.Array, Any], jax.Array],
 
   @jax.checkpoint
   def chunk_loss(h, t, w):
-    logits = jnp.einsum("nd,dv->nv", h, student_head.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = head_logits(h, student_head)
     # where(): a zero weight must also stop NaN/inf from padding tokens.
     return jnp.sum(jnp.where(w > 0, w * per_token(logits, t), 0.0))
 

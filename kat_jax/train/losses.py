@@ -18,6 +18,36 @@ def gather_predicting_hidden(hidden: jax.Array, pred_index: jax.Array) -> jax.Ar
   return jnp.take_along_axis(hidden, pred_index[..., None].astype(jnp.int32), axis=1)
 
 
+@jax.custom_vjp
+def head_logits(hidden: jax.Array, head_kernel: jax.Array) -> jax.Array:
+  """float32 logits [N,V] of hidden [N,d] (compute dtype) through head_kernel [d,V].
+
+  The product runs in the hidden states' dtype with float32 accumulation. In the backward
+  pass the float32 logit gradient is rounded to that dtype too, so both gradient products
+  are 16-bit matmuls (autodiff would promote them to float32 ones, the costliest products of
+  a bf16 step after the layers) while dhidden and dkernel still accumulate in float32. With
+  float32 hidden states everything stays float32 and this equals plain autodiff.
+  """
+  return jnp.einsum("nd,dv->nv", hidden, head_kernel.astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(hidden, head_kernel):
+  return head_logits(hidden, head_kernel), (hidden, head_kernel)
+
+
+def _head_logits_bwd(residuals, g):
+  hidden, head_kernel = residuals
+  g = g.astype(hidden.dtype)
+  d_hidden = jnp.einsum("nv,dv->nd", g, head_kernel.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+  d_kernel = jnp.einsum("nd,nv->dv", hidden, g, preferred_element_type=jnp.float32)
+  return d_hidden.astype(hidden.dtype), d_kernel.astype(head_kernel.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
   """[N, ...] -> [N/chunk, chunk, ...], zero-padding N up to a multiple of `chunk`."""
   pad = (-x.shape[0]) % chunk
@@ -54,8 +84,7 @@ def chunked_cross_entropy(hidden: jax.Array, head_kernel: jax.Array, tokens: jax
 
   @jax.checkpoint
   def chunk_loss(h, t, w):
-    logits = jnp.einsum("nd,dv->nv", h, head_kernel.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = head_logits(h, head_kernel)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     ce = log_z - target
@@ -103,8 +132,7 @@ def chunked_token_logprobs(hidden: jax.Array, head_kernel: jax.Array, tokens: ja
 
   @jax.checkpoint
   def chunk_fn(h, t):
-    logits = jnp.einsum("nd,dv->nv", h, head_kernel.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = head_logits(h, head_kernel)
     log_probs = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0]
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) if with_entropy else logp

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from kat_jax.testing import assert_trees_close
+from kat_jax.testing import assert_trees_close, relative_error
 from kat_jax.model import Decoder, get_preset, init_params, lm_head_kernel
-from kat_jax.train.losses import chunked_cross_entropy, full_logits_cross_entropy
+from kat_jax.train.losses import chunked_cross_entropy, full_logits_cross_entropy, head_logits
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import create_train_state
 from kat_jax.train.step import make_train_step
@@ -82,3 +82,37 @@ def test_training_reduces_loss_on_a_fixed_batch():
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0]
+
+
+def _head_grads(hidden, kernel, probe, fn):
+  return jax.grad(lambda h, k: jnp.sum(probe * fn(h, k)), argnums=(0, 1))(hidden, kernel)
+
+
+def _autodiff_head(h, k):
+  return jnp.einsum("nd,dv->nv", h, k.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def test_head_logits_float32_equals_autodiff():
+  rng = np.random.default_rng(0)
+  h, k, probe = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                 for s in ((9, 16), (16, 40), (9, 40)))
+  np.testing.assert_array_equal(head_logits(h, k), _autodiff_head(h, k))
+  for got, want in zip(_head_grads(h, k, probe, head_logits),
+                       _head_grads(h, k, probe, _autodiff_head)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_head_logits_bf16_backward_uses_bf16_products():
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.standard_normal((33, 64)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((64, 300)) * 0.1, jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((33, 300)), jnp.float32)
+  dh, dk = _head_grads(h, k, probe, head_logits)
+  assert dh.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+  ref_dh, ref_dk = _head_grads(h.astype(jnp.float32), k, probe, _autodiff_head)
+  assert relative_error(dh.astype(jnp.float32), ref_dh) < 1e-2
+  assert relative_error(dk, ref_dk) < 1e-2
+  jaxpr = jax.make_jaxpr(lambda h, k: _head_grads(h, k, probe, head_logits))(h, k)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2  # d_hidden, d_kernel (grad drops the unused forward product)
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
