@@ -10,7 +10,8 @@ from kat_jax.data import packing
 from kat_jax.model import Decoder, get_preset, init_params, param_shapes
 from kat_jax.model.decoder import DecoderBlock
 from kat_jax.model.layers import rope_cos_sin
-from kat_jax.upscale import expand, saturation
+from experiments.configs import kat_v1_40b_upscale
+from kat_jax.upscale import expand, saturation, stage
 
 
 def _config(num_layers=3, **overrides):
@@ -96,16 +97,18 @@ def test_identity_layer_has_cosine_one(tmp_path):
   assert (tmp_path / "sat.json").read_text().count("block_influence") == 1
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("placement, duplicated", [("interleave", [0, 2]), ("block", [1, 2])])
-def test_identity_init_preserves_logits(placement, duplicated):
-  config = _config(tie_word_embeddings=False)
+def test_identity_init_preserves_logits(placement, duplicated, dtype):
+  config = _config(tie_word_embeddings=False, dtype=dtype)
   params = init_params(config, jax.random.key(3))
   batch = _packed_batch(np.random.default_rng(3))
   layer_map = expand.make_layer_map(config.num_layers, duplicated, placement)
   new_config, new_params = expand.upscale(config, params, layer_map, "identity")
   assert new_config.num_layers == 5
-  np.testing.assert_allclose(np.asarray(_logits(new_config, new_params, batch)),
-                             np.asarray(_logits(config, params, batch)), rtol=0, atol=1e-6)
+  # Exactly: a zeroed o_proj / down_proj adds +0.0 to the residual stream.
+  np.testing.assert_array_equal(np.asarray(_logits(new_config, new_params, batch)),
+                                np.asarray(_logits(config, params, batch)))
   # The copies of the zeroed tensors are zero; everything else is copied.
   inserted = np.asarray(layer_map.inserted)
   o = np.asarray(new_params["layers"]["attn"]["o_kernel"])
@@ -115,15 +118,16 @@ def test_identity_init_preserves_logits(placement, duplicated):
       list(layer_map.source)])
 
 
-def test_copy_init_of_an_identity_layer_preserves_logits():
-  config = _config()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_copy_init_of_an_identity_layer_preserves_logits(dtype):
+  config = _config(dtype=dtype)
   params = _with_identity_layer(init_params(config, jax.random.key(4)), 1)
   batch = _packed_batch(np.random.default_rng(4))
   for placement in ("interleave", "block"):
     layer_map = expand.make_layer_map(config.num_layers, [1], placement)
     new_config, new_params = expand.upscale(config, params, layer_map, "copy")
-    np.testing.assert_allclose(np.asarray(_logits(new_config, new_params, batch)),
-                               np.asarray(_logits(config, params, batch)), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(_logits(new_config, new_params, batch)),
+                                  np.asarray(_logits(config, params, batch)))
   # Copying a layer that does change the stream does change the logits.
   layer_map = expand.make_layer_map(config.num_layers, [2], "interleave")
   new_config, new_params = expand.upscale(config, params, layer_map, "copy")
@@ -203,13 +207,18 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_qwen25_32b_to_kat_v1_40b_on_shapes_only():
-  config = get_preset("qwen2.5-32b", param_dtype="bfloat16")
+  """The recipe config's own choices (preset, 16 layers, top-k, interleave) on 32B shapes."""
+  recipe = kat_v1_40b_upscale.get_config()
+  config = get_preset(recipe.model.preset, param_dtype=recipe.model.param_dtype)
+  assert config.num_layers == 64
   shapes = param_shapes(config)  # nothing allocated
   cos = list(np.linspace(0.5, 0.99, config.num_layers))  # stand-in saturation profile
-  duplicated = expand.select_top_k(cos, 16, exclude_first=1, exclude_last=1)
-  assert duplicated == list(range(47, 63))
-  layer_map = expand.make_layer_map(config.num_layers, duplicated, "interleave")
+  layer_map = stage.choose_layer_map(recipe.upscale, config.num_layers, cos)
+  assert [i for i, new in zip(layer_map.source, layer_map.inserted) if new] == list(range(47, 63))
+  assert all(layer_map.source[i - 1] == layer_map.source[i]  # each copy right after its source
+             for i, new in enumerate(layer_map.inserted) if new)
   new_config = expand.upscale_config(config, layer_map)
+  assert new_config.num_layers == recipe.upscale.expected_num_layers
   new_shapes = jax.eval_shape(lambda p: expand.upscale_params(p, layer_map, "identity"), shapes)
   assert new_config.num_layers == 80
   assert expand.count_params(new_shapes) == 40_565_560_320 == new_config.num_params()

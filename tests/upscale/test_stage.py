@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import kat_v1_40b_upscale, upscale_tiny
+from experiments.configs import kat_v1_40b_upscale, pretrain, upscale_tiny
 from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.model import get_preset, init_params
 from kat_jax.testing import assert_trees_close
-from kat_jax.train.loop import ConfigError
+from kat_jax.train.loop import ConfigError, run_pretrain
 from kat_jax.upscale import stage
 
 
@@ -54,6 +54,23 @@ def test_tiny_stage_writes_loadable_outputs_and_identity_keeps_the_loss(tmp_path
   np.testing.assert_array_equal(
       np.asarray(hf_params["layers"]["attn"]["q_kernel"]),
       np.asarray(source_params["layers"]["attn"]["q_kernel"])[sources])
+
+  # The up-scaled HF directory is what continued pre-training starts from.
+  cpt = pretrain.get_config()
+  cpt.workdir = str(tmp_path / "cpt")
+  cpt.model.init_from = str(tmp_path / "upscaled" / "hf")
+  cpt.model.dtype, cpt.model.remat_policy = "float32", "none"
+  cpt.data.tokenizer, cpt.data.source = config.data.tokenizer, "synthetic"
+  cpt.data.synthetic_docs, cpt.data.seq_len, cpt.data.batch_size = 60, 64, 8
+  cpt.optim.lr, cpt.optim.warmup_steps = 3e-3, 1
+  cpt.train.steps, cpt.train.checkpoint_every, cpt.train.eval_every = 8, 8, 0
+  cpt.train.log_every, cpt.train.tensorboard = 1, False
+  run_pretrain(cpt)
+  with open(tmp_path / "cpt" / "metrics.jsonl", encoding="utf-8") as f:
+    losses = [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert len(losses) == 8 and losses[-1] < losses[0]
+  cpt_config = json.loads((tmp_path / "cpt" / "config.json").read_text())
+  assert cpt_config["model_config"]["num_layers"] == 10
 
 
 def test_kat_recipe_at_tiny_scale_from_an_hf_directory(tmp_path):
