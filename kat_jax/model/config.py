@@ -50,6 +50,8 @@ class ModelConfig:
             f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads};"
             " set head_dim explicitly")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim {self.head_dim} must be even (RoPE rotates half-pairs)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")

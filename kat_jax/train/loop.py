@@ -24,6 +24,7 @@ from kat_jax.model import ModelConfig, get_preset, init_params
 from kat_jax.model.config import EXECUTION_FIELDS
 from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
                               replicated, sharding_context)
+from kat_jax.train.config_checks import check_training_config
 from kat_jax.train.metrics import MetricsLogger
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from kat_jax.train.step import make_eval_step, make_train_step
@@ -204,19 +205,21 @@ def run_training(config: ConfigDict, *, stage: str = "pretrain",
   Returns:
     The metrics of the last step.
   """
+  check_training_config(config)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = get_tokenizer(config.data.tokenizer)
   model_config, params = _initial_params(config, model_config_from(config.model))
   _check_vocab(model_config, tokenizer)
   train = config.train
-  if train.steps < 1:
-    raise ConfigError(f"config.train.steps must be >= 1, got {train.steps}")
   try:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from e
   per_process_batch = local_batch_size(config.data.batch_size, mesh)
+  if per_process_batch % train.grad_accum:
+    raise ConfigError(f"config.train.grad_accum {train.grad_accum} must divide the "
+                      f"{per_process_batch} rows each process loads per step")
   optimizer = make_optimizer(config.optim, train.steps)
   schedule = learning_rate_schedule(config.optim, train.steps)
 

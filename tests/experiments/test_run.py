@@ -50,6 +50,10 @@ def _losses(workdir) -> dict[int, float]:
     (["--config.data.source=jsonl", "--config.data.paths=/no/such.jsonl"],
      "config.data: file not found: /no/such.jsonl"),
     (["--config.data.tokenizer=qwen2.5"], "vocab_size 512 is smaller than"),
+    (["--config.data.tokenizer=foo"], "config.data.tokenizer must be one of ['qwen2.5', 'bytes']"),
+    (["--config.train.grad_accum=3"], "config.data.batch_size 4 must be divisible by "
+     "config.train.grad_accum 3"),
+    (["--config.model.hidden_size=100"], "config.model: head_dim 25 must be even"),
 ])
 def test_config_mistakes_give_one_line_errors(tmp_path, args, message):
   result = _run(SMALL + [f"--config.workdir={tmp_path}"] + args)
