@@ -42,7 +42,8 @@ def verify_many(specs: Sequence[Mapping[str, Any]], candidates: Sequence[str | N
   results = [False] * len(specs)
   if not items:
     return results
-  pool = RewardPool(max_workers=workers, item_timeout_s=time_limit + 5.0)
+  pool = RewardPool(max_workers=workers, item_timeout_s=time_limit + 5.0,
+                    code_timeout_s=time_limit)  # the sandbox limit of each code run
   try:
     scored = pool.score_async([item for _, item in items]).result()
   finally:

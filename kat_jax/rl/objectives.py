@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                  "seq-mean-token-sum-norm")
+                  "seq-mean-token-sum-norm", "dr-grpo")
+NORM_MODES = ("seq-mean-token-sum-norm", "dr-grpo")  # divide by the constant L_max
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo")
 
@@ -43,7 +44,7 @@ class ObjectiveConfig:
   kl_estimator: str = "k3"
   entropy_coef: float = 0.0
   loss_agg_mode: str = "seq-mean-token-mean"
-  max_response_length: int = 0  # the constant of seq-mean-token-sum-norm (Dr. GRPO)
+  max_response_length: int = 0  # L_max, the constant of seq-mean-token-sum-norm / dr-grpo
   log_ratio_clamp: float = 20.0  # verl clamps logp - old_logp to ±20 before exp
 
   def __post_init__(self):
@@ -51,8 +52,8 @@ class ObjectiveConfig:
       raise ValueError(f"loss_agg_mode {self.loss_agg_mode!r} not in {LOSS_AGG_MODES}")
     if self.kl_estimator not in KL_ESTIMATORS:
       raise ValueError(f"kl_estimator {self.kl_estimator!r} not in {KL_ESTIMATORS}")
-    if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.max_response_length <= 0:
-      raise ValueError("seq-mean-token-sum-norm needs max_response_length > 0")
+    if self.loss_agg_mode in NORM_MODES and self.max_response_length <= 0:
+      raise ValueError(f"{self.loss_agg_mode} needs max_response_length > 0")
     if self.dual_clip and self.dual_clip <= 1.0:
       raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {self.dual_clip}")
 
@@ -88,8 +89,10 @@ def trajectory_weights(lengths: np.ndarray, cfg: ObjectiveConfig,
   """The aggregation weight w_k of every token of trajectory k (before the advantage).
 
   token-mean: 1 / Σ_k |o_k|; seq-mean-token-mean: 1 / (B |o_k|); seq-mean-token-sum: 1 / B;
-  seq-mean-token-sum-norm: 1 / (B L_max). `num_trajectories` (default len(lengths)) is B,
-  so micro-batches of one batch can share the batch's normaliser.
+  seq-mean-token-sum-norm: 1 / L_max, as verl's `agg_loss` (Σ of sequence sums over the
+  padded response length, no division by B; spec §5.5); dr-grpo: 1 / (B L_max), TRL's
+  `loss_type="dr_grpo"`. `num_trajectories` (default len(lengths)) is B, so micro-batches
+  of one batch can share the batch's normaliser. lengths: [B]; returns [B].
   """
   lengths = np.asarray(lengths, np.float64)
   count = len(lengths) if num_trajectories is None else num_trajectories
@@ -100,6 +103,8 @@ def trajectory_weights(lengths: np.ndarray, cfg: ObjectiveConfig,
     return 1.0 / (count * np.maximum(lengths, 1.0))
   if mode == "seq-mean-token-sum":
     return np.full_like(lengths, 1.0 / count)
+  if mode == "seq-mean-token-sum-norm":
+    return np.full_like(lengths, 1.0 / cfg.max_response_length)
   return np.full_like(lengths, 1.0 / (count * cfg.max_response_length))
 
 

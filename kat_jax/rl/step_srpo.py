@@ -13,7 +13,8 @@ formula (it defers to an unpublished companion paper). Our default, every part c
    (prefilled) judge tokens are never trained. With no comparison the judge reward is 0.
 3. judge reward: +1 if the model's own choice is the preferred mode, −1 otherwise.
 4. answer reward: verifier score in [0, 1]; modulated = score × (1 if the judge reward
-   is ≥ 0 else `wrong_mode_scale`), minus `format_penalty` for a malformed response.
+   is ≥ 0 else `wrong_mode_scale`), minus `format_penalty` for a malformed response, plus
+   the rollout's `length_penalty` (DAPO's overlong shaping when the stage turns it on).
 5. Intermediate supervision: the judge segment (response start through the `<think_on>` /
    `<think_off>` tag) gets the group-normalised judge advantage; the rest gets the
    group-normalised modulated answer advantage. Without it, every token gets the advantage
@@ -51,6 +52,7 @@ class Rollout:
   forced: bool  # the mode was prefilled, not chosen by the model
   score: float  # verifier score in [0, 1]
   well_formed: bool
+  length_penalty: float = 0.0  # <= 0, added to the answer reward (DAPO overlong shaping)
 
 
 def preferred_mode(rollouts: Sequence[Rollout], margin: float) -> str | None:
@@ -89,7 +91,15 @@ def group_rewards(rollouts: Sequence[Rollout], cfg: StepSRPOConfig
     answer[i] = r.score * (1.0 if judge[i] >= 0 else cfg.wrong_mode_scale)
     if not r.well_formed:
       answer[i] -= cfg.format_penalty
+    answer[i] += r.length_penalty
   return judge, answer, judge_trainable
+
+
+def has_signal(advantages: Sequence[np.ndarray]) -> bool:
+  """Does a group's [G] list of per-token advantages give any gradient? DAPO's dynamic
+  sampling keeps only such groups; for a single group-normalised reward it is DAPO's "rewards
+  not all equal", here it also covers the judge channel."""
+  return any(np.any(np.asarray(a) != 0) for a in advantages)
 
 
 def judge_segment_length(response: Sequence[int], mode_tag_ids: Sequence[int]) -> int:

@@ -26,7 +26,8 @@ def test_grpo_and_drgrpo_advantages_by_hand():
     ("token-mean", [1 / 6, 1 / 6]),
     ("seq-mean-token-mean", [1 / 4, 1 / 8]),
     ("seq-mean-token-sum", [1 / 2, 1 / 2]),
-    ("seq-mean-token-sum-norm", [1 / 16, 1 / 16]),
+    ("seq-mean-token-sum-norm", [1 / 8, 1 / 8]),  # verl: no division by B
+    ("dr-grpo", [1 / 16, 1 / 16]),  # TRL dr_grpo: divided by B too
 ])
 def test_aggregation_weights(mode, expected):
   cfg = obj.ObjectiveConfig(loss_agg_mode=mode, max_response_length=8)
@@ -59,8 +60,9 @@ def test_overlong_penalty_and_dynamic_sampling():
   np.testing.assert_array_equal(keep, [False, False, True, True, False, False])
 
 
-def _verl_style_loss(logp, old, ref, adv, mask, cfg):
-  """Independent restatement of verl's vanilla policy loss + agg_loss + KL loss (numpy)."""
+def _reference_loss(logp, old, ref, adv, mask, cfg):
+  """Independent numpy restatement of verl's vanilla policy loss + `agg_loss` + KL loss
+  (spec §5.5); the `dr-grpo` mode restates TRL's `loss_type="dr_grpo"` instead."""
   ratio = np.exp(logp - old)
   pg = np.maximum(-adv[:, None] * ratio,
                   -adv[:, None] * np.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high))
@@ -77,12 +79,15 @@ def _verl_style_loss(logp, old, ref, adv, mask, cfg):
     return (per_seq / mask.sum(1)).mean()
   if mode == "seq-mean-token-sum":
     return per_seq.mean()
-  return (per_seq / cfg.max_response_length).mean()
+  if mode == "seq-mean-token-sum-norm":  # verl: sum(seq_losses) / loss_mask.shape[-1]
+    return per_seq.sum() / cfg.max_response_length
+  # TRL dr_grpo: (per_token_loss * mask).sum() / (batch size * max_completion_length)
+  return (per_token * mask).sum() / (len(mask) * cfg.max_response_length)
 
 
 @pytest.mark.parametrize("mode", obj.LOSS_AGG_MODES)
 @pytest.mark.parametrize("kl", obj.KL_ESTIMATORS)
-def test_flat_objective_equals_verl_formula(mode, kl):
+def test_flat_objective_equals_published_formulas(mode, kl):
   rng = np.random.default_rng(0)
   n, t = 6, 9
   cfg = obj.ObjectiveConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, beta=0.04,
@@ -97,7 +102,7 @@ def test_flat_objective_equals_verl_formula(mode, kl):
   loss, _ = obj.token_objective(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref), None,
                                 jnp.asarray(w["adv_pos"]), jnp.asarray(w["adv_neg"]),
                                 jnp.asarray(w["kl_weight"]), cfg)
-  np.testing.assert_allclose(float(loss), _verl_style_loss(logp, old, ref, adv, mask, cfg),
+  np.testing.assert_allclose(float(loss), _reference_loss(logp, old, ref, adv, mask, cfg),
                              rtol=2e-5)
 
 
@@ -127,7 +132,8 @@ def test_chunked_token_logprobs_match_full_softmax():
 def test_config_errors():
   with pytest.raises(ValueError, match="loss_agg_mode 'mean'"):
     obj.ObjectiveConfig(loss_agg_mode="mean")
-  with pytest.raises(ValueError, match="max_response_length"):
-    obj.ObjectiveConfig(loss_agg_mode="seq-mean-token-sum-norm")
+  for mode in obj.NORM_MODES:
+    with pytest.raises(ValueError, match=f"{mode} needs max_response_length"):
+      obj.ObjectiveConfig(loss_agg_mode=mode)
   with pytest.raises(ValueError, match="dual_clip"):
     obj.ObjectiveConfig(dual_clip=0.5)

@@ -9,7 +9,7 @@
 """
 
 from kat_jax.rl.rewards.choice import choice_reward, extract_choice
-from kat_jax.rl.rewards.code import code_reward, extract_code, run_code_tests
+from kat_jax.rl.rewards.code import code_result, code_reward, extract_code, run_code_tests
 from kat_jax.rl.rewards.format import format_problems, format_reward
 from kat_jax.rl.rewards.general import general_problems, general_reward
 from kat_jax.rl.rewards.math import (MathChecker, extract_math_answer, math_equal,

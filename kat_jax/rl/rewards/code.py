@@ -124,12 +124,22 @@ def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
   return result
 
 
+def code_result(response: str, tests: str | Sequence[Mapping[str, Any]], *,
+                entry_point: str | None = None,
+                limits: SandboxLimits | None = None) -> SandboxResult:
+  """Sandbox result (pass/fail/timeout/error + detail) of the code in a response.
+
+  A response without code is a 'fail' that never reaches the sandbox.
+  """
+  code = extract_code(response)
+  if code is None:
+    return SandboxResult(status="fail", detail="no code in the response")
+  return run_code_tests(code, tests, entry_point=entry_point, limits=limits)
+
+
 def code_reward(response: str, tests: str | Sequence[Mapping[str, Any]], *,
                 entry_point: str | None = None,
                 limits: SandboxLimits | None = None) -> float:
   """1.0 if the code in the response passes all tests, else 0.0."""
-  code = extract_code(response)
-  if code is None:
-    return 0.0
-  return 1.0 if run_code_tests(code, tests, entry_point=entry_point,
-                               limits=limits).passed else 0.0
+  return 1.0 if code_result(response, tests, entry_point=entry_point,
+                            limits=limits).passed else 0.0

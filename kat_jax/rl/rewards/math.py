@@ -420,6 +420,12 @@ def _worker_loop(conn, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
   except (ValueError, OSError):
     pass
+  try:  # import SymPy and its parser before saying "ready": start-up is not a job's time
+    sympy_equal("1", "1")
+  except Exception as e:  # pylint: disable=broad-except
+    conn.send(("error", f"worker start-up: {type(e).__name__}: {e}"))
+    return
+  conn.send(("ready", None))
   while True:
     try:
       job = conn.recv()
@@ -439,20 +445,31 @@ class MathChecker:
   Thread-safe; several threads share one worker (calls are serialised), so use one
   checker per scoring thread for parallelism (`pool.py` does). A timed-out or crashed worker
   is killed and replaced; that comparison counts as not equivalent.
+
+  `timeout_s` bounds one comparison only: a new worker first reports "ready" (interpreter up,
+  SymPy imported) within its own `startup_timeout_s`, so a slow start under CPU load does
+  not turn correct answers into zeros. A worker that cannot start in time is killed; that
+  comparison counts as not equivalent and `startup_failures` goes up.
   """
 
-  def __init__(self, timeout_s: float = 5.0, memory_bytes: int = 2 << 30):
+  def __init__(self, timeout_s: float = 5.0, memory_bytes: int = 2 << 30,
+               startup_timeout_s: float = 120.0):
     if timeout_s <= 0:
       raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if startup_timeout_s <= 0:
+      raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s}")
     self.timeout_s = timeout_s
+    self.startup_timeout_s = startup_timeout_s
     self.memory_bytes = memory_bytes
     self._lock = threading.Lock()
     self._proc = None
     self._conn = None
     self.timeouts = 0  # how many comparisons hit the time limit
+    self.startup_failures = 0  # workers that did not report ready in startup_timeout_s
     atexit.register(self.close)
 
-  def _start(self) -> None:
+  def _start(self) -> bool:
+    """Starts a worker and waits until it is ready; False (worker killed) if it is not."""
     # spawn, not fork: the trainer has threads, and a forked child can inherit a held lock.
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -460,6 +477,14 @@ class MathChecker:
     self._proc.start()
     child.close()
     self._conn = parent
+    try:
+      if parent.poll(self.startup_timeout_s) and parent.recv()[0] == "ready":
+        return True
+    except (EOFError, OSError):
+      pass
+    self.startup_failures += 1
+    self.close()
+    return False
 
   def close(self) -> None:
     if self._proc is not None:
@@ -472,11 +497,11 @@ class MathChecker:
     with self._lock:
       if self._proc is None or not self._proc.is_alive():
         self.close()
-        self._start()
+        if not self._start():
+          return False
       try:
         self._conn.send((gold_src, pred_src, percent))
-        # First call also pays the worker start-up (interpreter + sympy import).
-        if self._conn.poll(self.timeout_s):
+        if self._conn.poll(self.timeout_s):  # the worker is ready: only the job is timed
           kind, value = self._conn.recv()
           return kind == "ok" and bool(value)
       except (EOFError, OSError, BrokenPipeError):

@@ -6,13 +6,15 @@ names and those of `kat_jax/autothink/tasks.py` are accepted):
 
   math     {"answer": str} or {"value": str}
   code     {"tests": str | [{"input", "output"}], "entry_point"?: str, "timeout_s"?: float}
+           (no "timeout_s": the pool's `code_timeout_s`, e.g. config.rl.code_time_limit)
   choice   {"answer": "B"} or {"key": "B"}, "letters"?: "ABCD"
   exact    {"accept": [str, ...]} or {"answer": str}  (normalised string match)
   format   {"mode"?: "think_on" | "think_off"}         (AutoThink layout only)
   general  {"reference"?: str, "keywords"?: [str], "max_chars"?: int}  (heuristic)
 
 Every item gets a `RewardResult`; a reward function that raises or overruns the per-item time
-limit gives status 'error'/'timeout' and reward 0.0 instead of breaking the batch.
+limit gives status 'error'/'timeout' and reward 0.0 instead of breaking the batch. Code items
+carry the sandbox's verdict: 'pass' / 'fail' / 'timeout' / 'error' with its detail.
 """
 
 from __future__ import annotations
@@ -33,12 +35,18 @@ from kat_jax.rl.rewards import general as general_lib
 from kat_jax.rl.rewards import math as math_lib
 from kat_jax.rl.rewards.sandbox import SandboxLimits
 
-RewardFn = Callable[..., float]  # fn(response, verifier, *, math_checker=None) -> float
+STATUSES = ("ok", "pass", "fail", "timeout", "error")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
-  """reward: float in [0, 1]; status: 'ok' | 'timeout' | 'error'."""
+  """reward: float in [0, 1].
+
+  status: 'ok' (scored by a non-code kind), 'pass' / 'fail' (code: the unit tests passed /
+  failed, incl. crashes and limit kills), 'timeout' (the sandbox's wall clock or CPU limit, or
+  the pool's per-item limit), 'error' (bad item, a reward function raised, or the sandbox
+  itself could not run). detail: why, for everything but 'ok' / 'pass'.
+  """
   reward: float
   status: str = "ok"
   kind: str | None = None
@@ -58,10 +66,24 @@ def _math(response: str, verifier: Mapping[str, Any], *, math_checker=None) -> f
                               checker=math_checker)
 
 
-def _code(response: str, verifier: Mapping[str, Any], **_) -> float:
-  limits = SandboxLimits(timeout_s=float(verifier.get("timeout_s", 5.0)))
-  return code_lib.code_reward(response, _field(verifier, "tests"),
-                              entry_point=verifier.get("entry_point"), limits=limits)
+# A reward function returns a float, or a RewardResult to report its own status/detail.
+RewardFn = Callable[..., float | RewardResult]  # fn(response, verifier, *, math_checker=None)
+DEFAULT_CODE_TIMEOUT_S = 5.0
+
+
+def _last_line(text: str) -> str:
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  return lines[-1][-200:] if lines else ""
+
+
+def _code(response: str, verifier: Mapping[str, Any], **_) -> RewardResult:
+  limits = SandboxLimits(timeout_s=float(verifier.get("timeout_s", DEFAULT_CODE_TIMEOUT_S)))
+  result = code_lib.code_result(response, _field(verifier, "tests"),
+                                entry_point=verifier.get("entry_point"), limits=limits)
+  # e.g. "exit code 1: AssertionError" - the last stderr line names the exception.
+  detail = "; ".join(x for x in (result.detail, _last_line(result.stderr)) if x)
+  return RewardResult(reward=1.0 if result.passed else 0.0, status=result.status,
+                      detail=detail)
 
 
 def _choice(response: str, verifier: Mapping[str, Any], **_) -> float:
@@ -98,7 +120,8 @@ KINDS = tuple(_REGISTRY)  # the built-in kinds
 
 
 def get_reward_fn(kind: str) -> RewardFn:
-  """Reward function `fn(response, verifier, *, math_checker=None) -> float` of a kind."""
+  """Reward function `fn(response, verifier, *, math_checker=None)` of a kind; it returns a
+  float or a `RewardResult` (code: the sandbox's status)."""
   if kind not in _REGISTRY:
     raise ValueError(f"unknown reward kind {kind!r}; known: {', '.join(KINDS)}")
   return _REGISTRY[kind]
@@ -122,14 +145,24 @@ def _check_item(item: Any) -> tuple[str, Mapping[str, Any], str]:
   return response, verifier, verifier["type"]
 
 
-def score_item(item: Mapping[str, Any], *, math_checker=None) -> RewardResult:
-  """Score one item in the calling thread; never raises."""
+def score_item(item: Mapping[str, Any], *, math_checker=None,
+               code_timeout_s: float | None = None) -> RewardResult:
+  """Score one item in the calling thread; never raises.
+
+  code_timeout_s: the sandbox wall-clock limit of code items whose verifier has no
+  "timeout_s" of its own (None: `DEFAULT_CODE_TIMEOUT_S`).
+  """
   start = time.monotonic()
   kind = None
   try:
     response, verifier, kind = _check_item(item)
-    reward = float(get_reward_fn(kind)(response, verifier, math_checker=math_checker))
-    return RewardResult(reward=reward, kind=kind, elapsed_s=time.monotonic() - start)
+    if kind == "code" and code_timeout_s is not None and "timeout_s" not in verifier:
+      verifier = {**verifier, "timeout_s": code_timeout_s}
+    out = get_reward_fn(kind)(response, verifier, math_checker=math_checker)
+    elapsed = time.monotonic() - start
+    if isinstance(out, RewardResult):
+      return dataclasses.replace(out, reward=float(out.reward), kind=kind, elapsed_s=elapsed)
+    return RewardResult(reward=float(out), kind=kind, elapsed_s=elapsed)
   except Exception as e:  # pylint: disable=broad-except  (never break the batch)
     return RewardResult(reward=0.0, status="error", kind=kind,
                         detail=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - start)
@@ -139,6 +172,7 @@ class RewardPool:
   """Scores batches on background threads; code runs in sandbox processes and SymPy in
   `MathChecker` worker processes, so threads only wait on children.
 
+  Code items without their own "timeout_s" run under `code_timeout_s` (sandbox wall clock).
   Each item runs in its own daemon thread, at most `max_workers` at a time. An item that
   overruns `item_timeout_s` is reported as 'timeout' and its slot is freed at once; its thread
   is abandoned (it ends when the stuck call returns; built-in kinds are bounded by their own
@@ -146,13 +180,16 @@ class RewardPool:
   """
 
   def __init__(self, max_workers: int = 4, item_timeout_s: float = 30.0,
-               math_timeout_s: float = 5.0):
+               math_timeout_s: float = 5.0, code_timeout_s: float = DEFAULT_CODE_TIMEOUT_S):
     if max_workers < 1:
       raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     if item_timeout_s <= 0:
       raise ValueError(f"item_timeout_s must be > 0, got {item_timeout_s}")
+    if code_timeout_s <= 0:
+      raise ValueError(f"code_timeout_s must be > 0, got {code_timeout_s}")
     self.max_workers = max_workers
     self.item_timeout_s = item_timeout_s
+    self.code_timeout_s = code_timeout_s
     self._math_timeout_s = math_timeout_s
     self._slots = threading.Semaphore(max_workers)
     self._checkers: queue.SimpleQueue = queue.SimpleQueue()
@@ -171,7 +208,7 @@ class RewardPool:
       except queue.Empty:  # all held by abandoned (timed-out) items
         checker = math_lib.MathChecker(timeout_s=self._math_timeout_s)
       try:
-        box.append(score_item(item, math_checker=checker))
+        box.append(score_item(item, math_checker=checker, code_timeout_s=self.code_timeout_s))
       finally:
         self._checkers.put(checker)
         done.set()

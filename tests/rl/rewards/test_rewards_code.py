@@ -52,6 +52,14 @@ def test_timeout():
   assert code_lib.code_reward(code, TESTS, limits=SandboxLimits(timeout_s=1.0)) == 0.0
 
 
+def test_code_result_reports_crashes_and_missing_code():
+  segfault = _autothink("import ctypes\nctypes.string_at(0)")
+  crash = code_lib.code_result(segfault, TESTS, limits=FAST)
+  assert crash.status == "fail" and crash.signal == 11
+  missing = code_lib.code_result(_autothink("  "), TESTS, limits=FAST)
+  assert missing.status == "fail" and missing.detail == "no code in the response"
+
+
 @pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)",
                                        "raise SystemExit"])
 def test_exiting_before_the_tests_is_not_a_pass(exit_call):

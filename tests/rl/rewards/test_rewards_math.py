@@ -90,3 +90,34 @@ def test_bad_input_types():
     math_lib.extract_math_answer(None)
   with pytest.raises(ValueError, match="'answer' or 'value'"):
     math_lib.gold_from_verifier({"type": "math"})
+
+
+def _slow_interpreter_start(monkeypatch, tmp_path, seconds: float) -> None:
+  """Every new Python process (the spawned worker) sleeps `seconds` at start-up, as under
+  heavy CPU load; `sitecustomize` on PYTHONPATH runs before anything else."""
+  (tmp_path / "sitecustomize.py").write_text(f"import time\ntime.sleep({seconds})\n")
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
+def test_worker_start_up_is_not_counted_in_the_comparison_limit(monkeypatch, tmp_path):
+  _slow_interpreter_start(monkeypatch, tmp_path, 3.0)
+  checker = math_lib.MathChecker(timeout_s=1.0)  # shorter than the start-up
+  try:
+    assert checker.equal("\\frac{1}{2}", "0.5")  # cold worker: still graded correctly
+    assert checker.timeouts == 0 and checker.startup_failures == 0
+  finally:
+    checker.close()
+
+
+def test_worker_that_cannot_start_counts_as_unequal_and_is_retried(monkeypatch, tmp_path):
+  _slow_interpreter_start(monkeypatch, tmp_path, 3.0)
+  checker = math_lib.MathChecker(timeout_s=1.0, startup_timeout_s=0.5)
+  try:
+    assert not checker.equal("\\frac{1}{2}", "0.5")
+    assert checker.startup_failures == 1 and checker.timeouts == 0
+    checker.startup_timeout_s = 60.0
+    assert checker.equal("\\frac{1}{2}", "0.5")  # the next call starts a fresh worker
+  finally:
+    checker.close()
+  with pytest.raises(ValueError, match="startup_timeout_s"):
+    math_lib.MathChecker(startup_timeout_s=0)

@@ -55,7 +55,8 @@ def test_autothink_task_verifiers_score_their_reference_answers():
   items = [_item(r["answer"], r["verifier"]) for r in records]
   with pool_lib.RewardPool(max_workers=2, item_timeout_s=20.0) as pool:
     results = pool.score(items)
-  assert [r.status for r in results] == ["ok"] * len(items), results
+  assert [r.status for r in results] == [
+      "pass" if item["verifier"]["type"] == "code" else "ok" for item in items], results
   assert [r.reward for r in results] == [1.0] * len(items), results
 
 
@@ -102,6 +103,35 @@ def test_pool_parallel_scoring_hang_and_exception():
   assert elapsed < 8.0  # the hanging item did not hold the batch for its 30 s
   # 4 slow items on the 2 slots left beside the hanging one: parallel, not serial.
   assert max(calls) - min(calls) < 1.2
+
+
+def test_code_status_and_detail_survive_the_pool():
+  tests = "assert f(2) == 4\n"
+  answers = {
+      "pass": "def f(x):\n  return 2 * x",
+      "loop": "def f(x):\n  while True:\n    pass",
+      "crash": "import ctypes\nctypes.string_at(0)",  # segfault
+      "raise": "def f(x):\n  raise ZeroDivisionError('boom')",
+      "none": "   ",
+  }
+  items = [_item(a, {"type": "code", "tests": tests}) for a in answers.values()]
+  # code_timeout_s reaches the sandbox (the loop is cut after 1 s, not the 5 s default)
+  with pool_lib.RewardPool(max_workers=2, item_timeout_s=20.0, code_timeout_s=1.0) as pool:
+    results = dict(zip(answers, pool.score(items)))
+  assert [r.reward for r in results.values()] == [1.0, 0.0, 0.0, 0.0, 0.0], results
+  assert results["pass"].status == "pass" and results["pass"].kind == "code"
+  loop = results["loop"]
+  assert loop.status == "timeout" and "wall clock > 1.0s" in loop.detail, loop
+  assert loop.elapsed_s < 4.0
+  assert results["crash"].status == "fail" and "signal 11" in results["crash"].detail
+  assert results["raise"].status == "fail" and "ZeroDivisionError" in results["raise"].detail
+  assert results["none"].status == "fail" and "no code" in results["none"].detail
+  # an explicit per-task limit wins over the pool's
+  item = _item(answers["loop"], {"type": "code", "tests": tests, "timeout_s": 0.5})
+  result = pool_lib.score_item(item, code_timeout_s=30.0)
+  assert result.status == "timeout" and "wall clock > 0.5s" in result.detail
+  with pytest.raises(ValueError, match="code_timeout_s"):
+    pool_lib.RewardPool(code_timeout_s=0.0)
 
 
 def test_empty_batch_and_closed_pool():

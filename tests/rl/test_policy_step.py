@@ -1,0 +1,49 @@
+"""Several policy updates on one rollout batch: the behaviour log-probs stay those of the
+rollout policy, so later updates see ratios != 1 and the clip engages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kat_jax.agentic.tree import Trajectory, unrolled_batch
+from kat_jax.model import get_preset, init_params
+from kat_jax.rl.objectives import ObjectiveConfig, token_objective
+from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
+from kat_jax.train.state import create_train_state
+
+
+def _batch(cfg: ObjectiveConfig) -> dict[str, np.ndarray]:
+  """4 trajectories of 10 tokens (4 prompt + 6 response) with advantages ±1, [4, 16]."""
+  rng = np.random.default_rng(0)
+  mask = np.array([0] * 4 + [1] * 6)
+  groups = [[Trajectory(rng.integers(0, 500, 10), mask, adv) for adv in (1.0, -1.0)]
+            for _ in range(2)]
+  batch = unrolled_batch(groups, cfg, 16, pad_id=0)
+  return {k: v for k, v in batch.items() if k != "visits"}
+
+
+def test_updates_per_batch_keep_old_logprobs():
+  config = get_preset("tiny", num_layers=1)
+  cfg = ObjectiveConfig(eps_low=0.05, eps_high=0.05)
+  optimizer = optax.sgd(5.0)  # large steps, so the second update's ratios leave the clip range
+  state = create_train_state(init_params(config, jax.random.key(0)), optimizer)
+  logprob_fn = jax.jit(make_logprob_fn(config, loss_chunk=64))
+  step = jax.jit(make_policy_step(config, optimizer, cfg, loss_chunk=64))
+  batch = _batch(cfg)
+  batch["old_logp"] = np.asarray(logprob_fn(state.params, batch))  # rollout policy, once
+  state, first = step(state, batch)
+  assert float(first["clip_fraction"]) == 0.0  # ratio 1 on the first update
+  logp = logprob_fn(state.params, batch)  # the policy after one update
+  args = (jnp.asarray(batch["adv_pos"]), jnp.asarray(batch["adv_neg"]),
+          jnp.asarray(batch["kl_weight"]), cfg)
+  expected, expected_metrics = token_objective(logp, jnp.asarray(batch["old_logp"]), None,
+                                               None, *args)
+  refreshed, _ = token_objective(logp, logp, None, None, *args)  # old log-probs recomputed
+  state, second = step(state, batch)
+  assert int(state.step) == 2
+  np.testing.assert_allclose(float(second["loss"]), float(expected), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(second["clip_fraction"]),
+                             float(expected_metrics["clip_fraction"]), atol=1e-6)
+  assert float(second["clip_fraction"]) > 0.0
+  assert abs(float(expected) - float(refreshed)) > 1e-3  # not the ratio-1 objective
