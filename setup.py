@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["kat_jax", "kat_jax.*", "experiments", "experiments.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.6",
+        "jax>=0.7.1",  # jax.set_mesh (kat_jax.parallel.mesh) first shipped in JAX 0.7.1
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",

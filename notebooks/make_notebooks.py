@@ -2,8 +2,9 @@
 
   python notebooks/make_notebooks.py
 
-Each notebook starts with an install cell that is a no-op when kat_jax is importable (CI, a
-local checkout with `pip install -e .`), and runs top to bottom on CPU in well under a minute.
+Each notebook starts with an install cell (`INSTALL`): a no-op when kat_jax is importable (CI,
+`pip install -e .`); else it installs the checkout it runs in, or `git+$KAT_JAX_REPO_URL`.
+Each runs top to bottom on CPU at tiny size in well under a minute on an idle machine.
 """
 
 from __future__ import annotations
@@ -15,22 +16,67 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_URL = "https://github.com/YOUR_ORG/kat_jax"  # placeholder: set to the repository's URL
+# Placeholder until the repository is public: Colab users set KAT_JAX_REPO_URL (or clone).
+DEFAULT_REPO_URL = "https://github.com/YOUR_ORG/kat_jax"
 
-INSTALL = f'''\
-# Colab: install kat_jax from the repository (a local checkout falls back to `pip install -e .`).
-# Skipped when kat_jax is already importable, e.g. in CI or after `pip install -e .`.
+# The install cell's functions, kept apart so tests can exec them without installing anything.
+INSTALL_FUNCTIONS = f'''\
+# Make kat_jax importable: (a) already importable (CI, `pip install -e .`): nothing to do;
+# (b) inside a checkout (setup.py with kat_jax/ beside it, at or above the working directory,
+#     or a clone in ./kat_jax, e.g. Colab's /content/kat_jax): `pip install -e` it;
+# (c) else `pip install git+$KAT_JAX_REPO_URL`.
+import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 
-if importlib.util.find_spec("kat_jax") is None:
-  REPO_URL = "{REPO_URL}"
+DEFAULT_REPO_URL = "{DEFAULT_REPO_URL}"
+
+
+def find_checkout(start="."):
+  """The kat_jax checkout at or above `start` (or a clone in `start`/kat_jax), else None."""
+  here = os.path.abspath(start)
+  candidates = [os.path.join(here, "kat_jax")]
+  while True:
+    candidates.append(here)
+    if os.path.dirname(here) == here:
+      break
+    here = os.path.dirname(here)
+  for path in candidates:
+    if (os.path.isfile(os.path.join(path, "setup.py"))
+        and os.path.isdir(os.path.join(path, "kat_jax"))):
+      return path
+  return None
+
+
+def install_kat_jax(start="."):
+  """Installs kat_jax unless importable; returns what it did. RuntimeError when it cannot."""
+  if importlib.util.find_spec("kat_jax") is not None:
+    return "kat_jax is already importable"
+  checkout = find_checkout(start)
+  repo_url = os.environ.get("KAT_JAX_REPO_URL", DEFAULT_REPO_URL)
+  how = (
+      "set os.environ['KAT_JAX_REPO_URL'] to the repository's git URL before this cell, or "
+      "clone the repository and open the notebook from inside the checkout")
+  if checkout is None and repo_url == DEFAULT_REPO_URL:
+    raise RuntimeError(f"kat_jax is not installed and no checkout was found: {{how}}")
+  target = ["-e", checkout] if checkout else [f"git+{{repo_url}}"]
+  env = dict(os.environ, GIT_TERMINAL_PROMPT="0")  # fail, not prompt, on a bad URL
   try:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{{REPO_URL}}"])
-  except subprocess.CalledProcessError:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", "."])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *target], env=env)
+  except subprocess.CalledProcessError as e:
+    raise RuntimeError(f"`pip install {{' '.join(target)}}` failed ({{e}}): {{how}}") from e
+  if checkout:  # an editable install's path hook only loads at start-up: import it now
+    sys.path.insert(0, checkout)
+  importlib.invalidate_caches()
+  return f"installed kat_jax from {{checkout or repo_url}}"
 '''
+
+INSTALL = INSTALL_FUNCTIONS + """
+
+print(install_kat_jax())
+"""
 
 COMMON_IMPORTS = '''\
 %matplotlib inline
@@ -45,10 +91,12 @@ def model_tour() -> list:
   return [
       new_markdown_cell(
           "# kat_jax model tour\n\n"
-          "Build a tiny Qwen2.5-style decoder, save it as a Hugging Face checkpoint and load it "
-          "back, then generate with AutoThink forced on and off. The weights are random, so the "
-          "text is noise: the point is the plumbing, which is the same for a real checkpoint "
-          "(`load_pretrained('/path/to/hf_dir')` with the `qwen2.5` tokenizer)."),
+          "Load a Hugging Face checkpoint, run a forward pass, then generate with AutoThink "
+          "forced on and off. Set `HF_DIR` to a Qwen2.5-style checkpoint directory "
+          "(config.json + safetensors) and `TOKENIZER = \"qwen2.5\"` to tour a real model; "
+          "left empty, a random tiny decoder is built, saved in Hugging Face format and loaded "
+          "back (the same code path). Random weights give noise text: the point is the "
+          "plumbing."),
       new_code_cell(INSTALL),
       new_code_cell(COMMON_IMPORTS + '''\
 import os
@@ -57,23 +105,30 @@ import tempfile
 from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.model import Decoder, get_preset, init_params
 
-config = get_preset("tiny")
-params = init_params(config, jax.random.key(0))
-num_params = sum(x.size for x in jax.tree.leaves(params))
-print(f"tiny: {config.num_layers} layers, hidden {config.hidden_size}, "
-      f"vocab {config.vocab_size}, {num_params:,} parameters")'''),
-      new_markdown_cell("## Save in Hugging Face format and load it back"),
+HF_DIR = ""  # a Hugging Face checkpoint directory; empty = a random tiny model
+TOKENIZER = "bytes"  # "qwen2.5" for a real Qwen2.5 checkpoint'''),
+      new_markdown_cell("## Load a Hugging Face checkpoint"),
       new_code_cell('''\
-hf_dir = os.path.join(tempfile.mkdtemp(), "tiny_hf")
-save_pretrained(hf_dir, config, params)
-print(sorted(os.listdir(hf_dir)))
-loaded_config, loaded = load_pretrained(hf_dir)
-max_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(params), jax.tree.leaves(loaded)))
-print("max |param difference| after the round trip:", max_diff)
-assert max_diff == 0.0'''),
+if HF_DIR:
+  loaded_config, loaded = load_pretrained(HF_DIR)
+else:  # save a random tiny model in Hugging Face format, then load it like any checkpoint
+  config = get_preset("tiny")
+  # jit: one compiled init is several times faster than eager op-by-op init on CPU
+  params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+  hf_dir = os.path.join(tempfile.mkdtemp(), "tiny_hf")
+  save_pretrained(hf_dir, config, params)
+  print(sorted(os.listdir(hf_dir)))
+  loaded_config, loaded = load_pretrained(hf_dir)
+  max_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                 zip(jax.tree.leaves(params), jax.tree.leaves(loaded)))
+  print("max |param difference| after the round trip:", max_diff)
+  assert max_diff == 0.0
+num_params = sum(x.size for x in jax.tree.leaves(loaded))
+print(f"{HF_DIR or 'tiny'}: {loaded_config.num_layers} layers, "
+      f"hidden {loaded_config.hidden_size}, vocab {loaded_config.vocab_size}, "
+      f"{num_params:,} parameters")'''),
       new_code_cell('''\
-tokens = jnp.arange(12, dtype=jnp.int32)[None] % config.vocab_size
+tokens = jnp.arange(12, dtype=jnp.int32)[None] % loaded_config.vocab_size
 logits = Decoder(loaded_config).apply({"params": loaded}, tokens)
 print("logits", logits.shape, logits.dtype)'''),
       new_markdown_cell(
@@ -85,7 +140,10 @@ from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.eval import model_generate_fn
 from kat_jax.sampling import autothink_stats
 
-tokenizer = get_tokenizer("bytes")
+tokenizer = get_tokenizer(TOKENIZER)
+if tokenizer.vocab_size > loaded_config.vocab_size:
+  raise ValueError(f"TOKENIZER={TOKENIZER!r} has {tokenizer.vocab_size} tokens but the model "
+                   f"only {loaded_config.vocab_size}: pick the checkpoint's tokenizer")
 prompts = ["What is 2 + 3?", "Write a function that reverses a string."]
 for mode in ("on", "off"):
   generate = model_generate_fn(loaded, loaded_config, tokenizer, think_mode=mode,
@@ -111,7 +169,7 @@ from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.upscale import (analyze_saturation, make_layer_map, select_layers, upscale)
 
 config = get_preset("tiny", num_layers=6)
-params = init_params(config, jax.random.key(0))
+params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))  # jit: fast on CPU
 rng = np.random.default_rng(0)
 batches = [{"tokens": rng.integers(0, 256, size=(4, 64), dtype=np.int32)} for _ in range(2)]
 report = analyze_saturation(config, params, batches)
@@ -241,20 +299,39 @@ def synthetic_history(steps=30, seed=0):
            "response_tokens": float(90 - 30 * x + 50 * noise())}
           for i, x in enumerate(t)]
 
-curves_path = os.path.join(RUN_DIR, "rl_curves.json") if RUN_DIR else ""
-if curves_path and os.path.exists(curves_path):
+if RUN_DIR:
+  curves_path = os.path.join(RUN_DIR, "rl_curves.json")
+  if not os.path.exists(curves_path):
+    raise FileNotFoundError(f"RUN_DIR={RUN_DIR!r} has no rl_curves.json (a step_srpo workdir?)")
   with open(curves_path) as f:
     history = json.load(f)["history"]
   print(f"{len(history)} steps from {curves_path}")
 else:
   history = synthetic_history()
   print("no run dir given: synthetic history of", len(history), "steps")'''),
+      new_markdown_cell(
+          "A step logs `think_on_rate_easy` / `think_on_rate_hard` as `null` when none of its "
+          "unforced rollouts came from that regime; the plot leaves a gap there, and the "
+          "summary below uses the first and last steps that have a value."),
       new_code_cell('''\
 fig = plot_rl_dynamics(history)
 plt.show()
-first, last = history[0], history[-1]
+
+
+def first_last(key):
+  """(first, last) logged values of `key` and the number of steps without one; None if never."""
+  known = [h[key] for h in history if h.get(key) is not None]
+  return (known[0], known[-1], len(history) - len(known)) if known else None
+
+
 for key in ("reward", "think_on_rate_easy", "think_on_rate_hard", "response_tokens"):
-  print(f"{key:20s} {first[key]:8.3f} -> {last[key]:8.3f}")'''),
+  found = first_last(key)
+  if found is None:
+    print(f"{key:20s} never logged")
+    continue
+  first, last, missing = found
+  note = f"  ({missing} of {len(history)} steps without a value)" if missing else ""
+  print(f"{key:20s} {first:8.3f} -> {last:8.3f}{note}")'''),
   ]
 
 

@@ -1,7 +1,7 @@
 """Evaluate checkpoints on generated dual-regime tasks, HumanEval and user JSONL.
 
   python -m experiments.run --config experiments/configs/eval.py \
-      --config.eval.checkpoints=runs/sft,runs/srpo_tiny
+      --config.eval.checkpoints=random,runs/sft,runs/srpo_tiny
   python -m experiments.run --config experiments/configs/eval.py \
       --config.eval.checkpoints=/path/to/hf_dir --config.data.tokenizer=qwen2.5 \
       --config.eval.benchmarks=humaneval --config.eval.num_samples=10 --config.eval.ks=1,10 \

