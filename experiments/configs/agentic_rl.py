@@ -4,10 +4,12 @@
 
 Each step: 4 tasks x a tree of 8 two-turn episodes (branching "4,2": 4 copies at turn 0,
 2 at turn 1, sharing the first turn), GRPO advantages per tree, depth-first packed trees,
-two policy updates. Real environments: `--config.agentic.env=repo_repair` (or `python`) with a
-model that can write tool calls (`--config.model.init_from=...`, `--config.data.tokenizer=qwen2.5`,
-more turns/tokens). Compare packing with `--config.agentic.pack=unrolled`; prune with
-`--config.agentic.prune_budget=600`.
+one policy update (gradients summed over micro-batches of `micro_batch_rows` rows). Real
+environments: `--config.agentic.env=repo_repair` (or `python`) with a model that can write
+tool calls (`--config.model.init_from=...`, `--config.data.tokenizer=qwen2.5`, more
+turns/tokens). Compare packing with `--config.agentic.pack=unrolled` (the same update on
+2.7x more tokens); prune with `--config.agentic.prune_budget=600`; decouple rollouts from
+training with `--config.agentic.mode=decoupled --config.agentic.rollout_workers=2`.
 """
 
 from experiments.configs.base import base_config
@@ -34,5 +36,5 @@ def get_config():
   config.agentic.vocab_limit = 128  # ASCII bytes
   config.agentic.success_threshold = 0.5
   config.agentic.seq_len = 512
-  config.agentic.rows_per_update = 2
+  config.agentic.micro_batch_rows = 2
   return config

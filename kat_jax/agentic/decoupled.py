@@ -138,7 +138,9 @@ def run_decoupled(init_params: Any, train_fn: Callable[[Any, RolloutBatch], tupl
   store.publish(0, params_of(state))
   out: queue.Queue = queue.Queue(maxsize=queue_size)
   stop = threading.Event()
-  workers = [RolloutWorker(i, store, params_of(state), rollout_fn, task_fn, out, stop, seed)
+  # Workers only need the tree structure; not the arrays (train_fn may donate them).
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params_of(state))
+  workers = [RolloutWorker(i, store, like, rollout_fn, task_fn, out, stop, seed)
              for i in range(num_workers)]
   for w in workers:
     w.start()
@@ -246,8 +248,10 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
     for episode in live:
       samples = client.complete(episode.tokens, n=copies, max_tokens=cfg.max_new_tokens,
                                 temperature=cfg.sampling.temperature, stop_ids=(stop,))
-      for c, (ids, logprobs, stopped) in enumerate(samples):
-        e = episode if c == 0 else copy.deepcopy(episode)
+      # Fork before any branch is extended: copy c must start from the pre-turn episode,
+      # not from copy 0 after its sample and environment step.
+      branches = [episode] + [copy.deepcopy(episode) for _ in samples[1:]]
+      for c, (e, (ids, logprobs, stopped)) in enumerate(zip(branches, samples)):
         e.branch_id += (c,)
         e.extend(ids, generated=True, logprobs=logprobs)
         e.turns += 1

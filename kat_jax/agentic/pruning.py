@@ -9,7 +9,8 @@ of importance until the budget is exhausted". The write-up gives no formula, so 
   branch points (every trajectory through it shares all of its tokens);
 - expansion is best-first from the root: a frontier of segments whose parent is kept, popped
   by score; a popped segment is kept if its tokens fit the remaining budget (its children then
-  join the frontier), else skipped. The kept set is therefore ancestor-closed: a valid
+  join the frontier), else skipped. A budget below the root segment (the prompt) is an error:
+  nothing could be kept. The kept set is therefore ancestor-closed: a valid
   (smaller) prefix tree whose loss is the full loss restricted to the kept tokens;
 - default score (`entropy_reach_score`) = reach probability x mean policy entropy of the
   segment. Reach probability is the *visit fraction* visits / group size: the Monte Carlo
@@ -40,8 +41,9 @@ from kat_jax.rl.objectives import ObjectiveConfig, trajectory_weights
 class Segment:
   """A node of the compressed trie: tokens [start, end) of every trajectory in `members`.
 
-  entropy / old_logp / loss_mask: [end - start] of the segment's tokens (from its first
-  member: members share the context, hence these values). visits = len(members).
+  entropy / old_logp / loss_mask: [end - start] of the segment's tokens. Members share the
+  context, hence the entropy and log-prob; loss_mask is 1 where any member trains the token,
+  and the values come from such a member (see `_shared_values`). visits = len(members).
   """
 
   start: int
@@ -127,6 +129,21 @@ def truncate(trajectory: Trajectory, length: int) -> Trajectory:
                     trajectory.ref_logp[:length])
 
 
+def _shared_values(members: Sequence[Trajectory], entropies: Sequence[np.ndarray], start: int,
+                   end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(entropy, old_logp, loss_mask) [end - start] of tokens shared by `members`.
+
+  A token is a policy token if any member trains it (a prefilled token in one trajectory
+  may be sampled in another); its entropy and log-prob come from a member that trains it.
+  """
+  masks = np.stack([t.loss_mask[start:end] for t in members])  # [M, n]
+  source = np.argmax(masks > 0, axis=0)  # first training member per token (0 if none)
+  cols = np.arange(end - start)
+  entropy = np.stack([np.asarray(e[start:end], np.float64) for e in entropies])[source, cols]
+  old_logp = np.stack([t.old_logp[start:end] for t in members]).astype(np.float64)[source, cols]
+  return entropy, old_logp, masks.max(axis=0)
+
+
 def compressed_trie(trajectories: Sequence[Trajectory], entropies: Sequence[np.ndarray]
                     ) -> list[Segment]:
   """Segments of the group's compressed trie; index 0.. in creation order, parents first.
@@ -152,12 +169,10 @@ def compressed_trie(trajectories: Sequence[Trajectory], entropies: Sequence[np.n
       while all(end < len(trajectories[k].tokens) for k in group) and len(
           {int(trajectories[k].tokens[end]) for k in group}) == 1:
         end += 1
-      first = trajectories[group[0]]
       index = len(segments)
-      segments.append(Segment(start, end, group, np.asarray(entropies[group[0]][start:end],
-                                                             np.float64),
-                              first.old_logp[start:end].astype(np.float64),
-                              first.loss_mask[start:end], n, parent))
+      segments.append(Segment(start, end, group, *_shared_values(
+          [trajectories[k] for k in group], [entropies[k] for k in group], start, end),
+                              n, parent))
       if parent >= 0:
         segments[parent].children.append(index)
       split(group, end, index)
@@ -181,6 +196,11 @@ def prune_group(trajectories: Sequence[Trajectory], entropies: Sequence[np.ndarr
 
   Returns:
     A PrunedGroup with per-trajectory kept lengths and the report.
+
+  Raises:
+    ValueError: if the budget is smaller than every root segment (the prompt), since the
+      kept tree would be empty. We raise rather than keep the root over budget: the budget
+      bounds the packed row length, and an over-budget tree could no longer fit `seq_len`.
   """
   if budget < 1:
     raise ValueError(f"budget must be >= 1 token, got {budget}")
@@ -207,6 +227,11 @@ def prune_group(trajectories: Sequence[Trajectory], entropies: Sequence[np.ndarr
     used += segments[i].num_tokens
     for c in segments[i].children:
       heapq.heappush(frontier, (-scores[c], c))
+  if segments and not used:  # no root fits: an empty tree would train on nothing, silently
+    root = min(seg.num_tokens for seg in segments if seg.parent < 0)
+    raise ValueError(f"prune budget {budget} is smaller than the group's root segment "
+                     f"({root} tokens: the shared prompt), so nothing would be kept; the "
+                     "budget must cover the prompt plus the branches to train on")
 
   keep_lengths = np.zeros(len(trajectories), np.int64)
   for i, seg in enumerate(segments):

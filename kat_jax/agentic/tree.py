@@ -56,13 +56,16 @@ class Trajectory:
 
 
 class _Node:
-  __slots__ = ("token", "children", "old_logp", "ref_logp", "adv_pos", "adv_neg",
+  """One trie token. `sampled`: its log-probs come from a trajectory that trains it."""
+
+  __slots__ = ("token", "children", "old_logp", "ref_logp", "sampled", "adv_pos", "adv_neg",
                "kl_weight", "visits")
 
-  def __init__(self, token: int, old_logp: float, ref_logp: float):
+  def __init__(self, token: int):
     self.token = token
     self.children: dict[int, _Node] = {}
-    self.old_logp, self.ref_logp = old_logp, ref_logp
+    self.old_logp = self.ref_logp = 0.0
+    self.sampled = False
     self.adv_pos = self.adv_neg = self.kl_weight = 0.0
     self.visits = 0
 
@@ -76,21 +79,32 @@ class PrefixTree:
     self.unrolled_tokens = 0
 
   def add(self, trajectory: Trajectory, weight: float, *, logp_atol: float = 1e-4) -> None:
-    """Merges a trajectory; `weight` is its aggregation weight w_k (objectives module)."""
+    """Merges a trajectory; `weight` is its aggregation weight w_k (objectives module).
+
+    A shared token may be trained in one trajectory and not in another (e.g. a Step-SRPO
+    mode tag prefilled in forced rollouts, sampled in the others): it has one context, hence
+    one log-prob, taken from a trajectory that trains it; a trajectory with mask 0 there
+    adds a visit and no weight, and its placeholder log-prob is ignored, as in the unrolled
+    loss where its weight is 0.
+    """
     children = self.roots
     self.unrolled_tokens += len(trajectory.tokens)
     for i, token in enumerate(trajectory.tokens.tolist()):
       node = children.get(token)
+      trained = bool(trajectory.loss_mask[i])
       if node is None:
-        node = children[token] = _Node(token, float(trajectory.old_logp[i]),
-                                       float(trajectory.ref_logp[i]))
+        node = children[token] = _Node(token)
         self.num_nodes += 1
-      elif trajectory.loss_mask[i] and abs(node.old_logp - trajectory.old_logp[i]) > logp_atol:
+      if node.visits == 0 or (trained and not node.sampled):  # first visit or first trained
+        node.old_logp, node.ref_logp = float(trajectory.old_logp[i]), float(
+            trajectory.ref_logp[i])
+        node.sampled = trained
+      elif trained and abs(node.old_logp - trajectory.old_logp[i]) > logp_atol:
         raise ValueError(f"token {i} of a trajectory shares its context with another "
                          f"trajectory but has old_logp {trajectory.old_logp[i]} vs "
                          f"{node.old_logp}: the same context must have one log-prob")
       node.visits += 1
-      if trajectory.loss_mask[i]:
+      if trained:
         w = weight * float(trajectory.loss_mask[i])
         a = float(trajectory.advantage[i])
         node.adv_pos += w * max(a, 0.0)

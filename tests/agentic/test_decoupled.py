@@ -14,11 +14,11 @@ from kat_jax.agentic.decoupled import (OpenAICompletionsClient, WeightStore, run
                                        server_rollout)
 from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.rollout import RolloutConfig, tree_rollout
-from kat_jax.agentic.stage import agentic_fields, objective_from, rl_batch
+from kat_jax.agentic.stage import (AccumulatedPolicyUpdate, agentic_fields, objective_from,
+                                   rl_batch)
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import group_advantages
-from kat_jax.rl.policy_step import POLICY_INPUTS, make_policy_step
 from kat_jax.sampling import Sampler, SamplingParams, prepare_params
 from kat_jax.train.state import TrainState
 
@@ -38,12 +38,13 @@ def test_workers_and_trainer_exchange_through_queue_and_snapshots(tmp_path):
   tokenizer = get_tokenizer("bytes")
   config = get_preset("tiny", num_layers=1)
   ag = agentic_fields()
-  ag.seq_len, ag.rows_per_update = 512, 2
+  ag.seq_len, ag.micro_batch_rows = 512, 2
   objective = objective_from(ag)
   optimizer = optax.adam(1e-3)
   params = init_params(config, jax.random.key(0))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-  step_fn = jax.jit(make_policy_step(config, optimizer, objective, loss_chunk=512))
+  initial = jax.tree.map(np.array, params)  # the update donates the state's buffers
+  update = AccumulatedPolicyUpdate(config, optimizer, objective, ag.micro_batch_rows, 512)
   sampler = Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=128)
   cfg = RolloutConfig(branching=(2, 2), max_turns=2, max_new_tokens=3, max_length=384,
                       sampling=SamplingParams(1.0, vocab_limit=128))
@@ -57,32 +58,41 @@ def test_workers_and_trainer_exchange_through_queue_and_snapshots(tmp_path):
     ids = np.array([i for i, g in enumerate(batch.groups) for _ in g])
     packed, _ = rl_batch(batch.groups, group_advantages(rewards, ids), ag, objective,
                          tokenizer.pad_id)
-    for s in range(0, len(packed["tokens"]), ag.rows_per_update):
-      st, metrics = step_fn(st, {k: packed[k][s:s + 2] for k in POLICY_INPUTS})
-    return st, {"loss": float(metrics["loss"])}
+    st, metrics = update(st, packed)  # one optimizer update per rollout batch
+    return st, {"loss": metrics["loss"]}
 
   final, log = run_decoupled(state, train_fn, rollout_fn, lambda w, i: [10 * w + i],
                              str(tmp_path), num_updates=3, num_workers=2, max_staleness=1,
                              timeout_s=240)
   assert [r["update"] for r in log] == [1, 2, 3]
   assert all(0 <= r["staleness"] <= 1 for r in log)
-  assert WeightStore(str(tmp_path)).steps()[-1] == 3
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), final.params, params)
+  assert WeightStore(str(tmp_path)).steps()[-1] == 3 and int(final.step) == 3
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), final.params, initial)
   assert max(jax.tree.leaves(moved)) > 0
 
 
+_SAMPLES = ["ok", "12", "3x"]  # sample i of a request writes _SAMPLES[i] then <|im_end|>
+
+
+def _sample_ids(i: int) -> list[int]:
+  return [ord(c) for c in _SAMPLES[i]] + [258]
+
+
+def _sample_logprobs(i: int) -> list[float]:
+  return [-0.5 * (i + 1), -0.25 * (i + 1), -0.125 * (i + 1)]
+
+
 class _FakeServer(BaseHTTPRequestHandler):
-  """Answers /v1/completions like vLLM: each sample writes 'ok' then <|im_end|> (id 258)."""
+  """Answers /v1/completions like vLLM, with a different answer for every sample index."""
 
   requests = []
 
   def do_POST(self):  # noqa: N802
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     _FakeServer.requests.append(body)
-    ids = [ord("o"), ord("k"), 258]
-    choices = [{"index": i, "finish_reason": "stop", "text": "ok",
-                "logprobs": {"tokens": [f"token_id:{t}" for t in ids],
-                             "token_logprobs": [-0.5, -0.25, -0.125]}}
+    choices = [{"index": i, "finish_reason": "stop", "text": _SAMPLES[i],
+                "logprobs": {"tokens": [f"token_id:{t}" for t in _sample_ids(i)],
+                             "token_logprobs": _sample_logprobs(i)}}
                for i in range(body["n"])]
     data = json.dumps({"choices": choices}).encode()
     self.send_response(200)
@@ -96,23 +106,35 @@ class _FakeServer(BaseHTTPRequestHandler):
 
 
 def test_server_rollout_through_an_openai_compatible_endpoint():
+  _FakeServer.requests = []
   server = HTTPServer(("127.0.0.1", 0), _FakeServer)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   try:
     tokenizer = get_tokenizer("bytes")
     client = OpenAICompletionsClient(f"http://127.0.0.1:{server.server_port}", "m")
-    cfg = RolloutConfig(branching=(3,), max_turns=2, max_new_tokens=8)
-    groups = server_rollout(client, lambda: DigitsEnv(rounds=2), [0], tokenizer, cfg)
+    cfg = RolloutConfig(branching=(3, 2), max_turns=2, max_new_tokens=8)
+    groups = server_rollout(client, lambda: DigitsEnv(rounds=2, width=2), [0], tokenizer, cfg)
   finally:
     server.shutdown()
-  assert len(groups[0]) == 3
-  e = groups[0][0]
-  assert e.messages[1]["content"] == "ok" and e.reward == 0.0 and e.turns == 2
-  mask = np.array(e.loss_mask, bool)
-  assert np.array(e.tokens)[mask].tolist() == [ord("o"), ord("k"), 258] * 2
-  assert np.array(e.logprobs)[mask].tolist() == [-0.5, -0.25, -0.125] * 2
-  assert _FakeServer.requests[0]["prompt"] == e.tokens[:len(_FakeServer.requests[0]["prompt"])]
+  # one request at turn 0 (n=3), then one per branch at turn 1 (n=2)
+  assert [r["n"] for r in _FakeServer.requests] == [3, 2, 2, 2]
+  assert [e.branch_id for e in groups[0]] == [(a, b) for a in range(3) for b in range(2)]
+  digits = [sum(c.isdigit() for c in text[:2]) / 2 for text in _SAMPLES]
+  for e in groups[0]:  # every branch holds its own samples, not copy 0's
+    first, second = e.branch_id
+    answers = [m["content"] for m in e.messages if m["role"] == "assistant"]
+    assert answers == [_SAMPLES[first], _SAMPLES[second]]
+    assert e.turns == 2 and e.reward == pytest.approx((digits[first] + digits[second]) / 2)
+    mask = np.array(e.loss_mask, bool)
+    assert np.array(e.tokens)[mask].tolist() == _sample_ids(first) + _sample_ids(second)
+    assert np.array(e.logprobs)[mask].tolist() == (_sample_logprobs(first)
+                                                   + _sample_logprobs(second))
+    # the turn-1 request of this branch was sent its own first turn
+    request = _FakeServer.requests[1 + first]
+    assert request["prompt"] == e.tokens[:len(request["prompt"])]
+  assert _FakeServer.requests[0]["prompt"] == groups[0][0].tokens[
+      :len(_FakeServer.requests[0]["prompt"])]
   assert _FakeServer.requests[0]["return_tokens_as_token_ids"] is True
   with pytest.raises(ValueError, match="token_id"):
     from kat_jax.agentic.decoupled import _token_id

@@ -36,6 +36,17 @@ def test_compressed_trie_segments():
   assert sum(s.num_tokens for s in segs) == build_trees([trajs], ObjectiveConfig())[0].num_nodes
 
 
+def test_shared_segment_takes_values_from_a_member_that_trains_the_token():
+  # token 2 is prefilled in the first trajectory (mask 0, entropy 0), sampled in the second
+  trajs = [Trajectory([1, 2, 3], [0, 0, 1], 1.0, [0, 0, -0.5]),
+           Trajectory([1, 2, 4], [0, 1, 1], -1.0, [0, -1.5, -0.7])]
+  root = compressed_trie(trajs, [np.array([0, 0, 0.3]), np.array([0, 1.5, 0.9])])[0]
+  assert (root.start, root.end) == (0, 2)
+  np.testing.assert_array_equal(root.loss_mask, [0, 1])
+  np.testing.assert_array_equal(root.entropy, [0, 1.5])
+  np.testing.assert_array_equal(root.old_logp, [0, -1.5])
+
+
 def test_budget_keeps_best_branches_first():
   trajs, ents = _group()
   # Scores: [3,4,5] = 2/3*0.2 = 0.13, [8,9] = 1/3*1.0 = 0.33, [6] = 1/3*2 = 0.67, [7] = 0.03.
@@ -63,6 +74,15 @@ def test_budget_keeps_best_branches_first():
     prune_group(trajs, ents, budget=5, score_fn="nope")
   with pytest.raises(ValueError, match="budget"):
     prune_group(trajs, ents, budget=0)
+
+
+def test_budget_below_the_prompt_is_an_error_not_an_empty_tree():
+  trajs, ents = _group()  # the shared prompt [1, 2] is the root segment
+  with pytest.raises(ValueError, match="budget 1 is smaller than the group's root segment "
+                     r"\(2 tokens"):
+    prune_group(trajs, ents, budget=1)
+  two = prune_group(trajs, ents, budget=2)  # the prompt alone fits: kept, no policy token
+  assert two.report.kept_tokens == 2 and two.report.weight_mass_kept == 0.0
 
 
 def test_random_groups_respect_budget_and_stay_ancestor_closed():

@@ -1,4 +1,7 @@
-"""The packed prefix-tree loss (and gradient) equals the unrolled loss, for every mode."""
+"""The packed prefix-tree loss (and gradient) equals the unrolled loss, for every mode.
+
+Random forests with per-token (Step-SRPO segment) advantages and tokens prefilled in one
+trajectory but sampled in another."""
 
 import jax
 import numpy as np
@@ -19,8 +22,22 @@ def _context_value(prefix: tuple, salt: int) -> float:
   return -0.1 - (hash((salt,) + prefix) % 997) / 400.0
 
 
+def _segment_advantages(rng, prompt_len: int, response_len: int) -> np.ndarray:
+  """Step-SRPO-like per-token advantages: 0 on the prompt, 1-3 constant response segments."""
+  cuts = np.sort(rng.integers(0, response_len + 1, rng.integers(0, 3)))
+  values = rng.normal(size=len(cuts) + 1)
+  segment = np.searchsorted(cuts, np.arange(response_len), side="right")
+  return np.concatenate([np.zeros(prompt_len), values[segment]])
+
+
 def _random_group(rng, vocab=60, group_size=4):
-  """Trajectories of one prompt whose responses branch off each other at random points."""
+  """Trajectories of one prompt whose responses branch off each other at random points.
+
+  Advantages are per token (segments, as Step-SRPO gives). The first response token is
+  prefilled (mask 0, placeholder log-prob 0, like a forced Step-SRPO mode tag) in the first
+  trajectory and at random in others, so a shared token is often prefilled in one
+  trajectory and sampled in another.
+  """
   prompt = list(rng.integers(0, vocab, rng.integers(2, 5)))
   responses = []
   for _ in range(group_size):
@@ -32,13 +49,25 @@ def _random_group(rng, vocab=60, group_size=4):
       response = list(rng.integers(0, vocab, rng.integers(2, 7)))
     responses.append(response)
   group = []
-  for response in responses:
+  for k, response in enumerate(responses):
     tokens = prompt + response
     mask = [0] * len(prompt) + [1] * len(response)
     old = [_context_value(tuple(tokens[:i + 1]), 1) for i in range(len(tokens))]
     ref = [_context_value(tuple(tokens[:i + 1]), 2) for i in range(len(tokens))]
-    group.append(Trajectory(tokens, mask, float(rng.normal()), old, ref))
+    if k == 0 or rng.random() < 0.3:
+      mask[len(prompt)] = old[len(prompt)] = ref[len(prompt)] = 0
+    group.append(Trajectory(tokens, mask, _segment_advantages(rng, len(prompt), len(response)),
+                            old, ref))
   return group
+
+
+def _mixed_tokens(group) -> int:
+  """How many shared contexts are trained in one trajectory and not in another."""
+  seen: dict[tuple, set] = {}
+  for t in group:
+    for i in range(len(t.tokens)):
+      seen.setdefault(tuple(t.tokens[:i + 1].tolist()), set()).add(float(t.loss_mask[i]))
+  return sum(len(flags) > 1 for flags in seen.values())
 
 
 def test_layout_by_hand():
@@ -55,6 +84,20 @@ def test_layout_by_hand():
   np.testing.assert_allclose(out["adv_pos"], [0, 0, 0.5, 0.5, 0, 0.25])
   np.testing.assert_allclose(out["adv_neg"], [0, 0, -1.0, 0, -1.0, 0])
   np.testing.assert_allclose(out["kl_weight"], [0, 0, 1.0, 0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_token_prefilled_in_one_trajectory_and_sampled_in_another(order):
+  # [1, 2, 3]: token 2 prefilled (mask 0, placeholder log-prob 0); [1, 2, 4]: token 2 sampled
+  trajs = [Trajectory([1, 2, 3], [0, 0, 1], 1.0, [0, 0, -0.5]),
+           Trajectory([1, 2, 4], [0, 1, 1], -1.0, [0, -1.5, -0.7])]
+  tree = PrefixTree()
+  for k in order:
+    tree.add(trajs[k], weight=0.5)
+  out = tree.layout()
+  assert out["tokens"][1] == 2 and out["visits"][1] == 2
+  assert out["old_logp"][1] == -1.5  # the sampled trajectory's log-prob, in either order
+  assert out["kl_weight"][1] == 0.5 and out["adv_neg"][1] == -0.5 and out["adv_pos"][1] == 0
 
 
 def test_inconsistent_old_logp_is_an_error():
@@ -75,6 +118,8 @@ def test_tree_packed_loss_and_gradient_equal_unrolled(model, mode):
   config, params = model
   rng = np.random.default_rng(LOSS_AGG_MODES.index(mode))
   groups = [_random_group(rng) for _ in range(3)]
+  assert sum(_mixed_tokens(g) for g in groups) > 0  # the prefilled/sampled case is exercised
+  assert any(len(np.unique(t.advantage[t.loss_mask > 0])) > 1 for g in groups for t in g)
   cfg = ObjectiveConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, beta=0.05,
                         entropy_coef=0.01, loss_agg_mode=mode, max_response_length=16)
   tree_batch = pack_trees(build_trees(groups, cfg), seq_len=40, pad_id=0)

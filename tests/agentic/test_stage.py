@@ -1,0 +1,104 @@
+"""The agentic_rl stage end to end (tiny model): tree vs unrolled, pruning, decoupled mode."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments.configs.agentic_rl import get_config
+from kat_jax.agentic.environments import DigitsEnv
+from kat_jax.agentic.rollout import Episode
+from kat_jax.agentic.stage import objective_from, rl_batch, run_agentic_rl
+from kat_jax.data.chat_template import tokenize_chat
+from kat_jax.data.tokenizer import get_tokenizer
+from kat_jax.errors import ConfigError
+
+
+def _config(workdir, **agentic):
+  config = get_config()
+  config.workdir = str(workdir)
+  config.model.num_layers = 1
+  config.train.steps = 1
+  config.train.log_every = 1
+  config.agentic.tasks_per_step = 2
+  config.agentic.branching = "2,2"
+  config.agentic.max_new_tokens = 3
+  config.agentic.seq_len = 640
+  for key, value in agentic.items():
+    config.agentic[key] = value
+  return config
+
+
+def _history(tmp_path, name: str) -> list[dict]:
+  return json.loads((tmp_path / name / "agentic_metrics.json").read_text())["history"]
+
+
+def test_tree_and_unrolled_packing_take_the_same_single_update(tmp_path):
+  # Same seed -> the same rollouts; one optimizer update over all rows in both layouts.
+  tree = run_agentic_rl(_config(tmp_path / "tree", pack="tree"))
+  flat = run_agentic_rl(_config(tmp_path / "flat", pack="unrolled"))
+  for name, record in (("tree", tree), ("flat", flat)):
+    assert _history(tmp_path, name) == [pytest.approx(record)]
+    assert record["step"] == 1 and record["episodes"] == 8  # 2 tasks x 2 x 2 branches
+  assert tree["reward_mean"] == flat["reward_mean"]
+  assert tree["tree_tokens"] < tree["unrolled_tokens"] == flat["unrolled_tokens"]
+  assert tree["micro_batches"] == 1 and flat["micro_batches"] == 4  # 8 rows, 2 per chunk
+  assert tree["loss"] == pytest.approx(flat["loss"], rel=1e-4, abs=1e-7)
+  assert tree["grad_norm"] == pytest.approx(flat["grad_norm"], rel=1e-4)
+  assert tree["grad_norm"] > 0
+
+
+def test_decoupled_mode_with_pruning_logs_prune_report_and_staleness(tmp_path):
+  tokenizer = get_tokenizer("bytes")
+  prompt = len(tokenize_chat(tokenizer, DigitsEnv().reset(0), template="qwen2.5",
+                             add_generation_prompt=True).ids)
+  # the prompt and one first-turn branch (3 tokens + the ~30-token observation) of each tree
+  budget = prompt + 40
+  config = _config(tmp_path / "decoupled", mode="decoupled", rollout_workers=2,
+                   max_staleness=1, prune_budget=budget, decoupled_timeout_s=600.0)
+  config.train.steps = 2
+  last = run_agentic_rl(config)
+  history = _history(tmp_path, "decoupled")
+  assert [h["step"] for h in history] == [1, 2] and last["step"] == 2
+  for h in history:
+    assert 0 <= h["staleness"] <= 1
+    assert h["prune_kept_tokens"] == h["tree_tokens"] <= 2 * budget
+    assert h["prune_kept_tokens"] < h["prune_total_tokens"]
+    assert h["prune_total_trajectories"] == 8
+    assert h["prune_kept_trajectories"] + h["prune_partial_trajectories"] <= 8
+    assert 0 < h["weight_mass_kept"] < 1 and h["prune_partial_trajectories"] > 0
+    assert np.isfinite(h["loss"])
+
+
+def _episode(tokens, mask) -> Episode:
+  """An episode without environment: behaviour log-probs and entropies on policy tokens."""
+  return Episode(0, None, [], [], list(tokens), list(mask), [-0.5 * m for m in mask],
+                 [float(m) for m in mask])
+
+
+def test_rl_batch_prune_stats_and_a_budget_below_the_prompt():
+  ag = _config("unused", prune_budget=6, seq_len=16).agentic
+  groups = [[_episode([1, 2, 3, 4, 5], [0, 0, 1, 1, 1]), _episode([1, 2, 3, 6], [0, 0, 1, 1]),
+             _episode([1, 2, 7], [0, 0, 1])]]
+  batch, stats = rl_batch(groups, np.array([1.0, -1.0, 0.5]), ag, objective_from(ag), 0)
+  assert batch["tokens"].shape == (2, 16)  # one tree row, padded to micro_batch_rows
+  assert stats["prune_total_tokens"] == 7 and stats["prune_kept_tokens"] == stats[
+      "tree_tokens"] <= 6
+  assert stats["prune_total_trajectories"] == 3
+  assert stats["prune_kept_trajectories"] + stats["prune_partial_trajectories"] == 3
+  ag.prune_budget = 2  # the prompt only: a warning, the update would be empty
+  with pytest.warns(UserWarning, match="prune_budget 2 keeps no policy token of 1 of 1"):
+    rl_batch(groups, np.array([1.0, -1.0, 0.5]), ag, objective_from(ag), 0)
+  ag.prune_budget = 1
+  with pytest.raises(ConfigError, match="config.agentic.prune_budget.*root segment"):
+    rl_batch(groups, np.array([1.0, -1.0, 0.5]), ag, objective_from(ag), 0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mode", "async", "config.agentic.mode 'async' not in"),
+    ("pack", "flat", "config.agentic.pack 'flat' not in"),
+    ("micro_batch_rows", 0, "config.agentic.micro_batch_rows must be >= 1"),
+])
+def test_bad_agentic_fields_are_config_errors(tmp_path, field, value, message):
+  with pytest.raises(ConfigError, match=message):
+    run_agentic_rl(_config(tmp_path, **{field: value}))
