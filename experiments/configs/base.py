@@ -33,7 +33,7 @@ def base_config() -> ConfigDict:
 
   config.data = ConfigDict(dict(
       tokenizer="bytes",  # 'bytes' (CPU experiments) or 'qwen2.5' (real vocabulary)
-      source="synthetic",  # 'synthetic' | 'jsonl' | 'array_record'
+      source="synthetic",  # 'synthetic' | 'autothink' | 'jsonl' | 'array_record'
       paths="",  # comma-separated files for jsonl/array_record
       eval_paths="",
       synthetic_docs=20000,

@@ -5,9 +5,11 @@
 Generates tasks, tags modes by majority vote (procedural think-off solver), trains with
 per-segment loss weights, then reports format rate and think-on rate on easy vs hard held-out
 prompts (`<workdir>/sft_eval.json`). Bring your own chat data with
-`--config.autothink.sft_paths=a.jsonl,b.parquet`; tag with a real model through an
-OpenAI-compatible server with `--config.autothink.tagger=endpoint
---config.autothink.endpoint_url=http://127.0.0.1:8000 --config.autothink.endpoint_model=NAME`.
+`--config.autothink.sft_paths=a.jsonl,b.parquet`, or your own queries to tag with
+`--config.autothink.tasks_path=mine.jsonl` (rows {"prompt", "answer", "verifier": "math"});
+tag with a real model through an OpenAI-compatible server with
+`--config.autothink.tagger=endpoint --config.autothink.endpoint_url=http://127.0.0.1:8000
+--config.autothink.endpoint_model=NAME`.
 """
 
 from experiments.configs.base import base_config

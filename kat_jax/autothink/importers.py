@@ -8,8 +8,10 @@ Row format (OpenAI-style chat):
 In Parquet, `messages` / `tools` are list columns or JSON strings.
 
 Malformed rows raise `RecordError` naming file, line (JSONL) or row (Parquet) and field; with
-`on_error="skip"` they are counted in `ImportResult.num_skipped` (first reasons kept and logged),
-never dropped silently.
+`on_error="skip"` they are counted in `ImportResult.num_skipped`, never dropped silently: each
+skip is logged at warning level with its file/line and reason (the first `_MAX_REASONS`, which
+are also kept in `errors`; a flood of bad rows must not flood the log), then one warning with
+the total.
 
 `to_autothink_sft` turns a chat row into a cold-start example: the final assistant turn is put
 in the Table 2 layout (kept as is when it already is; `<think>…</think>` or `reasoning_content`
@@ -44,10 +46,19 @@ class ImportResult:
   num_skipped: int = 0
   errors: list[str] = dataclasses.field(default_factory=list)
 
-  def skip(self, error: RecordError) -> None:
+  def skip(self, error: RecordError, kind: str) -> None:
+    """Counts a skipped row; its reason is kept and logged for the first `_MAX_REASONS`."""
     self.num_skipped += 1
     if len(self.errors) < _MAX_REASONS:
       self.errors.append(str(error))
+      logging.warning("%s: skipping row: %s", kind, error)
+
+  def log_total(self, kind: str) -> None:
+    """One warning with the skip total (reasons past the first `_MAX_REASONS` not logged)."""
+    if self.num_skipped:
+      unlisted = self.num_skipped - len(self.errors)
+      logging.warning("%s: skipped %d of %d rows%s", kind, self.num_skipped, self.num_rows,
+                      f" ({unlisted} reasons not logged individually)" if unlisted else "")
 
 
 def _json_field(row: dict[str, Any], field: str) -> None:
@@ -115,10 +126,8 @@ def _collect(rows: Iterable[tuple[str, Any]], on_error: str, kind: str) -> Impor
       located = e.located(where)
       if on_error == "raise":
         raise located from None
-      result.skip(located)
-  if result.num_skipped:
-    logging.warning("%s: skipped %d of %d malformed rows; first: %s", kind,
-                    result.num_skipped, result.num_rows, result.errors[0])
+      result.skip(located, kind)
+  result.log_total(kind)
   return result
 
 
@@ -233,6 +242,7 @@ def import_sft_records(paths: str | os.PathLike | Sequence[str | os.PathLike], *
       located = e.located(where)
       if on_error == "raise":
         raise located from None
-      converted.skip(located)
+      converted.skip(located, "to_autothink_sft")
+  converted.log_total("import_sft_records")  # malformed + unconvertible rows together
   return converted
 

@@ -6,7 +6,10 @@
    - default: generate dual-regime tasks (`tasks.py`), tag each with a mode by majority vote over
      think-off samples (`tagging.py`; tagger 'simulated' | 'model' | 'endpoint') plus
      `random_fraction` random modes, and render cold-start examples (`templates.py`);
+   - `tasks_path`: tag your own task records (minimal: prompt, answer, verifier type) instead
+     of generated ones; a think_on-tagged record without a `think` trace is skipped, counted;
    - `sft_paths`: import chat JSONL/Parquet rows instead (`importers.py`).
+   Skipped rows are logged, counted in `data/data_summary.json` and printed.
 2. Train with the shared loop (`train.loop.run_training`), loss weights per segment
    (judge / mode / think / answer).
 3. Evaluate the trained model on held-out generated tasks (another seed): it chooses its mode
@@ -25,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from ml_collections import ConfigDict
 
 from kat_jax.autothink import generation, importers, tagging, tasks as tasks_lib, templates
@@ -34,6 +38,7 @@ from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig
 
 TAGGERS = ("simulated", "model", "endpoint")
+_MAX_REASONS = 20  # skip reasons logged one by one and kept in data_summary.json
 
 
 def autothink_fields() -> ConfigDict:
@@ -43,7 +48,8 @@ def autothink_fields() -> ConfigDict:
       num_train=3000,  # generated training tasks
       num_eval=100,  # generated tasks for the held-out loss
       hard_fraction=0.5,
-      tasks_path="",  # tag these task records (JSONL/ArrayRecord) instead of generating
+      tasks_path="",  # tag these task records (JSONL/ArrayRecord; minimal user records
+      # {prompt, answer, verifier type} allowed, see tasks.Task.from_record) instead of generating
       sft_paths="",  # comma-separated chat JSONL/Parquet to import (skips generation/tagging)
       on_error="skip",  # malformed imported rows: 'skip' (counted, logged) or 'raise'
       # tagging
@@ -172,9 +178,31 @@ def _tag_and_render(config: ConfigDict, tokenizer: Tokenizer, task_list, path: s
   tagged = tagging.tag_tasks(task_list, make_generate_fn(config, tokenizer, task_list),
                              num_samples=at.votes, random_fraction=at.random_fraction,
                              seed=seed, time_limit=at.code_time_limit)
-  sources.write_jsonl((templates.sft_record(r) for r in tagged), path)
+  records, reasons = render_tagged(tagged)
+  if not records:
+    raise ConfigError(f"none of the {len(tagged)} tagged tasks could be rendered "
+                      f"({reasons[:3]}); give user task records a 'think' trace")
+  sources.write_jsonl(records, path)
   sources.write_jsonl(tagged, path.replace(".jsonl", "_tagged.jsonl"))
-  return tagging_summary(tagged)
+  return {**tagging_summary(tagged), "skipped": len(tagged) - len(records),
+          "skip_reasons": reasons[:_MAX_REASONS]}
+
+
+def render_tagged(tagged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+  """(SFT records, skip reasons) of tagged tasks. A task the vote sent to think_on but that
+  has no reasoning trace (a user record without 'think') cannot be a think-on example: it is
+  skipped, logged and counted, never dropped silently."""
+  records, reasons = [], []
+  for record in tagged:
+    try:
+      records.append(templates.sft_record(record))
+    except ValueError as e:
+      reasons.append(str(e))
+      if len(reasons) <= _MAX_REASONS:
+        logging.warning("sft data: skipping tagged task: %s", e)
+  if reasons:
+    logging.warning("sft data: skipped %d of %d tagged tasks", len(reasons), len(tagged))
+  return records, reasons
 
 
 def prepare_sft_data(config: ConfigDict, workdir: str) -> dict[str, str]:
@@ -202,9 +230,18 @@ def prepare_sft_data(config: ConfigDict, workdir: str) -> dict[str, str]:
     sources.write_jsonl(result.records[:n_eval], paths["eval"])
     summary = {"imported_rows": result.num_rows, "skipped": result.num_skipped,
                "skip_reasons": result.errors}
+    print(f"sft data: {len(result.records)} of {result.num_rows} imported rows kept, "
+          f"{result.num_skipped} skipped (reasons logged and in data/data_summary.json)",
+          flush=True)
   else:
     if at.tasks_path:
-      train_tasks = tasks_lib.read_tasks(at.tasks_path)
+      try:
+        train_tasks = tasks_lib.read_tasks(at.tasks_path)
+      except (OSError, ValueError) as e:
+        raise ConfigError(f"config.autothink.tasks_path: {e}") from e
+      if at.tagger == "simulated" and any(t.kind == "user" for t in train_tasks):
+        logging.warning("tagger 'simulated' votes on user tasks by their difficulty only; "
+                        "use tagger 'model' or 'endpoint' for real votes")
     else:
       train_tasks = tasks_lib.generate_tasks(at.num_train, at.data_seed,
                                              hard_fraction=at.hard_fraction)
@@ -267,13 +304,26 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
                                sources_fn=sources_fn)
   train_seconds = time.perf_counter() - start
   summary = evaluate_model(config, workdir, paths["heldout"]) if jax.process_index() == 0 else {}
+  skipped = data_skipped(workdir)
   print(f"sft: format rate {_fmt(summary.get('format_rate'))}, think-on rate easy "
         f"{_fmt(summary.get('think_on_rate_easy'))} / hard "
         f"{_fmt(summary.get('think_on_rate_hard'))}, accuracy {_fmt(summary.get('accuracy'))} "
-        f"on {summary.get('num_prompts', 0)} held-out prompts ({train_seconds:.0f}s data+train)",
-        flush=True)
-  return {**train_metrics, "train_seconds": train_seconds,
+        f"on {summary.get('num_prompts', 0)} held-out prompts ({train_seconds:.0f}s data+train)"
+        f"; {skipped} data rows skipped", flush=True)
+  return {**train_metrics, "train_seconds": train_seconds, "data_skipped": skipped,
           **{f"eval_{k}": v for k, v in summary.items()}}
+
+
+def data_skipped(workdir: str) -> int:
+  """Rows the data step skipped (imported rows, or tagged tasks that could not be rendered),
+  read back from `<workdir>/data/data_summary.json` so reused data reports it too."""
+  path = os.path.join(workdir, "data", "data_summary.json")
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    summary = json.load(f)
+  return int(summary.get("skipped", 0)) + sum(
+      int(part.get("skipped", 0)) for part in summary.values() if isinstance(part, dict))
 
 
 def _fmt(value: float | None) -> str:

@@ -39,7 +39,17 @@ THINK_OFF_SYSTEM = ("Answer directly, without showing any reasoning. Reply with 
 
 
 def extract_answer(response: str) -> str:
-  """The answer part of a response: inside `<answer>` when tagged, else the whole text."""
+  """The answer part of a response: inside `<answer>` when tagged, else the whole text.
+
+  A leading `<think>…</think>` block (reasoning models served over an OpenAI-compatible
+  endpoint reply `<think>…</think>answer` even when asked not to think) is dropped first; a
+  `<think>` never closed (cut off by max_tokens) leaves no answer: ''.
+  """
+  stripped = response.lstrip()
+  if stripped.startswith("<think>"):
+    if "</think>" not in stripped:
+      return ""
+    response = stripped.split("</think>", 1)[1]
   if "<answer>" in response or "<judge>" in response:
     parsed = parse_autothink_response(response)
     if parsed["answer"] is not None:

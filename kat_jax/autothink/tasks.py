@@ -10,6 +10,10 @@ for these): a worked reasoning trace (`think`) and a judge rationale for each mo
 
 Texts are short (prompts ~20-120 characters, traces one or two lines) so the byte-tokenized tiny
 model fits a whole example in a few hundred tokens. Generation is deterministic in (seed, index).
+
+Also here: minimal user task records (`Task.from_record`: prompt, answer, verifier type) for
+tagging your own queries, and `task_text`, a task as a plain-text pre-training document
+(`config.data.source='autothink'`).
 """
 
 from __future__ import annotations
@@ -36,24 +40,89 @@ class Task:
   id: str
   kind: str
   domain: str
-  regime: str
-  difficulty: int
+  regime: str | None  # None: a user task of unknown regime
+  difficulty: int | None
   prompt: str
   answer: str
   verifier: dict[str, Any]
-  think: str
+  think: str | None  # None: a user task without a reasoning trace
   judge: dict[str, str]
 
   def to_record(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_record(cls, record: Mapping[str, Any]) -> Task:
+  def from_record(cls, record: Mapping[str, Any], default_id: str = "user") -> Task:
+    """A task from a generator record (every field) or a minimal user record.
+
+    Minimal user record: {"prompt": str, "answer": str, "verifier": type | spec,
+    "domain"?, "id"?, "regime"?, "difficulty"?, "think"?, "judge"?: str | {mode: str}}.
+    A verifier type string is completed from the answer (see `user_verifier`); missing
+    fields get: id `default_id`, kind 'user', domain '' (tagging infers it), regime and
+    difficulty None (unknown), think None (no trace: not renderable as think-on), judge the
+    generic rationale of each mode.
+    """
+    if not isinstance(record, Mapping):
+      raise ValueError(f"task record must be an object, got {type(record).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if n not in record]
-    if missing:
-      raise ValueError(f"task record {record.get('id', '?')!r} misses fields {missing}")
-    return cls(**{n: record[n] for n in names})
+    if all(n in record for n in names):
+      return cls(**{n: record[n] for n in names})
+    return _user_task(record, default_id)
+
+
+def user_verifier(verifier: Any, answer: str) -> dict[str, Any]:
+  """A user record's verifier: a full spec, or a type completed from the answer
+  ('exact' -> accept [answer], 'math' -> value answer, 'choice' -> key answer; 'code' needs
+  a spec with 'tests')."""
+  from kat_jax.autothink import verifiers  # pylint: disable=g-import-not-at-top (pulls rl)
+  if isinstance(verifier, str):
+    if verifier == "code":
+      raise ValueError("field 'verifier': 'code' needs a spec {'type': 'code', 'tests': str}")
+    field = {"exact": ("accept", [answer]), "math": ("value", answer),
+             "choice": ("key", answer.strip())}.get(verifier)
+    if field is None:
+      raise ValueError(f"field 'verifier': {verifier!r} not in {verifiers.VERIFIER_TYPES}")
+    verifier = {"type": verifier, field[0]: field[1]}
+  try:
+    verifiers.check_spec(verifier)
+  except ValueError as e:
+    raise ValueError(f"field 'verifier': {e}") from None
+  if verifier["type"] == "choice" and verifier["key"] not in ("A", "B", "C", "D"):
+    raise ValueError(f"field 'verifier': choice key must be A-D, got {verifier['key']!r}")
+  return dict(verifier)
+
+
+def _user_task(record: Mapping[str, Any], default_id: str) -> Task:
+  """A minimal user record -> Task (see `Task.from_record`); ValueError naming the field."""
+  from kat_jax.autothink.importers import DEFAULT_JUDGE  # pylint: disable=g-import-not-at-top
+  for field in ("prompt", "answer"):
+    if not isinstance(record.get(field), str) or not record[field].strip():
+      raise ValueError(f"field {field!r}: missing or not a non-empty string")
+  if "verifier" not in record:
+    raise ValueError("field 'verifier': missing (a type such as 'math' or a full spec)")
+  optional_str = {"id": str, "domain": str, "think": str, "kind": str}
+  for field, kind in optional_str.items():
+    if record.get(field) is not None and not isinstance(record[field], kind):
+      raise ValueError(f"field {field!r}: must be a string, got {type(record[field]).__name__}")
+  regime = record.get("regime")
+  if regime is not None and regime not in REGIMES:
+    raise ValueError(f"field 'regime': {regime!r} not in {REGIMES}")
+  difficulty = record.get("difficulty")
+  if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, int)):
+    raise ValueError(f"field 'difficulty': must be an integer, got {difficulty!r}")
+  judge = record.get("judge")
+  if judge is None:
+    judge = dict(DEFAULT_JUDGE)
+  elif isinstance(judge, str):
+    judge = {"think_on": judge, "think_off": judge}
+  elif not (isinstance(judge, Mapping) and all(isinstance(judge.get(m), str)
+                                               for m in DEFAULT_JUDGE)):
+    raise ValueError("field 'judge': a string or {'think_on': str, 'think_off': str}")
+  return Task(id=record.get("id") or default_id, kind=record.get("kind") or "user",
+              domain=record.get("domain") or "", regime=regime, difficulty=difficulty,
+              prompt=record["prompt"], answer=record["answer"],
+              verifier=user_verifier(record["verifier"], record["answer"]),
+              think=record.get("think"), judge=dict(judge))
 
 
 # ---------------------------------------------------------------------------
@@ -333,21 +402,46 @@ def write_tasks(path: str | os.PathLike, num_tasks: int, seed: int, *,
   raise ValueError(f"fmt must be 'jsonl' or 'array_record', got {fmt!r}")
 
 
+def task_text(task: Task) -> str:
+  """A task as a plain-text document for pre-training / calibration (no chat template):
+  the question, the worked reasoning for hard tasks only (easy ones need none), the answer."""
+  lines = [f"Question: {task.prompt}"]
+  if task.regime == "hard" and task.think:
+    lines.append(f"Reasoning: {task.think}")
+  lines.append(f"Answer: {task.answer}")
+  return "\n".join(lines)
+
+
+def write_text_corpus(path: str | os.PathLike, num_docs: int, seed: int, *,
+                      hard_fraction: float = 0.5) -> int:
+  """Writes `num_docs` tasks of stream `seed` as {"text": task_text, "id", "domain",
+  "regime"} JSON lines (atomically); returns the count. Source 'autothink' of
+  `train.loop.build_sources`."""
+  from kat_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.write_jsonl(
+      ({"text": task_text(t), "id": t.id, "domain": t.domain, "regime": t.regime}
+       for t in generate_tasks(num_docs, seed, hard_fraction=hard_fraction)), path)
+
+
 def read_tasks(path: str | os.PathLike) -> list[Task]:
-  """Tasks from a JSONL or ArrayRecord file written by `write_tasks`."""
+  """Tasks from a JSONL or ArrayRecord file: `write_tasks` output or minimal user records
+  (`Task.from_record`; a user record without id gets '<file name>:<line or record>')."""
   import json  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
+  name = os.path.basename(path)
   if path.endswith(".array_record"):
     import grain  # pylint: disable=g-import-not-at-top
     reader = grain.sources.ArrayRecordDataSource([path])
-    rows = [(f"{path} record {i + 1}", reader[i]) for i in range(len(reader))]
+    rows = [(f"{path} record {i + 1}", f"{name}:{i + 1}", reader[i])
+            for i in range(len(reader))]
   else:
     with open(path, "rb") as f:
-      rows = [(f"{path} line {i}", line) for i, line in enumerate(f, 1) if line.strip()]
+      rows = [(f"{path} line {i}", f"{name}:{i}", line)
+              for i, line in enumerate(f, 1) if line.strip()]
   tasks = []
-  for where, raw in rows:
+  for where, default_id, raw in rows:
     try:
-      tasks.append(Task.from_record(json.loads(raw)))
+      tasks.append(Task.from_record(json.loads(raw), default_id))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{where}: {e}") from None
   return tasks

@@ -45,20 +45,29 @@ def _split_paths(paths: str) -> list[str]:
 
 
 def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
-  """(train_source, eval_source or None) from `config.data`."""
-  if data.source == "synthetic":
+  """(train_source, eval_source or None) from `config.data`.
+
+  Generated sources write `<workdir>/data/<source>_{train,eval}.jsonl` once (seeds `seed`,
+  `seed + 1`; sizes `data.synthetic_docs` / `synthetic_eval_docs`): 'synthetic' is the small
+  procedural corpus, 'autothink' the dual-regime AutoThink tasks as plain text (question,
+  reasoning for hard tasks, answer; `kat_jax.autothink.tasks.task_text`).
+  """
+  if data.source in ("synthetic", "autothink"):
+    # pylint: disable-next=g-import-not-at-top  (only this source needs the task generator)
+    from kat_jax.autothink.tasks import write_text_corpus
+    write = (synthetic.write_corpus_jsonl if data.source == "synthetic" else write_text_corpus)
     data_dir = os.path.join(workdir, "data")
     os.makedirs(data_dir, exist_ok=True)
-    train_path = os.path.join(data_dir, "synthetic_train.jsonl")
-    eval_path = os.path.join(data_dir, "synthetic_eval.jsonl")
-    if not os.path.exists(train_path):
-      synthetic.write_corpus_jsonl(train_path, data.synthetic_docs, seed)
-      synthetic.write_corpus_jsonl(eval_path, data.synthetic_eval_docs, seed + 1)
+    train_path = os.path.join(data_dir, f"{data.source}_train.jsonl")
+    eval_path = os.path.join(data_dir, f"{data.source}_eval.jsonl")
+    if not (os.path.exists(train_path) and os.path.exists(eval_path)):
+      write(train_path, data.synthetic_docs, seed)
+      write(eval_path, data.synthetic_eval_docs, seed + 1)
     return sources.JsonlSource(train_path), sources.JsonlSource(eval_path)
   kinds = {"jsonl": sources.JsonlSource, "array_record": sources.ArrayRecordSource}
   if data.source not in kinds:
     raise ConfigError(f"config.data.source {data.source!r} not in "
-                      f"{['synthetic', *kinds]}")
+                      f"{['synthetic', 'autothink', *kinds]}")
   train_paths = _split_paths(data.paths)
   if not train_paths:
     raise ConfigError(f"config.data.paths is empty; give the {data.source} files to read")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -83,12 +84,20 @@ def test_to_autothink_sft_conversions():
     importers.to_autothink_sft({**GOOD, "mode": "think_on"})
 
 
-def test_import_sft_records_feed_sft_documents(tmp_path):
+def test_import_sft_records_feed_sft_documents(tmp_path, caplog):
   path = _write_lines(tmp_path / "c.jsonl", [json.dumps({**GOOD, "tools": TOOLS}),
-                                             json.dumps({"messages": [GOOD["messages"][0]]})])
-  result = importers.import_sft_records(path)
-  assert len(result.records) == 1 and result.num_skipped == 1
-  assert "c.jsonl line 2" in result.errors[0]
+                                             json.dumps({"messages": [GOOD["messages"][0]]}),
+                                             "{not json"])
+  with caplog.at_level(logging.WARNING):
+    result = importers.import_sft_records(path)
+  assert len(result.records) == 1 and result.num_skipped == 2
+  assert any("c.jsonl line 2" in e for e in result.errors)
+  # Each skip is logged with its location and reason (a conversion failure too), then a total.
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any("c.jsonl line 2: field 'messages[0]'" in w and "last message" in w
+             for w in warnings), warnings
+  assert any("c.jsonl line 3: field 'json'" in w for w in warnings), warnings
+  assert any("import_sft_records: skipped 2 of 3 rows" in w for w in warnings), warnings
   doc = templates.sft_document(result.records[0], get_tokenizer("bytes"))
   assert doc.loss_mask.sum() > 0 and doc.loss_mask[0] == 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -13,6 +14,9 @@ from kat_jax.autothink import generation, stage, tagging, tasks
 from kat_jax.data.chat_template import format_autothink_response
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_openai import FakeServer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_evaluate_autothink_rates_with_a_fake_model():
@@ -67,9 +71,11 @@ def _toy_config(workdir):
   return config
 
 
-def test_sft_stage_smoke(tmp_path):
+def test_sft_stage_smoke(tmp_path, capsys):
   config = _toy_config(tmp_path)
   metrics = stage.run_sft(config)
+  assert "; 0 data rows skipped" in capsys.readouterr().out  # run_sft's status line
+  assert metrics["data_skipped"] == 0
   losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")
             if json.loads(line)["split"] == "train"]
   assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
@@ -106,3 +112,114 @@ def test_config_errors_name_the_field(tmp_path):
   with pytest.raises(ConfigError, match="solver_accuracy"):
     stage.parse_accuracy("easy=0.9")
   assert not os.path.exists(tmp_path / "data")
+
+
+def test_imported_rows_skipped_are_printed_and_counted(tmp_path, capsys):
+  config = _toy_config(tmp_path)
+  good = {"messages": [{"role": "user", "content": "2+2?"},
+                       {"role": "assistant", "content": "4"}]}
+  bad = {"messages": [{"role": "user", "content": "no answer"}]}  # last turn not assistant
+  chat = tmp_path / "chat.jsonl"
+  chat.write_text("\n".join(json.dumps(r) for r in [good, bad, good, good]) + "\n")
+  config.autothink.sft_paths = str(chat)
+  stage.prepare_sft_data(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "3 of 4 imported rows kept, 1 skipped" in out, out
+  data = json.load(open(tmp_path / "data" / "data_summary.json"))
+  assert data["skipped"] == 1 and "chat.jsonl line 2" in data["skip_reasons"][0]
+  assert stage.data_skipped(str(tmp_path)) == 1  # what run_sft's status line prints
+
+
+def _jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def _read(path):
+  return [json.loads(line) for line in open(path)]
+
+
+USER_TASKS = [  # minimal user records: prompt, answer, verifier type (+ optional fields)
+    {"prompt": "What is 6 * 7?", "answer": "42", "verifier": "math", "domain": "math"},
+    {"prompt": "What is the capital of Peru?", "answer": "Lima", "verifier": "exact"},
+    {"prompt": "Compute (3 + 4) * 5.", "answer": "35", "verifier": "math",
+     "think": "3 + 4 = 7. 7 * 5 = 35."},
+    {"prompt": "Which is prime? A) 4 B) 7 C) 9 D) 8", "answer": "B", "verifier": "choice"},
+]
+
+
+def test_tasks_path_user_records_tagged_through_the_endpoint(tmp_path, monkeypatch, capsys):
+  config = _toy_config(tmp_path)
+  config.autothink.tasks_path = str(_jsonl(tmp_path / "mine.jsonl", USER_TASKS))
+  config.autothink.num_eval = 2
+  config.autothink.votes = 3
+  config.autothink.random_fraction = 0.0
+  config.autothink.tagger = "endpoint"
+  config.autothink.endpoint_model = "fake-reasoner"
+  config.autothink.endpoint_api_key_env = "KAT_TEST_TAG_KEY"
+  monkeypatch.setenv("KAT_TEST_TAG_KEY", "k42")
+  # Easy ones answered right (one after a reasoning block), hard ones wrong.
+  answers = {USER_TASKS[0]["prompt"]: "42",
+             USER_TASKS[1]["prompt"]: "<think>Peru... Lima.</think>\nLima",
+             USER_TASKS[2]["prompt"]: "30", USER_TASKS[3]["prompt"]: "A"}
+  with FakeServer(answers) as server:
+    config.autothink.endpoint_url = server.url
+    stage.check_fields(config.autothink)
+    paths = stage.prepare_sft_data(config, str(tmp_path))
+  assert len(server.requests) == (4 + 2) * 3  # user tasks + generated eval tasks, 3 votes each
+  assert server.requests[0]["auth"] == "Bearer k42"
+  assert server.requests[0]["body"]["model"] == "fake-reasoner"
+
+  tagged = _read(paths["train"].replace(".jsonl", "_tagged.jsonl"))
+  assert [r["id"] for r in tagged] == [f"mine.jsonl:{i}" for i in range(1, 5)]
+  assert [r["votes_correct"] for r in tagged] == [3, 3, 0, 0]
+  assert [r["mode"] for r in tagged] == ["think_off", "think_off", "think_on", "think_on"]
+  assert [r["domain"] for r in tagged] == ["math", "general", "math", "general"]
+  # The last one went to think_on but has no trace: skipped and counted, not rendered.
+  train = _read(paths["train"])
+  assert [r["id"] for r in train] == ["mine.jsonl:1", "mine.jsonl:2", "mine.jsonl:3"]
+  assert "<think>\n3 + 4 = 7. 7 * 5 = 35.\n</think>" in train[2]["messages"][-1]["content"]
+  summary = json.load(open(tmp_path / "data" / "data_summary.json"))
+  assert summary["train"]["skipped"] == 1 and "mine.jsonl:4" in summary["train"]["skip_reasons"][0]
+  assert stage.data_skipped(str(tmp_path)) == 1
+
+
+def test_tasks_path_bad_record_names_file_line_field(tmp_path):
+  config = _toy_config(tmp_path)
+  bad = _jsonl(tmp_path / "mine.jsonl", [USER_TASKS[0], {"prompt": "q", "verifier": "math"}])
+  config.autothink.tasks_path = str(bad)
+  with pytest.raises(ConfigError, match=r"tasks_path: .*mine.jsonl line 2: field 'answer'"):
+    stage.prepare_sft_data(config, str(tmp_path))
+
+
+def test_model_tagger_votes_with_a_tiny_random_model(tmp_path, monkeypatch):
+  config = _toy_config(tmp_path)
+  config.autothink.tagger = "model"  # config.model.init_from empty: a random init of the preset
+  config.autothink.num_train = 4
+  config.autothink.num_eval = 2
+  config.autothink.votes = 2
+  config.autothink.tag_max_new_tokens = 4
+  config.autothink.random_fraction = 0.0
+  calls = []
+  original = generation.kat_generate_fn
+
+  def spy(*args, **kwargs):
+    generate = original(*args, **kwargs)
+
+    def wrapped(prompts):
+      responses = generate(prompts)
+      calls.append((kwargs["think_mode"], responses))
+      return responses
+
+    return wrapped
+
+  monkeypatch.setattr(stage.generation, "kat_generate_fn", spy)
+  paths = stage.prepare_sft_data(config, str(tmp_path))
+  assert len(calls) == 2 * 2  # train and eval tasks, 2 votes each
+  for think_mode, responses in calls:  # the model answered with think-off forced
+    assert think_mode == "off"
+    assert all(r.startswith("\n</judge>\n\n<think_off>\n<answer>\n") for r in responses)
+  tagged = _read(paths["train"].replace(".jsonl", "_tagged.jsonl"))
+  assert len(tagged) == 4 and all(r["votes"] == 2 and r["mode_source"] == "vote" for r in tagged)
+  assert all(r["mode"] == tagging.vote_mode(r["votes_correct"], 2) for r in tagged)
+  assert len(_read(paths["train"])) == 4

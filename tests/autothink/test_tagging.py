@@ -3,14 +3,16 @@ local fake server."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
+import os
+import sys
 
 import numpy as np
 import pytest
 
 from kat_jax.autothink import tagging, tasks
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_openai import FakeServer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_vote_rule_strict_majority_correct_means_think_off():
@@ -49,15 +51,15 @@ def test_tag_tasks_majority_vote_with_fake_generate_fn():
 
 
 def test_random_assignment_fraction_is_exact_and_overrides_the_vote():
-  ts = tasks.generate_tasks(400, seed=4)
+  ts = tasks.generate_tasks(100, seed=4)  # small: every sample is verified
   generate, _ = _fake_generate(ts, [3] * len(ts))  # the vote says think_off everywhere
-  tagged = tagging.tag_tasks(ts, generate, num_samples=3, random_fraction=0.05, seed=1)
+  tagged = tagging.tag_tasks(ts, generate, num_samples=3, random_fraction=0.1, seed=1)
   randoms = [r for r in tagged if r["mode_source"] == "random"]
-  assert len(randoms) == 20
+  assert len(randoms) == 10
   assert {r["mode"] for r in randoms} == {"think_on", "think_off"}
   assert all(r["mode"] == "think_off" for r in tagged if r["mode_source"] == "vote")
   again = tagging.tag_tasks(ts, _fake_generate(ts, [3] * len(ts))[0], num_samples=3,
-                            random_fraction=0.05, seed=1)
+                            random_fraction=0.1, seed=1)
   assert [r["mode"] for r in again] == [r["mode"] for r in tagged]
 
 
@@ -68,7 +70,7 @@ def test_tag_tasks_rejects_wrong_response_count():
 
 
 def test_simulated_solver_separates_easy_from_hard():
-  ts = tasks.generate_tasks(300, seed=9)
+  ts = tasks.generate_tasks(120, seed=9)
   tagged = tagging.tag_tasks(ts, tagging.simulated_solver(ts, seed=0), num_samples=5,
                              random_fraction=0.0)
   on = np.asarray([r["mode"] == "think_on" for r in tagged])
@@ -79,6 +81,10 @@ def test_simulated_solver_separates_easy_from_hard():
 def test_extract_answer_and_infer_domain():
   assert tagging.extract_answer("<think_off>\n<answer>\n42\n</answer>") == "42"
   assert tagging.extract_answer("  42 ") == "42"
+  # Reasoning models put their reasoning first; only what follows </think> is the answer.
+  assert tagging.extract_answer("<think>\n40 + 2 = 42? no, 41\n</think>\n\n42") == "42"
+  assert tagging.extract_answer(" <think>r</think><answer>\n7\n</answer>") == "7"
+  assert tagging.extract_answer("<think>never closed, 42") == ""  # cut off: no answer
   assert tagging.infer_domain("Write a Python function f(n)") == "code"
   assert tagging.infer_domain("Solve for x: 2*x = 4") == "math"
   assert tagging.infer_domain("What force acts on the mass?") == "science"
@@ -88,45 +94,6 @@ def test_extract_answer_and_infer_domain():
 # ---------------------------------------------------------------------------
 # OpenAI-compatible client against a local fake
 # ---------------------------------------------------------------------------
-
-
-class _FakeServer:
-  """`POST /v1/chat/completions` on 127.0.0.1: answers from a prompt->answer table."""
-
-  def __init__(self, answers, status=200, raw_body=None):
-    self.requests = []
-    outer = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-
-      def do_POST(self):  # pylint: disable=invalid-name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        outer.requests.append({"path": self.path, "body": body,
-                               "auth": self.headers.get("Authorization")})
-        prompt = body["messages"][-1]["content"]
-        reply = raw_body if raw_body is not None else json.dumps(
-            {"choices": [{"message": {"role": "assistant",
-                                      "content": answers.get(prompt, "?")}}]}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-      def log_message(self, *args):
-        pass
-
-    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-    self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.server.shutdown()
-    self.server.server_close()
 
 
 def test_chat_completions_url():
@@ -139,7 +106,7 @@ def test_chat_completions_url():
 def test_endpoint_generate_fn_drives_the_vote():
   ts = tasks.generate_tasks(8, seed=11)
   answers = {t.prompt: t.answer for t in ts if t.regime == "easy"}
-  with _FakeServer(answers) as server:
+  with FakeServer(answers) as server:
     generate = tagging.openai_generate_fn(server.url, "fake-model", api_key="k123",
                                           temperature=0.7, max_tokens=32)
     tagged = tagging.tag_tasks(ts, generate, num_samples=2, random_fraction=0.0)
@@ -153,11 +120,25 @@ def test_endpoint_generate_fn_drives_the_vote():
       "think_off" if t.regime == "easy" else "think_on" for t in ts]
 
 
+def test_endpoint_reasoning_replies_are_scored_on_the_answer():
+  ts = [t for t in tasks.generate_tasks(12, seed=3) if t.verifier["type"] == "math"][:2]
+  assert len(ts) == 2
+  # The reasoning mentions a wrong value last; the text after </think> is right (task 0) or
+  # wrong (task 1), so only extracting after </think> gives the right votes.
+  answers = {ts[0].prompt: f"<think>maybe {int(ts[0].answer.split()[-1]) + 1}</think>"
+                           f"{ts[0].answer}",
+             ts[1].prompt: f"<think>{ts[1].answer}</think>I do not know"}
+  with FakeServer(answers) as server:
+    generate = tagging.openai_generate_fn(server.url, "reasoner")
+    tagged = tagging.tag_tasks(ts, generate, num_samples=1, random_fraction=0.0)
+  assert [r["votes_correct"] for r in tagged] == [1, 0]
+
+
 def test_endpoint_errors_are_clear():
-  with _FakeServer({}, status=500, raw_body=b'{"error": "boom"}') as server:
+  with FakeServer({}, status=500, raw_body=b'{"error": "boom"}') as server:
     with pytest.raises(RuntimeError, match="HTTP 500.*boom"):
       tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}])
-  with _FakeServer({}, raw_body=b'{"unexpected": 1}') as server:
+  with FakeServer({}, raw_body=b'{"unexpected": 1}') as server:
     with pytest.raises(ValueError, match=r"choices\[0\].message.content"):
       tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}])
   with pytest.raises(RuntimeError, match="cannot connect"):

@@ -86,5 +86,33 @@ def test_write_and_read_tasks(tmp_path, suffix):
 def test_read_tasks_names_file_and_line(tmp_path):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"id": "x"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl line 1: .*misses fields"):
+  with pytest.raises(ValueError, match=r"bad.jsonl line 1: field 'prompt'"):
     tasks.read_tasks(path)
+
+
+def test_minimal_user_records_are_completed():
+  t = tasks.Task.from_record({"prompt": "2+3?", "answer": "5", "verifier": "math"}, "f:1")
+  assert (t.id, t.kind, t.domain, t.regime, t.difficulty, t.think) == (
+      "f:1", "user", "", None, None, None)
+  assert t.verifier == {"type": "math", "value": "5"} and set(t.judge) == {"think_on",
+                                                                           "think_off"}
+  assert verifiers.verify(t.verifier, "5") and not verifiers.verify(t.verifier, "6")
+  exact = tasks.Task.from_record({"prompt": "Capital of Peru?", "answer": "Lima",
+                                  "verifier": "exact", "domain": "general", "judge": "Recall."})
+  assert exact.verifier == {"type": "exact", "accept": ["Lima"]} and exact.domain == "general"
+  assert exact.judge == {"think_on": "Recall.", "think_off": "Recall."}
+  code = {"type": "code", "tests": "assert f(1) == 2"}
+  assert tasks.Task.from_record({"prompt": "p", "answer": "def f(x): return x + 1",
+                                 "verifier": code}).verifier == code
+  for record, field in [
+      ({"prompt": "p", "answer": "a"}, "'verifier': missing"),
+      ({"prompt": "p", "answer": "a", "verifier": "code"}, "'verifier': 'code' needs"),
+      ({"prompt": "p", "answer": "a", "verifier": "regex"}, "'verifier': 'regex' not in"),
+      ({"prompt": "p", "answer": "E", "verifier": "choice"}, "'verifier': choice key"),
+      ({"prompt": "p", "answer": "a", "verifier": {"type": "math"}}, "'verifier': math"),
+      ({"prompt": "", "answer": "a", "verifier": "exact"}, "'prompt'"),
+      ({"prompt": "p", "answer": "a", "verifier": "exact", "regime": "mid"}, "'regime'"),
+      ({"prompt": "p", "answer": "a", "verifier": "exact", "judge": 3}, "'judge'"),
+  ]:
+    with pytest.raises(ValueError, match=f"field {field}"):
+      tasks.Task.from_record(record)
