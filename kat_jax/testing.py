@@ -1,8 +1,12 @@
-"""Numerical comparison helpers shared by the tests, benchmarks and notebooks."""
+"""Helpers shared by the tests, benchmarks and notebooks: numerical comparison, random
+`kv_end` layouts, and a local fake HTTP server for OpenAI-compatible clients."""
 
 from __future__ import annotations
 
-from typing import Any
+import http.server
+import json
+import threading
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -59,3 +63,47 @@ def packed_kv_end(doc_lengths: list[int]) -> np.ndarray:
   """kv_end [sum(doc_lengths)] of documents packed back to back."""
   return np.concatenate([np.full(n, end, np.int32)
                          for n, end in zip(doc_lengths, np.cumsum(doc_lengths))])
+
+
+class LocalJsonServer:
+  """A local HTTP server for tests of OpenAI-compatible clients (no network needed).
+
+    with LocalJsonServer(lambda path, body: (200, {"choices": [...]})) as server:
+      client = SomeClient(server.url)
+
+  `respond(path, body) -> (status, reply)` answers every POST; `reply` is a JSON-able object
+  or raw bytes. Requests are kept in `server.requests` as {"path", "body", "auth"}.
+  """
+
+  def __init__(self, respond: Callable[[str, Any], tuple[int, Any]]):
+    self.requests: list[dict[str, Any]] = []
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+
+      def do_POST(self):  # pylint: disable=invalid-name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outer.requests.append({"path": self.path, "body": body,
+                               "auth": self.headers.get("Authorization")})
+        status, reply = respond(self.path, body)
+        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+      def log_message(self, *args):
+        pass
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+  def __enter__(self) -> "LocalJsonServer":
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.server.shutdown()
+    self.server.server_close()

@@ -1,9 +1,5 @@
 """Decoupled mode: weight snapshots, worker threads + queue + trainer, server client."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +16,7 @@ from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import group_advantages
 from kat_jax.sampling import Sampler, SamplingParams, prepare_params
+from kat_jax.testing import LocalJsonServer
 from kat_jax.train.state import TrainState
 
 
@@ -82,43 +79,25 @@ def _sample_logprobs(i: int) -> list[float]:
   return [-0.5 * (i + 1), -0.25 * (i + 1), -0.125 * (i + 1)]
 
 
-class _FakeServer(BaseHTTPRequestHandler):
+def _completions(path, body):
   """Answers /v1/completions like vLLM, with a different answer for every sample index."""
-
-  requests = []
-
-  def do_POST(self):  # noqa: N802
-    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-    _FakeServer.requests.append(body)
-    choices = [{"index": i, "finish_reason": "stop", "text": _SAMPLES[i],
-                "logprobs": {"tokens": [f"token_id:{t}" for t in _sample_ids(i)],
-                             "token_logprobs": _sample_logprobs(i)}}
-               for i in range(body["n"])]
-    data = json.dumps({"choices": choices}).encode()
-    self.send_response(200)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data)
-
-  def log_message(self, *args):
-    pass
+  del path
+  return 200, {"choices": [
+      {"index": i, "finish_reason": "stop", "text": _SAMPLES[i],
+       "logprobs": {"tokens": [f"token_id:{t}" for t in _sample_ids(i)],
+                    "token_logprobs": _sample_logprobs(i)}}
+      for i in range(body["n"])]}
 
 
 def test_server_rollout_through_an_openai_compatible_endpoint():
-  _FakeServer.requests = []
-  server = HTTPServer(("127.0.0.1", 0), _FakeServer)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  try:
+  with LocalJsonServer(_completions) as server:
     tokenizer = get_tokenizer("bytes")
-    client = OpenAICompletionsClient(f"http://127.0.0.1:{server.server_port}", "m")
+    client = OpenAICompletionsClient(server.url, "m")
     cfg = RolloutConfig(branching=(3, 2), max_turns=2, max_new_tokens=8)
     groups = server_rollout(client, lambda: DigitsEnv(rounds=2, width=2), [0], tokenizer, cfg)
-  finally:
-    server.shutdown()
+  requests = [r["body"] for r in server.requests]
   # one request at turn 0 (n=3), then one per branch at turn 1 (n=2)
-  assert [r["n"] for r in _FakeServer.requests] == [3, 2, 2, 2]
+  assert [r["n"] for r in requests] == [3, 2, 2, 2]
   assert [e.branch_id for e in groups[0]] == [(a, b) for a in range(3) for b in range(2)]
   digits = [sum(c.isdigit() for c in text[:2]) / 2 for text in _SAMPLES]
   for e in groups[0]:  # every branch holds its own samples, not copy 0's
@@ -131,11 +110,11 @@ def test_server_rollout_through_an_openai_compatible_endpoint():
     assert np.array(e.logprobs)[mask].tolist() == (_sample_logprobs(first)
                                                    + _sample_logprobs(second))
     # the turn-1 request of this branch was sent its own first turn
-    request = _FakeServer.requests[1 + first]
+    request = requests[1 + first]
     assert request["prompt"] == e.tokens[:len(request["prompt"])]
-  assert _FakeServer.requests[0]["prompt"] == groups[0][0].tokens[
-      :len(_FakeServer.requests[0]["prompt"])]
-  assert _FakeServer.requests[0]["return_tokens_as_token_ids"] is True
+  assert requests[0]["prompt"] == groups[0][0].tokens[
+      :len(requests[0]["prompt"])]
+  assert requests[0]["return_tokens_as_token_ids"] is True
   with pytest.raises(ValueError, match="token_id"):
     from kat_jax.agentic.decoupled import _token_id
     _token_id("ok")
