@@ -1,4 +1,4 @@
-"""MTP + KD/ULD distillation at CPU size on the procedural dual-regime data.
+"""MTP + KD/ULD distillation at CPU size on dual-regime data (AutoThink tasks, stage-1 render).
 
   python -m experiments.run --config experiments/configs/distill_tiny.py
 

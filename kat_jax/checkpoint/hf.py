@@ -13,6 +13,11 @@ Name and shape map (spec §1.3; torch `Linear.weight` is [out, in], our kernels 
   model.norm.weight [d]                              final_norm/scale [d]
   lm_head.weight [V,d]                               lm_head/kernel [d,V] (absent when tied)
 
+MTP heads (params["mtp"], `kat_jax.model.mtp`), when present, are written to their own file
+`mtp.safetensors` as tensors `mtp.<k>.<param path>` in kat_jax layout; the model.safetensors
+files stay a plain Qwen2 checkpoint. `load_pretrained(..., load_mtp=True)` returns them
+under params["mtp"].
+
 Loading streams one layer at a time into preallocated stacked arrays, so host memory peaks at
 about one copy of the weights plus one layer.
 """
@@ -32,6 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from kat_jax.model.config import DTYPES, ModelConfig
+from kat_jax.model.mtp import MTP_FILE, mtp_from_flat, mtp_to_flat
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -390,8 +396,8 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None,
-                    config_overrides: Mapping[str, Any] | None = None
-                    ) -> tuple[ModelConfig, dict]:
+                    config_overrides: Mapping[str, Any] | None = None,
+                    load_mtp: bool = False) -> tuple[ModelConfig, dict]:
   """Loads a Hugging Face Qwen2 checkpoint directory -> (config, unboxed params).
 
   Args:
@@ -402,9 +408,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None,
       config's `param_dtype` matches it.
     config_overrides: `ModelConfig` execution fields to set (dtype, remat_policy,
       attention_backend, ...); fields that change parameter shapes are refused.
+    load_mtp: also return the MTP heads of `mtp.safetensors` when the directory has one
+      (off by default: stages that train or sample the plain decoder ignore them).
 
   Returns:
-    (config, params) with params in the `Decoder` layout (layers stacked on axis 0).
+    (config, params) with params in the `Decoder` layout (layers stacked on axis 0), plus
+    params["mtp"] when MTP heads were loaded.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -421,6 +430,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None,
   reader = _CheckpointReader(path)
   _check_names(reader, config)
   tree = _read_tree(reader, config, np.dtype(config.weight_dtype))
+  mtp_path = os.path.join(path, MTP_FILE)
+  if load_mtp and os.path.exists(mtp_path):
+    with safe_open(mtp_path, framework="numpy") as handle:
+      flat = {n: _get_numpy(handle, mtp_path, n).astype(config.weight_dtype, copy=False)
+              for n in handle.keys()}
+    tree["mtp"] = mtp_from_flat(flat, config, where=mtp_path)
   return config, _to_device_tree(tree)
 
 
@@ -531,7 +546,8 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
   Args:
     path: output directory (created if missing; older weight files in it are removed).
     config: the model's config.
-    params: unboxed param tree in the `Decoder` layout (jax or numpy leaves).
+    params: unboxed param tree in the `Decoder` layout (jax or numpy leaves); an "mtp" key
+      (MTP heads) is written to mtp.safetensors.
     max_shard_size: bytes per shard, int or '5GB' / '100KB' / '2GiB'.
     dtype: dtype written to disk; default `config.param_dtype`.
   """
@@ -567,3 +583,9 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: Mappin
     total = sum(item[1] for item in planned)
     _write_json(os.path.join(path, INDEX_FILE),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
+  mtp_path = os.path.join(path, MTP_FILE)
+  if params.get("mtp"):
+    save_file({n: _host(x, np_dtype) for n, x in mtp_to_flat(params["mtp"]).items()},
+              mtp_path, metadata={"format": "kat_jax_mtp"})
+  elif os.path.exists(mtp_path):  # a stale file of an earlier save would be loaded back
+    os.remove(mtp_path)

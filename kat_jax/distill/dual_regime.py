@@ -1,111 +1,69 @@
-"""A small procedural dual-regime (think-on / think-off) chat dataset, byte-tokenizer sized.
+"""Stage-1 dual-regime (think-on / think-off) chat records from the AutoThink task generator.
 
-Records (KAT report §3.2, stage 1)::
+The tasks come from `kat_jax.autothink.tasks` (the project's one dual-regime generator: easy
+queries that need no reasoning, hard ones with a worked trace, each with domain, regime and
+difficulty). Here they are only rendered for KAT stage 1 (report §3.2; spec §7.1)::
 
-  {"messages": [{"role": "user", "content": q},
+  {"messages": [{"role": "system", "content": "Answer."},
+                {"role": "user", "content": prompt},
                 {"role": "assistant", "content": "<think_on>\\n<think>\\n...\\n</think>\\n"
                                                  "<answer>\\n...\\n</answer>"}],
-   "mode": "think_on" | "think_off", "domain": "math" | "string", "difficulty": "easy" | "hard"}
+   "mode": "think_on" | "think_off", "domain": ..., "difficulty": int, "regime": ..., "id": ...}
 
-Hard queries get a step-by-step think block (think_on); easy ones answer directly (think_off).
-In stage 1 the mode trigger (`<think_on>` / `<think_off>`, one token in both tokenizers) is
-supplied with the input and excluded from the loss: `dual_regime_document` zeroes its weight.
-
-The full AutoThink generator lives in `kat_jax.autothink.tasks`; its records can be fed here
-unchanged as long as they carry `messages` whose last assistant turn starts with the trigger.
+Mode by regime: hard -> think_on (with the task's trace), easy -> think_off. In stage 1 the mode
+trigger (`<think_on>` / `<think_off>`, one token in both tokenizers) is supplied with the input
+and excluded from the loss: `dual_regime_document` zeroes its weight. There is no judge block
+yet (the model writes judge and mode itself only from the cold start on; see
+`kat_jax.autothink.templates` for that layout, which this one follows minus the judge).
 """
 
 from __future__ import annotations
 
-import random
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from kat_jax.autothink import tasks
 from kat_jax.data import chat_template
 from kat_jax.data.packing import Document
 from kat_jax.data.tokenizer import Tokenizer, kat_tag_ids
 
 MODES = ("think_on", "think_off")
+MODE_OF_REGIME = {"hard": "think_on", "easy": "think_off"}
 SYSTEM_PROMPT = "Answer."  # short: the byte tokenizer spends one token per character
-
-
-def _add_easy(rng: random.Random) -> tuple[str, str]:
-  a, b = rng.randint(1, 9), rng.randint(1, 9)
-  return f"What is {a}+{b}?", str(a + b)
-
-
-def _add_hard(rng: random.Random) -> tuple[str, str, str]:
-  a, b = rng.randint(10, 99), rng.randint(10, 99)
-  ones = a % 10 + b % 10
-  carry = ones // 10
-  tens = a // 10 + b // 10 + carry
-  think = (f"{a % 10}+{b % 10}={ones}, write {ones % 10} carry {carry}. "
-           f"{a // 10}+{b // 10}+{carry}={tens}. So {a + b}.")
-  return f"What is {a}+{b}?", think, str(a + b)
-
-
-def _mul_hard(rng: random.Random) -> tuple[str, str, str]:
-  a, b = rng.randint(11, 49), rng.randint(2, 9)
-  think = f"{a}*{b}={a // 10 * 10}*{b}+{a % 10}*{b}={a // 10 * 10 * b}+{a % 10 * b}={a * b}."
-  return f"What is {a}*{b}?", think, str(a * b)
-
-
-_LETTERS = "abcdefghij"
-
-
-def _word(rng: random.Random, n: int) -> str:
-  return "".join(rng.choice(_LETTERS) for _ in range(n))
-
-
-def _reverse_easy(rng: random.Random) -> tuple[str, str]:
-  w = _word(rng, rng.randint(2, 4))
-  return f"Reverse {w}.", w[::-1]
-
-
-def _sort_hard(rng: random.Random) -> tuple[str, str, str]:
-  w = _word(rng, rng.randint(4, 6))
-  think = " ".join(f"{c}" for c in sorted(w))
-  return f"Sort {w}.", f"In order: {think}.", "".join(sorted(w))
-
-
-_EASY: list[tuple[str, Callable]] = [("math", _add_easy), ("string", _reverse_easy)]
-_HARD: list[tuple[str, Callable]] = [("math", _add_hard), ("math", _mul_hard),
-                                     ("string", _sort_hard)]
 
 
 def assistant_content(mode: str, answer: str, think: str | None = None) -> str:
   """Stage-1 assistant text: trigger, optional think block, answer block."""
   if mode == "think_on":
+    if think is None:
+      raise ValueError("mode 'think_on' needs a think trace")
     return f"<think_on>\n<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
   if mode == "think_off":
     return f"<think_off>\n<answer>\n{answer}\n</answer>"
   raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def make_record(rng: random.Random, think_on_fraction: float = 0.35) -> dict[str, Any]:
-  """One record; hard (think_on) with probability `think_on_fraction` (KAT: 34.8%)."""
-  if rng.random() < think_on_fraction:
-    domain, task = rng.choice(_HARD)
-    question, think, answer = task(rng)
-    mode, difficulty = "think_on", "hard"
-  else:
-    domain, task = rng.choice(_EASY)
-    (question, answer), think = task(rng), None
-    mode, difficulty = "think_off", "easy"
+def task_record(task: tasks.Task) -> dict[str, Any]:
+  """One AutoThink task -> a stage-1 chat record (mode chosen by the task's regime)."""
+  if task.regime not in MODE_OF_REGIME:
+    raise ValueError(f"task {task.id!r}: regime must be one of {sorted(MODE_OF_REGIME)}, got "
+                     f"{task.regime!r} (user tasks need tagging first)")
+  mode = MODE_OF_REGIME[task.regime]
+  content = assistant_content(mode, task.answer, task.think if mode == "think_on" else None)
   return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                       {"role": "user", "content": question},
-                       {"role": "assistant", "content": assistant_content(mode, answer, think)}],
-          "mode": mode, "domain": domain, "difficulty": difficulty}
+                       {"role": "user", "content": task.prompt},
+                       {"role": "assistant", "content": content}],
+          "mode": mode, "domain": task.domain, "difficulty": task.difficulty,
+          "regime": task.regime, "id": task.id}
 
 
 def generate_records(num: int, seed: int, think_on_fraction: float = 0.35
                      ) -> list[dict[str, Any]]:
-  if num < 0 or not 0 <= think_on_fraction <= 1:
-    raise ValueError(f"need num >= 0 and think_on_fraction in [0, 1], got {num}, "
-                     f"{think_on_fraction}")
-  rng = random.Random(seed)
-  return [make_record(rng, think_on_fraction) for _ in range(num)]
+  """`num` records of AutoThink task stream `seed`; hard (think_on) with probability
+  `think_on_fraction` (KAT report: 34.8% think-on)."""
+  return [task_record(t)
+          for t in tasks.generate_tasks(num, seed, hard_fraction=think_on_fraction)]
 
 
 def trigger_ids(tokenizer: Tokenizer) -> tuple[int, int]:

@@ -88,8 +88,11 @@ def sorted_probs(logits: jax.Array, temperature: float = 1.0,
                  top_k: int | None = None) -> jax.Array:
   """softmax(logits/τ) sorted in descending order, [n,V] -> [n,V] (or [n,top_k]).
 
-  `top_k` keeps only the k largest (jax.lax.top_k, much cheaper than a full sort of a 152k
-  vocabulary); with k >= V it equals the full sort.
+  `top_k` keeps only the k largest (jax.lax.top_k); with k >= V it equals the full sort.
+  Cost (benchmarks/uld.py, H100, 4096 x 151,665): the forward is no faster than the full sort
+  (87.7 vs ~88.5 ms; XLA's top-k at this width falls back to a sort), but the backward is a
+  scatter of k entries per token instead of a 152k-entry permutation, so forward+backward
+  drops from 302.7 to ~92 ms.
   """
   probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   if top_k is None:

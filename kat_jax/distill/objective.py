@@ -24,13 +24,17 @@ import optax
 
 from kat_jax.distill.losses import (DistillSpec, TeacherHidden, TeacherTopK, distill_loss)
 from kat_jax.model import Decoder, ModelConfig, lm_head_kernel
-from kat_jax.model.mtp import MTPHeads, mtp_targets, split_mtp
+from kat_jax.model.mtp import MTPHeads, chain_valid, mtp_targets, shift_left, split_mtp
 from kat_jax.train.losses import chunked_cross_entropy
 from kat_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("tokens", "positions", "kv_end", "pred_index", "weights")
 TEACHER_KEYS = ("teacher_logprobs", "teacher_ids")
+# Cross-tokenizer batches (`kat_jax.distill.cross_tokenizer`): the teacher's own row and the
+# answer-span alignment, both indexed at the student's target positions.
+CROSS_KEYS = ("teacher_tokens", "teacher_positions", "teacher_kv_end", "distill_teacher_index",
+              "distill_weights")
 TEACHER_MODES = ("none", "online", "offline")
 
 
@@ -83,6 +87,28 @@ def _distill_weights(objective: Objective, tokens: jax.Array, weights: jax.Array
   return weights
 
 
+def is_cross_tokenizer(batch: Batch) -> bool:
+  """True for batches built by `cross_tokenizer` (teacher row + alignment present)."""
+  present = [k in batch for k in CROSS_KEYS]
+  if any(present) and not all(present):
+    raise ValueError(f"cross-tokenizer batch lacks {[k for k in CROSS_KEYS if k not in batch]}")
+  return all(present)
+
+
+def distill_alignment(objective: Objective, batch: Batch, weights: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(teacher index, distillation weight), both [B,T] at the student's target positions.
+
+  Target p (predicted by the student from pred_index[p]) is matched to the teacher's
+  next-token distribution at teacher_index[p]. Same tokenizer: teacher_index = pred_index and
+  the weight is the CE weight (student EOS targets dropped for ULD); cross-tokenizer: the
+  batch's answer-span alignment (`distill_teacher_index`, `distill_weights`).
+  """
+  if is_cross_tokenizer(batch):
+    return batch["distill_teacher_index"], batch["distill_weights"].astype(jnp.float32)
+  return batch["pred_index"], _distill_weights(objective, batch["tokens"], weights)
+
+
 def make_loss_fn(student: ModelConfig, teacher: ModelConfig | None, objective: Objective
                  ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
   """(params, teacher_params, batch, mtp_lambda) -> (summed loss, aux sums)."""
@@ -95,11 +121,17 @@ def make_loss_fn(student: ModelConfig, teacher: ModelConfig | None, objective: O
     if objective.teacher == "online":
       if teacher_model is None:
         raise ValueError("online teacher needs the teacher's ModelConfig")
-      hidden = teacher_model.apply({"params": teacher_params}, batch["tokens"],
-                                   batch["positions"], batch["kv_end"], return_hidden=True)
+      # A cross-tokenizer batch carries the teacher's own tokenization of the same documents.
+      pre = "teacher_" if is_cross_tokenizer(batch) else ""
+      hidden = teacher_model.apply({"params": teacher_params}, batch[pre + "tokens"],
+                                   batch[pre + "positions"], batch[pre + "kv_end"],
+                                   return_hidden=True)
       return TeacherHidden(jax.lax.stop_gradient(hidden),
                            jax.lax.stop_gradient(lm_head_kernel(teacher_params, teacher)))
     missing = [k for k in TEACHER_KEYS if k not in batch]
+    if is_cross_tokenizer(batch):
+      raise ValueError("offline teacher top-k is stored per student token; a cross-tokenizer "
+                       "batch needs teacher='online'")
     if missing:
       raise ValueError(f"offline teacher: batch lacks {missing}")
     return TeacherTopK(batch["teacher_logprobs"], batch["teacher_ids"])
@@ -115,24 +147,31 @@ def make_loss_fn(student: ModelConfig, teacher: ModelConfig | None, objective: O
     total = objective.ce_weight * ce
     aux = dict(aux)
     source = teacher_source(teacher_params, batch) if objective.needs_teacher else None
+    teacher_index, distill_w = distill_alignment(objective, batch, weights)
     if source is not None and objective.distill_weight > 0:
-      d = distill_loss(objective.spec, hidden, head, pred, source, pred,
-                       _distill_weights(objective, tokens, weights), chunk_size=chunk)
+      d = distill_loss(objective.spec, hidden, head, pred, source, teacher_index, distill_w,
+                       chunk_size=chunk)
       total += objective.distill_weight * d
       aux["distill_sum"] = d
     if mtp is not None:
       if mtp_params is None:
         raise ValueError(f"mtp_depth={objective.mtp_depth} but params have no 'mtp' key")
       total += _mtp_terms(mtp, mtp_params, decoder_params, head, hidden, batch, weights,
-                          source, objective, mtp_lambda, aux)
+                          source, (teacher_index, distill_w), objective, mtp_lambda, aux)
     return total, aux
 
   return loss_fn
 
 
 def _mtp_terms(mtp, mtp_params, decoder_params, head, hidden, batch, weights, source,
-               objective: Objective, mtp_lambda, aux) -> jax.Array:
-  """(λ/D) Σ_k of the depth-k CE (+ distillation) sums; fills aux with per-depth sums."""
+               alignment, objective: Objective, mtp_lambda, aux) -> jax.Array:
+  """(λ/D) Σ_k of the depth-k CE (+ distillation) sums; fills aux with per-depth sums.
+
+  Depth k at i predicts the target at p = i+k+1, so it reads the alignment at p: teacher
+  index (= i+k for one tokenizer, the teacher's next-token distribution of the same token)
+  and distillation weight, kept only where i..p is one path (`chain_valid`).
+  """
+  teacher_index, distill_w = alignment
   tokens, kv_end = batch["tokens"], batch["kv_end"]
   outs = mtp.apply({"params": mtp_params}, hidden, tokens, decoder_params["embed"]["embedding"],
                    batch["positions"], kv_end)
@@ -148,9 +187,9 @@ def _mtp_terms(mtp, mtp_params, decoder_params, head, hidden, batch, weights, so
     aux[f"mtp{k}_correct_sum"] = aux_k["correct_sum"]
     aux[f"mtp{k}_weight_sum"] = aux_k["weight_sum"]
     if source is not None and objective.mtp_distill_weight > 0:
-      teacher_at = jnp.minimum(here + k, t - 1)  # the teacher predicts t_{i+k+1} from i+k
-      d_k = distill_loss(objective.spec, h_k, head, here, source, teacher_at,
-                         _distill_weights(objective, targets, w_k),
+      teacher_at = shift_left(teacher_index, k + 1, 0)
+      d_w = jnp.where(chain_valid(kv_end, k + 1), shift_left(distill_w, k + 1, 0.0), 0.0)
+      d_k = distill_loss(objective.spec, h_k, head, here, source, teacher_at, d_w,
                          chunk_size=objective.loss_chunk)
       term += objective.mtp_distill_weight * d_k
       aux[f"mtp{k}_distill_sum"] = d_k
@@ -172,6 +211,7 @@ def _aux_template(loss_fn, params, teacher_params, batch) -> dict[str, jax.Array
 
 def _batch_inputs(batch: Batch, objective: Objective) -> Batch:
   keys = MODEL_INPUTS + (TEACHER_KEYS if objective.teacher == "offline" else ())
+  keys += CROSS_KEYS if is_cross_tokenizer(batch) else ()
   return {k: batch[k] for k in keys}
 
 

@@ -84,7 +84,8 @@ def distill_fields() -> ConfigDict:
 
 def teacher_logits_fields() -> ConfigDict:
   return ConfigDict(dict(top_k=32, dtype="float16", batch_size=8, output="",
-                         include_eval=True))
+                         include_eval=True,
+                         chunk=256))  # positions per LM-head chunk ([B, chunk, V] f32)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -134,7 +135,8 @@ def objective_from(config: ConfigDict, tokenizer: Tokenizer, variant: str | None
 
 
 def distill_sources(config: ConfigDict, workdir: str) -> tuple[Any, Any]:
-  """`data.source='dual_regime'` generates the procedural dual-regime set; else `build_sources`."""
+  """`data.source='dual_regime'`: AutoThink tasks rendered for stage 1 (`dual_regime`), written
+  once to `<workdir>/data`; any other source goes to `build_sources`."""
   data = config.data
   if data.source != "dual_regime":
     return build_sources(data, workdir, config.seed)
@@ -143,7 +145,8 @@ def distill_sources(config: ConfigDict, workdir: str) -> tuple[Any, Any]:
   paths = []
   for name, num, seed in (("train", data.synthetic_docs, config.seed),
                           ("eval", data.synthetic_eval_docs, config.seed + 1)):
-    path = os.path.join(data_dir, f"dual_regime_{name}.jsonl")
+    # Named after the generator, so a workdir holding the older generator's files is not reused.
+    path = os.path.join(data_dir, f"autothink_stage1_{name}.jsonl")
     if not os.path.exists(path):
       sources.write_jsonl(dual_regime.generate_records(num, seed), path)
     paths.append(path)
@@ -219,7 +222,7 @@ def load_model(directory: str, execution: ModelConfig | None = None) -> tuple[Mo
     return config, params
   if os.path.exists(os.path.join(directory, "config.json")):
     from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    return load_pretrained(directory)
+    return load_pretrained(directory)  # a teacher needs no MTP heads (load_mtp off)
   raise ConfigError(f"config.distill.teacher_init_from: no model_config.json or config.json "
                     f"in {directory}")
 
@@ -421,6 +424,7 @@ def run_teacher_logits(config: ConfigDict) -> dict[str, Any]:
   os.makedirs(output, exist_ok=True)
   to_doc = dual_regime.DualRegimeToDocument(tokenizer)
   vocab = config.distill.shared_vocab or tokenizer.vocab_size
+  params, _ = place_teacher(teacher_cfg, params, mesh)  # rows split over data x fsdp
   written = {}
   todo = [("train", train_source)] + ([("eval", eval_source)]
                                       if t.include_eval and eval_source is not None else [])
@@ -431,7 +435,7 @@ def run_teacher_logits(config: ConfigDict) -> dict[str, Any]:
     written[split] = sources.write_array_record(teacher_logits.records_with_teacher(
         records, to_doc, params, teacher_cfg, k=t.top_k, seq_len=config.data.seq_len,
         batch_size=t.batch_size, long_docs=config.data.long_docs, vocab=vocab,
-        dtype=t.dtype), path)
+        dtype=t.dtype, chunk_size=t.chunk, mesh=mesh), path)
   summary = {"output": output, "records": written, "top_k": t.top_k,
              "seconds": time.perf_counter() - start}
   with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as f:

@@ -21,18 +21,23 @@ Reading: `TeacherDocument` carries the arrays beside tokens/mask through `split_
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from kat_jax.data import packing, pipeline
 from kat_jax.data.packing import Document
 from kat_jax.distill.losses import topk_logprobs
 from kat_jax.model import Decoder, ModelConfig, lm_head_kernel
+from kat_jax.parallel import BATCH_AXES, global_batch, sharding_context
+from kat_jax.train.losses import _chunks
 
 FIELD = "teacher_topk"
 
@@ -181,23 +186,33 @@ def make_teacher_dataset(source, *, to_document: Callable[[dict[str, Any]], Docu
 # ---------------------------------------------------------------------------
 
 
-def make_topk_fn(config: ModelConfig, k: int, vocab: int | None = None):
+def make_topk_fn(config: ModelConfig, k: int, vocab: int | None = None, *,
+                 chunk_size: int = 256):
   """jitted (params, tokens [B,T], kv_end [B,T]) -> (logprobs, ids) [B,T,K].
 
-  The head runs per row (a [T,V] slab at a time), not on all [B,T,V] logits at once.
+  The head runs in a `lax.scan` over chunks of `chunk_size` positions: only [B, chunk, V]
+  float32 logits exist at a time (never [T,V] per row), and the row axis B keeps whatever
+  sharding the inputs have (the stage splits rows over the mesh's batch axes).
   """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   model = Decoder(config)
 
   @jax.jit
   def topk(params, tokens, kv_end):
     hidden = model.apply({"params": params}, tokens, None, kv_end, return_hidden=True)
-    head = lm_head_kernel(params, config)
+    head = lm_head_kernel(params, config).astype(hidden.dtype)
+    b, t, _ = hidden.shape
+    chunk = min(chunk_size, t)
+    xs = _chunks(jnp.swapaxes(hidden, 0, 1), chunk)  # [T/chunk, chunk, B, d]
 
-    def row(h):
-      logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype),
-                          preferred_element_type=jnp.float32)
-      return topk_logprobs(logits, k, vocab)
-    return jax.lax.map(row, hidden)
+    def body(carry, h):
+      logits = jnp.einsum("cbd,dv->cbv", h, head, preferred_element_type=jnp.float32)
+      return carry, topk_logprobs(logits, k, vocab)
+
+    _, (lp, ids) = jax.lax.scan(body, None, xs)
+    unchunk = lambda x: jnp.swapaxes(x.reshape((-1, b, k))[:t], 0, 1)
+    return unchunk(lp), unchunk(ids)
 
   return topk
 
@@ -205,14 +220,26 @@ def make_topk_fn(config: ModelConfig, k: int, vocab: int | None = None):
 def teacher_topk_for_documents(params, config: ModelConfig, docs: Iterable[Document], *,
                                k: int, seq_len: int, batch_size: int = 8,
                                long_docs: packing.LongDocPolicy = "split",
-                               vocab: int | None = None
+                               vocab: int | None = None, chunk_size: int = 256,
+                               mesh: Mesh | None = None
                                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Per document: (logprobs [L',K], ids [L',K]) with L' = tokens kept by `long_docs`.
 
   Each piece (see `packing.split_document`) is its own padded row starting at position 0,
-  exactly as it sits in a packed row (packing isolates documents).
+  exactly as it sits in a packed row (packing isolates documents). Documents are consumed
+  lazily and results yielded in order as soon as all their pieces ran, so at most about
+  `batch_size` pieces are held. With `mesh` (single process), each batch's rows are split
+  over the mesh's batch axes (place `params` with the same mesh first).
   """
-  topk = make_topk_fn(config, k, vocab)
+  topk = make_topk_fn(config, k, vocab, chunk_size=chunk_size)
+  if mesh is not None:
+    if jax.process_count() > 1:
+      raise ValueError("teacher top-k over a mesh runs in one process; run one job per "
+                       "data shard on multi-host setups")
+    rows_per_step = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % rows_per_step:
+      raise ValueError(f"teacher_logits.batch_size {batch_size} is not divisible by the "
+                       f"mesh's data*fsdp = {rows_per_step}")
   pending: list[tuple[int, int, Document]] = []  # (doc index, piece index, piece)
   pieces_of: list[int] = []
   results: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -223,7 +250,13 @@ def teacher_topk_for_documents(params, config: ModelConfig, docs: Iterable[Docum
     while len(rows) < batch_size:  # fixed shape: one compilation
       rows.append(packing.empty_row(seq_len, 0))
     stacked = packing.stack_rows(rows)
-    lp, ids = jax.device_get(topk(params, stacked["tokens"], stacked["kv_end"]))
+    inputs = {"tokens": stacked["tokens"], "kv_end": stacked["kv_end"]}
+    if mesh is not None:
+      inputs = global_batch(inputs, mesh)
+      with sharding_context(mesh):
+        lp, ids = jax.device_get(topk(params, inputs["tokens"], inputs["kv_end"]))
+    else:
+      lp, ids = jax.device_get(topk(params, inputs["tokens"], inputs["kv_end"]))
     for r, (d, p, piece) in enumerate(batch):
       results[(d, p)] = (lp[r, :len(piece)], ids[r, :len(piece)])
 
@@ -255,13 +288,22 @@ def records_with_teacher(records: Iterable[dict[str, Any]],
                          to_document: Callable[[dict[str, Any]], Document], params,
                          config: ModelConfig, *, k: int, seq_len: int, batch_size: int = 8,
                          long_docs: packing.LongDocPolicy = "split", vocab: int | None = None,
-                         dtype: str = "float16") -> Iterator[dict[str, Any]]:
-  """Each record plus its `teacher_topk` field (log-probs stored as `dtype`)."""
-  records = list(records)
-  docs = [to_document(r) for r in records]
-  for record, doc, (lp, ids) in zip(records, docs, teacher_topk_for_documents(
-      params, config, docs, k=k, seq_len=seq_len, batch_size=batch_size,
-      long_docs=long_docs, vocab=vocab)):
+                         dtype: str = "float16", chunk_size: int = 256,
+                         mesh: Mesh | None = None) -> Iterator[dict[str, Any]]:
+  """Each record plus its `teacher_topk` field (log-probs stored as `dtype`), streamed:
+  records are read as the teacher needs them, not loaded all at once."""
+  pending: collections.deque = collections.deque()  # (record, doc) not yet yielded
+
+  def documents():
+    for record in records:
+      doc = to_document(record)
+      pending.append((record, doc))
+      yield doc
+
+  for lp, ids in teacher_topk_for_documents(
+      params, config, documents(), k=k, seq_len=seq_len, batch_size=batch_size,
+      long_docs=long_docs, vocab=vocab, chunk_size=chunk_size, mesh=mesh):
+    record, doc = pending.popleft()
     if long_docs == "truncate":  # keep the arrays as long as the re-tokenized record
       lp = np.concatenate([lp, np.zeros((len(doc) - lp.shape[0], k), lp.dtype)])
       ids = np.concatenate([ids, np.zeros((len(doc) - ids.shape[0], k), ids.dtype)])

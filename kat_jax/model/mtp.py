@@ -38,7 +38,7 @@ def continues_path(kv_end: jax.Array) -> jax.Array:
   return (nxt < kv_end) & (nxt < t)
 
 
-def _shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
+def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
   """x[..., i + k] at i, `fill` past the end. x [B,T]."""
   if k == 0:
     return x
@@ -54,7 +54,7 @@ def chain_valid(kv_end: jax.Array, steps: int) -> jax.Array:
   cont = continues_path(kv_end)
   valid = jnp.ones(kv_end.shape, bool)
   for m in range(steps):
-    valid = valid & _shift_left(cont, m, False)
+    valid = valid & shift_left(cont, m, False)
   return valid
 
 
@@ -69,7 +69,7 @@ def mtp_kv_end(kv_end: jax.Array, k: int) -> jax.Array:
   if k == 0:
     return kv_end
   t = kv_end.shape[-1]
-  ahead = _shift_left(kv_end, k, 0) - k
+  ahead = shift_left(kv_end, k, 0) - k
   j1 = jnp.arange(t, dtype=kv_end.dtype) + 1
   return jnp.where(chain_valid(kv_end, k), jnp.minimum(kv_end, ahead), j1)
 
@@ -78,8 +78,8 @@ def mtp_targets(tokens: jax.Array, weights: jax.Array, kv_end: jax.Array, k: int
                 ) -> tuple[jax.Array, jax.Array]:
   """(targets, weights) of depth k per position i: t_{i+k+1}, weighted by weights[i+k+1]
   where i..i+k+1 is one path, else 0. tokens/weights/kv_end [B,T]."""
-  targets = _shift_left(tokens, k + 1, 0)
-  w = _shift_left(weights.astype(jnp.float32), k + 1, 0.0)
+  targets = shift_left(tokens, k + 1, 0)
+  w = shift_left(weights.astype(jnp.float32), k + 1, 0.0)
   return targets, jnp.where(chain_valid(kv_end, k + 1), w, 0.0)
 
 
@@ -132,7 +132,7 @@ class MTPHeads(nn.Module):
       valid = chain_valid(kv_end, k)
       # Invalid inputs are zeroed: they never reach a valid query (mtp_kv_end), but keep the
       # padded values clean.
-      emb = jnp.take(embedding, _shift_left(tokens, k, 0), axis=0)
+      emb = jnp.take(embedding, shift_left(tokens, k, 0), axis=0)
       emb = jnp.where(valid[..., None], emb, 0).astype(cfg.compute_dtype)
       h, normed = MTPLayer(cfg, name=f"depth_{k}")(h, emb, cos, sin, mtp_kv_end(kv_end, k))
       outputs.append(normed)
@@ -176,3 +176,43 @@ def split_mtp(params: dict) -> tuple[dict, dict | None]:
 def mtp_depth_of(params: dict) -> int:
   """Number of MTP modules stored in a params tree (0 without an "mtp" key)."""
   return len(params.get("mtp", {}) or {})
+
+
+# Hugging Face directories: MTP heads ride along in their own file (`kat_jax.checkpoint.hf`),
+# so the model.safetensors files stay a plain Qwen2 checkpoint that transformers loads.
+MTP_FILE = "mtp.safetensors"
+
+
+def mtp_to_flat(mtp_params: dict) -> dict[str, jax.Array]:
+  """{"depth_k": {...}} -> {"mtp.<k>.<path joined by '.'>": leaf}, kat_jax layout (no
+  transposes), e.g. "mtp.1.eh_proj", "mtp.1.block.attn.q_kernel"."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(mtp_params)[0]:
+    keys = [p.key for p in path]
+    if not keys[0].startswith("depth_"):
+      raise ValueError(f"MTP params: top-level key {keys[0]!r} is not depth_<k>")
+    flat[".".join(["mtp", keys[0][len("depth_"):]] + keys[1:])] = leaf
+  return flat
+
+
+def mtp_from_flat(flat: dict[str, jax.Array], config: ModelConfig, *, where: str = "") -> dict:
+  """Inverse of `mtp_to_flat`, checked against the MTP tree `config` gives for that depth."""
+  tree: dict = {}
+  for name, leaf in flat.items():
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != "mtp" or not parts[1].isdigit():
+      raise ValueError(f"{where}: tensor {name!r} is not named mtp.<k>.<param path>")
+    node = tree.setdefault(f"depth_{parts[1]}", {})
+    for key in parts[2:-1]:
+      node = node.setdefault(key, {})
+    node[parts[-1]] = leaf
+  depth = len(tree)
+  if set(tree) != {f"depth_{k}" for k in range(1, depth + 1)}:
+    raise ValueError(f"{where}: MTP depths must be 1..D, got {sorted(tree)}")
+  expected = jax.eval_shape(lambda r: init_mtp_params(config, depth, r), jax.random.key(0))
+  got = jax.tree.map(lambda x: x.shape, tree)
+  want = jax.tree.map(lambda x: tuple(x.shape), expected)
+  if got != want:
+    raise ValueError(f"{where}: MTP tensors do not match {depth} MTP module(s) of this "
+                     f"config: got {got}, expected {want}")
+  return tree

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors import safe_open
 
+from kat_jax.checkpoint.hf import MTP_FILE, load_pretrained, save_pretrained
 from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.distill.objective import Objective, make_loss_fn
 from kat_jax.distill.speculative import greedy_decode, self_speculative_decode
@@ -145,6 +147,30 @@ def test_mtp_params_round_trip_through_orbax_with_the_train_state(tmp_path):
   assert set(restored.params["mtp"]) == {"depth_1", "depth_2"}
   assert_trees_close(restored.params, state.params, rtol=1e-7)
   assert_trees_close(restored.opt_state, state.opt_state, rtol=1e-7)
+
+
+def test_mtp_params_round_trip_through_a_hugging_face_directory(tmp_path):
+  params = dict(init_params(CFG, jax.random.key(8)))
+  params["mtp"] = init_mtp_params(CFG, 2, jax.random.key(9))
+  save_pretrained(tmp_path, CFG, params, dtype="float32")
+  with safe_open(str(tmp_path / MTP_FILE), framework="numpy") as f:
+    names = set(f.keys())
+  assert "mtp.1.eh_proj" in names and "mtp.2.final_norm.scale" in names
+  assert all(n.startswith(("mtp.1.", "mtp.2.")) for n in names)
+  cfg, loaded = load_pretrained(tmp_path, load_mtp=True)
+  assert_trees_close(loaded, params, rtol=1e-7)  # float32 on disk: bit-exact
+  _, without = load_pretrained(tmp_path)  # heads are opt-in
+  assert "mtp" not in without
+  # Saving without heads removes the stale file: loading gives no heads back.
+  save_pretrained(tmp_path, cfg, without, dtype="float32")
+  assert "mtp" not in load_pretrained(tmp_path, load_mtp=True)[1]
+  # Heads of another config's shape are refused with the file named.
+  other = get_preset("tiny", num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                     num_kv_heads=1, vocab_size=40)
+  save_pretrained(tmp_path, CFG, {**without, "mtp": init_mtp_params(other, 1,
+                                                                     jax.random.key(0))})
+  with pytest.raises(ValueError, match=MTP_FILE):
+    load_pretrained(tmp_path, load_mtp=True)
 
 
 def test_self_speculative_decoding_equals_greedy_and_reports_accept_rate():

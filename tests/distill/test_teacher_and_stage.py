@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from kat_jax.autothink import tasks as autothink_tasks
 from kat_jax.data import sources
 from kat_jax.data.packing import validate_batch
 from kat_jax.data.tokenizer import get_tokenizer, kat_tag_ids
@@ -25,8 +26,16 @@ def test_dual_regime_records_and_trigger_excluded_from_loss():
   records = dual_regime.generate_records(60, seed=0)
   modes = {r["mode"] for r in records}
   assert modes == {"think_on", "think_off"}
+  # The AutoThink task stream, rendered: mode by regime, the task's own texts and tags.
+  for r, task in zip(records, autothink_tasks.generate_tasks(60, 0, hard_fraction=0.35)):
+    assert r["id"] == task.id and r["domain"] == task.domain
+    assert r["difficulty"] == task.difficulty and r["regime"] == task.regime
+    assert r["mode"] == ("think_on" if task.regime == "hard" else "think_off")
+    assert r["messages"][1]["content"] == task.prompt
+    assert task.answer in r["messages"][2]["content"]
+    assert (task.think in r["messages"][2]["content"]) == (r["mode"] == "think_on")
+  assert len({r["domain"] for r in records}) >= 3
   for r in records[:20]:
-    assert {"domain", "difficulty"} <= set(r)
     doc = dual_regime.dual_regime_document(r, TOK)
     on, off = kat_tag_ids(TOK)["<think_on>"], kat_tag_ids(TOK)["<think_off>"]
     trigger = on if r["mode"] == "think_on" else off
@@ -42,11 +51,11 @@ def test_teacher_topk_write_read_round_trip_aligned_with_packed_batches(tmp_path
   params = init_params(TEACHER, jax.random.key(0))
   records = dual_regime.generate_records(9, seed=1)
   to_doc = dual_regime.DualRegimeToDocument(TOK)
-  seq_len, k = 64, 4  # documents are 58-109 tokens: some are split into pieces
+  seq_len, k = 64, 4  # documents are 60-250 tokens: split into pieces
   path = str(tmp_path / "t.array_record")
   written = sources.write_array_record(teacher_logits.records_with_teacher(
       records, to_doc, params, TEACHER, k=k, seq_len=seq_len, batch_size=4,
-      vocab=TOK.vocab_size, dtype="float32"), path)
+      vocab=TOK.vocab_size, dtype="float32", chunk_size=24), path)  # 64 = 24+24+16: padded
   assert written == 9
   source = sources.ArrayRecordSource(path)
   ds = teacher_logits.make_teacher_dataset(source, to_document=to_doc, k=k, seq_len=seq_len,
@@ -68,6 +77,42 @@ def test_teacher_topk_write_read_round_trip_aligned_with_packed_batches(tmp_path
     assert np.all(batch["teacher_logprobs"][~real] == 0)
     rows += batch["tokens"].shape[0]
   assert rows >= 9 * 1  # split documents made extra rows
+
+
+def test_teacher_records_stream_and_shard_over_the_mesh():
+  """Records are pulled lazily (not all loaded first); rows split over a 4x2 mesh give the
+  same top-k as one device."""
+  from kat_jax.distill.stage import place_teacher  # pylint: disable=g-import-not-at-top
+  from kat_jax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  params = init_params(TEACHER, jax.random.key(3))
+  records = dual_regime.generate_records(20, seed=4)
+  to_doc = dual_regime.DualRegimeToDocument(TOK)
+  pulled = []
+
+  def lazy():
+    for r in records:
+      pulled.append(r)
+      yield r
+
+  kw = dict(k=3, seq_len=128, batch_size=8, vocab=TOK.vocab_size, dtype="float32",
+            chunk_size=48)
+  stream = teacher_logits.records_with_teacher(lazy(), to_doc, params, TEACHER, **kw)
+  first = next(stream)
+  assert len(pulled) <= 9  # one batch of 8 pieces (+ the one that overflowed it)
+  plain = [first] + list(stream)
+  assert len(plain) == 20 and len(pulled) == 20
+  mesh = make_mesh(4, 2, 1)
+  sharded_params, _ = place_teacher(TEACHER, params, mesh)
+  sharded = list(teacher_logits.records_with_teacher(records, to_doc, sharded_params, TEACHER,
+                                                     mesh=mesh, **kw))
+  for a, b in zip(plain, sharded):
+    for key in ("logprobs", "ids"):
+      np.testing.assert_allclose(teacher_logits.decode_array(a["teacher_topk"][key]),
+                                 teacher_logits.decode_array(b["teacher_topk"][key]),
+                                 rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="divisible"):
+    next(teacher_logits.records_with_teacher(records, to_doc, sharded_params, TEACHER,
+                                             mesh=mesh, **{**kw, "batch_size": 6}))
 
 
 def test_attach_teacher_rejects_misaligned_records():
