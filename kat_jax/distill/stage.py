@@ -222,7 +222,7 @@ def load_model(directory: str, execution: ModelConfig | None = None) -> tuple[Mo
     return config, params
   if os.path.exists(os.path.join(directory, "config.json")):
     from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    return load_pretrained(directory)  # a teacher needs no MTP heads (load_mtp off)
+    return load_pretrained(directory)  # MTP heads stay on disk (load_mtp is opt-in)
   raise ConfigError(f"config.distill.teacher_init_from: no model_config.json or config.json "
                     f"in {directory}")
 
