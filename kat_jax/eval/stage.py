@@ -41,7 +41,7 @@ def eval_fields() -> ConfigDict:
       benchmarks="generated,humaneval",  # any of generated, humaneval, jsonl
       jsonl_paths="",  # comma-separated user JSONL (question, answer, verifier)
       num_generated=100,  # generated dual-regime tasks
-      generated_seed=4321,  # differs from the SFT/RL data seeds: held-out tasks
+      generated_seed=9876,  # held out: SFT uses data_seed 1234..1236, RL task_seed 4321..4322
       hard_fraction=0.5,
       humaneval_limit=0,  # first N HumanEval problems; 0 = all 164
       num_samples=1,  # responses per task (pass@k needs k <= num_samples)

@@ -295,3 +295,21 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ConfigError, match="neither a HF directory"):
     checkpoint_kind(str(tmp_path / "empty"))
+
+
+def test_generated_eval_tasks_are_not_the_sft_or_rl_training_tasks():
+  """The default eval seed must not regenerate the prompts SFT or RL trained on."""
+  from kat_jax.autothink import tasks as task_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.autothink.stage import autothink_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.eval.stage import eval_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.stage import rl_fields  # pylint: disable=g-import-not-at-top
+  ev, at, rl = eval_fields(), autothink_fields(), rl_fields()
+  eval_prompts = {t.prompt for t in task_lib.generate_tasks(ev.num_generated,
+                                                            ev.generated_seed)}
+  training_seeds = [at.data_seed, at.data_seed + 1, at.data_seed + 2, rl.task_seed,
+                    rl.task_seed + 1]
+  assert ev.generated_seed not in training_seeds
+  rl_first = [t.prompt for t in task_lib.generate_tasks(ev.num_generated, rl.task_seed)]
+  # Generated prompts come from small templates, so some repeat by chance; a shared seed
+  # would make every one of them repeat.
+  assert sum(p in eval_prompts for p in rl_first) < ev.num_generated // 2
