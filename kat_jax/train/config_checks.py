@@ -12,8 +12,6 @@ from typing import Any, Callable
 from kat_jax.data.tokenizer import TOKENIZER_NAMES
 from kat_jax.errors import ConfigError
 
-_Check = tuple[str, Callable[[Any], bool], str]  # (field, predicate, what it must be)
-
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -50,7 +48,7 @@ def check_section(config: Any, section: str, checks: dict[str, tuple[Callable, s
 
   Fields a stage's config does not have are skipped (stages share only part of the base).
   """
-  values = config.get(section) if hasattr(config, "get") else getattr(config, section, None)
+  values = config.get(section)
   if values is None:
     return
   for name, (ok, must_be) in checks.items():

@@ -53,9 +53,11 @@ def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
   reasoning for hard tasks, answer; `kat_jax.autothink.tasks.task_text`).
   """
   if data.source in ("synthetic", "autothink"):
-    # pylint: disable-next=g-import-not-at-top  (only this source needs the task generator)
-    from kat_jax.autothink.tasks import write_text_corpus
-    write = (synthetic.write_corpus_jsonl if data.source == "synthetic" else write_text_corpus)
+    if data.source == "synthetic":
+      write = synthetic.write_corpus_jsonl
+    else:
+      # pylint: disable-next=g-import-not-at-top  (only this source needs the task generator)
+      from kat_jax.autothink.tasks import write_text_corpus as write
     data_dir = os.path.join(workdir, "data")
     os.makedirs(data_dir, exist_ok=True)
     train_path = os.path.join(data_dir, f"{data.source}_train.jsonl")

@@ -56,15 +56,11 @@ def test_clipping_scales_gradients_to_the_global_norm():
   assert np.abs(np.asarray(clipped["w"] - unclipped["w"])).max() > 1e-4
 
 
-def _first_update(optim, grads, params):
-  return _updates(optim, [grads], params)
-
-
 def test_weight_decay_skips_norms_and_biases():
   params = {"attn": {"q_kernel": jnp.ones((2, 2)), "q_bias": jnp.ones((2,))},
             "input_norm": {"scale": jnp.ones((2,))}}
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates = _first_update(_optim(weight_decay=0.5, warmup_steps=0), zeros, params)
+  updates = _updates(_optim(weight_decay=0.5, warmup_steps=0), [zeros], params)
   assert np.all(np.asarray(updates["attn"]["q_kernel"]) < 0)  # decayed towards 0
   assert not np.any(np.asarray(updates["attn"]["q_bias"]))
   assert not np.any(np.asarray(updates["input_norm"]["scale"]))
