@@ -36,6 +36,11 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--hf_repeats", type=int, default=2)
   parser.add_argument("--skip_hf", action="store_true")
+  parser.add_argument("--steps_per_loop", type=int, default=1,
+                      help="decode steps per iteration of the sampler's while loop")
+  parser.add_argument("--trace_batch", type=int, default=0,
+                      help="also record an XProf trace of one decode at this batch size and "
+                           "summarise its GPU kernels per decode step")
   parser.add_argument("--out", default="")
   return parser.parse_args()
 
@@ -73,7 +78,8 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats):
+def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, steps_per_loop=1,
+               trace_batch=0):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
@@ -82,7 +88,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats):
   from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
-  sampler = Sampler(config, prefill_chunk=max(prompt_len, 8))
+  sampler = Sampler(config, prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
   rng = np.random.default_rng(0)
@@ -123,7 +129,39 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats):
     per_token = (total_s - prefill_s) / new_tokens
     rows[b] = {"generate_s": total_s, "prefill_s": prefill_s, "time_per_token_ms": per_token * 1e3,
                "decode_tokens_per_s": b / per_token}
-  return rows, {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err}
+  meta = {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err,
+          "steps_per_loop": steps_per_loop}
+  if trace_batch:
+    meta["trace"] = trace_decode(sampler, dparams, prompts, trace_batch, max_length, new_tokens)
+  return rows, meta
+
+
+def trace_decode(sampler, dparams, prompts, batch, max_length, new_tokens) -> dict:
+  """XProf trace of one decode (prefill done before): GPU kernel time and count per step.
+
+  Under the profiler XLA runs op by op (no command buffers), so `span / step` is an upper
+  bound; `busy / step` is the kernel time a step needs without launch gaps.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import GREEDY  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.profiling import find_trace_file, format_summary, summarize_trace  # pylint: disable=g-import-not-at-top
+
+  if batch not in prompts:
+    raise ValueError(f"--trace_batch {batch} is not one of --batch_sizes")
+  trace_dir = tempfile.mkdtemp(prefix="decode_trace_")
+  state = jax.block_until_ready(sampler.prefill(dparams, prompts[batch], max_length=max_length))
+  with jax.profiler.trace(trace_dir):
+    result, _ = sampler.decode(dparams, state, jax.random.key(0), max_new_tokens=new_tokens,
+                               sampling=GREEDY)
+    jax.block_until_ready(result)
+  summary = summarize_trace(find_trace_file(trace_dir), top=40)
+  print(f"decode trace, batch {batch}, {new_tokens} steps:\n{format_summary(summary, top=40)}")
+  summary.update(batch=batch, steps=new_tokens,
+                 busy_ms_per_step=summary["busy_ms"] / new_tokens,
+                 span_ms_per_step=summary["span_ms"] / new_tokens,
+                 kernels_per_step=summary["events"] / new_tokens)
+  return summary
 
 
 def bench_hf(config, batch_sizes, prompt_len, new_tokens, repeats, device):
@@ -189,7 +227,7 @@ def main():
   bandwidth = copy_bandwidth(torch, device)
 
   ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                               args.repeats)
+                               args.repeats, args.steps_per_loop, args.trace_batch)
   del params
   hf, hf_meta = ({}, {"skipped": True}) if args.skip_hf else bench_hf(
       config, batch_sizes, args.prompt_len, args.new_tokens, args.hf_repeats, device)
@@ -228,6 +266,7 @@ def main():
                                                   if k == "transformers"}},
       "preset": args.preset, "dtype": "bfloat16", "prompt_len": args.prompt_len,
       "new_tokens": args.new_tokens, "sampling": "greedy, no stop tokens",
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "copy_bandwidth_bytes_per_s": bandwidth, "ours_meta": ours_meta, "hf_meta": hf_meta,
       "rows": rows,
   }

@@ -143,6 +143,43 @@ def bench_cudnn(q, k, v, do) -> tuple[float, float]:
   return median_ms_jax(jax.jit(attend), q, k, v), median_ms_jax(fwd_bwd, q, k, v, do)
 
 
+def bench_mosaic_gpu(q, k, v, do) -> dict:
+  """JAX's Mosaic GPU FlashAttention-3 kernel (`attention_mgpu`, wgmma + TMA, warp-specialised)
+  on the unrolled paths vs cuDNN on the same shapes: how fast a Hopper-native Pallas kernel
+  is here, before writing a tree-masked one. Its backward has no causal mask (yet), so
+  fwd+bwd is compared without a mask on both sides."""
+  try:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return {"error": f"attention_mgpu unavailable: {e}"}
+  result = {}
+  cudnn = lambda causal: (lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="cudnn"))
+  cases = {
+      "causal_fwd": (mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2,
+                                       causal=True), True, False),
+      "full_fwd_bwd": (mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2,
+                                         block_q_dkv=64, block_kv_dkv=128, block_q_dq=64,
+                                         block_kv_dq=128), False, True),
+  }
+  for name, (config, causal, backward) in cases.items():
+    try:
+      attend = lambda q, k, v, config=config: mgpu.attention(q, k, v, config)
+      ref = cudnn(causal)
+      err = relative_error(jax.jit(attend)(q, k, v), ref(q, k, v))
+      if backward:
+        grad = lambda f: jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+        ms, cudnn_ms = median_ms_jax(grad(attend), q, k, v, do), median_ms_jax(grad(ref), q, k,
+                                                                               v, do)
+      else:
+        ms, cudnn_ms = median_ms_jax(jax.jit(attend), q, k, v), median_ms_jax(jax.jit(ref), q,
+                                                                              k, v)
+      result[name] = dict(mosaic_gpu_ms=ms, cudnn_ms=cudnn_ms, rel_err_vs_cudnn=err)
+    except Exception as e:  # pylint: disable=broad-except  # a probe must not cost the run
+      result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+  return result
+
+
 def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] | str:
   """FlexAttention (torch.compile) with the tree mask; returns (fwd_ms, fwd_bwd_ms)."""
   try:
@@ -210,6 +247,8 @@ def main():
   parser.add_argument("--check-heads", type=int, default=1)
   parser.add_argument("--skip-checks", action="store_true")
   parser.add_argument("--skip-flex", action="store_true")
+  parser.add_argument("--mosaic-gpu", action="store_true",
+                      help="also time JAX's Mosaic GPU FlashAttention-3 kernel on the paths")
   parser.add_argument("--name", default="tree_attention_h100.json")
   args = parser.parse_args()
   lines = []
@@ -274,6 +313,9 @@ def main():
 
   unrolled = [jnp.take(x[0], jnp.asarray(paths), axis=0) for x in (q, k, v, do)]
   times["cudnn_unrolled"] = bench_cudnn(*unrolled)
+  if args.mosaic_gpu:
+    record["mosaic_gpu_unrolled"] = bench_mosaic_gpu(*unrolled)
+    log(f"mosaic gpu (attention_mgpu) on the paths: {record['mosaic_gpu_unrolled']}")
   del unrolled
   if not args.skip_flex:
     flex = bench_flex(kv_end_np, heads, dim)

@@ -144,14 +144,15 @@ def _left_padded(sequences: Sequence[Sequence[int]], width: int, pad_id: int
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool):
-  """(chunk_fn, decode_fn) jitted once per (config, pad_id, donate), shared by Samplers."""
+def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int):
+  """(chunk_fn, decode_fn) jitted once per (config, pad_id, donate, steps_per_loop)."""
   donate_args = (1,) if donate else ()
 
   def chunk_fn(params, cache, tokens, token_valid, end):
     return forward_chunk(params, config, cache, tokens, token_valid, end)
 
-  decode_fn = jax.jit(functools.partial(_decode_loop, config=config, pad_id=pad_id),
+  decode_fn = jax.jit(functools.partial(_decode_loop, config=config, pad_id=pad_id,
+                                        steps_per_loop=steps_per_loop),
                       static_argnames=("sampling", "max_new_tokens", "stop_ids"),
                       donate_argnums=donate_args)
   return jax.jit(chunk_fn, donate_argnums=donate_args), decode_fn
@@ -161,16 +162,21 @@ class Sampler:
   """Jitted prefill / extend / decode for one model config. Holds no weights or cache."""
 
   def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
-               donate: bool = True):
+               donate: bool = True, steps_per_loop: int = 1):
     """pad_id fills generated slots after a stop; prefill_chunk bounds the attention scores
     memory of prefill ([B, Hq, chunk, S] float32); donate reuses the cache buffers in place
-    (the DecodeState passed to `extend`/`decode` must not be used again)."""
+    (the DecodeState passed to `extend`/`decode` must not be used again); steps_per_loop
+    decode steps run per iteration of the loop (fewer loop-condition round trips to the
+    host on GPU; the output is the same for any value)."""
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if steps_per_loop < 1:
+      raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
     self.config = config
     self.pad_id = int(pad_id)
     self.prefill_chunk = int(prefill_chunk)
-    self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate)
+    self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate,
+                                                    int(steps_per_loop))
 
   def _check_params(self, params: Any) -> None:
     if not isinstance(params, DecodeParams):
@@ -247,9 +253,14 @@ class Sampler:
 
 def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array, rng: jax.Array,
                  end: jax.Array, *, config: ModelConfig, pad_id: int, sampling: SamplingParams,
-                 max_new_tokens: int, stop_ids: tuple[int, ...]
+                 max_new_tokens: int, stop_ids: tuple[int, ...], steps_per_loop: int = 1
                  ) -> tuple[GenerationResult, dict[str, Any], jax.Array]:
-  """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens."""
+  """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens.
+
+  With steps_per_loop k > 1 one iteration runs k steps while at least k remain, then single
+  steps finish the rest. A step after every row stopped changes nothing but the wasted time:
+  inactive rows write pad tokens into invalid slots and keep their logits.
+  """
   batch = logits.shape[0]
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
   zeros_f = jnp.zeros((batch, max_new_tokens), jnp.float32)
@@ -259,10 +270,7 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
               logprobs=zeros_f, entropies=zeros_f,
               mask=jnp.zeros((batch, max_new_tokens), bool))
 
-  def cond(c):
-    return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
-
-  def body(c):
+  def step_once(c):
     rng, key = jax.random.split(c["rng"])
     active = ~c["done"]
     token = choose_tokens(c["logits"], key, sampling)
@@ -278,13 +286,29 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
       done = done | (active & jnp.any(token[:, None] == stops[None, :], axis=-1))
     new_cache, new_logits = forward_chunk(params, config, c["cache"], token[:, None],
                                           active[:, None], end + step)
-    return dict(step=step + 1, cache=new_cache, logits=new_logits, rng=rng, done=done,
+    return dict(step=step + 1, cache=new_cache,
+                logits=jnp.where(active[:, None], new_logits, c["logits"]), rng=rng, done=done,
                 tokens=put(c["tokens"], token),
                 logprobs=put(c["logprobs"], jnp.where(active, logprob, 0.0)),
                 entropies=put(c["entropies"], jnp.where(active, entropy, 0.0)),
                 mask=put(c["mask"], active))
 
-  out = jax.lax.while_loop(cond, body, init)
+  def loop(c, k):
+    def cond(c):
+      return (c["step"] + k <= max_new_tokens) & ~jnp.all(c["done"])
+
+    def body(c):
+      for _ in range(k):
+        c = step_once(c)
+      return c
+
+    return jax.lax.while_loop(cond, body, c)
+
+  out = init
+  if steps_per_loop > 1 and max_new_tokens >= steps_per_loop:
+    out = loop(out, steps_per_loop)
+  if steps_per_loop == 1 or max_new_tokens % steps_per_loop:
+    out = loop(out, 1)
   stopped = out["done"]
   result = GenerationResult(tokens=out["tokens"], logprobs=out["logprobs"],
                             entropies=out["entropies"], mask=out["mask"], stopped=stopped)
