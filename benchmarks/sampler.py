@@ -38,6 +38,8 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--skip_hf", action="store_true")
   parser.add_argument("--steps_per_loop", type=int, default=1,
                       help="decode steps per iteration of the sampler's while loop")
+  parser.add_argument("--kernels", default="auto",
+                      help="the sampler's decode-step kernels: auto, xla or fused")
   parser.add_argument("--trace_batch", type=int, default=0,
                       help="also record an XProf trace of one decode at this batch size and "
                            "summarise its GPU kernels per decode step")
@@ -79,7 +81,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, steps_per_loop=1,
-               trace_batch=0):
+               trace_batch=0, kernels="auto"):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
@@ -88,7 +90,8 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
-  sampler = Sampler(config, prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop)
+  sampler = Sampler(config, prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
+                    kernels=kernels)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
   rng = np.random.default_rng(0)
@@ -130,7 +133,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
     rows[b] = {"generate_s": total_s, "prefill_s": prefill_s, "time_per_token_ms": per_token * 1e3,
                "decode_tokens_per_s": b / per_token}
   meta = {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err,
-          "steps_per_loop": steps_per_loop}
+          "steps_per_loop": steps_per_loop, "kernels": sampler.kernels}
   if trace_batch:
     meta["trace"] = trace_decode(sampler, dparams, prompts, trace_batch, max_length, new_tokens)
   return rows, meta
@@ -227,7 +230,7 @@ def main():
   bandwidth = copy_bandwidth(torch, device)
 
   ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                               args.repeats, args.steps_per_loop, args.trace_batch)
+                               args.repeats, args.steps_per_loop, args.trace_batch, args.kernels)
   del params
   hf, hf_meta = ({}, {"skipped": True}) if args.skip_hf else bench_hf(
       config, batch_sizes, args.prompt_len, args.new_tokens, args.hf_repeats, device)

@@ -7,7 +7,13 @@ out for decoding:
   layer loop reads each weight in place; slicing a stacked `[L, ...]` weight inside the step
   can make XLA copy it, which doubles the bytes a bandwidth-bound decode step moves;
 - q/k/v and gate/up kernels are concatenated into one matmul each (fewer, larger kernels);
+- weights are output-major (`[N, K]`, the HF layout), the layout the fused decode kernels
+  (`kat_jax.kernels.decode`) read as contiguous rows;
 - weights are cast to the compute dtype once, not on every step.
+
+`forward_chunk(..., kernels="fused")` runs a one-token step of at most
+`kat_jax.kernels.decode.MAX_BATCH` rows through those kernels (five per layer) instead of XLA's
+ops; both paths compute the same function (tested against each other).
 
 Cache layout (left-aligned slots shared by the batch). Every row writes its next tokens at the
 same slots `[end, end+T)`; a per-row `valid [B, S]` flag says which slots hold real tokens and
@@ -26,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 
@@ -38,9 +45,9 @@ class DecodeParams:
   """Decode-ready weights (compute dtype). Build with `prepare_params`.
 
   embed [V,d]; head [V,d] when tied (the embedding) else [d,V]; final_norm [d];
-  layers: one dict per layer with input_norm [d], qkv [d, (Hq+2Hkv)*D], qkv_bias
-  [(Hq+2Hkv)*D] (absent without bias), o [Hq, D, d], post_attn_norm [d], gate_up [d, 2F],
-  down [F, d].
+  layers: one dict per layer of output-major weights: input_norm [d], qkv [(Hq+2Hkv)*D, d],
+  qkv_bias [(Hq+2Hkv)*D] (absent without bias), o [d, Hq*D], post_attn_norm [d],
+  gate_up [2F, d] (gate rows, then up rows), down [d, F].
   """
   embed: jax.Array
   head: jax.Array
@@ -60,12 +67,13 @@ def prepare_params(params: dict, config: ModelConfig) -> DecodeParams:
   stacked = params["layers"]
   attn, mlp = stacked["attn"], stacked["mlp"]
 
-  def flat(w, heads):  # [L, d, H, D] -> [L, d, H*D]
-    return w.reshape(w.shape[0], d, heads * hd)
+  def flat(w, heads):  # [L, d, H, D] -> [L, H*D, d]
+    return w.reshape(w.shape[0], d, heads * hd).swapaxes(1, 2)
 
   qkv = jnp.concatenate([flat(attn["q_kernel"], hq), flat(attn["k_kernel"], hkv),
-                         flat(attn["v_kernel"], hkv)], axis=-1).astype(dt)
-  gate_up = jnp.concatenate([mlp["gate_proj"], mlp["up_proj"]], axis=-1).astype(dt)
+                         flat(attn["v_kernel"], hkv)], axis=1).astype(dt)
+  gate_up = jnp.concatenate([mlp["gate_proj"], mlp["up_proj"]], axis=-1).swapaxes(1, 2)
+  gate_up = gate_up.astype(dt)
   if config.qkv_bias:
     qkv_bias = jnp.concatenate([attn[f"{n}_bias"].reshape(config.num_layers, -1)
                                 for n in ("q", "k", "v")], axis=-1).astype(dt)
@@ -74,10 +82,10 @@ def prepare_params(params: dict, config: ModelConfig) -> DecodeParams:
     layer = {
         "input_norm": stacked["input_norm"]["scale"][i].astype(dt),
         "qkv": qkv[i],
-        "o": attn["o_kernel"][i].astype(dt),
+        "o": attn["o_kernel"][i].reshape(hq * hd, d).T.astype(dt),
         "post_attn_norm": stacked["post_attn_norm"]["scale"][i].astype(dt),
         "gate_up": gate_up[i],
-        "down": mlp["down_proj"][i].astype(dt),
+        "down": mlp["down_proj"][i].T.astype(dt),
     }
     if config.qkv_bias:
       layer["qkv_bias"] = qkv_bias[i]
@@ -119,8 +127,8 @@ def _constrain_cache(x: jax.Array) -> jax.Array:
 
 
 def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, Any],
-                  tokens: jax.Array, token_valid: jax.Array, end: jax.Array
-                  ) -> tuple[dict[str, Any], jax.Array]:
+                  tokens: jax.Array, token_valid: jax.Array, end: jax.Array,
+                  kernels: str = "xla") -> tuple[dict[str, Any], jax.Array]:
   """Writes T tokens at slots [end, end+T) of every row and returns the last slot's logits.
 
   Args:
@@ -130,6 +138,9 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     tokens: [B,T] int32 (anything at invalid slots).
     token_valid: [B,T] bool, which of the T slots hold real tokens of the row.
     end: int32 scalar, the first free slot.
+    kernels: "xla" (XLA ops), "fused" (the Pallas decode kernels; T must be 1 and the batch
+      at most `kat_jax.kernels.decode.MAX_BATCH`), or "fused_interpret" (the same kernels in
+      Pallas interpret mode, for CPU tests).
 
   Returns:
     (updated cache, float32 logits [B,V] at slot end+T-1). Callers put each row's last real
@@ -145,13 +156,21 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
   slots = jnp.arange(valid.shape[1])
   query_slots = end + jnp.arange(length)
   mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+  new_pos = cache["next_pos"] + jnp.sum(token_valid, axis=1, dtype=jnp.int32)
 
   h = jnp.take(params.embed, tokens, axis=0).astype(dt)
   cos, sin = rope_cos_sin(positions, hd, config.rope_theta, dt)
+  if kernels in ("fused", "fused_interpret"):
+    if length != 1:
+      raise ValueError(f"the fused decode kernels take one token per row, got {length}")
+    return _fused_step(params, config, cache, h[:, 0], cos[:, 0, 0], sin[:, 0, 0], valid,
+                       new_pos, end, interpret=kernels == "fused_interpret")
+  if kernels != "xla":
+    raise ValueError(f"kernels must be 'xla', 'fused' or 'fused_interpret', got {kernels!r}")
   new_k, new_v = [], []
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
-    qkv = jnp.einsum("btd,dn->btn", x, layer["qkv"])
+    qkv = jnp.einsum("btd,nd->btn", x, layer["qkv"])
     if "qkv_bias" in layer:
       qkv = qkv + layer["qkv_bias"]
     q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
@@ -165,11 +184,38 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     new_k.append(k_cache)
     new_v.append(v_cache)
     out = cached_attention(q, k_cache, v_cache, mask)
-    h = h + jnp.einsum("bthk,hkd->btd", out, layer["o"])
+    h = h + jnp.einsum("btk,dk->btd", out.reshape(batch, length, hq * hd), layer["o"])
     x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
-    gate, up = jnp.split(jnp.einsum("btd,df->btf", x, layer["gate_up"]), 2, axis=-1)
-    h = h + jnp.einsum("btf,fd->btd", nn.silu(gate) * up, layer["down"])
+    gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
+    h = h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
   last = rms_norm(h[:, -1], params.final_norm, config.rms_norm_eps)
-  new_cache = {"k": new_k, "v": new_v, "valid": valid,
-               "next_pos": cache["next_pos"] + jnp.sum(token_valid, axis=1, dtype=jnp.int32)}
+  new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)
+
+
+def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any], h: jax.Array,
+                cos: jax.Array, sin: jax.Array, valid: jax.Array, new_pos: jax.Array,
+                end: jax.Array, *, interpret: bool) -> tuple[dict[str, Any], jax.Array]:
+  """One token per row through the fused kernels: h [B,d], cos/sin [B,D], valid [B,S]."""
+  eps = config.rms_norm_eps
+  new_k, new_v = [], []
+  for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
+    qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
+                       bias=layer.get("qkv_bias"), interpret=interpret)
+    out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
+                                             num_q_heads=config.num_heads, interpret=interpret)
+    new_k.append(k_cache)
+    new_v.append(v_cache)
+    h = fused_matvec(out, layer["o"], residual=h, interpret=interpret)
+    act = fused_matvec(h, layer["gate_up"], norm_scale=layer["post_attn_norm"], eps=eps,
+                       swiglu=True, interpret=interpret)
+    h = fused_matvec(act, layer["down"], residual=h, interpret=interpret)
+  last = rms_norm(h, params.final_norm, eps)
+  new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
+  return new_cache, head_logits(last, params, config)
+
+
+def fused_kernels_fit(config: ModelConfig, batch: int) -> bool:
+  """Whether a one-token step of `batch` rows of this model can use the fused kernels."""
+  return fused_path_supported(batch, config.hidden_size, config.intermediate_size,
+                              config.num_heads, config.num_kv_heads, config.head_dim)

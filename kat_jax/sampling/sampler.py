@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from kat_jax.model.config import ModelConfig
-from kat_jax.sampling.forward import CACHE_AXES, DecodeParams, forward_chunk
+from kat_jax.sampling.forward import CACHE_AXES, DecodeParams, forward_chunk, fused_kernels_fit
 from kat_jax.sampling.logits import SamplingParams, choose_tokens, logprob_and_entropy
 
 
@@ -144,15 +144,16 @@ def _left_padded(sequences: Sequence[Sequence[int]], width: int, pad_id: int
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int):
-  """(chunk_fn, decode_fn) jitted once per (config, pad_id, donate, steps_per_loop)."""
+def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int,
+                  kernels: str):
+  """(chunk_fn, decode_fn) jitted once per (config, pad_id, donate, steps_per_loop, kernels)."""
   donate_args = (1,) if donate else ()
 
   def chunk_fn(params, cache, tokens, token_valid, end):
     return forward_chunk(params, config, cache, tokens, token_valid, end)
 
   decode_fn = jax.jit(functools.partial(_decode_loop, config=config, pad_id=pad_id,
-                                        steps_per_loop=steps_per_loop),
+                                        steps_per_loop=steps_per_loop, kernels=kernels),
                       static_argnames=("sampling", "max_new_tokens", "stop_ids"),
                       donate_argnums=donate_args)
   return jax.jit(chunk_fn, donate_argnums=donate_args), decode_fn
@@ -162,21 +163,30 @@ class Sampler:
   """Jitted prefill / extend / decode for one model config. Holds no weights or cache."""
 
   def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
-               donate: bool = True, steps_per_loop: int = 1):
+               donate: bool = True, steps_per_loop: int = 1, kernels: str = "auto"):
     """pad_id fills generated slots after a stop; prefill_chunk bounds the attention scores
     memory of prefill ([B, Hq, chunk, S] float32); donate reuses the cache buffers in place
     (the DecodeState passed to `extend`/`decode` must not be used again); steps_per_loop
     decode steps run per iteration of the loop (fewer loop-condition round trips to the
-    host on GPU; the output is the same for any value)."""
+    host on GPU; the output is the same for any value); kernels picks the decode step's
+    implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the batch has at most
+    `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas interpret mode, for CPU
+    tests) or "auto" ("fused" on a single GPU, else "xla")."""
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if steps_per_loop < 1:
       raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
+    if kernels not in ("auto", "xla", "fused", "fused_interpret"):
+      raise ValueError(f"kernels must be 'auto', 'xla', 'fused' or 'fused_interpret', "
+                       f"got {kernels!r}")
+    if kernels == "auto":
+      kernels = "fused" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
+    self.kernels = kernels
     self.config = config
     self.pad_id = int(pad_id)
     self.prefill_chunk = int(prefill_chunk)
     self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate,
-                                                    int(steps_per_loop))
+                                                    int(steps_per_loop), kernels)
 
   def _check_params(self, params: Any) -> None:
     if not isinstance(params, DecodeParams):
@@ -253,8 +263,8 @@ class Sampler:
 
 def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array, rng: jax.Array,
                  end: jax.Array, *, config: ModelConfig, pad_id: int, sampling: SamplingParams,
-                 max_new_tokens: int, stop_ids: tuple[int, ...], steps_per_loop: int = 1
-                 ) -> tuple[GenerationResult, dict[str, Any], jax.Array]:
+                 max_new_tokens: int, stop_ids: tuple[int, ...], steps_per_loop: int = 1,
+                 kernels: str = "xla") -> tuple[GenerationResult, dict[str, Any], jax.Array]:
   """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens.
 
   With steps_per_loop k > 1 one iteration runs k steps while at least k remain, then single
@@ -262,6 +272,8 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
   inactive rows write pad tokens into invalid slots and keep their logits.
   """
   batch = logits.shape[0]
+  if kernels != "xla" and not fused_kernels_fit(config, batch):
+    kernels = "xla"
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
   zeros_f = jnp.zeros((batch, max_new_tokens), jnp.float32)
   init = dict(step=jnp.int32(0), cache=cache, logits=logits, rng=rng,
@@ -285,7 +297,7 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
     if stops is not None:
       done = done | (active & jnp.any(token[:, None] == stops[None, :], axis=-1))
     new_cache, new_logits = forward_chunk(params, config, c["cache"], token[:, None],
-                                          active[:, None], end + step)
+                                          active[:, None], end + step, kernels)
     return dict(step=step + 1, cache=new_cache,
                 logits=jnp.where(active[:, None], new_logits, c["logits"]), rng=rng, done=done,
                 tokens=put(c["tokens"], token),

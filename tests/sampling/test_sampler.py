@@ -8,6 +8,7 @@ import pytest
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axes, fork,
                               prepare_params)
+from kat_jax.sampling.forward import fused_kernels_fit
 from kat_jax.sampling.logits import choose_tokens, filter_logits
 from kat_jax.testing import relative_error
 
@@ -190,6 +191,33 @@ def test_steps_per_loop_changes_nothing(model, steps_per_loop):
     assert relative_error(got_state.logits, want_state.logits) < 1e-6
     if max_new_tokens >= 2:  # row 1 emits `stop` as its second token and ends there
       assert bool(want.stopped[1]) and want.lengths[1] == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decode_kernels_equal_xla_decode(model, dtype):
+  """The fused Pallas decode step (interpret mode here) generates what the XLA step does, at
+  1 and 4 rows; 5 rows (above MAX_BATCH) fall back to the XLA step."""
+  config, params, _ = model
+  config = config.replace(dtype=dtype)
+  dparams = prepare_params(params, config)
+  sampling = SamplingParams(temperature=1.0, top_k=20)
+  prompts = PROMPTS + [[7, 8, 9], [11, 12]]
+  assert fused_kernels_fit(config, 4) and not fused_kernels_fit(config, 5)
+  for rows in (prompts[:1], prompts[:4], prompts):
+    want = Sampler(config, kernels="xla").generate(dparams, rows, jax.random.key(4),
+                                                   max_new_tokens=6, sampling=sampling,
+                                                   stop_ids=(5,))
+    got = Sampler(config, kernels="fused_interpret").generate(
+        dparams, rows, jax.random.key(4), max_new_tokens=6, sampling=sampling, stop_ids=(5,))
+    if dtype == "float32":
+      assert got.token_lists() == want.token_lists()
+      np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+      assert relative_error(got.logprobs, want.logprobs) < 1e-5
+    else:  # bf16 roundings differ in places: compare the first step's distribution
+      assert got.token_lists()[0][0] == want.token_lists()[0][0]
+      assert abs(float(got.logprobs[0, 0]) - float(want.logprobs[0, 0])) < 0.05
+  with pytest.raises(ValueError, match="kernels"):
+    Sampler(config, kernels="triton")
 
 
 def test_group_fork_equals_separate_prefills(model):

@@ -1,0 +1,326 @@
+"""Fused kernels for decoding a few rows at a time (Pallas on Triton; `interpret=True` on CPU).
+
+At batch 1 a decode step is a chain of matrix-vector products over the whole model's weights
+with small element-wise ops between them. XLA runs it as ~20 kernels per layer, and it turns
+the smaller products (q/k/v, o) into multiply + reduce pairs that write the product to memory;
+on an H200 that made a Qwen2.5-1.5B step take 2.1 ms of kernel time for 0.75 ms of weight
+reads (see docs/performance.md). These kernels do one layer in five launches:
+
+  fused_matvec(x, w_qkv, norm_scale=..., bias=...)       RMSNorm -> q/k/v projection (+ bias)
+  decode_attention(qkv, cos, sin, k_cache, v_cache, ...)  RoPE, cache write, attention
+  fused_matvec(attn, w_o, residual=h)                     o projection + residual
+  fused_matvec(h, w_gate_up, norm_scale=..., swiglu=True) RMSNorm -> gate/up -> SiLU(g)*u
+  fused_matvec(act, w_down, residual=h)                   down projection + residual
+
+Weights are output-major (`w [N, K]`, the HF layout), so each program reads whole contiguous
+rows. Each `*_reference` beside a kernel is the plain-JAX definition it is tested against.
+Rounding follows the XLA path (`kat_jax.sampling.forward`): products accumulate in float32 and
+round to the compute dtype where the XLA path's einsums do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kat_jax.model.layers import apply_rope, rms_norm
+
+MAX_BATCH = 4  # rows per call; each row keeps its own accumulators in registers
+_MAX_CHUNK = 256
+
+
+def _chunk(size: int, limit: int = _MAX_CHUNK) -> int:
+  """Largest power of two <= limit dividing `size` (Triton loads power-of-two blocks)."""
+  chunk = limit
+  while size % chunk:
+    chunk //= 2
+  return chunk
+
+
+def _compiler_params(num_warps: int, interpret: bool):
+  if interpret:
+    return None
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+# ----------------------------------------------------------------------------- matvec
+
+
+def matvec_reference(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
+                     eps: float = 1e-6, bias: jax.Array | None = None,
+                     residual: jax.Array | None = None, swiglu: bool = False) -> jax.Array:
+  """Plain JAX: x [B,K], w [N,K] -> [B,N] (or [B,N/2] with swiglu), x's dtype."""
+  if norm_scale is not None:
+    x = rms_norm(x, norm_scale, eps)
+  y = jnp.einsum("bk,nk->bn", x, w)
+  if bias is not None:
+    y = y + bias
+  if swiglu:
+    gate, up = jnp.split(y, 2, axis=-1)
+    y = nn.silu(gate) * up
+  if residual is not None:
+    y = residual + y
+  return y
+
+
+def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu):
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  w_refs = [refs.pop(0) for _ in range(2 if swiglu else 1)]
+  scale_ref = refs.pop(0) if has_norm else None
+  bias_ref = refs.pop(0) if has_bias else None
+  res_ref = refs.pop(0) if has_residual else None
+  (out_ref,) = refs
+  f32, dt = jnp.float32, x_ref.dtype
+  n_chunks = k_size // chunk
+  cols = [pl.ds(c * chunk, chunk) for c in range(n_chunks)]
+
+  # Row inputs in float32 chunks, RMS-normalised as rms_norm does (round, then scale, round).
+  rows = []
+  for b in range(batch):
+    xs = [x_ref[b, col].astype(f32) for col in cols]
+    if has_norm:
+      mean_sq = sum(jnp.sum(x * x) for x in xs) / k_size
+      inv = lax.rsqrt(mean_sq + eps)
+      xs = [((x * inv).astype(dt).astype(f32) * scale_ref[col].astype(f32)).astype(dt)
+            .astype(f32) for x, col in zip(xs, cols)]
+    rows.append(xs)
+
+  # acc[b] [bn, chunk] of partial products: plain FMAs in the loop, one reduction at the end.
+  sums = []
+  for w_ref in w_refs:
+    accs = [None] * batch
+    for c, col in enumerate(cols):
+      w = w_ref[:, col].astype(f32)
+      for b in range(batch):
+        term = w * rows[b][c][None, :]
+        accs[b] = term if accs[b] is None else accs[b] + term
+    sums.append([jnp.sum(acc, axis=1) for acc in accs])
+
+  for b in range(batch):
+    y = sums[0][b].astype(dt)
+    if has_bias:
+      y = (y.astype(f32) + bias_ref[...].astype(f32)).astype(dt)
+    if swiglu:
+      gate, up = y.astype(f32), sums[1][b].astype(dt).astype(f32)
+      silu = (gate / (1.0 + jnp.exp(-gate))).astype(dt).astype(f32)
+      y = (silu * up).astype(dt)
+    if has_residual:
+      y = (res_ref[b, :].astype(f32) + y.astype(f32)).astype(dt)
+    out_ref[b, :] = y
+
+
+def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
+                 eps: float = 1e-6, bias: jax.Array | None = None,
+                 residual: jax.Array | None = None, swiglu: bool = False, block_n: int = 8,
+                 num_warps: int = 4, interpret: bool = False) -> jax.Array:
+  """`matvec_reference` as one kernel: optional RMSNorm of x, x @ w.T, bias, SwiGLU, residual.
+
+  Args:
+    x: [B, K] rows (B <= MAX_BATCH), the compute dtype.
+    w: [N, K] output-major weights. With `swiglu`, rows [0, N/2) are the gate and [N/2, N)
+      the up projection, and the result is silu(x @ gate.T) * (x @ up.T) [B, N/2].
+    norm_scale: [K] RMSNorm scale applied to x first (eps `eps`).
+    bias: [N] added to the product (not with swiglu).
+    residual: [B, N_out] added last.
+    block_n: output columns per program (a power of two dividing N_out).
+
+  Returns:
+    [B, N_out] in x's dtype.
+  """
+  batch, k_size = x.shape
+  n_rows = w.shape[0]
+  n_out = n_rows // 2 if swiglu else n_rows
+  if not 1 <= batch <= MAX_BATCH:
+    raise ValueError(f"fused_matvec takes 1..{MAX_BATCH} rows, got {batch}")
+  if w.shape[1] != k_size:
+    raise ValueError(f"w {w.shape} does not contract with x {x.shape} (w is [N, K])")
+  if swiglu and (n_rows % 2 or bias is not None):
+    raise ValueError("swiglu needs an even number of weight rows and no bias")
+  if block_n & (block_n - 1) or n_out % block_n:
+    raise ValueError(f"block_n {block_n} must be a power of two dividing {n_out}")
+  chunk = _chunk(k_size)
+  if chunk < 16:
+    raise ValueError(f"K={k_size} needs a power-of-two factor >= 16")
+  blocks = n_out // block_n
+  args = [x, w]
+  in_specs = [pl.BlockSpec((batch, k_size), lambda i: (0, 0)),
+              pl.BlockSpec((block_n, k_size), lambda i: (i, 0))]
+  if swiglu:
+    args.append(w)
+    in_specs.append(pl.BlockSpec((block_n, k_size), lambda i: (i + blocks, 0)))
+  if norm_scale is not None:
+    args.append(norm_scale)
+    in_specs.append(pl.BlockSpec((k_size,), lambda i: (0,)))
+  if bias is not None:
+    args.append(bias)
+    in_specs.append(pl.BlockSpec((block_n,), lambda i: (i,)))
+  if residual is not None:
+    args.append(residual)
+    in_specs.append(pl.BlockSpec((batch, block_n), lambda i: (0, i)))
+  kernel = functools.partial(
+      _matvec_kernel, batch=batch, k_size=k_size, chunk=chunk, eps=float(eps),
+      has_norm=norm_scale is not None, has_bias=bias is not None,
+      has_residual=residual is not None, swiglu=swiglu)
+  return pl.pallas_call(
+      kernel, grid=(blocks,), in_specs=in_specs,
+      out_specs=pl.BlockSpec((batch, block_n), lambda i: (0, i)),
+      out_shape=jax.ShapeDtypeStruct((batch, n_out), x.dtype),
+      compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
+      name="fused_matvec_swiglu" if swiglu else "fused_matvec")(*args)
+
+
+# -------------------------------------------------------------------------- attention
+
+
+def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
+                               k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array,
+                               end: jax.Array, *, num_q_heads: int
+                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Plain JAX for `decode_attention` (the XLA decode path's math at one token per row)."""
+  batch, _, num_kv_heads, head_dim = k_cache.shape
+  hq, hkv = num_q_heads, num_kv_heads
+  q, k, v = jnp.split(qkv, [hq * head_dim, (hq + hkv) * head_dim], axis=-1)
+  cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+  q = apply_rope(q.reshape(batch, 1, hq, head_dim), cos, sin)
+  k = apply_rope(k.reshape(batch, 1, hkv, head_dim), cos, sin)
+  v = v.reshape(batch, 1, hkv, head_dim)
+  k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, end, 0, 0))
+  v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, end, 0, 0))
+  groups = hq // hkv
+  qg = q.reshape(batch, hkv, groups, head_dim)
+  scores = jnp.einsum("bhgd,bkhd->bhgk", qg, k_cache,
+                      preferred_element_type=jnp.float32) * head_dim**-0.5
+  visible = valid.astype(bool) & (jnp.arange(k_cache.shape[1]) <= end)[None, :]
+  scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhgk,bkhd->bhgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, hq * head_dim).astype(qkv.dtype), k_cache, v_cache
+
+
+def _attention_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
+                      out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads, num_kv_heads,
+                      head_dim, block_s, cache_len):
+  f32 = jnp.float32
+  dt = qkv_ref.dtype
+  b, h = pl.program_id(0), pl.program_id(1)
+  half = head_dim // 2
+  end = end_ref[0]
+  lo, hi = pl.ds(0, half), pl.ds(half, half)
+  cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
+  sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
+
+  def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
+    x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
+    x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
+    return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
+            (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
+
+  k_new = rotated((num_q_heads + h) * head_dim)
+  v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
+  k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
+  k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
+  v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
+  v_new = v_new.astype(k_out_ref.dtype).astype(f32)
+  new_visible = valid_ref[b, end] != 0
+
+  scale = head_dim**-0.5
+  queries = [rotated((h * groups + g) * head_dim) for g in range(groups)]
+  neg = jnp.float32(-1e30)
+  # The new key first: m starts at its score (or -1e30 when the row is inactive).
+  state = []
+  for q1, q2 in queries:
+    s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+    m = jnp.where(new_visible, s_new, neg)
+    l = jnp.where(new_visible, jnp.ones((), f32), jnp.zeros((), f32))
+    acc = jnp.where(new_visible, v_new, jnp.zeros_like(v_new))
+    state.append((m, l, acc))
+
+  def step(i, state):  # cached slots [i*bs, (i+1)*bs), only those < end
+    start = i * block_s
+    slots = start + jnp.arange(block_s)
+    rows = pl.ds(start, block_s)
+    in_range = slots < end
+    visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
+    k1 = plgpu.load(k_ref.at[rows, lo], mask=in_range[:, None], other=0).astype(f32)
+    k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
+    v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
+    new_state = []
+    for (q1, q2), (m, l, acc) in zip(queries, state):
+      s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
+      s = jnp.where(visible, s, neg)
+      m_new = jnp.maximum(m, jnp.max(s))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+      new_state.append((m_new, l * alpha + jnp.sum(p),
+                        acc * alpha + jnp.sum(p[:, None] * v, axis=0)))
+    return new_state
+
+  del cache_len
+  state = lax.fori_loop(0, (end + block_s - 1) // block_s, step, state)
+  for g, (_, l, acc) in enumerate(state):
+    out = acc / jnp.maximum(l, 1e-30)
+    out_ref[b, pl.ds((h * groups + g) * head_dim, head_dim)] = out.astype(out_ref.dtype)
+
+
+def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
+                     v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
+                     num_q_heads: int, block_s: int = 64, num_warps: int = 4,
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One new token per row: RoPE, cache write at slot `end`, attention over the cache.
+
+  Args:
+    qkv: [B, (Hq + 2 Hkv) D] the q/k/v projections (bias added, RoPE not yet applied).
+    cos, sin: [B, D] RoPE tables at each row's position.
+    k_cache, v_cache: [B, S, Hkv, D]; slot `end` receives the rotated key and the value.
+    valid: [B, S] which slots hold real tokens, slot `end` included (bool or int).
+    end: int32 scalar, the slot of the new token.
+
+  Returns:
+    (out [B, Hq D] in qkv's dtype, k_cache, v_cache). Row b attends to slots j <= end with
+    valid[b, j]; a row that sees nothing gets zeros (the XLA path would average; nothing
+    reads such rows). The caches are updated in place when the caller donates them.
+  """
+  batch, cache_len, num_kv_heads, head_dim = k_cache.shape
+  if num_q_heads % num_kv_heads or head_dim & (head_dim - 1):
+    raise ValueError(f"need Hq % Hkv == 0 and a power-of-two head dim; got Hq={num_q_heads}, "
+                     f"Hkv={num_kv_heads}, D={head_dim}")
+  if qkv.shape != (batch, (num_q_heads + 2 * num_kv_heads) * head_dim):
+    raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} and "
+                     f"{num_q_heads} query heads")
+  end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
+  valid = valid.astype(jnp.int32)
+  cache_block = pl.BlockSpec((None, cache_len, None, head_dim), lambda b, h: (b, 0, h, 0))
+  whole = lambda shape: pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
+  kernel = functools.partial(
+      _attention_kernel, groups=num_q_heads // num_kv_heads, num_q_heads=num_q_heads,
+      num_kv_heads=num_kv_heads, head_dim=head_dim, block_s=block_s, cache_len=cache_len)
+  out, k_cache, v_cache = pl.pallas_call(
+      kernel, grid=(batch, num_kv_heads),
+      in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
+                whole(valid.shape), cache_block, cache_block],
+      out_specs=[whole((batch, num_q_heads * head_dim)), cache_block, cache_block],
+      out_shape=[jax.ShapeDtypeStruct((batch, num_q_heads * head_dim), qkv.dtype),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+      input_output_aliases={5: 1, 6: 2},
+      compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
+      name="decode_attention")(end, qkv, cos, sin, valid, k_cache, v_cache)
+  return out, k_cache, v_cache
+
+
+def fused_path_supported(batch: int, hidden: int, intermediate: int, num_q_heads: int,
+                         num_kv_heads: int, head_dim: int, block_n: int = 8) -> bool:
+  """Whether these shapes fit the fused decode kernels (else the XLA path runs)."""
+  qkv = (num_q_heads + 2 * num_kv_heads) * head_dim
+  return (1 <= batch <= MAX_BATCH and head_dim & (head_dim - 1) == 0 and head_dim >= 32
+          and num_q_heads % num_kv_heads == 0
+          and all(n % block_n == 0 for n in (qkv, hidden, intermediate))
+          and all(_chunk(k) >= 16 for k in (hidden, intermediate, num_q_heads * head_dim)))

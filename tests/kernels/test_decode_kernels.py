@@ -1,0 +1,137 @@
+"""Fused decode kernels (`kat_jax.kernels.decode`) vs their plain-JAX references.
+
+Interpret mode on CPU (it fills non-aliased outputs with NaN first, so the finite checks
+also prove that every output element was written); the compiled Triton kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kat_jax.kernels.decode import (MAX_BATCH, decode_attention, decode_attention_reference,
+                                    fused_matvec, fused_path_supported, matvec_reference)
+from kat_jax.model.layers import rope_cos_sin
+from kat_jax.testing import relative_error
+
+_HAS_GPU = jax.default_backend() == "gpu"
+_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _matvec_inputs(seed, batch, k_size, n_rows, dtype):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(keys[0], (batch, k_size), dtype)
+  w = (jax.random.normal(keys[1], (n_rows, k_size)) / np.sqrt(k_size)).astype(dtype)
+  scale = (1.0 + 0.2 * jax.random.normal(keys[2], (k_size,))).astype(dtype)
+  bias = jax.random.normal(keys[3], (n_rows,), dtype)
+  residual = jax.random.normal(keys[4], (batch, n_rows), dtype)
+  return x, w, scale, bias, residual
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, MAX_BATCH])
+@pytest.mark.parametrize("options", ["plain", "norm_bias", "residual", "norm_swiglu_residual"])
+def test_matvec_matches_reference(dtype, batch, options):
+  k_size, n_rows = 160, 64  # K = 5 chunks of 32: the chunked sums and a non-power-of-two K
+  x, w, scale, bias, residual = _matvec_inputs(batch, batch, k_size, n_rows, dtype)
+  kwargs = {"plain": {}, "norm_bias": dict(norm_scale=scale, bias=bias, eps=1e-5),
+            "residual": dict(residual=residual),
+            "norm_swiglu_residual": dict(norm_scale=scale, swiglu=True,
+                                         residual=residual[:, :n_rows // 2])}[options]
+  got = fused_matvec(x, w, interpret=True, **kwargs)
+  want = matvec_reference(x, w, **kwargs)
+  assert got.shape == want.shape and got.dtype == dtype
+  assert bool(jnp.all(jnp.isfinite(got)))
+  assert relative_error(got, want) < _TOL[dtype]
+
+
+def _attention_inputs(seed, batch, cache_len, hq, hkv, head_dim, dtype, end):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  qkv = jax.random.normal(keys[0], (batch, (hq + 2 * hkv) * head_dim), dtype)
+  k_cache = jax.random.normal(keys[1], (batch, cache_len, hkv, head_dim), dtype)
+  v_cache = jax.random.normal(keys[2], (batch, cache_len, hkv, head_dim), dtype)
+  valid = np.array(jax.random.bernoulli(keys[3], 0.7, (batch, cache_len)))
+  valid[:, end + 1:] = False
+  valid[:, end] = True
+  valid[batch - 1, end] = False  # an inactive row: its new key is written but not visible
+  positions = jax.random.randint(keys[4], (batch, 1), 0, 1000)
+  cos, sin = rope_cos_sin(positions, head_dim, 10000.0, dtype)
+  return qkv, cos[:, 0, 0], sin[:, 0, 0], k_cache, v_cache, jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("hq, hkv, end", [(4, 4, 0), (6, 2, 37), (4, 1, 49)])
+def test_decode_attention_matches_reference(dtype, hq, hkv, end):
+  batch, cache_len, head_dim = 3, 50, 32  # cache_len not a multiple of the 16-slot blocks
+  args = _attention_inputs(end, batch, cache_len, hq, hkv, head_dim, dtype, end)
+  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=16, interpret=True)
+  want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
+  for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert bool(jnp.all(jnp.isfinite(g))), name
+  out_rows = slice(0, batch - 1)  # the inactive row's output is not defined
+  assert relative_error(got[0][out_rows], want[0][out_rows]) < _TOL[dtype]
+  assert relative_error(got[1], want[1]) < _TOL[dtype]
+  np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+
+
+def test_clear_errors():
+  x, w, *_ = _matvec_inputs(0, MAX_BATCH + 1, 64, 32, jnp.float32)
+  with pytest.raises(ValueError, match="rows"):
+    fused_matvec(x, w, interpret=True)
+  with pytest.raises(ValueError, match="block_n"):
+    fused_matvec(x[:1], w[:24], block_n=16, interpret=True)
+  with pytest.raises(ValueError, match="contract"):
+    fused_matvec(x[:1], w[:, :32], interpret=True)
+  args = _attention_inputs(0, 2, 16, 4, 2, 32, jnp.float32, 3)
+  with pytest.raises(ValueError, match="query heads"):
+    decode_attention(*args, jnp.int32(3), num_q_heads=2, interpret=True)
+  assert fused_path_supported(1, 1536, 8960, 12, 2, 128)  # qwen2.5-1.5b
+  assert not fused_path_supported(MAX_BATCH + 1, 1536, 8960, 12, 2, 128)
+
+
+@pytest.mark.skipif(not _HAS_GPU, reason="needs a GPU (compiled Triton kernels; run with "
+                    "KAT_TEST_GPU=1); the CPU tests above run the same kernels interpreted")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_compiled_qwen_shapes(dtype):
+  d, f, hq, hkv, head_dim = 1536, 8960, 12, 2, 128  # qwen2.5-1.5b
+  x, w, scale, bias, residual = _matvec_inputs(0, 1, d, (hq + 2 * hkv) * head_dim, dtype)
+  got = fused_matvec(x, w, norm_scale=scale, bias=bias)
+  assert relative_error(got, matvec_reference(x, w, norm_scale=scale, bias=bias)) < _TOL[dtype]
+  x, w, scale, _, residual = _matvec_inputs(1, 2, d, 2 * f, dtype)
+  got = fused_matvec(x, w, norm_scale=scale, swiglu=True)
+  assert relative_error(got, matvec_reference(x, w, norm_scale=scale, swiglu=True)) < _TOL[dtype]
+  x, w, _, _, residual = _matvec_inputs(2, 1, f, d, dtype)
+  got = fused_matvec(x, w, residual=residual)
+  assert relative_error(got, matvec_reference(x, w, residual=residual)) < _TOL[dtype]
+  end = 300
+  args = _attention_inputs(3, 2, 512, hq, hkv, head_dim, dtype, end)
+  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq)
+  want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
+  assert relative_error(got[0][:1], want[0][:1]) < _TOL[dtype]
+  assert relative_error(got[1], want[1]) < _TOL[dtype]
+
+
+def test_kernels_lower_to_triton_on_cpu():
+  """The compiled (non-interpret) kernels lower to Triton IR at Qwen2.5-1.5B shapes: the
+  Pallas -> Triton step runs here, without a GPU (PTX compilation does not)."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  dt, b, s, hq, hkv, hd, d, f = jnp.bfloat16, 1, 300, 12, 2, 128, 1536, 8960
+  spec = lambda shape, t=dt: jax.ShapeDtypeStruct(shape, t)
+  triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+  def lower(fn, *args):
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
+    assert "xla.gpu.triton" in exported.mlir_module()
+
+  n_qkv = (hq + 2 * hkv) * hd
+  lower(lambda x, w, sc, bias: fused_matvec(x, w, norm_scale=sc, bias=bias),
+        spec((b, d)), spec((n_qkv, d)), spec((d,)), spec((n_qkv,)))
+  lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True),
+        spec((b, d)), spec((2 * f, d)), spec((d,)))
+  lower(lambda x, w, r: fused_matvec(x, w, residual=r), spec((b, f)), spec((d, f)), spec((b, d)))
+  lower(lambda *a: decode_attention(*a, num_q_heads=hq), spec((b, n_qkv)), spec((b, hd)),
+        spec((b, hd)), spec((b, s, hkv, hd)), spec((b, s, hkv, hd)), spec((b, s), jnp.bool_),
+        spec((), jnp.int32))
