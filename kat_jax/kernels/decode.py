@@ -207,10 +207,12 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
 
 def _attention_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
                       out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads, num_kv_heads,
-                      head_dim, block_s, cache_len):
+                      head_dim, block_s):
+  """One program per (row, query head); the group's first head also writes the new k/v."""
   f32 = jnp.float32
   dt = qkv_ref.dtype
-  b, h = pl.program_id(0), pl.program_id(1)
+  b, head = pl.program_id(0), pl.program_id(1)
+  h = head // groups
   half = head_dim // 2
   end = end_ref[0]
   lo, hi = pl.ds(0, half), pl.ds(half, half)
@@ -225,54 +227,49 @@ def _attention_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_re
 
   k_new = rotated((num_q_heads + h) * head_dim)
   v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
-  k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
-  k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
-  v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
-  v_new = v_new.astype(k_out_ref.dtype).astype(f32)
+
+  @pl.when(head % groups == 0)
+  def _write_new_slot():
+    k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
+    k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
+    v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
+
+  k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
+  v_new = v_new.astype(v_out_ref.dtype).astype(f32)
   new_visible = valid_ref[b, end] != 0
-
   scale = head_dim**-0.5
-  queries = [rotated((h * groups + g) * head_dim) for g in range(groups)]
+  q1, q2 = rotated(head * head_dim)
   neg = jnp.float32(-1e30)
-  # The new key first: m starts at its score (or -1e30 when the row is inactive).
-  state = []
-  for q1, q2 in queries:
-    s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
-    m = jnp.where(new_visible, s_new, neg)
-    l = jnp.where(new_visible, jnp.ones((), f32), jnp.zeros((), f32))
-    acc = jnp.where(new_visible, v_new, jnp.zeros_like(v_new))
-    state.append((m, l, acc))
+  # The new key (slot `end`, not read back from the cache) starts the online softmax.
+  s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+  m = jnp.where(new_visible, s_new, neg)
+  l = jnp.where(new_visible, jnp.ones((), f32), jnp.zeros((), f32))
+  acc = jnp.where(new_visible, v_new, jnp.zeros_like(v_new))
 
-  def step(i, state):  # cached slots [i*bs, (i+1)*bs), only those < end
+  def step(i, carry):  # cached slots [i*bs, (i+1)*bs), only those < end
+    m, l, acc = carry
     start = i * block_s
-    slots = start + jnp.arange(block_s)
     rows = pl.ds(start, block_s)
-    in_range = slots < end
+    in_range = start + jnp.arange(block_s) < end
     visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
     k1 = plgpu.load(k_ref.at[rows, lo], mask=in_range[:, None], other=0).astype(f32)
     k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
     v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
-    new_state = []
-    for (q1, q2), (m, l, acc) in zip(queries, state):
-      s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
-      s = jnp.where(visible, s, neg)
-      m_new = jnp.maximum(m, jnp.max(s))
-      alpha = jnp.exp(m - m_new)
-      p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-      new_state.append((m_new, l * alpha + jnp.sum(p),
-                        acc * alpha + jnp.sum(p[:, None] * v, axis=0)))
-    return new_state
+    s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
+    s = jnp.where(visible, s, neg)
+    m_new = jnp.maximum(m, jnp.max(s))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+    return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
 
-  del cache_len
-  state = lax.fori_loop(0, (end + block_s - 1) // block_s, step, state)
-  for g, (_, l, acc) in enumerate(state):
-    out = acc / jnp.maximum(l, 1e-30)
-    out_ref[b, pl.ds((h * groups + g) * head_dim, head_dim)] = out.astype(out_ref.dtype)
+  _, l, acc = lax.fori_loop(0, (end + block_s - 1) // block_s, step, (m, l, acc))
+  out = acc / jnp.maximum(l, 1e-30)
+  out_ref[b, pl.ds(head * head_dim, head_dim)] = out.astype(out_ref.dtype)
 
 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                      v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
-                     num_q_heads: int, block_s: int = 64, num_warps: int = 4,
+                     num_q_heads: int, block_s: int = 128, num_warps: int = 4,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One new token per row: RoPE, cache write at slot `end`, attention over the cache.
 
@@ -297,13 +294,15 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
                      f"{num_q_heads} query heads")
   end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
   valid = valid.astype(jnp.int32)
-  cache_block = pl.BlockSpec((None, cache_len, None, head_dim), lambda b, h: (b, 0, h, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
+  groups = num_q_heads // num_kv_heads
+  cache_block = pl.BlockSpec((None, cache_len, None, head_dim),
+                             lambda b, head: (b, 0, head // groups, 0))
   kernel = functools.partial(
-      _attention_kernel, groups=num_q_heads // num_kv_heads, num_q_heads=num_q_heads,
-      num_kv_heads=num_kv_heads, head_dim=head_dim, block_s=block_s, cache_len=cache_len)
+      _attention_kernel, groups=groups, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+      head_dim=head_dim, block_s=block_s)
   out, k_cache, v_cache = pl.pallas_call(
-      kernel, grid=(batch, num_kv_heads),
+      kernel, grid=(batch, num_q_heads),
       in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
                 whole(valid.shape), cache_block, cache_block],
       out_specs=[whole((batch, num_q_heads * head_dim)), cache_block, cache_block],
