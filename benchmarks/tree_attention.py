@@ -147,7 +147,9 @@ def bench_mosaic_gpu(q, k, v, do) -> dict:
   """JAX's Mosaic GPU FlashAttention-3 kernel (`attention_mgpu`, wgmma + TMA, warp-specialised)
   on the unrolled paths vs cuDNN on the same shapes: how fast a Hopper-native Pallas kernel
   is here, before writing a tree-masked one. Its backward has no causal mask (yet), so
-  fwd+bwd is compared without a mask on both sides."""
+  fwd+bwd is compared without a mask on both sides. float16 on both sides: the kernel's
+  shared-memory scratch is float16 in jax 0.11.2 (bf16 inputs fail there)."""
+  q, k, v, do = (x.astype(jnp.float16) for x in (q, k, v, do))
   try:
     from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # pylint: disable=g-import-not-at-top
   except ImportError as e:

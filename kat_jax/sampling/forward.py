@@ -206,10 +206,13 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
                                              num_q_heads=config.num_heads, interpret=interpret)
     new_k.append(k_cache)
     new_v.append(v_cache)
-    h = fused_matvec(out, layer["o"], residual=h, interpret=interpret)
+    # Tiles per shape from benchmarks/decode_kernels.py on an H200 (Qwen2.5-1.5B): products with
+    # few output rows (o, down: N = d) want narrower blocks and more warps per program.
+    h = fused_matvec(out, layer["o"], residual=h, block_n=4, num_warps=8, interpret=interpret)
     act = fused_matvec(h, layer["gate_up"], norm_scale=layer["post_attn_norm"], eps=eps,
                        swiglu=True, interpret=interpret)
-    h = fused_matvec(act, layer["down"], residual=h, interpret=interpret)
+    h = fused_matvec(act, layer["down"], residual=h, block_n=4, num_warps=8,
+                     interpret=interpret)
   last = rms_norm(h, params.final_norm, eps)
   new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)

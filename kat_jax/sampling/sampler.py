@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from kat_jax.kernels.decode import MAX_BATCH
 from kat_jax.model.config import ModelConfig
 from kat_jax.sampling.forward import CACHE_AXES, DecodeParams, forward_chunk, fused_kernels_fit
 from kat_jax.sampling.logits import SamplingParams, choose_tokens, logprob_and_entropy
@@ -143,17 +144,24 @@ def _left_padded(sequences: Sequence[Sequence[int]], width: int, pad_id: int
   return tokens, valid
 
 
+# Measured on an H200 (Qwen2.5-1.5B, benchmarks/results/sampler_fused_h200.json): the fused
+# step beats XLA's at batch 1 (1.61 vs 1.73 ms/token) but not at batch 4 (3.09 vs 1.77): its
+# matvecs keep one accumulator per row, so their cost grows with the rows.
+AUTO_FUSED_MAX_BATCH = 1
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int,
-                  kernels: str):
-  """(chunk_fn, decode_fn) jitted once per (config, pad_id, donate, steps_per_loop, kernels)."""
+                  kernels: str, fused_max_batch: int):
+  """(chunk_fn, decode_fn) jitted once per setting, shared by Samplers."""
   donate_args = (1,) if donate else ()
 
   def chunk_fn(params, cache, tokens, token_valid, end):
     return forward_chunk(params, config, cache, tokens, token_valid, end)
 
   decode_fn = jax.jit(functools.partial(_decode_loop, config=config, pad_id=pad_id,
-                                        steps_per_loop=steps_per_loop, kernels=kernels),
+                                        steps_per_loop=steps_per_loop, kernels=kernels,
+                                        fused_max_batch=fused_max_batch),
                       static_argnames=("sampling", "max_new_tokens", "stop_ids"),
                       donate_argnums=donate_args)
   return jax.jit(chunk_fn, donate_argnums=donate_args), decode_fn
@@ -171,7 +179,8 @@ class Sampler:
     host on GPU; the output is the same for any value); kernels picks the decode step's
     implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the batch has at most
     `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas interpret mode, for CPU
-    tests) or "auto" ("fused" on a single GPU, else "xla")."""
+    tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
+    rows, where it measured faster, else "xla")."""
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if steps_per_loop < 1:
@@ -179,14 +188,17 @@ class Sampler:
     if kernels not in ("auto", "xla", "fused", "fused_interpret"):
       raise ValueError(f"kernels must be 'auto', 'xla', 'fused' or 'fused_interpret', "
                        f"got {kernels!r}")
+    fused_max_batch = MAX_BATCH
     if kernels == "auto":
       kernels = "fused" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
+      fused_max_batch = AUTO_FUSED_MAX_BATCH
     self.kernels = kernels
     self.config = config
     self.pad_id = int(pad_id)
     self.prefill_chunk = int(prefill_chunk)
     self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate,
-                                                    int(steps_per_loop), kernels)
+                                                    int(steps_per_loop), kernels,
+                                                    fused_max_batch)
 
   def _check_params(self, params: Any) -> None:
     if not isinstance(params, DecodeParams):
@@ -264,7 +276,8 @@ class Sampler:
 def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array, rng: jax.Array,
                  end: jax.Array, *, config: ModelConfig, pad_id: int, sampling: SamplingParams,
                  max_new_tokens: int, stop_ids: tuple[int, ...], steps_per_loop: int = 1,
-                 kernels: str = "xla") -> tuple[GenerationResult, dict[str, Any], jax.Array]:
+                 kernels: str = "xla", fused_max_batch: int = MAX_BATCH
+                 ) -> tuple[GenerationResult, dict[str, Any], jax.Array]:
   """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens.
 
   With steps_per_loop k > 1 one iteration runs k steps while at least k remain, then single
@@ -272,7 +285,7 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
   inactive rows write pad tokens into invalid slots and keep their logits.
   """
   batch = logits.shape[0]
-  if kernels != "xla" and not fused_kernels_fit(config, batch):
+  if kernels != "xla" and (batch > fused_max_batch or not fused_kernels_fit(config, batch)):
     kernels = "xla"
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
   zeros_f = jnp.zeros((batch, max_new_tokens), jnp.float32)
