@@ -149,3 +149,22 @@ def test_gpu_compiled_random_tree(dtype, tol, head_dim):
                                  packed_kv_end([300, 500, 200])]))
   q, k, v, d_out = _inputs(5, 2, length, 8, 4, head_dim, dtype)
   _check_against_reference(q, k, v, d_out, kv_end, tol)
+
+
+@pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [(jnp.bfloat16, 128, 2),
+                                                           (jnp.float32, 64, 4)])
+def test_gpu_kernels_lower_to_triton_on_cpu(dtype, head_dim, num_kv_heads):
+  """Forward, dQ and dK/dV kernels (GPU backend, not interpreted) lower to Triton IR: the
+  Pallas -> Triton step runs here without a GPU (PTX compilation does not)."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  spec = lambda shape, t=dtype: jax.ShapeDtypeStruct(shape, t)
+  q_shape, kv_shape = (1, 1000, 4, head_dim), (1, 1000, num_kv_heads, head_dim)
+
+  def fwd_bwd(q, k, v, kv_end, d_out):
+    out, vjp = jax.vjp(lambda q, k, v: tree_attention(q, k, v, kv_end, backend="gpu"), q, k, v)
+    return out, vjp(d_out)
+
+  triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[triton])(
+      spec(q_shape), spec(kv_shape), spec(kv_shape), spec((1, 1000), jnp.int32), spec(q_shape))
+  assert exported.mlir_module().count("xla.gpu.triton") == 3  # forward, dQ, dK/dV
