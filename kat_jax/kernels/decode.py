@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.layers import apply_rope, rms_norm
 
 MAX_BATCH = 4  # rows per call; each row keeps its own accumulators in registers
@@ -193,15 +194,8 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   v = v.reshape(batch, 1, hkv, head_dim)
   k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, end, 0, 0))
   v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, end, 0, 0))
-  groups = hq // hkv
-  qg = q.reshape(batch, hkv, groups, head_dim)
-  scores = jnp.einsum("bhgd,bkhd->bhgk", qg, k_cache,
-                      preferred_element_type=jnp.float32) * head_dim**-0.5
   visible = valid.astype(bool) & (jnp.arange(k_cache.shape[1]) <= end)[None, :]
-  scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhgk,bkhd->bhgd", probs.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
+  out = cached_attention(q, k_cache, v_cache, visible[:, None, :])
   return out.reshape(batch, hq * head_dim).astype(qkv.dtype), k_cache, v_cache
 
 

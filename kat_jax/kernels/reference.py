@@ -63,3 +63,25 @@ def attention_reference(
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(batch, length, num_q_heads, head_dim).astype(q.dtype)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+  """Attention over a KV cache with an explicit mask (the sampler's XLA decode step).
+
+  q [B,T,Hq,D], k/v cache [B,S,Hkv,D], mask [B,T,S] bool -> [B,T,Hq,D].
+
+  Float32 scores and softmax like `attention_reference`; a query with no visible key (a
+  padding slot) gets a uniform average instead of NaN, and nothing reads it.
+  """
+  batch, length, num_q_heads, head_dim = q.shape
+  num_kv_heads = k_cache.shape[2]
+  groups = num_q_heads // num_kv_heads
+  qg = q.reshape(batch, length, num_kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache,
+                      preferred_element_type=jnp.float32) * head_dim**-0.5
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, length, num_q_heads, head_dim).astype(q.dtype)

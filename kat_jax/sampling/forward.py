@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 
 from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
+from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 
 CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 @flax.struct.dataclass
@@ -102,26 +102,6 @@ def head_logits(hidden: jax.Array, params: DecodeParams, config: ModelConfig) ->
   return jnp.einsum(spec, hidden, params.head, preferred_element_type=jnp.float32)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     mask: jax.Array) -> jax.Array:
-  """q [B,T,Hq,D], k/v cache [B,S,Hkv,D], mask [B,T,S] bool -> [B,T,Hq,D].
-
-  Float32 scores and softmax like `attention_reference`; a query with no visible key (a
-  padding slot) gets a uniform average instead of NaN, and nothing reads it.
-  """
-  batch, length, num_q_heads, head_dim = q.shape
-  num_kv_heads = k_cache.shape[2]
-  groups = num_q_heads // num_kv_heads
-  qg = q.reshape(batch, length, num_kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_cache,
-                      preferred_element_type=jnp.float32) * head_dim**-0.5
-  scores = jnp.where(mask[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(batch, length, num_q_heads, head_dim).astype(q.dtype)
-
-
 def _constrain_cache(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, CACHE_AXES)
 
@@ -153,9 +133,6 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
   positions = cache["next_pos"][:, None] + jnp.cumsum(token_valid, axis=1) - 1
   positions = jnp.maximum(positions, 0).astype(jnp.int32)
   valid = jax.lax.dynamic_update_slice(cache["valid"], token_valid, (0, end))
-  slots = jnp.arange(valid.shape[1])
-  query_slots = end + jnp.arange(length)
-  mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
   new_pos = cache["next_pos"] + jnp.sum(token_valid, axis=1, dtype=jnp.int32)
 
   h = jnp.take(params.embed, tokens, axis=0).astype(dt)
@@ -167,6 +144,9 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
                        new_pos, end, interpret=kernels == "fused_interpret")
   if kernels != "xla":
     raise ValueError(f"kernels must be 'xla', 'fused' or 'fused_interpret', got {kernels!r}")
+  slots = jnp.arange(valid.shape[1])
+  query_slots = end + jnp.arange(length)
+  mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
   new_k, new_v = [], []
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
