@@ -9,13 +9,16 @@ Each row: device time per op, bytes it must read / time, and the same function t
 weight is re-read from L2); the time is the GPU busy time of an XProf trace of a few such
 calls divided by the ops run (no dispatch, no launch gaps: what the op costs inside a
 CUDA-graph-replayed decode step).
-Sweeps `--block_n` and `--num_warps` for the matvecs. Off a GPU the kernels run in Pallas
-interpret mode (a smoke test; the times mean nothing).
+Times each of `--variants` (fused_matvec tilings) on each matvec, and attention at each
+`--cache_len` with its default tiles and each `--block_s` x `--attention_warps`. Off a GPU the
+kernels run in Pallas interpret mode (a smoke test; the times mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import platform
@@ -33,6 +36,23 @@ from kat_jax.kernels.decode import (decode_attention, decode_attention_reference
 from kat_jax.model import get_preset
 from kat_jax.model.layers import rope_cos_sin
 from kat_jax.train.profiling import find_trace_file, summarize_trace
+
+
+DEFAULT_VARIANTS = ("block_n=4,num_warps=4", "block_n=8,num_warps=4", "block_n=4,num_warps=8",
+                    "block_n=8,num_warps=8", "block_n=16,num_warps=4")
+
+
+def _variant(text: str) -> dict:
+  """'block_n=8,num_warps=4' -> {'block_n': 8, 'num_warps': 4} (fused_matvec keywords)."""
+  setting = {}
+  for pair in text.split(","):
+    name, _, value = pair.partition("=")
+    setting[name] = int(value)
+  return setting
+
+
+def _ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(",")]
 
 
 def median_us(fn, *args, iters: int = 50) -> float:
@@ -70,9 +90,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="qwen2.5-1.5b")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--block_n", default="4,8,16")
-  parser.add_argument("--num_warps", default="4,8")
-  parser.add_argument("--cache_len", type=int, default=256)
+  parser.add_argument("--variants", default=";".join(DEFAULT_VARIANTS),
+                      help="matvec tilings to time, ';'-separated, each 'name=value,...' of "
+                           "fused_matvec keywords (block_n, num_warps)")
+  parser.add_argument("--cache_len", default="256", help="attention cache lengths")
+  parser.add_argument("--block_s", default="16,32,64,128", help="attention slots per program")
+  parser.add_argument("--attention_warps", default="2,4")
   parser.add_argument("--copies", type=int, default=16)
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -103,45 +126,63 @@ def main():
                        ops=copies)
     row = dict(name=name, K=k_size, N=n_rows, weight_bytes=int(w.nbytes), xla_us=xla_us,
                xla_fraction_of_copy=nbytes / (xla_us * 1e-6) / bandwidth, kernels=[])
-    for block_n in (int(v) for v in args.block_n.split(",")):
-      for warps in (int(v) for v in args.num_warps.split(",")):
-        try:
-          fn = each(lambda x, w, kw=kwargs, bn=block_n, nw=warps: fused_matvec(
-              x, w, block_n=bn, num_warps=nw, interpret=interpret, **kw))
-          us = device_us(fn, x, ws, ops=copies)
-          row["kernels"].append(dict(block_n=block_n, num_warps=warps, us=us,
-                                     fraction_of_copy=nbytes / (us * 1e-6) / bandwidth))
-        except Exception as e:  # pylint: disable=broad-except
-          row["kernels"].append(dict(block_n=block_n, num_warps=warps, error=str(e)[:200]))
+    for variant in args.variants.split(";"):
+      setting = _variant(variant)
+      if (n_rows // 2 if kwargs.get("swiglu") else n_rows) % setting.get("block_n", 8):
+        continue  # the tile does not divide this product's outputs
+      try:
+        fn = each(lambda x, w, kw=kwargs, st=setting: fused_matvec(
+            x, w, interpret=interpret, **st, **kw))
+        us = device_us(fn, x, ws, ops=copies)
+        row["kernels"].append(dict(setting, us=us,
+                                   fraction_of_copy=nbytes / (us * 1e-6) / bandwidth))
+      except Exception as e:  # pylint: disable=broad-except
+        row["kernels"].append(dict(setting, error=str(e)[:200]))
     best = min((k for k in row["kernels"] if "us" in k), key=lambda k: k["us"], default=None)
     row["best"] = best
     print(f"{name:8} K={k_size:5} N={n_rows:6} {w.nbytes / 1e6:6.1f} MB  XLA {xla_us:7.1f} us "
           f"({row['xla_fraction_of_copy']:.0%})  best kernel "
-          + (f"{best['us']:7.1f} us ({best['fraction_of_copy']:.0%}) bn={best['block_n']} "
-             f"warps={best['num_warps']}" if best else "none ran"))
+          + (f"{best['us']:7.1f} us ({best['fraction_of_copy']:.0%}) "
+             + ",".join(f"{k}={v}" for k, v in best.items() if k not in ("us", "fraction_of_copy"))
+             if best else "none ran"))
     rows.append(row)
 
-  s = args.cache_len
-  qkv = rand((b, (hq + 2 * hkv) * hd))
-  caches = [(rand((b, s, hkv, hd)), rand((b, s, hkv, hd))) for _ in range(copies)]
-  valid = jnp.ones((b, s), bool)
-  cos, sin = rope_cos_sin(jnp.full((b, 1), s - 1), hd, config.rope_theta, dt)
-  cos, sin = cos[:, 0, 0], sin[:, 0, 0]
-  end = jnp.int32(s - 1)
-  def walk(op):
-    return jax.jit(lambda caches: [op(qkv, cos, sin, kc, vc, valid, end, num_q_heads=hq)[0]
-                                   for kc, vc in caches])
+  attention = []
+  for s in _ints(args.cache_len):
+    qkv = rand((b, (hq + 2 * hkv) * hd))
+    caches = [(rand((b, s, hkv, hd)), rand((b, s, hkv, hd))) for _ in range(copies)]
+    valid = jnp.ones((b, s), bool)
+    cos, sin = rope_cos_sin(jnp.full((b, 1), s - 1), hd, config.rope_theta, dt)
+    cos, sin = cos[:, 0, 0], sin[:, 0, 0]
+    end = jnp.int32(s - 1)
 
-  attn = dict(
-      kernel_us=device_us(walk(lambda *a, **k: decode_attention(*a, interpret=interpret, **k)),
-                          caches, ops=copies),
-      xla_us=device_us(walk(decode_attention_reference), caches, ops=copies),
-      cache_len=s, cache_bytes=int(caches[0][0].nbytes * 2))
-  print(f"attention (cache {s}): kernel {attn['kernel_us']:.1f} us, XLA {attn['xla_us']:.1f} us")
+    def walk(op, qkv=qkv, cos=cos, sin=sin, valid=valid, end=end):
+      return jax.jit(lambda caches: [op(qkv, cos, sin, kc, vc, valid, end, num_q_heads=hq)[0]
+                                     for kc, vc in caches])
+
+    row = dict(cache_len=s, cache_bytes=int(caches[0][0].nbytes * 2),
+               xla_us=device_us(walk(decode_attention_reference), caches, ops=copies),
+               kernels=[])
+    tiles = [(None, None)] + list(itertools.product(_ints(args.block_s),
+                                                    _ints(args.attention_warps)))
+    for block_s, warps in tiles:  # (None, None): decode_attention's defaults
+      op = functools.partial(decode_attention, block_s=block_s, num_warps=warps,
+                             interpret=interpret)
+      try:
+        row["kernels"].append(dict(block_s=block_s, num_warps=warps,
+                                   us=device_us(walk(op), caches, ops=copies)))
+      except Exception as e:  # pylint: disable=broad-except
+        row["kernels"].append(dict(block_s=block_s, num_warps=warps, error=str(e)[:200]))
+    row["best"] = min((k for k in row["kernels"] if "us" in k), key=lambda k: k["us"],
+                      default=None)
+    print(f"attention (cache {s}): XLA {row['xla_us']:.1f} us, best kernel "
+          + (f"{row['best']['us']:.1f} us block_s={row['best']['block_s']} "
+             f"warps={row['best']['num_warps']}" if row["best"] else "none ran"))
+    attention.append(row)
   report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 python=platform.python_version(), command=" ".join(sys.argv),
                 preset=args.preset, batch=b, copy_bandwidth_bytes_per_s=bandwidth,
-                matvec=rows, attention=attn,
+                matvec=rows, attention=attention,
                 copies=copies)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -43,8 +43,40 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--trace_batch", type=int, default=0,
                       help="also record an XProf trace of one decode at this batch size and "
                            "summarise its GPU kernels per decode step")
+  parser.add_argument("--compiler_option", action="append", default=[], metavar="NAME=VALUE",
+                      help="an XLA option for the sampler's decode loop (repeatable; replaces "
+                           "the Sampler's GPU defaults), e.g. "
+                           "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL")
+  parser.add_argument("--tiles", default="",
+                      help="a benchmarks/decode_kernels.py JSON: the fused step uses the fastest "
+                           "matvec tiling it measured for each product")
   parser.add_argument("--out", default="")
   return parser.parse_args()
+
+
+def _compiler_options(pairs: list[str]) -> dict[str, str] | None:
+  """NAME=VALUE pairs -> options; None (the Sampler's defaults) when there are none."""
+  if not pairs:
+    return None
+  options = {}
+  for pair in pairs:
+    name, sep, value = pair.partition("=")
+    if not sep:
+      raise SystemExit(f"--compiler_option takes NAME=VALUE, got {pair!r}")
+    options[name] = value
+  return options
+
+
+def use_measured_tiles(path: str) -> dict:
+  """Sets `kat_jax.sampling.forward.DECODE_TILES` from the best tilings in a kernel sweep."""
+  from kat_jax.sampling import forward  # pylint: disable=g-import-not-at-top
+  with open(path, encoding="utf-8") as fh:
+    sweep = json.load(fh)
+  for row in sweep["matvec"]:
+    if row.get("best"):
+      forward.DECODE_TILES[row["name"]] = {k: v for k, v in row["best"].items()
+                                           if k not in ("us", "fraction_of_copy")}
+  return dict(forward.DECODE_TILES)
 
 
 def copy_bandwidth(torch, device: str) -> float:
@@ -81,7 +113,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, steps_per_loop=1,
-               trace_batch=0, kernels="auto"):
+               trace_batch=0, kernels="auto", compiler_options=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
@@ -91,7 +123,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
   sampler = Sampler(config, prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
-                    kernels=kernels)
+                    kernels=kernels, compiler_options=compiler_options)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
   rng = np.random.default_rng(0)
@@ -133,7 +165,8 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
     rows[b] = {"generate_s": total_s, "prefill_s": prefill_s, "time_per_token_ms": per_token * 1e3,
                "decode_tokens_per_s": b / per_token}
   meta = {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err,
-          "steps_per_loop": steps_per_loop, "kernels": sampler.kernels}
+          "steps_per_loop": steps_per_loop, "kernels": sampler.kernels,
+          "compiler_options": sampler.compiler_options}
   if trace_batch:
     meta["trace"] = trace_decode(sampler, dparams, prompts, trace_batch, max_length, new_tokens)
   return rows, meta
@@ -223,6 +256,7 @@ def main():
   from kat_jax.model import get_preset, init_params  # pylint: disable=g-import-not-at-top
 
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  tiles = use_measured_tiles(args.tiles) if args.tiles else None
   device = "cuda" if torch.cuda.is_available() else "cpu"
   config = get_preset(args.preset, dtype="bfloat16", param_dtype="bfloat16")
   params = jax.jit(lambda r: init_params(config, r))(jax.random.key(0))
@@ -230,7 +264,10 @@ def main():
   bandwidth = copy_bandwidth(torch, device)
 
   ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                               args.repeats, args.steps_per_loop, args.trace_batch, args.kernels)
+                               args.repeats, args.steps_per_loop, args.trace_batch, args.kernels,
+                               _compiler_options(args.compiler_option))
+  if tiles:
+    ours_meta["decode_tiles"] = tiles
   del params
   hf, hf_meta = ({}, {"skipped": True}) if args.skip_hf else bench_hf(
       config, batch_sizes, args.prompt_len, args.new_tokens, args.hf_repeats, device)

@@ -199,73 +199,115 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   return out.reshape(batch, hq * head_dim).astype(qkv.dtype), k_cache, v_cache
 
 
-def _attention_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
-                      out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads, num_kv_heads,
-                      head_dim, block_s):
-  """One program per (row, query head); the group's first head also writes the new k/v."""
+def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
+                            acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
+                            num_kv_heads, head_dim, block_s):
+  """One program per (row, query head, slot block): softmax statistics of that block.
+
+  Writes acc [D] = sum_j p_j v_j and stats [2] = (m, l) with p_j = exp(s_j - m), l = sum p_j,
+  over the block's cached slots j < end; block 0 also takes the new token's key (slot `end`,
+  not read back from the cache), and the group's first head of block 0 writes the new k/v.
+  Blocks past `end` write nothing (`_attention_combine_kernel` reads only blocks < end).
+  """
   f32 = jnp.float32
   dt = qkv_ref.dtype
-  b, head = pl.program_id(0), pl.program_id(1)
+  b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   h = head // groups
   half = head_dim // 2
   end = end_ref[0]
-  lo, hi = pl.ds(0, half), pl.ds(half, half)
-  cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
-  sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
+  start = split * block_s
 
-  def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
-    x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
-    x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
-    return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
-            (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
-
-  k_new = rotated((num_q_heads + h) * head_dim)
-  v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
-
-  @pl.when(head % groups == 0)
-  def _write_new_slot():
-    k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
-    k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
-    v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
-
-  k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
-  v_new = v_new.astype(v_out_ref.dtype).astype(f32)
-  new_visible = valid_ref[b, end] != 0
-  scale = head_dim**-0.5
-  q1, q2 = rotated(head * head_dim)
-  neg = jnp.float32(-1e30)
-  # The new key (slot `end`, not read back from the cache) starts the online softmax.
-  s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
-  m = jnp.where(new_visible, s_new, neg)
-  l = jnp.where(new_visible, jnp.ones((), f32), jnp.zeros((), f32))
-  acc = jnp.where(new_visible, v_new, jnp.zeros_like(v_new))
-
-  def step(i, carry):  # cached slots [i*bs, (i+1)*bs), only those < end
-    m, l, acc = carry
-    start = i * block_s
+  @pl.when((split == 0) | (start < end))
+  def _block():
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
     rows = pl.ds(start, block_s)
+    # Issue the block's cache loads first: they are the long-latency part of the program.
     in_range = start + jnp.arange(block_s) < end
-    visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
     k1 = plgpu.load(k_ref.at[rows, lo], mask=in_range[:, None], other=0).astype(f32)
     k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
     v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
+    visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
+    cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
+    sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
+
+    def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
+      x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
+      x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
+      return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
+              (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
+
+    scale = head_dim**-0.5
+    q1, q2 = rotated(head * head_dim)
+    neg = jnp.float32(-1e30)
     s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
     s = jnp.where(visible, s, neg)
-    m_new = jnp.maximum(m, jnp.max(s))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-    return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+    m = jnp.max(s)
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)
+    l = jnp.sum(p)
+    acc = jnp.sum(p[:, None] * v, axis=0)
 
-  _, l, acc = lax.fori_loop(0, (end + block_s - 1) // block_s, step, (m, l, acc))
-  out = acc / jnp.maximum(l, 1e-30)
-  out_ref[b, pl.ds(head * head_dim, head_dim)] = out.astype(out_ref.dtype)
+    @pl.when(split == 0)
+    def _with_new_token():
+      k_new = rotated((num_q_heads + h) * head_dim)
+      v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
+
+      @pl.when(head % groups == 0)
+      def _write_new_slot():
+        k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
+        k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
+        v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
+
+      k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
+      v_new = v_new.astype(v_out_ref.dtype).astype(f32)
+      new_visible = valid_ref[b, end] != 0
+      s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+      m_all = jnp.where(new_visible, jnp.maximum(m, s_new), m)
+      alpha = jnp.exp(m - m_all)
+      p_new = jnp.where(new_visible, jnp.exp(s_new - m_all), 0.0)
+      acc_ref[...] = acc * alpha + p_new * v_new
+      stats_ref[...] = jnp.where(jnp.arange(2) == 0, m_all, l * alpha + p_new)
+
+    @pl.when(split > 0)
+    def _cached_only():
+      acc_ref[...] = acc
+      stats_ref[...] = jnp.where(jnp.arange(2) == 0, m, l)
+
+
+def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, chunk,
+                              head_dim):
+  """One program per (row, query head): merges the blocks' (m, l, acc) into the output."""
+  f32 = jnp.float32
+  b, head = pl.program_id(0), pl.program_id(1)
+  used = jnp.maximum((end_ref[0] + block_s - 1) // block_s, 1)  # blocks that wrote stats
+
+  def merge(i, carry):  # blocks [i*chunk, (i+1)*chunk), only those < used
+    m, l, acc = carry
+    splits = pl.ds(i * chunk, chunk)
+    live = i * chunk + jnp.arange(chunk) < used
+    stats = plgpu.load(stats_ref.at[b, splits, head, :], mask=live[:, None], other=0)
+    first = jnp.arange(2)[None, :] == 0
+    m_s = jnp.where(live, jnp.sum(jnp.where(first, stats, 0.0), axis=1), -1e30)
+    l_s = jnp.sum(jnp.where(first, 0.0, stats), axis=1)
+    acc_s = plgpu.load(acc_ref.at[b, splits, head, :], mask=live[:, None], other=0)
+    m_new = jnp.maximum(m, jnp.max(m_s))
+    alpha, w = jnp.exp(m - m_new), jnp.exp(m_s - m_new)
+    return m_new, l * alpha + jnp.sum(w * l_s), acc * alpha + jnp.sum(w[:, None] * acc_s, 0)
+
+  init = (jnp.float32(-1e30), jnp.zeros((), f32), jnp.zeros((head_dim,), f32))
+  _, l, acc = lax.fori_loop(0, (used + chunk - 1) // chunk, merge, init)
+  out_ref[b, pl.ds(head * head_dim, head_dim)] = (acc / jnp.maximum(l, 1e-30)).astype(
+      out_ref.dtype)
 
 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                      v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
-                     num_q_heads: int, block_s: int = 128, num_warps: int = 4,
-                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     num_q_heads: int, block_s: int | None = None,
+                     num_warps: int | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One new token per row: RoPE, cache write at slot `end`, attention over the cache.
+
+  Two kernels (split-S, as flash decoding does): one program per (row, query head, block of
+  `block_s` slots) computes the block's softmax statistics, so a short cache still spreads
+  over many SMs; a second kernel merges the blocks per (row, query head).
 
   Args:
     qkv: [B, (Hq + 2 Hkv) D] the q/k/v projections (bias added, RoPE not yet applied).
@@ -273,6 +315,9 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     k_cache, v_cache: [B, S, Hkv, D]; slot `end` receives the rotated key and the value.
     valid: [B, S] which slots hold real tokens, slot `end` included (bool or int).
     end: int32 scalar, the slot of the new token.
+    block_s: cache slots per program (a power of two); by default S/16 within [16, 128]
+      and 2 warps per program up to 32 slots, else 4, the fastest on an H200 at 256 and
+      2048 slots (benchmarks/decode_kernels.py).
 
   Returns:
     (out [B, Hq D] in qkv's dtype, k_cache, v_cache). Row b attends to slots j <= end with
@@ -286,26 +331,47 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
   if qkv.shape != (batch, (num_q_heads + 2 * num_kv_heads) * head_dim):
     raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} and "
                      f"{num_q_heads} query heads")
+  if block_s is None:
+    block_s = min(128, max(16, (1 << (cache_len - 1).bit_length()) // 16))
+  if num_warps is None:
+    num_warps = 2 if block_s <= 32 else 4
+  if block_s & (block_s - 1):
+    raise ValueError(f"block_s must be a power of two, got {block_s}")
   end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
   valid = valid.astype(jnp.int32)
-  whole = lambda shape: pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
+  splits = -(-cache_len // block_s)
   groups = num_q_heads // num_kv_heads
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   cache_block = pl.BlockSpec((None, cache_len, None, head_dim),
-                             lambda b, head: (b, 0, head // groups, 0))
+                             lambda b, head, s: (b, 0, head // groups, 0))
+  partial_shape = (batch, splits, num_q_heads)
   kernel = functools.partial(
-      _attention_kernel, groups=groups, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-      head_dim=head_dim, block_s=block_s)
-  out, k_cache, v_cache = pl.pallas_call(
-      kernel, grid=(batch, num_q_heads),
+      _attention_split_kernel, groups=groups, num_q_heads=num_q_heads,
+      num_kv_heads=num_kv_heads, head_dim=head_dim, block_s=block_s)
+  acc, stats, k_cache, v_cache = pl.pallas_call(
+      kernel, grid=(batch, num_q_heads, splits),
       in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
                 whole(valid.shape), cache_block, cache_block],
-      out_specs=[whole((batch, num_q_heads * head_dim)), cache_block, cache_block],
-      out_shape=[jax.ShapeDtypeStruct((batch, num_q_heads * head_dim), qkv.dtype),
+      out_specs=[pl.BlockSpec((None, None, None, head_dim), lambda b, h, s: (b, s, h, 0)),
+                 pl.BlockSpec((None, None, None, 2), lambda b, h, s: (b, s, h, 0)),
+                 cache_block, cache_block],
+      out_shape=[jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape + (2,), jnp.float32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-      input_output_aliases={5: 1, 6: 2},
+      input_output_aliases={5: 2, 6: 3},
       compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
-      name="decode_attention")(end, qkv, cos, sin, valid, k_cache, v_cache)
+      name="decode_attention_blocks")(end, qkv, cos, sin, valid, k_cache, v_cache)
+  chunk = min(16, 1 << (splits - 1).bit_length())
+  combine = functools.partial(_attention_combine_kernel, block_s=block_s, chunk=chunk,
+                              head_dim=head_dim)
+  out = pl.pallas_call(
+      combine, grid=(batch, num_q_heads),
+      in_specs=[whole((1,)), whole(acc.shape), whole(stats.shape)],
+      out_specs=whole((batch, num_q_heads * head_dim)),
+      out_shape=jax.ShapeDtypeStruct((batch, num_q_heads * head_dim), qkv.dtype),
+      compiler_params=_compiler_params(4, interpret), interpret=interpret,
+      name="decode_attention_combine")(end, acc, stats)
   return out, k_cache, v_cache
 
 

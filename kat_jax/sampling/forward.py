@@ -39,6 +39,17 @@ from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 
 CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 
+# Tiles of the fused decode step's kernels (keyword arguments of `fused_matvec` and
+# `decode_attention`), the fastest that benchmarks/decode_kernels.py measured on an H200 at
+# Qwen2.5-1.5B shapes; a tile must divide the product's output size (`fused_path_supported`).
+DECODE_TILES: dict[str, dict[str, Any]] = {
+    "qkv": dict(block_n=8, num_warps=4),
+    "o": dict(block_n=4, num_warps=8),  # few output rows (N = d): narrower, more warps
+    "gate_up": dict(block_n=8, num_warps=4),
+    "down": dict(block_n=4, num_warps=8),
+    "attention": {},  # decode_attention picks its slot blocks from the cache length
+}
+
 
 @flax.struct.dataclass
 class DecodeParams:
@@ -181,18 +192,17 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
   new_k, new_v = [], []
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
-                       bias=layer.get("qkv_bias"), interpret=interpret)
+                       bias=layer.get("qkv_bias"), interpret=interpret, **DECODE_TILES["qkv"])
     out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
-                                             num_q_heads=config.num_heads, interpret=interpret)
+                                             num_q_heads=config.num_heads, interpret=interpret,
+                                             **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
-    # Tiles per shape from benchmarks/decode_kernels.py on an H200 (Qwen2.5-1.5B): products with
-    # few output rows (o, down: N = d) want narrower blocks and more warps per program.
-    h = fused_matvec(out, layer["o"], residual=h, block_n=4, num_warps=8, interpret=interpret)
+    h = fused_matvec(out, layer["o"], residual=h, interpret=interpret, **DECODE_TILES["o"])
     act = fused_matvec(h, layer["gate_up"], norm_scale=layer["post_attn_norm"], eps=eps,
-                       swiglu=True, interpret=interpret)
-    h = fused_matvec(act, layer["down"], residual=h, block_n=4, num_warps=8,
-                     interpret=interpret)
+                       swiglu=True, interpret=interpret, **DECODE_TILES["gate_up"])
+    h = fused_matvec(act, layer["down"], residual=h, interpret=interpret,
+                     **DECODE_TILES["down"])
   last = rms_norm(h, params.final_norm, eps)
   new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)
@@ -200,5 +210,6 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
 
 def fused_kernels_fit(config: ModelConfig, batch: int) -> bool:
   """Whether a one-token step of `batch` rows of this model can use the fused kernels."""
+  block_n = max(tile.get("block_n", 1) for tile in DECODE_TILES.values())
   return fused_path_supported(batch, config.hidden_size, config.intermediate_size,
-                              config.num_heads, config.num_kv_heads, config.head_dim)
+                              config.num_heads, config.num_kv_heads, config.head_dim, block_n)

@@ -148,11 +148,18 @@ def _left_padded(sequences: Sequence[Sequence[int]], width: int, pad_id: int
 # step beats XLA's at batch 1 (1.61 vs 1.73 ms/token) but not at batch 4 (3.09 vs 1.77): its
 # matvecs keep one accumulator per row, so their cost grows with the rows.
 AUTO_FUSED_MAX_BATCH = 1
+# XLA options for the decode loop on GPU: XLA's default command buffers plus WHILE and
+# CONDITIONAL, so the whole loop replays as one CUDA graph instead of returning to the host
+# for each step's loop condition (-5% to -11% per token at batch 1 on an H200, docs/sampling.md).
+GPU_DECODE_COMPILER_OPTIONS = {
+    "xla_gpu_enable_command_buffer":
+        "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int,
-                  kernels: str, fused_max_batch: int):
+                  kernels: str, fused_max_batch: int,
+                  compiler_options: tuple[tuple[str, str], ...] = ()):
   """(chunk_fn, decode_fn) jitted once per setting, shared by Samplers."""
   donate_args = (1,) if donate else ()
 
@@ -163,7 +170,8 @@ def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop
                                         steps_per_loop=steps_per_loop, kernels=kernels,
                                         fused_max_batch=fused_max_batch),
                       static_argnames=("sampling", "max_new_tokens", "stop_ids"),
-                      donate_argnums=donate_args)
+                      donate_argnums=donate_args,
+                      compiler_options=dict(compiler_options) or None)
   return jax.jit(chunk_fn, donate_argnums=donate_args), decode_fn
 
 
@@ -171,7 +179,8 @@ class Sampler:
   """Jitted prefill / extend / decode for one model config. Holds no weights or cache."""
 
   def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
-               donate: bool = True, steps_per_loop: int = 1, kernels: str = "auto"):
+               donate: bool = True, steps_per_loop: int = 1, kernels: str = "auto",
+               compiler_options: dict[str, str] | None = None):
     """pad_id fills generated slots after a stop; prefill_chunk bounds the attention scores
     memory of prefill ([B, Hq, chunk, S] float32); donate reuses the cache buffers in place
     (the DecodeState passed to `extend`/`decode` must not be used again); steps_per_loop
@@ -180,7 +189,10 @@ class Sampler:
     implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the batch has at most
     `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas interpret mode, for CPU
     tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
-    rows, where it measured faster, else "xla")."""
+    rows, where it measured faster, else "xla"); compiler_options are XLA options for the
+    decode loop's compilation (as `jax.jit(compiler_options=...)` takes them; an unknown name
+    or value fails at the first decode); None means `GPU_DECODE_COMPILER_OPTIONS` on GPU and
+    none elsewhere, {} none anywhere."""
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if steps_per_loop < 1:
@@ -193,12 +205,16 @@ class Sampler:
       kernels = "fused" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
       fused_max_batch = AUTO_FUSED_MAX_BATCH
     self.kernels = kernels
+    if compiler_options is None and jax.default_backend() == "gpu":
+      compiler_options = GPU_DECODE_COMPILER_OPTIONS
+    self.compiler_options = dict(compiler_options or {})
     self.config = config
     self.pad_id = int(pad_id)
     self.prefill_chunk = int(prefill_chunk)
     self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate,
                                                     int(steps_per_loop), kernels,
-                                                    fused_max_batch)
+                                                    fused_max_batch,
+                                                    tuple(sorted(self.compiler_options.items())))
 
   def _check_params(self, params: Any) -> None:
     if not isinstance(params, DecodeParams):

@@ -30,17 +30,21 @@ def _matvec_inputs(seed, batch, k_size, n_rows, dtype):
   return x, w, scale, bias, residual
 
 
+_TILINGS = {"8_rows": {}, "4_rows_8_warps": dict(block_n=4, num_warps=8)}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, MAX_BATCH])
 @pytest.mark.parametrize("options", ["plain", "norm_bias", "residual", "norm_swiglu_residual"])
-def test_matvec_matches_reference(dtype, batch, options):
+@pytest.mark.parametrize("tiling", list(_TILINGS))
+def test_matvec_matches_reference(dtype, batch, options, tiling):
   k_size, n_rows = 160, 64  # K = 5 chunks of 32: the chunked sums and a non-power-of-two K
   x, w, scale, bias, residual = _matvec_inputs(batch, batch, k_size, n_rows, dtype)
   kwargs = {"plain": {}, "norm_bias": dict(norm_scale=scale, bias=bias, eps=1e-5),
             "residual": dict(residual=residual),
             "norm_swiglu_residual": dict(norm_scale=scale, swiglu=True,
                                          residual=residual[:, :n_rows // 2])}[options]
-  got = fused_matvec(x, w, interpret=True, **kwargs)
+  got = fused_matvec(x, w, interpret=True, **_TILINGS[tiling], **kwargs)
   want = matvec_reference(x, w, **kwargs)
   assert got.shape == want.shape and got.dtype == dtype
   assert bool(jnp.all(jnp.isfinite(got)))
@@ -62,11 +66,17 @@ def _attention_inputs(seed, batch, cache_len, hq, hkv, head_dim, dtype, end):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("hq, hkv, end", [(4, 4, 0), (6, 2, 37), (4, 1, 49)])
-def test_decode_attention_matches_reference(dtype, hq, hkv, end):
-  batch, cache_len, head_dim = 3, 50, 32  # cache_len not a multiple of the 16-slot blocks
+@pytest.mark.parametrize("hq, hkv, end, cache_len, block_s", [
+    (4, 4, 0, 50, 16),  # only the new token
+    (6, 2, 37, 50, 16),  # cache_len not a multiple of the blocks
+    (4, 1, 49, 50, 16),  # the last slot
+    (2, 1, 290, 300, 8),  # 37 blocks: the merge runs over three chunks of 16
+])
+def test_decode_attention_matches_reference(dtype, hq, hkv, end, cache_len, block_s):
+  batch, head_dim = 3, 32
   args = _attention_inputs(end, batch, cache_len, hq, hkv, head_dim, dtype, end)
-  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=16, interpret=True)
+  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
+                         interpret=True)
   want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
   for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
@@ -95,16 +105,18 @@ def test_clear_errors():
 @pytest.mark.skipif(not _HAS_GPU, reason="needs a GPU (compiled Triton kernels; run with "
                     "KAT_TEST_GPU=1); the CPU tests above run the same kernels interpreted")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_compiled_qwen_shapes(dtype):
+@pytest.mark.parametrize("tiling", list(_TILINGS))
+def test_gpu_compiled_qwen_shapes(dtype, tiling):
   d, f, hq, hkv, head_dim = 1536, 8960, 12, 2, 128  # qwen2.5-1.5b
+  tile = _TILINGS[tiling]
   x, w, scale, bias, residual = _matvec_inputs(0, 1, d, (hq + 2 * hkv) * head_dim, dtype)
-  got = fused_matvec(x, w, norm_scale=scale, bias=bias)
+  got = fused_matvec(x, w, norm_scale=scale, bias=bias, **tile)
   assert relative_error(got, matvec_reference(x, w, norm_scale=scale, bias=bias)) < _TOL[dtype]
   x, w, scale, _, residual = _matvec_inputs(1, 2, d, 2 * f, dtype)
-  got = fused_matvec(x, w, norm_scale=scale, swiglu=True)
+  got = fused_matvec(x, w, norm_scale=scale, swiglu=True, **tile)
   assert relative_error(got, matvec_reference(x, w, norm_scale=scale, swiglu=True)) < _TOL[dtype]
   x, w, _, _, residual = _matvec_inputs(2, 1, f, d, dtype)
-  got = fused_matvec(x, w, residual=residual)
+  got = fused_matvec(x, w, residual=residual, **tile)
   assert relative_error(got, matvec_reference(x, w, residual=residual)) < _TOL[dtype]
   end = 300
   args = _attention_inputs(3, 2, 512, hq, hkv, head_dim, dtype, end)

@@ -9,6 +9,7 @@ from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axes, fork,
                               prepare_params)
 from kat_jax.sampling.forward import fused_kernels_fit
+from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS
 from kat_jax.sampling.logits import choose_tokens, filter_logits
 from kat_jax.testing import relative_error
 
@@ -191,6 +192,19 @@ def test_steps_per_loop_changes_nothing(model, steps_per_loop):
     assert relative_error(got_state.logits, want_state.logits) < 1e-6
     if max_new_tokens >= 2:  # row 1 emits `stop` as its second token and ends there
       assert bool(want.stopped[1]) and want.lengths[1] == 2
+
+
+def test_compiler_options_reach_the_decode_loop(model):
+  """The GPU default options (command buffers over the while loop) compile here too and
+  change no token; a bad value fails the decode's compilation naming the option."""
+  config, _, dparams = model
+  generate = lambda sampler: sampler.generate(dparams, PROMPTS, jax.random.key(5),
+                                              max_new_tokens=5, sampling=GREEDY)
+  want = generate(Sampler(config, compiler_options={}))
+  got = generate(Sampler(config, compiler_options=GPU_DECODE_COMPILER_OPTIONS))
+  assert got.token_lists() == want.token_lists()
+  with pytest.raises(Exception, match="xla_gpu_enable_command_buffer.*BOGUS"):
+    generate(Sampler(config, compiler_options={"xla_gpu_enable_command_buffer": "BOGUS"}))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
