@@ -122,8 +122,9 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
-  sampler = Sampler(config, prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
-                    kernels=kernels, compiler_options=compiler_options)
+  sampler_args = dict(prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
+                      kernels=kernels)
+  sampler = Sampler(config, compiler_options=compiler_options, **sampler_args)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
   rng = np.random.default_rng(0)
@@ -168,14 +169,19 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
           "steps_per_loop": steps_per_loop, "kernels": sampler.kernels,
           "compiler_options": sampler.compiler_options}
   if trace_batch:
-    meta["trace"] = trace_decode(sampler, dparams, prompts, trace_batch, max_length, new_tokens)
+    # Each step's kernels are visible to the profiler only outside a while-loop command
+    # buffer (inside one it records the first step), so the trace runs with XLA's defaults.
+    traced = Sampler(config, compiler_options={}, **sampler_args)
+    meta["trace"] = trace_decode(traced, dparams, prompts, trace_batch, max_length, new_tokens)
+    meta["trace"]["compiler_options"] = traced.compiler_options
   return rows, meta
 
 
 def trace_decode(sampler, dparams, prompts, batch, max_length, new_tokens) -> dict:
   """XProf trace of one decode (prefill done before): GPU kernel time and count per step.
 
-  Under the profiler XLA runs op by op (no command buffers), so `span / step` is an upper
+  Run it with a Sampler whose loop is not one command buffer (compiler_options={}): inside a
+  WHILE command buffer the profiler sees only the first step. `span / step` is an upper
   bound; `busy / step` is the kernel time a step needs without launch gaps.
   """
   import tempfile  # pylint: disable=g-import-not-at-top

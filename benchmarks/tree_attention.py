@@ -150,6 +150,7 @@ def bench_mosaic_gpu(q, k, v, do) -> dict:
   fwd+bwd is compared without a mask on both sides. float16 on both sides: the kernel's
   shared-memory scratch is float16 in jax 0.11.2 (bf16 inputs fail there)."""
   q, k, v, do = (x.astype(jnp.float16) for x in (q, k, v, do))
+  q_scaled = lambda q: q * jnp.asarray(q.shape[-1]**-0.5, q.dtype)  # attention_mgpu: no scale
   try:
     from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -166,7 +167,7 @@ def bench_mosaic_gpu(q, k, v, do) -> dict:
   }
   for name, (config, causal, backward) in cases.items():
     try:
-      attend = lambda q, k, v, config=config: mgpu.attention(q, k, v, config)
+      attend = lambda q, k, v, config=config: mgpu.attention(q_scaled(q), k, v, config)
       ref = cudnn(causal)
       err = relative_error(jax.jit(attend)(q, k, v), ref(q, k, v))
       if backward:

@@ -144,9 +144,9 @@ def _left_padded(sequences: Sequence[Sequence[int]], width: int, pad_id: int
   return tokens, valid
 
 
-# Measured on an H200 (Qwen2.5-1.5B, benchmarks/results/sampler_fused_h200.json): the fused
-# step beats XLA's at batch 1 (1.61 vs 1.73 ms/token) but not at batch 4 (3.09 vs 1.77): its
-# matvecs keep one accumulator per row, so their cost grows with the rows.
+# Measured on an H200 (Qwen2.5-1.5B, docs/sampling.md): the fused step beats XLA's at batch 1
+# (1.61 vs 1.73 ms/token) but not at batch 4 (3.09 vs 1.77): its matvecs keep one accumulator
+# per row, so their cost grows with the rows.
 AUTO_FUSED_MAX_BATCH = 1
 # XLA options for the decode loop on GPU: XLA's default command buffers plus WHILE and
 # CONDITIONAL, so the whole loop replays as one CUDA graph instead of returning to the host
