@@ -302,7 +302,8 @@ def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                      v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
                      num_q_heads: int, block_s: int | None = None,
-                     num_warps: int | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     num_warps: int | None = None, interpret: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One new token per row: RoPE, cache write at slot `end`, attention over the cache.
 
   Two kernels (split-S, as flash decoding does): one program per (row, query head, block of
@@ -315,9 +316,9 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     k_cache, v_cache: [B, S, Hkv, D]; slot `end` receives the rotated key and the value.
     valid: [B, S] which slots hold real tokens, slot `end` included (bool or int).
     end: int32 scalar, the slot of the new token.
-    block_s: cache slots per program (a power of two); by default S/16 within [16, 128]
-      and 2 warps per program up to 32 slots, else 4, the fastest on an H200 at 256 and
-      2048 slots (benchmarks/decode_kernels.py).
+    block_s: cache slots per program (a power of two); by default S/16 within [16, 128],
+      the fastest on an H200 at 256 and 2048 slots (benchmarks/decode_kernels.py).
+    num_warps: Triton warps per program; by default 2 up to 32 slots per block, else 4.
 
   Returns:
     (out [B, Hq D] in qkv's dtype, k_cache, v_cache). Row b attends to slots j <= end with
