@@ -191,8 +191,8 @@ class Sampler:
     tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
     rows, where it measured faster, else "xla"); compiler_options are XLA options for the
     decode loop's compilation (as `jax.jit(compiler_options=...)` takes them; an unknown name
-    or value fails at the first decode); None means `GPU_DECODE_COMPILER_OPTIONS` on GPU and
-    none elsewhere, {} none anywhere."""
+    or value fails at the first decode); None means `GPU_DECODE_COMPILER_OPTIONS` on a single
+    GPU and none elsewhere, {} none anywhere."""
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if steps_per_loop < 1:
@@ -205,7 +205,8 @@ class Sampler:
       kernels = "fused" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
       fused_max_batch = AUTO_FUSED_MAX_BATCH
     self.kernels = kernels
-    if compiler_options is None and jax.default_backend() == "gpu":
+    if (compiler_options is None and jax.default_backend() == "gpu"
+        and jax.device_count() == 1):  # measured on one GPU; sharded loops keep XLA's default
       compiler_options = GPU_DECODE_COMPILER_OPTIONS
     self.compiler_options = dict(compiler_options or {})
     self.config = config
