@@ -51,6 +51,11 @@ def _variant(text: str) -> dict:
   return setting
 
 
+def _fastest(kernels: list[dict]) -> dict | None:
+  """The timed entry with the lowest time (entries that failed carry no 'us')."""
+  return min((k for k in kernels if "us" in k), key=lambda k: k["us"], default=None)
+
+
 def _ints(text: str) -> list[int]:
   return [int(v) for v in text.split(",")]
 
@@ -138,8 +143,7 @@ def main():
                                    fraction_of_copy=nbytes / (us * 1e-6) / bandwidth))
       except Exception as e:  # pylint: disable=broad-except
         row["kernels"].append(dict(setting, error=str(e)[:200]))
-    best = min((k for k in row["kernels"] if "us" in k), key=lambda k: k["us"], default=None)
-    row["best"] = best
+    best = row["best"] = _fastest(row["kernels"])
     print(f"{name:8} K={k_size:5} N={n_rows:6} {w.nbytes / 1e6:6.1f} MB  XLA {xla_us:7.1f} us "
           f"({row['xla_fraction_of_copy']:.0%})  best kernel "
           + (f"{best['us']:7.1f} us ({best['fraction_of_copy']:.0%}) "
@@ -173,8 +177,7 @@ def main():
                                    us=device_us(walk(op), caches, ops=copies)))
       except Exception as e:  # pylint: disable=broad-except
         row["kernels"].append(dict(block_s=block_s, num_warps=warps, error=str(e)[:200]))
-    row["best"] = min((k for k in row["kernels"] if "us" in k), key=lambda k: k["us"],
-                      default=None)
+    row["best"] = _fastest(row["kernels"])
     print(f"attention (cache {s}): XLA {row['xla_us']:.1f} us, best kernel "
           + (f"{row['best']['us']:.1f} us block_s={row['best']['block_s']} "
              f"warps={row['best']['num_warps']}" if row["best"] else "none ran"))
