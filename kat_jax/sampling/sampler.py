@@ -200,13 +200,14 @@ class Sampler:
     if kernels not in ("auto", "xla", "fused", "fused_interpret"):
       raise ValueError(f"kernels must be 'auto', 'xla', 'fused' or 'fused_interpret', "
                        f"got {kernels!r}")
+    # Both GPU defaults were measured on one GPU; sharded samplers keep XLA's choices.
+    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
     fused_max_batch = MAX_BATCH
     if kernels == "auto":
-      kernels = "fused" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
+      kernels = "fused" if single_gpu else "xla"
       fused_max_batch = AUTO_FUSED_MAX_BATCH
     self.kernels = kernels
-    if (compiler_options is None and jax.default_backend() == "gpu"
-        and jax.device_count() == 1):  # measured on one GPU; sharded loops keep XLA's default
+    if compiler_options is None and single_gpu:
       compiler_options = GPU_DECODE_COMPILER_OPTIONS
     self.compiler_options = dict(compiler_options or {})
     self.config = config
