@@ -39,8 +39,7 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--steps_per_loop", type=int, default=1,
                       help="decode steps per iteration of the sampler's while loop")
   parser.add_argument("--kernels", default="auto",
-                      help="the sampler's decode-step kernels: auto, xla, fused (a kernel "
-                           "per product) or layer (a kernel per layer)")
+                      help="the sampler's decode-step kernels: auto, xla or fused")
   parser.add_argument("--trace_batch", type=int, default=0,
                       help="also record an XProf trace of one decode at this batch size and "
                            "summarise its GPU kernels per decode step")
@@ -51,9 +50,6 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--tiles", default="",
                       help="a benchmarks/decode_kernels.py JSON: the fused step uses the fastest "
                            "matvec tiling it measured for each product")
-  parser.add_argument("--layer_tiles", default="",
-                      help="JSON overriding kat_jax.kernels.decode_layer.LAYER_TILES for "
-                           "--kernels layer, e.g. '{\"down\": 4, \"num_warps\": 8}'")
   parser.add_argument("--out", default="")
   return parser.parse_args()
 
@@ -69,18 +65,6 @@ def _compiler_options(pairs: list[str]) -> dict[str, str] | None:
       raise SystemExit(f"--compiler_option takes NAME=VALUE, got {pair!r}")
     options[name] = value
   return options
-
-
-def use_layer_tiles(overrides: str) -> dict:
-  """Updates `kat_jax.kernels.decode_layer.LAYER_TILES` from a JSON object; returns it."""
-  from kat_jax.kernels import decode_layer  # pylint: disable=g-import-not-at-top
-  values = json.loads(overrides)
-  unknown = sorted(set(values) - set(decode_layer.LAYER_TILES))
-  if unknown:
-    raise SystemExit(f"--layer_tiles: unknown keys {unknown}; known: "
-                     f"{sorted(decode_layer.LAYER_TILES)}")
-  decode_layer.LAYER_TILES.update(values)
-  return dict(decode_layer.LAYER_TILES)
 
 
 def use_measured_tiles(path: str) -> dict:
@@ -279,7 +263,6 @@ def main():
 
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   tiles = use_measured_tiles(args.tiles) if args.tiles else None
-  layer_tiles = use_layer_tiles(args.layer_tiles) if args.layer_tiles else None
   device = "cuda" if torch.cuda.is_available() else "cpu"
   config = get_preset(args.preset, dtype="bfloat16", param_dtype="bfloat16")
   params = jax.jit(lambda r: init_params(config, r))(jax.random.key(0))
@@ -291,8 +274,6 @@ def main():
                                _compiler_options(args.compiler_option))
   if tiles:
     ours_meta["decode_tiles"] = tiles
-  if layer_tiles:
-    ours_meta["layer_tiles"] = layer_tiles
   del params
   hf, hf_meta = ({}, {"skipped": True}) if args.skip_hf else bench_hf(
       config, batch_sizes, args.prompt_len, args.new_tokens, args.hf_repeats, device)

@@ -12,9 +12,8 @@ out for decoding:
 - weights are cast to the compute dtype once, not on every step.
 
 `forward_chunk(..., kernels="fused")` runs a one-token step of at most
-`kat_jax.kernels.decode.MAX_BATCH` rows through those kernels (six launches per layer) instead
-of XLA's ops, and `kernels="layer"` through `kat_jax.kernels.decode_layer` (one launch per
-layer, the same programs); all paths compute the same function (tested against each other).
+`kat_jax.kernels.decode.MAX_BATCH` rows through those kernels (five per layer) instead of XLA's
+ops; both paths compute the same function (tested against each other).
 
 Cache layout (left-aligned slots shared by the batch). Every row writes its next tokens at the
 same slots `[end, end+T)`; a per-row `valid [B, S]` flag says which slots hold real tokens and
@@ -26,7 +25,6 @@ unpadded sequence.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
@@ -34,16 +32,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kat_jax.kernels.decode import (attention_counters, decode_attention, fused_matvec,
-                                    fused_path_supported)
-from kat_jax.kernels.decode_layer import LAYER_TILES, decode_layer, layer_counters
+from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 
 CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
-# `forward_chunk` kernels that run a one-token step through the Pallas decode kernels.
-FUSED_KERNELS = ("fused", "layer", "fused_interpret", "layer_interpret")
 
 # Tiles of the fused decode step's kernels (keyword arguments of `fused_matvec` and
 # `decode_attention`), the fastest that benchmarks/decode_kernels.py measured on an H200 at
@@ -55,10 +49,6 @@ DECODE_TILES: dict[str, dict[str, Any]] = {
     "down": dict(block_n=4, num_warps=8),
     "attention": {},  # decode_attention picks its slot blocks from the cache length
 }
-# Whether the fused step's attention merges each head's slot blocks in its own kernel (the
-# head's last block to finish merges; per-head counters) instead of a second kernel. Off: not
-# shown faster (one cross-process A/B on an H200: 1.274 vs 1.175 ms/token at batch 1).
-ATTENTION_MERGES_IN_KERNEL = False
 
 
 @flax.struct.dataclass
@@ -140,8 +130,8 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     token_valid: [B,T] bool, which of the T slots hold real tokens of the row.
     end: int32 scalar, the first free slot.
     kernels: "xla" (XLA ops), "fused" (the Pallas decode kernels; T must be 1 and the batch
-      at most `kat_jax.kernels.decode.MAX_BATCH`), "layer" (the same programs, one kernel per
-      layer), or "fused_interpret" / "layer_interpret" (Pallas interpret mode, for CPU tests).
+      at most `kat_jax.kernels.decode.MAX_BATCH`), or "fused_interpret" (the same kernels in
+      Pallas interpret mode, for CPU tests).
 
   Returns:
     (updated cache, float32 logits [B,V] at slot end+T-1). Callers put each row's last real
@@ -158,14 +148,13 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
 
   h = jnp.take(params.embed, tokens, axis=0).astype(dt)
   cos, sin = rope_cos_sin(positions, hd, config.rope_theta, dt)
-  if kernels in FUSED_KERNELS:
+  if kernels in ("fused", "fused_interpret"):
     if length != 1:
       raise ValueError(f"the fused decode kernels take one token per row, got {length}")
     return _fused_step(params, config, cache, h[:, 0], cos[:, 0, 0], sin[:, 0, 0], valid,
-                       new_pos, end, whole_layer=kernels.startswith("layer"),
-                       interpret=kernels.endswith("_interpret"))
+                       new_pos, end, interpret=kernels == "fused_interpret")
   if kernels != "xla":
-    raise ValueError(f"kernels must be 'xla' or one of {FUSED_KERNELS}, got {kernels!r}")
+    raise ValueError(f"kernels must be 'xla', 'fused' or 'fused_interpret', got {kernels!r}")
   slots = jnp.arange(valid.shape[1])
   query_slots = end + jnp.arange(length)
   mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
@@ -197,33 +186,16 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
 
 def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any], h: jax.Array,
                 cos: jax.Array, sin: jax.Array, valid: jax.Array, new_pos: jax.Array,
-                end: jax.Array, *, whole_layer: bool, interpret: bool
-                ) -> tuple[dict[str, Any], jax.Array]:
+                end: jax.Array, *, interpret: bool) -> tuple[dict[str, Any], jax.Array]:
   """One token per row through the fused kernels: h [B,d], cos/sin [B,D], valid [B,S]."""
   eps = config.rms_norm_eps
-  num_layers, batch, hq = len(params.layers), h.shape[0], config.num_heads
   new_k, new_v = [], []
-  if whole_layer:
-    counters = layer_counters(num_layers, batch, hq)
-  elif ATTENTION_MERGES_IN_KERNEL:
-    counters = attention_counters(num_layers, batch, hq)
-  for i, (layer, k_cache, v_cache) in enumerate(zip(params.layers, cache["k"], cache["v"])):
-    if whole_layer:
-      h, k_cache, v_cache, counters = decode_layer(
-          h, layer, cos, sin, k_cache, v_cache, valid, end, counters, layer_index=i,
-          num_q_heads=hq, eps=eps, interpret=interpret)
-      new_k.append(k_cache)
-      new_v.append(v_cache)
-      continue
+  for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
                        bias=layer.get("qkv_bias"), interpret=interpret, **DECODE_TILES["qkv"])
-    attention = functools.partial(decode_attention, qkv, cos, sin, k_cache, v_cache, valid, end,
-                                  num_q_heads=hq, interpret=interpret,
-                                  **DECODE_TILES["attention"])
-    if ATTENTION_MERGES_IN_KERNEL:
-      out, k_cache, v_cache, counters = attention(counters=counters, counters_row=i)
-    else:
-      out, k_cache, v_cache = attention()
+    out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
+                                             num_q_heads=config.num_heads, interpret=interpret,
+                                             **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
     h = fused_matvec(out, layer["o"], residual=h, interpret=interpret, **DECODE_TILES["o"])
@@ -238,7 +210,6 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
 
 def fused_kernels_fit(config: ModelConfig, batch: int) -> bool:
   """Whether a one-token step of `batch` rows of this model can use the fused kernels."""
-  block_n = max([tile.get("block_n", 1) for tile in DECODE_TILES.values()]
-                + [LAYER_TILES[name] for name in ("qkv", "o", "gate_up", "down")])
+  block_n = max(tile.get("block_n", 1) for tile in DECODE_TILES.values())
   return fused_path_supported(batch, config.hidden_size, config.intermediate_size,
                               config.num_heads, config.num_kv_heads, config.head_dim, block_n)

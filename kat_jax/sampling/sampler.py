@@ -34,8 +34,7 @@ from jax.sharding import PartitionSpec
 
 from kat_jax.kernels.decode import MAX_BATCH
 from kat_jax.model.config import ModelConfig
-from kat_jax.sampling.forward import (CACHE_AXES, FUSED_KERNELS, DecodeParams, forward_chunk,
-                                      fused_kernels_fit)
+from kat_jax.sampling.forward import CACHE_AXES, DecodeParams, forward_chunk, fused_kernels_fit
 from kat_jax.sampling.logits import SamplingParams, choose_tokens, logprob_and_entropy
 
 
@@ -188,9 +187,8 @@ class Sampler:
     decode steps run per iteration of the loop (fewer loop-condition round trips to the
     host on GPU; the output is the same for any value); kernels picks the decode step's
     implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the batch has at most
-    `MAX_BATCH` rows, else XLA), "layer" (the same programs as one kernel per layer,
-    `kat_jax.kernels.decode_layer`), "fused_interpret" / "layer_interpret" (Pallas interpret
-    mode, for CPU tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
+    `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas interpret mode, for CPU
+    tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
     rows, where it measured faster, else "xla"); compiler_options are XLA options for the
     decode loop's compilation (as `jax.jit(compiler_options=...)` takes them; an unknown name
     or value fails at the first decode); None means `GPU_DECODE_COMPILER_OPTIONS` on a single
@@ -199,8 +197,8 @@ class Sampler:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if steps_per_loop < 1:
       raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
-    if kernels not in ("auto", "xla") + FUSED_KERNELS:
-      raise ValueError(f"kernels must be one of {('auto', 'xla') + FUSED_KERNELS}, "
+    if kernels not in ("auto", "xla", "fused", "fused_interpret"):
+      raise ValueError(f"kernels must be 'auto', 'xla', 'fused' or 'fused_interpret', "
                        f"got {kernels!r}")
     # Both GPU defaults were measured on one GPU; sharded samplers keep XLA's choices.
     single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kat_jax.kernels.decode import (MAX_BATCH, attention_counters, decode_attention,
-                                    decode_attention_reference, fused_matvec,
-                                    fused_path_supported, matvec_reference)
+from kat_jax.kernels.decode import (MAX_BATCH, decode_attention, decode_attention_reference,
+                                    fused_matvec, fused_path_supported, matvec_reference)
 from kat_jax.model.layers import rope_cos_sin
 from kat_jax.testing import relative_error
 
@@ -75,25 +74,18 @@ def _attention_inputs(seed, batch, cache_len, hq, hkv, head_dim, dtype, end):
     (2, 1, 290, 300, 8),  # 37 blocks: the merge runs over three chunks of 16
 ])
 def test_decode_attention_matches_reference(dtype, hq, hkv, end, cache_len, block_s):
-  """Both merges: a second kernel, and the head's last block (counters) in one kernel."""
   batch, head_dim = 3, 32
   args = _attention_inputs(end, batch, cache_len, hq, hkv, head_dim, dtype, end)
+  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
+                         interpret=True)
   want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
-  two_kernels = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
-                                 interpret=True)
-  *merged, counters = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
-                                       counters=attention_counters(2, batch, hq),
-                                       counters_row=1, interpret=True)
-  for got in (two_kernels, merged):
-    for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
-      assert g.shape == w.shape and g.dtype == w.dtype, name
-      assert bool(jnp.all(jnp.isfinite(g))), name
-    out_rows = slice(0, batch - 1)  # the inactive row's output is not defined
-    assert relative_error(got[0][out_rows], want[0][out_rows]) < _TOL[dtype]
-    assert relative_error(got[1], want[1]) < _TOL[dtype]
-    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
-  used = max(-(-end // block_s), 1)  # every head counted each of its used blocks once
-  np.testing.assert_array_equal(np.asarray(counters), [[0] * batch * hq, [used] * batch * hq])
+  for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert bool(jnp.all(jnp.isfinite(g))), name
+  out_rows = slice(0, batch - 1)  # the inactive row's output is not defined
+  assert relative_error(got[0][out_rows], want[0][out_rows]) < _TOL[dtype]
+  assert relative_error(got[1], want[1]) < _TOL[dtype]
+  np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
 
 
 def test_clear_errors():
@@ -107,9 +99,6 @@ def test_clear_errors():
   args = _attention_inputs(0, 2, 16, 4, 2, 32, jnp.float32, 3)
   with pytest.raises(ValueError, match="query heads"):
     decode_attention(*args, jnp.int32(3), num_q_heads=2, interpret=True)
-  with pytest.raises(ValueError, match="counters"):
-    decode_attention(*args, jnp.int32(3), num_q_heads=4, counters=attention_counters(1, 2, 4),
-                     counters_row=1, interpret=True)
   assert fused_path_supported(1, 1536, 8960, 12, 2, 128)  # qwen2.5-1.5b
   assert not fused_path_supported(MAX_BATCH + 1, 1536, 8960, 12, 2, 128)
 
@@ -132,14 +121,10 @@ def test_gpu_compiled_qwen_shapes(dtype, tiling):
   assert relative_error(got, matvec_reference(x, w, residual=residual)) < _TOL[dtype]
   end = 300
   args = _attention_inputs(3, 2, 512, hq, hkv, head_dim, dtype, end)
+  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq)
   want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
-  counters = attention_counters(1, 2, hq)
-  for got in (decode_attention(*args, jnp.int32(end), num_q_heads=hq),
-              decode_attention(*args, jnp.int32(end), num_q_heads=hq, counters=counters)):
-    assert relative_error(got[0][:1], want[0][:1]) < _TOL[dtype]
-    assert relative_error(got[1], want[1]) < _TOL[dtype]
-  used = -(-end // 32)  # 512 slots: blocks of 32
-  np.testing.assert_array_equal(np.asarray(got[3]), [[used] * 2 * hq])
+  assert relative_error(got[0][:1], want[0][:1]) < _TOL[dtype]
+  assert relative_error(got[1], want[1]) < _TOL[dtype]
 
 
 def test_kernels_lower_to_triton_on_cpu():
@@ -163,7 +148,3 @@ def test_kernels_lower_to_triton_on_cpu():
   lower(lambda *a: decode_attention(*a, num_q_heads=hq), spec((b, n_qkv)), spec((b, hd)),
         spec((b, hd)), spec((b, s, hkv, hd)), spec((b, s, hkv, hd)), spec((b, s), jnp.bool_),
         spec((), jnp.int32))
-  lower(lambda *a: decode_attention(*a[:-1], num_q_heads=hq, counters=a[-1], counters_row=3),
-        spec((b, n_qkv)), spec((b, hd)), spec((b, hd)), spec((b, s, hkv, hd)),
-        spec((b, s, hkv, hd)), spec((b, s), jnp.bool_), spec((), jnp.int32),
-        spec((28, b * hq), jnp.int32))
