@@ -50,6 +50,9 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--tiles", default="",
                       help="a benchmarks/decode_kernels.py JSON: the fused step uses the fastest "
                            "matvec tiling it measured for each product")
+  parser.add_argument("--compare_kernels", default="",
+                      help="comma-separated decode-step kernels (e.g. fused,xla) to time in one "
+                           "process, alternating repeats; replaces the main table and HF")
   parser.add_argument("--out", default="")
   return parser.parse_args()
 
@@ -112,6 +115,64 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def _prompts(config, batch_sizes, prompt_len) -> dict[int, list[list[int]]]:
+  """Fixed random prompts per batch size (the same for every sampler of a run)."""
+  rng = np.random.default_rng(0)
+  return {b: rng.integers(0, 150000 if config.vocab_size > 150000 else config.vocab_size,
+                          (b, prompt_len)).tolist() for b in batch_sizes}
+
+
+def _generate(sampler, dparams, prompt, max_length: int, new_tokens: int | None):
+  """Prefill `prompt`, then (unless new_tokens is None) greedy-decode new_tokens; blocks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import GREEDY  # pylint: disable=g-import-not-at-top
+  state = sampler.prefill(dparams, prompt, max_length=max_length)
+  if new_tokens is None:
+    return jax.block_until_ready(state)
+  result, _ = sampler.decode(dparams, state, jax.random.key(0), max_new_tokens=new_tokens,
+                             sampling=GREEDY)
+  return jax.block_until_ready(result)
+
+
+def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repeats,
+                       kernels_list, compiler_options=None) -> dict:
+  """Time per token of several decode-step kernels, all compiled in one process and timed in
+  alternation (repeat r of every variant before repeat r+1 of any).
+
+  On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
+  change of a few percent shows only when the variants share a process, machine and moment.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
+
+  dparams = jax.block_until_ready(prepare_params(params, config))
+  samplers = {k: Sampler(config, prefill_chunk=max(prompt_len, 8), kernels=k,
+                         compiler_options=compiler_options) for k in kernels_list}
+  prompts = _prompts(config, batch_sizes, prompt_len)
+  max_length = prompt_len + new_tokens
+  out = {}
+  for b in batch_sizes:
+    tokens = {k: _generate(s, dparams, prompts[b], max_length, new_tokens).token_lists()
+              for k, s in samplers.items()}  # also compiles
+    times = {k: {"prefill": [], "total": []} for k in samplers}
+    for _ in range(repeats):
+      for k, sampler in samplers.items():
+        for part, n in (("prefill", None), ("total", new_tokens)):
+          t0 = time.perf_counter()
+          _generate(sampler, dparams, prompts[b], max_length, n)
+          times[k][part].append(time.perf_counter() - t0)
+    first = kernels_list[0]
+    rows = {k: {"time_per_token_ms": (statistics.median(t["total"])
+                                      - statistics.median(t["prefill"])) / new_tokens * 1e3,
+                "totals_ms": [x * 1e3 for x in t["total"]],
+                "same_tokens_as_" + first: tokens[k] == tokens[first],
+                "sampler_kernels": samplers[k].kernels} for k, t in times.items()}
+    for row in rows.values():
+      row["vs_" + first] = row["time_per_token_ms"] / rows[first]["time_per_token_ms"]
+    out[b] = rows
+  return out
+
+
 def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, steps_per_loop=1,
                trace_batch=0, kernels="auto", compiler_options=None):
   import jax  # pylint: disable=g-import-not-at-top
@@ -119,7 +180,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
 
   from kat_jax.model import Decoder  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
   sampler_args = dict(prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
@@ -127,18 +188,13 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   sampler = Sampler(config, compiler_options=compiler_options, **sampler_args)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
-  rng = np.random.default_rng(0)
-  prompts = {b: rng.integers(0, 150000 if config.vocab_size > 150000 else config.vocab_size,
-                             (b, prompt_len)).tolist() for b in batch_sizes}
+  prompts = _prompts(config, batch_sizes, prompt_len)
 
   def prefill(b):
-    return jax.block_until_ready(sampler.prefill(dparams, prompts[b], max_length=max_length))
+    return _generate(sampler, dparams, prompts[b], max_length, None)
 
   def run(b):
-    state = sampler.prefill(dparams, prompts[b], max_length=max_length)
-    result, state = sampler.decode(dparams, state, jax.random.key(0),
-                                   max_new_tokens=new_tokens, sampling=GREEDY)
-    return jax.block_until_ready(result)
+    return _generate(sampler, dparams, prompts[b], max_length, new_tokens)
 
   t0 = time.perf_counter()
   with ThreadPoolExecutor(len(batch_sizes)) as pool:  # compile all shapes concurrently
@@ -269,6 +325,44 @@ def main():
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   bandwidth = copy_bandwidth(torch, device)
 
+  mean_context = args.prompt_len + args.new_tokens / 2
+
+  def floor_ms(b):
+    kv_bytes = 2 * config.num_layers * b * mean_context * config.num_kv_heads * config.head_dim * 2
+    return (weight_bytes + kv_bytes) / bandwidth * 1e3, kv_bytes
+
+  base_report = {
+      "device": str(jax.devices()[0].device_kind) if jax.devices() else "?",
+      "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "preset": args.preset, "dtype": "bfloat16", "prompt_len": args.prompt_len,
+      "new_tokens": args.new_tokens, "sampling": "greedy, no stop tokens",
+      "copy_bandwidth_bytes_per_s": bandwidth,
+  }
+  if args.compare_kernels:
+    kernels_list = [k.strip() for k in args.compare_kernels.split(",") if k.strip()]
+    if len(kernels_list) < 2:
+      raise SystemExit(f"--compare_kernels needs two or more kernels, got {args.compare_kernels!r}")
+    compare = compare_in_process(config, params, batch_sizes, args.prompt_len, args.new_tokens,
+                                 args.repeats, kernels_list,
+                                 _compiler_options(args.compiler_option))
+    print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
+          f"one process, {args.repeats} alternating repeats")
+    print(f"{'batch':>5} {'kernels':>15} {'ms/tok':>8} {'x floor':>7} "
+          f"{'vs ' + kernels_list[0]:>10} {'same tokens':>11}")
+    for b, rows in compare.items():
+      for k, row in rows.items():
+        row["floor_ms"] = floor_ms(b)[0]
+        print(f"{b:>5} {k:>15} {row['time_per_token_ms']:>8.3f} "
+              f"{row['time_per_token_ms'] / row['floor_ms']:>7.2f} "
+              f"{row['vs_' + kernels_list[0]]:>10.3f} "
+              f"{str(row['same_tokens_as_' + kernels_list[0]]):>11}")
+    _write(args.out, {**base_report, "versions": {"python": platform.python_version(),
+                                                  "jax": jax.__version__,
+                                                  "torch": torch.__version__},
+                      "compare": {str(b): rows for b, rows in compare.items()}})
+    return
+
   ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
                                args.repeats, args.steps_per_loop, args.trace_batch, args.kernels,
                                _compiler_options(args.compiler_option))
@@ -278,14 +372,12 @@ def main():
   hf, hf_meta = ({}, {"skipped": True}) if args.skip_hf else bench_hf(
       config, batch_sizes, args.prompt_len, args.new_tokens, args.hf_repeats, device)
 
-  mean_context = args.prompt_len + args.new_tokens / 2
   rows = []
   for b in batch_sizes:
-    kv_bytes = 2 * config.num_layers * b * mean_context * config.num_kv_heads * config.head_dim * 2
-    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
-    row = {"batch": b, "ours": ours[b], "hf": hf.get(b), "floor_ms": floor_ms,
+    floor, kv_bytes = floor_ms(b)
+    row = {"batch": b, "ours": ours[b], "hf": hf.get(b), "floor_ms": floor,
            "weight_bytes": weight_bytes, "kv_bytes_per_step": kv_bytes,
-           "ours_over_floor": ours[b]["time_per_token_ms"] / floor_ms}
+           "ours_over_floor": ours[b]["time_per_token_ms"] / floor}
     if b in hf:
       row["speedup_vs_hf"] = hf[b]["time_per_token_ms"] / ours[b]["time_per_token_ms"]
     rows.append(row)
@@ -304,24 +396,22 @@ def main():
           f"{r.get('speedup_vs_hf', float('nan')):>6.1f}")
 
   report = {
-      "device": str(jax.devices()[0].device_kind) if jax.devices() else "?",
-      "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      **base_report,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "torch": torch.__version__, **{k: v for k, v in hf_meta.items()
                                                   if k == "transformers"}},
-      "preset": args.preset, "dtype": "bfloat16", "prompt_len": args.prompt_len,
-      "new_tokens": args.new_tokens, "sampling": "greedy, no stop tokens",
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "copy_bandwidth_bytes_per_s": bandwidth, "ours_meta": ours_meta, "hf_meta": hf_meta,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "ours_meta": ours_meta, "hf_meta": hf_meta,
       "rows": rows,
   }
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+  _write(args.out, report)
 
+
+def _write(path: str, report: dict) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
   main()
