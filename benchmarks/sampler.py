@@ -342,7 +342,8 @@ def main():
   if args.compare_kernels:
     kernels_list = [k.strip() for k in args.compare_kernels.split(",") if k.strip()]
     if len(kernels_list) < 2:
-      raise SystemExit(f"--compare_kernels needs two or more kernels, got {args.compare_kernels!r}")
+      raise SystemExit(f"--compare_kernels needs two or more kernels, got "
+                       f"{args.compare_kernels!r}")
     compare = compare_in_process(config, params, batch_sizes, args.prompt_len, args.new_tokens,
                                  args.repeats, kernels_list,
                                  _compiler_options(args.compiler_option))
@@ -412,6 +413,7 @@ def _write(path: str, report: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
     print(f"wrote {path}")
+
 
 if __name__ == "__main__":
   main()
