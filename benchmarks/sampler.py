@@ -135,7 +135,7 @@ def _generate(sampler, dparams, prompt, max_length: int, new_tokens: int | None)
 
 
 def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repeats,
-                       kernels_list, compiler_options=None) -> dict:
+                       kernels_list, steps_per_loop=1, compiler_options=None) -> dict:
   """Time per token of several decode-step kernels, all compiled in one process and timed in
   alternation (repeat r of every variant before repeat r+1 of any).
 
@@ -147,7 +147,8 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
 
   dparams = jax.block_until_ready(prepare_params(params, config))
   samplers = {k: Sampler(config, prefill_chunk=max(prompt_len, 8), kernels=k,
-                         compiler_options=compiler_options) for k in kernels_list}
+                         steps_per_loop=steps_per_loop, compiler_options=compiler_options)
+              for k in kernels_list}
   prompts = _prompts(config, batch_sizes, prompt_len)
   max_length = prompt_len + new_tokens
   out = {}
@@ -338,6 +339,8 @@ def main():
       "preset": args.preset, "dtype": "bfloat16", "prompt_len": args.prompt_len,
       "new_tokens": args.new_tokens, "sampling": "greedy, no stop tokens",
       "copy_bandwidth_bytes_per_s": bandwidth,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "torch": torch.__version__},
   }
   if args.compare_kernels:
     kernels_list = [k.strip() for k in args.compare_kernels.split(",") if k.strip()]
@@ -345,7 +348,7 @@ def main():
       raise SystemExit(f"--compare_kernels needs two or more kernels, got "
                        f"{args.compare_kernels!r}")
     compare = compare_in_process(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                                 args.repeats, kernels_list,
+                                 args.repeats, kernels_list, args.steps_per_loop,
                                  _compiler_options(args.compiler_option))
     print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
           f"one process, {args.repeats} alternating repeats")
@@ -358,9 +361,7 @@ def main():
               f"{row['time_per_token_ms'] / row['floor_ms']:>7.2f} "
               f"{row['vs_' + kernels_list[0]]:>10.3f} "
               f"{str(row['same_tokens_as_' + kernels_list[0]]):>11}")
-    _write(args.out, {**base_report, "versions": {"python": platform.python_version(),
-                                                  "jax": jax.__version__,
-                                                  "torch": torch.__version__},
+    _write(args.out, {**base_report, "decode_tiles": tiles,
                       "compare": {str(b): rows for b, rows in compare.items()}})
     return
 
@@ -398,9 +399,8 @@ def main():
 
   report = {
       **base_report,
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "torch": torch.__version__, **{k: v for k, v in hf_meta.items()
-                                                  if k == "transformers"}},
+      "versions": {**base_report["versions"],
+                   **{k: v for k, v in hf_meta.items() if k == "transformers"}},
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "ours_meta": ours_meta, "hf_meta": hf_meta,
       "rows": rows,
   }
