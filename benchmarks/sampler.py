@@ -53,8 +53,36 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--compare_kernels", default="",
                       help="comma-separated decode-step kernels (e.g. fused,xla) to time in one "
                            "process, alternating repeats; replaces the main table and HF")
+  parser.add_argument("--compare_variants", default="",
+                      help="a JSON file {label: {\"kernels\": ..., \"tiles\": {product: "
+                           "fused_matvec keywords}}}: more variants for the same comparison, "
+                           "each compiled with those DECODE_TILES entries changed")
   parser.add_argument("--out", default="")
   return parser.parse_args()
+
+
+def _variants(kernels: str, path: str) -> dict[str, dict]:
+  """--compare_kernels a,b and/or --compare_variants FILE -> compare_in_process's variants."""
+  variants = {k.strip(): {"kernels": k.strip()} for k in kernels.split(",") if k.strip()}
+  if path:
+    with open(path, encoding="utf-8") as f:
+      loaded = json.load(f)
+    for label, variant in loaded.items():
+      if not isinstance(variant, dict) or "kernels" not in variant:
+        raise SystemExit(f"{path}: variant {label!r} needs a 'kernels' entry, got {variant!r}")
+      unknown = set(variant.get("tiles", {})) - set(_decode_tiles())
+      if unknown:
+        raise SystemExit(f"{path}: variant {label!r} tiles name unknown products "
+                         f"{sorted(unknown)} (known: {sorted(_decode_tiles())})")
+      variants[label] = variant
+  if len(variants) < 2:
+    raise SystemExit(f"comparing needs two or more variants, got {list(variants)}")
+  return variants
+
+
+def _decode_tiles() -> dict:
+  from kat_jax.sampling import forward  # pylint: disable=g-import-not-at-top
+  return forward.DECODE_TILES
 
 
 def _compiler_options(pairs: list[str]) -> dict[str, str] | None:
@@ -135,26 +163,43 @@ def _generate(sampler, dparams, prompt, max_length: int, new_tokens: int | None)
 
 
 def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repeats,
-                       kernels_list, steps_per_loop=1, compiler_options=None) -> dict:
-  """Time per token of several decode-step kernels, all compiled in one process and timed in
+                       variants: dict[str, dict], steps_per_loop=1,
+                       compiler_options=None) -> dict:
+  """Time per token of several decode steps, all compiled in one process and timed in
   alternation (repeat r of every variant before repeat r+1 of any).
 
+  variants: label -> {"kernels": the Sampler's kernels, "tiles": optional overrides of
+  `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with}.
   On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
   change of a few percent shows only when the variants share a process, machine and moment.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import forward, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   dparams = jax.block_until_ready(prepare_params(params, config))
-  samplers = {k: Sampler(config, prefill_chunk=max(prompt_len, 8), kernels=k,
-                         steps_per_loop=steps_per_loop, compiler_options=compiler_options)
-              for k in kernels_list}
   prompts = _prompts(config, batch_sizes, prompt_len)
   max_length = prompt_len + new_tokens
+  defaults = {k: dict(v) for k, v in forward.DECODE_TILES.items()}
+  samplers, tokens = {}, {b: {} for b in batch_sizes}
+  for label, variant in variants.items():
+    # Each variant traces its own step with its tiles (the tiles are read at trace time).
+    sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
+    forward.DECODE_TILES.update({k: {**defaults[k], **v}
+                                 for k, v in variant.get("tiles", {}).items()})
+    try:
+      samplers[label] = Sampler(config, prefill_chunk=max(prompt_len, 8),
+                                kernels=variant["kernels"], steps_per_loop=steps_per_loop,
+                                compiler_options=compiler_options)
+      for b in batch_sizes:  # compiles
+        tokens[b][label] = _generate(samplers[label], dparams, prompts[b], max_length,
+                                     new_tokens).token_lists()
+    finally:
+      forward.DECODE_TILES.update({k: dict(v) for k, v in defaults.items()})
+  sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
   out = {}
+  first = next(iter(variants))
   for b in batch_sizes:
-    tokens = {k: _generate(s, dparams, prompts[b], max_length, new_tokens).token_lists()
-              for k, s in samplers.items()}  # also compiles
     times = {k: {"prefill": [], "total": []} for k in samplers}
     for _ in range(repeats):
       for k, sampler in samplers.items():
@@ -162,12 +207,12 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
           t0 = time.perf_counter()
           _generate(sampler, dparams, prompts[b], max_length, n)
           times[k][part].append(time.perf_counter() - t0)
-    first = kernels_list[0]
     rows = {k: {"time_per_token_ms": (statistics.median(t["total"])
                                       - statistics.median(t["prefill"])) / new_tokens * 1e3,
                 "totals_ms": [x * 1e3 for x in t["total"]],
-                "same_tokens_as_" + first: tokens[k] == tokens[first],
-                "sampler_kernels": samplers[k].kernels} for k, t in times.items()}
+                "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
+                "sampler_kernels": samplers[k].kernels,
+                "tiles": variants[k].get("tiles", {})} for k, t in times.items()}
     for row in rows.values():
       row["vs_" + first] = row["time_per_token_ms"] / rows[first]["time_per_token_ms"]
     out[b] = rows
@@ -342,25 +387,23 @@ def main():
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "torch": torch.__version__},
   }
-  if args.compare_kernels:
-    kernels_list = [k.strip() for k in args.compare_kernels.split(",") if k.strip()]
-    if len(kernels_list) < 2:
-      raise SystemExit(f"--compare_kernels needs two or more kernels, got "
-                       f"{args.compare_kernels!r}")
+  if args.compare_kernels or args.compare_variants:
+    variants = _variants(args.compare_kernels, args.compare_variants)
+    labels = list(variants)
     compare = compare_in_process(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                                 args.repeats, kernels_list, args.steps_per_loop,
+                                 args.repeats, variants, args.steps_per_loop,
                                  _compiler_options(args.compiler_option))
     print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
           f"one process, {args.repeats} alternating repeats")
-    print(f"{'batch':>5} {'kernels':>15} {'ms/tok':>8} {'x floor':>7} "
-          f"{'vs ' + kernels_list[0]:>10} {'same tokens':>11}")
+    print(f"{'batch':>5} {'variant':>15} {'ms/tok':>8} {'x floor':>7} "
+          f"{'vs ' + labels[0]:>10} {'same tokens':>11}")
     for b, rows in compare.items():
       for k, row in rows.items():
         row["floor_ms"] = floor_ms(b)[0]
         print(f"{b:>5} {k:>15} {row['time_per_token_ms']:>8.3f} "
               f"{row['time_per_token_ms'] / row['floor_ms']:>7.2f} "
-              f"{row['vs_' + kernels_list[0]]:>10.3f} "
-              f"{str(row['same_tokens_as_' + kernels_list[0]]):>11}")
+              f"{row['vs_' + labels[0]]:>10.3f} "
+              f"{str(row['same_tokens_as_' + labels[0]]):>11}")
     _write(args.out, {**base_report, "decode_tiles": tiles,
                       "compare": {str(b): rows for b, rows in compare.items()}})
     return
