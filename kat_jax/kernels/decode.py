@@ -21,7 +21,6 @@ round to the compute dtype where the XLA path's einsums do.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,21 +42,6 @@ def _chunk(size: int, limit: int = _MAX_CHUNK) -> int:
   while size % chunk:
     chunk //= 2
   return chunk
-
-
-class L2Prefetch(NamedTuple):
-  """Part of an array that a later kernel reads, for a matvec to pull into L2 as it runs.
-
-  Rows [start, stop) x `array.size` of the array's bytes (fractions, so that two kernels can
-  split one array) are read by extra programs of the matvec with the `evict_last` hint.
-  """
-  array: jax.Array
-  start: float = 0.0
-  stop: float = 1.0
-
-
-PREFETCH_ROW = 1024  # elements per row of the flat view the prefetch programs read
-PREFETCH_ROWS = 16  # rows per prefetch program (32 KB of bf16)
 
 
 def _compiler_params(num_warps: int, interpret: bool):
@@ -86,24 +70,7 @@ def matvec_reference(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None
   return y
 
 
-def _matvec_kernel(*refs, blocks, prefetching, **kwargs):
-  """Programs [0, blocks) compute the product; any after them read their prefetch slab."""
-  if not prefetching:
-    _matvec_block(*refs, **kwargs)
-    return
-  *refs, prefetch_ref, out_ref, touch_ref = refs
-  i = pl.program_id(0)
-  pl.when(i < blocks)(lambda: _matvec_block(*refs, out_ref, **kwargs))
-
-  @pl.when(i >= blocks)
-  def _prefetch():
-    # The sum keeps the loads alive; nothing reads `touch`.
-    slab = plgpu.load(prefetch_ref.at[:, :], eviction_policy="evict_last")
-    touch_ref[...] = jnp.full((1,), jnp.sum(slab.astype(jnp.float32)))
-
-
-def _matvec_block(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu,
-                  eviction):
+def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu):
   refs = list(refs)
   x_ref = refs.pop(0)
   w_refs = [refs.pop(0) for _ in range(2 if swiglu else 1)]
@@ -131,7 +98,7 @@ def _matvec_block(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_resi
   for w_ref in w_refs:
     accs = [None] * batch
     for c, col in enumerate(cols):
-      w = plgpu.load(w_ref.at[:, col], eviction_policy=eviction).astype(f32)
+      w = w_ref[:, col].astype(f32)
       for b in range(batch):
         term = w * rows[b][c][None, :]
         accs[b] = term if accs[b] is None else accs[b] + term
@@ -153,8 +120,7 @@ def _matvec_block(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_resi
 def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
                  eps: float = 1e-6, bias: jax.Array | None = None,
                  residual: jax.Array | None = None, swiglu: bool = False, block_n: int = 8,
-                 num_warps: int = 4, weight_eviction: str | None = None,
-                 prefetch: L2Prefetch | None = None, name: str | None = None,
+                 num_warps: int = 4, name: str | None = None,
                  interpret: bool = False) -> jax.Array:
   """`matvec_reference` as one kernel: optional RMSNorm of x, x @ w.T, bias, SwiGLU, residual.
 
@@ -166,10 +132,6 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
     bias: [N] added to the product (not with swiglu).
     residual: [B, N_out] added last.
     block_n: output columns per program (a power of two dividing N_out).
-    weight_eviction: L2 hint for the weight loads ("evict_first": stream them past the cache,
-      so that they do not push out what `prefetch` left there).
-    prefetch: bytes of another array to pull into L2 with extra programs (which run after the
-      product's programs, while the product's own loads leave bandwidth unused).
     name: the kernel's name in profiles (default fused_matvec / fused_matvec_swiglu).
 
   Returns:
@@ -190,57 +152,31 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
   if chunk < 16:
     raise ValueError(f"K={k_size} needs a power-of-two factor >= 16")
   blocks = n_out // block_n
-  slabs, first_slab, flat = _prefetch_slabs(prefetch)
-  # Prefetch programs (ids >= blocks) see the last product block; they do not touch it.
-  blk = (lambda i: i) if not slabs else (lambda i: jnp.minimum(i, blocks - 1))
   args = [x, w]
   in_specs = [pl.BlockSpec((batch, k_size), lambda i: (0, 0)),
-              pl.BlockSpec((block_n, k_size), lambda i: (blk(i), 0))]
+              pl.BlockSpec((block_n, k_size), lambda i: (i, 0))]
   if swiglu:
     args.append(w)
-    in_specs.append(pl.BlockSpec((block_n, k_size), lambda i: (blk(i) + blocks, 0)))
+    in_specs.append(pl.BlockSpec((block_n, k_size), lambda i: (i + blocks, 0)))
   if norm_scale is not None:
     args.append(norm_scale)
     in_specs.append(pl.BlockSpec((k_size,), lambda i: (0,)))
   if bias is not None:
     args.append(bias)
-    in_specs.append(pl.BlockSpec((block_n,), lambda i: (blk(i),)))
+    in_specs.append(pl.BlockSpec((block_n,), lambda i: (i,)))
   if residual is not None:
     args.append(residual)
-    in_specs.append(pl.BlockSpec((batch, block_n), lambda i: (0, blk(i))))
-  out_specs = pl.BlockSpec((batch, block_n), lambda i: (0, blk(i)))
-  out_shape = jax.ShapeDtypeStruct((batch, n_out), x.dtype)
-  if slabs:
-    args.append(flat)
-    in_specs.append(pl.BlockSpec((PREFETCH_ROWS, PREFETCH_ROW),
-                                 lambda i: (first_slab + jnp.maximum(i - blocks, 0), 0)))
-    out_specs = [out_specs, pl.BlockSpec((1,), lambda i: (i,))]
-    out_shape = [out_shape, jax.ShapeDtypeStruct((blocks + slabs,), jnp.float32)]
+    in_specs.append(pl.BlockSpec((batch, block_n), lambda i: (0, i)))
   kernel = functools.partial(
-      _matvec_kernel, blocks=blocks, prefetching=bool(slabs), batch=batch, k_size=k_size,
-      chunk=chunk, eps=float(eps), has_norm=norm_scale is not None, has_bias=bias is not None,
-      has_residual=residual is not None, swiglu=swiglu, eviction=weight_eviction)
-  out = pl.pallas_call(
-      kernel, grid=(blocks + slabs,), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape,
+      _matvec_kernel, batch=batch, k_size=k_size, chunk=chunk, eps=float(eps),
+      has_norm=norm_scale is not None, has_bias=bias is not None,
+      has_residual=residual is not None, swiglu=swiglu)
+  return pl.pallas_call(
+      kernel, grid=(blocks,), in_specs=in_specs,
+      out_specs=pl.BlockSpec((batch, block_n), lambda i: (0, i)),
+      out_shape=jax.ShapeDtypeStruct((batch, n_out), x.dtype),
       compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
       name=name or ("fused_matvec_swiglu" if swiglu else "fused_matvec"))(*args)
-  return out[0] if slabs else out
-
-
-def _prefetch_slabs(prefetch: L2Prefetch | None) -> tuple[int, int, jax.Array | None]:
-  """(number of prefetch programs, index of the first slab, the flat [rows, PREFETCH_ROW] view)."""
-  if prefetch is None:
-    return 0, 0, None
-  array, start, stop = prefetch
-  if array.size % (PREFETCH_ROW * PREFETCH_ROWS):
-    raise ValueError(f"prefetch needs a multiple of {PREFETCH_ROW * PREFETCH_ROWS} elements, "
-                     f"got {array.shape}")
-  if not 0.0 <= start <= stop <= 1.0:
-    raise ValueError(f"prefetch range must satisfy 0 <= start <= stop <= 1, got {start, stop}")
-  total = array.size // (PREFETCH_ROW * PREFETCH_ROWS)
-  first, last = round(start * total), round(stop * total)
-  return last - first, first, array.reshape(-1, PREFETCH_ROW)
 
 
 # -------------------------------------------------------------------------- attention

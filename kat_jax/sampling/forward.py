@@ -32,8 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kat_jax.kernels.decode import (L2Prefetch, decode_attention, fused_matvec,
-                                    fused_path_supported)
+from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
@@ -52,16 +51,9 @@ DECODE_TILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _matvec_options(product: str, layer: dict[str, jax.Array]) -> dict[str, Any]:
-  """`fused_matvec` keywords for one of a layer's products from `DECODE_TILES`.
-
-  A tile's `prefetch_down: (start, stop)` has that product's kernel pull that part of the
-  layer's down-projection weights into L2 (`L2Prefetch`) for the down kernel to read.
-  """
-  options = dict(DECODE_TILES[product], name=f"decode_{product}")
-  if "prefetch_down" in options:
-    options["prefetch"] = L2Prefetch(layer["down"], *options.pop("prefetch_down"))
-  return options
+def _matvec_options(product: str) -> dict[str, Any]:
+  """`fused_matvec` keywords of one of a layer's products: its tile, and its name in profiles."""
+  return dict(DECODE_TILES[product], name=f"decode_{product}")
 
 
 @flax.struct.dataclass
@@ -206,18 +198,18 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
                        bias=layer.get("qkv_bias"), interpret=interpret,
-                       **_matvec_options("qkv", layer))
+                       **_matvec_options("qkv"))
     out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
                                              num_q_heads=config.num_heads, interpret=interpret,
                                              **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
     h = fused_matvec(out, layer["o"], residual=h, interpret=interpret,
-                     **_matvec_options("o", layer))
+                     **_matvec_options("o"))
     act = fused_matvec(h, layer["gate_up"], norm_scale=layer["post_attn_norm"], eps=eps,
-                       swiglu=True, interpret=interpret, **_matvec_options("gate_up", layer))
+                       swiglu=True, interpret=interpret, **_matvec_options("gate_up"))
     h = fused_matvec(act, layer["down"], residual=h, interpret=interpret,
-                     **_matvec_options("down", layer))
+                     **_matvec_options("down"))
   last = rms_norm(h, params.final_norm, eps)
   new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)
