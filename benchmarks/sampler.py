@@ -11,6 +11,9 @@ lengths, no stop tokens (every row makes `--new_tokens`). For each batch size it
 - the bandwidth floor of one decode step = (weight bytes + KV bytes read at the mean context)
   / device copy bandwidth, the copy bandwidth measured in the same run (bytes read + written).
 
+`--compare_kernels a,b` / `--compare_variants FILE` instead time decode-step variants compiled
+in one process, in alternation (docs/sampling.md says why and how).
+
 Imports no grain / ml_collections (absent on the GPU machine).
 """
 

@@ -70,57 +70,102 @@ def matvec_reference(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None
   return y
 
 
-def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu):
-  refs = list(refs)
-  x_ref = refs.pop(0)
-  w_refs = [refs.pop(0) for _ in range(2 if swiglu else 1)]
-  scale_ref = refs.pop(0) if has_norm else None
-  bias_ref = refs.pop(0) if has_bias else None
-  res_ref = refs.pop(0) if has_residual else None
-  (out_ref,) = refs
+def _normalized_rows(x_ref, scale_ref, *, batch, k_size, cols, eps) -> list[list[jax.Array]]:
+  """x's rows as float32 column chunks, RMS-normalised as rms_norm does (round, scale, round)."""
   f32, dt = jnp.float32, x_ref.dtype
-  n_chunks = k_size // chunk
-  cols = [pl.ds(c * chunk, chunk) for c in range(n_chunks)]
-
-  # Row inputs in float32 chunks, RMS-normalised as rms_norm does (round, then scale, round).
   rows = []
   for b in range(batch):
     xs = [x_ref[b, col].astype(f32) for col in cols]
-    if has_norm:
+    if scale_ref is not None:
       mean_sq = sum(jnp.sum(x * x) for x in xs) / k_size
       inv = lax.rsqrt(mean_sq + eps)
       xs = [((x * inv).astype(dt).astype(f32) * scale_ref[col].astype(f32)).astype(dt)
             .astype(f32) for x, col in zip(xs, cols)]
     rows.append(xs)
+  return rows
 
+
+def _load_block(w_parts, start, block_n: int, cols) -> list[list[jax.Array]]:
+  """Weight rows [start, start + block_n) of each part (the product, or gate and up) as
+  [block_n, chunk] column chunks. w_parts: (ref, row offset of the part in ref) pairs."""
+  return [[ref[pl.ds(offset + start, block_n), col] for col in cols] for ref, offset in w_parts]
+
+
+def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
+                  swiglu: bool) -> None:
+  """out[:, start:start+block_n] from one block's weight chunks (see `_load_block`)."""
+  f32, dt = jnp.float32, out_ref.dtype
+  cols = pl.ds(start, block_n)
   # acc[b] [bn, chunk] of partial products: plain FMAs in the loop, one reduction at the end.
   sums = []
-  for w_ref in w_refs:
-    accs = [None] * batch
-    for c, col in enumerate(cols):
-      w = w_ref[:, col].astype(f32)
-      for b in range(batch):
-        term = w * rows[b][c][None, :]
+  for part in chunks:
+    accs = [None] * len(rows)
+    for c, w in enumerate(part):
+      w = w.astype(f32)
+      for b, row in enumerate(rows):
+        term = w * row[c][None, :]
         accs[b] = term if accs[b] is None else accs[b] + term
     sums.append([jnp.sum(acc, axis=1) for acc in accs])
-
-  for b in range(batch):
+  for b in range(len(rows)):
     y = sums[0][b].astype(dt)
-    if has_bias:
-      y = (y.astype(f32) + bias_ref[...].astype(f32)).astype(dt)
+    if bias_ref is not None:
+      y = (y.astype(f32) + bias_ref[cols].astype(f32)).astype(dt)
     if swiglu:
       gate, up = y.astype(f32), sums[1][b].astype(dt).astype(f32)
       silu = (gate / (1.0 + jnp.exp(-gate))).astype(dt).astype(f32)
       y = (silu * up).astype(dt)
-    if has_residual:
-      y = (res_ref[b, :].astype(f32) + y.astype(f32)).astype(dt)
-    out_ref[b, :] = y
+    if res_ref is not None:
+      y = (res_ref[b, cols].astype(f32) + y.astype(f32)).astype(dt)
+    out_ref[b, cols] = y
+
+
+def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu,
+                   block_n, blocks, programs):
+  """Without `programs`: one block of `block_n` outputs per program (refs are block views).
+
+  With `programs`: a persistent grid; program p computes blocks p, p + programs, ... of
+  whole-array refs and loads each next block's weights before reducing the current one.
+  """
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  w_refs = [refs.pop(0) for _ in range(2 if swiglu and programs is None else 1)]
+  scale_ref = refs.pop(0) if has_norm else None
+  bias_ref = refs.pop(0) if has_bias else None
+  res_ref = refs.pop(0) if has_residual else None
+  (out_ref,) = refs
+  cols = [pl.ds(c * chunk, chunk) for c in range(k_size // chunk)]
+  rows = _normalized_rows(x_ref, scale_ref, batch=batch, k_size=k_size, cols=cols, eps=eps)
+  finish = functools.partial(_finish_block, rows=rows, block_n=block_n, out_ref=out_ref,
+                             bias_ref=bias_ref, res_ref=res_ref, swiglu=swiglu)
+  if programs is None:
+    finish(_load_block([(w, 0) for w in w_refs], 0, block_n, cols), start=0)
+    return
+
+  parts = [(w_refs[0], 0), (w_refs[0], blocks * block_n)] if swiglu else [(w_refs[0], 0)]
+  p = pl.program_id(0)
+  steps = -(-blocks // programs)  # the last step is partial when programs does not divide
+
+  def finish_step(chunks, t):
+    block = p + t * programs
+    pl.when(block < blocks)(lambda: finish(chunks, start=block * block_n))
+
+  def load_step(t):  # programs past the last block re-read it (their finish is skipped)
+    return _load_block(parts, jnp.minimum(p + t * programs, blocks - 1) * block_n, block_n,
+                       cols)
+
+  def step(t, chunks):
+    following = load_step(t + 1)
+    finish_step(chunks, t)
+    return following
+
+  last = lax.fori_loop(0, steps - 1, step, load_step(0))
+  finish_step(last, steps - 1)
 
 
 def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
                  eps: float = 1e-6, bias: jax.Array | None = None,
                  residual: jax.Array | None = None, swiglu: bool = False, block_n: int = 8,
-                 num_warps: int = 4, name: str | None = None,
+                 num_warps: int = 4, programs: int | None = None, name: str | None = None,
                  interpret: bool = False) -> jax.Array:
   """`matvec_reference` as one kernel: optional RMSNorm of x, x @ w.T, bias, SwiGLU, residual.
 
@@ -131,7 +176,11 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
     norm_scale: [K] RMSNorm scale applied to x first (eps `eps`).
     bias: [N] added to the product (not with swiglu).
     residual: [B, N_out] added last.
-    block_n: output columns per program (a power of two dividing N_out).
+    block_n: output columns per block (a power of two dividing N_out).
+    programs: None runs one program per block; a number runs that many programs, each
+      looping over every `programs`-th block (a persistent grid: sized to the GPU's resident
+      programs it avoids a partly filled last wave, and each program loads its next block
+      while reducing the current one).
     name: the kernel's name in profiles (default fused_matvec / fused_matvec_swiglu).
 
   Returns:
@@ -152,30 +201,35 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
   if chunk < 16:
     raise ValueError(f"K={k_size} needs a power-of-two factor >= 16")
   blocks = n_out // block_n
-  args = [x, w]
-  in_specs = [pl.BlockSpec((batch, k_size), lambda i: (0, 0)),
-              pl.BlockSpec((block_n, k_size), lambda i: (i, 0))]
-  if swiglu:
-    args.append(w)
-    in_specs.append(pl.BlockSpec((block_n, k_size), lambda i: (i + blocks, 0)))
-  if norm_scale is not None:
-    args.append(norm_scale)
-    in_specs.append(pl.BlockSpec((k_size,), lambda i: (0,)))
-  if bias is not None:
-    args.append(bias)
-    in_specs.append(pl.BlockSpec((block_n,), lambda i: (i,)))
-  if residual is not None:
-    args.append(residual)
-    in_specs.append(pl.BlockSpec((batch, block_n), lambda i: (0, i)))
+  if programs is not None and not 1 <= programs <= blocks:
+    raise ValueError(f"programs must be in [1, {blocks}] (the blocks), got {programs}")
+  out_shape = jax.ShapeDtypeStruct((batch, n_out), x.dtype)
   kernel = functools.partial(
       _matvec_kernel, batch=batch, k_size=k_size, chunk=chunk, eps=float(eps),
       has_norm=norm_scale is not None, has_bias=bias is not None,
-      has_residual=residual is not None, swiglu=swiglu)
+      has_residual=residual is not None, swiglu=swiglu, block_n=block_n, blocks=blocks,
+      programs=programs)
+  if programs is None:  # block views: x, w's block (and the up block), scale, bias, residual
+    args = [x, w] + ([w] if swiglu else [])
+    in_specs = [pl.BlockSpec((batch, k_size), lambda i: (0, 0)),
+                pl.BlockSpec((block_n, k_size), lambda i: (i, 0))]
+    if swiglu:
+      in_specs.append(pl.BlockSpec((block_n, k_size), lambda i: (i + blocks, 0)))
+    optional = [(norm_scale, pl.BlockSpec((k_size,), lambda i: (0,))),
+                (bias, pl.BlockSpec((block_n,), lambda i: (i,))),
+                (residual, pl.BlockSpec((batch, block_n), lambda i: (0, i)))]
+    args += [a for a, _ in optional if a is not None]
+    in_specs += [spec for a, spec in optional if a is not None]
+    out_specs = pl.BlockSpec((batch, block_n), lambda i: (0, i))
+  else:  # a persistent grid indexes whole arrays
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+    args = [a for a in (x, w, norm_scale, bias, residual) if a is not None]
+    in_specs = [whole(a.shape) for a in args]
+    out_specs = whole(out_shape.shape)
   return pl.pallas_call(
-      kernel, grid=(blocks,), in_specs=in_specs,
-      out_specs=pl.BlockSpec((batch, block_n), lambda i: (0, i)),
-      out_shape=jax.ShapeDtypeStruct((batch, n_out), x.dtype),
-      compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
+      kernel, grid=(programs or blocks,), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, compiler_params=_compiler_params(num_warps, interpret),
+      interpret=interpret,
       name=name or ("fused_matvec_swiglu" if swiglu else "fused_matvec"))(*args)
 
 

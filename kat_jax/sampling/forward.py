@@ -40,20 +40,32 @@ from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 
 # Tiles of the fused decode step's kernels (keyword arguments of `fused_matvec` and
-# `decode_attention`), the fastest that benchmarks/decode_kernels.py measured on an H200 at
-# Qwen2.5-1.5B shapes; a tile must divide the product's output size (`fused_path_supported`).
+# `decode_attention`), the fastest measured on an H200 at Qwen2.5-1.5B shapes, batch 1
+# (docs/sampling.md); a tile must divide the product's output size (`fused_path_supported`).
+# `programs_per_core` runs the product on a persistent grid of that many programs per SM.
 DECODE_TILES: dict[str, dict[str, Any]] = {
     "qkv": dict(block_n=8, num_warps=4),
-    "o": dict(block_n=4, num_warps=8),  # few output rows (N = d): narrower, more warps
-    "gate_up": dict(block_n=8, num_warps=4),
-    "down": dict(block_n=4, num_warps=8),
+    "o": dict(block_n=1, num_warps=4),
+    "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3),
+    "down": dict(block_n=1, num_warps=4, programs_per_core=2),
     "attention": {},  # decode_attention picks its slot blocks from the cache length
 }
 
 
-def _matvec_options(product: str) -> dict[str, Any]:
-  """`fused_matvec` keywords of one of a layer's products: its tile, and its name in profiles."""
-  return dict(DECODE_TILES[product], name=f"decode_{product}")
+def _matvec_options(product: str, n_out: int) -> dict[str, Any]:
+  """`fused_matvec` keywords of one of a layer's products (n_out outputs): its tile, a
+  persistent grid's program count, and the kernel's name in profiles."""
+  options = dict(DECODE_TILES[product], name=f"decode_{product}")
+  per_core = options.pop("programs_per_core", None)
+  if per_core is not None:
+    options["programs"] = min(per_core * gpu_cores(), n_out // options.get("block_n", 8))
+  return options
+
+
+def gpu_cores() -> int:
+  """Streaming multiprocessors of the default device; 132 (an H100 / H200) where the device
+  does not say (CPU, where the kernels run interpreted)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 @flax.struct.dataclass
@@ -198,18 +210,19 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
                        bias=layer.get("qkv_bias"), interpret=interpret,
-                       **_matvec_options("qkv"))
+                       **_matvec_options("qkv", layer["qkv"].shape[0]))
     out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
                                              num_q_heads=config.num_heads, interpret=interpret,
                                              **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
     h = fused_matvec(out, layer["o"], residual=h, interpret=interpret,
-                     **_matvec_options("o"))
+                     **_matvec_options("o", h.shape[-1]))
     act = fused_matvec(h, layer["gate_up"], norm_scale=layer["post_attn_norm"], eps=eps,
-                       swiglu=True, interpret=interpret, **_matvec_options("gate_up"))
+                       swiglu=True, interpret=interpret,
+                       **_matvec_options("gate_up", layer["gate_up"].shape[0] // 2))
     h = fused_matvec(act, layer["down"], residual=h, interpret=interpret,
-                     **_matvec_options("down"))
+                     **_matvec_options("down", h.shape[-1]))
   last = rms_norm(h, params.final_norm, eps)
   new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)

@@ -30,7 +30,8 @@ def _matvec_inputs(seed, batch, k_size, n_rows, dtype):
   return x, w, scale, bias, residual
 
 
-_TILINGS = {"8_rows": {}, "4_rows_8_warps": dict(block_n=4, num_warps=8)}
+_TILINGS = {"8_rows": {}, "4_rows_8_warps": dict(block_n=4, num_warps=8),
+            "persistent_2_rows": dict(block_n=2, num_warps=4, programs=132)}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -50,6 +51,26 @@ def test_matvec_matches_reference(dtype, batch, options):
   assert got.shape == want.shape and got.dtype == dtype
   assert bool(jnp.all(jnp.isfinite(got)))
   assert relative_error(got, want) < _TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("programs", [1, 3, 5, 6])
+def test_persistent_matvec_equals_one_block_per_program(dtype, programs):
+  """A persistent grid (each program loops over every `programs`-th block, loading the next
+  block's weights before reducing the current one) computes what the block kernel does (the
+  same sums in the same order; interpreted, XLA compiles the two bodies differently, so
+  float32 may differ in the last bits); 5 programs leave the last step partial (6 blocks of
+  the swiglu product, 12 of the others)."""
+  batch, k_size, n_rows = 2, 96, 96
+  x, w, scale, bias, residual = _matvec_inputs(7, batch, k_size, n_rows, dtype)
+  for kwargs in (dict(norm_scale=scale, bias=bias), dict(residual=residual),
+                 dict(norm_scale=scale, swiglu=True, residual=residual[:, :n_rows // 2])):
+    blocks = fused_matvec(x, w, block_n=8, interpret=True, **kwargs)
+    persistent = fused_matvec(x, w, block_n=8, programs=programs, interpret=True, **kwargs)
+    assert relative_error(persistent, blocks) < 1e-6
+    assert relative_error(persistent, matvec_reference(x, w, **kwargs)) < _TOL[dtype]
+  with pytest.raises(ValueError, match="programs"):
+    fused_matvec(x, w, block_n=8, programs=13, interpret=True)
 
 
 def _attention_inputs(seed, batch, cache_len, hq, hkv, head_dim, dtype, end):
@@ -145,6 +166,8 @@ def test_kernels_lower_to_triton_on_cpu():
   lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True),
         spec((b, d)), spec((2 * f, d)), spec((d,)))
   lower(lambda x, w, r: fused_matvec(x, w, residual=r), spec((b, f)), spec((d, f)), spec((b, d)))
+  lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True, block_n=2, programs=396),
+        spec((b, d)), spec((2 * f, d)), spec((d,)))
   lower(lambda *a: decode_attention(*a, num_q_heads=hq), spec((b, n_qkv)), spec((b, hd)),
         spec((b, hd)), spec((b, s, hkv, hd)), spec((b, s, hkv, hd)), spec((b, s), jnp.bool_),
         spec((), jnp.int32))
