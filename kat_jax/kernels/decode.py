@@ -255,91 +255,86 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   return out.reshape(batch, hq * head_dim).astype(qkv.dtype), k_cache, v_cache
 
 
-def _used_blocks(end: jax.Array, block_s: int) -> jax.Array:
-  """Slot blocks that hold softmax statistics: those with cached slots < end, and block 0."""
-  return jnp.maximum((end + block_s - 1) // block_s, 1)
+def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
+                            acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
+                            num_kv_heads, head_dim, block_s):
+  """One program per (row, query head, slot block): softmax statistics of that block.
 
-
-def _attention_block(b, head, split, end, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
-                     k_out_ref, v_out_ref, *, groups, num_q_heads, num_kv_heads, head_dim,
-                     block_s) -> tuple[jax.Array, jax.Array]:
-  """Softmax statistics of row b, query head `head`, slot block `split`: (acc [D], stats [2]).
-
-  acc = sum_j p_j v_j and stats = (m, l) with p_j = exp(s_j - m), l = sum p_j, over the
-  block's cached slots j < end; block 0 also takes the new token's key (slot `end`, not read
-  back from the cache), and the group's first head of block 0 writes the new k/v into
-  k_out_ref / v_out_ref ([S, D] views of the head's group, as k_ref / v_ref).
+  Writes acc [D] = sum_j p_j v_j and stats [2] = (m, l) with p_j = exp(s_j - m), l = sum p_j,
+  over the block's cached slots j < end; block 0 also takes the new token's key (slot `end`,
+  not read back from the cache), and the group's first head of block 0 writes the new k/v.
+  Blocks past `end` write nothing (`_attention_combine_kernel` reads only blocks < end).
   """
   f32 = jnp.float32
   dt = qkv_ref.dtype
+  b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   h = head // groups
   half = head_dim // 2
-  start = split * block_s
-  lo, hi = pl.ds(0, half), pl.ds(half, half)
-  rows = pl.ds(start, block_s)
-  # Issue the block's cache loads first: they are the long-latency part of the program.
-  in_range = start + jnp.arange(block_s) < end
-  k1 = plgpu.load(k_ref.at[rows, lo], mask=in_range[:, None], other=0).astype(f32)
-  k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
-  v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
-  visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
-  cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
-  sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
-
-  def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
-    x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
-    x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
-    return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
-            (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
-
-  scale = head_dim**-0.5
-  q1, q2 = rotated(head * head_dim)
-  neg = jnp.float32(-1e30)
-  s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
-  s = jnp.where(visible, s, neg)
-  m = jnp.max(s)
-  p = jnp.where(visible, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p)
-  acc = jnp.sum(p[:, None] * v, axis=0)
-
-  k_new = rotated((num_q_heads + h) * head_dim)
-  v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
-
-  @pl.when((split == 0) & (head % groups == 0))
-  def _write_new_slot():
-    k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
-    k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
-    v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
-
-  # The new token joins block 0 only (elsewhere alpha = 1 and p_new = 0 leave the block as is).
-  k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
-  v_new = v_new.astype(v_out_ref.dtype).astype(f32)
-  new_visible = (split == 0) & (valid_ref[b, end] != 0)
-  s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
-  m_all = jnp.where(new_visible, jnp.maximum(m, s_new), m)
-  alpha = jnp.exp(m - m_all)
-  p_new = jnp.where(new_visible, jnp.exp(s_new - m_all), 0.0)
-  stats = jnp.where(jnp.arange(2) == 0, m_all, l * alpha + p_new)
-  return acc * alpha + p_new * v_new, stats
-
-
-def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
-                            acc_ref, stats_ref, k_out_ref, v_out_ref, *, block_s, **sizes):
-  """One program per (row, query head, slot block); blocks past `end` write nothing
-  (`_attention_combine_kernel` reads only the used blocks)."""
-  b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   end = end_ref[0]
+  start = split * block_s
 
-  @pl.when(split < _used_blocks(end, block_s))
+  @pl.when((split == 0) | (start < end))
   def _block():
-    acc_ref[...], stats_ref[...] = _attention_block(
-        b, head, split, end, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref, k_out_ref,
-        v_out_ref, block_s=block_s, **sizes)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    rows = pl.ds(start, block_s)
+    # Issue the block's cache loads first: they are the long-latency part of the program.
+    in_range = start + jnp.arange(block_s) < end
+    k1 = plgpu.load(k_ref.at[rows, lo], mask=in_range[:, None], other=0).astype(f32)
+    k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
+    v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
+    visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
+    cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
+    sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
+
+    def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
+      x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
+      x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
+      return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
+              (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
+
+    scale = head_dim**-0.5
+    q1, q2 = rotated(head * head_dim)
+    neg = jnp.float32(-1e30)
+    s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
+    s = jnp.where(visible, s, neg)
+    m = jnp.max(s)
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)
+    l = jnp.sum(p)
+    acc = jnp.sum(p[:, None] * v, axis=0)
+
+    @pl.when(split == 0)
+    def _with_new_token():
+      k_new = rotated((num_q_heads + h) * head_dim)
+      v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
+
+      @pl.when(head % groups == 0)
+      def _write_new_slot():
+        k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
+        k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
+        v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
+
+      k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
+      v_new = v_new.astype(v_out_ref.dtype).astype(f32)
+      new_visible = valid_ref[b, end] != 0
+      s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+      m_all = jnp.where(new_visible, jnp.maximum(m, s_new), m)
+      alpha = jnp.exp(m - m_all)
+      p_new = jnp.where(new_visible, jnp.exp(s_new - m_all), 0.0)
+      acc_ref[...] = acc * alpha + p_new * v_new
+      stats_ref[...] = jnp.where(jnp.arange(2) == 0, m_all, l * alpha + p_new)
+
+    @pl.when(split > 0)
+    def _cached_only():
+      acc_ref[...] = acc
+      stats_ref[...] = jnp.where(jnp.arange(2) == 0, m, l)
 
 
-def _merge_blocks(b, head, used, acc_ref, stats_ref, out_ref, *, chunk, head_dim) -> None:
-  """Merges the `used` blocks' (m, l, acc) of row b, query head `head` into out_ref."""
+def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, chunk,
+                              head_dim):
+  """One program per (row, query head): merges the blocks' (m, l, acc) into the output."""
   f32 = jnp.float32
+  b, head = pl.program_id(0), pl.program_id(1)
+  used = jnp.maximum((end_ref[0] + block_s - 1) // block_s, 1)  # blocks that wrote stats
 
   def merge(i, carry):  # blocks [i*chunk, (i+1)*chunk), only those < used
     m, l, acc = carry
@@ -360,58 +355,16 @@ def _merge_blocks(b, head, used, acc_ref, stats_ref, out_ref, *, chunk, head_dim
       out_ref.dtype)
 
 
-def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, **sizes):
-  """One program per (row, query head): merges the blocks' (m, l, acc) into the output."""
-  _merge_blocks(pl.program_id(0), pl.program_id(1), _used_blocks(end_ref[0], block_s),
-                acc_ref, stats_ref, out_ref, **sizes)
-
-
-def _attention_merging_kernel(end_ref, row_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref,
-                              v_ref, _, acc_ref, stats_ref, k_out_ref, v_out_ref, counters_ref,
-                              out_ref, *, block_s, chunk, interpret, **sizes):
-  """`_attention_split_kernel` whose last block of each (row, head) to finish merges them.
-
-  Each block stores its statistics, then counts itself done with an atomic add (acquire-release,
-  GPU scope, after a barrier of the program's threads); the block that sees the count of all
-  others merges.
-  """
-  b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  end = end_ref[0]
-  used = _used_blocks(end, block_s)
-  head_dim, num_q_heads = sizes["head_dim"], sizes["num_q_heads"]
-
-  @pl.when(split < used)
-  def _block():
-    acc, stats = _attention_block(b, head, split, end, qkv_ref, cos_ref, sin_ref, valid_ref,
-                                  k_ref, v_ref, k_out_ref, v_out_ref, block_s=block_s, **sizes)
-    acc_ref[b, split, head, :] = acc
-    stats_ref[b, split, head, :] = stats
-    if not interpret:  # (interpret mode runs one program at a time and has no barrier rule)
-      plgpu.debug_barrier()
-    slot = (row_ref[0], b * num_q_heads + head)
-    finished = plgpu.atomic_add(counters_ref, slot, jnp.int32(1))
-
-    @pl.when(finished == used - 1)  # every other used block has stored its statistics
-    def _merge():
-      _merge_blocks(b, head, used, acc_ref, stats_ref, out_ref, chunk=chunk, head_dim=head_dim)
-
-
-def attention_counters(num_calls: int, batch: int, num_q_heads: int) -> jax.Array:
-  """Zeroed merge counters for `num_calls` calls of `decode_attention`: int32 [L, B*Hq]."""
-  return jnp.zeros((num_calls, batch * num_q_heads), jnp.int32)
-
-
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                      v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
                      num_q_heads: int, block_s: int | None = None,
-                     num_warps: int | None = None, counters: jax.Array | None = None,
-                     counters_row: int = 0, interpret: bool = False) -> tuple[jax.Array, ...]:
+                     num_warps: int | None = None, interpret: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One new token per row: RoPE, cache write at slot `end`, attention over the cache.
 
-  Split-S, as flash decoding does: one program per (row, query head, block of `block_s`
-  slots) computes the block's softmax statistics, so a short cache still spreads over many
-  SMs; then the blocks are merged per (row, query head): by a second kernel, or, given
-  `counters`, in the same kernel by whichever block of the head finishes last.
+  Two kernels (split-S, as flash decoding does): one program per (row, query head, block of
+  `block_s` slots) computes the block's softmax statistics, so a short cache still spreads
+  over many SMs; a second kernel merges the blocks per (row, query head).
 
   Args:
     qkv: [B, (Hq + 2 Hkv) D] the q/k/v projections (bias added, RoPE not yet applied).
@@ -422,14 +375,11 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     block_s: cache slots per program (a power of two); by default S/16 within [16, 128],
       the fastest on an H200 at 256 and 2048 slots (benchmarks/decode_kernels.py).
     num_warps: Triton warps per program; by default 2 up to 32 slots per block, else 4.
-    counters: int32 [L, B Hq] from `attention_counters`, zero in row `counters_row` (each row
-      serves one call; thread the returned array into the next call).
 
   Returns:
-    (out [B, Hq D] in qkv's dtype, k_cache, v_cache), and the counters when given. Row b
-    attends to slots j <= end with valid[b, j]; a row that sees nothing gets zeros (the XLA
-    path would average; nothing reads such rows). The caches are updated in place when the
-    caller donates them.
+    (out [B, Hq D] in qkv's dtype, k_cache, v_cache). Row b attends to slots j <= end with
+    valid[b, j]; a row that sees nothing gets zeros (the XLA path would average; nothing
+    reads such rows). The caches are updated in place when the caller donates them.
   """
   batch, cache_len, num_kv_heads, head_dim = k_cache.shape
   if num_q_heads % num_kv_heads or head_dim & (head_dim - 1):
@@ -452,35 +402,9 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
   cache_block = pl.BlockSpec((None, cache_len, None, head_dim),
                              lambda b, head, s: (b, 0, head // groups, 0))
   partial_shape = (batch, splits, num_q_heads)
-  partials = [jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
-              jax.ShapeDtypeStruct(partial_shape + (2,), jnp.float32)]
-  caches = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-  sizes = dict(groups=groups, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-               head_dim=head_dim, block_s=block_s)
-  chunk = min(16, 1 << (splits - 1).bit_length())  # blocks the merge reads per step
-  if counters is not None:
-    if counters.shape[1:] != (batch * num_q_heads,) or not 0 <= counters_row < len(counters):
-      raise ValueError(f"counters {counters.shape} do not fit row {counters_row} of a batch "
-                       f"of {batch} with {num_q_heads} heads (use attention_counters)")
-    kernel = functools.partial(_attention_merging_kernel, chunk=chunk, interpret=interpret,
-                               **sizes)
-    out_2d = (batch, num_q_heads * head_dim)
-    *_, k_cache, v_cache, counters, out = pl.pallas_call(
-        kernel, grid=(batch, num_q_heads, splits),
-        in_specs=[whole((1,)), whole((1,)), whole(qkv.shape), whole(cos.shape),
-                  whole(sin.shape), whole(valid.shape), cache_block, cache_block,
-                  whole(counters.shape)],
-        out_specs=[whole(partials[0].shape), whole(partials[1].shape), cache_block,
-                   cache_block, whole(counters.shape), whole(out_2d)],
-        out_shape=partials + caches + [jax.ShapeDtypeStruct(counters.shape, counters.dtype),
-                                       jax.ShapeDtypeStruct(out_2d, qkv.dtype)],
-        input_output_aliases={6: 2, 7: 3, 8: 4},
-        compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
-        name="decode_attention_merging")(end, jnp.full((1,), counters_row, jnp.int32), qkv,
-                                         cos, sin, valid, k_cache, v_cache, counters)
-    return out, k_cache, v_cache, counters
-  kernel = functools.partial(_attention_split_kernel, **sizes)
+  kernel = functools.partial(
+      _attention_split_kernel, groups=groups, num_q_heads=num_q_heads,
+      num_kv_heads=num_kv_heads, head_dim=head_dim, block_s=block_s)
   acc, stats, k_cache, v_cache = pl.pallas_call(
       kernel, grid=(batch, num_q_heads, splits),
       in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
@@ -488,10 +412,14 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
       out_specs=[pl.BlockSpec((None, None, None, head_dim), lambda b, h, s: (b, s, h, 0)),
                  pl.BlockSpec((None, None, None, 2), lambda b, h, s: (b, s, h, 0)),
                  cache_block, cache_block],
-      out_shape=partials + caches,
+      out_shape=[jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape + (2,), jnp.float32),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
       input_output_aliases={5: 2, 6: 3},
       compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
       name="decode_attention_blocks")(end, qkv, cos, sin, valid, k_cache, v_cache)
+  chunk = min(16, 1 << (splits - 1).bit_length())
   combine = functools.partial(_attention_combine_kernel, block_s=block_s, chunk=chunk,
                               head_dim=head_dim)
   out = pl.pallas_call(

@@ -32,8 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kat_jax.kernels.decode import (attention_counters, decode_attention, fused_matvec,
-                                    fused_path_supported)
+from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
@@ -49,9 +48,7 @@ DECODE_TILES: dict[str, dict[str, Any]] = {
     "o": dict(block_n=1, num_warps=4),
     "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3),
     "down": dict(block_n=1, num_warps=4, programs_per_core=2),
-    # decode_attention picks its slot blocks from the cache length; last_block_merges: True
-    # merges each head in its last block to finish instead of a second kernel.
-    "attention": {},
+    "attention": {},  # decode_attention picks its slot blocks from the cache length
 }
 
 
@@ -210,19 +207,13 @@ def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any]
   """One token per row through the fused kernels: h [B,d], cos/sin [B,D], valid [B,S]."""
   eps = config.rms_norm_eps
   new_k, new_v = [], []
-  attention = dict(DECODE_TILES["attention"])
-  # With last_block_merges each head's last slot block merges the head (no combine kernel).
-  counters = (attention_counters(len(params.layers), h.shape[0], config.num_heads)
-              if attention.pop("last_block_merges", False) else None)
-  for i, (layer, k_cache, v_cache) in enumerate(zip(params.layers, cache["k"], cache["v"])):
+  for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
                        bias=layer.get("qkv_bias"), interpret=interpret,
                        **_matvec_options("qkv", layer["qkv"].shape[0]))
-    merging = {} if counters is None else dict(counters=counters, counters_row=i)
-    out, k_cache, v_cache, *counted = decode_attention(
-        qkv, cos, sin, k_cache, v_cache, valid, end, num_q_heads=config.num_heads,
-        interpret=interpret, **merging, **attention)
-    counters = counted[0] if counted else None
+    out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
+                                             num_q_heads=config.num_heads, interpret=interpret,
+                                             **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
     h = fused_matvec(out, layer["o"], residual=h, interpret=interpret,

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kat_jax.kernels.decode import (MAX_BATCH, attention_counters, decode_attention,
-                                    decode_attention_reference, fused_matvec,
-                                    fused_path_supported, matvec_reference)
+from kat_jax.kernels.decode import (MAX_BATCH, decode_attention, decode_attention_reference,
+                                    fused_matvec, fused_path_supported, matvec_reference)
 from kat_jax.model.layers import rope_cos_sin
 from kat_jax.testing import relative_error
 
@@ -110,29 +109,6 @@ def test_decode_attention_matches_reference(dtype, hq, hkv, end, cache_len, bloc
   np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("end, cache_len, block_s", [(0, 50, 16), (37, 50, 16), (290, 300, 8)])
-def test_last_block_merge_equals_combine_kernel(dtype, end, cache_len, block_s):
-  """With counters each head's last block merges the head: the same output bits as the
-  second kernel; the call counts every used block in its counters row and no other."""
-  batch, hq, hkv, head_dim = 3, 4, 2, 32
-  args = _attention_inputs(end, batch, cache_len, hq, hkv, head_dim, dtype, end)
-  plain = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
-                           interpret=True)
-  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
-                         counters=attention_counters(3, batch, hq), counters_row=1,
-                         interpret=True)
-  for g, w in zip(got[:3], plain):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-  used = max(-(-end // block_s), 1)
-  expected = np.zeros((3, batch * hq), np.int32)
-  expected[1] = used
-  np.testing.assert_array_equal(np.asarray(got[3]), expected)
-  with pytest.raises(ValueError, match="counters"):
-    decode_attention(*args, jnp.int32(end), num_q_heads=hq, counters=attention_counters(
-        2, batch, hq), counters_row=2, interpret=True)
-
-
 def test_clear_errors():
   x, w, *_ = _matvec_inputs(0, MAX_BATCH + 1, 64, 32, jnp.float32)
   with pytest.raises(ValueError, match="rows"):
@@ -170,12 +146,6 @@ def test_gpu_compiled_qwen_shapes(dtype, tiling):
   want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
   assert relative_error(got[0][:1], want[0][:1]) < _TOL[dtype]
   assert relative_error(got[1], want[1]) < _TOL[dtype]
-  for _ in range(3):  # the last block's merge, several times: no stale or early reads
-    merged = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=16,
-                              counters=attention_counters(1, 2, hq))
-    np.testing.assert_array_equal(
-        np.asarray(merged[0]), np.asarray(decode_attention(*args, jnp.int32(end),
-                                                           num_q_heads=hq, block_s=16)[0]))
 
 
 def test_kernels_lower_to_triton_on_cpu():
@@ -198,10 +168,6 @@ def test_kernels_lower_to_triton_on_cpu():
   lower(lambda x, w, r: fused_matvec(x, w, residual=r), spec((b, f)), spec((d, f)), spec((b, d)))
   lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True, block_n=2, programs=396),
         spec((b, d)), spec((2 * f, d)), spec((d,)))
-  lower(lambda *a: decode_attention(*a[:-1], num_q_heads=hq, counters=a[-1]),
-        spec((b, n_qkv)), spec((b, hd)), spec((b, hd)), spec((b, s, hkv, hd)),
-        spec((b, s, hkv, hd)), spec((b, s), jnp.bool_), spec((), jnp.int32),
-        spec((1, b * hq), jnp.int32))
   lower(lambda *a: decode_attention(*a, num_q_heads=hq), spec((b, n_qkv)), spec((b, hd)),
         spec((b, hd)), spec((b, s, hkv, hd)), spec((b, s, hkv, hd)), spec((b, s), jnp.bool_),
         spec((), jnp.int32))

@@ -234,26 +234,6 @@ def test_fused_decode_kernels_equal_xla_decode(model, dtype):
     Sampler(config, kernels="triton")
 
 
-def test_fused_step_with_last_block_attention_merge(model, monkeypatch):
-  """DECODE_TILES' last_block_merges (each head merged by its last slot block, counters per
-  layer) generates the same tokens and log-probs as the two-kernel attention."""
-  from kat_jax.sampling import forward, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  config, _, dparams = model
-  prompts = PROMPTS[:2]
-
-  def generate():
-    sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
-    return Sampler(config, kernels="fused_interpret").generate(
-        dparams, prompts, jax.random.key(2), max_new_tokens=5, sampling=GREEDY)
-
-  want = generate()
-  monkeypatch.setitem(forward.DECODE_TILES, "attention", {"last_block_merges": True})
-  got = generate()
-  sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
-  assert got.token_lists() == want.token_lists()
-  np.testing.assert_array_equal(np.asarray(got.logprobs), np.asarray(want.logprobs))
-
-
 def test_group_fork_equals_separate_prefills(model):
   config, _, dparams = model
   sampler = Sampler(config, donate=False)
