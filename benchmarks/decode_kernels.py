@@ -38,8 +38,11 @@ from kat_jax.model.layers import rope_cos_sin
 from kat_jax.train.profiling import find_trace_file, summarize_trace
 
 
-DEFAULT_VARIANTS = ("block_n=4,num_warps=4", "block_n=8,num_warps=4", "block_n=4,num_warps=8",
-                    "block_n=8,num_warps=8", "block_n=16,num_warps=4")
+# One block per program, then persistent grids (`programs`: 264 / 396 are 2 / 3 per SM of a
+# 132-SM H100 / H200, the fused step's gate/up and down settings there).
+DEFAULT_VARIANTS = ("block_n=1,num_warps=4", "block_n=4,num_warps=4", "block_n=8,num_warps=4",
+                    "block_n=4,num_warps=8", "block_n=8,num_warps=8",
+                    "block_n=1,num_warps=4,programs=264", "block_n=2,num_warps=4,programs=396")
 
 
 def _variant(text: str) -> dict:
@@ -97,7 +100,7 @@ def main():
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--variants", default=";".join(DEFAULT_VARIANTS),
                       help="matvec tilings to time, ';'-separated, each 'name=value,...' of "
-                           "fused_matvec keywords (block_n, num_warps)")
+                           "fused_matvec keywords (block_n, num_warps, programs)")
   parser.add_argument("--cache_len", default="256", help="attention cache lengths")
   parser.add_argument("--block_s", default="16,32,64,128", help="attention slots per program")
   parser.add_argument("--attention_warps", default="2,4")
