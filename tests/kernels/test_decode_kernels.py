@@ -54,7 +54,7 @@ def test_matvec_matches_reference(dtype, batch, options):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("programs", [1, 3, 5, 6])
+@pytest.mark.parametrize("programs", [3, 5])
 def test_persistent_matvec_equals_one_block_per_program(dtype, programs):
   """A persistent grid (each program loops over every `programs`-th block, loading the next
   block's weights before reducing the current one) computes what the block kernel does (the
