@@ -95,7 +95,7 @@ def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
                   swiglu: bool) -> None:
   """out[:, start:start+block_n] from one block's weight chunks (see `_load_block`)."""
   f32, dt = jnp.float32, out_ref.dtype
-  cols = pl.ds(start, block_n)
+  outputs = pl.ds(start, block_n)
   # acc[b] [bn, chunk] of partial products: plain FMAs in the loop, one reduction at the end.
   sums = []
   for part in chunks:
@@ -109,14 +109,14 @@ def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
   for b in range(len(rows)):
     y = sums[0][b].astype(dt)
     if bias_ref is not None:
-      y = (y.astype(f32) + bias_ref[cols].astype(f32)).astype(dt)
+      y = (y.astype(f32) + bias_ref[outputs].astype(f32)).astype(dt)
     if swiglu:
       gate, up = y.astype(f32), sums[1][b].astype(dt).astype(f32)
       silu = (gate / (1.0 + jnp.exp(-gate))).astype(dt).astype(f32)
       y = (silu * up).astype(dt)
     if res_ref is not None:
-      y = (res_ref[b, cols].astype(f32) + y.astype(f32)).astype(dt)
-    out_ref[b, cols] = y
+      y = (res_ref[b, outputs].astype(f32) + y.astype(f32)).astype(dt)
+    out_ref[b, outputs] = y
 
 
 def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu,
@@ -145,21 +145,18 @@ def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_res
   p = pl.program_id(0)
   steps = -(-blocks // programs)  # the last step is partial when programs does not divide
 
-  def finish_step(chunks, t):
-    block = p + t * programs
-    pl.when(block < blocks)(lambda: finish(chunks, start=block * block_n))
-
-  def load_step(t):  # programs past the last block re-read it (their finish is skipped)
+  def load_step(t):  # in the last step, programs past the last block re-read it
     return _load_block(parts, jnp.minimum(p + t * programs, blocks - 1) * block_n, block_n,
                        cols)
 
-  def step(t, chunks):
+  def step(t, chunks):  # every block of the steps before the last exists
     following = load_step(t + 1)
-    finish_step(chunks, t)
+    finish(chunks, start=(p + t * programs) * block_n)
     return following
 
   last = lax.fori_loop(0, steps - 1, step, load_step(0))
-  finish_step(last, steps - 1)
+  final = p + (steps - 1) * programs
+  pl.when(final < blocks)(lambda: finish(last, start=final * block_n))
 
 
 def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
