@@ -172,7 +172,10 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   alternation (repeat r of every variant before repeat r+1 of any).
 
   variants: label -> {"kernels": the Sampler's kernels, "tiles": optional overrides of
-  `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with}.
+  `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with,
+  "patches": optional {(module, name): value} set while its step is traced, for callers that
+  compare another implementation of a function the step calls, "compiler_options": optional
+  XLA options of its decode loop in place of `compiler_options`}.
   On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
   change of a few percent shows only when the variants share a process, machine and moment.
   """
@@ -190,15 +193,22 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
     sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
     forward.DECODE_TILES.update({k: {**defaults[k], **v}
                                  for k, v in variant.get("tiles", {}).items()})
+    patches = variant.get("patches", {})
+    originals = {(m, n): getattr(m, n) for m, n in patches}
+    for (module, name), value in patches.items():
+      setattr(module, name, value)
     try:
       samplers[label] = Sampler(config, prefill_chunk=max(prompt_len, 8),
                                 kernels=variant["kernels"], steps_per_loop=steps_per_loop,
-                                compiler_options=compiler_options)
+                                compiler_options=variant.get("compiler_options",
+                                                             compiler_options))
       for b in batch_sizes:  # compiles
         tokens[b][label] = _generate(samplers[label], dparams, prompts[b], max_length,
                                      new_tokens).token_lists()
     finally:
       forward.DECODE_TILES.update({k: dict(v) for k, v in defaults.items()})
+      for (module, name), value in originals.items():
+        setattr(module, name, value)
   sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
   out = {}
   first = next(iter(variants))
@@ -215,7 +225,10 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
                 "totals_ms": [x * 1e3 for x in t["total"]],
                 "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
                 "sampler_kernels": samplers[k].kernels,
-                "tiles": variants[k].get("tiles", {})} for k, t in times.items()}
+                "tiles": variants[k].get("tiles", {}),
+                "compiler_options": samplers[k].compiler_options,
+                "patched": [f"{m.__name__}.{n}" for m, n in variants[k].get("patches", {})]}
+            for k, t in times.items()}
     for row in rows.values():
       row["vs_" + first] = row["time_per_token_ms"] / rows[first]["time_per_token_ms"]
     out[b] = rows

@@ -58,8 +58,9 @@ def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
   return scaled
 
 
-def choose_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """logits [B,V] float32 -> next tokens [B] int32."""
+def choose_tokens(logits: jax.Array, rng: jax.Array | None, sampling: SamplingParams
+                  ) -> jax.Array:
+  """logits [B,V] float32 -> next tokens [B] int32 (rng may be None when greedy)."""
   if 0 < sampling.vocab_limit < logits.shape[-1]:
     logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
   if sampling.greedy:
@@ -71,8 +72,18 @@ def logprob_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array
   """Under the model's own (untempered, unfiltered) distribution, as the training forward sees it.
 
   logits [B,V] float32, tokens [B] -> (log p(token) [B], entropy [B]) float32.
+
+  Two passes over V (the max, then the sums s = Σ e and t = Σ e·(l - m) with e = exp(l - m),
+  which share one reduction): log p = (l - m) - log s, as `jax.nn.log_softmax` rounds it, and
+  entropy = log s - t / s, a sum of two non-negative terms. At batch 1 each pass over the
+  151,936 logits is a latency-bound kernel, so the decode step pays per pass, not per byte.
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-  entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-  return chosen, entropy
+  logits = logits.astype(jnp.float32)
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(shifted)
+  total = jnp.sum(weights, axis=-1)
+  # exp(-inf) * -inf is nan; a masked logit contributes nothing.
+  weighted = jnp.sum(jnp.where(weights > 0, weights * shifted, 0.0), axis=-1)
+  log_total = jnp.log(total)
+  chosen = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - log_total
+  return chosen, log_total - weighted / total

@@ -314,7 +314,9 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
               mask=jnp.zeros((batch, max_new_tokens), bool))
 
   def step_once(c):
-    rng, key = jax.random.split(c["rng"])
+    rng, key = c["rng"], None
+    if not sampling.greedy:  # greedy draws nothing: no key-splitting kernel per step
+      rng, key = jax.random.split(rng)
     active = ~c["done"]
     token = choose_tokens(c["logits"], key, sampling)
     logprob, entropy = logprob_and_entropy(c["logits"], token)

@@ -10,7 +10,7 @@ from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axe
                               prepare_params)
 from kat_jax.sampling.forward import fused_kernels_fit
 from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS
-from kat_jax.sampling.logits import choose_tokens, filter_logits
+from kat_jax.sampling.logits import choose_tokens, filter_logits, logprob_and_entropy
 from kat_jax.testing import relative_error
 
 PROMPTS = [[3, 17, 250, 9], [100, 5, 7, 8, 9, 10, 11, 12, 13, 14, 60], [42]]
@@ -103,6 +103,23 @@ def _allowed(logits, top_k, top_p, temperature):
       threshold = vals[order][keep].min()
       allowed[b] &= vals >= threshold
   return allowed
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 40.0])
+def test_logprob_and_entropy_match_float64_definitions(scale):
+  """Flat, typical and peaked distributions over a Qwen-sized vocabulary; -inf logits add 0."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 151936)) * scale
+  logits[2, ::7] = -np.inf
+  tokens = np.array([0, int(np.argmax(logits[1])), 5])
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  p = np.exp(log_p)
+  want_ent = -np.sum(np.where(p > 0, p * log_p, 0.0), -1)
+  got, ent = logprob_and_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens))
+  assert relative_error(got, log_p[np.arange(3), tokens]) < 1e-5
+  assert relative_error(ent, want_ent) < 1e-5
+  assert np.all(np.isfinite(np.asarray(ent)))
 
 
 @pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6), (20, 0.8)])
