@@ -50,29 +50,6 @@ def _compiler_params(num_warps: int, interpret: bool):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _launch_dependents(program: jax.Array) -> jax.Array:
-  """Lets the next kernel in the stream start launching (Hopper programmatic dependent launch,
-  PTX `griddepcontrol.launch_dependents`); returns `program` so the instruction stays in."""
-  return _scalar_asm("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", program)
-
-
-def _wait_for_inputs(program: jax.Array) -> jax.Array:
-  """Waits until the kernels this one depends on have finished and their writes are visible
-  (PTX `griddepcontrol.wait`; immediate without a programmatic launch). Returns int32 0 that
-  the compiler cannot see through: every read of another kernel's output adds it to its
-  index, so no such read moves above the wait."""
-  return _scalar_asm("griddepcontrol.wait;\n\tmov.b32 $0, 0;", program)
-
-
-def _scalar_asm(asm: str, value: jax.Array) -> jax.Array:
-  """One int32 through inline PTX `asm` ($0 out, $1 in), as a 1-element tensor (the lowering
-  gives 0-d results a tensor type that scalar arithmetic does not take)."""
-  [out] = plgpu.elementwise_inline_asm(
-      asm, args=[jnp.full((1,), value, jnp.int32)], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
-  return jnp.sum(out)
-
-
 # ----------------------------------------------------------------------------- matvec
 
 
@@ -93,20 +70,12 @@ def matvec_reference(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None
   return y
 
 
-def _shifted(index: pl.Slice, zero: jax.Array | int) -> pl.Slice:
-  """`index` moved by `zero` (0 at run time, see `_wait_for_inputs`), alignment kept."""
-  if isinstance(zero, int):
-    return index
-  return pl.ds(pl.multiple_of(index.start + zero, index.size), index.size)
-
-
-def _normalized_rows(x_ref, scale_ref, *, batch, k_size, cols, eps, zero=0
-                     ) -> list[list[jax.Array]]:
+def _normalized_rows(x_ref, scale_ref, *, batch, k_size, cols, eps) -> list[list[jax.Array]]:
   """x's rows as float32 column chunks, RMS-normalised as rms_norm does (round, scale, round)."""
   f32, dt = jnp.float32, x_ref.dtype
   rows = []
   for b in range(batch):
-    xs = [x_ref[b, _shifted(col, zero)].astype(f32) for col in cols]
+    xs = [x_ref[b, col].astype(f32) for col in cols]
     if scale_ref is not None:
       mean_sq = sum(jnp.sum(x * x) for x in xs) / k_size
       inv = lax.rsqrt(mean_sq + eps)
@@ -123,10 +92,10 @@ def _load_block(w_parts, start, block_n: int, cols) -> list[list[jax.Array]]:
 
 
 def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
-                  swiglu: bool, zero=0) -> None:
+                  swiglu: bool) -> None:
   """out[:, start:start+block_n] from one block's weight chunks (see `_load_block`)."""
   f32, dt = jnp.float32, out_ref.dtype
-  outputs = _shifted(pl.ds(start, block_n), zero)
+  outputs = pl.ds(start, block_n)
   # acc[b] [bn, chunk] of partial products: plain FMAs in the loop, one reduction at the end.
   sums = []
   for part in chunks:
@@ -151,13 +120,11 @@ def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
 
 
 def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu,
-                   block_n, blocks, programs, early_launch):
+                   block_n, blocks, programs):
   """Without `programs`: one block of `block_n` outputs per program (refs are block views).
 
   With `programs`: a persistent grid; program p computes blocks p, p + programs, ... of
   whole-array refs and loads each next block's weights before reducing the current one.
-
-  early_launch: (launch the next kernel early, wait for the previous one) — see fused_matvec.
   """
   refs = list(refs)
   x_ref = refs.pop(0)
@@ -166,39 +133,28 @@ def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_res
   bias_ref = refs.pop(0) if has_bias else None
   res_ref = refs.pop(0) if has_residual else None
   (out_ref,) = refs
-  launch_next, wait_previous = early_launch
-  p = pl.program_id(0)
-  if launch_next:
-    p = _launch_dependents(p)
   cols = [pl.ds(c * chunk, chunk) for c in range(k_size // chunk)]
-  parts = [(w_refs[0], 0), (w_refs[0], blocks * block_n)] if swiglu else [(w_refs[0], 0)]
+  rows = _normalized_rows(x_ref, scale_ref, batch=batch, k_size=k_size, cols=cols, eps=eps)
+  finish = functools.partial(_finish_block, rows=rows, block_n=block_n, out_ref=out_ref,
+                             bias_ref=bias_ref, res_ref=res_ref, swiglu=swiglu)
   if programs is None:
-    parts = [(w, 0) for w in w_refs]
-  steps = 1 if programs is None else -(-blocks // programs)  # the last step may be partial
+    finish(_load_block([(w, 0) for w in w_refs], 0, block_n, cols), start=0)
+    return
+
+  parts = [(w_refs[0], 0), (w_refs[0], blocks * block_n)] if swiglu else [(w_refs[0], 0)]
+  p = pl.program_id(0)
+  steps = -(-blocks // programs)  # the last step is partial when programs does not divide
 
   def load_step(t):  # in the last step, programs past the last block re-read it
-    if programs is None:
-      return _load_block(parts, 0, block_n, cols)
     return _load_block(parts, jnp.minimum(p + t * programs, blocks - 1) * block_n, block_n,
                        cols)
-
-  # The weights are no other kernel's output: their first block loads before the wait.
-  first = load_step(0)
-  zero = _wait_for_inputs(p) if wait_previous else 0
-  rows = _normalized_rows(x_ref, scale_ref, batch=batch, k_size=k_size, cols=cols, eps=eps,
-                          zero=zero)
-  finish = functools.partial(_finish_block, rows=rows, block_n=block_n, out_ref=out_ref,
-                             bias_ref=bias_ref, res_ref=res_ref, swiglu=swiglu, zero=zero)
-  if programs is None:
-    finish(first, start=0)
-    return
 
   def step(t, chunks):  # every block of the steps before the last exists
     following = load_step(t + 1)
     finish(chunks, start=(p + t * programs) * block_n)
     return following
 
-  last = lax.fori_loop(0, steps - 1, step, first)
+  last = lax.fori_loop(0, steps - 1, step, load_step(0))
   final = p + (steps - 1) * programs
   pl.when(final < blocks)(lambda: finish(last, start=final * block_n))
 
@@ -206,8 +162,7 @@ def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_res
 def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
                  eps: float = 1e-6, bias: jax.Array | None = None,
                  residual: jax.Array | None = None, swiglu: bool = False, block_n: int = 8,
-                 num_warps: int = 4, programs: int | None = None,
-                 early_launch: tuple[bool, bool] = (False, False), name: str | None = None,
+                 num_warps: int = 4, programs: int | None = None, name: str | None = None,
                  interpret: bool = False) -> jax.Array:
   """`matvec_reference` as one kernel: optional RMSNorm of x, x @ w.T, bias, SwiGLU, residual.
 
@@ -223,11 +178,6 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
       looping over every `programs`-th block (a persistent grid: sized to the GPU's resident
       programs it avoids a partly filled last wave, and each program loads its next block
       while reducing the current one).
-    early_launch: (launch_next, wait_previous), Hopper programmatic dependent launch, for
-      kernels that XLA launches with it (`xla_gpu_enable_pdl`). launch_next lets the next
-      kernel start while this one runs: only when that kernel waits for its inputs.
-      wait_previous loads the first weight block, then waits for the previous kernel before
-      reading x (and the residual). Ignored in interpret mode.
     name: the kernel's name in profiles (default fused_matvec / fused_matvec_swiglu).
 
   Returns:
@@ -255,8 +205,7 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
       _matvec_kernel, batch=batch, k_size=k_size, chunk=chunk, eps=float(eps),
       has_norm=norm_scale is not None, has_bias=bias is not None,
       has_residual=residual is not None, swiglu=swiglu, block_n=block_n, blocks=blocks,
-      programs=programs,
-      early_launch=(False, False) if interpret else tuple(map(bool, early_launch)))
+      programs=programs)
   if programs is None:  # block views: x, w's block (and the up block), scale, bias, residual
     args = [x, w] + ([w] if swiglu else [])
     in_specs = [pl.BlockSpec((batch, k_size), lambda i: (0, 0)),
