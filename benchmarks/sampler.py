@@ -175,12 +175,12 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with,
   "patches": optional {(module, name): value} set while its step is traced, for callers that
   compare another implementation of a function the step calls, "compiler_options": optional
-  XLA options of its decode loop in place of `compiler_options`}.
+  XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional}.
   On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
   change of a few percent shows only when the variants share a process, machine and moment.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import forward, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   dparams = jax.block_until_ready(prepare_params(params, config))
@@ -199,7 +199,8 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
       setattr(module, name, value)
     try:
       samplers[label] = Sampler(config, prefill_chunk=max(prompt_len, 8),
-                                kernels=variant["kernels"], steps_per_loop=steps_per_loop,
+                                kernels=variant["kernels"],
+                                steps_per_loop=variant.get("steps_per_loop", steps_per_loop),
                                 compiler_options=variant.get("compiler_options",
                                                              compiler_options))
       for b in batch_sizes:  # compiles
@@ -213,16 +214,20 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   out = {}
   first = next(iter(variants))
   for b in batch_sizes:
-    times = {k: {"prefill": [], "total": []} for k in samplers}
+    times = {k: [] for k in samplers}
     for _ in range(repeats):
       for k, sampler in samplers.items():
-        for part, n in (("prefill", None), ("total", new_tokens)):
-          t0 = time.perf_counter()
-          _generate(sampler, dparams, prompts[b], max_length, n)
-          times[k][part].append(time.perf_counter() - t0)
-    rows = {k: {"time_per_token_ms": (statistics.median(t["total"])
-                                      - statistics.median(t["prefill"])) / new_tokens * 1e3,
-                "totals_ms": [x * 1e3 for x in t["total"]],
+        # The decode alone is timed (prefill done and waited for first): subtracting a
+        # separately timed prefill added that timing's noise to every estimate.
+        state = jax.block_until_ready(sampler.prefill(dparams, prompts[b],
+                                                      max_length=max_length))
+        t0 = time.perf_counter()
+        jax.block_until_ready(sampler.decode(dparams, state, jax.random.key(0),
+                                             max_new_tokens=new_tokens, sampling=GREEDY)[0])
+        times[k].append(time.perf_counter() - t0)
+    rows = {k: {"time_per_token_ms": statistics.median(t) / new_tokens * 1e3,
+                "min_time_per_token_ms": min(t) / new_tokens * 1e3,
+                "decode_ms": [x * 1e3 for x in t],
                 "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
                 "sampler_kernels": samplers[k].kernels,
                 "tiles": variants[k].get("tiles", {}),

@@ -162,7 +162,8 @@ def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_res
 def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = None,
                  eps: float = 1e-6, bias: jax.Array | None = None,
                  residual: jax.Array | None = None, swiglu: bool = False, block_n: int = 8,
-                 num_warps: int = 4, programs: int | None = None, name: str | None = None,
+                 num_warps: int = 4, programs: int | None = None, max_chunk: int = _MAX_CHUNK,
+                 name: str | None = None,
                  interpret: bool = False) -> jax.Array:
   """`matvec_reference` as one kernel: optional RMSNorm of x, x @ w.T, bias, SwiGLU, residual.
 
@@ -178,6 +179,8 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
       looping over every `programs`-th block (a persistent grid: sized to the GPU's resident
       programs it avoids a partly filled last wave, and each program loads its next block
       while reducing the current one).
+    max_chunk: the widest column chunk a load takes (the largest power of two up to it that
+      divides K); wider chunks give each thread more contiguous elements per load.
     name: the kernel's name in profiles (default fused_matvec / fused_matvec_swiglu).
 
   Returns:
@@ -194,7 +197,7 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
     raise ValueError("swiglu needs an even number of weight rows and no bias")
   if block_n & (block_n - 1) or n_out % block_n:
     raise ValueError(f"block_n {block_n} must be a power of two dividing {n_out}")
-  chunk = _chunk(k_size)
+  chunk = _chunk(k_size, max_chunk)
   if chunk < 16:
     raise ValueError(f"K={k_size} needs a power-of-two factor >= 16")
   blocks = n_out // block_n

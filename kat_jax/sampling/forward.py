@@ -44,9 +44,9 @@ CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 # (docs/sampling.md); a tile must divide the product's output size (`fused_path_supported`).
 # `programs_per_core` runs the product on a persistent grid of that many programs per SM.
 DECODE_TILES: dict[str, dict[str, Any]] = {
-    "qkv": dict(block_n=8, num_warps=4),
-    "o": dict(block_n=1, num_warps=4),
-    "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3),
+    "qkv": dict(block_n=8, num_warps=4, max_chunk=512),
+    "o": dict(block_n=1, num_warps=4, max_chunk=512),
+    "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3, max_chunk=512),
     "down": dict(block_n=1, num_warps=4, programs_per_core=2),
     "attention": {},  # decode_attention picks its slot blocks from the cache length
 }

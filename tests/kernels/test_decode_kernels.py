@@ -31,7 +31,9 @@ def _matvec_inputs(seed, batch, k_size, n_rows, dtype):
 
 
 _TILINGS = {"8_rows": {}, "4_rows_8_warps": dict(block_n=4, num_warps=8),
-            "persistent_2_rows": dict(block_n=2, num_warps=4, programs=132)}
+            "persistent_2_rows": dict(block_n=2, num_warps=4, programs=132),
+            "persistent_2_rows_512_wide": dict(block_n=2, num_warps=4, programs=132,
+                                               max_chunk=512)}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -51,6 +53,18 @@ def test_matvec_matches_reference(dtype, batch, options):
   assert got.shape == want.shape and got.dtype == dtype
   assert bool(jnp.all(jnp.isfinite(got)))
   assert relative_error(got, want) < _TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_wider_load_chunks_compute_the_same_product(dtype):
+  """max_chunk sets how many columns one load takes (512 -> one chunk of K = 512, 64 -> 8);
+  only the float32 summation order changes."""
+  x, w, scale, _, residual = _matvec_inputs(11, 2, 512, 32, dtype)
+  for kwargs in (dict(norm_scale=scale, swiglu=True), dict(residual=residual)):
+    want = matvec_reference(x, w, **kwargs)
+    for max_chunk in (64, 512):
+      got = fused_matvec(x, w, block_n=4, max_chunk=max_chunk, interpret=True, **kwargs)
+      assert relative_error(got, want) < _TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
