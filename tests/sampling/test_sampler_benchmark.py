@@ -1,0 +1,51 @@
+"""benchmarks/sampler.py's in-process A/B harness on a tiny model (CPU, XLA decode step)."""
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from kat_jax.model import get_preset, init_params
+from kat_jax.sampling import logits as logits_lib
+from kat_jax.sampling import sampler as sampler_lib
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "sampler.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("sampler_benchmark", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_compare_in_process_variants(bench):
+  """Every variant is timed; a patched function is traced into its variant and restored after;
+  a variant's compiler options reach its Sampler (its steps_per_loop changes no token)."""
+  config = get_preset("tiny", num_layers=1)
+  params = init_params(config, jax.random.key(0))
+  calls = []
+
+  def counting(logits, tokens):
+    calls.append(logits.shape)
+    return original(logits, tokens)
+
+  original = sampler_lib.logprob_and_entropy
+  variants = {"base": {"kernels": "xla"},
+              "patched": {"kernels": "xla", "steps_per_loop": 2, "compiler_options": {},
+                          "patches": {(sampler_lib, "logprob_and_entropy"): counting}}}
+  out = bench.compare_in_process(config, params, [1], prompt_len=8, new_tokens=4, repeats=2,
+                                 variants=variants)
+  rows = out[1]
+  assert set(rows) == {"base", "patched"}
+  assert sampler_lib.logprob_and_entropy is original is logits_lib.logprob_and_entropy
+  assert calls  # traced with the patch
+  for row in rows.values():
+    assert len(row["decode_ms"]) == 2 and row["min_time_per_token_ms"] > 0
+    assert row["min_time_per_token_ms"] <= row["time_per_token_ms"]
+    assert row["same_tokens_as_base"]  # the patch computes the same values
+  assert rows["base"]["vs_base"] == 1.0
+  assert rows["patched"]["patched"] == ["kat_jax.sampling.sampler.logprob_and_entropy"]
+  assert rows["patched"]["compiler_options"] == {}
