@@ -115,7 +115,7 @@ def test_logprob_and_entropy_match_float64_definitions(scale):
   log_p = logits - logits.max(-1, keepdims=True)
   log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
   p = np.exp(log_p)
-  want_ent = -np.sum(np.where(p > 0, p * log_p, 0.0), -1)
+  want_ent = -np.sum(p * np.where(p > 0, log_p, 0.0), -1)
   got, ent = logprob_and_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens))
   assert relative_error(got, log_p[np.arange(3), tokens]) < 1e-5
   assert relative_error(ent, want_ent) < 1e-5
@@ -234,7 +234,8 @@ def test_fused_decode_kernels_equal_xla_decode(model, dtype):
   sampling = SamplingParams(temperature=1.0, top_k=20)
   prompts = PROMPTS + [[7, 8, 9], [11, 12]]
   assert fused_kernels_fit(config, 4) and not fused_kernels_fit(config, 5)
-  for rows in (prompts[:1], prompts[:4], prompts):
+  # The fallback above MAX_BATCH does not depend on the dtype: float32 checks it.
+  for rows in (prompts[:1], prompts[:4]) + ((prompts,) if dtype == "float32" else ()):
     want = Sampler(config, kernels="xla").generate(dparams, rows, jax.random.key(4),
                                                    max_new_tokens=6, sampling=sampling,
                                                    stop_ids=(5,))
