@@ -39,10 +39,13 @@ from kat_jax.train.profiling import find_trace_file, summarize_trace
 
 
 # One block per program, then persistent grids (`programs`: 264 / 396 are 2 / 3 per SM of a
-# 132-SM H100 / H200, the fused step's gate/up and down settings there).
+# 132-SM H100 / H200, the fused step's gate/up and down settings there), then the tiles of
+# q/k/v, o and gate/up with 512-column loads (max_chunk; K = 8960 of down stays at 256).
 DEFAULT_VARIANTS = ("block_n=1,num_warps=4", "block_n=4,num_warps=4", "block_n=8,num_warps=4",
                     "block_n=4,num_warps=8", "block_n=8,num_warps=8",
-                    "block_n=1,num_warps=4,programs=264", "block_n=2,num_warps=4,programs=396")
+                    "block_n=1,num_warps=4,programs=264", "block_n=2,num_warps=4,programs=396",
+                    "block_n=1,num_warps=4,max_chunk=512", "block_n=8,num_warps=4,max_chunk=512",
+                    "block_n=2,num_warps=4,programs=396,max_chunk=512")
 
 
 def _variant(text: str) -> dict:
@@ -100,7 +103,7 @@ def main():
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--variants", default=";".join(DEFAULT_VARIANTS),
                       help="matvec tilings to time, ';'-separated, each 'name=value,...' of "
-                           "fused_matvec keywords (block_n, num_warps, programs)")
+                           "fused_matvec keywords (block_n, num_warps, programs, max_chunk)")
   parser.add_argument("--cache_len", default="256", help="attention cache lengths")
   parser.add_argument("--block_s", default="16,32,64,128", help="attention slots per program")
   parser.add_argument("--attention_warps", default="2,4")
