@@ -340,3 +340,25 @@ def test_clear_errors(model):
     SamplingParams(top_p=0.0)
   with pytest.raises(ValueError, match="3 sequences for a batch of 2"):
     sampler.extend(dparams, sampler.prefill(dparams, PROMPTS[:2], max_length=32), PROMPTS)
+
+
+def test_sampler_on_a_device_mesh_shards_the_cache_and_keeps_the_output(model):
+  """On the 8 virtual CPU devices (data 2 × fsdp 2 × tensor 2), the cache is sharded by the
+  mesh rules (rows over data and fsdp, kv heads over tensor) and generation is unchanged."""
+  from kat_jax.parallel.mesh import make_mesh, sharding_context  # pylint: disable=g-import-not-at-top
+  config, _, dparams = model
+  prompts = PROMPTS + [[1, 2]]
+  sampling = SamplingParams(temperature=1.0)
+  want = Sampler(config).generate(dparams, prompts, jax.random.key(1), max_new_tokens=6,
+                                  sampling=sampling)
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  with sharding_context(mesh):
+    sampler = Sampler(config)
+    state = sampler.prefill(dparams, prompts, max_length=32)
+    got, state = sampler.decode(dparams, state, jax.random.key(1), max_new_tokens=6,
+                                sampling=sampling)
+  spec = state.cache["k"][0].sharding.spec
+  assert tuple(spec)[:3] == (("data", "fsdp"), None, "tensor")
+  assert got.token_lists() == want.token_lists()
+  assert relative_error(got.logprobs, want.logprobs) < 1e-5
+  assert relative_error(got.entropies, want.entropies) < 1e-5
