@@ -252,6 +252,24 @@ def test_fused_decode_kernels_equal_xla_decode(model, dtype):
     Sampler(config, kernels="triton")
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton "
+                    "kernels; run with KAT_TEST_GPU=1); the interpreted test above is the CPU "
+                    "counterpart")
+def test_gpu_fused_decode_with_default_tiles_equals_xla_decode(model):
+  """The compiled fused step with the production `DECODE_TILES` (persistent grids sized by the
+  GPU's SM count, 512-column loads where K allows) against the XLA step, float32."""
+  config, params, _ = model
+  config = config.replace(dtype="float32")
+  dparams = prepare_params(params, config)
+  for rows in (PROMPTS[:1], PROMPTS[:2] + [[7, 8, 9], [11, 12]]):
+    want, got = (Sampler(config, kernels=kernels).generate(
+        dparams, rows, jax.random.key(4), max_new_tokens=6, sampling=GREEDY)
+                 for kernels in ("xla", "fused"))
+    assert got.token_lists()[0][:2] == want.token_lists()[0][:2]
+    assert relative_error(got.logprobs[:, 0], want.logprobs[:, 0]) < 1e-4
+    assert relative_error(got.entropies[:, 0], want.entropies[:, 0]) < 1e-4
+
+
 def test_group_fork_equals_separate_prefills(model):
   config, _, dparams = model
   sampler = Sampler(config, donate=False)
