@@ -176,7 +176,8 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   "patches": optional {(module, name): value} set while its step is traced, for callers that
   compare another implementation of a function the step calls, "compiler_options": optional
   XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional}.
-  On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
+  Time per token: the decode call alone (after a prefill that is waited for) over the new
+  tokens, median and minimum over the repeats. On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
   change of a few percent shows only when the variants share a process, machine and moment.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -416,12 +417,13 @@ def main():
                                  _compiler_options(args.compiler_option))
     print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
           f"one process, {args.repeats} alternating repeats")
-    print(f"{'batch':>5} {'variant':>15} {'ms/tok':>8} {'x floor':>7} "
+    print(f"{'batch':>5} {'variant':>15} {'ms/tok':>8} {'min':>7} {'x floor':>7} "
           f"{'vs ' + labels[0]:>10} {'same tokens':>11}")
     for b, rows in compare.items():
       for k, row in rows.items():
         row["floor_ms"] = floor_ms(b)[0]
         print(f"{b:>5} {k:>15} {row['time_per_token_ms']:>8.3f} "
+              f"{row['min_time_per_token_ms']:>7.3f} "
               f"{row['time_per_token_ms'] / row['floor_ms']:>7.2f} "
               f"{row['vs_' + labels[0]]:>10.3f} "
               f"{str(row['same_tokens_as_' + labels[0]]):>11}")

@@ -42,7 +42,8 @@ CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 # Tiles of the fused decode step's kernels (keyword arguments of `fused_matvec` and
 # `decode_attention`), the fastest measured on an H200 at Qwen2.5-1.5B shapes, batch 1
 # (docs/sampling.md); a tile must divide the product's output size (`fused_path_supported`).
-# `programs_per_core` runs the product on a persistent grid of that many programs per SM.
+# `programs_per_core` runs the product on a persistent grid of that many programs per SM;
+# `max_chunk` 512 widens the loads where K allows (K = 1536; not down's K = 8960).
 DECODE_TILES: dict[str, dict[str, Any]] = {
     "qkv": dict(block_n=8, num_warps=4, max_chunk=512),
     "o": dict(block_n=1, num_warps=4, max_chunk=512),

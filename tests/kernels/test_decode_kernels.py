@@ -58,7 +58,7 @@ def test_matvec_matches_reference(dtype, batch, options):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_wider_load_chunks_compute_the_same_product(dtype):
   """max_chunk sets how many columns one load takes (512 -> one chunk of K = 512, 64 -> 8);
-  only the float32 summation order changes."""
+  both compute the reference product."""
   x, w, scale, _, residual = _matvec_inputs(11, 2, 512, 16, dtype)
   for kwargs in (dict(norm_scale=scale, swiglu=True), dict(residual=residual)):
     want = matvec_reference(x, w, **kwargs)
