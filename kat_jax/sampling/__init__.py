@@ -2,11 +2,13 @@
 
 from kat_jax.sampling.autothink import (THINK_MODES, autothink_stats, forced_mode_prefix,
                                         think_mode_prompts)
-from kat_jax.sampling.forward import DecodeParams, prepare_params
+from kat_jax.sampling.forward import (DecodeParams, decode_logical_axes, prepare_params,
+                                     shard_decode_params)
 from kat_jax.sampling.logits import GREEDY, SamplingParams
 from kat_jax.sampling.sampler import (DecodeState, GenerationResult, Sampler, cache_logical_axes,
                                       fork, init_state)
 
 __all__ = ["THINK_MODES", "autothink_stats", "forced_mode_prefix", "think_mode_prompts",
-           "DecodeParams", "prepare_params", "GREEDY", "SamplingParams", "DecodeState",
-           "GenerationResult", "Sampler", "cache_logical_axes", "fork", "init_state"]
+           "DecodeParams", "decode_logical_axes", "prepare_params", "shard_decode_params",
+           "GREEDY", "SamplingParams", "DecodeState", "GenerationResult", "Sampler",
+           "cache_logical_axes", "fork", "init_state"]

@@ -25,17 +25,19 @@ unpadded sequence.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
+from kat_jax.parallel.mesh import LOGICAL_RULES, logical_to_sharding
 
 CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 
@@ -123,6 +125,35 @@ def prepare_params(params: dict, config: ModelConfig) -> DecodeParams:
   head = embed if config.tie_word_embeddings else params["lm_head"]["kernel"].astype(dt)
   return DecodeParams(embed=embed, head=head,
                       final_norm=params["final_norm"]["scale"].astype(dt), layers=layers)
+
+
+# Logical axes of the decode weights: tensor parallelism splits heads, mlp rows and the
+# vocabulary; the model dimension stays whole (FSDP would all-gather every weight each step).
+_LAYER_AXES = {"input_norm": ("norm",), "qkv": ("heads", None), "qkv_bias": ("heads",),
+               "o": (None, "heads"), "post_attn_norm": ("norm",), "gate_up": ("mlp", None),
+               "down": (None, "mlp")}
+
+
+def decode_logical_axes(params: DecodeParams) -> DecodeParams:
+  """A DecodeParams-shaped tree of logical-axis PartitionSpecs (map them with the mesh rules)."""
+  tied = params.head is params.embed
+  return DecodeParams(
+      embed=PartitionSpec("vocab", None),
+      head=PartitionSpec("vocab", None) if tied else PartitionSpec(None, "vocab"),
+      final_norm=PartitionSpec("norm"),
+      layers=[{k: PartitionSpec(*_LAYER_AXES[k]) for k in layer} for layer in params.layers])
+
+
+def shard_decode_params(params: DecodeParams, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> DecodeParams:
+  """Places the decode weights on `mesh` by their logical axes (tensor-parallel: each tensor
+  shard holds 1/tensor of every product's weights; a dimension the mesh does not divide stays
+  whole). A tied head stays the embedding array (one copy)."""
+  shardings = logical_to_sharding(decode_logical_axes(params), params, mesh, rules)
+  placed = jax.device_put(params, shardings)
+  if params.head is params.embed:
+    placed = placed.replace(head=placed.embed)
+  return placed
 
 
 def head_logits(hidden: jax.Array, params: DecodeParams, config: ModelConfig) -> jax.Array:

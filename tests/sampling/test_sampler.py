@@ -7,7 +7,7 @@ import pytest
 
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axes, fork,
-                              prepare_params)
+                              prepare_params, shard_decode_params)
 from kat_jax.sampling.forward import fused_kernels_fit
 from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS
 from kat_jax.sampling.logits import choose_tokens, filter_logits, logprob_and_entropy
@@ -363,7 +363,8 @@ def test_clear_errors(model):
 
 def test_sampler_on_a_device_mesh_shards_the_cache_and_keeps_the_output(model):
   """On the 8 virtual CPU devices (data 2 × fsdp 2 × tensor 2), the cache is sharded by the
-  mesh rules (rows over data and fsdp, kv heads over tensor) and generation is unchanged."""
+  mesh rules (rows over data and fsdp, kv heads over tensor), the decode weights split over
+  tensor (`shard_decode_params`), and generation is unchanged."""
   from kat_jax.parallel.mesh import make_mesh, sharding_context  # pylint: disable=g-import-not-at-top
   config, _, dparams = model
   prompts = PROMPTS + [[1, 2]]
@@ -371,13 +372,37 @@ def test_sampler_on_a_device_mesh_shards_the_cache_and_keeps_the_output(model):
   want = Sampler(config).generate(dparams, prompts, jax.random.key(1), max_new_tokens=6,
                                   sampling=sampling)
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = shard_decode_params(dparams, mesh)
+  assert sharded.head is sharded.embed  # tied: one array
+  layer = sharded.layers[0]
+  for name, spec, shard_shape in (
+      ("qkv", ("tensor", None), (layer["qkv"].shape[0] // 2, config.hidden_size)),
+      ("gate_up", ("tensor", None), (config.intermediate_size, config.hidden_size)),
+      ("o", (None, "tensor"), (config.hidden_size, layer["o"].shape[1] // 2)),
+      ("down", (None, "tensor"), (config.hidden_size, config.intermediate_size // 2))):
+    assert tuple(layer[name].sharding.spec) == spec
+    assert layer[name].addressable_shards[0].data.shape == shard_shape
+  assert tuple(sharded.embed.sharding.spec) == ("tensor", None)
   with sharding_context(mesh):
     sampler = Sampler(config)
-    state = sampler.prefill(dparams, prompts, max_length=32)
-    got, state = sampler.decode(dparams, state, jax.random.key(1), max_new_tokens=6,
+    state = sampler.prefill(sharded, prompts, max_length=32)
+    got, state = sampler.decode(sharded, state, jax.random.key(1), max_new_tokens=6,
                                 sampling=sampling)
   spec = state.cache["k"][0].sharding.spec
   assert tuple(spec)[:3] == (("data", "fsdp"), None, "tensor")
   assert got.token_lists() == want.token_lists()
   assert relative_error(got.logprobs, want.logprobs) < 1e-5
   assert relative_error(got.entropies, want.entropies) < 1e-5
+
+
+def test_untied_head_shards_its_vocabulary_columns():
+  """An untied LM head is [d, V]: its vocabulary (second) dimension goes over tensor."""
+  from kat_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny", num_layers=1, tie_word_embeddings=False)
+  dparams = prepare_params(init_params(config, jax.random.key(0)), config)
+  sharded = shard_decode_params(dparams, make_mesh(data=4, fsdp=1, tensor=2))
+  assert sharded.head is not sharded.embed
+  assert tuple(sharded.head.sharding.spec) == (None, "tensor")
+  assert sharded.head.addressable_shards[0].data.shape == (config.hidden_size,
+                                                           config.vocab_size // 2)
+  np.testing.assert_array_equal(np.asarray(sharded.head), np.asarray(dparams.head))
