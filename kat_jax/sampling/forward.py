@@ -136,10 +136,10 @@ _LAYER_AXES = {"input_norm": ("norm",), "qkv": ("heads", None), "qkv_bias": ("he
 
 def decode_logical_axes(params: DecodeParams) -> DecodeParams:
   """A DecodeParams-shaped tree of logical-axis PartitionSpecs (map them with the mesh rules)."""
-  tied = params.head is params.embed
+  vocab_rows = params.head.shape == params.embed.shape  # tied: the [V, d] embedding
   return DecodeParams(
       embed=PartitionSpec("vocab", None),
-      head=PartitionSpec("vocab", None) if tied else PartitionSpec(None, "vocab"),
+      head=PartitionSpec("vocab", None) if vocab_rows else PartitionSpec(None, "vocab"),
       final_norm=PartitionSpec("norm"),
       layers=[{k: PartitionSpec(*_LAYER_AXES[k]) for k in layer} for layer in params.layers])
 
