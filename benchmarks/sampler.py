@@ -156,10 +156,14 @@ def _prompts(config, batch_sizes, prompt_len) -> dict[int, list[list[int]]]:
 def _generate(sampler, dparams, prompt, max_length: int, new_tokens: int | None):
   """Prefill `prompt`, then (unless new_tokens is None) greedy-decode new_tokens; blocks."""
   import jax  # pylint: disable=g-import-not-at-top
+  state = jax.block_until_ready(sampler.prefill(dparams, prompt, max_length=max_length))
+  return state if new_tokens is None else _decode(sampler, dparams, state, new_tokens)
+
+
+def _decode(sampler, dparams, state, new_tokens: int):
+  """Greedy-decode new_tokens from a prefilled `state`; blocks; the GenerationResult."""
+  import jax  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import GREEDY  # pylint: disable=g-import-not-at-top
-  state = sampler.prefill(dparams, prompt, max_length=max_length)
-  if new_tokens is None:
-    return jax.block_until_ready(state)
   result, _ = sampler.decode(dparams, state, jax.random.key(0), max_new_tokens=new_tokens,
                              sampling=GREEDY)
   return jax.block_until_ready(result)
@@ -177,11 +181,12 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   compare another implementation of a function the step calls, "compiler_options": optional
   XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional}.
   Time per token: the decode call alone (after a prefill that is waited for) over the new
-  tokens, median and minimum over the repeats. On the H200 the same step measured 1.175-1.375 ms/token in separate processes, so a
-  change of a few percent shows only when the variants share a process, machine and moment.
+  tokens, median and minimum over the repeats. On the H200 the same step measured
+  1.175-1.375 ms/token in separate processes, so a change of a few percent shows only when
+  the variants share a process, machine and moment.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import GREEDY, Sampler, prepare_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import forward, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   dparams = jax.block_until_ready(prepare_params(params, config))
@@ -220,11 +225,9 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
       for k, sampler in samplers.items():
         # The decode alone is timed (prefill done and waited for first): subtracting a
         # separately timed prefill added that timing's noise to every estimate.
-        state = jax.block_until_ready(sampler.prefill(dparams, prompts[b],
-                                                      max_length=max_length))
+        state = _generate(sampler, dparams, prompts[b], max_length, None)
         t0 = time.perf_counter()
-        jax.block_until_ready(sampler.decode(dparams, state, jax.random.key(0),
-                                             max_new_tokens=new_tokens, sampling=GREEDY)[0])
+        _decode(sampler, dparams, state, new_tokens)
         times[k].append(time.perf_counter() - t0)
     rows = {k: {"time_per_token_ms": statistics.median(t) / new_tokens * 1e3,
                 "min_time_per_token_ms": min(t) / new_tokens * 1e3,

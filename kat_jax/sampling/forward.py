@@ -150,10 +150,11 @@ def shard_decode_params(params: DecodeParams, mesh: Mesh,
   shard holds 1/tensor of every product's weights; a dimension the mesh does not divide stays
   whole). A tied head stays the embedding array (one copy)."""
   shardings = logical_to_sharding(decode_logical_axes(params), params, mesh, rules)
-  placed = jax.device_put(params, shardings)
-  if params.head is params.embed:
-    placed = placed.replace(head=placed.embed)
-  return placed
+  if params.head is not params.embed:
+    return jax.device_put(params, shardings)
+  # Tied: place the embedding once and let the head be that array.
+  placed = jax.device_put(params.replace(head=None), shardings.replace(head=None))
+  return placed.replace(head=placed.embed)
 
 
 def head_logits(hidden: jax.Array, params: DecodeParams, config: ModelConfig) -> jax.Array:
