@@ -40,12 +40,14 @@ from kat_jax.train.profiling import find_trace_file, summarize_trace
 
 # One block per program, then persistent grids (`programs`: 264 / 396 are 2 / 3 per SM of a
 # 132-SM H100 / H200, the fused step's gate/up and down settings there), then the tiles of
-# q/k/v, o and gate/up with 512-column loads (max_chunk; K = 8960 of down stays at 256).
+# q/k/v, o and gate/up with 512-column loads and down's with 1024 (max_chunk; 1024 does not
+# divide K = 8960 or 1536: the last chunk overlaps, masked).
 DEFAULT_VARIANTS = ("block_n=1,num_warps=4", "block_n=4,num_warps=4", "block_n=8,num_warps=4",
                     "block_n=4,num_warps=8", "block_n=8,num_warps=8",
                     "block_n=1,num_warps=4,programs=264", "block_n=2,num_warps=4,programs=396",
                     "block_n=1,num_warps=4,max_chunk=512", "block_n=8,num_warps=4,max_chunk=512",
-                    "block_n=2,num_warps=4,programs=396,max_chunk=512")
+                    "block_n=2,num_warps=4,programs=396,max_chunk=512",
+                    "block_n=1,num_warps=4,programs=264,max_chunk=1024")
 
 
 def _variant(text: str) -> dict:

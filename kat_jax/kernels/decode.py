@@ -36,12 +36,29 @@ MAX_BATCH = 4  # rows per call; each row keeps its own accumulators in registers
 _MAX_CHUNK = 256
 
 
-def _chunk(size: int, limit: int = _MAX_CHUNK) -> int:
-  """Largest power of two <= limit dividing `size` (Triton loads power-of-two blocks)."""
-  chunk = limit
-  while size % chunk:
-    chunk //= 2
-  return chunk
+def _column_chunks(size: int, limit: int = _MAX_CHUNK) -> list[tuple[pl.Slice, int]]:
+  """K's columns as loads of one power-of-two width (Triton loads power-of-two blocks): the
+  widest <= min(limit, size). Where it does not divide `size`, the last chunk ends at `size`
+  and overlaps the one before; its first `skip` columns are masked (loaded as 0).
+
+  Returns [(columns, skip)], skip 0 for every chunk but an overlapping last one.
+  """
+  chunk = 1 << (min(limit, size).bit_length() - 1)
+  count = -(-size // chunk)
+  last = size - chunk
+  return [(pl.ds(min(c * chunk, last), chunk), c * chunk - min(c * chunk, last))
+          for c in range(count)]
+
+
+def _load_columns(ref, index: tuple, column_chunk: tuple[pl.Slice, int]) -> jax.Array:
+  """ref[(*index, columns)], with the chunk's first `skip` columns masked to 0."""
+  columns, skip = column_chunk
+  if not skip:
+    return ref[(*index, columns)]
+  lead = sum(isinstance(i, pl.Slice) for i in index)  # the loaded block's other dims
+  index = tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)  # plgpu.load's form
+  keep = lax.broadcasted_iota(jnp.int32, (1,) * lead + (columns.size,), lead) >= skip
+  return plgpu.load(ref.at[(*index, columns)], mask=keep, other=0)
 
 
 def _compiler_params(num_warps: int, interpret: bool):
@@ -75,20 +92,22 @@ def _normalized_rows(x_ref, scale_ref, *, batch, k_size, cols, eps) -> list[list
   f32, dt = jnp.float32, x_ref.dtype
   rows = []
   for b in range(batch):
-    xs = [x_ref[b, col].astype(f32) for col in cols]
+    xs = [_load_columns(x_ref, (b,), col).astype(f32) for col in cols]
     if scale_ref is not None:
       mean_sq = sum(jnp.sum(x * x) for x in xs) / k_size
       inv = lax.rsqrt(mean_sq + eps)
-      xs = [((x * inv).astype(dt).astype(f32) * scale_ref[col].astype(f32)).astype(dt)
-            .astype(f32) for x, col in zip(xs, cols)]
+      xs = [((x * inv).astype(dt).astype(f32) * _load_columns(scale_ref, (), col)
+             .astype(f32)).astype(dt).astype(f32) for x, col in zip(xs, cols)]
     rows.append(xs)
   return rows
 
 
 def _load_block(w_parts, start, block_n: int, cols) -> list[list[jax.Array]]:
   """Weight rows [start, start + block_n) of each part (the product, or gate and up) as
-  [block_n, chunk] column chunks. w_parts: (ref, row offset of the part in ref) pairs."""
-  return [[ref[pl.ds(offset + start, block_n), col] for col in cols] for ref, offset in w_parts]
+  [block_n, chunk] column chunks (`_column_chunks`). w_parts: (ref, row offset of the part
+  in ref) pairs."""
+  return [[_load_columns(ref, (pl.ds(offset + start, block_n),), col) for col in cols]
+          for ref, offset in w_parts]
 
 
 def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
@@ -119,8 +138,8 @@ def _finish_block(chunks, rows, start, block_n: int, out_ref, bias_ref, res_ref,
     out_ref[b, outputs] = y
 
 
-def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_residual, swiglu,
-                   block_n, blocks, programs):
+def _matvec_kernel(*refs, batch, k_size, max_chunk, eps, has_norm, has_bias, has_residual,
+                   swiglu, block_n, blocks, programs):
   """Without `programs`: one block of `block_n` outputs per program (refs are block views).
 
   With `programs`: a persistent grid; program p computes blocks p, p + programs, ... of
@@ -133,7 +152,7 @@ def _matvec_kernel(*refs, batch, k_size, chunk, eps, has_norm, has_bias, has_res
   bias_ref = refs.pop(0) if has_bias else None
   res_ref = refs.pop(0) if has_residual else None
   (out_ref,) = refs
-  cols = [pl.ds(c * chunk, chunk) for c in range(k_size // chunk)]
+  cols = _column_chunks(k_size, max_chunk)
   rows = _normalized_rows(x_ref, scale_ref, batch=batch, k_size=k_size, cols=cols, eps=eps)
   finish = functools.partial(_finish_block, rows=rows, block_n=block_n, out_ref=out_ref,
                              bias_ref=bias_ref, res_ref=res_ref, swiglu=swiglu)
@@ -179,8 +198,9 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
       looping over every `programs`-th block (a persistent grid: sized to the GPU's resident
       programs it avoids a partly filled last wave, and each program loads its next block
       while reducing the current one).
-    max_chunk: the widest column chunk a load takes (the largest power of two up to it that
-      divides K); wider chunks give each thread more contiguous elements per load.
+    max_chunk: the widest column chunk a load takes (the largest power of two up to it and
+      K); wider chunks give each thread more contiguous elements per load. Where the chunk
+      does not divide K, the last one overlaps the one before and masks the overlap.
     name: the kernel's name in profiles (default fused_matvec / fused_matvec_swiglu).
 
   Returns:
@@ -197,15 +217,15 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
     raise ValueError("swiglu needs an even number of weight rows and no bias")
   if block_n & (block_n - 1) or n_out % block_n:
     raise ValueError(f"block_n {block_n} must be a power of two dividing {n_out}")
-  chunk = _chunk(k_size, max_chunk)
-  if chunk < 16:
-    raise ValueError(f"K={k_size} needs a power-of-two factor >= 16")
+  if k_size < 16 or max_chunk < 16:
+    raise ValueError(f"K={k_size} and max_chunk={max_chunk} must be >= 16 (Triton's "
+                     "smallest load block)")
   blocks = n_out // block_n
   if programs is not None and not 1 <= programs <= blocks:
     raise ValueError(f"programs must be in [1, {blocks}] (the blocks), got {programs}")
   out_shape = jax.ShapeDtypeStruct((batch, n_out), x.dtype)
   kernel = functools.partial(
-      _matvec_kernel, batch=batch, k_size=k_size, chunk=chunk, eps=float(eps),
+      _matvec_kernel, batch=batch, k_size=k_size, max_chunk=max_chunk, eps=float(eps),
       has_norm=norm_scale is not None, has_bias=bias is not None,
       has_residual=residual is not None, swiglu=swiglu, block_n=block_n, blocks=blocks,
       programs=programs)
@@ -439,4 +459,4 @@ def fused_path_supported(batch: int, hidden: int, intermediate: int, num_q_heads
   return (1 <= batch <= MAX_BATCH and head_dim & (head_dim - 1) == 0 and head_dim >= 32
           and num_q_heads % num_kv_heads == 0
           and all(n % block_n == 0 for n in (qkv, hidden, intermediate))
-          and all(_chunk(k) >= 16 for k in (hidden, intermediate, num_q_heads * head_dim)))
+          and min(hidden, intermediate, num_q_heads * head_dim) >= 16)

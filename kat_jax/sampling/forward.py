@@ -45,12 +45,13 @@ CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 # `decode_attention`), the fastest measured on an H200 at Qwen2.5-1.5B shapes, batch 1
 # (docs/sampling.md); a tile must divide the product's output size (`fused_path_supported`).
 # `programs_per_core` runs the product on a persistent grid of that many programs per SM;
-# `max_chunk` 512 widens the loads where K allows (K = 1536; not down's K = 8960).
+# `max_chunk` widens the loads: 512 columns where K = 1536; 1024 for down's K = 8960, whose
+# last chunk overlaps the one before (masked).
 DECODE_TILES: dict[str, dict[str, Any]] = {
     "qkv": dict(block_n=8, num_warps=4, max_chunk=512),
     "o": dict(block_n=1, num_warps=4, max_chunk=512),
     "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3, max_chunk=512),
-    "down": dict(block_n=1, num_warps=4, programs_per_core=2),
+    "down": dict(block_n=1, num_warps=4, programs_per_core=2, max_chunk=1024),
     "attention": {},  # decode_attention picks its slot blocks from the cache length
 }
 

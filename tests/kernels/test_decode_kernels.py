@@ -33,14 +33,18 @@ def _matvec_inputs(seed, batch, k_size, n_rows, dtype):
 _TILINGS = {"8_rows": {}, "4_rows_8_warps": dict(block_n=4, num_warps=8),
             "persistent_2_rows": dict(block_n=2, num_warps=4, programs=132),
             "persistent_2_rows_512_wide": dict(block_n=2, num_warps=4, programs=132,
-                                               max_chunk=512)}
+                                               max_chunk=512),
+            # 1024 divides neither K = 1536 nor 8960: the last chunk overlaps, masked.
+            "persistent_1_row_1024_wide": dict(block_n=1, num_warps=4, programs=264,
+                                               max_chunk=1024)}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, MAX_BATCH])
 @pytest.mark.parametrize("options", ["plain", "norm_bias", "residual", "norm_swiglu_residual"])
 def test_matvec_matches_reference(dtype, batch, options):
-  k_size, n_rows = 160, 64  # K = 5 chunks of 32: the chunked sums and a non-power-of-two K
+  # K = 160: a 128-column chunk, then one over [32, 160) whose first 96 columns are masked.
+  k_size, n_rows = 160, 64
   x, w, scale, bias, residual = _matvec_inputs(batch, batch, k_size, n_rows, dtype)
   kwargs = {"plain": {}, "norm_bias": dict(norm_scale=scale, bias=bias, eps=1e-5),
             "residual": dict(residual=residual),
@@ -57,9 +61,10 @@ def test_matvec_matches_reference(dtype, batch, options):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_wider_load_chunks_compute_the_same_product(dtype):
-  """max_chunk sets how many columns one load takes (512 -> one chunk of K = 512, 64 -> 8);
-  both compute the reference product."""
-  x, w, scale, _, residual = _matvec_inputs(11, 2, 512, 16, dtype)
+  """max_chunk sets how many columns one load takes: of K = 640, 64 -> ten chunks; 512 -> two,
+  the second over [128, 640) with its first 384 columns masked (the RMSNorm must not count
+  them twice, nor the product)."""
+  x, w, scale, _, residual = _matvec_inputs(11, 2, 640, 16, dtype)
   for kwargs in (dict(norm_scale=scale, swiglu=True), dict(residual=residual)):
     want = matvec_reference(x, w, **kwargs)
     for max_chunk in (64, 512):
@@ -131,6 +136,8 @@ def test_clear_errors():
     fused_matvec(x[:1], w[:24], block_n=16, interpret=True)
   with pytest.raises(ValueError, match="contract"):
     fused_matvec(x[:1], w[:, :32], interpret=True)
+  with pytest.raises(ValueError, match="must be >= 16"):
+    fused_matvec(x[:1, :8], w[:, :8], interpret=True)
   args = _attention_inputs(0, 2, 16, 4, 2, 32, jnp.float32, 3)
   with pytest.raises(ValueError, match="query heads"):
     decode_attention(*args, jnp.int32(3), num_q_heads=2, interpret=True)
@@ -180,6 +187,8 @@ def test_kernels_lower_to_triton_on_cpu():
   lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True),
         spec((b, d)), spec((2 * f, d)), spec((d,)))
   lower(lambda x, w, r: fused_matvec(x, w, residual=r), spec((b, f)), spec((d, f)), spec((b, d)))
+  lower(lambda x, w, r: fused_matvec(x, w, residual=r, block_n=1, programs=264, max_chunk=1024),
+        spec((b, f)), spec((d, f)), spec((b, d)))  # masked last chunk: 8960 = 8.75 x 1024
   lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True, block_n=2, programs=396),
         spec((b, d)), spec((2 * f, d)), spec((d,)))
   lower(lambda *a: decode_attention(*a, num_q_heads=hq), spec((b, n_qkv)), spec((b, hd)),
