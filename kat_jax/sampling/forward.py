@@ -51,7 +51,7 @@ DECODE_TILES: dict[str, dict[str, Any]] = {
     "qkv": dict(block_n=8, num_warps=4, max_chunk=512),
     "o": dict(block_n=1, num_warps=4, max_chunk=512),
     "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3, max_chunk=512),
-    "down": dict(block_n=1, num_warps=4, programs_per_core=2, max_chunk=1024),
+    "down": dict(block_n=2, num_warps=4, programs_per_core=3, max_chunk=1024),
     "attention": {},  # decode_attention picks its slot blocks from the cache length
 }
 
