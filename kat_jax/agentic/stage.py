@@ -44,7 +44,7 @@ from kat_jax.model import ModelConfig
 from kat_jax.parallel import init_sharded_state, make_mesh, sharding_context
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.policy_step import POLICY_INPUTS, make_logprob_fn, make_policy_loss_fn
-from kat_jax.sampling import Sampler, SamplingParams, prepare_params, shard_decode_params
+from kat_jax.sampling import Sampler, SamplingParams, prepare_params
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import TrainState
 
@@ -249,7 +249,7 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=256)
 
   def rollout_fn(params, tasks, key) -> list:
-    dparams = shard_decode_params(prepare_params(params, model_config), mesh)
+    dparams = prepare_params(params, model_config, mesh)
     return tree_rollout(sampler, dparams, make_env, tasks, tokenizer, key, rollout_cfg)
 
   with sharding_context(mesh):

@@ -361,7 +361,6 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
                                  keep=config.train.keep_checkpoints,
                                  async_save=config.train.async_checkpoint)
   from kat_jax.sampling import prepare_params  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import shard_decode_params  # pylint: disable=g-import-not-at-top
   history: list[dict[str, Any]] = []
   curves_path = os.path.join(workdir, "rl_curves.json")
   if os.path.exists(curves_path):
@@ -404,7 +403,7 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
       # Prompt draws and sampling keys depend on (seed, step) and the restored prompt pool
       # only, so a resumed run continues as the uninterrupted one would.
       step_rng = np.random.default_rng([config.seed, step])
-      dparams = shard_decode_params(prepare_params(state.params, model_config), mesh)
+      dparams = prepare_params(state.params, model_config, mesh)
       rounds = []
       for _ in range(rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 1):
         tasks = _draw_tasks(pool, task_pool, mix, step, rl.prompts_per_step, step_rng)

@@ -25,6 +25,7 @@ unpadded sequence.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax
@@ -87,13 +88,30 @@ class DecodeParams:
   layers: list[dict[str, jax.Array]]
 
 
-def prepare_params(params: dict, config: ModelConfig) -> DecodeParams:
-  """Training param tree (stacked layers, unboxed) -> `DecodeParams`. Copies the weights once."""
+def prepare_params(params: dict, config: ModelConfig, mesh: Mesh | None = None,
+                   rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> DecodeParams:
+  """Training param tree (stacked layers, unboxed) -> `DecodeParams`. Copies the weights once.
+
+  One jitted program writes the decode layout, so the stacked concatenations it slices are
+  temporaries of that program, not arrays that outlive the call. With `mesh`, its outputs
+  are placed as `shard_decode_params` places them, so no unplaced copy exists first (an RL
+  step rebuilds this copy after every update). A tied head is the embedding array (one copy).
+  """
   if isinstance(params, DecodeParams):
-    return params
+    return params if mesh is None else shard_decode_params(params, mesh, rules)
   if "layers" not in params or "embed" not in params:
     raise ValueError("params must be the Decoder's param tree (keys 'embed', 'layers', ...); "
                      f"got keys {sorted(params)}")
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+  dparams = _decode_layout(params, config=config, mesh=mesh, rules=rules)
+  return dparams.replace(head=dparams.embed) if config.tie_word_embeddings else dparams
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules"))
+def _decode_layout(params: dict, *, config: ModelConfig, mesh: Mesh | None,
+                   rules: tuple[tuple[str, Any], ...]) -> DecodeParams:
+  """`prepare_params`'s copy; a tied head comes back as None (the caller points it at embed,
+  so the program does not write the embedding twice)."""
   dt = config.compute_dtype
   d, hq, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
   stacked = params["layers"]
@@ -124,8 +142,12 @@ def prepare_params(params: dict, config: ModelConfig) -> DecodeParams:
     layers.append(layer)
   embed = params["embed"]["embedding"].astype(dt)
   head = embed if config.tie_word_embeddings else params["lm_head"]["kernel"].astype(dt)
-  return DecodeParams(embed=embed, head=head,
-                      final_norm=params["final_norm"]["scale"].astype(dt), layers=layers)
+  out = DecodeParams(embed=embed, head=head,
+                     final_norm=params["final_norm"]["scale"].astype(dt), layers=layers)
+  if mesh is not None:
+    out = jax.lax.with_sharding_constraint(
+        out, logical_to_sharding(decode_logical_axes(out), out, mesh, rules))
+  return out.replace(head=None) if config.tie_word_embeddings else out
 
 
 # Logical axes of the decode weights: tensor parallelism splits heads, mlp rows and the

@@ -406,3 +406,21 @@ def test_untied_head_shards_its_vocabulary_columns():
   assert sharded.head.addressable_shards[0].data.shape == (config.hidden_size,
                                                            config.vocab_size // 2)
   np.testing.assert_array_equal(np.asarray(sharded.head), np.asarray(dparams.head))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_prepare_params_on_a_mesh_places_what_shard_decode_params_places(tied):
+  """prepare_params(..., mesh) writes the decode copy straight into the tensor-parallel layout:
+  the same values and shardings as building it unplaced and then `shard_decode_params`."""
+  from kat_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny", num_layers=2, tie_word_embeddings=tied)
+  params = init_params(config, jax.random.key(0))
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  want = shard_decode_params(prepare_params(params, config), mesh)
+  got = prepare_params(params, config, mesh)
+  assert (got.head is got.embed) == tied  # a tied head stays one array
+  leaves = lambda p: jax.tree.leaves_with_path(p)  # noqa: E731
+  for (path, g), (_, w) in zip(leaves(got), leaves(want), strict=True):
+    assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (path, g.sharding, w.sharding)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(path))
+  assert prepare_params(got, config) is got  # already decode params: returned as they are
