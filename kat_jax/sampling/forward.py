@@ -90,64 +90,62 @@ class DecodeParams:
 
 def prepare_params(params: dict, config: ModelConfig, mesh: Mesh | None = None,
                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> DecodeParams:
-  """Training param tree (stacked layers, unboxed) -> `DecodeParams`. Copies the weights once.
+  """Training param tree (stacked layers, unboxed) -> `DecodeParams`. Copies the layer weights
+  once; the embedding is cast (no copy where it has the compute dtype) and a tied head is it.
 
-  One jitted program writes the decode layout, so the stacked concatenations it slices are
-  temporaries of that program, not arrays that outlive the call. With `mesh`, its outputs
-  are placed as `shard_decode_params` places them, so no unplaced copy exists first (an RL
-  step rebuilds this copy after every update). A tied head is the embedding array (one copy).
+  One jitted program writes the layers' decode layout. With `mesh`, its outputs carry the
+  shardings `shard_decode_params` gives them, so no unplaced copy of the layers exists first
+  (an RL step rebuilds this copy after every update); the embedding is then placed.
   """
   if isinstance(params, DecodeParams):
     return params if mesh is None else shard_decode_params(params, mesh, rules)
   if "layers" not in params or "embed" not in params:
     raise ValueError("params must be the Decoder's param tree (keys 'embed', 'layers', ...); "
                      f"got keys {sorted(params)}")
+  dt = config.compute_dtype
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
-  dparams = _decode_layout(params, config=config, mesh=mesh, rules=rules)
-  return dparams.replace(head=dparams.embed) if config.tie_word_embeddings else dparams
+  embed = params["embed"]["embedding"].astype(dt)
+  dparams = DecodeParams(
+      embed=embed,
+      head=embed if config.tie_word_embeddings else params["lm_head"]["kernel"].astype(dt),
+      final_norm=params["final_norm"]["scale"].astype(dt),
+      layers=_decode_layers(params["layers"], config=config, mesh=mesh, rules=rules))
+  # Placed layers are left where they are; the embedding, head and norm move.
+  return dparams if mesh is None else shard_decode_params(dparams, mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "rules"))
-def _decode_layout(params: dict, *, config: ModelConfig, mesh: Mesh | None,
-                   rules: tuple[tuple[str, Any], ...]) -> DecodeParams:
-  """`prepare_params`'s copy; a tied head comes back as None (the caller points it at embed,
-  so the program does not write the embedding twice)."""
+def _decode_layers(stacked: dict, *, config: ModelConfig, mesh: Mesh | None,
+                   rules: tuple[tuple[str, Any], ...]) -> list[dict[str, jax.Array]]:
+  """`prepare_params`'s layer dicts. Every output is built from its layer's slices, so XLA
+  writes it without stacked [L, ...] temporaries."""
   dt = config.compute_dtype
   d, hq, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-  stacked = params["layers"]
   attn, mlp = stacked["attn"], stacked["mlp"]
 
-  def flat(w, heads):  # [L, d, H, D] -> [L, H*D, d]
-    return w.reshape(w.shape[0], d, heads * hd).swapaxes(1, 2)
+  def flat(w, heads):  # [d, H, D] -> [H*D, d]
+    return w.reshape(d, heads * hd).T
 
-  qkv = jnp.concatenate([flat(attn["q_kernel"], hq), flat(attn["k_kernel"], hkv),
-                         flat(attn["v_kernel"], hkv)], axis=1).astype(dt)
-  gate_up = jnp.concatenate([mlp["gate_proj"], mlp["up_proj"]], axis=-1).swapaxes(1, 2)
-  gate_up = gate_up.astype(dt)
-  if config.qkv_bias:
-    qkv_bias = jnp.concatenate([attn[f"{n}_bias"].reshape(config.num_layers, -1)
-                                for n in ("q", "k", "v")], axis=-1).astype(dt)
   layers = []
   for i in range(config.num_layers):
     layer = {
         "input_norm": stacked["input_norm"]["scale"][i].astype(dt),
-        "qkv": qkv[i],
+        "qkv": jnp.concatenate([flat(attn["q_kernel"][i], hq), flat(attn["k_kernel"][i], hkv),
+                                flat(attn["v_kernel"][i], hkv)]).astype(dt),
         "o": attn["o_kernel"][i].reshape(hq * hd, d).T.astype(dt),
         "post_attn_norm": stacked["post_attn_norm"]["scale"][i].astype(dt),
-        "gate_up": gate_up[i],
+        "gate_up": jnp.concatenate([mlp["gate_proj"][i], mlp["up_proj"][i]], -1).T.astype(dt),
         "down": mlp["down_proj"][i].T.astype(dt),
     }
     if config.qkv_bias:
-      layer["qkv_bias"] = qkv_bias[i]
+      layer["qkv_bias"] = jnp.concatenate([attn[f"{n}_bias"][i].reshape(-1)
+                                           for n in ("q", "k", "v")]).astype(dt)
     layers.append(layer)
-  embed = params["embed"]["embedding"].astype(dt)
-  head = embed if config.tie_word_embeddings else params["lm_head"]["kernel"].astype(dt)
-  out = DecodeParams(embed=embed, head=head,
-                     final_norm=params["final_norm"]["scale"].astype(dt), layers=layers)
   if mesh is not None:
-    out = jax.lax.with_sharding_constraint(
-        out, logical_to_sharding(decode_logical_axes(out), out, mesh, rules))
-  return out.replace(head=None) if config.tie_word_embeddings else out
+    axes = [{k: PartitionSpec(*_LAYER_AXES[k]) for k in layer} for layer in layers]
+    layers = jax.lax.with_sharding_constraint(
+        layers, logical_to_sharding(axes, layers, mesh, rules))
+  return layers
 
 
 # Logical axes of the decode weights: tensor parallelism splits heads, mlp rows and the

@@ -361,6 +361,8 @@ def test_clear_errors(model):
     sampler.extend(dparams, sampler.prefill(dparams, PROMPTS[:2], max_length=32), PROMPTS)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: the CPU run's virtual "
+                    "devices (tests/conftest.py); a one-GPU run (KAT_TEST_GPU=1) has one")
 def test_sampler_on_a_device_mesh_shards_the_cache_and_keeps_the_output(model):
   """On the 8 virtual CPU devices (data 2 × fsdp 2 × tensor 2), the cache is sharded by the
   mesh rules (rows over data and fsdp, kv heads over tensor), the decode weights split over
@@ -395,6 +397,8 @@ def test_sampler_on_a_device_mesh_shards_the_cache_and_keeps_the_output(model):
   assert relative_error(got.entropies, want.entropies) < 1e-5
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: the CPU run's virtual "
+                    "devices (tests/conftest.py); a one-GPU run (KAT_TEST_GPU=1) has one")
 def test_untied_head_shards_its_vocabulary_columns():
   """An untied LM head is [d, V]: its vocabulary (second) dimension goes over tensor."""
   from kat_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
@@ -408,6 +412,8 @@ def test_untied_head_shards_its_vocabulary_columns():
   np.testing.assert_array_equal(np.asarray(sharded.head), np.asarray(dparams.head))
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: the CPU run's virtual "
+                    "devices (tests/conftest.py); a one-GPU run (KAT_TEST_GPU=1) has one")
 @pytest.mark.parametrize("tied", [True, False])
 def test_prepare_params_on_a_mesh_places_what_shard_decode_params_places(tied):
   """prepare_params(..., mesh) writes the decode copy straight into the tensor-parallel layout:
