@@ -122,13 +122,18 @@ def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn
   prompts = [r["prompt"] for r in records]
   specs = [r["verifier"] for r in records]
   correct = np.zeros(len(records), np.int64)
-  for _ in range(num_samples):
-    responses = generate_fn(list(prompts))
-    if len(responses) != len(prompts):
-      raise ValueError(f"generate_fn returned {len(responses)} responses for "
-                       f"{len(prompts)} prompts")
-    answers = [extract_answer(r) if isinstance(r, str) else None for r in responses]
-    correct += np.asarray(verifiers.verify_many(specs, answers, time_limit=time_limit))
+  # One pool for every sample: its SymPy worker processes start once, not once per sample.
+  pool = verifiers.verifier_pool(time_limit)
+  try:
+    for _ in range(num_samples):
+      responses = generate_fn(list(prompts))
+      if len(responses) != len(prompts):
+        raise ValueError(f"generate_fn returned {len(responses)} responses for "
+                         f"{len(prompts)} prompts")
+      answers = [extract_answer(r) if isinstance(r, str) else None for r in responses]
+      correct += np.asarray(verifiers.verify_many(specs, answers, pool=pool))
+  finally:
+    pool.close()
   chosen, random_modes = random_assignment(len(records), random_fraction, seed)
   tagged = []
   for i, record in enumerate(records):

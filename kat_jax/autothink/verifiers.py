@@ -30,9 +30,20 @@ def check_spec(spec: Mapping[str, Any]) -> str:
   return kind
 
 
+def verifier_pool(time_limit: float = 2.0, workers: int = 2) -> RewardPool:
+  """The RewardPool `verify_many` scores with; pass one to several calls to share its workers."""
+  return RewardPool(max_workers=workers, item_timeout_s=time_limit + 5.0,
+                    code_timeout_s=time_limit)  # the sandbox limit of each code run
+
+
 def verify_many(specs: Sequence[Mapping[str, Any]], candidates: Sequence[str | None], *,
-                time_limit: float = 2.0, workers: int = 2) -> list[bool]:
-  """[N] bools: candidate answers (the text inside `<answer>`) against specs. None -> False."""
+                time_limit: float = 2.0, workers: int = 2,
+                pool: RewardPool | None = None) -> list[bool]:
+  """[N] bools: candidate answers (the text inside `<answer>`) against specs. None -> False.
+
+  `pool` (from `verifier_pool`, left open) replaces `time_limit`/`workers`; without it a pool
+  is made and closed here.
+  """
   if len(specs) != len(candidates):
     raise ValueError(f"{len(specs)} specs but {len(candidates)} candidates")
   for spec in specs:
@@ -42,12 +53,14 @@ def verify_many(specs: Sequence[Mapping[str, Any]], candidates: Sequence[str | N
   results = [False] * len(specs)
   if not items:
     return results
-  pool = RewardPool(max_workers=workers, item_timeout_s=time_limit + 5.0,
-                    code_timeout_s=time_limit)  # the sandbox limit of each code run
+  owned = pool is None
+  if owned:
+    pool = verifier_pool(time_limit, workers)
   try:
     scored = pool.score_async([item for _, item in items]).result()
   finally:
-    pool.close()
+    if owned:
+      pool.close()
   for (i, _), result in zip(items, scored):
     results[i] = result.reward >= 1.0
   return results

@@ -73,6 +73,7 @@ def _toy_config(workdir):
 
 def test_sft_stage_smoke(tmp_path, capsys):
   config = _toy_config(tmp_path)
+  config.autothink.votes = 3  # still a majority vote; each vote verifies every task again
   metrics = stage.run_sft(config)
   assert "; 0 data rows skipped" in capsys.readouterr().out  # run_sft's status line
   assert metrics["data_skipped"] == 0

@@ -70,7 +70,7 @@ def test_tag_tasks_rejects_wrong_response_count():
 
 
 def test_simulated_solver_separates_easy_from_hard():
-  ts = tasks.generate_tasks(120, seed=9)
+  ts = tasks.generate_tasks(60, seed=9)  # 33 hard, 27 easy; every code vote runs a sandbox
   tagged = tagging.tag_tasks(ts, tagging.simulated_solver(ts, seed=0), num_samples=5,
                              random_fraction=0.0)
   on = np.asarray([r["mode"] == "think_on" for r in tagged])

@@ -20,6 +20,7 @@ from kat_jax.model import Decoder, get_preset, init_params, lm_head_kernel
 TOK = get_tokenizer("bytes")
 TEACHER = get_preset("tiny", num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2,
                      num_kv_heads=1, vocab_size=TOK.vocab_size)
+_init_params = jax.jit(init_params, static_argnums=0)  # one compile, not op-by-op dispatch
 
 
 def test_dual_regime_records_and_trigger_excluded_from_loss():
@@ -48,7 +49,7 @@ def test_dual_regime_records_and_trigger_excluded_from_loss():
 
 
 def test_teacher_topk_write_read_round_trip_aligned_with_packed_batches(tmp_path):
-  params = init_params(TEACHER, jax.random.key(0))
+  params = _init_params(TEACHER, jax.random.key(0))
   records = dual_regime.generate_records(9, seed=1)
   to_doc = dual_regime.DualRegimeToDocument(TOK)
   seq_len, k = 64, 4  # documents are 60-250 tokens: split into pieces
@@ -63,13 +64,17 @@ def test_teacher_topk_write_read_round_trip_aligned_with_packed_batches(tmp_path
                                            shuffle=False, num_epochs=1)
   model = Decoder(TEACHER)
   head = lm_head_kernel(params, TEACHER)
+
+  @jax.jit  # one compile for every batch (same shapes) instead of op-by-op dispatch
+  def reference_topk(tokens, positions, kv_end):
+    hidden = model.apply({"params": params}, tokens, positions, kv_end, return_hidden=True)
+    return topk_logprobs(hidden @ head, k, TOK.vocab_size)
+
   rows = 0
   for batch in ds:
     validate_batch(batch)
     assert batch["teacher_logprobs"].shape == batch["tokens"].shape + (k,)
-    hidden = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                         batch["kv_end"], return_hidden=True)
-    lp, ids = topk_logprobs(hidden @ head, k, TOK.vocab_size)
+    lp, ids = reference_topk(batch["tokens"], batch["positions"], batch["kv_end"])
     real = batch["segment_ids"] > 0
     np.testing.assert_allclose(batch["teacher_logprobs"][real], np.asarray(lp)[real],
                                rtol=1e-4, atol=1e-4)
@@ -84,7 +89,7 @@ def test_teacher_records_stream_and_shard_over_the_mesh():
   same top-k as one device."""
   from kat_jax.distill.stage import place_teacher  # pylint: disable=g-import-not-at-top
   from kat_jax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
-  params = init_params(TEACHER, jax.random.key(3))
+  params = _init_params(TEACHER, jax.random.key(3))
   records = dual_regime.generate_records(20, seed=4)
   to_doc = dual_regime.DualRegimeToDocument(TOK)
   pulled = []

@@ -1,5 +1,7 @@
 """Decoder tests: parameter counts, the kv_end mask semantics, dtype/remat/scan invariance."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,11 @@ def _tiny(**overrides) -> ModelConfig:
   return get_preset("tiny", **{"num_layers": 2, **overrides})
 
 
+# Jitted (config static): one compile each instead of op-by-op dispatch of every layer op.
+_init_params = jax.jit(init_params, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(config, params, tokens, positions=None, kv_end=None):
   return Decoder(config).apply({"params": params}, tokens, positions, kv_end)
 
@@ -50,7 +57,7 @@ def _forward(config, params, tokens, positions=None, kv_end=None):
 def test_packed_documents_equal_separate_forwards():
   """Two documents packed into one row with kv_end/positions give each document's own logits."""
   config = _tiny()
-  params = init_params(config, jax.random.key(0))
+  params = _init_params(config, jax.random.key(0))
   rng = np.random.default_rng(0)
   doc_a, doc_b = rng.integers(0, 500, 7), rng.integers(0, 500, 5)
   packed = np.concatenate([doc_a, doc_b])[None]
@@ -66,7 +73,7 @@ def test_packed_documents_equal_separate_forwards():
 def test_tree_row_equals_unrolled_paths():
   """A prefix tree (root + two children) laid out depth-first equals its two unrolled paths."""
   config = _tiny()
-  params = init_params(config, jax.random.key(1))
+  params = _init_params(config, jax.random.key(1))
   rng = np.random.default_rng(1)
   root, left, right = rng.integers(0, 500, 4), rng.integers(0, 500, 3), rng.integers(0, 500, 2)
   row = np.concatenate([root, left, right])[None]
@@ -107,21 +114,22 @@ def test_attention_reference_matches_dense_softmax_gqa():
 ])
 def test_remat_and_unroll_do_not_change_values_or_grads(overrides):
   base = _tiny()
-  params = init_params(base, jax.random.key(3))
+  params = _init_params(base, jax.random.key(3))
   tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, 500)
 
   def loss(config, p):
     return jnp.mean(_forward(config, p, tokens) ** 2)
 
-  ref_loss, ref_grad = jax.value_and_grad(lambda p: loss(base, p))(params)
-  new_loss, new_grad = jax.value_and_grad(lambda p: loss(base.replace(**overrides), p))(params)
+  ref_loss, ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
+  new_loss, new_grad = jax.jit(jax.value_and_grad(
+      lambda p: loss(base.replace(**overrides), p)))(params)
   np.testing.assert_allclose(new_loss, ref_loss, rtol=1e-6)
   assert_trees_close(new_grad, ref_grad, rtol=1e-5)
 
 
 def test_bfloat16_compute_tracks_float32():
   config = _tiny()
-  params = init_params(config, jax.random.key(5))
+  params = _init_params(config, jax.random.key(5))
   tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, 500)
   ref = _forward(config, params, tokens)
   out = _forward(config.replace(dtype="bfloat16"), params, tokens)
@@ -132,9 +140,9 @@ def test_bfloat16_compute_tracks_float32():
 
 def test_untied_head_has_its_own_kernel():
   config = _tiny(tie_word_embeddings=False)
-  params = init_params(config, jax.random.key(7))
+  params = _init_params(config, jax.random.key(7))
   assert params["lm_head"]["kernel"].shape == (config.hidden_size, config.vocab_size)
-  tied = init_params(_tiny(), jax.random.key(7))
+  tied = _init_params(_tiny(), jax.random.key(7))
   assert "lm_head" not in tied
 
 

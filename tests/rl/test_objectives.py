@@ -108,23 +108,29 @@ def test_flat_objective_equals_published_formulas(mode, kl):
 
 def test_chunked_token_logprobs_match_full_softmax():
   config = get_preset("tiny", num_layers=2)
-  params = init_params(config, jax.random.key(0))
+  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 500)
   pred_index = jnp.maximum(jnp.arange(9) - 1, 0)[None].repeat(2, 0)
   model = Decoder(config)
-  hidden = model.apply({"params": params}, tokens, return_hidden=True)
-  logp, entropy = chunked_token_logprobs(hidden, lm_head_kernel(params, config), tokens,
-                                         pred_index, chunk_size=5, with_entropy=True)
-  log_probs = jax.nn.log_softmax(model.apply({"params": params}, tokens), axis=-1)
-  gathered = jnp.take_along_axis(log_probs, pred_index[..., None], axis=1)
+
+  @jax.jit  # one compile instead of op-by-op dispatch of the forwards
+  def outputs(params):
+    hidden = model.apply({"params": params}, tokens, return_hidden=True)
+    logp, entropy = chunked_token_logprobs(hidden, lm_head_kernel(params, config), tokens,
+                                           pred_index, chunk_size=5, with_entropy=True)
+    log_probs = jax.nn.log_softmax(model.apply({"params": params}, tokens), axis=-1)
+    gathered = jnp.take_along_axis(log_probs, pred_index[..., None], axis=1)
+    # tempered: softmax(logits / T), the distribution a sampler at temperature T draws from
+    hot, _ = chunked_token_logprobs(hidden, lm_head_kernel(params, config), tokens, pred_index,
+                                    chunk_size=5, temperature=0.7)
+    tempered = jax.nn.log_softmax(model.apply({"params": params}, tokens) / 0.7, axis=-1)
+    tempered = jnp.take_along_axis(tempered, pred_index[..., None], axis=1)
+    return logp, entropy, gathered, hot, tempered
+
+  logp, entropy, gathered, hot, tempered = outputs(params)
   np.testing.assert_allclose(logp, jnp.take_along_axis(gathered, tokens[..., None], -1)[..., 0],
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(gathered) * gathered, -1), rtol=1e-5)
-  # tempered: softmax(logits / T), the distribution a sampler at temperature T draws from
-  hot, _ = chunked_token_logprobs(hidden, lm_head_kernel(params, config), tokens, pred_index,
-                                  chunk_size=5, temperature=0.7)
-  tempered = jax.nn.log_softmax(model.apply({"params": params}, tokens) / 0.7, axis=-1)
-  tempered = jnp.take_along_axis(tempered, pred_index[..., None], axis=1)
   np.testing.assert_allclose(hot, jnp.take_along_axis(tempered, tokens[..., None], -1)[..., 0],
                              rtol=1e-5, atol=1e-6)
 
