@@ -392,7 +392,7 @@ def main():
   tiles = use_measured_tiles(args.tiles) if args.tiles else None
   device = "cuda" if torch.cuda.is_available() else "cpu"
   config = get_preset(args.preset, dtype="bfloat16", param_dtype="bfloat16")
-  params = jax.jit(lambda r: init_params(config, r))(jax.random.key(0))
+  params = init_params(config, jax.random.key(0))
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   bandwidth = copy_bandwidth(torch, device)
 

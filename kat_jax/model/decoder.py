@@ -15,6 +15,8 @@ Parameter tree (layer weights stacked on a leading `layers` axis)::
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -121,8 +123,10 @@ def lm_head_kernel(params: dict, config: ModelConfig) -> jax.Array:
   return params["lm_head"]["kernel"]
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="seq_len")
 def init_params(config: ModelConfig, rng: jax.Array, *, seq_len: int = 8) -> dict:
-  """Initialises an unboxed parameter tree (plain arrays) for `config`."""
+  """Initialises an unboxed parameter tree (plain arrays) for `config`. Jitted: flax's init
+  runs a forward pass, which op by op takes seconds even for a tiny model."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   variables = Decoder(config).init(rng, tokens)
   return nn.meta.unbox(variables["params"])

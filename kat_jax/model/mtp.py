@@ -22,6 +22,8 @@ own path (in a prefix tree an ancestor's "k-th next token" may lie in a sibling 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -139,9 +141,10 @@ class MTPHeads(nn.Module):
     return outputs
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames="seq_len")
 def init_mtp_params(config: ModelConfig, depth: int, rng: jax.Array, *,
                     seq_len: int = 8) -> dict:
-  """Unboxed MTP parameter tree for `depth` modules."""
+  """Unboxed MTP parameter tree for `depth` modules (jitted, as `init_params` is)."""
   variables = _mtp_init(config, depth)(rng, seq_len)
   return nn.meta.unbox(variables["params"])
 

@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace):
     from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
     return load_pretrained(args.hf_dir, config_overrides={"dtype": args.dtype})
   config = get_preset(args.preset, dtype=args.dtype)
-  return config, jax.jit(lambda r: init_params(config, r))(jax.random.key(args.seed))
+  return config, init_params(config, jax.random.key(args.seed))
 
 
 def stream_reply(sampler: Sampler, dparams, prompt: list[int], tokenizer, rng: jax.Array, *,

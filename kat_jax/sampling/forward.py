@@ -142,7 +142,7 @@ def _decode_layers(stacked: dict, *, config: ModelConfig, mesh: Mesh | None,
                                            for n in ("q", "k", "v")]).astype(dt)
     layers.append(layer)
   if mesh is not None:
-    axes = [{k: PartitionSpec(*_LAYER_AXES[k]) for k in layer} for layer in layers]
+    axes = [_layer_logical_axes(layer) for layer in layers]
     layers = jax.lax.with_sharding_constraint(
         layers, logical_to_sharding(axes, layers, mesh, rules))
   return layers
@@ -155,6 +155,11 @@ _LAYER_AXES = {"input_norm": ("norm",), "qkv": ("heads", None), "qkv_bias": ("he
                "down": (None, "mlp")}
 
 
+def _layer_logical_axes(layer: dict[str, Any]) -> dict[str, PartitionSpec]:
+  """One decode layer's weights -> their logical-axis PartitionSpecs."""
+  return {k: PartitionSpec(*_LAYER_AXES[k]) for k in layer}
+
+
 def decode_logical_axes(params: DecodeParams) -> DecodeParams:
   """A DecodeParams-shaped tree of logical-axis PartitionSpecs (map them with the mesh rules)."""
   vocab_rows = params.head.shape == params.embed.shape  # tied: the [V, d] embedding
@@ -162,7 +167,7 @@ def decode_logical_axes(params: DecodeParams) -> DecodeParams:
       embed=PartitionSpec("vocab", None),
       head=PartitionSpec("vocab", None) if vocab_rows else PartitionSpec(None, "vocab"),
       final_norm=PartitionSpec("norm"),
-      layers=[{k: PartitionSpec(*_LAYER_AXES[k]) for k in layer} for layer in params.layers])
+      layers=[_layer_logical_axes(layer) for layer in params.layers])
 
 
 def shard_decode_params(params: DecodeParams, mesh: Mesh,

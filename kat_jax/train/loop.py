@@ -169,8 +169,7 @@ def load_model(config: ConfigDict) -> tuple[ModelConfig, Any]:
   model_config = model_config_from(config.model)
   if config.model.init_from:
     return _load_hf(config, model_config)
-  return model_config, jax.jit(lambda rng: init_params(model_config, rng))(
-      jax.random.key(config.seed))
+  return model_config, init_params(model_config, jax.random.key(config.seed))
 
 
 def _initial_params(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:

@@ -38,7 +38,7 @@ def test_workers_and_trainer_exchange_through_queue_and_snapshots(tmp_path):
   ag.seq_len, ag.micro_batch_rows = 512, 2
   objective = objective_from(ag)
   optimizer = optax.adam(1e-3)
-  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # 1 compile
+  params = init_params(config, jax.random.key(0))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
   initial = jax.tree.map(np.array, params)  # the update donates the state's buffers
   update = AccumulatedPolicyUpdate(config, optimizer, objective, ag.micro_batch_rows, 512)

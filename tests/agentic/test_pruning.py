@@ -103,7 +103,7 @@ def test_random_groups_respect_budget_and_stay_ancestor_closed():
 @pytest.fixture(scope="module")
 def model():
   config = get_preset("tiny", num_layers=1)
-  return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # 1 compile
+  return config, init_params(config, jax.random.key(0))
 
 
 def test_pruned_tree_loss_equals_unrolled_loss_restricted_to_kept_tokens(model):

@@ -44,7 +44,7 @@ class ScriptedToolEnv(Environment):
 def rollout():
   tokenizer = get_tokenizer("bytes")
   config = get_preset("tiny", num_layers=1, initializer_range=0.3)
-  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # 1 compile
+  params = init_params(config, jax.random.key(0))
   sampler = Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=256)
   # vocab_limit 128: ASCII only, so every turn is cut at max_new_tokens (forced <|im_end|>)
   # except with the stop id allowed below.

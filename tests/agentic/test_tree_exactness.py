@@ -110,7 +110,7 @@ def test_inconsistent_old_logp_is_an_error():
 @pytest.fixture(scope="module")
 def model():
   config = get_preset("tiny", num_layers=2)
-  return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # 1 compile
+  return config, init_params(config, jax.random.key(0))
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)

@@ -24,10 +24,6 @@ from kat_jax.train.state import create_train_state
 CFG = get_preset("tiny", num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2,
                  num_kv_heads=1, vocab_size=40)
 
-# Jitted (config, depth static): one compile each instead of op-by-op dispatch.
-_init_params = jax.jit(init_params, static_argnums=0)
-_init_mtp_params = jax.jit(init_mtp_params, static_argnums=(0, 1))
-
 # Two packed documents [0,3) and [3,7), padding at 7.
 PACKED_KV_END = np.array([[3, 3, 3, 7, 7, 7, 7, 8]])
 # Prefix tree, depth first: root tokens 0,1 (subtree end 6); branch A 2,3; branch B 4,5.
@@ -71,8 +67,8 @@ def _mtp_outputs(params, mtp_params, tokens, positions, kv_end, depth):
 ])
 def test_mtp_outputs_never_see_other_documents_or_branches(kv_end, positions, changed, depth,
                                                            kept):
-  params = _init_params(CFG, jax.random.key(0))
-  mtp_params = _init_mtp_params(CFG, 2, jax.random.key(1))
+  params = init_params(CFG, jax.random.key(0))
+  mtp_params = init_mtp_params(CFG, 2, jax.random.key(1))
   t = kv_end.shape[1]
   tokens = jnp.asarray(np.arange(1, t + 1)[None], jnp.int32)
   other = tokens.at[0, jnp.asarray(changed)].set(33)
@@ -116,8 +112,8 @@ def _naive_mtp_loss(params, tokens, weights, docs, depth, lam):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_mtp_loss_equals_naive_per_depth_reference(depth):
-  params = dict(_init_params(CFG, jax.random.key(2)))
-  params["mtp"] = _init_mtp_params(CFG, depth, jax.random.key(3))
+  params = dict(init_params(CFG, jax.random.key(2)))
+  params["mtp"] = init_mtp_params(CFG, depth, jax.random.key(3))
   tokens = jnp.asarray([[5, 9, 2, 7, 1, 3, 8, 4, 0]], jnp.int32)
   docs = [(0, 3), (3, 8)]
   weights = np.zeros((1, 9), np.float32)
@@ -140,8 +136,8 @@ def test_mtp_loss_equals_naive_per_depth_reference(depth):
 
 
 def test_mtp_params_round_trip_through_orbax_with_the_train_state(tmp_path):
-  params = dict(_init_params(CFG, jax.random.key(4)))
-  params["mtp"] = _init_mtp_params(CFG, 2, jax.random.key(5))
+  params = dict(init_params(CFG, jax.random.key(4)))
+  params["mtp"] = init_mtp_params(CFG, 2, jax.random.key(5))
   optimizer = optax.adamw(1e-3)
   state = create_train_state(params, optimizer)
   ckpt = RunCheckpointer(str(tmp_path / "ckpt"), save_every=1, async_save=False)
@@ -157,8 +153,8 @@ def test_mtp_params_round_trip_through_orbax_with_the_train_state(tmp_path):
 
 
 def test_mtp_params_round_trip_through_a_hugging_face_directory(tmp_path):
-  params = dict(_init_params(CFG, jax.random.key(8)))
-  params["mtp"] = _init_mtp_params(CFG, 2, jax.random.key(9))
+  params = dict(init_params(CFG, jax.random.key(8)))
+  params["mtp"] = init_mtp_params(CFG, 2, jax.random.key(9))
   save_pretrained(tmp_path, CFG, params, dtype="float32")
   with safe_open(str(tmp_path / MTP_FILE), framework="numpy") as f:
     names = set(f.keys())
@@ -174,18 +170,18 @@ def test_mtp_params_round_trip_through_a_hugging_face_directory(tmp_path):
   # Heads of another config's shape are refused with the file named.
   other = get_preset("tiny", num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2,
                      num_kv_heads=1, vocab_size=40)
-  save_pretrained(tmp_path, CFG, {**without, "mtp": _init_mtp_params(other, 1,
-                                                                      jax.random.key(0))})
+  save_pretrained(tmp_path, CFG, {**without, "mtp": init_mtp_params(other, 1,
+                                                                     jax.random.key(0))})
   with pytest.raises(ValueError, match=MTP_FILE):
     load_pretrained(tmp_path, load_mtp=True)
 
 
 def test_self_speculative_decoding_equals_greedy_and_reports_accept_rate():
   cfg = CFG.replace(vocab_size=16)
-  params = dict(_init_params(cfg, jax.random.key(6)))
+  params = dict(init_params(cfg, jax.random.key(6)))
   # A sharp random model so greedy paths vary; MTP = depth 2.
   params["embed"] = {"embedding": params["embed"]["embedding"] * 40}
-  params["mtp"] = _init_mtp_params(cfg, 2, jax.random.key(7))
+  params["mtp"] = init_mtp_params(cfg, 2, jax.random.key(7))
   prompt = [3, 1, 4, 1, 5]
   expected = greedy_decode(params, cfg, prompt, 10)
   got, stats = self_speculative_decode(params, cfg, prompt, 10)

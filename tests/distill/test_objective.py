@@ -70,9 +70,6 @@ def _init(config, rng):
   return init_params(config, rng)
 
 
-_init_mtp = jax.jit(init_mtp_params, static_argnums=(0, 1))  # one compile, not op by op
-
-
 def _naive_objective(params, teacher_params, objective: Objective, lam: float) -> dict:
   """Each document alone, full logits, Python loops over positions and depths."""
   dec = {k: v for k, v in params.items() if k != "mtp"}
@@ -113,7 +110,7 @@ def _naive_objective(params, teacher_params, objective: Objective, lam: float) -
                                                  ("uld", 1, False), ("uld", 2, True)])
 def test_objective_matches_naive_per_document_reference(kind, depth, skip_eos):
   params = dict(_init(STUDENT, jax.random.key(0)))
-  params["mtp"] = _init_mtp(STUDENT, depth, jax.random.key(1))
+  params["mtp"] = init_mtp_params(STUDENT, depth, jax.random.key(1))
   teacher_params = _init(TEACHER, jax.random.key(2))
   spec = DistillSpec(kind, temperature=1.7 if kind == "kd" else 1.0)
   objective = Objective(ce_weight=0.5, distill_weight=2.0, spec=spec, teacher="online",
@@ -150,7 +147,7 @@ def test_mtp_lambda_schedule_is_piecewise_constant():
 def test_train_step_uses_the_lambda_of_its_step():
   """λ follows state.step through the jitted step, and scales only the MTP term."""
   params = dict(_init(STUDENT, jax.random.key(3)))
-  params["mtp"] = _init_mtp(STUDENT, 1, jax.random.key(4))
+  params["mtp"] = init_mtp_params(STUDENT, 1, jax.random.key(4))
   objective = Objective(mtp_depth=1, mtp_lambda=(0.3, 0.1), mtp_lambda_boundaries=(2,),
                         loss_chunk=4)
   optimizer = optax.sgd(0.0)  # params stay put: every step sees the same losses

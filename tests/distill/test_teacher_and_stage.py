@@ -20,7 +20,6 @@ from kat_jax.model import Decoder, get_preset, init_params, lm_head_kernel
 TOK = get_tokenizer("bytes")
 TEACHER = get_preset("tiny", num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2,
                      num_kv_heads=1, vocab_size=TOK.vocab_size)
-_init_params = jax.jit(init_params, static_argnums=0)  # one compile, not op-by-op dispatch
 
 
 def test_dual_regime_records_and_trigger_excluded_from_loss():
@@ -49,7 +48,7 @@ def test_dual_regime_records_and_trigger_excluded_from_loss():
 
 
 def test_teacher_topk_write_read_round_trip_aligned_with_packed_batches(tmp_path):
-  params = _init_params(TEACHER, jax.random.key(0))
+  params = init_params(TEACHER, jax.random.key(0))
   records = dual_regime.generate_records(9, seed=1)
   to_doc = dual_regime.DualRegimeToDocument(TOK)
   seq_len, k = 64, 4  # documents are 60-250 tokens: split into pieces
@@ -89,7 +88,7 @@ def test_teacher_records_stream_and_shard_over_the_mesh():
   same top-k as one device."""
   from kat_jax.distill.stage import place_teacher  # pylint: disable=g-import-not-at-top
   from kat_jax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
-  params = _init_params(TEACHER, jax.random.key(3))
+  params = init_params(TEACHER, jax.random.key(3))
   records = dual_regime.generate_records(20, seed=4)
   to_doc = dual_regime.DualRegimeToDocument(TOK)
   pulled = []

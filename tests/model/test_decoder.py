@@ -45,10 +45,6 @@ def _tiny(**overrides) -> ModelConfig:
   return get_preset("tiny", **{"num_layers": 2, **overrides})
 
 
-# Jitted (config static): one compile each instead of op-by-op dispatch of every layer op.
-_init_params = jax.jit(init_params, static_argnums=0)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(config, params, tokens, positions=None, kv_end=None):
   return Decoder(config).apply({"params": params}, tokens, positions, kv_end)
@@ -57,7 +53,7 @@ def _forward(config, params, tokens, positions=None, kv_end=None):
 def test_packed_documents_equal_separate_forwards():
   """Two documents packed into one row with kv_end/positions give each document's own logits."""
   config = _tiny()
-  params = _init_params(config, jax.random.key(0))
+  params = init_params(config, jax.random.key(0))
   rng = np.random.default_rng(0)
   doc_a, doc_b = rng.integers(0, 500, 7), rng.integers(0, 500, 5)
   packed = np.concatenate([doc_a, doc_b])[None]
@@ -73,7 +69,7 @@ def test_packed_documents_equal_separate_forwards():
 def test_tree_row_equals_unrolled_paths():
   """A prefix tree (root + two children) laid out depth-first equals its two unrolled paths."""
   config = _tiny()
-  params = _init_params(config, jax.random.key(1))
+  params = init_params(config, jax.random.key(1))
   rng = np.random.default_rng(1)
   root, left, right = rng.integers(0, 500, 4), rng.integers(0, 500, 3), rng.integers(0, 500, 2)
   row = np.concatenate([root, left, right])[None]
@@ -114,7 +110,7 @@ def test_attention_reference_matches_dense_softmax_gqa():
 ])
 def test_remat_and_unroll_do_not_change_values_or_grads(overrides):
   base = _tiny()
-  params = _init_params(base, jax.random.key(3))
+  params = init_params(base, jax.random.key(3))
   tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, 500)
 
   def loss(config, p):
@@ -129,7 +125,7 @@ def test_remat_and_unroll_do_not_change_values_or_grads(overrides):
 
 def test_bfloat16_compute_tracks_float32():
   config = _tiny()
-  params = _init_params(config, jax.random.key(5))
+  params = init_params(config, jax.random.key(5))
   tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, 500)
   ref = _forward(config, params, tokens)
   out = _forward(config.replace(dtype="bfloat16"), params, tokens)
@@ -140,9 +136,9 @@ def test_bfloat16_compute_tracks_float32():
 
 def test_untied_head_has_its_own_kernel():
   config = _tiny(tie_word_embeddings=False)
-  params = _init_params(config, jax.random.key(7))
+  params = init_params(config, jax.random.key(7))
   assert params["lm_head"]["kernel"].shape == (config.hidden_size, config.vocab_size)
-  tied = _init_params(_tiny(), jax.random.key(7))
+  tied = init_params(_tiny(), jax.random.key(7))
   assert "lm_head" not in tied
 
 

@@ -27,8 +27,7 @@ def test_updates_per_batch_keep_old_logprobs():
   config = get_preset("tiny", num_layers=1)
   cfg = ObjectiveConfig(eps_low=0.05, eps_high=0.05)
   optimizer = optax.sgd(5.0)  # large steps, so the second update's ratios leave the clip range
-  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # 1 compile
-  state = create_train_state(params, optimizer)
+  state = create_train_state(init_params(config, jax.random.key(0)), optimizer)
   logprob_fn = jax.jit(make_logprob_fn(config, loss_chunk=64))
   step = jax.jit(make_policy_step(config, optimizer, cfg, loss_chunk=64))
   batch = _batch(cfg)

@@ -17,10 +17,6 @@ def _config():
   return get_preset("tiny", num_layers=2)
 
 
-# One compile instead of the eager init's op-by-op dispatch (seconds per call).
-_init_params = jax.jit(init_params, static_argnums=0)
-
-
 def _random_batch(rng, batch, length, vocab=500):
   tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
   positions = np.tile(np.arange(length, dtype=np.int32), (batch, 1))
@@ -34,7 +30,7 @@ def _random_batch(rng, batch, length, vocab=500):
 
 def test_chunked_cross_entropy_matches_full_logits_and_gradients():
   config = _config()
-  params = _init_params(config, jax.random.key(0))
+  params = init_params(config, jax.random.key(0))
   batch = _random_batch(np.random.default_rng(0), 3, 11)
   model = Decoder(config)
 
@@ -62,7 +58,7 @@ def _optim():
 
 def test_gradient_accumulation_gives_the_same_update():
   config = _config()
-  params = _init_params(config, jax.random.key(1))
+  params = init_params(config, jax.random.key(1))
   optimizer = make_optimizer(_optim(), total_steps=10)
   batch = _random_batch(np.random.default_rng(1), 4, 9)
   results = []
@@ -80,7 +76,7 @@ def test_gradient_accumulation_gives_the_same_update():
 def test_training_reduces_loss_on_a_fixed_batch():
   config = _config()
   optimizer = make_optimizer(_optim(), total_steps=30)
-  state = create_train_state(_init_params(config, jax.random.key(2)), optimizer)
+  state = create_train_state(init_params(config, jax.random.key(2)), optimizer)
   batch = _random_batch(np.random.default_rng(2), 2, 16, vocab=50)
   step = jax.jit(make_train_step(config, optimizer))
   losses = []

@@ -29,10 +29,6 @@ def _packed_batch(rng, batch=2, length=24):
   return {k: jnp.asarray(v) for k, v in packing.stack_rows(rows).items()}
 
 
-# Jitted (config static): one compile per config instead of op-by-op dispatch.
-_init_params = jax.jit(init_params, static_argnums=0)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(config, params, batch):
   return Decoder(config).apply({"params": params}, batch["tokens"], batch["positions"],
@@ -49,7 +45,7 @@ def _with_identity_layer(params, index):
 
 def test_scanned_stack_matches_decoder_hidden_states():
   config = _config()
-  params = _init_params(config, jax.random.key(0))
+  params = init_params(config, jax.random.key(0))
   batch = _packed_batch(np.random.default_rng(0))
   expected = jax.jit(lambda p, b: Decoder(config).apply(
       {"params": p}, b["tokens"], b["positions"], b["kv_end"], return_hidden=True))(params, batch)
@@ -77,7 +73,7 @@ def _reference_cosines(config, params, batch):
 
 def test_streamed_report_matches_reference_over_real_tokens_only():
   config = _config()
-  params = _init_params(config, jax.random.key(1))
+  params = init_params(config, jax.random.key(1))
   rng = np.random.default_rng(1)
   batches = [_packed_batch(rng), _packed_batch(rng)]
   report = saturation.analyze_saturation(config, params, iter(batches))
@@ -93,7 +89,7 @@ def test_streamed_report_matches_reference_over_real_tokens_only():
 
 def test_identity_layer_has_cosine_one(tmp_path):
   config = _config()
-  params = _with_identity_layer(_init_params(config, jax.random.key(2)), 2)
+  params = _with_identity_layer(init_params(config, jax.random.key(2)), 2)
   report = saturation.analyze_saturation(config, params, [_packed_batch(np.random.default_rng(2))])
   assert abs(report.mean_cosine[2] - 1.0) < 1e-6
   assert report.std_cosine[2] < 1e-3
@@ -108,7 +104,7 @@ def test_identity_layer_has_cosine_one(tmp_path):
 @pytest.mark.parametrize("placement, duplicated", [("interleave", [0, 2]), ("block", [1, 2])])
 def test_identity_init_preserves_logits(placement, duplicated, dtype):
   config = _config(tie_word_embeddings=False, dtype=dtype)
-  params = _init_params(config, jax.random.key(3))
+  params = init_params(config, jax.random.key(3))
   batch = _packed_batch(np.random.default_rng(3))
   layer_map = expand.make_layer_map(config.num_layers, duplicated, placement)
   new_config, new_params = expand.upscale(config, params, layer_map, "identity")
@@ -128,7 +124,7 @@ def test_identity_init_preserves_logits(placement, duplicated, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_copy_init_of_an_identity_layer_preserves_logits(dtype):
   config = _config(dtype=dtype)
-  params = _with_identity_layer(_init_params(config, jax.random.key(4)), 1)
+  params = _with_identity_layer(init_params(config, jax.random.key(4)), 1)
   batch = _packed_batch(np.random.default_rng(4))
   for placement in ("interleave", "block"):
     layer_map = expand.make_layer_map(config.num_layers, [1], placement)
@@ -201,14 +197,14 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="source layer"):
     expand.LayerMap((0, 4), (False, True), 4)
   config = _config(4)
-  params = _init_params(config, jax.random.key(5))
+  params = init_params(config, jax.random.key(5))
   layer_map = expand.make_layer_map(4, [1], "interleave")
   with pytest.raises(ValueError, match="unknown init 'zeros'"):
     expand.upscale_params(params, layer_map, "zeros")
   with pytest.raises(ValueError, match="layer map is for 4 layers, config has 2"):
     expand.upscale_config(_config(2), layer_map)
   with pytest.raises(ValueError, match="leading size 2"):
-    expand.upscale_params(_init_params(_config(2), jax.random.key(5)), layer_map)
+    expand.upscale_params(init_params(_config(2), jax.random.key(5)), layer_map)
   with pytest.raises(ValueError, match="no calibration tokens"):
     saturation.analyze_saturation(config, params, [])
 
