@@ -113,8 +113,7 @@ if HF_DIR:
   loaded_config, loaded = load_pretrained(HF_DIR)
 else:  # save a random tiny model in Hugging Face format, then load it like any checkpoint
   config = get_preset("tiny")
-  # jit: one compiled init is several times faster than eager op-by-op init on CPU
-  params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+  params = init_params(config, jax.random.key(0))
   hf_dir = os.path.join(tempfile.mkdtemp(), "tiny_hf")
   save_pretrained(hf_dir, config, params)
   print(sorted(os.listdir(hf_dir)))
@@ -169,7 +168,7 @@ from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.upscale import (analyze_saturation, make_layer_map, select_layers, upscale)
 
 config = get_preset("tiny", num_layers=6)
-params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))  # jit: fast on CPU
+params = init_params(config, jax.random.key(0))
 rng = np.random.default_rng(0)
 batches = [{"tokens": rng.integers(0, 256, size=(4, 64), dtype=np.int32)} for _ in range(2)]
 report = analyze_saturation(config, params, batches)
