@@ -21,7 +21,6 @@ round to the compute dtype where the XLA path's einsums do.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -276,87 +275,86 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   return out.reshape(batch, hq * head_dim).astype(qkv.dtype), k_cache, v_cache
 
 
-def _used_blocks(end: jax.Array, block_s: int) -> jax.Array:
-  """Slot blocks that hold softmax statistics: those with cached slots < end, and block 0."""
-  return jnp.maximum((end + block_s - 1) // block_s, 1)
+def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
+                            acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
+                            num_kv_heads, head_dim, block_s):
+  """One program per (row, query head, slot block): softmax statistics of that block.
 
-
-def _attention_block(b, head, split, end, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
-                     acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
-                     num_kv_heads, head_dim, block_s, await_inputs=None) -> None:
-  """Softmax statistics of row b, query head `head`, slot block `split` (< used blocks).
-
-  Whole-array refs: qkv [B, (Hq+2Hkv)D], cos/sin [B,D], valid [B,S], the caches [B,S,Hkv,D],
-  acc [B, splits, Hq, D], stats [B, splits, Hq, 2]. Writes acc = sum_j p_j v_j and (m, l) with
-  p_j = exp(s_j - m), l = sum p_j, over the block's cached slots j < end; block 0 also takes
-  the new token's key (slot `end`, not read back from the cache), and the group's first head
-  of block 0 writes the new k/v. `await_inputs` runs after the cache loads, before qkv is read.
+  Writes acc [D] = sum_j p_j v_j and stats [2] = (m, l) with p_j = exp(s_j - m), l = sum p_j,
+  over the block's cached slots j < end; block 0 also takes the new token's key (slot `end`,
+  not read back from the cache), and the group's first head of block 0 writes the new k/v.
+  Blocks past `end` write nothing (`_attention_combine_kernel` reads only blocks < end).
   """
   f32 = jnp.float32
   dt = qkv_ref.dtype
+  b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   h = head // groups
   half = head_dim // 2
+  end = end_ref[0]
   start = split * block_s
-  lo, hi = pl.ds(0, half), pl.ds(half, half)
-  rows = pl.ds(start, block_s)
-  # Issue the block's cache loads first: they are the long-latency part of the program.
-  in_range = start + jnp.arange(block_s) < end
-  k1 = plgpu.load(k_ref.at[b, rows, h, lo], mask=in_range[:, None], other=0).astype(f32)
-  k2 = plgpu.load(k_ref.at[b, rows, h, hi], mask=in_range[:, None], other=0).astype(f32)
-  v = plgpu.load(v_ref.at[b, rows, h, :], mask=in_range[:, None], other=0).astype(f32)
-  visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
-  cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
-  sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
-  if await_inputs is not None:
-    await_inputs()
 
-  def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
-    x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
-    x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
-    return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
-            (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
+  @pl.when((split == 0) | (start < end))
+  def _block():
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    rows = pl.ds(start, block_s)
+    # Issue the block's cache loads first: they are the long-latency part of the program.
+    in_range = start + jnp.arange(block_s) < end
+    k1 = plgpu.load(k_ref.at[rows, lo], mask=in_range[:, None], other=0).astype(f32)
+    k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
+    v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
+    visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
+    cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
+    sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
 
-  scale = head_dim**-0.5
-  q1, q2 = rotated(head * head_dim)
-  neg = jnp.float32(-1e30)
-  s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
-  s = jnp.where(visible, s, neg)
-  m = jnp.max(s)
-  p = jnp.where(visible, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p)
-  acc = jnp.sum(p[:, None] * v, axis=0)
-  block = (b, split, head)
+    def rotated(offset):  # RoPE of one head's vector, halves, rounded like apply_rope's output
+      x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
+      x2 = qkv_ref[b, pl.ds(offset + half, half)].astype(f32)
+      return ((x1 * cos1 - x2 * sin1).astype(dt).astype(f32),
+              (x2 * cos2 + x1 * sin2).astype(dt).astype(f32))
 
-  @pl.when(split == 0)
-  def _with_new_token():
-    k_new = rotated((num_q_heads + h) * head_dim)
-    v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
+    scale = head_dim**-0.5
+    q1, q2 = rotated(head * head_dim)
+    neg = jnp.float32(-1e30)
+    s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
+    s = jnp.where(visible, s, neg)
+    m = jnp.max(s)
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)
+    l = jnp.sum(p)
+    acc = jnp.sum(p[:, None] * v, axis=0)
 
-    @pl.when(head % groups == 0)
-    def _write_new_slot():
-      k_out_ref[b, end, h, lo] = k_new[0].astype(k_out_ref.dtype)
-      k_out_ref[b, end, h, hi] = k_new[1].astype(k_out_ref.dtype)
-      v_out_ref[b, end, h, :] = v_new.astype(v_out_ref.dtype)
+    @pl.when(split == 0)
+    def _with_new_token():
+      k_new = rotated((num_q_heads + h) * head_dim)
+      v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
 
-    k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
-    v_new = v_new.astype(v_out_ref.dtype).astype(f32)
-    new_visible = valid_ref[b, end] != 0
-    s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
-    m_all = jnp.where(new_visible, jnp.maximum(m, s_new), m)
-    alpha = jnp.exp(m - m_all)
-    p_new = jnp.where(new_visible, jnp.exp(s_new - m_all), 0.0)
-    acc_ref[(*block, slice(None))] = acc * alpha + p_new * v_new
-    stats_ref[(*block, slice(None))] = jnp.where(jnp.arange(2) == 0, m_all, l * alpha + p_new)
+      @pl.when(head % groups == 0)
+      def _write_new_slot():
+        k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
+        k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
+        v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
 
-  @pl.when(split > 0)
-  def _cached_only():
-    acc_ref[(*block, slice(None))] = acc
-    stats_ref[(*block, slice(None))] = jnp.where(jnp.arange(2) == 0, m, l)
+      k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
+      v_new = v_new.astype(v_out_ref.dtype).astype(f32)
+      new_visible = valid_ref[b, end] != 0
+      s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+      m_all = jnp.where(new_visible, jnp.maximum(m, s_new), m)
+      alpha = jnp.exp(m - m_all)
+      p_new = jnp.where(new_visible, jnp.exp(s_new - m_all), 0.0)
+      acc_ref[...] = acc * alpha + p_new * v_new
+      stats_ref[...] = jnp.where(jnp.arange(2) == 0, m_all, l * alpha + p_new)
+
+    @pl.when(split > 0)
+    def _cached_only():
+      acc_ref[...] = acc
+      stats_ref[...] = jnp.where(jnp.arange(2) == 0, m, l)
 
 
-def _merge_blocks(b, head, used, acc_ref, stats_ref, out_ref, *, chunk, head_dim) -> None:
-  """Merges the `used` blocks' (m, l, acc) of row b, query head `head` into out [B, Hq D]."""
+def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, chunk,
+                              head_dim):
+  """One program per (row, query head): merges the blocks' (m, l, acc) into the output."""
   f32 = jnp.float32
+  b, head = pl.program_id(0), pl.program_id(1)
+  used = jnp.maximum((end_ref[0] + block_s - 1) // block_s, 1)  # blocks that wrote stats
 
   def merge(i, carry):  # blocks [i*chunk, (i+1)*chunk), only those < used
     m, l, acc = carry
@@ -375,44 +373,6 @@ def _merge_blocks(b, head, used, acc_ref, stats_ref, out_ref, *, chunk, head_dim
   _, l, acc = lax.fori_loop(0, (used + chunk - 1) // chunk, merge, init)
   out_ref[b, pl.ds(head * head_dim, head_dim)] = (acc / jnp.maximum(l, 1e-30)).astype(
       out_ref.dtype)
-
-
-def _merge_chunk(splits: int) -> int:
-  """Blocks the merge reads per step: up to 16, a power of two."""
-  return min(16, 1 << (splits - 1).bit_length())
-
-
-def _attention_split_kernel(end_ref, *refs, block_s, **sizes):
-  """One program per (row, query head, slot block): that block's softmax statistics (blocks
-  past `end` write nothing; the merge reads only the used ones)."""
-  b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  end = end_ref[0]
-  pl.when(split < _used_blocks(end, block_s))(
-      lambda: _attention_block(b, head, split, end, *refs, block_s=block_s, **sizes))
-
-
-def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, **sizes):
-  """One program per (row, query head): merges the blocks' (m, l, acc) into the output."""
-  _merge_blocks(pl.program_id(0), pl.program_id(1), _used_blocks(end_ref[0], block_s),
-                acc_ref, stats_ref, out_ref, **sizes)
-
-
-def _check_attention(qkv_shape: tuple, cache_shape: tuple, num_q_heads: int,
-                     block_s: int | None) -> int:
-  """Validates decode attention's shapes; returns the slot block (default: S/16 in [16, 128],
-  the fastest on an H200 at 256 and 2048 slots, benchmarks/decode_kernels.py)."""
-  batch, cache_len, num_kv_heads, head_dim = cache_shape
-  if num_q_heads % num_kv_heads or head_dim & (head_dim - 1):
-    raise ValueError(f"need Hq % Hkv == 0 and a power-of-two head dim; got Hq={num_q_heads}, "
-                     f"Hkv={num_kv_heads}, D={head_dim}")
-  if tuple(qkv_shape) != (batch, (num_q_heads + 2 * num_kv_heads) * head_dim):
-    raise ValueError(f"qkv {tuple(qkv_shape)} does not match the cache {tuple(cache_shape)} "
-                     f"and {num_q_heads} query heads")
-  if block_s is None:
-    block_s = min(128, max(16, (1 << (cache_len - 1).bit_length()) // 16))
-  if block_s & (block_s - 1):
-    raise ValueError(f"block_s must be a power of two, got {block_s}")
-  return block_s
 
 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
@@ -442,31 +402,46 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     reads such rows). The caches are updated in place when the caller donates them.
   """
   batch, cache_len, num_kv_heads, head_dim = k_cache.shape
-  block_s = _check_attention(qkv.shape, k_cache.shape, num_q_heads, block_s)
+  if num_q_heads % num_kv_heads or head_dim & (head_dim - 1):
+    raise ValueError(f"need Hq % Hkv == 0 and a power-of-two head dim; got Hq={num_q_heads}, "
+                     f"Hkv={num_kv_heads}, D={head_dim}")
+  if qkv.shape != (batch, (num_q_heads + 2 * num_kv_heads) * head_dim):
+    raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} and "
+                     f"{num_q_heads} query heads")
+  if block_s is None:
+    block_s = min(128, max(16, (1 << (cache_len - 1).bit_length()) // 16))
   if num_warps is None:
     num_warps = 2 if block_s <= 32 else 4
+  if block_s & (block_s - 1):
+    raise ValueError(f"block_s must be a power of two, got {block_s}")
   end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
   valid = valid.astype(jnp.int32)
   splits = -(-cache_len // block_s)
+  groups = num_q_heads // num_kv_heads
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  cache_block = pl.BlockSpec((None, cache_len, None, head_dim),
+                             lambda b, head, s: (b, 0, head // groups, 0))
   partial_shape = (batch, splits, num_q_heads)
   kernel = functools.partial(
-      _attention_split_kernel, groups=num_q_heads // num_kv_heads, num_q_heads=num_q_heads,
+      _attention_split_kernel, groups=groups, num_q_heads=num_q_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, block_s=block_s)
-  out_shape = [jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
-               jax.ShapeDtypeStruct(partial_shape + (2,), jnp.float32),
-               jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-  inputs = (end, qkv, cos, sin, valid, k_cache, v_cache)
   acc, stats, k_cache, v_cache = pl.pallas_call(
       kernel, grid=(batch, num_q_heads, splits),
-      in_specs=[whole(x.shape) for x in inputs],
-      out_specs=[whole(o.shape) for o in out_shape], out_shape=out_shape,
+      in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
+                whole(valid.shape), cache_block, cache_block],
+      out_specs=[pl.BlockSpec((None, None, None, head_dim), lambda b, h, s: (b, s, h, 0)),
+                 pl.BlockSpec((None, None, None, 2), lambda b, h, s: (b, s, h, 0)),
+                 cache_block, cache_block],
+      out_shape=[jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape + (2,), jnp.float32),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
       input_output_aliases={5: 2, 6: 3},
       compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
-      name="decode_attention_blocks")(*inputs)
-  combine = functools.partial(_attention_combine_kernel, block_s=block_s,
-                              chunk=_merge_chunk(splits), head_dim=head_dim)
+      name="decode_attention_blocks")(end, qkv, cos, sin, valid, k_cache, v_cache)
+  chunk = min(16, 1 << (splits - 1).bit_length())
+  combine = functools.partial(_attention_combine_kernel, block_s=block_s, chunk=chunk,
+                              head_dim=head_dim)
   out = pl.pallas_call(
       combine, grid=(batch, num_q_heads),
       in_specs=[whole((1,)), whole(acc.shape), whole(stats.shape)],
@@ -475,231 +450,6 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
       compiler_params=_compiler_params(4, interpret), interpret=interpret,
       name="decode_attention_combine")(end, acc, stats)
   return out, k_cache, v_cache
-
-
-# ------------------------------------------------------- attention sublayer, one kernel
-
-# A sublayer's counters (one int32 row per call): phase completions, the timeout flag, then one
-# per (row, query head) counting the head's finished slot blocks.
-QKV_DONE, HEADS_MERGED, TIMED_OUT, HEAD_BLOCKS = range(4)
-_MAX_POLLS = 1 << 20  # about a second of polling before a wait gives up and flags it
-
-# Rows per program of the q/k/v and o phases and warps per program (one count for all phases).
-SUBLAYER_TILES: dict[str, Any] = dict(qkv=8, o=4, block_s=None, num_warps=4, max_chunk=512,
-                                     poll_sleep_ns=0)
-
-
-def sublayer_counters(num_layers: int, batch: int, num_q_heads: int) -> jax.Array:
-  """Zeroed counters for `num_layers` calls of `decode_attention_sublayer`: [L, 3 + B Hq]."""
-  return jnp.zeros((num_layers, HEAD_BLOCKS + batch * num_q_heads), jnp.int32)
-
-
-def attention_sublayer_reference(h: jax.Array, layer: dict[str, jax.Array], cos: jax.Array,
-                                 sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                                 valid: jax.Array, end: jax.Array, *, num_q_heads: int,
-                                 eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Plain JAX for `decode_attention_sublayer`: RMSNorm -> q/k/v -> attention -> o + h."""
-  qkv = matvec_reference(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
-                         bias=layer.get("qkv_bias"))
-  out, k_cache, v_cache = decode_attention_reference(qkv, cos, sin, k_cache, v_cache, valid,
-                                                     end, num_q_heads=num_q_heads)
-  return matvec_reference(out, layer["o"], residual=h), k_cache, v_cache
-
-
-def _signal(counters_ref, row: jax.Array, slot, interpret: bool) -> jax.Array:
-  """After this program's stores: counters[row, slot] += 1; returns the old count.
-
-  The threads synchronise first, so all the program's stores precede the atomic, whose
-  acquire-release ordering (GPU scope) makes them visible to whoever reads the new count.
-  """
-  if not interpret:  # (interpret mode runs one program at a time)
-    plgpu.debug_barrier()
-  return plgpu.atomic_add(counters_ref, (row, jnp.asarray(slot, jnp.int32)), jnp.int32(1))
-
-
-def _pause(count: jax.Array, nanoseconds: int) -> jax.Array:
-  """`count`, after the calling threads sleep ~`nanoseconds` (PTX nanosleep): a polling loop
-  that pauses between its atomics leaves the L2 atomic unit to the producers."""
-  if not nanoseconds:
-    return count
-  (count,) = plgpu.elementwise_inline_asm(  # Triton's inline asm takes tensors: a [1] one
-      f"nanosleep.u32 {int(nanoseconds)};\n\tmov.b32 $0, $1;",
-      args=[jnp.broadcast_to(count, (1,))], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
-  return jnp.max(count)
-
-
-def _await(counters_ref, row: jax.Array, slot: int, target: int, interpret: bool,
-           sleep_ns: int = 0) -> None:
-  """Spins until counters[row, slot] >= target; later reads see the counted programs' stores.
-
-  Each poll is an acquire-release atomic add of 0: a plain load in the loop was hoisted out of
-  it by the compiler (an earlier experiment, docs/sampling.md). A bounded spin sets the row's
-  TIMED_OUT slot instead of hanging where the GPU broke the dispatch-order assumption.
-  """
-  index = (row, jnp.int32(slot))
-  read = lambda: plgpu.atomic_add(counters_ref, index, jnp.int32(0))
-  if interpret:  # programs run one at a time in id order: the count is final already
-    count = read()
-  else:
-    def waiting(carry):
-      count, polls = carry
-      return (count < target) & (polls < _MAX_POLLS)
-
-    count, _ = lax.while_loop(waiting, lambda carry: (_pause(read(), sleep_ns), carry[1] + 1),
-                              (read(), 0))
-    plgpu.debug_barrier()  # every thread's later loads follow the acquiring poll
-
-  @pl.when(count < target)
-  def _flag_timeout():
-    plgpu.atomic_add(counters_ref, (row, jnp.int32(TIMED_OUT)), jnp.int32(1))
-
-
-def _sublayer_kernel(*refs, has_bias, batch, hidden, num_q_heads, num_kv_heads, head_dim,
-                     eps, tiles, block_s, splits, interpret):
-  """Programs [0, n_qkv): q/k/v rows; then B Hq splits attention blocks, each head merged by
-  its last block to finish; then the o rows (+ residual). See `decode_attention_sublayer`."""
-  refs = list(refs)
-  end_ref, row_ref, h_ref, norm_ref, wqkv_ref = refs[:5]
-  bias_ref = refs[5] if has_bias else None
-  (cos_ref, sin_ref, valid_ref, k_ref, v_ref, wo_ref, _,
-   h_out_ref, k_out_ref, v_out_ref, counters_ref, qkv_ref, acc_ref, stats_ref,
-   attn_ref) = refs[5 + has_bias:]
-  row = row_ref[0]  # a runtime value: every layer's call is the same kernel
-  hq, hkv = num_q_heads, num_kv_heads
-  n_qkv_rows = (hq + 2 * hkv) * head_dim
-  n_qkv, n_attention, n_o = n_qkv_rows // tiles["qkv"], batch * hq * splits, hidden // tiles["o"]
-  signal = functools.partial(_signal, counters_ref, row, interpret=interpret)
-  wait = functools.partial(_await, counters_ref, row, interpret=interpret,
-                           sleep_ns=tiles["poll_sleep_ns"])
-
-  def matvec(x_ref, w_ref, out_ref, start, block_n, k_size, await_inputs=None, **options):
-    cols = _column_chunks(k_size, tiles["max_chunk"])
-    chunks = _load_block([(w_ref, 0)], start, block_n, cols)  # weights first: no dependency
-    if await_inputs is not None:
-      await_inputs()
-    rows = _normalized_rows(x_ref, options.pop("scale_ref", None), batch=batch, k_size=k_size,
-                            cols=cols, eps=eps)
-    _finish_block(chunks, rows, start, block_n, out_ref, swiglu=False, **options)
-
-  def qkv_phase(i):
-    matvec(h_ref, wqkv_ref, qkv_ref, i * tiles["qkv"], tiles["qkv"], hidden,
-           scale_ref=norm_ref, bias_ref=bias_ref, res_ref=None)
-    signal(QKV_DONE)
-
-  def attention_phase(i):
-    b, head, split = i // (hq * splits), i // splits % hq, i % splits
-    end = end_ref[0]
-    used = _used_blocks(end, block_s)
-
-    @pl.when(split < used)
-    def _block():
-      _attention_block(b, head, split, end, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref,
-                       v_ref, acc_ref, stats_ref, k_out_ref, v_out_ref, groups=hq // hkv,
-                       num_q_heads=hq, num_kv_heads=hkv, head_dim=head_dim, block_s=block_s,
-                       await_inputs=lambda: wait(QKV_DONE, n_qkv))
-      finished = signal(HEAD_BLOCKS + b * hq + head)
-
-      @pl.when(finished == used - 1)  # the head's last block to finish merges them all
-      def _merge():
-        _merge_blocks(b, head, used, acc_ref, stats_ref, attn_ref, chunk=_merge_chunk(splits),
-                      head_dim=head_dim)
-        signal(HEADS_MERGED)
-
-  def o_phase(i):
-    matvec(attn_ref, wo_ref, h_out_ref, i * tiles["o"], tiles["o"], hq * head_dim,
-           await_inputs=lambda: wait(HEADS_MERGED, batch * hq), bias_ref=None, res_ref=h_ref)
-
-  pid = pl.program_id(0)
-  start = 0
-  for phase, count in ((qkv_phase, n_qkv), (attention_phase, n_attention), (o_phase, n_o)):
-    pl.when((pid >= start) & (pid < start + count))(functools.partial(phase, pid - start))
-    start += count
-
-
-def decode_attention_sublayer(h: jax.Array, layer: dict[str, jax.Array], cos: jax.Array,
-                              sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                              valid: jax.Array, end: jax.Array, counters: jax.Array, *,
-                              layer_index: int, num_q_heads: int, eps: float,
-                              tiles: dict[str, Any] | None = None, interpret: bool = False
-                              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """A layer's attention half for one new token per row, in one kernel: RMSNorm -> q/k/v
-  (+ bias) -> RoPE, cache write, split-S attention -> o projection + residual.
-
-  The three phases are ranges of one 1-D grid (q/k/v rows, slot blocks, o rows), so no launch
-  separates them: a program first issues the loads that need nothing from this call (its
-  weight rows, its cache block), then waits on an atomic counter until the previous phase's
-  programs have counted themselves done, then reads that phase's output. A head's last slot
-  block to finish merges the head. Programs only wait on programs with smaller ids, which the
-  GPU dispatches first (in increasing id order), so every awaited program is resident or done.
-  At batch 1 the four kernels this replaces (`fused_matvec` q/k/v and o, `decode_attention`'s
-  two) each cost a launch, a first-load latency and a tail (docs/sampling.md).
-
-  Args:
-    h: [B, d] the layer's input rows (B <= MAX_BATCH), the compute dtype.
-    layer: input_norm [d], qkv [(Hq+2Hkv)D, d], optional qkv_bias, o [d, Hq D]
-      (`kat_jax.sampling.forward.DecodeParams` layer weights).
-    cos, sin, k_cache, v_cache, valid, end: as `decode_attention` takes them.
-    counters: int32 [L, 3 + B Hq] from `sublayer_counters`, zero in row `layer_index` (each
-      row serves one call; pass the returned array to the next layer's call).
-    layer_index: the counter row this call uses.
-    tiles: `SUBLAYER_TILES` overrides: rows per q/k/v and o program, the slot block, warps, the
-      widest column load.
-
-  Returns:
-    (h + attention output [B, d], k_cache, v_cache, counters). counters[layer_index,
-    TIMED_OUT] > 0 means a wait gave up (the GPU did not dispatch in id order) and the output
-    is not valid.
-  """
-  tiles = {**SUBLAYER_TILES, **(tiles or {})}
-  batch, hidden = h.shape
-  n_qkv_rows = layer["qkv"].shape[0]
-  if not 1 <= batch <= MAX_BATCH:
-    raise ValueError(f"decode_attention_sublayer takes 1..{MAX_BATCH} rows, got {batch}")
-  block_s = _check_attention((batch, n_qkv_rows), k_cache.shape, num_q_heads,
-                             tiles["block_s"])
-  _, cache_len, _, head_dim = k_cache.shape
-  for name, size in (("qkv", n_qkv_rows), ("o", hidden)):
-    block = tiles[name]
-    if block < 1 or block & (block - 1) or size % block:
-      raise ValueError(f"tiles[{name!r}] = {block} must be a power of two dividing {size}")
-  if layer["o"].shape != (hidden, num_q_heads * head_dim) or layer["qkv"].shape[1] != hidden:
-    raise ValueError(f"qkv {layer['qkv'].shape} / o {layer['o'].shape} do not fit h {h.shape}")
-  if counters.shape[1:] != (HEAD_BLOCKS + batch * num_q_heads,) or not (
-      0 <= layer_index < counters.shape[0]):
-    raise ValueError(f"counters {counters.shape} do not fit layer {layer_index} of a batch of "
-                     f"{batch} with {num_q_heads} heads (use sublayer_counters)")
-  splits = -(-cache_len // block_s)
-  has_bias = "qkv_bias" in layer
-  dt = h.dtype
-  inputs = ([jnp.reshape(jnp.asarray(end, jnp.int32), (1,)),
-             jnp.full((1,), layer_index, jnp.int32), h, layer["input_norm"], layer["qkv"]]
-            + ([layer["qkv_bias"]] if has_bias else [])
-            + [cos, sin, valid.astype(jnp.int32), k_cache, v_cache, layer["o"], counters])
-  out_shape = [jax.ShapeDtypeStruct(h.shape, dt),
-               jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-               jax.ShapeDtypeStruct(counters.shape, counters.dtype),
-               # scratch: q/k/v, the slot blocks' statistics, the merged attention output
-               jax.ShapeDtypeStruct((batch, n_qkv_rows), dt),
-               jax.ShapeDtypeStruct((batch, splits, num_q_heads, head_dim), jnp.float32),
-               jax.ShapeDtypeStruct((batch, splits, num_q_heads, 2), jnp.float32),
-               jax.ShapeDtypeStruct((batch, num_q_heads * head_dim), dt)]
-  first_alias = 8 + has_bias  # k_cache; v_cache follows, counters is last
-  programs = (n_qkv_rows // tiles["qkv"] + batch * num_q_heads * splits
-              + hidden // tiles["o"])
-  kernel = functools.partial(
-      _sublayer_kernel, has_bias=has_bias, batch=batch, hidden=hidden,
-      num_q_heads=num_q_heads, num_kv_heads=k_cache.shape[2], head_dim=head_dim,
-      eps=float(eps), tiles=tiles, block_s=block_s, splits=splits, interpret=interpret)
-  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-  outputs = pl.pallas_call(
-      kernel, grid=(programs,), in_specs=[whole(x.shape) for x in inputs],
-      out_specs=[whole(o.shape) for o in out_shape], out_shape=out_shape,
-      input_output_aliases={first_alias: 1, first_alias + 1: 2, len(inputs) - 1: 3},
-      compiler_params=_compiler_params(tiles["num_warps"], interpret), interpret=interpret,
-      name="decode_attention_sublayer")(*inputs)
-  return tuple(outputs[:4])
 
 
 def fused_path_supported(batch: int, hidden: int, intermediate: int, num_q_heads: int,

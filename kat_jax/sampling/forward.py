@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from kat_jax.kernels.decode import (decode_attention, decode_attention_sublayer, fused_matvec,
-                                    fused_path_supported, sublayer_counters)
+from kat_jax.kernels.decode import decode_attention, fused_matvec, fused_path_supported
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
@@ -55,9 +54,6 @@ DECODE_TILES: dict[str, dict[str, Any]] = {
     "gate_up": dict(block_n=2, num_warps=4, programs_per_core=3, max_chunk=512),
     "down": dict(block_n=2, num_warps=4, programs_per_core=3, max_chunk=1024),
     "attention": {},  # decode_attention picks its slot blocks from the cache length
-    # `enabled`: q/k/v, attention and o as one kernel (`decode_attention_sublayer`, its tiles
-    # as SUBLAYER_TILES overrides) instead of the four kernels above.
-    "attention_sublayer": dict(enabled=False),
 }
 
 
@@ -264,41 +260,23 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
   return new_cache, head_logits(last, params, config)
 
 
-def _attention_kernels(h: jax.Array, layer: dict[str, jax.Array], cos: jax.Array,
-                       sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                       valid: jax.Array, end: jax.Array, *, config: ModelConfig,
-                       interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The attention sublayer as four kernels: q/k/v, attention blocks, their merge, o."""
-  qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=config.rms_norm_eps,
-                     bias=layer.get("qkv_bias"), interpret=interpret,
-                     **_matvec_options("qkv", layer["qkv"].shape[0]))
-  out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
-                                           num_q_heads=config.num_heads, interpret=interpret,
-                                           **DECODE_TILES["attention"])
-  h = fused_matvec(out, layer["o"], residual=h, interpret=interpret,
-                   **_matvec_options("o", h.shape[-1]))
-  return h, k_cache, v_cache
-
-
 def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any], h: jax.Array,
                 cos: jax.Array, sin: jax.Array, valid: jax.Array, new_pos: jax.Array,
                 end: jax.Array, *, interpret: bool) -> tuple[dict[str, Any], jax.Array]:
   """One token per row through the fused kernels: h [B,d], cos/sin [B,D], valid [B,S]."""
   eps = config.rms_norm_eps
-  sublayer = dict(DECODE_TILES["attention_sublayer"])
-  counters = (sublayer_counters(len(params.layers), h.shape[0], config.num_heads)
-              if sublayer.pop("enabled", False) else None)
   new_k, new_v = [], []
-  for index, (layer, k_cache, v_cache) in enumerate(zip(params.layers, cache["k"], cache["v"])):
-    if counters is not None:
-      h, k_cache, v_cache, counters = decode_attention_sublayer(
-          h, layer, cos, sin, k_cache, v_cache, valid, end, counters, layer_index=index,
-          num_q_heads=config.num_heads, eps=eps, tiles=sublayer, interpret=interpret)
-    else:
-      h, k_cache, v_cache = _attention_kernels(h, layer, cos, sin, k_cache, v_cache, valid, end,
-                                               config=config, interpret=interpret)
+  for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
+    qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
+                       bias=layer.get("qkv_bias"), interpret=interpret,
+                       **_matvec_options("qkv", layer["qkv"].shape[0]))
+    out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
+                                             num_q_heads=config.num_heads, interpret=interpret,
+                                             **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
+    h = fused_matvec(out, layer["o"], residual=h, interpret=interpret,
+                     **_matvec_options("o", h.shape[-1]))
     act = fused_matvec(h, layer["gate_up"], norm_scale=layer["post_attn_norm"], eps=eps,
                        swiglu=True, interpret=interpret,
                        **_matvec_options("gate_up", layer["gate_up"].shape[0] // 2))

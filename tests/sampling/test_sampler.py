@@ -8,9 +8,7 @@ import pytest
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axes, fork,
                               prepare_params, shard_decode_params)
-from kat_jax.sampling import forward
 from kat_jax.sampling.forward import fused_kernels_fit
-from kat_jax.sampling import sampler as sampler_lib
 from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS
 from kat_jax.sampling.logits import choose_tokens, filter_logits, logprob_and_entropy
 from kat_jax.testing import relative_error
@@ -255,42 +253,13 @@ def test_fused_decode_kernels_equal_xla_decode(model, dtype):
     Sampler(config, kernels="triton")
 
 
-@pytest.fixture
-def fresh_steps():
-  """Samplers trace their steps anew (DECODE_TILES is read at trace time), here and after."""
-  sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
-  yield
-  sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
-
-
-def test_fused_decode_with_one_kernel_attention_sublayer_equals_xla_decode(model, monkeypatch,
-                                                                          fresh_steps):
-  """`DECODE_TILES["attention_sublayer"]` enabled: q/k/v, attention and o run as one kernel
-  per layer (interpret mode here), and the step generates what the XLA step does."""
-  config, params, _ = model
-  config = config.replace(dtype="float32")
-  dparams = prepare_params(params, config)
-  monkeypatch.setitem(forward.DECODE_TILES, "attention_sublayer", dict(enabled=True))
-  sampling = SamplingParams(temperature=1.0, top_k=20)
-  rows = PROMPTS[:2] + [[7, 8, 9]]
-  want, got = (Sampler(config, kernels=kernels).generate(
-      dparams, rows, jax.random.key(4), max_new_tokens=6, sampling=sampling, stop_ids=(5,))
-               for kernels in ("xla", "fused_interpret"))
-  assert got.token_lists() == want.token_lists()
-  assert relative_error(got.logprobs, want.logprobs) < 1e-5
-
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton "
-                    "kernels; run with KAT_TEST_GPU=1); the interpreted tests above are the CPU "
-                    "counterparts")
-@pytest.mark.parametrize("sublayer", [False, True])
-def test_gpu_fused_decode_with_default_tiles_equals_xla_decode(model, monkeypatch, fresh_steps,
-                                                              sublayer):
+                    "kernels; run with KAT_TEST_GPU=1); the interpreted test above is the CPU "
+                    "counterpart")
+def test_gpu_fused_decode_with_default_tiles_equals_xla_decode(model):
   """The compiled fused step with the production `DECODE_TILES` (persistent grids sized by the
-  GPU's SM count, 512-column loads where K allows) against the XLA step, float32; and with the
-  attention sublayer as one kernel."""
+  GPU's SM count, 512-column loads where K allows) against the XLA step, float32."""
   config, params, _ = model
-  monkeypatch.setitem(forward.DECODE_TILES, "attention_sublayer", dict(enabled=sublayer))
   config = config.replace(dtype="float32")
   dparams = prepare_params(params, config)
   for rows in (PROMPTS[:1], PROMPTS[:2] + [[7, 8, 9], [11, 12]]):
