@@ -293,6 +293,21 @@ def _rope_of(qkv_ref, cos_ref, sin_ref, b, head_dim: int):
   return rotated
 
 
+def _masked_scores(q: tuple, k: tuple, visible: jax.Array, scale: float) -> jax.Array:
+  """[n] scaled scores of the rotated query halves q = (q1, q2) [D/2] against key halves
+  k = (k1, k2) [n, D/2], -1e30 where not visible."""
+  s = (jnp.sum(q[0][None, :] * k[0], axis=1) + jnp.sum(q[1][None, :] * k[1], axis=1)) * scale
+  return jnp.where(visible, s, jnp.float32(-1e30))
+
+
+def _store_new_token(k_out_ref, v_out_ref, end, k_new: tuple, v_new: jax.Array) -> None:
+  """Writes the new token's rotated key halves and its value [D] into cache slot `end`."""
+  half = k_new[0].shape[0]
+  k_out_ref[end, pl.ds(0, half)] = k_new[0].astype(k_out_ref.dtype)
+  k_out_ref[end, pl.ds(half, half)] = k_new[1].astype(k_out_ref.dtype)
+  v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
+
+
 def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
                             acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
                             num_kv_heads, head_dim, block_s):
@@ -323,9 +338,7 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref
     rotated = _rope_of(qkv_ref, cos_ref, sin_ref, b, head_dim)
     scale = head_dim**-0.5
     q1, q2 = rotated(head * head_dim)
-    neg = jnp.float32(-1e30)
-    s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
-    s = jnp.where(visible, s, neg)
+    s = _masked_scores((q1, q2), (k1, k2), visible, scale)
     m = jnp.max(s)
     p = jnp.where(visible, jnp.exp(s - m), 0.0)
     l = jnp.sum(p)
@@ -336,11 +349,8 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref
       k_new = rotated((num_q_heads + h) * head_dim)
       v_new = qkv_ref[b, pl.ds((num_q_heads + num_kv_heads + h) * head_dim, head_dim)]
 
-      @pl.when(head % groups == 0)
-      def _write_new_slot():
-        k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
-        k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
-        v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
+      pl.when(head % groups == 0)(
+          lambda: _store_new_token(k_out_ref, v_out_ref, end, k_new, v_new))
 
       k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
       v_new = v_new.astype(v_out_ref.dtype).astype(f32)
@@ -392,11 +402,8 @@ def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_
   k_new = rotated((num_q_heads + h) * head_dim)
   v_offset = (num_q_heads + num_kv_heads + h) * head_dim
 
-  @pl.when((head % groups == 0) & (c == 0))
-  def _write_new_slot():
-    k_out_ref[end, lo] = k_new[0].astype(k_out_ref.dtype)
-    k_out_ref[end, hi] = k_new[1].astype(k_out_ref.dtype)
-    v_out_ref[end, :] = qkv_ref[b, pl.ds(v_offset, head_dim)].astype(v_out_ref.dtype)
+  pl.when((head % groups == 0) & (c == 0))(lambda: _store_new_token(
+      k_out_ref, v_out_ref, end, k_new, qkv_ref[b, pl.ds(v_offset, head_dim)]))
 
   # The new token (slot end, taken from qkv) seeds the running statistics: p = exp(0) = 1.
   k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
@@ -410,8 +417,7 @@ def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_
   def update(stats, tiles):
     m, l, acc = stats
     k1, k2, v, visible = tiles
-    s = (jnp.sum(q1[None, :] * k1, axis=1) + jnp.sum(q2[None, :] * k2, axis=1)) * scale
-    s = jnp.where(visible, s, neg)
+    s = _masked_scores((q1, q2), (k1, k2), visible, scale)
     m_new = jnp.maximum(m, jnp.max(s))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
@@ -493,8 +499,8 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} and "
                      f"{num_q_heads} query heads")
   if block_s is None:
-    block_s = (min(256, max(16, 1 << (cache_len - 1).bit_length())) if one_pass
-               else min(128, max(16, (1 << (cache_len - 1).bit_length()) // 16)))
+    padded = 1 << (cache_len - 1).bit_length()  # the cache length up to a power of two
+    block_s = min(256, max(16, padded)) if one_pass else min(128, max(16, padded // 16))
   if num_warps is None:
     num_warps = 2 if block_s <= 32 else 4
   if block_s & (block_s - 1):
@@ -503,7 +509,6 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     raise ValueError(f"d_chunk must be a power of two >= 16 dividing D={head_dim}, got {d_chunk}")
   end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
   valid = valid.astype(jnp.int32)
-  splits = -(-cache_len // block_s)
   groups = num_q_heads // num_kv_heads
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   cache_block = pl.BlockSpec((None, cache_len, None, head_dim),
@@ -525,6 +530,7 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
         compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
         name="decode_attention_one_pass")(end, qkv, cos, sin, valid, k_cache, v_cache)
     return out, k_cache, v_cache
+  splits = -(-cache_len // block_s)
   partial_shape = (batch, splits, num_q_heads)
   kernel = functools.partial(
       _attention_split_kernel, groups=groups, num_q_heads=num_q_heads,
