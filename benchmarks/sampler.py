@@ -179,22 +179,32 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with,
   "patches": optional {(module, name): value} set while its step is traced, for callers that
   compare another implementation of a function the step calls, "compiler_options": optional
-  XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional}.
+  XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional,
+  "package": optional name of another importable copy of kat_jax whose Sampler runs it, e.g.
+  `kat_jax_base` from benchmarks/baseline_package.py (the code at another revision)}.
   Time per token: the decode call alone (after a prefill that is waited for) over the new
   tokens, median and minimum over the repeats. On the H200 the same step measured
   1.175-1.375 ms/token in separate processes, so a change of a few percent shows only when
   the variants share a process, machine and moment.
   """
+  import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import forward, sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
-  dparams = jax.block_until_ready(prepare_params(params, config))
   prompts = _prompts(config, batch_sizes, prompt_len)
   max_length = prompt_len + new_tokens
-  defaults = {k: dict(v) for k, v in forward.DECODE_TILES.items()}
+  packages, dparams = {}, {}
+  for variant in variants.values():
+    name = variant.get("package", "kat_jax")
+    if name not in packages:
+      sampling = importlib.import_module(name + ".sampling")
+      packages[name] = (sampling, importlib.import_module(name + ".sampling.forward"),
+                        importlib.import_module(name + ".sampling.sampler"))
+      dparams[name] = jax.block_until_ready(sampling.prepare_params(params, config))
   samplers, tokens = {}, {b: {} for b in batch_sizes}
   for label, variant in variants.items():
+    package = variant.get("package", "kat_jax")
+    sampling, forward, sampler_lib = packages[package]
+    defaults = {k: dict(v) for k, v in forward.DECODE_TILES.items()}
     # Each variant traces its own step with its tiles (the tiles are read at trace time).
     sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
     forward.DECODE_TILES.update({k: {**defaults[k], **v}
@@ -204,19 +214,19 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
     for (module, name), value in patches.items():
       setattr(module, name, value)
     try:
-      samplers[label] = Sampler(config, prefill_chunk=max(prompt_len, 8),
+      samplers[label] = sampling.Sampler(config, prefill_chunk=max(prompt_len, 8),
                                 kernels=variant["kernels"],
                                 steps_per_loop=variant.get("steps_per_loop", steps_per_loop),
                                 compiler_options=variant.get("compiler_options",
                                                              compiler_options))
       for b in batch_sizes:  # compiles
-        tokens[b][label] = _generate(samplers[label], dparams, prompts[b], max_length,
-                                     new_tokens).token_lists()
+        tokens[b][label] = _generate(samplers[label], dparams[package], prompts[b],
+                                     max_length, new_tokens).token_lists()
     finally:
       forward.DECODE_TILES.update({k: dict(v) for k, v in defaults.items()})
       for (module, name), value in originals.items():
         setattr(module, name, value)
-  sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
+      sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
   out = {}
   first = next(iter(variants))
   for b in batch_sizes:
@@ -225,9 +235,10 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
       for k, sampler in samplers.items():
         # The decode alone is timed (prefill done and waited for first): subtracting a
         # separately timed prefill added that timing's noise to every estimate.
-        state = _generate(sampler, dparams, prompts[b], max_length, None)
+        package = dparams[variants[k].get("package", "kat_jax")]
+        state = _generate(sampler, package, prompts[b], max_length, None)
         t0 = time.perf_counter()
-        _decode(sampler, dparams, state, new_tokens)
+        _decode(sampler, package, state, new_tokens)
         times[k].append(time.perf_counter() - t0)
     rows = {k: {"time_per_token_ms": statistics.median(t) / new_tokens * 1e3,
                 "min_time_per_token_ms": min(t) / new_tokens * 1e3,
@@ -235,6 +246,7 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
                 "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
                 "sampler_kernels": samplers[k].kernels,
                 "tiles": variants[k].get("tiles", {}),
+                "package": variants[k].get("package", "kat_jax"),
                 "compiler_options": samplers[k].compiler_options,
                 "patched": [f"{m.__name__}.{n}" for m, n in variants[k].get("patches", {})]}
             for k, t in times.items()}

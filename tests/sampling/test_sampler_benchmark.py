@@ -49,3 +49,29 @@ def test_compare_in_process_variants(bench):
   assert rows["base"]["vs_base"] == 1.0
   assert rows["patched"]["patched"] == ["kat_jax.sampling.sampler.logprob_and_entropy"]
   assert rows["patched"]["compiler_options"] == {}
+
+
+def test_compare_against_a_baseline_package(bench, tmp_path, monkeypatch):
+  """benchmarks/baseline_package.py copies kat_jax at a revision under another name; a variant
+  naming that package runs its own Sampler (with its own DecodeParams) beside this one's."""
+  spec = importlib.util.spec_from_file_location(
+      "baseline_package", os.path.join(os.path.dirname(_PATH), "baseline_package.py"))
+  baseline = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(baseline)
+  root = os.path.join(os.path.dirname(_PATH), "..")
+  monkeypatch.chdir(root)  # git archive reads this repository
+  package_dir = baseline.write_baseline("HEAD", str(tmp_path), name="kat_jax_ab_test")
+  assert os.path.isfile(os.path.join(package_dir, "sampling", "sampler.py"))
+  with pytest.raises(ValueError, match="no-such-revision"):
+    baseline.write_baseline("no-such-revision", str(tmp_path))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config = get_preset("tiny", num_layers=1)
+  params = init_params(config, jax.random.key(0))
+  variants = {"this": {"kernels": "xla"},
+              "base": {"kernels": "xla", "package": "kat_jax_ab_test"}}
+  rows = bench.compare_in_process(config, params, [2], prompt_len=8, new_tokens=3, repeats=1,
+                                  variants=variants)[2]
+  assert rows["base"]["package"] == "kat_jax_ab_test"
+  assert rows["base"]["same_tokens_as_this"]  # HEAD's code, the same greedy tokens
+  import kat_jax_ab_test.sampling.sampler as base_sampler  # pylint: disable=import-outside-toplevel
+  assert base_sampler.Sampler.__module__ == "kat_jax_ab_test.sampling.sampler"
