@@ -65,7 +65,7 @@ def _fastest(kernels: list[dict]) -> dict | None:
 
 
 def _ints(text: str) -> list[int]:
-  return [int(v) for v in text.split(",")]
+  return [int(v) for v in text.split(",") if v.strip()]
 
 
 def median_us(fn, *args, iters: int = 50) -> float:
@@ -109,6 +109,9 @@ def main():
   parser.add_argument("--cache_len", default="256", help="attention cache lengths")
   parser.add_argument("--block_s", default="16,32,64,128", help="attention slots per program")
   parser.add_argument("--attention_warps", default="2,4")
+  parser.add_argument("--one_pass_chunks", default="",
+                      help="also time decode_attention(one_pass=True) with these d_chunk values "
+                           "(its default slot blocks, 4 and 8 warps)")
   parser.add_argument("--copies", type=int, default=16)
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -164,31 +167,36 @@ def main():
     qkv = rand((b, (hq + 2 * hkv) * hd))
     caches = [(rand((b, s, hkv, hd)), rand((b, s, hkv, hd))) for _ in range(copies)]
     valid = jnp.ones((b, s), bool)
-    cos, sin = rope_cos_sin(jnp.full((b, 1), s - 1), hd, config.rope_theta, dt)
-    cos, sin = cos[:, 0, 0], sin[:, 0, 0]
+    cos, sin = rope_cos_sin(jnp.arange(s)[None], hd, config.rope_theta, dt)
+    cos, sin = cos[0, :, 0], sin[0, :, 0]
+    positions = jnp.full((b,), s - 1, jnp.int32)
     end = jnp.int32(s - 1)
 
-    def walk(op, qkv=qkv, cos=cos, sin=sin, valid=valid, end=end):
-      return jax.jit(lambda caches: [op(qkv, cos, sin, kc, vc, valid, end, num_q_heads=hq)[0]
-                                     for kc, vc in caches])
+    def walk(op, qkv=qkv, cos=cos, sin=sin, positions=positions, valid=valid, end=end):
+      return jax.jit(lambda caches: [
+          op(qkv, cos, sin, positions, kc, vc, valid, end, num_q_heads=hq)[0]
+          for kc, vc in caches])
 
     row = dict(cache_len=s, cache_bytes=int(caches[0][0].nbytes * 2),
                xla_us=device_us(walk(decode_attention_reference), caches, ops=copies),
                kernels=[])
-    tiles = [(None, None)] + list(itertools.product(_ints(args.block_s),
-                                                    _ints(args.attention_warps)))
-    for block_s, warps in tiles:  # (None, None): decode_attention's defaults
-      op = functools.partial(decode_attention, block_s=block_s, num_warps=warps,
-                             interpret=interpret)
+    # (None, None): decode_attention's defaults
+    tiles = [dict(block_s=None, num_warps=None)] + [
+        dict(block_s=bs, num_warps=w)
+        for bs, w in itertools.product(_ints(args.block_s), _ints(args.attention_warps))] + [
+        dict(block_s=None, num_warps=w, one_pass=True, d_chunk=c)
+        for c, w in itertools.product(_ints(args.one_pass_chunks), (4, 8))]
+    for tile in tiles:
+      op = functools.partial(decode_attention, **tile, interpret=interpret)
       try:
-        row["kernels"].append(dict(block_s=block_s, num_warps=warps,
-                                   us=device_us(walk(op), caches, ops=copies)))
+        row["kernels"].append(dict(tile, us=device_us(walk(op), caches, ops=copies)))
       except Exception as e:  # pylint: disable=broad-except
-        row["kernels"].append(dict(block_s=block_s, num_warps=warps, error=str(e)[:200]))
+        row["kernels"].append(dict(tile, error=str(e)[:200]))
     row["best"] = _fastest(row["kernels"])
-    print(f"attention (cache {s}): XLA {row['xla_us']:.1f} us, best kernel "
-          + (f"{row['best']['us']:.1f} us block_s={row['best']['block_s']} "
-             f"warps={row['best']['num_warps']}" if row["best"] else "none ran"))
+    print(f"attention (cache {s}): XLA {row['xla_us']:.1f} us; "
+          + ", ".join(f"{k.get('us', float('nan')):.1f} us "
+                      + ",".join(f"{n}={v}" for n, v in k.items() if n not in ("us", "error"))
+                      for k in row["kernels"]))
     attention.append(row)
   report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 python=platform.python_version(), command=" ".join(sys.argv),

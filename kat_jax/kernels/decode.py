@@ -7,7 +7,7 @@ on an H200 that made a Qwen2.5-1.5B step take 2.1 ms of kernel time for 0.75 ms 
 reads (see docs/performance.md). These kernels do one layer in five launches:
 
   fused_matvec(x, w_qkv, norm_scale=..., bias=...)       RMSNorm -> q/k/v projection (+ bias)
-  decode_attention(qkv, cos, sin, k_cache, v_cache, ...)  RoPE, cache write, attention
+  decode_attention(qkv, cos, sin, pos, k_cache, ...)      RoPE, cache write, attention
   fused_matvec(attn, w_o, residual=h)                     o projection + residual
   fused_matvec(h, w_gate_up, norm_scale=..., swiglu=True) RMSNorm -> gate/up -> SiLU(g)*u
   fused_matvec(act, w_down, residual=h)                   down projection + residual
@@ -257,14 +257,14 @@ def fused_matvec(x: jax.Array, w: jax.Array, *, norm_scale: jax.Array | None = N
 
 
 def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
-                               k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array,
-                               end: jax.Array, *, num_q_heads: int
+                               positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                               valid: jax.Array, end: jax.Array, *, num_q_heads: int
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Plain JAX for `decode_attention` (the XLA decode path's math at one token per row)."""
   batch, _, num_kv_heads, head_dim = k_cache.shape
   hq, hkv = num_q_heads, num_kv_heads
   q, k, v = jnp.split(qkv, [hq * head_dim, (hq + hkv) * head_dim], axis=-1)
-  cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+  cos, sin = cos[positions][:, None, None, :], sin[positions][:, None, None, :]
   q = apply_rope(q.reshape(batch, 1, hq, head_dim), cos, sin)
   k = apply_rope(k.reshape(batch, 1, hkv, head_dim), cos, sin)
   v = v.reshape(batch, 1, hkv, head_dim)
@@ -275,14 +275,16 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   return out.reshape(batch, hq * head_dim).astype(qkv.dtype), k_cache, v_cache
 
 
-def _rope_of(qkv_ref, cos_ref, sin_ref, b, head_dim: int):
-  """Reads row b's RoPE tables; returns offset -> the rotated halves (float32) of the head
-  vector qkv[b, offset:offset+D], rounded to qkv's dtype as `apply_rope`'s output is."""
+def _rope_of(qkv_ref, cos_ref, sin_ref, pos_ref, b, head_dim: int):
+  """Reads the RoPE tables' row at row b's position; returns offset -> the rotated halves
+  (float32) of the head vector qkv[b, offset:offset+D], rounded to qkv's dtype as
+  `apply_rope`'s output is."""
   f32, dt = jnp.float32, qkv_ref.dtype
   half = head_dim // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
-  cos1, cos2 = cos_ref[b, lo].astype(f32), cos_ref[b, hi].astype(f32)
-  sin1, sin2 = sin_ref[b, lo].astype(f32), sin_ref[b, hi].astype(f32)
+  pos = pos_ref[b]
+  cos1, cos2 = cos_ref[pos, lo].astype(f32), cos_ref[pos, hi].astype(f32)
+  sin1, sin2 = sin_ref[pos, lo].astype(f32), sin_ref[pos, hi].astype(f32)
 
   def rotated(offset):
     x1 = qkv_ref[b, pl.ds(offset, half)].astype(f32)
@@ -308,9 +310,9 @@ def _store_new_token(k_out_ref, v_out_ref, end, k_new: tuple, v_new: jax.Array) 
   v_out_ref[end, :] = v_new.astype(v_out_ref.dtype)
 
 
-def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
-                            acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
-                            num_kv_heads, head_dim, block_s):
+def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_ref, k_ref,
+                            v_ref, acc_ref, stats_ref, k_out_ref, v_out_ref, *, groups,
+                            num_q_heads, num_kv_heads, head_dim, block_s):
   """One program per (row, query head, slot block): softmax statistics of that block.
 
   Writes acc [D] = sum_j p_j v_j and stats [2] = (m, l) with p_j = exp(s_j - m), l = sum p_j,
@@ -335,7 +337,7 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref
     k2 = plgpu.load(k_ref.at[rows, hi], mask=in_range[:, None], other=0).astype(f32)
     v = plgpu.load(v_ref.at[rows, :], mask=in_range[:, None], other=0).astype(f32)
     visible = in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0)
-    rotated = _rope_of(qkv_ref, cos_ref, sin_ref, b, head_dim)
+    rotated = _rope_of(qkv_ref, cos_ref, sin_ref, pos_ref, b, head_dim)
     scale = head_dim**-0.5
     q1, q2 = rotated(head * head_dim)
     s = _masked_scores((q1, q2), (k1, k2), visible, scale)
@@ -368,7 +370,8 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref
       stats_ref[...] = jnp.where(jnp.arange(2) == 0, m, l)
 
 
-def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_ref, v_ref,
+def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_ref, k_ref,
+                               v_ref,
                                out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
                                num_kv_heads, head_dim, block_s, d_chunk):
   """One program per (row, query head, chunk of `d_chunk` output dims): the head's whole softmax
@@ -397,7 +400,7 @@ def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, valid_ref, k_
             in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0))
 
   first = load(0)
-  rotated = _rope_of(qkv_ref, cos_ref, sin_ref, b, head_dim)
+  rotated = _rope_of(qkv_ref, cos_ref, sin_ref, pos_ref, b, head_dim)
   q1, q2 = rotated(head * head_dim)
   k_new = rotated((num_q_heads + h) * head_dim)
   v_offset = (num_q_heads + num_kv_heads + h) * head_dim
@@ -461,8 +464,8 @@ def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, 
       out_ref.dtype)
 
 
-def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
-                     v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
+def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                     k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
                      num_q_heads: int, block_s: int | None = None,
                      num_warps: int | None = None, one_pass: bool = False,
                      d_chunk: int = 32, interpret: bool = False
@@ -475,7 +478,8 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
 
   Args:
     qkv: [B, (Hq + 2 Hkv) D] the q/k/v projections (bias added, RoPE not yet applied).
-    cos, sin: [B, D] RoPE tables at each row's position.
+    cos, sin: [P, D] RoPE tables by position (`kat_jax.sampling.forward.rope_tables`).
+    positions: [B] int32, each row's position (its row of the tables, < P).
     k_cache, v_cache: [B, S, Hkv, D]; slot `end` receives the rotated key and the value.
     valid: [B, S] which slots hold real tokens, slot `end` included (bool or int).
     end: int32 scalar, the slot of the new token.
@@ -498,6 +502,10 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
   if qkv.shape != (batch, (num_q_heads + 2 * num_kv_heads) * head_dim):
     raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} and "
                      f"{num_q_heads} query heads")
+  if cos.shape != sin.shape or cos.ndim != 2 or cos.shape[1] != head_dim:
+    raise ValueError(f"cos {cos.shape} and sin {sin.shape} must be [P, D={head_dim}] tables")
+  if positions.shape != (batch,):
+    raise ValueError(f"positions {positions.shape} must be [B={batch}]")
   if block_s is None:
     padded = 1 << (cache_len - 1).bit_length()  # the cache length up to a power of two
     block_s = min(256, max(16, padded)) if one_pass else min(128, max(16, padded // 16))
@@ -508,6 +516,7 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
   if one_pass and (d_chunk & (d_chunk - 1) or head_dim % d_chunk or d_chunk < 16):
     raise ValueError(f"d_chunk must be a power of two >= 16 dividing D={head_dim}, got {d_chunk}")
   end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
+  positions = positions.astype(jnp.int32)
   valid = valid.astype(jnp.int32)
   groups = num_q_heads // num_kv_heads
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
@@ -521,14 +530,15 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
     out, k_cache, v_cache = pl.pallas_call(
         kernel, grid=(batch, num_q_heads, head_dim // d_chunk),
         in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
-                  whole(valid.shape), cache_block, cache_block],
+                  whole(positions.shape), whole(valid.shape), cache_block, cache_block],
         out_specs=[whole(out_shape), cache_block, cache_block],
         out_shape=[jax.ShapeDtypeStruct(out_shape, qkv.dtype),
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-        input_output_aliases={5: 1, 6: 2},
+        input_output_aliases={6: 1, 7: 2},
         compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
-        name="decode_attention_one_pass")(end, qkv, cos, sin, valid, k_cache, v_cache)
+        name="decode_attention_one_pass")(end, qkv, cos, sin, positions, valid, k_cache,
+                                          v_cache)
     return out, k_cache, v_cache
   splits = -(-cache_len // block_s)
   partial_shape = (batch, splits, num_q_heads)
@@ -538,7 +548,7 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
   acc, stats, k_cache, v_cache = pl.pallas_call(
       kernel, grid=(batch, num_q_heads, splits),
       in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
-                whole(valid.shape), cache_block, cache_block],
+                whole(positions.shape), whole(valid.shape), cache_block, cache_block],
       out_specs=[pl.BlockSpec((None, None, None, head_dim), lambda b, h, s: (b, s, h, 0)),
                  pl.BlockSpec((None, None, None, 2), lambda b, h, s: (b, s, h, 0)),
                  cache_block, cache_block],
@@ -546,9 +556,9 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
                  jax.ShapeDtypeStruct(partial_shape + (2,), jnp.float32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-      input_output_aliases={5: 2, 6: 3},
+      input_output_aliases={6: 2, 7: 3},
       compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
-      name="decode_attention_blocks")(end, qkv, cos, sin, valid, k_cache, v_cache)
+      name="decode_attention_blocks")(end, qkv, cos, sin, positions, valid, k_cache, v_cache)
   chunk = min(16, 1 << (splits - 1).bit_length())
   combine = functools.partial(_attention_combine_kernel, block_s=block_s, chunk=chunk,
                               head_dim=head_dim)

@@ -189,13 +189,22 @@ def head_logits(hidden: jax.Array, params: DecodeParams, config: ModelConfig) ->
   return jnp.einsum(spec, hidden, params.head, preferred_element_type=jnp.float32)
 
 
+def rope_tables(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
+  """RoPE cos, sin [length, D] (compute dtype) of positions 0..length-1: row p is what
+  `rope_cos_sin` gives position p, so a decode loop builds them once and gathers per step."""
+  cos, sin = rope_cos_sin(jnp.arange(length)[None], config.head_dim, config.rope_theta,
+                          config.compute_dtype)
+  return cos[0, :, 0], sin[0, :, 0]
+
+
 def _constrain_cache(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, CACHE_AXES)
 
 
 def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, Any],
                   tokens: jax.Array, token_valid: jax.Array, end: jax.Array,
-                  kernels: str = "xla") -> tuple[dict[str, Any], jax.Array]:
+                  kernels: str = "xla", rope: tuple[jax.Array, jax.Array] | None = None
+                  ) -> tuple[dict[str, Any], jax.Array]:
   """Writes T tokens at slots [end, end+T) of every row and returns the last slot's logits.
 
   Args:
@@ -208,6 +217,8 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     kernels: "xla" (XLA ops), "fused" (the Pallas decode kernels; T must be 1 and the batch
       at most `kat_jax.kernels.decode.MAX_BATCH`), or "fused_interpret" (the same kernels in
       Pallas interpret mode, for CPU tests).
+    rope: `rope_tables` covering every position of the chunk (at least the cache length);
+      None computes the chunk's tables here.
 
   Returns:
     (updated cache, float32 logits [B,V] at slot end+T-1). Callers put each row's last real
@@ -223,14 +234,20 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
   new_pos = cache["next_pos"] + jnp.sum(token_valid, axis=1, dtype=jnp.int32)
 
   h = jnp.take(params.embed, tokens, axis=0).astype(dt)
-  cos, sin = rope_cos_sin(positions, hd, config.rope_theta, dt)
   if kernels in ("fused", "fused_interpret"):
     if length != 1:
       raise ValueError(f"the fused decode kernels take one token per row, got {length}")
-    return _fused_step(params, config, cache, h[:, 0], cos[:, 0, 0], sin[:, 0, 0], valid,
+    # The attention kernel reads its row of the tables at the position itself.
+    if rope is None:
+      rope = rope_tables(config, valid.shape[1])
+    return _fused_step(params, config, cache, h[:, 0], rope, positions[:, 0], valid,
                        new_pos, end, interpret=kernels == "fused_interpret")
   if kernels != "xla":
     raise ValueError(f"kernels must be 'xla', 'fused' or 'fused_interpret', got {kernels!r}")
+  if rope is None:
+    cos, sin = rope_cos_sin(positions, hd, config.rope_theta, dt)
+  else:
+    cos, sin = (jnp.take(table, positions, axis=0)[:, :, None] for table in rope)
   slots = jnp.arange(valid.shape[1])
   query_slots = end + jnp.arange(length)
   mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
@@ -261,18 +278,20 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
 
 
 def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any], h: jax.Array,
-                cos: jax.Array, sin: jax.Array, valid: jax.Array, new_pos: jax.Array,
-                end: jax.Array, *, interpret: bool) -> tuple[dict[str, Any], jax.Array]:
-  """One token per row through the fused kernels: h [B,d], cos/sin [B,D], valid [B,S]."""
+                rope: tuple[jax.Array, jax.Array], positions: jax.Array, valid: jax.Array,
+                new_pos: jax.Array, end: jax.Array, *, interpret: bool
+                ) -> tuple[dict[str, Any], jax.Array]:
+  """One token per row through the fused kernels: h [B,d], rope tables [P,D] (`rope_tables`),
+  positions [B] (each row's table row), valid [B,S]."""
   eps = config.rms_norm_eps
   new_k, new_v = [], []
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
     qkv = fused_matvec(h, layer["qkv"], norm_scale=layer["input_norm"], eps=eps,
                        bias=layer.get("qkv_bias"), interpret=interpret,
                        **_matvec_options("qkv", layer["qkv"].shape[0]))
-    out, k_cache, v_cache = decode_attention(qkv, cos, sin, k_cache, v_cache, valid, end,
-                                             num_q_heads=config.num_heads, interpret=interpret,
-                                             **DECODE_TILES["attention"])
+    out, k_cache, v_cache = decode_attention(
+        qkv, *rope, positions, k_cache, v_cache, valid, end, num_q_heads=config.num_heads,
+        interpret=interpret, **DECODE_TILES["attention"])
     new_k.append(k_cache)
     new_v.append(v_cache)
     h = fused_matvec(out, layer["o"], residual=h, interpret=interpret,

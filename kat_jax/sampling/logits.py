@@ -80,11 +80,51 @@ def logprob_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array
   passes is the point.
   """
   logits = logits.astype(jnp.float32)
-  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  m = jnp.max(logits, axis=-1)
+  log_total, entropy = _log_total_and_entropy(logits, m)
+  chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - m
+  return chosen - log_total, entropy
+
+
+def _log_total_and_entropy(logits: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [B,V] float32 and their max m [B] -> (log Σ e, entropy) [B], e = exp(l - m)."""
+  shifted = logits - m[:, None]
   weights = jnp.exp(shifted)
   total = jnp.sum(weights, axis=-1)
   # exp(-inf) * -inf is nan; a masked logit contributes nothing.
   weighted = jnp.sum(jnp.where(weights > 0, weights * shifted, 0.0), axis=-1)
   log_total = jnp.log(total)
-  chosen = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - log_total
-  return chosen, log_total - weighted / total
+  return log_total, log_total - weighted / total
+
+
+def max_and_argmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [B,V] float32 -> (max [B], first index of the max [B] int32) in one reduction.
+
+  Equals (jnp.max, jnp.argmax) for logits without NaN.
+  """
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+
+  def pick(a, b):  # the larger value; the smaller index among equal values
+    (va, ia), (vb, ib) = a, b
+    take_a = (va > vb) | ((va == vb) & (ia < ib))
+    return jnp.where(take_a, va, vb), jnp.where(take_a, ia, ib)
+
+  return jax.lax.reduce((logits, index), (jnp.float32(-jnp.inf), jnp.int32(2**31 - 1)), pick,
+                        (1,))
+
+
+def sample_with_stats(logits: jax.Array, rng: jax.Array | None, sampling: SamplingParams
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`choose_tokens` and `logprob_and_entropy` of the chosen tokens, in fewer passes over V.
+
+  logits [B,V] -> (tokens [B] int32, log p(token) [B], entropy [B]). Greedy over the whole
+  vocabulary takes the max and its index in one reduction, and the chosen token's shifted
+  logit is exactly 0, so log p = -log Σ e (no gather).
+  """
+  logits = logits.astype(jnp.float32)
+  if sampling.greedy and not 0 < sampling.vocab_limit < logits.shape[-1]:
+    m, tokens = max_and_argmax(logits)
+    log_total, entropy = _log_total_and_entropy(logits, m)
+    return tokens, -log_total, entropy
+  tokens = choose_tokens(logits, rng, sampling)
+  return (tokens,) + logprob_and_entropy(logits, tokens)

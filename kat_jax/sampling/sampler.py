@@ -34,8 +34,9 @@ from jax.sharding import PartitionSpec
 
 from kat_jax.kernels.decode import MAX_BATCH
 from kat_jax.model.config import ModelConfig
-from kat_jax.sampling.forward import CACHE_AXES, DecodeParams, forward_chunk, fused_kernels_fit
-from kat_jax.sampling.logits import SamplingParams, choose_tokens, logprob_and_entropy
+from kat_jax.sampling.forward import (CACHE_AXES, DecodeParams, forward_chunk, fused_kernels_fit,
+                                     rope_tables)
+from kat_jax.sampling.logits import SamplingParams, sample_with_stats
 
 
 @flax.struct.dataclass
@@ -303,40 +304,38 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
   inactive rows write pad tokens into invalid slots and keep their logits.
   """
   batch = logits.shape[0]
+  if config.vocab_size > 2**24:
+    raise ValueError(f"vocab_size {config.vocab_size} > 2**24: token ids would not be exact in "
+                     "the decode loop's float32 records")
   if kernels != "xla" and (batch > fused_max_batch or not fused_kernels_fit(config, batch)):
     kernels = "xla"
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
-  zeros_f = jnp.zeros((batch, max_new_tokens), jnp.float32)
+  # RoPE rows for every slot's position, once per call (a position never exceeds its slot).
+  rope = rope_tables(config, cache["valid"].shape[1])
+  # Per step one [B, 1, 4] write of (token, log-prob, entropy, mask) as float32 (token ids are
+  # exact below 2**24) instead of four writes: each is a kernel of its own at batch 1.
   init = dict(step=jnp.int32(0), cache=cache, logits=logits, rng=rng,
               done=jnp.zeros((batch,), bool),
-              tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-              logprobs=zeros_f, entropies=zeros_f,
-              mask=jnp.zeros((batch, max_new_tokens), bool))
+              records=jnp.zeros((batch, max_new_tokens, len(_RECORDS)), jnp.float32))
 
   def step_once(c):
     rng, key = c["rng"], None
     if not sampling.greedy:  # greedy draws nothing: no key-splitting kernel per step
       rng, key = jax.random.split(rng)
     active = ~c["done"]
-    token = choose_tokens(c["logits"], key, sampling)
-    logprob, entropy = logprob_and_entropy(c["logits"], token)
+    token, logprob, entropy = sample_with_stats(c["logits"], key, sampling)
     token = jnp.where(active, token, pad_id)
     step = c["step"]
-
-    def put(buf, value):
-      return jax.lax.dynamic_update_slice(buf, value[:, None].astype(buf.dtype), (0, step))
-
     done = c["done"]
     if stops is not None:
       done = done | (active & jnp.any(token[:, None] == stops[None, :], axis=-1))
     new_cache, new_logits = forward_chunk(params, config, c["cache"], token[:, None],
-                                          active[:, None], end + step, kernels)
+                                          active[:, None], end + step, kernels, rope=rope)
+    record = jnp.stack([token.astype(jnp.float32), jnp.where(active, logprob, 0.0),
+                        jnp.where(active, entropy, 0.0), active.astype(jnp.float32)], axis=-1)
     return dict(step=step + 1, cache=new_cache,
                 logits=jnp.where(active[:, None], new_logits, c["logits"]), rng=rng, done=done,
-                tokens=put(c["tokens"], token),
-                logprobs=put(c["logprobs"], jnp.where(active, logprob, 0.0)),
-                entropies=put(c["entropies"], jnp.where(active, entropy, 0.0)),
-                mask=put(c["mask"], active))
+                records=jax.lax.dynamic_update_slice(c["records"], record[:, None], (0, step, 0)))
 
   def loop(c, k):
     def cond(c):
@@ -354,7 +353,13 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
     out = loop(out, steps_per_loop)
   if steps_per_loop == 1 or max_new_tokens % steps_per_loop:
     out = loop(out, 1)
-  stopped = out["done"]
-  result = GenerationResult(tokens=out["tokens"], logprobs=out["logprobs"],
-                            entropies=out["entropies"], mask=out["mask"], stopped=stopped)
+  records = dict(zip(_RECORDS, jnp.moveaxis(out["records"], -1, 0)))
+  mask = records["mask"] > 0
+  # Steps never run (all rows stopped first) hold zeros: pad tokens there.
+  tokens = jnp.where(mask, records["token"].astype(jnp.int32), pad_id)
+  result = GenerationResult(tokens=tokens, logprobs=records["logprob"],
+                            entropies=records["entropy"], mask=mask, stopped=out["done"])
   return result, out["cache"], out["logits"]
+
+
+_RECORDS = ("token", "logprob", "entropy", "mask")  # the decode loop's per-step record

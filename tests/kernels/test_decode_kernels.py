@@ -101,9 +101,10 @@ def _attention_inputs(seed, batch, cache_len, hq, hkv, head_dim, dtype, end):
   valid[:, end + 1:] = False
   valid[:, end] = True
   valid[batch - 1, end] = False  # an inactive row: its new key is written but not visible
-  positions = jax.random.randint(keys[4], (batch, 1), 0, 1000)
-  cos, sin = rope_cos_sin(positions, head_dim, 10000.0, dtype)
-  return qkv, cos[:, 0, 0], sin[:, 0, 0], k_cache, v_cache, jnp.asarray(valid)
+  # RoPE tables of 1000 positions, each row at a random one of them.
+  positions = jax.random.randint(keys[4], (batch,), 0, 1000)
+  cos, sin = rope_cos_sin(jnp.arange(1000)[None], head_dim, 10000.0, dtype)
+  return qkv, cos[0, :, 0], sin[0, :, 0], positions, k_cache, v_cache, jnp.asarray(valid)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -166,6 +167,13 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="d_chunk"):
     decode_attention(*args, jnp.int32(3), num_q_heads=4, one_pass=True, d_chunk=24,
                      interpret=True)
+  qkv, cos, sin, positions, *cache = args
+  with pytest.raises(ValueError, match="tables"):
+    decode_attention(qkv, cos[:5], sin, positions, *cache, jnp.int32(3), num_q_heads=4,
+                     interpret=True)
+  with pytest.raises(ValueError, match="positions"):
+    decode_attention(qkv, cos, sin, positions[:, None], *cache, jnp.int32(3), num_q_heads=4,
+                     interpret=True)
   assert fused_path_supported(1, 1536, 8960, 12, 2, 128)  # qwen2.5-1.5b
   assert not fused_path_supported(MAX_BATCH + 1, 1536, 8960, 12, 2, 128)
 
@@ -219,5 +227,6 @@ def test_kernels_lower_to_triton_on_cpu():
         spec((b, d)), spec((2 * f, d)), spec((d,)))
   for one_pass in (False, True):
     lower(lambda *a: decode_attention(*a, num_q_heads=hq, one_pass=one_pass),
-          spec((b, n_qkv)), spec((b, hd)), spec((b, hd)), spec((b, s, hkv, hd)),
+          spec((b, n_qkv)), spec((s, hd)), spec((s, hd)), spec((b,), jnp.int32),
+          spec((b, s, hkv, hd)),
           spec((b, s, hkv, hd)), spec((b, s), jnp.bool_), spec((), jnp.int32))

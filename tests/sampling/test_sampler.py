@@ -8,9 +8,11 @@ import pytest
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import (GREEDY, Sampler, SamplingParams, cache_logical_axes, fork,
                               prepare_params, shard_decode_params)
-from kat_jax.sampling.forward import fused_kernels_fit
-from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS
-from kat_jax.sampling.logits import choose_tokens, filter_logits, logprob_and_entropy
+from kat_jax.model.layers import rope_cos_sin
+from kat_jax.sampling.forward import forward_chunk, fused_kernels_fit, rope_tables
+from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS, init_state
+from kat_jax.sampling.logits import (choose_tokens, filter_logits, logprob_and_entropy,
+                                     max_and_argmax, sample_with_stats)
 from kat_jax.testing import relative_error
 
 PROMPTS = [[3, 17, 250, 9], [100, 5, 7, 8, 9, 10, 11, 12, 13, 14, 60], [42]]
@@ -120,6 +122,58 @@ def test_logprob_and_entropy_match_float64_definitions(scale):
   assert relative_error(got, log_p[np.arange(3), tokens]) < 1e-5
   assert relative_error(ent, want_ent) < 1e-5
   assert np.all(np.isfinite(np.asarray(ent)))
+
+
+def test_max_and_argmax_equal_jnp_max_and_argmax():
+  """Ties take the first index (as jnp.argmax does); -inf and all -inf rows included."""
+  rng = np.random.default_rng(2)
+  logits = rng.integers(-3, 4, size=(5, 1000)).astype(np.float32)  # many ties
+  logits[1, ::3] = -np.inf
+  logits[2] = -np.inf
+  logits[3, 999] = 10.0
+  m, index = max_and_argmax(jnp.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(m), logits.max(-1))
+  np.testing.assert_array_equal(np.asarray(index), np.argmax(logits, -1))
+  assert index.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(0.0, vocab_limit=100),
+                                      SamplingParams(0.8, top_k=20)])
+def test_sample_with_stats_equals_choose_then_logprob_and_entropy(sampling):
+  """The greedy shortcut (no gather: the argmax's shifted logit is 0) gives the same bits as
+  choosing the token and then computing its log-prob and the entropy."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(3, 151936)) * 4, jnp.float32)
+  key = jax.random.key(1)
+  tokens, logprob, entropy = jax.jit(sample_with_stats, static_argnums=2)(logits, key, sampling)
+  want_tokens = choose_tokens(logits, key, sampling)
+  want_logprob, want_entropy = logprob_and_entropy(logits, want_tokens)
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
+  np.testing.assert_array_equal(np.asarray(logprob), np.asarray(want_logprob))
+  np.testing.assert_array_equal(np.asarray(entropy), np.asarray(want_entropy))
+  if sampling.vocab_limit:
+    assert np.all(np.asarray(tokens) < sampling.vocab_limit)
+
+
+def test_rope_tables_hold_each_positions_rows(model):
+  """Row p of the tables is rope_cos_sin at position p, and a prefill chunk and a decode step
+  given the tables equal the same calls computing their own."""
+  config, _, dparams = model
+  cos, sin = rope_tables(config, 40)
+  want_cos, want_sin = rope_cos_sin(jnp.arange(40)[None], config.head_dim, config.rope_theta,
+                                    config.compute_dtype)
+  np.testing.assert_array_equal(np.asarray(cos), np.asarray(want_cos[0, :, 0]))
+  np.testing.assert_array_equal(np.asarray(sin), np.asarray(want_sin[0, :, 0]))
+  state = init_state(config, 2, 40)
+  tokens = jnp.asarray([[0, 5, 6, 7], [1, 2, 3, 4]])
+  valid = jnp.asarray([[False, True, True, True], [True] * 4])
+  for kernels, length in (("xla", 4), ("fused_interpret", 1)):
+    args = (dparams, config, state.cache, tokens[:, -length:], valid[:, -length:],
+            jnp.int32(0), kernels)
+    cache, logits = forward_chunk(*args)
+    cache_t, logits_t = forward_chunk(*args, rope=(cos, sin))
+    np.testing.assert_array_equal(np.asarray(logits_t), np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(cache_t["k"][1]), np.asarray(cache["k"][1]))
 
 
 @pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6), (20, 0.8)])

@@ -28,26 +28,26 @@ def test_compare_in_process_variants(bench):
   params = init_params(config, jax.random.key(0))
   calls = []
 
-  def counting(logits, tokens):
+  def counting(logits, rng, sampling):
     calls.append(logits.shape)
-    return original(logits, tokens)
+    return original(logits, rng, sampling)
 
-  original = sampler_lib.logprob_and_entropy
+  original = sampler_lib.sample_with_stats
   variants = {"base": {"kernels": "xla"},
               "patched": {"kernels": "xla", "steps_per_loop": 2, "compiler_options": {},
-                          "patches": {(sampler_lib, "logprob_and_entropy"): counting}}}
+                          "patches": {(sampler_lib, "sample_with_stats"): counting}}}
   out = bench.compare_in_process(config, params, [1], prompt_len=8, new_tokens=4, repeats=2,
                                  variants=variants)
   rows = out[1]
   assert set(rows) == {"base", "patched"}
-  assert sampler_lib.logprob_and_entropy is original is logits_lib.logprob_and_entropy
+  assert sampler_lib.sample_with_stats is original is logits_lib.sample_with_stats
   assert calls  # traced with the patch
   for row in rows.values():
     assert len(row["decode_ms"]) == 2 and row["min_time_per_token_ms"] > 0
     assert row["min_time_per_token_ms"] <= row["time_per_token_ms"]
     assert row["same_tokens_as_base"]  # the patch computes the same values
   assert rows["base"]["vs_base"] == 1.0
-  assert rows["patched"]["patched"] == ["kat_jax.sampling.sampler.logprob_and_entropy"]
+  assert rows["patched"]["patched"] == ["kat_jax.sampling.sampler.sample_with_stats"]
   assert rows["patched"]["compiler_options"] == {}
 
 
