@@ -371,8 +371,7 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_r
 
 
 def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_ref, k_ref,
-                               v_ref,
-                               out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
+                               v_ref, out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
                                num_kv_heads, head_dim, block_s, d_chunk):
   """One program per (row, query head, chunk of `d_chunk` output dims): the head's whole softmax
   over the cache, online over blocks of `block_s` slots, so no merge kernel follows.
