@@ -248,7 +248,6 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
                 "decode_ms": [x * 1e3 for x in t],
                 "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
                 "sampler_kernels": samplers[k].kernels,
-                "fallback_kernels": getattr(samplers[k], "fallback_kernels", None),
                 "tiles": variants[k].get("tiles", {}),
                 "package": variants[k].get("package", "kat_jax"),
                 "package_revision": packages[variants[k].get("package", "kat_jax")][3],
@@ -317,7 +316,6 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
                "generate_minus_prefill_ms_per_token": (total_s - prefill_s) / new_tokens * 1e3}
   meta = {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err,
           "steps_per_loop": steps_per_loop, "kernels": sampler.kernels,
-          "fallback_kernels": sampler.fallback_kernels,
           "compiler_options": sampler.compiler_options}
   if trace_batch:
     # Each step's kernels are visible to the profiler only outside a while-loop command

@@ -41,8 +41,6 @@ from kat_jax.model.layers import apply_rope, rms_norm, rope_cos_sin
 from kat_jax.parallel.mesh import LOGICAL_RULES, logical_to_sharding
 
 CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
-# forward_chunk's decode-step implementations.
-KERNELS = ("xla", "fused", "xla_attention", "fused_interpret", "xla_attention_interpret")
 
 # Tiles of the fused decode step's kernels (keyword arguments of `fused_matvec` and
 # `decode_attention`), the fastest measured on an H200 at Qwen2.5-1.5B shapes, batch 1
@@ -217,10 +215,8 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     token_valid: [B,T] bool, which of the T slots hold real tokens of the row.
     end: int32 scalar, the first free slot.
     kernels: "xla" (XLA ops), "fused" (the Pallas decode kernels; T must be 1 and the batch
-      at most `kat_jax.kernels.decode.MAX_BATCH`), "xla_attention" (XLA's products with the
-      Pallas `decode_attention` for RoPE, the cache write and attention over the filled slots;
-      T must be 1, any batch; one device), or "fused_interpret" / "xla_attention_interpret"
-      (the same kernels in Pallas interpret mode, for CPU tests).
+      at most `kat_jax.kernels.decode.MAX_BATCH`), or "fused_interpret" (the same kernels in
+      Pallas interpret mode, for CPU tests).
     rope: `rope_tables` covering every position of the chunk (at least the cache length);
       None computes the chunk's tables here.
 
@@ -246,13 +242,8 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
       rope = rope_tables(config, valid.shape[1])
     return _fused_step(params, config, cache, h[:, 0], rope, positions[:, 0], valid,
                        new_pos, end, interpret=kernels == "fused_interpret")
-  attention_kernel = kernels in ("xla_attention", "xla_attention_interpret")
-  if kernels != "xla" and not attention_kernel:
-    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-  if attention_kernel and length != 1:
-    raise ValueError(f"the decode attention kernel takes one token per row, got {length}")
-  if attention_kernel and rope is None:
-    rope = rope_tables(config, valid.shape[1])
+  if kernels != "xla":
+    raise ValueError(f"kernels must be 'xla', 'fused' or 'fused_interpret', got {kernels!r}")
   if rope is None:
     cos, sin = rope_cos_sin(positions, hd, config.rope_theta, dt)
   else:
@@ -266,15 +257,6 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     qkv = jnp.einsum("btd,nd->btn", x, layer["qkv"])
     if "qkv_bias" in layer:
       qkv = qkv + layer["qkv_bias"]
-    if attention_kernel:
-      out, k_cache, v_cache = decode_attention(
-          qkv[:, 0], *rope, positions[:, 0], k_cache, v_cache, valid, end,
-          num_q_heads=hq, interpret=kernels == "xla_attention_interpret",
-          **DECODE_TILES["attention"])
-      new_k.append(k_cache)
-      new_v.append(v_cache)
-      h = _mlp_half(h + jnp.einsum("bk,dk->bd", out, layer["o"])[:, None], layer, config)
-      continue
     q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
     q = apply_rope(q.reshape(batch, length, hq, hd), cos, sin)
     k = apply_rope(k.reshape(batch, length, hkv, hd), cos, sin)
@@ -287,17 +269,12 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     new_v.append(v_cache)
     out = cached_attention(q, k_cache, v_cache, mask)
     h = h + jnp.einsum("btk,dk->btd", out.reshape(batch, length, hq * hd), layer["o"])
-    h = _mlp_half(h, layer, config)
+    x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
+    gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
+    h = h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
   last = rms_norm(h[:, -1], params.final_norm, config.rms_norm_eps)
   new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)
-
-
-def _mlp_half(h: jax.Array, layer: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
-  """h [B,T,d] -> h + down(silu(gate(x)) * up(x)), x = RMSNorm(h) (the XLA path's ops)."""
-  x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
-  gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
-  return h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
 
 
 def _fused_step(params: DecodeParams, config: ModelConfig, cache: dict[str, Any], h: jax.Array,

@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec
 
 from kat_jax.kernels.decode import MAX_BATCH
 from kat_jax.model.config import ModelConfig
-from kat_jax.sampling.forward import (CACHE_AXES, KERNELS, DecodeParams, forward_chunk,
-                                     fused_kernels_fit, rope_tables)
+from kat_jax.sampling.forward import (CACHE_AXES, DecodeParams, forward_chunk, fused_kernels_fit,
+                                     rope_tables)
 from kat_jax.sampling.logits import SamplingParams, sample_with_stats
 
 
@@ -159,7 +159,7 @@ GPU_DECODE_COMPILER_OPTIONS = {
 
 @functools.lru_cache(maxsize=32)
 def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int,
-                  kernels: str, fused_max_batch: int, fallback: str,
+                  kernels: str, fused_max_batch: int,
                   compiler_options: tuple[tuple[str, str], ...] = ()):
   """(chunk_fn, decode_fn) jitted once per setting, shared by Samplers."""
   donate_args = (1,) if donate else ()
@@ -169,7 +169,7 @@ def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop
 
   decode_fn = jax.jit(functools.partial(_decode_loop, config=config, pad_id=pad_id,
                                         steps_per_loop=steps_per_loop, kernels=kernels,
-                                        fused_max_batch=fused_max_batch, fallback=fallback),
+                                        fused_max_batch=fused_max_batch),
                       static_argnames=("sampling", "max_new_tokens", "stop_ids"),
                       donate_argnums=donate_args,
                       compiler_options=dict(compiler_options) or None)
@@ -188,11 +188,9 @@ class Sampler:
     decode steps run per iteration of the loop (fewer loop-condition round trips to the
     host on GPU; the output is the same for any value); kernels picks the decode step's
     implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the batch has at most
-    `MAX_BATCH` rows, else XLA), "xla_attention" (XLA's products with the Pallas decode
-    attention, any batch, one device), "fused_interpret" / "xla_attention_interpret" (the
-    same in Pallas interpret mode, for CPU tests) or "auto" (on a single GPU "fused" for
-    batches of at most `AUTO_FUSED_MAX_BATCH` rows and "xla_attention" above, as measured
-    fastest; elsewhere "xla"); compiler_options are XLA options for the
+    `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas interpret mode, for CPU
+    tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
+    rows, where it measured faster, else "xla"); compiler_options are XLA options for the
     decode loop's compilation (as `jax.jit(compiler_options=...)` takes them; an unknown name
     or value fails at the first decode); None means `GPU_DECODE_COMPILER_OPTIONS` on a single
     GPU and none elsewhere, {} none anywhere."""
@@ -200,17 +198,16 @@ class Sampler:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if steps_per_loop < 1:
       raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
-    if kernels != "auto" and kernels not in KERNELS:
-      raise ValueError(f"kernels must be 'auto' or one of {KERNELS}, got {kernels!r}")
+    if kernels not in ("auto", "xla", "fused", "fused_interpret"):
+      raise ValueError(f"kernels must be 'auto', 'xla', 'fused' or 'fused_interpret', "
+                       f"got {kernels!r}")
     # Both GPU defaults were measured on one GPU; sharded samplers keep XLA's choices.
     single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-    fused_max_batch, fallback = MAX_BATCH, "xla"
+    fused_max_batch = MAX_BATCH
     if kernels == "auto":
       kernels = "fused" if single_gpu else "xla"
       fused_max_batch = AUTO_FUSED_MAX_BATCH
-      fallback = "xla"  # "xla_attention" measured 1.041x slower at batch 64 (H200)
     self.kernels = kernels
-    self.fallback_kernels = fallback  # where the fused step does not fit the batch
     if compiler_options is None and single_gpu:
       compiler_options = GPU_DECODE_COMPILER_OPTIONS
     self.compiler_options = dict(compiler_options or {})
@@ -219,7 +216,7 @@ class Sampler:
     self.prefill_chunk = int(prefill_chunk)
     self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate,
                                                     int(steps_per_loop), kernels,
-                                                    fused_max_batch, fallback,
+                                                    fused_max_batch,
                                                     tuple(sorted(self.compiler_options.items())))
 
   def _check_params(self, params: Any) -> None:
@@ -298,7 +295,7 @@ class Sampler:
 def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array, rng: jax.Array,
                  end: jax.Array, *, config: ModelConfig, pad_id: int, sampling: SamplingParams,
                  max_new_tokens: int, stop_ids: tuple[int, ...], steps_per_loop: int = 1,
-                 kernels: str = "xla", fused_max_batch: int = MAX_BATCH, fallback: str = "xla"
+                 kernels: str = "xla", fused_max_batch: int = MAX_BATCH
                  ) -> tuple[GenerationResult, dict[str, Any], jax.Array]:
   """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens.
 
@@ -310,9 +307,8 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
   if config.vocab_size > 2**24:
     raise ValueError(f"vocab_size {config.vocab_size} > 2**24: token ids would not be exact in "
                      "the decode loop's float32 records")
-  if kernels in ("fused", "fused_interpret") and (
-      batch > fused_max_batch or not fused_kernels_fit(config, batch)):
-    kernels = fallback
+  if kernels != "xla" and (batch > fused_max_batch or not fused_kernels_fit(config, batch)):
+    kernels = "xla"
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
   # RoPE rows for every slot's position, once per call (a position never exceeds its slot).
   rope = rope_tables(config, cache["valid"].shape[1])

@@ -307,41 +307,6 @@ def test_fused_decode_kernels_equal_xla_decode(model, dtype):
     Sampler(config, kernels="triton")
 
 
-def test_xla_step_with_the_attention_kernel_equals_xla_decode(model):
-  """XLA's products with the Pallas decode attention (interpreted), at a batch above the
-  fused step's MAX_BATCH, with stop tokens and sampling: the XLA step's tokens and log-probs."""
-  config, params, _ = model
-  config = config.replace(dtype="float32")
-  dparams = prepare_params(params, config)
-  rows = PROMPTS + [[7, 8, 9], [11, 12]]
-  sampling = SamplingParams(temperature=1.0, top_k=20)
-  want, got = (Sampler(config, kernels=kernels).generate(
-      dparams, rows, jax.random.key(5), max_new_tokens=6, sampling=sampling, stop_ids=(5,))
-               for kernels in ("xla", "xla_attention_interpret"))
-  assert got.token_lists() == want.token_lists()
-  np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
-  assert relative_error(got.logprobs, want.logprobs) < 1e-5
-  assert relative_error(got.entropies, want.entropies) < 1e-5
-
-
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton "
-                    "kernels; run with KAT_TEST_GPU=1); the interpreted test above is the CPU "
-                    "counterpart")
-def test_gpu_xla_step_with_the_attention_kernel_equals_xla_decode(model):
-  """The compiled attention kernel inside the XLA step at 16 rows, float32 and bf16."""
-  config, params, _ = model
-  rows = [PROMPTS[i % 3] + [i] for i in range(16)]
-  for dtype in ("float32", "bfloat16"):
-    cfg = config.replace(dtype=dtype)
-    dparams = prepare_params(params, cfg)
-    want, got = (Sampler(cfg, kernels=kernels).generate(
-        dparams, rows, jax.random.key(4), max_new_tokens=6, sampling=GREEDY)
-                 for kernels in ("xla", "xla_attention"))
-    assert got.token_lists()[0][:1] == want.token_lists()[0][:1]
-    tol = 1e-4 if dtype == "float32" else 0.05
-    assert float(jnp.max(jnp.abs(got.logprobs[:, 0] - want.logprobs[:, 0]))) < tol
-
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton "
                     "kernels; run with KAT_TEST_GPU=1); the interpreted test above is the CPU "
                     "counterpart")
