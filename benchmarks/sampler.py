@@ -194,9 +194,9 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
 
   prompts = _prompts(config, batch_sizes, prompt_len)
   max_length = prompt_len + new_tokens
+  package_of = {label: variant.get("package", "kat_jax") for label, variant in variants.items()}
   packages, dparams = {}, {}
-  for variant in variants.values():
-    name = variant.get("package", "kat_jax")
+  for name in package_of.values():
     if name not in packages:
       sampling = importlib.import_module(name + ".sampling")
       packages[name] = (sampling, importlib.import_module(name + ".sampling.forward"),
@@ -205,7 +205,7 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
       dparams[name] = jax.block_until_ready(sampling.prepare_params(params, config))
   samplers, tokens = {}, {b: {} for b in batch_sizes}
   for label, variant in variants.items():
-    package = variant.get("package", "kat_jax")
+    package = package_of[label]
     sampling, forward, sampler_lib, _ = packages[package]
     defaults = {k: dict(v) for k, v in forward.DECODE_TILES.items()}
     # Each variant traces its own step with its tiles (the tiles are read at trace time).
@@ -238,10 +238,10 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
       for k, sampler in samplers.items():
         # The decode alone is timed (prefill done and waited for first): subtracting a
         # separately timed prefill added that timing's noise to every estimate.
-        package = dparams[variants[k].get("package", "kat_jax")]
-        state = _generate(sampler, package, prompts[b], max_length, None)
+        weights = dparams[package_of[k]]
+        state = _generate(sampler, weights, prompts[b], max_length, None)
         t0 = time.perf_counter()
-        _decode(sampler, package, state, new_tokens)
+        _decode(sampler, weights, state, new_tokens)
         times[k].append(time.perf_counter() - t0)
     rows = {k: {"time_per_token_ms": statistics.median(t) / new_tokens * 1e3,
                 "min_time_per_token_ms": min(t) / new_tokens * 1e3,
@@ -249,8 +249,8 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
                 "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
                 "sampler_kernels": samplers[k].kernels,
                 "tiles": variants[k].get("tiles", {}),
-                "package": variants[k].get("package", "kat_jax"),
-                "package_revision": packages[variants[k].get("package", "kat_jax")][3],
+                "package": package_of[k],
+                "package_revision": packages[package_of[k]][3],
                 "compiler_options": samplers[k].compiler_options,
                 "patched": [f"{m.__name__}.{n}" for m, n in variants[k].get("patches", {})]}
             for k, t in times.items()}

@@ -302,6 +302,13 @@ def _masked_scores(q: tuple, k: tuple, visible: jax.Array, scale: float) -> jax.
   return jnp.where(visible, s, jnp.float32(-1e30))
 
 
+def _new_token_score(q: tuple, k_new: tuple, cache_dtype, scale: float) -> jax.Array:
+  """Scaled score of the rotated query halves q against the new token's rotated key halves,
+  the key rounded to the cache's dtype as the cached slots are."""
+  k_new = [x.astype(cache_dtype).astype(jnp.float32) for x in k_new]
+  return (jnp.sum(q[0] * k_new[0]) + jnp.sum(q[1] * k_new[1])) * scale
+
+
 def _store_new_token(k_out_ref, v_out_ref, end, k_new: tuple, v_new: jax.Array) -> None:
   """Writes the new token's rotated key halves and its value [D] into cache slot `end`."""
   half = k_new[0].shape[0]
@@ -354,10 +361,9 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_r
       pl.when(head % groups == 0)(
           lambda: _store_new_token(k_out_ref, v_out_ref, end, k_new, v_new))
 
-      k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
       v_new = v_new.astype(v_out_ref.dtype).astype(f32)
       new_visible = valid_ref[b, end] != 0
-      s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+      s_new = _new_token_score((q1, q2), k_new, k_out_ref.dtype, scale)
       m_all = jnp.where(new_visible, jnp.maximum(m, s_new), m)
       alpha = jnp.exp(m - m_all)
       p_new = jnp.where(new_visible, jnp.exp(s_new - m_all), 0.0)
@@ -408,10 +414,9 @@ def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, vali
       k_out_ref, v_out_ref, end, k_new, qkv_ref[b, pl.ds(v_offset, head_dim)]))
 
   # The new token (slot end, taken from qkv) seeds the running statistics: p = exp(0) = 1.
-  k_new = [x.astype(k_out_ref.dtype).astype(f32) for x in k_new]
   v_new = qkv_ref[b, pl.ds(v_offset + c * d_chunk, d_chunk)].astype(v_out_ref.dtype).astype(f32)
   new_visible = valid_ref[b, end] != 0
-  s_new = (jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1])) * scale
+  s_new = _new_token_score((q1, q2), k_new, k_out_ref.dtype, scale)
   m = jnp.where(new_visible, s_new, neg)
   p_new = jnp.where(new_visible, jnp.exp(s_new - m), 0.0)
   stats = (m, p_new, p_new * v_new)

@@ -145,6 +145,8 @@ def _left_padded(sequences: Sequence[Sequence[int]], width: int, pad_id: int
   return tokens, valid
 
 
+_RECORDS = ("token", "logprob", "entropy", "mask")  # the decode loop's per-step record
+
 # Measured on an H200 (Qwen2.5-1.5B, docs/sampling.md): the fused step beats XLA's at batch 1
 # (1.61 vs 1.73 ms/token) but not at batch 4 (3.09 vs 1.77): its matvecs keep one accumulator
 # per row, so their cost grows with the rows.
@@ -361,5 +363,3 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
                             entropies=records["entropy"], mask=mask, stopped=out["done"])
   return result, out["cache"], out["logits"]
 
-
-_RECORDS = ("token", "logprob", "entropy", "mask")  # the decode loop's per-step record
