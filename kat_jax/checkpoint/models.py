@@ -269,6 +269,15 @@ def _to_device(params: Any, dtype: Any) -> Any:
   return jax.tree.map(put, params)
 
 
+def load_configured_model(model: Mapping[str, Any], *, seed: int = 0, mtp: bool = False
+                          ) -> tuple[ModelConfig, dict]:
+  """The model a run config's `model` fields name: `init_from` (any source, run with these
+  fields' execution settings) or, when empty, a random init of the preset + overrides."""
+  configured = config_from_model_fields(model)
+  return load_model(model.get("init_from") or configured, execution=configured, seed=seed,
+                    mtp=mtp, what="config.model.init_from")
+
+
 def load_model(spec: str | ModelConfig, *, step: int | None = None,
                execution: ModelConfig | None = None, seed: int = 0, mtp: bool = False,
                what: str = "model source") -> tuple[ModelConfig, dict]:
@@ -335,6 +344,17 @@ def save_model(directory: str, config: ModelConfig, params: Mapping, *, dtype: A
 
 # ---------------------------------------------------------------------------------------------
 # Model and tokenizer
+
+
+def tokenizer_name(spec: str | ModelConfig, default: str = "") -> str:
+  """The tokenizer for a model source: the one a run workdir trained with; else `default`;
+  else the Qwen tokenizer when the model's vocabulary holds it, the byte tokenizer if not."""
+  saved = source_tokenizer(spec)
+  if saved or default:
+    return saved or default
+  from kat_jax.data.tokenizer import ADDED_TOKENS, QWEN25_NUM_BPE_TOKENS  # pylint: disable=g-import-not-at-top
+  fits_qwen = load_model_config(spec).vocab_size >= QWEN25_NUM_BPE_TOKENS + len(ADDED_TOKENS)
+  return "qwen2.5" if fits_qwen else "bytes"
 
 
 def check_vocab(model_config: ModelConfig, tokenizer: Any, *, what: str = "config.model"
