@@ -38,10 +38,11 @@ def _gpu_interpret_params():
 
 def default_tiling(batch: int, num_kv_heads: int, max_tokens: int, page_size: int
                    ) -> tuple[int, int]:
-  """(block_tokens, split_tokens): blocks of 128 keys (or one page, if larger); splits of
-  whole blocks, as long as gives at least ~4 programs per SM (132 SMs) at the longest rows,
-  between 2 and 16 blocks."""
-  block = max(128, page_size)
+  """(block_tokens, split_tokens): blocks of 64 keys (or one page, if larger), so that with 2
+  stages a program's shared memory (80 KiB at D=128) lets two programs share an SM; splits
+  of whole blocks, as long as gives at least ~4 programs per SM (132 SMs) at the longest
+  rows, between 2 and 16 blocks."""
+  block = max(64, page_size)
   programs_per_split = batch * num_kv_heads
   blocks = -(-max_tokens // block)
   want_splits = -(-4 * 132 // programs_per_split)
@@ -81,22 +82,25 @@ def _mma(a, b, n: int, *, transpose_b: bool, interpret: bool) -> jax.Array:
   return pl.run_scoped(product, plgpu.ACC((_ROWS, n), jnp.float32))
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
-            o_smem, lse_smem, q_bar, k_bar, v_bar, *, page_size: int, block_tokens: int,
-            split_tokens: int, stages: int, num_pages: int, interpret: bool):
+def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_size: int,
+            block_tokens: int, split_tokens: int, stages: int, num_pages: int,
+            interpret: bool):
   """Program (split, kv head, row): online softmax over the split's live blocks.
 
   q_ref [B, Hkv, G8, D] (zero-padded heads), k_ref/v_ref [Hkv, P, page_size, D], table_ref
   [B, max_pages], len_ref [B]; writes o_ref [B, Hkv, S, G8, D] f32 (normalised) and lse_ref
   [B, Hkv, S, G8] (base 2). A split without live keys writes nothing.
+  Shared memory: the query and the K/V stage buffers, then (reusing their space) the f32
+  output tile.
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   # Register layouts for values made in the kernel (the interpreter has no layouts).
   layout = (lambda x, _: x) if interpret else plgpu.layout_cast
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("row")
   pages_per_block = block_tokens // page_size
-  head_dim = q_smem.shape[-1]
+  head_dim = q_ref.shape[-1]
   groups8 = q_ref.shape[2]
+  dtype = q_ref.dtype
   length = len_ref[b]
   start = split * split_tokens
   live_keys = jnp.minimum(length - start, split_tokens)
@@ -104,23 +108,27 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, q_smem, k_s
   last_page = jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, 0)
   first_page = split * (split_tokens // page_size)
 
-  def issue(block, slot):  # gathers block `block` of the split's pages into `slot`
-    for i in range(pages_per_block):
-      index = jnp.minimum(first_page + block * pages_per_block + i, last_page)
-      page = jnp.clip(table_ref[b, index], 0, num_pages - 1)
-      rows = pl.ds(i * page_size, page_size)
-      plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, rows], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, rows], v_bar.at[slot])
+  def attend(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar):
+    """(acc [64, D], m [64], l [64]) of the split: unnormalised output, max, sum (base 2)."""
 
-  @pl.when(num_blocks > 0)
-  def _run():
-    # The padded query rows are zeros: written once, then the real rows copied over them.
-    q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), q_smem.dtype), plgpu.Layout.WGMMA)
-    plgpu.commit_smem()
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, groups8)], q_bar)
-    for stage in range(stages):
-      pl.when(stage < num_blocks)(functools.partial(issue, stage, stage))
-    plgpu.barrier_wait(q_bar)
+    def issue(block, slot):  # gathers block `block` of the split's pages into `slot`
+      for i in range(pages_per_block):
+        index = jnp.minimum(first_page + block * pages_per_block + i, last_page)
+        page = jnp.clip(table_ref[b, index], 0, num_pages - 1)
+        rows = pl.ds(i * page_size, page_size)
+        plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, rows], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, rows], v_bar.at[slot])
+
+    @pl.when(num_blocks > 0)
+    def _prologue():
+      # The padded query rows are zeros: written once, then the real rows copied over them.
+      q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), dtype), plgpu.Layout.WGMMA)
+      plgpu.commit_smem()
+      plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, groups8)], q_bar)
+      for stage in range(stages):
+        pl.when(stage < num_blocks)(functools.partial(issue, stage, stage))
+      plgpu.barrier_wait(q_bar)
+
     scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is one instruction
     cols = layout(lax.broadcasted_iota(jnp.int32, (_ROWS, block_tokens), 1),
                   plgpu.Layout.WGMMA)
@@ -129,7 +137,6 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, q_smem, k_s
       acc, m, l = carry
       slot = lax.rem(block, stages)
       plgpu.barrier_wait(k_bar.at[slot])
-
       s = _mma(q_smem, k_smem.at[slot], block_tokens, transpose_b=True, interpret=interpret)
       live = cols < live_keys - block * block_tokens
       s = jnp.where(live, s * scale, -jnp.inf)
@@ -138,7 +145,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, q_smem, k_s
       p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
       l = l * alpha + p.sum(axis=1)
       plgpu.barrier_wait(v_bar.at[slot])
-      pv = _mma(p.astype(v_smem.dtype), v_smem.at[slot], head_dim, transpose_b=False,
+      pv = _mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
                 interpret=interpret)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
       pl.when(block + stages < num_blocks)(lambda: issue(block + stages, slot))
@@ -147,13 +154,27 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, q_smem, k_s
     acc = layout(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
     m = layout(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = layout(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc, m, l = lax.fori_loop(0, num_blocks, step, (acc, m, l))
-    o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-    lse_smem[...] = m + jnp.log2(l)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, groups8)], o_ref.at[b, h, split])
-    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, groups8)], lse_ref.at[b, h, split])
-    plgpu.wait_smem_to_gmem(0)
+    return lax.fori_loop(0, num_blocks, step, (acc, m, l))
+
+  tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  kv_buffer = plgpu.SMEM((stages, block_tokens, head_dim), dtype, transforms=tiled)
+  arrivals = dict(num_arrivals=pages_per_block, num_barriers=stages)  # a copy per page
+  acc, m, l = pl.run_scoped(
+      attend, plgpu.SMEM((_ROWS, head_dim), dtype, transforms=tiled), kv_buffer, kv_buffer,
+      plgpu.Barrier(), plgpu.Barrier(**arrivals), plgpu.Barrier(**arrivals))
+
+  def store(o_smem, lse_smem):
+    @pl.when(num_blocks > 0)
+    def _store():
+      o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+      lse_smem[...] = m + jnp.log2(l)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, groups8)], o_ref.at[b, h, split])
+      plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, groups8)], lse_ref.at[b, h, split])
+      plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((_ROWS, head_dim), jnp.float32),
+                plgpu.SMEM((_ROWS,), jnp.float32))
 
 
 def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -189,14 +210,13 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
   if groups8 > _ROWS or head_dim % 64:
     raise ValueError(f"mosaic_gpu needs Hq/Hkv <= {_ROWS} and D a multiple of 64, got "
                      f"Hq/Hkv={groups}, D={head_dim}")
-  if block_tokens % 64 or block_tokens % page_size or split_tokens % block_tokens:
-    raise ValueError(f"block_tokens={block_tokens} must be a multiple of 64 and of "
-                     f"page_size={page_size}; split_tokens={split_tokens} a multiple of it")
+  if page_size % 8 or block_tokens % 64 or block_tokens % page_size or split_tokens % block_tokens:
+    raise ValueError(f"mosaic_gpu needs page_size a multiple of 8 (got {page_size}), "
+                     f"block_tokens a multiple of 64 and of it (got {block_tokens}), "
+                     f"split_tokens a multiple of block_tokens (got {split_tokens})")
   num_splits = -(-max_tokens // split_tokens)
   q8 = jnp.pad(q.reshape(batch, num_kv_heads, groups, head_dim),
                ((0, 0), (0, 0), (0, groups8 - groups), (0, 0)))
-  tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  kv_buffer = plgpu.SMEM((stages, block_tokens, head_dim), q.dtype, transforms=tiled)
   kernel = functools.partial(
       _kernel, page_size=page_size, block_tokens=block_tokens, split_tokens=split_tokens,
       stages=stages, num_pages=num_pages, interpret=interpret)
@@ -205,14 +225,6 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       out_type=(jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, groups8, head_dim),
                                      jnp.float32),
                 jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, groups8), jnp.float32)),
-      scratch_types=(
-          plgpu.SMEM((_ROWS, head_dim), q.dtype, transforms=tiled),
-          kv_buffer, kv_buffer,
-          plgpu.SMEM((_ROWS, head_dim), jnp.float32),
-          plgpu.SMEM((_ROWS,), jnp.float32),
-          plgpu.Barrier(),
-          plgpu.Barrier(num_arrivals=block_tokens // page_size, num_barriers=stages),
-          plgpu.Barrier(num_arrivals=block_tokens // page_size, num_barriers=stages)),
       grid=(num_splits, num_kv_heads, batch),
       grid_names=("split", "head", "row"),
       compiler_params=plgpu.CompilerParams(approx_math=True),

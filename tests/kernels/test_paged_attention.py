@@ -58,11 +58,10 @@ def _case(seed: int, *, groups: int, head_dim: int, page_size: int, dtype, num_k
     if used[b] < max_pages:
       table[b, used[b]] = sorted(unused)[b % len(unused)]
 
-  keys = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(keys[0], (batch, num_kv_heads * groups, head_dim), jnp.float32)
+  q = rng.standard_normal((batch, num_kv_heads * groups, head_dim), np.float32)
   shape = (num_kv_heads, num_pages, page_size, head_dim)
-  k = np.array(jax.random.normal(keys[1], shape, jnp.float32))
-  v = np.array(jax.random.normal(keys[2], shape, jnp.float32))
+  k = rng.standard_normal(shape, np.float32)
+  v = rng.standard_normal(shape, np.float32)
   for page in unused:
     k[:, page], v[:, page] = np.nan, np.nan
   for b in range(batch):  # slots past the length in the row's last page
@@ -70,7 +69,7 @@ def _case(seed: int, *, groups: int, head_dim: int, page_size: int, dtype, num_k
     if fill:
       k[:, table[b, used[b] - 1], fill:] = dead_slot_value
       v[:, table[b, used[b] - 1], fill:] = dead_slot_value * 10
-  return (q.astype(dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table),
+  return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table),
           jnp.asarray(lengths))
 
 
@@ -116,17 +115,18 @@ def test_reference_matches_per_row_numpy_loop(dtype):
   _assert_rows_close(got, _row_loop_reference(q, k, v, table, lengths), lengths, _TOL[dtype])
 
 
-# (groups, head_dim, page_size, dtype, pages_per_block); pages_per_block 3 does not divide the
-# 12-page table, so the last block runs past it.
-_TPU_CASES = [(1, 64, 8, jnp.float32, 1), (2, 128, 16, jnp.bfloat16, 3),
-              (7, 64, 8, jnp.bfloat16, 4), (7, 128, 16, jnp.float32, 3)]
+# (groups, kv heads, head_dim, page_size, dtype, pages_per_block); pages_per_block 3 does not
+# divide the 12-page table, so the last block runs past it.
+_TPU_CASES = [(1, 2, 64, 8, jnp.float32, 1), (2, 2, 128, 16, jnp.bfloat16, 3),
+              (7, 1, 64, 8, jnp.bfloat16, 4), (7, 1, 128, 16, jnp.float32, 3)]
 
 
-@pytest.mark.parametrize("groups,head_dim,page_size,dtype,pages_per_block", _TPU_CASES)
-def test_pallas_tpu_interpreted_matches_reference(groups, head_dim, page_size, dtype,
-                                                  pages_per_block):
+@pytest.mark.parametrize("groups,num_kv_heads,head_dim,page_size,dtype,pages_per_block",
+                         _TPU_CASES)
+def test_pallas_tpu_interpreted_matches_reference(groups, num_kv_heads, head_dim, page_size,
+                                                  dtype, pages_per_block):
   q, k, v, table, lengths = _case(1, groups=groups, head_dim=head_dim, page_size=page_size,
-                                  dtype=dtype)
+                                  dtype=dtype, num_kv_heads=num_kv_heads)
   kernel = jax.jit(lambda *a: paged_decode_attention_tpu(
       *a, pages_per_block=pages_per_block, interpret=True))
   got = kernel(q, k, v, table, lengths)
@@ -143,18 +143,17 @@ def test_pallas_tpu_kernel_lowers_to_mosaic_tpu():
   assert "tpu_custom_call" in exported.mlir_module()
 
 
-# (groups, head_dim, page_size, block_tokens, split_tokens, stages)
-_MGPU_CASES = [(1, 64, 16, 64, 128, 2),  # 4 pages per block, 2 blocks per split
-               (2, 128, 32, 64, 192, 2),  # 3 blocks per split: a stage buffer is reused
-               (7, 64, 64, 64, 64, 2),  # one page per block, one block per split
-               (7, 128, 16, 128, 128, 3)]  # more stages than blocks in a split
+# (groups, kv heads, head_dim, page_size, block_tokens, split_tokens, stages)
+_MGPU_CASES = [(1, 1, 64, 16, 64, 192, 2),  # 4 pages per block; 3 blocks per split reuse a stage
+               (2, 2, 128, 32, 64, 128, 2),  # 2 pages per block, 2 blocks per split
+               (7, 1, 128, 64, 64, 64, 3)]  # one page per block and per split; spare stages
 
 
 def _mgpu_check(case, interpret: bool) -> None:
-  groups, head_dim, page_size, block_tokens, split_tokens, stages = case
+  groups, num_kv_heads, head_dim, page_size, block_tokens, split_tokens, stages = case
   q, k, v, table, lengths = _case(3, groups=groups, head_dim=head_dim, page_size=page_size,
-                                  dtype=jnp.bfloat16, max_pages=192 // page_size + 1,
-                                  dead_slot_value=30.0)
+                                  dtype=jnp.bfloat16, num_kv_heads=num_kv_heads,
+                                  max_pages=192 // page_size + 1, dead_slot_value=30.0)
   kernel = jax.jit(lambda *a: paged_decode_attention_mgpu(
       *a, block_tokens=block_tokens, split_tokens=split_tokens, stages=stages,
       interpret=interpret))
