@@ -85,12 +85,15 @@ def backends(on_gpu: bool) -> dict:
   return fns
 
 
-def sweep_variants(batch: int, num_kv_heads: int, max_len: int, page_size: int) -> list[dict]:
-  """Mosaic GPU tilings around the default: block_tokens x stages x split_tokens."""
+def sweep_variants(batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                   page_size: int) -> list[dict]:
+  """Mosaic GPU tilings around the default: block_tokens x stages x split_tokens, those whose
+  query + K/V stage buffers (bf16) fit one SM's 227 KiB of shared memory."""
   _, default_split = default_tiling(batch, num_kv_heads, max_len, page_size)
   variants = []
   for block, stages, split_scale in itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2)):
-    if block % page_size or block * stages > 512:  # shared memory: K+V stages at D=128
+    smem = 2 * 64 * head_dim + 2 * 2 * stages * block * head_dim
+    if block % page_size or smem > 220 * 1024:
       continue
     split = max(block, int(default_split * split_scale) // block * block)
     variants.append(dict(block_tokens=block, stages=stages, split_tokens=split))
@@ -144,7 +147,7 @@ def main() -> None:
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if args.sweep and on_gpu:
       row["sweep"] = []
-      for variant in sweep_variants(batch, heads[1], max_len, page_size):
+      for variant in sweep_variants(batch, heads[1], heads[2], max_len, page_size):
         fn = jax.jit(lambda *a, v=variant: paged_decode_attention_mgpu(*a, **v))
         try:
           row["sweep"].append(dict(variant, ms=mean_ms(fn, inputs, iters)))

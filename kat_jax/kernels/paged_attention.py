@@ -11,7 +11,7 @@ Backends (all compute the same function):
   "mosaic_gpu"   Pallas on Mosaic GPU (Hopper).
   "pallas_tpu"   Pallas with TPU-style BlockSpecs and the page table as scalar prefetch
                  (lowers with Mosaic TPU; `interpret=True` runs it on CPU).
-  "auto"         "mosaic_gpu" for bf16/f16 on a Hopper GPU, "pallas_tpu" on TPU, else "xla".
+  "auto"         `default_backend`: "pallas_tpu" on TPU, else "xla".
 """
 
 from __future__ import annotations
@@ -86,14 +86,15 @@ def paged_decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
 
 
 def default_backend(dtype=jnp.bfloat16) -> str:
-  """The backend "auto" picks for inputs of `dtype` on the default device."""
-  device = jax.devices()[0]
-  if device.platform == "tpu":
-    return "pallas_tpu"
-  hopper = device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
-  if hopper and jnp.dtype(dtype) in map(jnp.dtype, (jnp.bfloat16, jnp.float16)):
-    return "mosaic_gpu"
-  return "xla"
+  """The backend "auto" picks for inputs of `dtype` on the default device.
+
+  "pallas_tpu" on TPU, else "xla". "mosaic_gpu" is opt-in: it has passed its interpreted
+  tests and lowers for CUDA, but its compiled tests and benchmark have not run on a Hopper GPU
+  yet (`KAT_TEST_GPU=1 pytest tests/kernels/test_paged_attention.py`); once they pass, "auto"
+  should pick it for bf16/f16 on Hopper.
+  """
+  del dtype  # every backend "auto" picks takes bf16 and f32
+  return "pallas_tpu" if jax.devices()[0].platform == "tpu" else "xla"
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
