@@ -36,13 +36,13 @@ def _gpu_interpret_params():
   return params.InterpretGPUParams()
 
 
-def default_tiling(batch: int, num_kv_heads: int, max_tokens: int, page_size: int
-                   ) -> tuple[int, int]:
+def default_tiling(batch: int, num_kv_heads: int, max_tokens: int, page_size: int,
+                   block_tokens: int | None = None) -> tuple[int, int]:
   """(block_tokens, split_tokens): blocks of 64 keys (or one page, if larger), so that with 2
   stages a program's shared memory (80 KiB at D=128) lets two programs share an SM; splits
   of whole blocks, as long as gives at least ~4 programs per SM (132 SMs) at the longest
-  rows, between 2 and 16 blocks."""
-  block = max(64, page_size)
+  rows, between 2 and 16 blocks. A given `block_tokens` is kept."""
+  block = block_tokens or max(64, page_size)
   programs_per_split = batch * num_kv_heads
   blocks = -(-max_tokens // block)
   want_splits = -(-4 * 132 // programs_per_split)
@@ -201,9 +201,9 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
   groups8 = -(-groups // 8) * 8
   max_pages = page_table.shape[1]
   max_tokens = max_pages * page_size
-  default_block, default_split = default_tiling(batch, num_kv_heads, max_tokens, page_size)
-  block_tokens = block_tokens or default_block
-  split_tokens = split_tokens or max(default_split, block_tokens)
+  block_tokens, default_split = default_tiling(batch, num_kv_heads, max_tokens, page_size,
+                                               block_tokens)
+  split_tokens = split_tokens or default_split
   if q.dtype not in DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
     raise ValueError(f"mosaic_gpu takes q, k_pages, v_pages all bf16 or all f16, got "
                      f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype} (use backend='xla')")

@@ -168,6 +168,27 @@ def test_mosaic_gpu_interpreted_matches_reference(case):
   _mgpu_check(case, interpret=True)
 
 
+# Engine shapes: (Hq, Hkv, D, page_size, tiling keywords) of qwen2.5-1.5b and -7b heads.
+_LOWERING_CASES = [(12, 2, 128, 16, {}), (28, 4, 128, 64, dict(block_tokens=128, stages=3)),
+                   (8, 8, 64, 32, dict(stages=4))]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size,tiling", _LOWERING_CASES)
+def test_mosaic_gpu_kernel_lowers_for_cuda(num_q_heads, num_kv_heads, head_dim, page_size,
+                                           tiling):
+  # The Python half of Mosaic GPU's compilation (register layouts, wgmma and TMA shapes,
+  # shared-memory budget) runs here; PTX generation needs the GPU.
+  batch, max_pages = 16, 8192 // page_size
+  spec = jax.ShapeDtypeStruct
+  args = (spec((batch, num_q_heads, head_dim), jnp.bfloat16),
+          spec((num_kv_heads, batch * max_pages, page_size, head_dim), jnp.bfloat16),
+          spec((num_kv_heads, batch * max_pages, page_size, head_dim), jnp.bfloat16),
+          spec((batch, max_pages), jnp.int32), spec((batch,), jnp.int32))
+  kernel = jax.jit(lambda *a: paged_decode_attention_mgpu(*a, **tiling))
+  exported = jax.export.export(kernel, platforms=["cuda"])(*args)
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
 @pytest.mark.skipif(not _ON_HOPPER, reason="compiled Mosaic GPU needs a Hopper GPU "
                     "(run with KAT_TEST_GPU=1 on one)")
 @pytest.mark.parametrize("case", _MGPU_CASES)
