@@ -29,9 +29,18 @@ _LOG2E = math.log2(math.e)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+def has_interpreter() -> bool:
+  """Whether this jax has Mosaic GPU's CPU interpreter (a private module in jax 0.10)."""
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
 @functools.cache
 def _gpu_interpret_params():
-  """Mosaic GPU's CPU interpreter settings (a private module in jax 0.10)."""
+  """Mosaic GPU's CPU interpreter settings."""
   from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
   return params.InterpretGPUParams()
 
@@ -39,7 +48,7 @@ def _gpu_interpret_params():
 def default_tiling(batch: int, num_kv_heads: int, max_tokens: int, page_size: int,
                    block_tokens: int | None = None) -> tuple[int, int]:
   """(block_tokens, split_tokens): blocks of 64 keys (or one page, if larger), so that with 2
-  stages a program's shared memory (80 KiB at D=128) lets two programs share an SM; splits
+  stages a program's shared memory (80 KiB at D=128) leaves room for two per SM; splits
   of whole blocks, as long as gives at least ~4 programs per SM (132 SMs) at the longest
   rows, between 2 and 16 blocks. A given `block_tokens` is kept."""
   block = block_tokens or max(64, page_size)
@@ -215,6 +224,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
                      f"block_tokens a multiple of 64 and of it (got {block_tokens}), "
                      f"split_tokens a multiple of block_tokens (got {split_tokens})")
   num_splits = -(-max_tokens // split_tokens)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_tokens)  # as the reference reads them
   q8 = jnp.pad(q.reshape(batch, num_kv_heads, groups, head_dim),
                ((0, 0), (0, 0), (0, groups8 - groups), (0, 0)))
   kernel = functools.partial(
@@ -230,7 +240,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_gpu_interpret_params() if interpret else False,
       kernel_name="paged_decode_attention_mgpu",
-  )(q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths.astype(jnp.int32))
+  )(q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths)
   live = jnp.arange(num_splits)[None, :] * split_tokens < lengths[:, None]
   merged = merge_splits(out, lse, live)[:, :, :groups]
   return merged.reshape(batch, num_q_heads, head_dim).astype(q.dtype)

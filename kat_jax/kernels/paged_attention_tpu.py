@@ -122,7 +122,8 @@ def paged_decode_attention_tpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret, name="paged_decode_attention_tpu",
-  )(lengths.astype(jnp.int32), page_table.astype(jnp.int32),
+  )(jnp.clip(lengths.astype(jnp.int32), 0, max_pages * page_size),  # as the reference
+    page_table.astype(jnp.int32),
     q.reshape(batch, num_kv_heads, groups, head_dim),
     *([k_pages] * pages_per_block), *([v_pages] * pages_per_block))
   return out.reshape(batch, num_q_heads, head_dim)

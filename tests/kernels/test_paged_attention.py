@@ -20,7 +20,7 @@ import pytest
 
 from kat_jax.kernels.paged_attention import (paged_decode_attention,
                                              paged_decode_attention_reference)
-from kat_jax.kernels.paged_attention_mgpu import paged_decode_attention_mgpu
+from kat_jax.kernels.paged_attention_mgpu import has_interpreter, paged_decode_attention_mgpu
 from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu
 
 _ON_HOPPER = (jax.default_backend() == "gpu"
@@ -163,6 +163,8 @@ def _mgpu_check(case, interpret: bool) -> None:
   _assert_rows_close(got, want, lengths, _TOL[jnp.bfloat16])
 
 
+@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
+                    "(jax._src.pallas.mosaic_gpu.interpret)")
 @pytest.mark.parametrize("case", _MGPU_CASES)
 def test_mosaic_gpu_interpreted_matches_reference(case):
   _mgpu_check(case, interpret=True)
