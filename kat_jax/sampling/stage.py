@@ -124,8 +124,8 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   rows = read_prompts(gen)
-  model_config, params = models.load_configured_model(config.model, seed=config.seed)
-  models.check_vocab(model_config, tokenizer)
+  model_config, params = models.load_configured_model(config.model, seed=config.seed,
+                                                      tokenizer=tokenizer)
   dparams = prepare_params(params, model_config)
   del params
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=gen.prefill_chunk)

@@ -16,28 +16,6 @@ from kat_jax.model import get_preset, init_params
 from kat_jax.model.mtp import init_mtp_params
 
 
-def tiny_pretrain_config(workdir, *, steps: int = 3, checkpoint_every: int = 2):
-  """The default run shrunk to one layer and a few 8x32 steps (seconds on a CPU)."""
-  config = default.get_config()
-  config.workdir = str(workdir)
-  config.model.num_layers = 1
-  config.data.synthetic_docs, config.data.synthetic_eval_docs = 40, 2
-  config.data.seq_len, config.data.batch_size = 32, 8
-  config.train.steps, config.train.checkpoint_every = steps, checkpoint_every
-  config.train.eval_every, config.train.log_every, config.train.tensorboard = 0, 1, False
-  config.train.async_checkpoint = False
-  return config
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(tmp_path_factory):
-  """A run workdir with complete checkpoints at steps 2 and 3."""
-  from kat_jax.train.loop import run_pretrain  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("run")
-  run_pretrain(tiny_pretrain_config(workdir))
-  return str(workdir)
-
-
 def assert_trees_equal(actual, expected):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
