@@ -99,6 +99,21 @@ def test_run_that_saved_only_its_run_config_follows_its_model_fields(tmp_path):
   assert_trees_equal(loaded, params)
 
 
+def test_distill_student_run_keeps_its_mtp_heads_only_when_asked(tmp_path):
+  # A distill student's checkpoint: params carry "mtp", meta the student's model_config.
+  from kat_jax.checkpoint.manager import RunCheckpointer  # pylint: disable=g-import-not-at-top
+  config, params = _tiny_params(seed=5)
+  params = {**params, "mtp": init_mtp_params(config, 2, jax.random.key(6))}
+  state = {"step": np.int32(4), "params": params, "opt_state": {"mu": params}}
+  checkpointer = RunCheckpointer(str(tmp_path / "checkpoints"), save_every=1, async_save=False)
+  checkpointer.save(4, state, None, {"model_config": config.to_dict()}, force=True)
+  checkpointer.close()
+  loaded_config, plain = models.load_model(str(tmp_path))
+  assert loaded_config == config and "mtp" not in plain
+  _, with_mtp = models.load_model(str(tmp_path), mtp=True)
+  assert_trees_equal(with_mtp, params)
+
+
 def test_saved_model_directory_keeps_mtp_heads_only_when_asked(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config, params = _tiny_params(seed=2)
