@@ -324,9 +324,8 @@ def _setup(config: ConfigDict):
 
 
 def _check_vocab(name: str, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
-  if model_config.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f"{name}: vocab_size {model_config.vocab_size} is smaller than the "
-                      f"tokenizer's {tokenizer.vocab_size} ids")
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  models.check_vocab(model_config, tokenizer, what=name)
 
 
 def obtain_teacher(config: ConfigDict, workdir: str, tokenizer: Tokenizer, train_source,
