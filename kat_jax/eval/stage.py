@@ -137,13 +137,13 @@ def checkpoint_kind(path: str) -> str:
 
 
 def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
-  """Tokenizer name for a checkpoint: a run workdir's own (the one it trained with, from its
-  saved config), else `config.data.tokenizer`."""
+  """Tokenizer name for a checkpoint: the one its source records (a run workdir's training
+  tokenizer, an exported directory's), else `config.data.tokenizer`."""
   if spec == RANDOM:
     return config.data.tokenizer
   name = models.tokenizer_name(spec, config.data.tokenizer)
   if name != config.data.tokenizer:
-    print(f"eval {spec}: using the run's tokenizer {name!r}, not config.data.tokenizer "
+    print(f"eval {spec}: using its own tokenizer {name!r}, not config.data.tokenizer "
           f"{config.data.tokenizer!r}", flush=True)
   return name
 
