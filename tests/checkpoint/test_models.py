@@ -52,13 +52,12 @@ def test_execution_fields_replace_the_sources_and_cast_the_params(tmp_path):
 
 
 def test_preset_name_and_model_config_give_the_seeded_random_init():
-  config, params = models.load_model("tiny", seed=3)
-  assert models.model_source_kind("tiny") == "preset" and config == get_preset("tiny")
+  assert models.model_source_kind("tiny") == "preset"
+  assert models.load_model_config("tiny") == get_preset("tiny")
   small = get_preset("tiny", num_layers=1)
   small_config, small_params = models.load_model(small, seed=3)
   assert small_config == small
   assert_trees_equal(small_params, init_params(small, jax.random.key(3)))
-  assert params["embed"]["embedding"].shape == (512, 128)
 
 
 def test_run_workdir_loads_the_latest_step_a_given_step_and_path_at_step(pretrain_run):
