@@ -65,13 +65,15 @@ def run_export(config: ConfigDict) -> dict[str, Any]:
   """Exports `config.export.source` into `config.workdir`; returns what was written."""
   ex = config.export
   _check(ex)
+  out = os.path.abspath(config.workdir)
+  if os.path.isdir(os.path.join(out, models.CHECKPOINTS_DIR)):  # its config.json is the run's
+    raise ConfigError(f"config.workdir {out} is a run workdir; export to another directory")
   start = time.perf_counter()
   kind = models.model_source_kind(ex.source, what="config.export.source")
   tokenizer_name = ex.tokenizer or models.tokenizer_name(ex.source)
   tokenizer = get_tokenizer(tokenizer_name)
   model_config, params = models.load_model(ex.source, seed=config.seed, mtp=ex.mtp,
                                            tokenizer=tokenizer, what="config.export.source")
-  out = os.path.abspath(config.workdir)
   models.save_model(out, model_config, params, dtype=ex.dtype or None,
                     max_shard_size=ex.max_shard_size)
   if tokenizer_name == "qwen2.5":

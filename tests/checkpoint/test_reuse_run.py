@@ -93,6 +93,14 @@ def test_a_tokenizer_larger_than_the_model_stops_with_one_error_line(command, tm
   assert "vocab_size 512 is smaller than the QwenTokenizer's 151673 ids" in err[0]
 
 
+def test_export_refuses_to_write_into_a_run_workdir(pretrain_run, capsys):
+  with pytest.raises(SystemExit):
+    run_command("--config", "experiments/configs/export.py", "--config.export.source=tiny",
+                f"--config.workdir={pretrain_run}")
+  assert capsys.readouterr().err.strip() == (
+      f"error: config.workdir {pretrain_run} is a run workdir; export to another directory")
+
+
 def test_chat_cli_refuses_a_tokenizer_larger_than_the_model(capsys):
   from kat_jax.sampling import chat_cli  # pylint: disable=g-import-not-at-top
   with pytest.raises(SystemExit) as exit_info:
