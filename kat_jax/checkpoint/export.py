@@ -8,7 +8,7 @@ Writes into `config.workdir`: config.json, generation_config.json, model.safeten
 shards + index), mtp.safetensors when the model has MTP heads (kat_jax layout; transformers
 ignores the file), the tokenizer and `kat_jax_export.json` (source, step, tokenizer). With
 the Qwen tokenizer the directory gets vocab.json / merges.txt / tokenizer_config.json
-(`AutoTokenizer` gives the same ids); the byte tokenizer has no transformers equivalent, so
+(`AutoTokenizer` gives the same ids; its chat template is the KAT one); the byte tokenizer has no transformers equivalent, so
 TOKENIZER.md says how to tokenize instead.
 """
 
