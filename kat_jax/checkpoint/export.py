@@ -8,8 +8,8 @@ Writes into `config.workdir`: config.json, generation_config.json, model.safeten
 shards + index), mtp.safetensors when the model has MTP heads (kat_jax layout; transformers
 ignores the file), the tokenizer and `kat_jax_export.json` (source, step, tokenizer). With
 the Qwen tokenizer the directory gets vocab.json / merges.txt / tokenizer_config.json
-(`AutoTokenizer` gives the same ids; its chat template is the KAT one); the byte tokenizer has no transformers equivalent, so
-TOKENIZER.md says how to tokenize instead.
+(`AutoTokenizer` gives the same ids; its chat template is the KAT one); the byte tokenizer
+has no transformers equivalent, so TOKENIZER.md says how to tokenize instead.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def run_export(config: ConfigDict) -> dict[str, Any]:
     raise ConfigError(f"config.workdir {out} is a run workdir; export to another directory")
   start = time.perf_counter()
   kind = models.model_source_kind(ex.source, what="config.export.source")
-  tokenizer_name = ex.tokenizer or models.tokenizer_name(ex.source)
+  tokenizer_name = ex.tokenizer or models.tokenizer_name(ex.source, what="config.export.source")
   tokenizer = get_tokenizer(tokenizer_name)
   model_config, params = models.load_model(ex.source, seed=config.seed, mtp=ex.mtp,
                                            tokenizer=tokenizer, what="config.export.source")

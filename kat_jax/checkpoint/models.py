@@ -165,10 +165,10 @@ def saved_run_config(spec: str) -> dict[str, Any] | None:
   return None
 
 
-def source_tokenizer(spec: str | ModelConfig) -> str | None:
+def source_tokenizer(spec: str | ModelConfig, *, what: str = "model source") -> str | None:
   """The tokenizer name a model source records: the `data.tokenizer` a run workdir trained
   with, or the one an exported HF directory names in `EXPORT_INFO_FILE`; else None."""
-  kind = model_source_kind(spec)
+  kind = model_source_kind(spec, what=what)
   if kind == "run":
     return ((saved_run_config(spec) or {}).get("data") or {}).get("tokenizer")
   info = os.path.join(spec, EXPORT_INFO_FILE) if kind == "hf" else ""
@@ -237,8 +237,8 @@ def load_model_config(spec: str | ModelConfig, *, step: int | None = None,
     return spec if isinstance(spec, ModelConfig) else get_preset(spec)
   path, path_step = split_step(spec)
   if kind == "hf":
-    from kat_jax.checkpoint.hf import config_from_hf, read_hf_config  # pylint: disable=g-import-not-at-top
-    return config_from_hf(read_hf_config(path))
+    from kat_jax.checkpoint import hf  # pylint: disable=g-import-not-at-top
+    return hf.config_from_hf(hf.read_hf_config(path))
   if kind == "saved":
     return ModelConfig.from_dict(_read_json(os.path.join(path, MODEL_CONFIG_FILE)))
   step = resolve_step(path, step if step is not None else path_step, what=what)
@@ -357,14 +357,16 @@ def save_model(directory: str, config: ModelConfig, params: Mapping, *, dtype: A
 # Model and tokenizer
 
 
-def tokenizer_name(spec: str | ModelConfig, default: str = "") -> str:
+def tokenizer_name(spec: str | ModelConfig, default: str = "", *, what: str = "model source"
+                   ) -> str:
   """The tokenizer for a model source: the one a run workdir trained with; else `default`;
   else the Qwen tokenizer when the model's vocabulary holds it, the byte tokenizer if not."""
-  saved = source_tokenizer(spec)
+  saved = source_tokenizer(spec, what=what)
   if saved or default:
     return saved or default
-  from kat_jax.data.tokenizer import ADDED_TOKENS, QWEN25_NUM_BPE_TOKENS  # pylint: disable=g-import-not-at-top
-  fits_qwen = load_model_config(spec).vocab_size >= QWEN25_NUM_BPE_TOKENS + len(ADDED_TOKENS)
+  from kat_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  qwen_ids = tokenizer.QWEN25_NUM_BPE_TOKENS + len(tokenizer.ADDED_TOKENS)
+  fits_qwen = load_model_config(spec, what=what).vocab_size >= qwen_ids
   return "qwen2.5" if fits_qwen else "bytes"
 
 

@@ -141,7 +141,7 @@ def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
   tokenizer, an exported directory's), else `config.data.tokenizer`."""
   if spec == RANDOM:
     return config.data.tokenizer
-  name = models.tokenizer_name(spec, config.data.tokenizer)
+  name = models.tokenizer_name(spec, config.data.tokenizer, what="config.eval.checkpoints")
   if name != config.data.tokenizer:
     print(f"eval {spec}: using its own tokenizer {name!r}, not config.data.tokenizer "
           f"{config.data.tokenizer!r}", flush=True)

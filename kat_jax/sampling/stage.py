@@ -119,7 +119,8 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
   """Generates completions for every prompt; returns the summary dict."""
   gen = config.generate
   source = config.model.init_from or models.config_from_model_fields(config.model)
-  tokenizer = get_tokenizer(models.tokenizer_name(source, config.data.tokenizer))
+  tokenizer = get_tokenizer(models.tokenizer_name(source, config.data.tokenizer,
+                                                  what="config.model.init_from"))
   sampling = _check(gen, tokenizer.vocab_size)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -3,6 +3,7 @@ the KAT chat template in Jinja rendering as `render_chat`."""
 
 import pytest
 import transformers
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from kat_jax.data import hf_tokenizer
 from kat_jax.data.chat_template import render_chat
@@ -62,7 +63,6 @@ _CONVERSATIONS = [
 @pytest.mark.parametrize("generation_prompt", [True, False])
 @pytest.mark.parametrize("index", range(len(_CONVERSATIONS)))
 def test_jinja_kat_template_renders_as_render_chat(index, generation_prompt):
-  from transformers.utils.chat_template_utils import render_jinja_template  # pylint: disable=g-import-not-at-top
   messages, tools = _CONVERSATIONS[index]
   rendered, _ = render_jinja_template([messages], tools=tools,
                                       chat_template=hf_tokenizer.KAT_CHAT_TEMPLATE,
