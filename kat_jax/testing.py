@@ -65,6 +65,24 @@ def packed_kv_end(doc_lengths: list[int]) -> np.ndarray:
                          for n, end in zip(doc_lengths, np.cumsum(doc_lengths))])
 
 
+def subtree_ends_before_tile_end_kv_end(block_q: int, block_k: int) -> tuple[np.ndarray, int]:
+  """A tree row whose subtree ends one query before a query block's end: (kv_end [T], row).
+
+  Layout: root prefix [0, r), branch A [r, qe - 1), branch B [qe - 1, T), with r = block_k / 2
+  inside key block 0 and [qs, qe) the first query block at or past that key block's last key.
+  Keys of branch A have `kv_end = qe - 1`, so tile (query block of qs, key block 0) is
+  partial, not full: its last query `row = qe - 1` (branch B's first token) must not see them.
+  """
+  root = block_k // 2
+  q_start = -(-(block_k - 1) // block_q) * block_q
+  q_end = q_start + block_q
+  multiple = max(block_q, block_k)
+  length = -(-(q_end + block_q) // multiple) * multiple
+  kv_end = np.full(length, length, np.int32)
+  kv_end[root:q_end - 1] = q_end - 1
+  return kv_end, q_end - 1
+
+
 class LocalJsonServer:
   """A local HTTP server for tests of OpenAI-compatible clients (no network needed).
 

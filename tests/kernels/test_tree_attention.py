@@ -18,6 +18,7 @@ from kat_jax.kernels import tree_attention
 from kat_jax.kernels import visibility_mask
 from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.testing import packed_kv_end, random_tree_kv_end, relative_error
+from kat_jax.testing import subtree_ends_before_tile_end_kv_end
 
 _HAS_GPU = jax.default_backend() == "gpu"
 
@@ -91,6 +92,24 @@ def test_packed_documents_and_causal_f32():
   q, k, v, d_out = _inputs(2, 2, length, 2, 1, 64, jnp.float32)
   _check_against_reference(q, k, v, d_out, kv_end, 1e-4, block_q=32, block_k=16,
                            interpret=True, backend="gpu")
+
+
+def test_subtree_ending_one_before_tile_end_is_masked():
+  """A tile whose last query is one past a subtree's end (`kv_end = qe - 1` for keys in the
+  tile) is partial; classing it full would let that query see the finished subtree
+  (`kmin >= qe - 1` in `tile_classes` fails this: class 0, row error 0.5)."""
+  block_q, block_k = 16, 32
+  kv_end_np, row = subtree_ends_before_tile_end_kv_end(block_q, block_k)
+  kv_end = jnp.asarray(kv_end_np[None])
+  classes = np.asarray(tile_classes(kv_end, block_q, block_k))
+  assert classes[0, row // block_q, 0] == 1  # partial
+  q, k, v, d_out = _inputs(6, 1, kv_end.shape[1], 2, 1, 64, jnp.float32)
+  pairs = kernel_and_reference(q, k, v, d_out, kv_end, block_q=block_q, block_k=block_k,
+                               interpret=True, backend="gpu")
+  got, want = pairs["out"]
+  assert relative_error(got[:, row], want[:, row]) < 1e-4  # the boundary row itself
+  for name, (got, want) in pairs.items():
+    assert relative_error(got, want) < 1e-4, name
 
 
 def test_rows_that_see_nothing_give_zeros():
