@@ -33,8 +33,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kat_jax.kernels.tree_blocks import tile_classes
+from kat_jax.kernels.tree_blocks import visit_lists as _visit_lists
+
 _LOG2E = math.log2(math.e)
-_BACKENDS = ("auto", "gpu", "tpu")
+_BACKENDS = ("auto", "gpu", "tpu", "mgpu")
 
 
 class KernelTiles(NamedTuple):
@@ -60,6 +63,11 @@ DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, 8, 2), dq=KernelTiles(64, 64, 
 # H100's 227 KiB (measured), so 4-byte inputs with D > 64 default to 64x64 tiles everywhere.
 # (f32, D=64 with DEFAULT_TUNING is verified on the H100; f32 D=128 with these tiles is not.)
 DEFAULT_TUNING_F32_WIDE = Tuning(*(KernelTiles(64, 64, 4, 2),) * 3)
+# Backend 'mgpu' (tree_attention_mgpu.py): 64-row tiles (one warpgroup MMA); 64x128 forward
+# tiles with 2 pipeline stages were the fastest config of JAX's attention_mgpu on the H200.
+# num_stages = TMA pipeline depth; num_warps unused. Not yet tuned on a GPU.
+DEFAULT_TUNING_MGPU = Tuning(fwd=KernelTiles(64, 128, None, 2), dq=KernelTiles(64, 64, None, 2),
+                             dkdv=KernelTiles(64, 64, None, 2))
 
 
 class _Config(NamedTuple):
@@ -67,43 +75,6 @@ class _Config(NamedTuple):
   backend: str
   interpret: bool
   tuning: Tuning
-
-
-# ------------------------------------------------------------------------------------------
-# Block metadata (plain JAX, computed once per call).
-
-
-def tile_classes(kv_end: jax.Array, block_q: int, block_k: int) -> jax.Array:
-  """Class of every (query block, key block) tile: 0 full, 1 partial, 2 hidden.
-
-  Args:
-    kv_end: [B, T] int32 with T a multiple of both block sizes.
-  Returns:
-    [B, T // block_q, T // block_k] int32.
-  """
-  batch, length = kv_end.shape
-  nq, nk = length // block_q, length // block_k
-  key_ends = kv_end.reshape(batch, nk, block_k)
-  kmin = key_ends.min(-1)[:, None, :]
-  kmax = key_ends.max(-1)[:, None, :]
-  qs = (jnp.arange(nq) * block_q)[None, :, None]
-  qe = qs + block_q
-  ks = (jnp.arange(nk) * block_k)[None, None, :]
-  ke = ks + block_k
-  hidden = (ks > qe - 1) | (kmax <= qs)
-  full = (ke - 1 <= qs) & (kmin >= qe)
-  return jnp.where(hidden, 2, jnp.where(full, 0, 1)).astype(jnp.int32)
-
-
-def _visit_lists(classes: jax.Array) -> jax.Array:
-  """[B, R, C] tile classes -> [B, R, 2 + C] int32 rows `[n_full, n_visible, c_0, c_1, ...]`.
-
-  The column list holds full tiles first, then partial ones, then hidden ones (never visited).
-  """
-  order = jnp.argsort(classes, axis=-1, stable=True).astype(jnp.int32)
-  n_full = jnp.sum(classes == 0, axis=-1, dtype=jnp.int32)[..., None]
-  n_visible = jnp.sum(classes < 2, axis=-1, dtype=jnp.int32)[..., None]
-  return jnp.concatenate([n_full, n_visible, order], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -662,6 +633,10 @@ def _forward(q, k, v, kv_end, cfg: _Config):
     out, lse = _tpu_forward(_to_heads_major(q), _to_heads_major(k), _to_heads_major(v),
                             kv_end, cfg)
     return _to_heads_major(out), lse[..., 0]
+  if cfg.backend == "mgpu":
+    from kat_jax.kernels import tree_attention_mgpu  # pylint: disable=g-import-not-at-top
+    return tree_attention_mgpu.forward(q, k, v, kv_end, scale=cfg.scale, tuning=cfg.tuning,
+                                       interpret=cfg.interpret)
   return _gpu_forward(q, k, v, kv_end, cfg)
 
 
@@ -685,6 +660,11 @@ def _tree_attention_bwd(cfg: _Config, residuals, d_out):
     dq, dk, dv = _tpu_backward(t(q), t(k), t(v), kv_end, t(d_out), lse[..., None],
                                delta[..., None], cfg)
     dq, dk, dv = t(dq), t(dk), t(dv)
+  elif cfg.backend == "mgpu":
+    from kat_jax.kernels import tree_attention_mgpu  # pylint: disable=g-import-not-at-top
+    dq, dk, dv = tree_attention_mgpu.backward(q, k, v, kv_end, d_out, lse, delta,
+                                              scale=cfg.scale, tuning=cfg.tuning,
+                                              interpret=cfg.interpret)
   else:
     dq, dk, dv = _gpu_backward(q, k, v, kv_end, d_out, lse, delta, cfg)
   return dq, dk, dv, None
@@ -765,7 +745,9 @@ def tree_attention(
       multiple of every block size.
     tuning: per-kernel tiles and Triton launch parameters (see `Tuning`); exclusive with
       block_q / block_k.
-    backend: 'auto' (TPU if the default backend is TPU, else GPU/Triton), 'gpu' or 'tpu'.
+    backend: 'auto' (TPU if the default backend is TPU, else GPU/Triton), 'gpu' (Triton),
+      'tpu' or 'mgpu' (Mosaic GPU, Hopper; bf16/f16, D a multiple of 64; default tuning
+      `DEFAULT_TUNING_MGPU`).  'auto' never picks 'mgpu' yet: it has not run on a GPU.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
 
   Returns:
@@ -777,6 +759,8 @@ def tree_attention(
       raise ValueError("pass either block_q/block_k or tuning, not both")
     tiles = KernelTiles(block_q or 128, block_k or 128)
     tuning = Tuning(tiles, tiles, tiles)
+  elif tuning is None and backend == "mgpu":
+    tuning = DEFAULT_TUNING_MGPU
   elif tuning is None:
     wide_f32 = jnp.dtype(q.dtype).itemsize >= 4 and q.shape[-1] > 64
     tuning = DEFAULT_TUNING_F32_WIDE if wide_f32 else DEFAULT_TUNING
@@ -785,6 +769,9 @@ def tree_attention(
     _check_block(f"{kernel_name}.block_q", tiles.block_q)
     _check_block(f"{kernel_name}.block_k", tiles.block_k)
     multiple = max(multiple, tiles.block_q, tiles.block_k)  # powers of two: max is the lcm
+  if backend == "mgpu":
+    from kat_jax.kernels import tree_attention_mgpu  # pylint: disable=g-import-not-at-top
+    tree_attention_mgpu.check_tiles(tuning, q.dtype, q.shape[-1])
   length = q.shape[1]
   padded = pl.cdiv(length, multiple) * multiple
   cfg = _Config(scale=float(q.shape[-1]**-0.5 if scale is None else scale),
