@@ -1,0 +1,114 @@
+"""Tree attention on Mosaic GPU (backend 'mgpu') vs the plain-JAX reference.
+
+On CPU: the kernels lower for CUDA (the Python half of Mosaic GPU's compilation: register
+layouts, wgmma and TMA shapes, shared-memory scratch) and run in Mosaic GPU's CPU
+interpreter (TMA copies, barriers and the visit-list schedule run; the interpreter takes plain
+dots for wgmma).  On a Hopper GPU (`KAT_TEST_GPU=1`): the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kat_jax.kernels import causal_kv_end
+from kat_jax.kernels import tree_attention
+from kat_jax.kernels.checks import kernel_and_reference
+from kat_jax.kernels.tree_attention_mgpu import has_interpreter
+from kat_jax.testing import packed_kv_end
+from kat_jax.testing import random_tree_kv_end
+from kat_jax.testing import relative_error
+from kat_jax.testing import subtree_ends_before_tile_end_kv_end
+
+_ON_HOPPER = (jax.default_backend() == "gpu"
+              and getattr(jax.devices()[0], "compute_capability", "") == "9.0")
+_NEEDS_HOPPER = "compiled Mosaic GPU needs a Hopper GPU (run with KAT_TEST_GPU=1 on one)"
+
+
+def _inputs(seed, batch, length, num_q_heads, num_kv_heads, head_dim, dtype):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (batch, length, num_q_heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, length, num_kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, length, num_kv_heads, head_dim), dtype)
+  return q, k, v, jax.random.normal(keys[3], q.shape, dtype)
+
+
+def _rows(length: int, seed: int) -> jnp.ndarray:
+  """[4, length] kv_end: a random forest, packed documents, causal, the tile-boundary tree
+  (its subtree ends one query before a 64-row query block ends; tiled to `length`)."""
+  rng = np.random.default_rng(seed)
+  boundary, _ = subtree_ends_before_tile_end_kv_end(64, 128)
+  repeats = -(-length // boundary.size)
+  tiled = np.concatenate([boundary + i * boundary.size for i in range(repeats)])[:length]
+  docs = [length // 3, length // 2, length - length // 3 - length // 2]
+  return jnp.asarray(np.stack([random_tree_kv_end(rng, length, max(12, length // 6)),
+                               packed_kv_end(docs), np.asarray(causal_kv_end(1, length)[0]),
+                               np.minimum(tiled, length)]))
+
+
+def _check(q, k, v, d_out, kv_end, tol, **kwargs):
+  pairs = kernel_and_reference(q, k, v, d_out, kv_end, backend="mgpu", **kwargs)
+  assert pairs["out"][0].dtype == q.dtype
+  for name, (got, want) in pairs.items():
+    assert bool(jnp.all(jnp.isfinite(got))), f"{name} has non-finite entries"
+    err = relative_error(got, want)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("head_dim, num_kv_heads", [(64, 32), (128, 32), (128, 8)])
+def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_heads):
+  """Anchor workload shape (1-4-2-2 tree, 23,552 tokens, 32 query heads), GQA 4:1 too."""
+  length = 23552
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+  q_shape, kv_shape = (1, length, 32, head_dim), (1, length, num_kv_heads, head_dim)
+
+  def fwd_bwd(q, k, v, kv_end, d_out):
+    out, vjp = jax.vjp(lambda q, k, v: tree_attention(q, k, v, kv_end, backend="mgpu"),
+                       q, k, v)
+    return out, vjp(d_out)
+
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"])(
+      spec(q_shape), spec(kv_shape), spec(kv_shape), spec((1, length), jnp.int32),
+      spec(q_shape))
+  module = exported.mlir_module()
+  for name in ("tree_attention_fwd_mgpu", "tree_attention_dq_mgpu", "tree_attention_dkdv_mgpu"):
+    assert name in module, name
+
+
+@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
+                    "(jax._src.pallas.mosaic_gpu.interpret)")
+def test_mgpu_interpreted_matches_reference_on_forest_and_tile_boundary_rows():
+  rows = _rows(256, 0)[np.array([0, 3])]  # a random forest; the tile-boundary tree
+  q, k, v, d_out = _inputs(0, 2, 256, 2, 1, 64, jnp.bfloat16)
+  _check(q, k, v, d_out, rows, 1e-2, interpret=True)
+
+
+def test_mgpu_rejects_float32_and_odd_tiles():
+  q = jnp.zeros((1, 64, 2, 64), jnp.float32)
+  kv_end = jnp.full((1, 64), 64, jnp.int32)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    tree_attention(q, q, q, kv_end, backend="mgpu")
+  q = q.astype(jnp.bfloat16)
+  with pytest.raises(ValueError, match="fwd.block_q = 64"):
+    tree_attention(q, q, q, kv_end, backend="mgpu", block_q=128, block_k=128)
+
+
+@pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
+@pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [
+    (jnp.bfloat16, 128, 8), (jnp.bfloat16, 64, 2), (jnp.float16, 128, 2), (jnp.float16, 64, 8)])
+def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads):
+  """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded)."""
+  length = 1000
+  q, k, v, d_out = _inputs(1, 4, length, 8, num_kv_heads, head_dim, dtype)
+  _check(q, k, v, d_out, _rows(length, 1), 1e-2)
+
+
+@pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
+def test_mgpu_compiled_tile_boundary_row_is_exact_at_the_boundary_query():
+  kv_end_np, row = subtree_ends_before_tile_end_kv_end(64, 128)
+  kv_end = jnp.asarray(kv_end_np[None])
+  q, k, v, d_out = _inputs(2, 1, kv_end.shape[1], 4, 2, 128, jnp.bfloat16)
+  got, want = kernel_and_reference(q, k, v, d_out, kv_end, backend="mgpu")["out"]
+  assert relative_error(got[:, row], want[:, row]) < 1e-2
