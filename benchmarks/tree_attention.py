@@ -1,18 +1,27 @@
 """Benchmark: Pallas tree attention on a prefix tree vs cuDNN on the unrolled paths vs FlexAttention.
 
-Workload (issue 9): a prefix tree with branching 1-4-2-2 and segment lengths 1024-512-512-1024
+Anchor workload: a prefix tree with branching 1-4-2-2 and segment lengths 1024-512-512-1024
 laid out depth-first (23,552 tokens, 16 root-to-leaf paths of 3,072 tokens), 32 query and 32 kv
 heads of dim 128, bf16.  Compares, in one run:
-  (a) `tree_attention` on the tree;
+  (a) `tree_attention` on the tree, for each `--backends` entry ('gpu' = Triton, 'mgpu' =
+      Mosaic GPU);
   (b) cuDNN causal attention on the 16 unrolled paths (`jax.nn.dot_product_attention`);
   (c) PyTorch FlexAttention (torch.compile) with the same tree mask as a block mask;
-  (d) the FLOP floor: visible pairs x 4*H*D (fwd; x3.5 for fwd+bwd) at the bf16 matmul rate
-      measured here with a large jnp matmul.
-It first checks correctness on the GPU: small random trees (bf16/f32, GQA) against the
-reference, and at the benchmark size a few heads against the reference (outputs and grads) and
-all leaf paths against cuDNN.
+  (d) JAX's stock Mosaic GPU FlashAttention-3 forward (`attention_mgpu`, q pre-scaled by
+      D^-1/2, block_q=64, block_kv=128, 2 stages) on the unrolled paths beside cuDNN: the rate
+      a tree kernel should reach on its full tiles;
+  (e) plain causal rows (1 x T x 32 x 128, T = 4096 and 16384): the tree backends vs cuDNN;
+  (f) the FLOP floor: visible pairs x 4*H*D (fwd; x3.5 for fwd+bwd) at the bf16 matmul rate
+      measured here; every rate also as MFU over the H100/H200 dense bf16 peak (989 TFLOP/s).
+It first checks correctness on the GPU: small random trees against the reference, and at the
+benchmark size a few heads against the reference (outputs and grads) and all leaf paths
+against cuDNN.
 
   PYTHONPATH=$PWD python3 benchmarks/tree_attention.py --out $OUT
+  PYTHONPATH=$PWD python3 benchmarks/tree_attention.py --tiny --out /tmp/x   # CPU smoke run
+
+`--tiny` shrinks every workload and runs the tree kernels interpreted on CPU; the GPU-only
+methods (cuDNN, FlexAttention, attention_mgpu) are recorded as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from kat_jax.kernels import attention_reference
+from kat_jax.kernels import causal_kv_end
 from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels import Tuning
@@ -64,7 +74,13 @@ def visible_pairs(kv_end: np.ndarray) -> int:
   return int(np.sum(np.maximum(kv_end - np.arange(len(kv_end)), 0)))
 
 
-def median_ms_jax(fn, *args, warmup=3, iters=20) -> float:
+PEAK_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak
+TIMING = {"warmup": 3, "iters": 20}  # --tiny: 1 / 1
+
+
+def median_ms_jax(fn, *args, warmup=None, iters=None) -> float:
+  warmup = TIMING["warmup"] if warmup is None else warmup
+  iters = TIMING["iters"] if iters is None else iters
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
@@ -78,16 +94,40 @@ def median_ms_jax(fn, *args, warmup=3, iters=20) -> float:
 def matmul_tflops(n=8192) -> float:
   a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
-  ms = median_ms_jax(jax.jit(lambda a, b: a @ b), a, b, warmup=5, iters=30)
+  ms = median_ms_jax(jax.jit(lambda a, b: a @ b), a, b)
   return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def check_small(tuning: Tuning, log) -> list[dict]:
-  """Random trees / packed / causal, bf16 and f32, GQA, vs the reference (outputs and grads)."""
+def rate_record(flops: float, ms: float, matmul_rate: float) -> dict:
+  """Achieved TFLOP/s on useful work, as MFU over the bf16 peak and over the measured matmul."""
+  tflops = flops / (ms * 1e-3) / 1e12
+  return dict(ms=ms, tflops=tflops, mfu_vs_peak=tflops / PEAK_BF16_TFLOPS,
+              fraction_of_matmul_rate=tflops / matmul_rate)
+
+
+def attempt(fn, *args, **kwargs):
+  """fn(...) or {'error': ...}: one failing method must not cost the rest of the run."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"[:400]}
+
+
+def tree_fn(kv_end, backend: str, tunings: dict, interpret: bool):
+  """(q, k, v) -> tree_attention output with the backend's tuning."""
+  return lambda q, k, v: tree_attention(q, k, v, kv_end, backend=backend,
+                                        tuning=tunings[backend], interpret=interpret)
+
+
+def check_small(backend: str, tunings: dict, log) -> list[dict]:
+  """Random trees / packed / causal, 16-bit (and f32 for Triton), GQA, vs the reference."""
   rng = np.random.default_rng(0)
   results = []
   cases = [(jnp.bfloat16, 1000, 8, 8, 128), (jnp.float32, 777, 8, 2, 64),
            (jnp.bfloat16, 515, 4, 1, 64)]
+  if backend == "mgpu":  # 16-bit inputs only
+    cases = [(jnp.bfloat16, 1000, 8, 8, 128), (jnp.float16, 777, 8, 2, 64),
+             (jnp.bfloat16, 515, 4, 1, 64)]
   for dtype, length, hq, hkv, dim in cases:
     kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length, max_segment=40),
                                    np.full(length, length, np.int32)]))
@@ -96,20 +136,19 @@ def check_small(tuning: Tuning, log) -> list[dict]:
     k = jax.random.normal(keys[1], (2, length, hkv, dim), dtype)
     v = jax.random.normal(keys[2], (2, length, hkv, dim), dtype)
     do = jax.random.normal(keys[3], q.shape, dtype)
-    pairs = kernel_and_reference(q, k, v, do, kv_end, tuning=tuning)
+    pairs = kernel_and_reference(q, k, v, do, kv_end, backend=backend, tuning=tunings[backend])
     errs = {name: relative_error(got, want) for name, (got, want) in pairs.items()}
     finite = bool(all(jnp.all(jnp.isfinite(got)) for got, _ in pairs.values()))
-    case = dict(dtype=jnp.dtype(dtype).name, T=length, Hq=hq, Hkv=hkv, D=dim, finite=finite,
-                **errs)
+    case = dict(backend=backend, dtype=jnp.dtype(dtype).name, T=length, Hq=hq, Hkv=hkv, D=dim,
+                finite=finite, **errs)
     log(f"small check {case}")
     results.append(case)
   return results
 
 
-def check_benchmark_size(q, k, v, do, kv_end, paths, tuning, heads, log) -> dict:
+def check_benchmark_size(attend, q, k, v, do, kv_end, paths, heads, on_gpu, log) -> dict:
   """Benchmark-size check: `heads` heads vs the f32 reference, all paths' outputs vs cuDNN."""
-  fn = lambda q, k, v: tree_attention(q, k, v, kv_end, tuning=tuning)
-  out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+  out, vjp = jax.vjp(jax.jit(attend), q, k, v)
   dq, dk, dv = vjp(do)
   result = {"finite": bool(all(jnp.all(jnp.isfinite(x)) for x in (out, dq, dk, dv)))}
   f32 = lambda x: x[:, :, :heads].astype(jnp.float32)
@@ -121,67 +160,87 @@ def check_benchmark_size(q, k, v, do, kv_end, paths, tuning, heads, log) -> dict
                 dq=relative_error(dq[:, :, :heads], rdq), dk=relative_error(dk[:, :, :heads], rdk),
                 dv=relative_error(dv[:, :, :heads], rdv))
   del ref, rdq, rdk, rdv
-  # Every leaf path of the tree is a causal sequence: gather it and compare with cuDNN.
-  unrolled = [jnp.take(x[0], paths, axis=0) for x in (q, k, v)]
-  cudnn = jax.nn.dot_product_attention(*unrolled, is_causal=True, implementation="cudnn")
-  result["paths_vs_cudnn"] = relative_error(jnp.take(out[0], paths, axis=0), cudnn)
+  if on_gpu:  # every leaf path of the tree is a causal sequence: compare with cuDNN
+    unrolled = [jnp.take(x[0], paths, axis=0) for x in (q, k, v)]
+    cudnn = jax.nn.dot_product_attention(*unrolled, is_causal=True, implementation="cudnn")
+    result["paths_vs_cudnn"] = relative_error(jnp.take(out[0], paths, axis=0), cudnn)
   log(f"benchmark-size check {result}")
   return result
 
 
-def bench_tree_kernel(q, k, v, do, kv_end, tuning) -> tuple[float, float]:
-  fwd = jax.jit(lambda q, k, v: tree_attention(q, k, v, kv_end, tuning=tuning))
-  fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(
-      lambda q, k, v: tree_attention(q, k, v, kv_end, tuning=tuning), q, k, v)[1](do))
-  return median_ms_jax(fwd, q, k, v), median_ms_jax(fwd_bwd, q, k, v, do)
-
-
-def bench_cudnn(q, k, v, do) -> tuple[float, float]:
-  attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                        implementation="cudnn")
+def bench_attention(attend, q, k, v, do) -> tuple[float, float]:
+  """(fwd ms, fwd+bwd ms) of attend(q, k, v)."""
   fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
   return median_ms_jax(jax.jit(attend), q, k, v), median_ms_jax(fwd_bwd, q, k, v, do)
 
 
-def bench_mosaic_gpu(q, k, v, do) -> dict:
-  """JAX's Mosaic GPU FlashAttention-3 kernel (`attention_mgpu`, wgmma + TMA, warp-specialised)
-  on the unrolled paths vs cuDNN on the same shapes: how fast a Hopper-native Pallas kernel
-  is here, before writing a tree-masked one. Its backward has no causal mask (yet), so
-  fwd+bwd is compared without a mask on both sides. float16 on both sides: the kernel's
-  shared-memory scratch is float16 in jax 0.11.2 (bf16 inputs fail there)."""
+def cudnn_causal(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def stock_mgpu_attention(causal: bool, backward: bool):
+  """JAX's `attention_mgpu.attention` as issue 25 prescribes: q pre-scaled by D^-1/2 (the
+  kernel applies no softmax scale), block_q=64, block_kv=128, max_concurrent_steps=2."""
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+  extra = dict(block_q_dkv=64, block_kv_dkv=128, block_q_dq=64, block_kv_dq=128) if backward else {}
+  config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal,
+                             **extra)
+  return lambda q, k, v: mgpu.attention(q * jnp.asarray(q.shape[-1]**-0.5, q.dtype), k, v,
+                                        config)
+
+
+def bench_stock_mgpu(q, k, v, do, log) -> dict:
+  """Stock `attention_mgpu` beside cuDNN on the same inputs (float16 on both sides: its
+  shared-memory scratch is float16 in jax 0.11.2): causal forward, and unmasked fwd+bwd (it
+  has no causal backward)."""
   q, k, v, do = (x.astype(jnp.float16) for x in (q, k, v, do))
-  q_scaled = lambda q: q * jnp.asarray(q.shape[-1]**-0.5, q.dtype)  # attention_mgpu: no scale
-  try:
-    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return {"error": f"attention_mgpu unavailable: {e}"}
   result = {}
-  cudnn = lambda causal: (lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, is_causal=causal, implementation="cudnn"))
-  cases = {
-      "causal_fwd": (mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2,
-                                       causal=True), True, False),
-      "full_fwd_bwd": (mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2,
-                                         block_q_dkv=64, block_kv_dkv=128, block_q_dq=64,
-                                         block_kv_dq=128), False, True),
-  }
-  for name, (config, causal, backward) in cases.items():
-    try:
-      attend = lambda q, k, v, config=config: mgpu.attention(q_scaled(q), k, v, config)
-      ref = cudnn(causal)
-      err = relative_error(jax.jit(attend)(q, k, v), ref(q, k, v))
-      if backward:
-        grad = lambda f: jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
-        ms, cudnn_ms = median_ms_jax(grad(attend), q, k, v, do), median_ms_jax(grad(ref), q, k,
-                                                                               v, do)
-      else:
-        ms, cudnn_ms = median_ms_jax(jax.jit(attend), q, k, v), median_ms_jax(jax.jit(ref), q,
-                                                                              k, v)
-      result[name] = dict(mosaic_gpu_ms=ms, cudnn_ms=cudnn_ms, rel_err_vs_cudnn=err)
-    except Exception as e:  # pylint: disable=broad-except  # a probe must not cost the run
-      result[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+  causal = stock_mgpu_attention(causal=True, backward=False)
+  result["causal_fwd"] = attempt(lambda: dict(
+      mosaic_gpu_ms=median_ms_jax(jax.jit(causal), q, k, v),
+      cudnn_ms=median_ms_jax(jax.jit(cudnn_causal), q, k, v),
+      rel_err_vs_cudnn=relative_error(jax.jit(causal)(q, k, v), cudnn_causal(q, k, v))))
+  full = stock_mgpu_attention(causal=False, backward=True)
+  cudnn_full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  result["full_fwd_bwd"] = attempt(lambda: dict(
+      mosaic_gpu_ms=bench_attention(full, q, k, v, do)[1],
+      cudnn_ms=bench_attention(cudnn_full, q, k, v, do)[1]))
+  log(f"stock attention_mgpu vs cuDNN: {result}")
   return result
 
+
+def bench_causal_rows(lengths, heads, dim, backends, tunings, interpret, on_gpu, matmul_rate,
+                      log) -> dict:
+  """Plain causal rows 1 x T x heads x dim bf16: each tree backend vs cuDNN (and the stock
+  attention_mgpu forward, float16)."""
+  result = {}
+  for length in lengths:
+    keys = jax.random.split(jax.random.PRNGKey(length), 4)
+    q, k, v, do = (jax.random.normal(key, (1, length, heads, dim), jnp.bfloat16)
+                   for key in keys)
+    kv_end = causal_kv_end(1, length)
+    fwd_flops = 4 * heads * dim * length * (length + 1) / 2
+    row = {}
+    for backend in backends:
+      times = attempt(bench_attention, tree_fn(kv_end, backend, tunings, interpret), q, k, v, do)
+      row[f"tree_{backend}"] = times if isinstance(times, dict) else dict(
+          fwd=rate_record(fwd_flops, times[0], matmul_rate), fwd_bwd_ms=times[1])
+    if on_gpu:
+      times = bench_attention(cudnn_causal, q, k, v, do)
+      row["cudnn"] = dict(fwd=rate_record(fwd_flops, times[0], matmul_rate), fwd_bwd_ms=times[1])
+      f16 = [x.astype(jnp.float16) for x in (q, k, v)]
+      row["stock_attention_mgpu_f16"] = attempt(lambda: dict(fwd=rate_record(
+          fwd_flops, median_ms_jax(jax.jit(stock_mgpu_attention(True, False)), *f16),
+          matmul_rate)))
+      for backend in backends:
+        tree = row[f"tree_{backend}"]
+        if "fwd" in tree:
+          tree["fwd_vs_cudnn"] = row["cudnn"]["fwd"]["ms"] / tree["fwd"]["ms"]
+    else:
+      row["cudnn"] = row["stock_attention_mgpu_f16"] = {"skipped": "needs a CUDA GPU"}
+    log(f"causal rows T={length}: {row}")
+    result[str(length)] = row
+  return result
 
 def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] | str:
   """FlexAttention (torch.compile) with the tree mask; returns (fwd_ms, fwd_bwd_ms)."""
@@ -233,118 +292,159 @@ def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] 
 
 
 def parse_tiles(text: str) -> KernelTiles:
-  """'bq,bk,warps,stages' -> KernelTiles."""
+  """'bq,bk,warps,stages' -> KernelTiles (warps 0 = default; unused by 'mgpu')."""
   bq, bk, warps, stages = (int(x) for x in text.split(","))
-  return KernelTiles(bq, bk, warps, stages)
+  return KernelTiles(bq, bk, warps or None, stages)
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
-  parser.add_argument("--fwd", default="128,128,8,2", help="bq,bk,warps,stages")
+  parser.add_argument("--backends", default="gpu,mgpu",
+                      help="tree_attention backends to time: gpu (Triton), mgpu (Mosaic GPU)")
+  parser.add_argument("--fwd", default="128,128,8,2", help="Triton bq,bk,warps,stages")
   parser.add_argument("--dq", default="64,64,4,2")
   parser.add_argument("--dkdv", default="64,64,4,2")
-  parser.add_argument("--sweep-fwd", nargs="*", default=[], help="extra fwd tiles to time")
+  parser.add_argument("--mgpu-fwd", default="64,128,0,2", help="Mosaic GPU bq,bk,0,stages")
+  parser.add_argument("--mgpu-dq", default="64,64,0,2")
+  parser.add_argument("--mgpu-dkdv", default="64,64,0,2")
+  parser.add_argument("--sweep-fwd", nargs="*", default=[],
+                      help="extra fwd tiles to time (first backend)")
   parser.add_argument("--sweep-bwd", nargs="*", default=[],
-                      help="extra 'dq_tiles/dkdv_tiles' pairs to time in fwd+bwd")
+                      help="extra 'dq_tiles/dkdv_tiles' pairs to time in fwd+bwd (first backend)")
+  parser.add_argument("--causal-lengths", default="4096,16384")
   parser.add_argument("--check-heads", type=int, default=1)
   parser.add_argument("--skip-checks", action="store_true")
   parser.add_argument("--skip-flex", action="store_true")
-  parser.add_argument("--mosaic-gpu", action="store_true",
-                      help="also time JAX's Mosaic GPU FlashAttention-3 kernel on the paths")
-  parser.add_argument("--name", default="tree_attention_h100.json")
-  args = parser.parse_args()
+  parser.add_argument("--tiny", action="store_true",
+                      help="CPU smoke run: tiny workloads, kernels interpreted, 1 timed call")
+  parser.add_argument("--name", default="tree_attention.json")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
   lines = []
 
   def log(msg):
     print(msg, flush=True)
     lines.append(msg)
 
-  tuning = Tuning(parse_tiles(args.fwd), parse_tiles(args.dq), parse_tiles(args.dkdv))
-  heads, dim = 32, 128
-  kv_end_np, paths = build_tree()
+  on_gpu = jax.default_backend() == "gpu"
+  interpret = args.tiny and not on_gpu
+  backends = [b for b in args.backends.split(",") if b]
+  tunings = {"gpu": Tuning(parse_tiles(args.fwd), parse_tiles(args.dq), parse_tiles(args.dkdv)),
+             "mgpu": Tuning(parse_tiles(args.mgpu_fwd), parse_tiles(args.mgpu_dq),
+                            parse_tiles(args.mgpu_dkdv))}
+  if args.tiny:
+    TIMING.update(warmup=1, iters=1)
+    branching, segments, heads, dim = (1, 2, 2), (32, 32, 32), 2, 64
+    causal_lengths = [128]
+  else:
+    branching, segments, heads, dim = (1, 4, 2, 2), (1024, 512, 512, 1024), 32, 128
+    causal_lengths = [int(x) for x in args.causal_lengths.split(",") if x]
+  kv_end_np, paths = build_tree(branching, segments)
   length = len(kv_end_np)
   pairs_tree = visible_pairs(kv_end_np)
   pairs_unrolled = paths.shape[0] * paths.shape[1] * (paths.shape[1] + 1) // 2
   device = jax.devices()[0]
   log(f"device {device.device_kind}; jax {jax.__version__}; T={length}; paths {paths.shape}; "
-      f"tree pairs {pairs_tree:,}; unrolled pairs {pairs_unrolled:,}")
+      f"tree pairs {pairs_tree:,}; unrolled pairs {pairs_unrolled:,}; backends {backends}"
+      f"{' (interpreted)' if interpret else ''}")
   record = dict(device=device.device_kind, jax_version=jax.__version__,
-                python=platform.python_version(), command=" ".join(sys.argv),
-                workload=dict(branching=[1, 4, 2, 2], segments=[1024, 512, 512, 1024],
-                              tokens=length, paths=list(paths.shape), heads_q=heads,
-                              heads_kv=heads, head_dim=dim, dtype="bfloat16",
-                              tree_visible_pairs=pairs_tree,
+                python=platform.python_version(), command=" ".join(sys.argv), tiny=args.tiny,
+                interpreted=interpret, peak_bf16_tflops=PEAK_BF16_TFLOPS,
+                workload=dict(branching=list(branching), segments=list(segments), tokens=length,
+                              paths=list(paths.shape), heads_q=heads, heads_kv=heads,
+                              head_dim=dim, dtype="bfloat16", tree_visible_pairs=pairs_tree,
                               unrolled_visible_pairs=pairs_unrolled),
-                tuning={n: t._asdict() for n, t in zip(Tuning._fields, tuning)})
+                tuning={b: {n: t._asdict() for n, t in zip(Tuning._fields, tunings[b])}
+                        for b in backends})
 
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(key, (1, length, heads, dim), jnp.bfloat16) for key in keys)
   kv_end = jnp.asarray(kv_end_np)[None]
 
   if not args.skip_checks:
-    record["check_small"] = check_small(tuning, log)
-    record["check_benchmark_size"] = check_benchmark_size(q, k, v, do, kv_end, paths, tuning,
-                                                          args.check_heads, log)
+    record["check_small"] = {}
+    record["check_benchmark_size"] = {}
+    for backend in backends:
+      if on_gpu:
+        record["check_small"][backend] = attempt(check_small, backend, tunings, log)
+      record["check_benchmark_size"][backend] = attempt(
+          check_benchmark_size, tree_fn(kv_end, backend, tunings, interpret), q, k, v, do,
+          kv_end, paths, args.check_heads, on_gpu, log)
 
-  rate = matmul_tflops()
-  log(f"bf16 matmul 8192^3: {rate:.0f} TFLOP/s")
+  rate = matmul_tflops(256 if args.tiny else 8192)
+  log(f"bf16 matmul: {rate:.1f} TFLOP/s (MFU {rate / PEAK_BF16_TFLOPS:.2f})")
   fwd_flops = 4 * heads * dim * pairs_tree
-  times = {}
-  times["tree_kernel"] = bench_tree_kernel(q, k, v, do, kv_end, tuning)
-  log(f"tree kernel: fwd {times['tree_kernel'][0]:.3f} ms, fwd+bwd {times['tree_kernel'][1]:.3f} ms")
+  times, skipped = {}, {}
+  for backend in backends:
+    result = attempt(bench_attention, tree_fn(kv_end, backend, tunings, interpret), q, k, v, do)
+    if isinstance(result, dict):
+      skipped[f"tree_{backend}"] = result["error"]
+    else:
+      times[f"tree_{backend}"] = result
+    log(f"tree kernel ({backend}): {result}")
   sweep = []
+  first = backends[0] if backends else "gpu"
   for text in args.sweep_fwd:
-    t = Tuning(parse_tiles(text), tuning.dq, tuning.dkdv)
-    try:
-      fwd_ms = median_ms_jax(jax.jit(lambda q, k, v, t=t: tree_attention(q, k, v, kv_end,
-                                                                          tuning=t)), q, k, v)
-      sweep.append(dict(fwd=text, fwd_ms=fwd_ms))
-    except Exception as e:  # pylint: disable=broad-except
-      sweep.append(dict(fwd=text, error=str(e)[:300]))
+    t = {first: Tuning(parse_tiles(text), tunings[first].dq, tunings[first].dkdv)}
+    sweep.append(dict(backend=first, fwd=text, fwd_ms=attempt(
+        lambda t=t: median_ms_jax(jax.jit(tree_fn(kv_end, first, t, interpret)), q, k, v))))
     log(f"sweep {sweep[-1]}")
   for text in args.sweep_bwd:
     dq_text, dkdv_text = text.split("/")
-    t = Tuning(tuning.fwd, parse_tiles(dq_text), parse_tiles(dkdv_text))
-    try:
-      sweep.append(dict(dq=dq_text, dkdv=dkdv_text,
-                        fwd_bwd_ms=bench_tree_kernel(q, k, v, do, kv_end, t)[1]))
-    except Exception as e:  # pylint: disable=broad-except
-      sweep.append(dict(dq=dq_text, dkdv=dkdv_text, error=str(e)[:300]))
+    t = {first: Tuning(tunings[first].fwd, parse_tiles(dq_text), parse_tiles(dkdv_text))}
+    sweep.append(dict(backend=first, dq=dq_text, dkdv=dkdv_text, fwd_bwd_ms=attempt(
+        lambda t=t: bench_attention(tree_fn(kv_end, first, t, interpret), q, k, v, do)[1])))
     log(f"sweep {sweep[-1]}")
   record["sweep"] = sweep
 
-  unrolled = [jnp.take(x[0], jnp.asarray(paths), axis=0) for x in (q, k, v, do)]
-  times["cudnn_unrolled"] = bench_cudnn(*unrolled)
-  if args.mosaic_gpu:
-    record["mosaic_gpu_unrolled"] = bench_mosaic_gpu(*unrolled)
-    log(f"mosaic gpu (attention_mgpu) on the paths: {record['mosaic_gpu_unrolled']}")
-  del unrolled
-  if not args.skip_flex:
-    flex = bench_flex(kv_end_np, heads, dim)
+  if on_gpu:
+    unrolled = [jnp.take(x[0], jnp.asarray(paths), axis=0) for x in (q, k, v, do)]
+    times["cudnn_unrolled"] = bench_attention(cudnn_causal, *unrolled[:3], unrolled[3])
+    record["stock_attention_mgpu_unrolled"] = bench_stock_mgpu(*unrolled, log)
+    del unrolled
+    flex = "skipped (--skip-flex)" if args.skip_flex else bench_flex(kv_end_np, heads, dim)
     if isinstance(flex, str):
-      record["flex_error"] = flex
+      skipped["flex_tree"] = flex
     else:
       times["flex_tree"] = flex
+  else:
+    for name in ("cudnn_unrolled", "flex_tree", "stock_attention_mgpu_unrolled"):
+      skipped[name] = "needs a CUDA GPU"
   floor_fwd = fwd_flops / (rate * 1e12) * 1e3
   times["flop_floor"] = (floor_fwd, 3.5 * floor_fwd)  # bwd = 5 matmuls of the fwd's 2
 
-  cudnn_rate = 4 * heads * dim * pairs_unrolled / (times["cudnn_unrolled"][0] * 1e-3) / 1e12
-  tree_rate = fwd_flops / (times["tree_kernel"][0] * 1e-3) / 1e12
-  record.update(matmul_tflops=rate, times_ms={n: dict(fwd=f, fwd_bwd=fb)
-                                              for n, (f, fb) in times.items()},
-                fwd_tflops=dict(tree_kernel=tree_rate, cudnn_unrolled=cudnn_rate),
-                tree_fwd_rate_vs_cudnn=tree_rate / cudnn_rate)
-  log(f"{'method':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}")
+  # Rates count useful work only: the tree's visible pairs for tree methods, the paths'
+  # causal pairs for cuDNN on the unrolled paths.
+  work = {name: fwd_flops for name in times}
+  if "cudnn_unrolled" in times:
+    work["cudnn_unrolled"] = 4 * heads * dim * pairs_unrolled
+  record.update(matmul_tflops=rate, matmul_mfu=rate / PEAK_BF16_TFLOPS, skipped=skipped,
+                times_ms={n: dict(fwd=f, fwd_bwd=fb) for n, (f, fb) in times.items()},
+                fwd_rates={n: rate_record(work[n], f, rate) for n, (f, _) in times.items()},
+                fwd_bwd_rates={n: rate_record(3.5 * work[n], fb, rate)
+                               for n, (_, fb) in times.items()})
+  if "flex_tree" in times:
+    record["speedup_vs_flex"] = {
+        n: dict(fwd=times["flex_tree"][0] / times[n][0],
+                fwd_bwd=times["flex_tree"][1] / times[n][1])
+        for n in times if n.startswith("tree_")}
+  record["causal_rows"] = bench_causal_rows(causal_lengths, heads, dim, backends, tunings,
+                                            interpret, on_gpu, rate, log)
+  log(f"{'method':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd MFU':>9}")
   for name, (f, fb) in times.items():
-    log(f"{name:<18}{f:>10.3f}{fb:>12.3f}")
-  log(f"fwd rate (visible pairs): tree {tree_rate:.0f} TFLOP/s, cuDNN causal {cudnn_rate:.0f} "
-      f"TFLOP/s, ratio {tree_rate / cudnn_rate:.2f}")
+    log(f"{name:<18}{f:>10.3f}{fb:>12.3f}{record['fwd_rates'][name]['mfu_vs_peak']:>9.2f}")
+  for name, reason in skipped.items():
+    log(f"{name:<18} skipped: {reason}")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, args.name), "w") as f:
     json.dump(record, f, indent=2)
-  with open(os.path.join(args.out, "tree_attention_log.txt"), "w") as f:
+  with open(os.path.join(args.out, args.name.replace(".json", "_log.txt")), "w") as f:
     f.write("\n".join(lines) + "\n")
+  return record
 
 
 if __name__ == "__main__":
