@@ -4,6 +4,7 @@
 - `reference`: plain JAX, any `kv_end` (kat_jax.kernels.reference);
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, plain causal rows only;
 - `tree`: the Pallas tree-attention kernel, any `kv_end`, block-sparse;
+- `tree_mgpu`: the same on Mosaic GPU (Hopper, bf16/f16; opt-in until it has passed on a GPU);
 - `auto`: `reference` on CPU; on GPU `cudnn` for causal rows and `tree` otherwise; `tree` on TPU.
 """
 
@@ -43,6 +44,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array | None, *
   if backend == "tree":
     from kat_jax.kernels import tree_attention  # pylint: disable=g-import-not-at-top
     return tree_attention(q, k, v, kv_end, scale=scale)
+  if backend == "tree_mgpu":
+    from kat_jax.kernels import tree_attention  # pylint: disable=g-import-not-at-top
+    return tree_attention(q, k, v, kv_end, scale=scale, backend="mgpu")
   if backend == "reference":
     return attention_reference(q, k, v, kv_end, scale=scale)
   raise ValueError(f"unknown attention backend {backend!r}")

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_BACKENDS = ("auto", "reference", "cudnn", "tree")
+ATTENTION_BACKENDS = ("auto", "reference", "cudnn", "tree", "tree_mgpu")
 # Fields that say how to run a model, not what it is: a checkpoint's config takes them from
 # the run config (kat_jax.train.loop.load_model).
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_unroll", "attention_backend")

@@ -1,0 +1,30 @@
+"""benchmarks/tree_attention.py end to end at `--tiny` size on CPU (kernels interpreted)."""
+
+import importlib.util
+import json
+import os
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tree_attention.py")
+
+
+def _load(name, path):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tiny_run_times_the_triton_kernel_and_records_gpu_only_methods_as_skipped(tmp_path):
+  bench = _load("tree_attention_benchmark", _PATH)
+  record = bench.main(["--tiny", "--skip-checks", "--backends", "gpu", "--out", str(tmp_path),
+                       "--name", "tiny.json"])
+  assert json.loads((tmp_path / "tiny.json").read_text()) == json.loads(json.dumps(record))
+  assert record["interpreted"] and record["workload"]["tokens"] == 224
+  assert set(record["times_ms"]) == {"tree_gpu", "flop_floor"}
+  assert record["times_ms"]["tree_gpu"]["fwd_bwd"] > 0
+  assert set(record["skipped"]) == {"cudnn_unrolled", "flex_tree",
+                                    "stock_attention_mgpu_unrolled"}
+  rate = record["fwd_rates"]["tree_gpu"]
+  assert rate["mfu_vs_peak"] == rate["tflops"] / 989.0
+  causal = record["causal_rows"]["128"]
+  assert causal["tree_gpu"]["fwd"]["ms"] > 0 and "skipped" in causal["cudnn"]
