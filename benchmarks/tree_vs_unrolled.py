@@ -56,7 +56,10 @@ def synthetic_groups(num_groups: int, branch1: int, branch2: int, prompt: int, t
           tokens += list(rng.integers(0, vocab, tool)) + list(rng.integers(0, vocab, turn))
           mask += [0] * tool + [1] * turn
         # the context determines the behaviour log-prob: shared prefix, shared value
-        old = [-1.0 - (hash(tuple(tokens[:i + 1])) % 100) / 100 for i in range(len(tokens))]
+        old, prefix_hash = [], 0
+        for token in tokens:  # a running hash of the prefix: O(length), not O(length^2)
+          prefix_hash = hash((prefix_hash, int(token)))
+          old.append(-1.0 - (prefix_hash % 100) / 100)
         group.append(Trajectory(tokens, mask, float(rng.normal()), old))
     groups.append(group)
   return groups
