@@ -52,8 +52,10 @@ def check_tiles(tuning: Any, dtype: Any, head_dim: int) -> None:
     raise ValueError(f"backend 'mgpu' takes bf16 or f16 q/k/v, got {jnp.dtype(dtype)}")
   if head_dim % 64:
     raise ValueError(f"backend 'mgpu' needs a head dim multiple of 64, got {head_dim}")
-  rows = {"fwd.block_q": tuning.fwd.block_q, "dq.block_q": tuning.dq.block_q,
-          "dkdv.block_k": tuning.dkdv.block_k}
+  if tuning.fwd.block_q not in (ROWS, 2 * ROWS):
+    raise ValueError(f"backend 'mgpu' needs fwd.block_q = {ROWS} (one warpgroup) or "
+                     f"{2 * ROWS} (two consumer warpgroups), got {tuning.fwd.block_q}")
+  rows = {"dq.block_q": tuning.dq.block_q, "dkdv.block_k": tuning.dkdv.block_k}
   for name, size in rows.items():
     if size != ROWS:
       raise ValueError(f"backend 'mgpu' needs {name} = {ROWS} (one warpgroup MMA), got {size}")
@@ -225,6 +227,109 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
                 plgpu.SMEM((ROWS,), jnp.float32))
 
 
+def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
+                   groups, block_k, stages, interpret):
+  """Warp-specialised forward (FlashAttention-3's schedule): program (128-row query block,
+  q head, row) with three warpgroups: two consumers of 64 rows each and one producer that
+  only issues TMA copies, refilling a ring slot once both consumers have released it.
+  The visit list is the 128-row block's; each consumer masks partial tiles with its own rows
+  (a tile full for the block is full for both halves)."""
+  ops = _Ops(interpret)
+  plgpu = ops.plgpu
+  nq = meta_ref.shape[1]
+  i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
+  wg = lax.axis_index("wg")
+  qb = nq - 1 - i
+  kv_head = lax.div(h, groups)
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
+  logit_scale = scale * _LOG2E
+  tile = (ROWS, block_k)
+
+  def body(qo_smem2, k_smem, v_smem, end_smem, lse_smem2, q_bar, k_bar, v_bar, k_free,
+           v_free):
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+      q_start = qb * 2 * ROWS + wg * ROWS
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, ROWS), h], qo_smem, q_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      def step(j, carry, masked):
+        acc, m, l = carry
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+        s = ops.mma(qo_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
+        if masked:
+          k_start = meta_ref[b, qb, 2 + j] * block_k
+          q_pos = q_start + ops.iota(tile, 0)
+          k_pos = k_start + ops.iota(tile, 1)
+          key_ends = _row(ops.load_vector(end_smem.at[slot], along_rows=False), tile)
+          s = jnp.where((k_pos <= q_pos) & (q_pos < key_ends), s, -jnp.inf)
+        plgpu.barrier_arrive(k_free.at[slot])  # K and its kv_end slice are read
+        m_next = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - _col(m_safe, tile))
+        l = l * alpha + p.sum(axis=1)
+        plgpu.barrier_wait(v_bar.at[slot])
+        acc = ops.mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
+                      acc=acc * _col(alpha, (ROWS, head_dim)))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_next, l
+
+      carry = (ops.zeros((ROWS, head_dim)), ops.row_stat(-jnp.inf), ops.row_stat(0.0))
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+      acc, m, l = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
+      seen = l > 0.0
+      qo_smem[...] = (acc / _col(jnp.where(seen, l, 1.0), acc.shape)).astype(dtype)
+      lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def copy_k(j, slot):
+        k_start = meta_ref[b, qb, 2 + j] * block_k
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k_start, block_k), kv_head], k_smem.at[slot],
+                                k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, block_k)], end_smem.at[slot],
+                                k_bar.at[slot])
+
+      def copy_v(j, slot):
+        k_start = meta_ref[b, qb, 2 + j] * block_k
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k_start, block_k), kv_head], v_smem.at[slot],
+                                v_bar.at[slot])
+
+      for stage in range(stages):
+        @pl.when(stage < n_visible)
+        def _prologue(stage=stage):
+          copy_k(stage, stage)
+          copy_v(stage, stage)
+
+      @pl.loop(0, jnp.maximum(n_visible - stages, 0))
+      def _refill(j):
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        copy_k(j + stages, slot)
+        plgpu.barrier_wait(v_free.at[slot])
+        copy_v(j + stages, slot)
+
+  kv_buffer = _smem_tiles(plgpu, (stages, block_k, head_dim), dtype)
+  released = plgpu.Barrier(num_arrivals=2, num_barriers=stages)  # both consumers
+  pl.run_scoped(
+      body, _smem_tiles(plgpu, (2, ROWS, head_dim), dtype), kv_buffer, kv_buffer,
+      plgpu.SMEM((stages, block_k), jnp.int32), plgpu.SMEM((2, ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages), released, released, collective_axes="wg")
+
+
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, *, scale: float,
             tuning: Any, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """q [B,T,Hq,D], k/v [B,T,Hkv,D], kv_end [B,T] (T padded to the blocks)
@@ -232,17 +337,22 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, *, scal
   plgpu = _plgpu()
   batch, length, num_q_heads, head_dim = q.shape
   tiles = tuning.fwd
-  nq = length // ROWS
-  meta = visit_lists(tile_classes(kv_end, ROWS, tiles.block_k))
+  nq = length // tiles.block_q
+  meta = visit_lists(tile_classes(kv_end, tiles.block_q, tiles.block_k))
+  warp_specialized = tiles.block_q == 2 * ROWS
   kernel = functools.partial(
-      _fwd_kernel, scale=scale, groups=num_q_heads // k.shape[2], block_k=tiles.block_k,
-      stages=tiles.num_stages or 2, interpret=interpret)
-  return _kernel_call(
-      plgpu, kernel,
-      (jax.ShapeDtypeStruct(q.shape, q.dtype),
-       jax.ShapeDtypeStruct((batch, num_q_heads, length), jnp.float32)),
-      (nq, num_q_heads, batch), ("q", "head", "row"), interpret, "tree_attention_fwd_mgpu",
-  )(meta, kv_end, q, k, v)
+      _fwd_ws_kernel if warp_specialized else _fwd_kernel, scale=scale,
+      groups=num_q_heads // k.shape[2], block_k=tiles.block_k, stages=tiles.num_stages or 2,
+      interpret=interpret)
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+              jax.ShapeDtypeStruct((batch, num_q_heads, length), jnp.float32))
+  call = plgpu.kernel(
+      kernel, out_type=out_type, grid=(nq, num_q_heads, batch), grid_names=("q", "head", "row"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_gpu_interpret_params() if interpret else False,
+      kernel_name="tree_attention_fwd_mgpu",
+      **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}))
+  return call(meta, kv_end, q, k, v)
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,14 +8,19 @@ dots for wgmma).  On a Hopper GPU (`KAT_TEST_GPU=1`): the compiled kernels.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kat_jax.kernels import causal_kv_end
+from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels.checks import kernel_and_reference
+from kat_jax.kernels.reference import attention_reference
+from kat_jax.kernels.tree_attention import DEFAULT_TUNING_MGPU
 from kat_jax.kernels.tree_attention_mgpu import has_interpreter
 from kat_jax.testing import packed_kv_end
 from kat_jax.testing import random_tree_kv_end
@@ -57,16 +62,20 @@ def _check(q, k, v, d_out, kv_end, tol, **kwargs):
     assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
 
 
-@pytest.mark.parametrize("head_dim, num_kv_heads", [(64, 32), (128, 32), (128, 8)])
-def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_heads):
-  """Anchor workload shape (1-4-2-2 tree, 23,552 tokens, 32 query heads), GQA 4:1 too."""
+@pytest.mark.parametrize("head_dim, num_kv_heads, fwd_block_q", [
+    (64, 32, 64), (128, 32, 64), (128, 8, 64), (128, 8, 128)])
+def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_heads,
+                                                             fwd_block_q):
+  """Anchor workload shape (1-4-2-2 tree, 23,552 tokens, 32 query heads), GQA 4:1 too;
+  fwd_block_q 128 is the warp-specialised forward (two consumer warpgroups + a producer)."""
+  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
   length = 23552
   spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   q_shape, kv_shape = (1, length, 32, head_dim), (1, length, num_kv_heads, head_dim)
 
   def fwd_bwd(q, k, v, kv_end, d_out):
-    out, vjp = jax.vjp(lambda q, k, v: tree_attention(q, k, v, kv_end, backend="mgpu"),
-                       q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: tree_attention(q, k, v, kv_end, backend="mgpu",
+                                                      tuning=tuning), q, k, v)
     return out, vjp(d_out)
 
   exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"])(
@@ -85,24 +94,43 @@ def test_mgpu_interpreted_matches_reference_on_tile_boundary_rows():
   _check(q, k, v, d_out, rows, 1e-2, interpret=True)
 
 
+@pytest.mark.skipif(not has_interpreter() or not os.environ.get("KAT_TEST_SLOW"),
+                    reason="slow (~30 s): Mosaic GPU's interpreter runs the 3 warpgroups one "
+                    "by one; run with KAT_TEST_SLOW=1 (lowering is tested above)")
+def test_mgpu_warp_specialized_forward_interpreted_matches_reference():
+  kv_end_np, row = subtree_ends_before_tile_end_kv_end(64, 128)
+  kv_end = jnp.asarray(kv_end_np[None])
+  q, k, v, _ = _inputs(3, 1, kv_end.shape[1], 2, 1, 64, jnp.bfloat16)
+  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(128, 128, None, 2))
+  got = jax.jit(lambda q, k, v: tree_attention(q, k, v, kv_end, backend="mgpu", tuning=tuning,
+                                               interpret=True))(q, k, v)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = attention_reference(f32(q), f32(k), f32(v), kv_end)
+  assert relative_error(got, want) < 1e-2
+  assert relative_error(got[:, row], want[:, row]) < 1e-2
+
+
 def test_mgpu_rejects_float32_and_odd_tiles():
   q = jnp.zeros((1, 64, 2, 64), jnp.float32)
   kv_end = jnp.full((1, 64), 64, jnp.int32)
   with pytest.raises(ValueError, match="bf16 or f16"):
     tree_attention(q, q, q, kv_end, backend="mgpu")
   q = q.astype(jnp.bfloat16)
-  with pytest.raises(ValueError, match="fwd.block_q = 64"):
+  with pytest.raises(ValueError, match="dq.block_q = 64"):
     tree_attention(q, q, q, kv_end, backend="mgpu", block_q=128, block_k=128)
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
 @pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [
     (jnp.bfloat16, 128, 8), (jnp.bfloat16, 64, 2), (jnp.float16, 128, 2), (jnp.float16, 64, 8)])
-def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads):
-  """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded)."""
+@pytest.mark.parametrize("fwd_block_q", [64, 128])
+def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_block_q):
+  """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded); both
+  forward kernels (64: one warpgroup; 128: warp-specialised)."""
   length = 1000
   q, k, v, d_out = _inputs(1, 4, length, 8, num_kv_heads, head_dim, dtype)
-  _check(q, k, v, d_out, _rows(length, 1), 1e-2)
+  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
+  _check(q, k, v, d_out, _rows(length, 1), 1e-2, tuning=tuning)
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
