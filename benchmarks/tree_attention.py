@@ -305,7 +305,9 @@ def parse_args(argv=None):
   parser.add_argument("--fwd", default="128,128,8,2", help="Triton bq,bk,warps,stages")
   parser.add_argument("--dq", default="64,64,4,2")
   parser.add_argument("--dkdv", default="64,64,4,2")
-  parser.add_argument("--mgpu-fwd", default="64,128,0,2", help="Mosaic GPU bq,bk,0,stages")
+  parser.add_argument("--mgpu-fwd", default="128,128,0,2",
+                      help="Mosaic GPU bq,bk,0,stages (bq 128: warp-specialised, 64: one "
+                      "warpgroup)")
   parser.add_argument("--mgpu-dq", default="64,64,0,2")
   parser.add_argument("--mgpu-dkdv", default="64,64,0,2")
   parser.add_argument("--sweep-fwd", nargs="*", default=[],

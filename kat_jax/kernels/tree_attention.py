@@ -63,10 +63,12 @@ DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, 8, 2), dq=KernelTiles(64, 64, 
 # H100's 227 KiB (measured), so 4-byte inputs with D > 64 default to 64x64 tiles everywhere.
 # (f32, D=64 with DEFAULT_TUNING is verified on the H100; f32 D=128 with these tiles is not.)
 DEFAULT_TUNING_F32_WIDE = Tuning(*(KernelTiles(64, 64, 4, 2),) * 3)
-# Backend 'mgpu' (tree_attention_mgpu.py): 64-row tiles (one warpgroup MMA); 64x128 forward
-# tiles with 2 pipeline stages were the fastest config of JAX's attention_mgpu on the H200.
-# num_stages = TMA pipeline depth; num_warps unused. Not yet tuned on a GPU.
-DEFAULT_TUNING_MGPU = Tuning(fwd=KernelTiles(64, 128, None, 2), dq=KernelTiles(64, 64, None, 2),
+# Backend 'mgpu' (tree_attention_mgpu.py): 64-row tiles per warpgroup; the forward's 128 query
+# rows are two consumer warpgroups of 64 (warp-specialised; fwd.block_q=64 picks the
+# one-warpgroup kernel) over 128-key tiles with 2 TMA stages: the fastest config of JAX's
+# attention_mgpu on the H200. num_stages = TMA pipeline depth; num_warps unused. Not yet
+# tuned on a GPU.
+DEFAULT_TUNING_MGPU = Tuning(fwd=KernelTiles(128, 128, None, 2), dq=KernelTiles(64, 64, None, 2),
                              dkdv=KernelTiles(64, 64, None, 2))
 
 

@@ -4,17 +4,21 @@ Backend 'mgpu' of `tree_attention` (same `(q, k, v, kv_end)` interface and custo
 wiring stays in tree_attention.py).  Same block-sparse schedule as the other backends: per
 (query block) or (key block) visit lists from `tree_blocks` (full tiles first, then partial;
 hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.08608) on Hopper:
-- one warpgroup of 128 threads per program computes 64-row tiles with wgmma (QK^T, PV, ...)
-  whose operands sit in 128-byte-swizzled shared memory, accumulating in float32 registers;
+- a warpgroup of 128 threads computes 64-row tiles with wgmma (QK^T, PV, ...) whose operands
+  sit in 128-byte-swizzled shared memory, accumulating in float32 registers;
+- forward with fwd.block_q = 128 (the default): warp-specialised, two consumer warpgroups of
+  64 rows and one producer warpgroup that only issues TMA copies, with register reallocation
+  (`set_max_registers`) and per-slot "released" barriers; fwd.block_q = 64: one warpgroup
+  that issues its own copies (as the backward kernels do);
 - the partner tiles of the visit list (K/V, or Q/dO/lse/delta for dK/dV) are copied by TMA
   into a `stages`-deep shared-memory ring: block j + stages is in flight while j computes;
 - full tiles run without mask arithmetic, partial tiles mask `j <= i < kv_end[j]` with the
   tile's kv_end row (also TMA-copied);
 - dK/dV: one program per (key block, kv head) loops over its group's query heads, so GQA
   needs no atomics and no per-query-head buffers.
-Not done yet (next steps, see docs/tree_attention.md): a separate producer warpgroup with
-register reallocation (`plgpu.set_max_registers`), two consumer warpgroups per program with
-the ping-pong schedule barrier, and the dQ fused into the dK/dV pass.
+Not done yet (next steps, see docs/tree_attention.md): warp specialisation of the backward
+kernels, FA3's ping-pong schedule barrier between the consumers, and the dQ fused into the
+dK/dV pass.
 
 Layout [B, T, H, D] (no transposes), lse / delta [B, Hq, T] float32 base 2 (as the Triton
 kernels).  Inputs bf16 or f16 (the tensor cores' operand types), D a multiple of 64.
