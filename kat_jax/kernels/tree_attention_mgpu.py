@@ -135,6 +135,36 @@ def _row(x, shape):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
+def _visible(ops: _Ops, q_start, k_start, key_ends, tile, keys_on_rows: bool = False):
+  """Partial-tile mask j <= i < kv_end[j] of a [rows, cols] tile; key_ends broadcast to it."""
+  q_pos = q_start + ops.iota(tile, 1 if keys_on_rows else 0)
+  k_pos = k_start + ops.iota(tile, 0 if keys_on_rows else 1)
+  return (k_pos <= q_pos) & (q_pos < key_ends)
+
+
+def _key_ends_row(ops: _Ops, end_ref, tile):
+  """A key block's kv_end slice [cols] in smem, broadcast down the rows of a query-major tile."""
+  return _row(ops.load_vector(end_ref, along_rows=False), tile)
+
+
+def _online_softmax(s, m, l, masked: bool):
+  """One tile of the base-2 online softmax: s [rows, cols] scaled logits (-inf where
+  hidden), m / l [rows] running max and sum -> (p, alpha, m_next, l_next)."""
+  m_next = jnp.maximum(m, s.max(axis=1))
+  # Only a masked tile can leave a row with m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
+  alpha = jnp.exp2(m - m_safe)
+  p = jnp.exp2(s - _col(m_safe, s.shape))
+  return p, alpha, m_next, l * alpha + p.sum(axis=1)
+
+
+def _finish(acc, m, l, dtype):
+  """-> (out [rows, D] in dtype, lse [rows] base 2, +inf for rows that saw no key)."""
+  seen = l > 0.0
+  out = (acc / _col(jnp.where(seen, l, 1.0), acc.shape)).astype(dtype)
+  return out, jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+
+
 def _smem_tiles(plgpu, shape, dtype):
   tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   return plgpu.SMEM(shape, dtype, transforms=tiled)
@@ -192,16 +222,9 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
       s = ops.mma(q_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
       if masked:
         k_start = meta_ref[b, qb, 2 + j] * block_k
-        q_pos = q_start + ops.iota(tile, 0)
-        k_pos = k_start + ops.iota(tile, 1)
-        key_ends = _row(ops.load_vector(end_smem.at[slot], along_rows=False), tile)
-        s = jnp.where((k_pos <= q_pos) & (q_pos < key_ends), s, -jnp.inf)
-      m_next = jnp.maximum(m, s.max(axis=1))
-      # Only a masked tile can leave a row with m = -inf; shift it by 0 so exp2 gives 0.
-      m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
-      alpha = jnp.exp2(m - m_safe)
-      p = jnp.exp2(s - _col(m_safe, tile))
-      l = l * alpha + p.sum(axis=1)
+        key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
+        s = jnp.where(_visible(ops, q_start, k_start, key_ends, tile), s, -jnp.inf)
+      p, alpha, m_next, l = _online_softmax(s, m, l, masked)
       plgpu.barrier_wait(v_bar.at[slot])
       acc = ops.mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
                     acc=acc * _col(alpha, (ROWS, head_dim)))
@@ -219,9 +242,7 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
       plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages))
 
   def store(o_smem, lse_smem):
-    seen = l > 0.0
-    o_smem[...] = (acc / _col(jnp.where(seen, l, 1.0), acc.shape)).astype(dtype)
-    lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+    o_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, ROWS)])
@@ -268,16 +289,10 @@ def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
         s = ops.mma(qo_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
         if masked:
           k_start = meta_ref[b, qb, 2 + j] * block_k
-          q_pos = q_start + ops.iota(tile, 0)
-          k_pos = k_start + ops.iota(tile, 1)
-          key_ends = _row(ops.load_vector(end_smem.at[slot], along_rows=False), tile)
-          s = jnp.where((k_pos <= q_pos) & (q_pos < key_ends), s, -jnp.inf)
+          key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
+          s = jnp.where(_visible(ops, q_start, k_start, key_ends, tile), s, -jnp.inf)
         plgpu.barrier_arrive(k_free.at[slot])  # K and its kv_end slice are read
-        m_next = jnp.maximum(m, s.max(axis=1))
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - _col(m_safe, tile))
-        l = l * alpha + p.sum(axis=1)
+        p, alpha, m_next, l = _online_softmax(s, m, l, masked)
         plgpu.barrier_wait(v_bar.at[slot])
         acc = ops.mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
                       acc=acc * _col(alpha, (ROWS, head_dim)))
@@ -287,9 +302,7 @@ def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
       carry = (ops.zeros((ROWS, head_dim)), ops.row_stat(-jnp.inf), ops.row_stat(0.0))
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       acc, m, l = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
-      seen = l > 0.0
-      qo_smem[...] = (acc / _col(jnp.where(seen, l, 1.0), acc.shape)).astype(dtype)
-      lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+      qo_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, ROWS)])
@@ -407,10 +420,8 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
                    - lse)
       if masked:
         k_start = meta_ref[b, qb, 2 + j] * block_k
-        q_pos = q_start + ops.iota(tile, 0)
-        k_pos = k_start + ops.iota(tile, 1)
-        key_ends = _row(ops.load_vector(end_smem.at[slot], along_rows=False), tile)
-        p = jnp.where((k_pos <= q_pos) & (q_pos < key_ends), p, 0.0)
+        key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
+        p = jnp.where(_visible(ops, q_start, k_start, key_ends, tile), p, 0.0)
       plgpu.barrier_wait(v_bar.at[slot])
       dp = ops.mma(do_smem, v_smem.at[slot], block_k, transpose_b=True)
       ds = p * (dp - delta)
@@ -487,9 +498,8 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
                      - lse)
       if masked:
         q_start = meta_ref[b, kb, 2 + j] * block_q
-        k_pos = k_start + ops.iota(tile, 0)
-        q_pos = q_start + ops.iota(tile, 1)
-        p_t = jnp.where((k_pos <= q_pos) & (q_pos < key_ends), p_t, 0.0)
+        p_t = jnp.where(_visible(ops, q_start, k_start, key_ends, tile, keys_on_rows=True),
+                        p_t, 0.0)
       dv = ops.mma(p_t.astype(dtype), do_smem.at[slot], head_dim, transpose_b=False, acc=dv)
       dp_t = ops.mma(v_smem, do_smem.at[slot], block_q, transpose_b=True)
       ds_t = p_t * (dp_t - delta)
