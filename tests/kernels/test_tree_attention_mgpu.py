@@ -141,3 +141,15 @@ def test_mgpu_compiled_tile_boundary_row_is_exact_at_the_boundary_query():
   q, k, v, d_out = _inputs(2, 1, kv_end.shape[1], 4, 2, 128, jnp.bfloat16)
   got, want = kernel_and_reference(q, k, v, d_out, kv_end, backend="mgpu")["out"]
   assert relative_error(got[:, row], want[:, row]) < 1e-2
+
+
+def test_model_attention_backend_tree_mgpu_dispatches_to_the_mosaic_gpu_kernel():
+  from kat_jax.model.attention import attend  # pylint: disable=g-import-not-at-top
+  from kat_jax.model.presets import get_preset  # pylint: disable=g-import-not-at-top
+  assert get_preset("tiny", attention_backend="tree_mgpu").attention_backend == "tree_mgpu"
+  spec = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+  kv_spec = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  exported = jax.export.export(
+      jax.jit(lambda q, k, v: attend(q, k, v, None, backend="tree_mgpu")),
+      platforms=["cuda"])(spec, kv_spec, kv_spec)
+  assert "tree_attention_fwd_mgpu" in exported.mlir_module()
