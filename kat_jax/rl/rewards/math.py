@@ -19,15 +19,19 @@ characters and names (digits, operators, single-letter symbols, a few functions)
 from __future__ import annotations
 
 import atexit
+import cmath
 import multiprocessing
 import re
 import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 from kat_jax.data.chat_template import parse_autothink_response
 
 _REL_TOL = 1e-6
+_MAX_ANSWER_CHARS = 1000  # longer answers are not compared (bounded work per answer)
 
 
 # ---------------------------------------------------------------------------
@@ -36,8 +40,22 @@ _REL_TOL = 1e-6
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(
-    r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n|I hope)", re.IGNORECASE)
+    r"(?:final answer|answer)\s*\**\s*(?:is|:)\s*\**\s*:?\s*(.+?)(?:\.\s|\.?$|\n|I hope)",
+    re.IGNORECASE)
+_CAUSE = re.compile(r",?\s+(?:since|because|as|which|given)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_MATH_SEGMENT = re.compile(r"(?<!\\)\$\$?(.+?)(?<!\\)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_NEGATION = re.compile(r"\b(?:not|never|no)\b|n't\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_CONNECTOR = re.compile(r"\s+(?:or|and)\s+")
+# Words a math run may contain besides single letters (variables) and `or`/`and` between values.
+_MATH_WORDS = {"sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "percent"}
+_TOKEN = re.compile(r"""(?P<space>\s+)
+  |(?P<num>\d+(?:[.,]\d+)*(?:[eE][-+]?\d+)?|\.\d+)
+  |(?P<cmd>\\[A-Za-z]+|\\[{}$%,;!])
+  |(?P<word>[A-Za-z]+)
+  |(?P<sym>[-+*/^=<>()\[\]{}_!|%$,'π√°−×·∞≤≥±])
+  |(?P<other>.)""", re.X | re.S)
 
 
 def _matching_brace(text: str, open_index: int) -> int | None:
@@ -53,15 +71,27 @@ def _matching_brace(text: str, open_index: int) -> int | None:
   return None
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+  """{index of each `{`: index of its `}`} for balanced pairs, in one pass (linear even for
+  an adversarial run of unclosed `\\boxed{`)."""
+  pairs, stack = {}, []
+  for i, ch in enumerate(text):
+    if ch == "{":
+      stack.append(i)
+    elif ch == "}" and stack:
+      pairs[stack.pop()] = i
+  return pairs
+
+
 def last_boxed(text: str) -> str | None:
   """Content of the last `\\boxed{...}` (nested braces kept), or of `\\boxed 5`."""
-  found = None
+  found, pairs = None, None
   for m in _BOXED.finditer(text):
     start = m.end()
     if start < len(text) and text[start] == "{":
-      end = _matching_brace(text, start)
-      if end is not None:
-        found = text[start + 1:end]
+      pairs = _closing_braces(text) if pairs is None else pairs
+      if start in pairs:
+        found = text[start + 1:pairs[start]]
     else:
       word = re.match(r"[^\s$.,]+", text[start:])
       if word:
@@ -78,8 +108,90 @@ def answer_region(response: str) -> str:
   return response
 
 
+def _math_runs(text: str) -> list[tuple[int, int, bool]]:
+  """Spans of math in prose: (start, end, holds_a_value) of each maximal run of numbers,
+  LaTeX commands, operators and single-letter variables; `or`/`and` between two math tokens
+  stay inside a run ("x = 2 or x = -3"), any other word ends it."""
+  runs, start, end, has_value = [], None, 0, False
+  for m in _TOKEN.finditer(text):
+    kind, token = m.lastgroup, m.group()
+    if kind == "space" or (kind == "word" and start is not None and token in ("or", "and")):
+      continue  # a connector joins the run only if math follows it (`end` is not moved)
+    if kind in ("num", "cmd", "sym") or (
+        kind == "word" and (len(token) == 1 or token.lower() in _MATH_WORDS)):
+      if start is None:
+        start, has_value = m.start(), False
+      end = m.end()
+      has_value = has_value or kind in ("num", "cmd") or token in "π√∞"
+    elif start is not None:
+      runs.append((start, end, has_value))
+      start = None
+  if start is not None:
+    runs.append((start, end, has_value))
+  return runs
+
+
+def _final_side(item: str) -> str:
+  """`3 + 6 = 9` -> `9`; `x = 2 + 3 = 5` -> `x = 5`; `x = 5` stays (the variable is kept)."""
+  parts = item.split("=")
+  if len(parts) < 2 or any(p.endswith(("<", ">", "!")) for p in parts[:-1]):
+    return item
+  left = parts[0].strip()
+  if re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?(?:\([a-z]\))?", left):
+    return f"{left} = {parts[-1].strip()}"
+  return parts[-1].strip() if not re.search(r"[A-Za-z]", left) else item
+
+
+def _stated_value(text: str) -> str | None | bool:
+  """The value a phrase or sentence states: its last `$..$` math holding a value (with the
+  ones joined to it by `,`/`and`/`or`), else its last math run. False when the value is
+  negated ("the answer is not 5"); None when it states none."""
+  segments = [m for m in _MATH_SEGMENT.finditer(text)
+              if re.search(r"[\d\\π√∞]", next(g for g in m.groups() if g is not None))]
+  if segments:
+    first = len(segments) - 1
+    while first > 0 and re.fullmatch(r"\s*,?\s*(?:or|and)?\s*",
+                                     text[segments[first - 1].end():segments[first].start()]) \
+        and text[segments[first - 1].end():segments[first].start()].strip():
+      first -= 1
+    before = text[segments[first - 1].end() if first else 0:segments[first].start()]
+    if _NEGATION.search(before):
+      return False
+    items = [next(g for g in m.groups() if g is not None) for m in segments[first:]]
+    return ", ".join(_final_side(i.strip()) for i in items)
+  runs = _math_runs(text)
+  valued = [i for i, run in enumerate(runs) if run[2]]
+  if not valued:
+    return None
+  i = valued[-1]
+  start, end, _ = runs[i]
+  if _NEGATION.search(text[runs[i - 1][1] if i else 0:start]):
+    return False
+  items = _CONNECTOR.split(text[start:end].strip().strip(",;:").strip())
+  return ", ".join(_final_side(item) for item in items)
+
+
+def _sentence_answer(text: str) -> str | None:
+  """The value stated by the last sentence that states one (None if negated or none)."""
+  for sentence in reversed(_SENTENCE_END.split(text.strip())):
+    value = _stated_value(sentence)
+    if value is False:
+      return None
+    if value:
+      return value
+  return None
+
+
+def _has_prose(text: str) -> bool:
+  """Words (2+ letters, not LaTeX commands, not inside \\text{}) outside math names."""
+  bare = re.sub(r"\\[A-Za-z]+(?:\s*\{[^{}]*\})?", " ", text)
+  return any(w.lower() not in _MATH_WORDS for w in re.findall(r"[A-Za-z]{2,}", bare))
+
+
 def extract_math_answer(response: str) -> str | None:
-  """Final answer string of a response: last \\boxed{}, else "answer is X", else last number.
+  """Final answer string of a response: the last \\boxed{}, else the "answer is X" phrase,
+  else a short bare answer, else the value the last sentence states ("So x = -3."), else
+  the last number. A negated statement ("The answer is not 5.") gives None.
 
   Only the `<answer>` block is searched when the response has one.
   """
@@ -91,12 +203,16 @@ def extract_math_answer(response: str) -> str | None:
     return boxed.strip()
   matches = list(_ANSWER_IS.finditer(text))
   if matches:
-    return matches[-1].group(1).strip().strip("$").strip()
+    phrase = _CAUSE.split(matches[-1].group(1).replace("**", ""))[0].strip()
+    value = _stated_value(phrase)
+    if value is False:
+      return None
+    return value or phrase.strip("$").strip() or None
   stripped = text.strip()
-  if stripped and len(stripped) <= 40 and "\n" not in stripped:
-    return stripped  # a bare short answer such as "x = 5" or "\frac{1}{2}"
-  numbers = _NUMBER.findall(text)
-  return numbers[-1] if numbers else None
+  if stripped and len(stripped) <= 40 and "\n" not in stripped and (
+      not _has_prose(stripped) or not re.search(r"[\d$]", stripped)):
+    return stripped  # a bare short answer such as "x = 5", "\frac{1}{2}" or "Evelyn"
+  return _sentence_answer(text)
 
 
 # ---------------------------------------------------------------------------
@@ -105,15 +221,170 @@ def extract_math_answer(response: str) -> str | None:
 
 _DELETE = (r"\displaystyle", r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", "\\$",
            r"\(", r"\)", r"\[", r"\]", "$", r"\limits", r"\mathrm", r"\mathbf", r"\bigl",
-           r"\bigr", r"\Bigl", r"\Bigr", r"\big", r"\Big")
+           r"\bigr", r"\Bigl", r"\Bigr", r"\big", r"\Big", r"\quad", r"\qquad")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{")
 _PERCENT = re.compile(r"(\\%|%|\s*percent\b|\s*pct\b)")
-_DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
+_DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree|\\circ")
 _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])")
+_OVER = re.compile(r"\{([^{}]*)\\over([^{}]*)\}")
+_COLUMN_VECTOR = re.compile(r"\\begin\{[pb]matrix\}(.*?)\\end\{[pb]matrix\}", re.S)
+_EMPTY_SET = re.compile(r"^(?:\\emptyset|\\varnothing|∅|\\\{\s*\\\})$")
+_REALS = re.compile(r"^(?:\\mathbb\s*\{?R\}?|ℝ)$")
+_TEXT_CONNECTOR = re.compile(r"\\text\s*\{\s*(or|and)\s*\}")
+# A unit written without \text after a value: "10 cm", "3 hours", "60 km/h", "20 cm^2".
+_PLAIN_UNIT = re.compile(
+    r"^(?P<value>.*?[\d}).])\s*(?P<unit>(?:(?:square|sq|cubic)\s+)?[A-Za-z]+(?:/[A-Za-z]+)?)"
+    r"(?P<power>\^\s*\{?[23]\}?|²|³)?$")
+
+# Units that convert into each other: name -> (dimension, factor to the dimension's base).
+_UNIT_FACTORS = {
+    "mm": ("length", Fraction(1, 1000)), "cm": ("length", Fraction(1, 100)),
+    "m": ("length", Fraction(1)), "km": ("length", Fraction(1000)),
+    "in": ("length", Fraction(127, 5000)), "ft": ("length", Fraction(381, 1250)),
+    "yd": ("length", Fraction(1143, 1250)), "mi": ("length", Fraction(201168, 125)),
+    "mg": ("mass", Fraction(1, 1000)), "g": ("mass", Fraction(1)), "kg": ("mass", Fraction(1000)),
+    "s": ("time", Fraction(1)), "min": ("time", Fraction(60)), "h": ("time", Fraction(3600)),
+    "day": ("time", Fraction(86400)), "week": ("time", Fraction(604800)),
+    "ml": ("volume", Fraction(1, 1000)), "l": ("volume", Fraction(1)),
+}
+_UNIT_ALIASES = {
+    "millimeter": "mm", "millimetre": "mm", "centimeter": "cm", "centimetre": "cm",
+    "meter": "m", "metre": "m", "kilometer": "km", "kilometre": "km", "inch": "in",
+    "inche": "in", "foot": "ft", "feet": "ft", "yard": "yd", "mile": "mi", "milligram": "mg",
+    "gram": "g", "kilogram": "kg", "kgs": "kg", "second": "s", "sec": "s", "minute": "min",
+    "mins": "min", "hour": "h", "hr": "h", "hrs": "h", "day": "day", "week": "week",
+    "milliliter": "ml", "millilitre": "ml", "liter": "l", "litre": "l", "degree": "deg",
+    "dollar": "$", "usd": "$", "cent": "cent", "sq": "square", "unit": "unit",
+}
+# Known unit names that may follow a value without \text (longer free words also count as
+# units: "5 apples"); single letters are variables unless inside \text{}.
+_PLAIN_UNIT_NAMES = set(_UNIT_FACTORS) - {"m", "g", "s", "h", "l"} | {"mph", "kph", "deg"}
+
+
+class _Unit(NamedTuple):
+  name: str  # canonical: "cm", "deg", "apple", "km/h"
+  power: int  # 2 for cm^2 / square units
+
+
+def _canonical_unit(text: str, power: int = 1) -> _Unit | None:
+  words = text.lower().replace(".", "").split()
+  if words and words[0] in ("square", "sq", "cubic"):
+    power, words = (3 if words[0] == "cubic" else 2), words[1:]
+  if not words:
+    return None
+  name = " ".join(words)
+  for candidate in (name, name[:-1] if name.endswith("s") and len(name) > 2 else name):
+    if candidate in _UNIT_ALIASES or candidate in _UNIT_FACTORS:
+      return _Unit(_UNIT_ALIASES.get(candidate, candidate), power)
+  return _Unit(name[:-1] if name.endswith("s") and len(name) > 3 else name, power)
+
+
+def _unit_power(text: str | None) -> int:
+  """"^2", "^{3}", "²" -> 2, 3, 2; None -> 1."""
+  m = re.search(r"[23²³]", text or "")
+  return 1 if not m else 2 if m.group() in "2²" else 3
+
+
+def _split_plain_unit(s: str) -> tuple[str, _Unit | None]:
+  """"10 cm" -> ("10", cm); "2x" and "5 m" stay (a single letter may be a variable)."""
+  m = _PLAIN_UNIT.match(s)
+  if not m:
+    return s, None
+  unit = m.group("unit")
+  base = unit.split()[-1].split("/")[0].lower()
+  known = base in _PLAIN_UNIT_NAMES or base.rstrip("s") in _UNIT_ALIASES or "/" in unit
+  if not known and (len(base) < 3 or base in _MATH_WORDS or base in _FUNCS):
+    return s, None
+  if re.search(r"[A-Za-z]\s*$", m.group("value")) or m.group("value").endswith("\\"):
+    return s, None
+  return m.group("value").strip(), _canonical_unit(unit, _unit_power(m.group("power")))
+
+
+def _interval_from_inequality(s: str) -> str:
+  """`x \\le 3` -> `(-\\infty, 3]`; `-1 \\le x < 4` -> `[-1, 4)`; other text unchanged."""
+  t = re.sub(r"\\leq?(?![a-z])|≤|<=", " LE ", s)
+  t = re.sub(r"\\geq?(?![a-z])|≥|>=", " GE ", t)
+  t = t.replace("<", " LT ").replace(">", " GT ")
+  ops = re.findall(r"\b(LE|GE|LT|GT)\b", t)
+  parts = [p.strip() for p in re.split(r"\b(?:LE|GE|LT|GT)\b", t)]
+  var = r"[A-Za-z]"
+  if len(ops) == 1 and re.fullmatch(var, parts[0]) and parts[1]:
+    bound, op = parts[1], ops[0]
+  elif len(ops) == 1 and re.fullmatch(var, parts[1]) and parts[0]:
+    bound, op = parts[0], {"LE": "GE", "GE": "LE", "LT": "GT", "GT": "LT"}[ops[0]]
+  elif len(ops) == 2 and re.fullmatch(var, parts[1]) and parts[0] and parts[2] and \
+      ops[0] in ("LE", "LT") and ops[1] in ("LE", "LT"):
+    return (f"{'[' if ops[0] == 'LE' else '('}{parts[0]}, "
+            f"{parts[2]}{']' if ops[1] == 'LE' else ')'}")
+  else:
+    return s
+  if re.search(r"\b(?:LE|GE|LT|GT)\b", bound):
+    return s
+  return {"LE": f"(-\\infty, {bound}]", "LT": f"(-\\infty, {bound})",
+          "GE": f"[{bound}, \\infty)", "GT": f"({bound}, \\infty)"}[op]
+
+
+def _column_vector(m: re.Match) -> str:
+  body = m.group(1)
+  if "&" in body:
+    return m.group(0)  # a matrix with columns: left as it is (compared as text)
+  return "(" + ", ".join(r.strip() for r in body.split("\\\\") if r.strip()) + ")"
+
+
+class _Normalized(NamedTuple):
+  text: str
+  percent: bool
+  unit: _Unit | None
+
+
+def _normalize(answer: str) -> _Normalized:
+  s = answer.strip()
+  s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+  s = _OVER.sub(r"\\frac{\1}{\2}", s)
+  s = _COLUMN_VECTOR.sub(_column_vector, s)
+  s = s.replace("{,}", ",").replace("\\{", "\x01").replace("\\}", "\x02")
+  s = _TEXT_CONNECTOR.sub(r" \1 ", s)
+  s, texts = _unwrap_text_commands(s)
+  unit = None
+  outside = s.replace("\x00", "").strip()
+  if outside and re.search(r"[\w\\]", outside):
+    power = re.search(r"\x00\s*\^\s*\{?([23])\}?\s*$", s)
+    s = re.sub(r"\x00\s*\^\s*\{?[23]\}?\s*$", "", s) if power else s  # "cm}^2": a unit power
+    s = s.replace("\x00", "")  # value + \text{units}: drop the units
+    unit_text = " ".join(t.strip() for t in texts if t.strip())
+    if unit_text and not re.search(r"[\d=]", unit_text):
+      unit = _canonical_unit(unit_text, int(power.group(1)) if power else 1)
+  else:
+    s = " ".join(t.strip() for t in texts) if texts else outside
+  for token in _DELETE:
+    s = s.replace(token, "")
+  s = s.replace("\\langle", "(").replace("\\rangle", ")")
+  if _DEGREE.search(s):
+    s = _DEGREE.sub("", s)
+    unit = unit or _Unit("deg", 1)
+  had_percent = bool(_PERCENT.search(s))
+  s = _PERCENT.sub("", s)
+  s = s.replace("\x01", "\\{").replace("\x02", "\\}")
+  s = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)
+  s = " ".join(s.split()).strip().rstrip(".").strip()
+  if unit is None:
+    s, unit = _split_plain_unit(s)
+  s = _CONNECTOR.sub(", ", s)
+  if _EMPTY_SET.match(s):
+    s = "\\emptyset"
+  if _REALS.match(s):
+    s = "(-\\infty, \\infty)"
+  return _Normalized(_interval_from_inequality(s), had_percent, unit)
+
+
+def normalize_answer(answer: str) -> tuple[str, bool]:
+  """(normalised string, had_percent). Units after a value are dropped."""
+  n = _normalize(answer)
+  return n.text, n.percent
 
 
 def _unwrap_text_commands(s: str) -> tuple[str, list[str]]:
-  """Replace \\text{..} etc. by a placeholder-free form; returns (rest, list of texts)."""
+  """Replace \\text{..} etc. by a placeholder `\\x00`; returns (rest, list of texts)."""
   texts = []
   while True:
     m = _TEXT_CMD.search(s)
@@ -124,29 +395,6 @@ def _unwrap_text_commands(s: str) -> tuple[str, list[str]]:
       return s[:m.start()] + s[m.end():], texts
     texts.append(s[m.end():end])
     s = s[:m.start()] + "\x00" + s[end + 1:]
-
-
-def normalize_answer(answer: str) -> tuple[str, bool]:
-  """(normalised string, had_percent). Units in \\text{} after a value are dropped."""
-  s = answer.strip()
-  s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
-  s = s.replace("{,}", ",").replace("\\{", "\x01").replace("\\}", "\x02")
-  s, texts = _unwrap_text_commands(s)
-  outside = s.replace("\x00", "").strip()
-  if outside and re.search(r"[\w\\]", outside):
-    s = s.replace("\x00", "")  # value + \text{units}: drop the units
-    s = re.sub(r"\^\s*\{?\d\}?\s*$", "", s) if texts else s  # "cm}^2" leaves a bare ^2
-  else:
-    s = " ".join(t.strip() for t in texts) if texts else outside
-  for token in _DELETE:
-    s = s.replace(token, "")
-  s = _DEGREE.sub("", s)
-  had_percent = bool(_PERCENT.search(s))
-  s = _PERCENT.sub("", s)
-  s = s.replace("\x01", "\\{").replace("\x02", "\\}")
-  s = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)
-  s = " ".join(s.split()).strip().rstrip(".").strip()
-  return s, had_percent
 
 
 # ---------------------------------------------------------------------------
@@ -162,6 +410,23 @@ _LATEX_WORDS = {r"\pi": " pi ", r"\infty": " oo ", r"\cdot": "*", r"\times": "*"
                 r"\arccos": " acos ", r"\arctan": " atan ", "−": "-", "π": " pi ",
                 "∞": " oo ", "×": "*", "·": "*", "√": r"\sqrt"}
 _SAFE_CHARS = re.compile(r"^[0-9a-zA-Z+\-*/^().,!\s]*$")
+# A mixed number: 2\frac{1}{3} (or 2\frac13) is 2 + 1/3, not 2 * 1/3; so is "4 1/2".
+_MIXED_LATEX = re.compile(
+    r"(?<![\w.^}\\)])(\d+)\s*\\frac\s*(?:\{\s*(\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
+_MIXED_PLAIN = re.compile(r"^(-?)(\d+)\s+(\d+)\s*/\s*(\d+)$")
+
+
+def _mixed_numbers(s: str) -> str:
+  def latex(m: re.Match) -> str:
+    whole, num, den = m.group(1), m.group(2) or m.group(3), m.group(4) or m.group(5)
+    if int(num) >= int(den):
+      return m.group(0)  # 2\frac{5}{3} is not written as a mixed number: a product
+    return f"({whole}+\\frac{{{num}}}{{{den}}})"
+  s = _MIXED_LATEX.sub(latex, s)
+  m = _MIXED_PLAIN.match(s.strip())
+  if m and int(m.group(3)) < int(m.group(4)):
+    s = f"{m.group(1)}({m.group(2)}+{m.group(3)}/{m.group(4)})"
+  return s
 
 
 def _braced_arg(s: str, i: int) -> tuple[str, int]:
@@ -202,8 +467,13 @@ def _convert_commands(s: str) -> str:
   return "".join(out)
 
 
-def to_sympy_source(s: str) -> str | None:
-  """Whitelisted SymPy source for a normalised scalar expression, or None if not parseable."""
+def to_sympy_source(s: str, *, split_letters: bool = False) -> str | None:
+  """Whitelisted SymPy source for a normalised scalar expression, or None if not parseable.
+
+  split_letters: read an unknown word as a product of single-letter symbols (`ab` = a*b);
+  the caller allows it only for answers that are visibly algebra, so that words stay words.
+  """
+  s = _mixed_numbers(s)
   for word, repl in sorted(_LATEX_WORDS.items(), key=lambda kv: -len(kv[0])):
     s = s.replace(word, repl)
   try:
@@ -213,10 +483,16 @@ def to_sympy_source(s: str) -> str | None:
   s = s.replace("{", "(").replace("}", ")").replace("^", "**")
   if "\\" in s or not _SAFE_CHARS.match(s) or len(s) > 400 or "," in s:
     return None
-  for name in re.findall(r"[A-Za-z]+", s):
-    if len(name) > 1 and name not in _FUNCS:
-      return None  # unknown words: not an expression (compare as text instead)
-  return s
+  if re.search(r"\d\s+\.?\d", s):
+    return None  # "2 3": two numbers side by side are not a product anyone writes
+  out = []
+  for piece in re.split(r"([A-Za-z]+)", s):
+    if len(piece) > 1 and piece.isalpha() and piece not in _FUNCS:
+      if not split_letters:
+        return None  # unknown words: not an expression (compare as text instead)
+      piece = "*".join(piece)
+    out.append(piece)
+  return "".join(out)
 
 
 # ---------------------------------------------------------------------------
@@ -262,22 +538,53 @@ def _strip_variable_prefix(s: str) -> str:
   return m.group(1) if m else s
 
 
+def _expand_plus_minus(items: list[str]) -> list[str]:
+  """`\\pm 3` -> `3`, `-3`; `1 \\pm \\sqrt{2}` -> `1+(\\sqrt{2})`, `1-(\\sqrt{2})`."""
+  out = []
+  for item in items:
+    item = _strip_variable_prefix(item)
+    parts = re.split(r"\\pm|\\mp|±", item)
+    if len(parts) != 2:
+      out.append(item)
+      continue
+    left, right = parts[0].strip(), parts[1].strip()
+    out += [f"{left}+({right})", f"{left}-({right})"] if left else [right, f"-({right})"]
+  return out
+
+
+def _assignments_as_tuple(s: str) -> str:
+  """"x = 3, y = -1" -> "(3, -1)" (values ordered by variable name); other text unchanged."""
+  items = _split_top_level(s)
+  if len(items) < 2:
+    return s
+  pairs = [re.fullmatch(r"([A-Za-z])\s*=\s*([^=]+)", item) for item in items]
+  if not all(pairs) or len({p.group(1) for p in pairs}) != len(pairs):
+    return s
+  return "(" + ", ".join(p.group(2).strip() for p in sorted(pairs, key=lambda p: p.group(1))) + ")"
+
+
 def structured_equal(gold: str, pred: str, scalar_equal) -> bool | None:
   """Compare by structure; None when neither side has structure (caller compares scalars)."""
   g_union, p_union = gold.split("\\cup"), pred.split("\\cup")
-  if len(g_union) > 1 or len(p_union) > 1:
-    return len(g_union) == len(p_union) and all(
-        structured_equal(a.strip(), b.strip(), scalar_equal) is True
-        for a, b in zip(g_union, p_union))
+  if len(g_union) > 1 or len(p_union) > 1:  # unions: pieces in any order
+    return len(g_union) == len(p_union) and _unordered_equal(
+        g_union, p_union, lambda a, b: structured_equal(a.strip(), b.strip(), scalar_equal)
+        is True)
   g_pair, p_pair = _enclosing_pair(gold), _enclosing_pair(pred)
+  g_set, p_set = bool(g_pair and g_pair[0] == "{"), bool(p_pair and p_pair[0] == "{")
+  if g_set or p_set:  # sets: order and repeats ignored; a bare answer list reads as a set
+    other = p_pair if g_set else g_pair
+    if other is not None and other[0] != "{":
+      return False  # a set against a tuple or interval
+    g_items = _expand_plus_minus(_split_top_level(g_pair[2] if g_set else gold))
+    p_items = _expand_plus_minus(_split_top_level(p_pair[2] if p_set else pred))
+    return _same_elements(g_items, p_items, scalar_equal)
   if g_pair and p_pair:
     g_items, p_items = _split_top_level(g_pair[2]), _split_top_level(p_pair[2])
-    if len(g_items) == 1 and len(p_items) == 1 and g_pair[0] != "{" and p_pair[0] != "{":
+    if len(g_items) == 1 and len(p_items) == 1:
       return None  # just parentheses around a scalar
     if len(g_items) != len(p_items):
       return False
-    if g_pair[0] == "{" or p_pair[0] == "{":  # sets: unordered
-      return g_pair[0] == p_pair[0] and _unordered_equal(g_items, p_items, scalar_equal)
     if (g_pair[0], g_pair[1]) != (p_pair[0], p_pair[1]):
       return False  # open vs closed interval ends, tuple vs interval
     return all(scalar_equal(a, b) for a, b in zip(g_items, p_items))
@@ -288,13 +595,15 @@ def structured_equal(gold: str, pred: str, scalar_equal) -> bool | None:
         p_pair and p_pair[0] != "("):
       return False  # one side bracketed/structured, the other not
     return None
-  g_items, p_items = _split_top_level(gold), _split_top_level(pred)
+  g_items = _expand_plus_minus(_split_top_level(gold))
+  p_items = _expand_plus_minus(_split_top_level(pred))
   if len(g_items) > 1 or len(p_items) > 1:  # answer lists such as "-2, 1": order-free
     return len(g_items) == len(p_items) and _unordered_equal(g_items, p_items, scalar_equal)
   return None
 
 
 def _unordered_equal(golds: list[str], preds: list[str], scalar_equal) -> bool:
+  """Multiset equality: each prediction matches one gold item."""
   remaining = list(preds)
   for g in golds:
     for j, p in enumerate(remaining):
@@ -304,6 +613,14 @@ def _unordered_equal(golds: list[str], preds: list[str], scalar_equal) -> bool:
     else:
       return False
   return not remaining
+
+
+def _same_elements(golds: list[str], preds: list[str], scalar_equal) -> bool:
+  """Set equality: every element of each side equals some element of the other."""
+  if not any(golds) or not any(preds):
+    return not any(golds) and not any(preds)
+  return all(any(scalar_equal(g, p) for p in preds) for g in golds) and all(
+      any(scalar_equal(g, p) for g in golds) for p in preds)
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +645,8 @@ def _sympy_parse(source: str):
 
 
 def _numbers_close(a, b) -> bool:
-  """Exact for rationals; relative 1e-6 when a side is a decimal; ~exact for surds, pi, ..."""
+  """Exact for rationals; relative 1e-6 when a side is a decimal; ~exact for surds, pi, ...
+  Infinite or undefined values are equal only when identical (caught by `==` before)."""
   import sympy  # pylint: disable=g-import-not-at-top
   if a.is_Rational and b.is_Rational:
     return a == b
@@ -337,17 +655,31 @@ def _numbers_close(a, b) -> bool:
     x, y = complex(a.evalf(30)), complex(b.evalf(30))
   except (TypeError, ValueError, AttributeError):
     return False
-  return abs(x - y) <= tol * max(1.0, abs(x), abs(y))
+  if not all(cmath.isfinite(v) for v in (x, y)):
+    return False
+  return abs(x - y) <= tol * max(abs(x), abs(y))
 
 
-def sympy_equal(gold_src: str, pred_src: str, percent: bool = False) -> bool:
-  """SymPy equivalence of two whitelisted sources (see `to_sympy_source`)."""
+def sympy_equal(gold_src: str, pred_src: str, mode: str = "") -> bool:
+  """SymPy equivalence of two whitelisted sources (see `to_sympy_source`).
+
+  mode: "" (equal values), "pct_gold" (the gold was a percentage: the prediction may be the
+  number or the fraction, p or 100 p), "pct_pred" (the prediction was: p or p / 100),
+  "ratio" (equation sides: equal up to a nonzero constant factor, 2y-4x-6 ~ y-2x-3).
+  """
   import sympy  # pylint: disable=g-import-not-at-top
   try:
     g, p = _sympy_parse(gold_src), _sympy_parse(pred_src)
   except Exception:  # pylint: disable=broad-except  (SymPy raises many kinds)
     return False
-  candidates = [p] + ([p / 100, p * 100] if percent else [])
+  if mode == "ratio":
+    try:
+      r = sympy.simplify(g / p)
+      return bool(r.is_number and r.is_finite and r != 0)
+    except Exception:  # pylint: disable=broad-except
+      return False
+  candidates = [p] + ([p * 100] if mode == "pct_gold" else [p / 100] if mode == "pct_pred"
+                      else [])
   for c in candidates:
     try:
       if g == c:
@@ -369,39 +701,65 @@ def _equation_sides(s: str) -> tuple[str, str] | None:
       else None
 
 
+def _unit_scales(g: _Unit | None, p: _Unit | None) -> tuple[Fraction, Fraction] | None:
+  """Factors that bring both values to one unit; None when the units measure different
+  things (7 cm vs 7 m is caught by the factors, 7 cm vs 7 kg here)."""
+  if g is None or p is None or g == p:
+    return Fraction(1), Fraction(1)
+  g_dim, p_dim = _UNIT_FACTORS.get(g.name), _UNIT_FACTORS.get(p.name)
+  if g_dim and p_dim and g_dim[0] == p_dim[0] and g.power == p.power:
+    return g_dim[1] ** g.power, p_dim[1] ** p.power
+  return None
+
+
+_ALGEBRA = re.compile(r"[\d+\-*/^()=\\]")
+
+
 def equivalent(gold: str, pred: str, *, sympy_fn=sympy_equal) -> bool:
-  """Normalise both answers and decide equivalence (SymPy via `sympy_fn(g_src, p_src, pct)`)."""
-  g, g_pct = normalize_answer(gold)
-  p, p_pct = normalize_answer(pred)
+  """Normalise both answers and decide equivalence (SymPy via `sympy_fn(g_src, p_src, mode)`)."""
+  if len(gold) > _MAX_ANSWER_CHARS or len(pred) > _MAX_ANSWER_CHARS:
+    return False
+  gn, pn = _normalize(gold), _normalize(pred)
+  g, p = gn.text, pn.text
   if not g or not p:
     return False
-  if g == p:
+  scales = _unit_scales(gn.unit, pn.unit)
+  if scales is None:
+    return False
+  if g == p and scales[0] == scales[1]:
     return True
+  split_letters = bool(_ALGEBRA.search(g) or _ALGEBRA.search(p))
+
+  def source(x: str) -> str | None:
+    return to_sympy_source(x, split_letters=split_letters)
+
   g_eq, p_eq = _equation_sides(g), _equation_sides(p)
-  if g_eq and p_eq:  # two equations: same up to moving terms / sign
-    g_src = [to_sympy_source(x) for x in g_eq]
-    p_src = [to_sympy_source(x) for x in p_eq]
+  if g_eq and p_eq:  # two equations: the same relation, up to moving terms and scaling
+    g_src, p_src = [source(x) for x in g_eq], [source(x) for x in p_eq]
     if None in g_src or None in p_src:
       return False
-    g_diff, p_diff = f"({g_src[0]})-({g_src[1]})", f"({p_src[0]})-({p_src[1]})"
-    return sympy_fn(g_diff, p_diff) or sympy_fn(g_diff, f"-({p_diff})")
+    return sympy_fn(f"({g_src[0]})-({g_src[1]})", f"({p_src[0]})-({p_src[1]})", "ratio")
+  g, p = _assignments_as_tuple(g), _assignments_as_tuple(p)
   g, p = _strip_variable_prefix(g), _strip_variable_prefix(p)
-  if g == p:
+  if g == p and scales[0] == scales[1]:
     return True
+  mode = "" if gn.percent == pn.percent else "pct_gold" if gn.percent else "pct_pred"
 
-  def scalar(a: str, b: str) -> bool:
+  def scalar(a: str, b: str, scale: tuple[Fraction, Fraction] = (Fraction(1), Fraction(1))):
     a, b = _strip_variable_prefix(a.strip()), _strip_variable_prefix(b.strip())
-    if a == b:
+    if a == b and scale[0] == scale[1]:
       return True
-    if a.lower() == b.lower() and not to_sympy_source(a):
+    if a.lower() == b.lower() and not source(a):
       return True  # words such as "Evelyn" / "evelyn"
-    a_src, b_src = to_sympy_source(a), to_sympy_source(b)
+    a_src, b_src = source(a), source(b)
     if a_src is None or b_src is None:
       return _letter(a) is not None and _letter(a) == _letter(b)
-    return sympy_fn(a_src, b_src, g_pct or p_pct)
+    if scale[0] != scale[1]:
+      a_src, b_src = f"({a_src})*({scale[0]})", f"({b_src})*({scale[1]})"
+    return sympy_fn(a_src, b_src, mode)
 
   structured = structured_equal(g, p, scalar)
-  return scalar(g, p) if structured is None else structured
+  return scalar(g, p, scales) if structured is None else structured
 
 
 def _letter(s: str) -> str | None:
