@@ -7,8 +7,9 @@ kinds of cases HF Math-Verify checks (spec §6.1): \\boxed{} (last wins), \\frac
 intervals and tuples, comma-separated answer lists. The code is our own.
 
 Equivalence order (cheap first): normalised string equality, then structure (interval / tuple /
-set / list / equation), then SymPy: exact difference simplifies to 0 or numbers agree to a
-relative 1e-6.
+set / list / equation), then SymPy: decimals are read as exact rationals; the difference
+simplifies to 0, or exact numbers agree numerically, or a decimal is the exact value correctly
+rounded to at least 7 significant digits.
 
 SymPy can hang or blow up (`10^{10^{10}}`), so `math_equal` runs the SymPy step in a worker
 process with a time limit (`MathChecker`); the worker is killed and replaced on timeout.
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 
 from kat_jax.data.chat_template import parse_autothink_response
 
-_REL_TOL = 1e-6
+_MIN_DECIMAL_DIGITS = 7  # a decimal stands for an exact value only when this precise
 _MAX_ANSWER_CHARS = 1000  # longer answers are not compared (bounded work per answer)
 
 
@@ -256,6 +257,9 @@ _UNIT_ALIASES = {
     "milliliter": "ml", "millilitre": "ml", "liter": "l", "litre": "l", "degree": "deg",
     "dollar": "$", "usd": "$", "cent": "cent", "sq": "square", "unit": "unit",
 }
+# Number words after a value scale it; they are not units.
+_MULTIPLIERS = {"dozen": 12, "hundred": 100, "thousand": 1000, "million": 10**6,
+                "billion": 10**9, "trillion": 10**12}
 # Known unit names that may follow a value without \text (longer free words also count as
 # units: "5 apples"); single letters are variables unless inside \text{}.
 _PLAIN_UNIT_NAMES = set(_UNIT_FACTORS) - {"m", "g", "s", "h", "l"} | {"mph", "kph", "deg"}
@@ -369,6 +373,8 @@ def _normalize(answer: str) -> _Normalized:
   s = " ".join(s.split()).strip().rstrip(".").strip()
   if unit is None:
     s, unit = _split_plain_unit(s)
+  if unit is not None and unit.name in _MULTIPLIERS:  # "5 thousand" is 5000, not 5
+    s, unit = f"({s})*{_MULTIPLIERS[unit.name]}", None
   s = _CONNECTOR.sub(", ", s)
   if _EMPTY_SET.match(s):
     s = "\\emptyset"
@@ -639,25 +645,50 @@ def _sympy_parse(source: str):
   local = {c: sympy.Symbol(c) for c in "abcdfghjklmnopqrstuvwxyzABCDFGHJKLMNOPQRTUVWXYZ"}
   local.update(e=sympy.E, E=sympy.E, i=sympy.I, I=sympy.I, S=sympy.Symbol("S"))
   transforms = sp.standard_transformations + (sp.implicit_multiplication_application,
-                                              sp.convert_xor)
+                                              sp.convert_xor, sp.rationalize)
   return sp.parse_expr(source, local_dict=local, global_dict=names,
                        transformations=transforms, evaluate=True)
 
 
-def _numbers_close(a, b) -> bool:
-  """Exact for rationals; relative 1e-6 when a side is a decimal; ~exact for surds, pi, ...
-  Infinite or undefined values are equal only when identical (caught by `==` before)."""
+_DECIMAL = re.compile(r"(?<![\w.])(?:\d*\.\d+|\d+\.?)(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def _significant_digits(source: str) -> int | None:
+  """Fewest significant digits among the decimal literals of a source (None: no decimals)."""
+  digits = []
+  for literal in _DECIMAL.findall(source):
+    mantissa = re.split(r"[eE]", literal)[0]
+    if "." in mantissa or re.search(r"[eE]", literal):
+      digits.append(max(1, len(mantissa.replace(".", "").lstrip("0"))))
+  return min(digits) if digits else None
+
+
+def _numbers_close(a, b, a_digits: int | None = None, b_digits: int | None = None) -> bool:
+  """Numeric equality of two constant expressions (decimals already read as exact rationals).
+
+  Exact forms (surds, pi, ...) agree to a relative 1e-12. When one side is written with
+  decimals and the other is exact, the decimal must be the exact value correctly rounded to
+  its digits, with at least `_MIN_DECIMAL_DIGITS` significant ones (3.1415927 is pi, 3.14 is
+  not). Two decimal answers must be equal. Infinite or undefined values match only when
+  identical (the caller's `==`).
+  """
   import sympy  # pylint: disable=g-import-not-at-top
-  if a.is_Rational and b.is_Rational:
-    return a == b
-  tol = _REL_TOL if (a.atoms(sympy.Float) or b.atoms(sympy.Float)) else 1e-12
+  if (a_digits is not None and b_digits is not None) or (
+      a_digits is None and b_digits is None and a.is_Rational and b.is_Rational):
+    return False  # both exact rationals, or both decimals: already compared with ==
   try:
     x, y = complex(a.evalf(30)), complex(b.evalf(30))
   except (TypeError, ValueError, AttributeError):
     return False
   if not all(cmath.isfinite(v) for v in (x, y)):
     return False
-  return abs(x - y) <= tol * max(abs(x), abs(y))
+  digits, decimal = (a_digits, x) if a_digits is not None else (b_digits, y)
+  if digits is None:
+    return abs(x - y) <= 1e-12 * max(abs(x), abs(y))
+  if digits < _MIN_DECIMAL_DIGITS or decimal == 0:
+    return False
+  exponent = int(sympy.floor(sympy.log(abs(decimal), 10)))  # of the leading digit
+  return abs(x - y) <= 0.5 * 10.0 ** (exponent - digits + 1) * (1 + 1e-9)
 
 
 def sympy_equal(gold_src: str, pred_src: str, mode: str = "") -> bool:
@@ -678,6 +709,7 @@ def sympy_equal(gold_src: str, pred_src: str, mode: str = "") -> bool:
       return bool(r.is_number and r.is_finite and r != 0)
     except Exception:  # pylint: disable=broad-except
       return False
+  g_digits, p_digits = _significant_digits(gold_src), _significant_digits(pred_src)
   candidates = [p] + ([p * 100] if mode == "pct_gold" else [p / 100] if mode == "pct_pred"
                       else [])
   for c in candidates:
@@ -685,7 +717,7 @@ def sympy_equal(gold_src: str, pred_src: str, mode: str = "") -> bool:
       if g == c:
         return True
       if not g.free_symbols and not c.free_symbols:
-        if _numbers_close(g, c):
+        if _numbers_close(g, c, g_digits, p_digits):
           return True
         continue
       if sympy.simplify(g - c) == 0:
@@ -804,16 +836,24 @@ class MathChecker:
   checker per scoring thread for parallelism (`pool.py` does). A timed-out or crashed worker
   is killed and replaced; that comparison counts as not equivalent.
 
-  `timeout_s` bounds one comparison only: a new worker first reports "ready" (interpreter up,
-  SymPy imported) within its own `startup_timeout_s`, so a slow start under CPU load does
-  not turn correct answers into zeros. A worker that cannot start in time is killed; that
-  comparison counts as not equivalent and `startup_failures` goes up.
+  `timeout_s` bounds one SymPy comparison; `budget_s` (default 3 x timeout_s) bounds all the
+  comparisons of one answer (a list or set answer makes one per pair of elements), after
+  which the rest count as not equivalent (`budget_exhausted` goes up). Neither counts worker
+  start-up: a new worker first reports "ready" (interpreter up, SymPy imported) within its
+  own `startup_timeout_s`, so a slow start under CPU load does not turn correct answers into
+  zeros. A worker that cannot start in time is killed; that comparison counts as not
+  equivalent and `startup_failures` goes up.
   """
 
   def __init__(self, timeout_s: float = 5.0, memory_bytes: int = 2 << 30,
-               startup_timeout_s: float = 120.0):
+               startup_timeout_s: float = 120.0, budget_s: float | None = None):
     if timeout_s <= 0:
       raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if budget_s is not None and budget_s <= 0:
+      raise ValueError(f"budget_s must be > 0, got {budget_s}")
+    self.budget_s = 3 * timeout_s if budget_s is None else budget_s
+    self._deadline = threading.local()  # per calling thread: the end of its answer's budget
+    self.budget_exhausted = 0  # answers whose comparisons ran past budget_s
     if startup_timeout_s <= 0:
       raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s}")
     self.timeout_s = timeout_s
@@ -851,15 +891,26 @@ class MathChecker:
       self._conn.close()
     self._proc = self._conn = None
 
-  def _sympy_with_timeout(self, gold_src: str, pred_src: str, percent: bool = False) -> bool:
+  def _sympy_with_timeout(self, gold_src: str, pred_src: str, mode: str = "") -> bool:
+    deadline = getattr(self._deadline, "value", None)
     with self._lock:
+      if deadline is not None and time.monotonic() >= deadline:
+        self.budget_exhausted += 1
+        return False
       if self._proc is None or not self._proc.is_alive():
         self.close()
-        if not self._start():
+        started = time.monotonic()
+        ok = self._start()
+        if deadline is not None:  # start-up is not the answer's time
+          deadline += time.monotonic() - started
+          self._deadline.value = deadline
+        if not ok:
           return False
+      limit = self.timeout_s if deadline is None else min(self.timeout_s,
+                                                          deadline - time.monotonic())
       try:
-        self._conn.send((gold_src, pred_src, percent))
-        if self._conn.poll(self.timeout_s):  # the worker is ready: only the job is timed
+        self._conn.send((gold_src, pred_src, mode))
+        if self._conn.poll(max(limit, 0.0)):  # the worker is ready: only the job is timed
           kind, value = self._conn.recv()
           return kind == "ok" and bool(value)
       except (EOFError, OSError, BrokenPipeError):
@@ -871,10 +922,13 @@ class MathChecker:
 
   def equal(self, gold: str, pred: str) -> bool:
     """Is `pred` equivalent to `gold`? Never raises for string inputs."""
+    self._deadline.value = time.monotonic() + self.budget_s
     try:
       return equivalent(gold, pred, sympy_fn=self._sympy_with_timeout)
     except Exception:  # pylint: disable=broad-except
       return False
+    finally:
+      self._deadline.value = None
 
 
 _DEFAULT_CHECKER: MathChecker | None = None

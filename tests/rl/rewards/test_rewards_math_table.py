@@ -1,0 +1,158 @@
+"""The math reward on a hand-written table of true verdicts (`math_table.py`), math-verify 0.9
+on the same table, and the worker's limits on adversarial answers."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from math_table import MATH_TABLE, MATH_TABLE_LATER  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from kat_jax.rl.rewards import math as math_lib  # pylint: disable=wrong-import-position
+
+ROWS = MATH_TABLE + MATH_TABLE_LATER
+CATEGORIES = {"fraction", "mixed", "radical", "pi_e", "percent", "interval", "set", "tuple",
+              "units", "scientific", "equation", "sentence", "wrong"}
+
+# Rows where our reward differs from the true verdict: (gold, response) -> reason.
+OUR_MISSES: dict[tuple[str, str], str] = {}
+
+# Rows where math-verify 0.9 (gold parsed as `$gold$`, the response as written, default
+# extraction) differs from the true verdict: (gold, response) -> reason.
+MATH_VERIFY_MISSES = {
+    ("4\\frac{1}{2}", "\\boxed{4 1/2}"): "plain-text mixed number read as 4 * 1/2 = 2",
+    ("\\frac{9}{2}", "She needs 4 1/2 cups of flour."): "plain-text mixed number read as 2",
+    ("-1", "\\boxed{e^{i\\pi}}"): "e^{i pi} is not evaluated to -1",
+    ("33\\frac{1}{3}\\%", "\\boxed{\\frac{1}{3}}"): "mixed number inside a percentage",
+    ("(-\\infty, 3]", "\\boxed{x \\le 3}"): "inequality not compared with an interval",
+    ("(2, \\infty)", "\\boxed{x > 2}"): "inequality not compared with an interval",
+    ("[-1, 4)", "\\boxed{-1 \\le x < 4}"): "inequality not compared with an interval",
+    ("(0, \\infty)", "\\boxed{x > 0}"): "inequality not compared with an interval",
+    ("[-2, 2]", "\\boxed{-2 \\leq x \\leq 2}"): "inequality not compared with an interval",
+    ("\\emptyset", "\\boxed{\\varnothing}"): "\\varnothing not read as the empty set",
+    ("\\{1, 2\\}", "\\boxed{(1, 2)}"): "FALSE POSITIVE: a tuple accepted for a set",
+    ("(1, -1, 2)", "\\boxed{\\langle 1, -1, 2 \\rangle}"): "angle-bracket vector not read",
+    ("(1, -1, 2)", "\\boxed{\\begin{pmatrix} 1 \\\\ -1 \\\\ 2 \\end{pmatrix}}"):
+        "column vector not compared with a tuple",
+    ("20", "\\boxed{20 cm^2}"): "squared unit without \\text not dropped",
+    ("60", "\\boxed{60 km/h}"): "compound unit without \\text not dropped",
+    ("7 \\text{ cm}", "\\boxed{7 \\text{ m}}"): "FALSE POSITIVE: units dropped on both sides",
+    ("1 \\text{ m}", "\\boxed{100 \\text{ cm}}"): "no unit conversion",
+    ("5 \\text{ kg}", "\\boxed{5000 \\text{ g}}"): "no unit conversion",
+    ("15 \\text{ minutes}", "\\boxed{\\frac{1}{4} \\text{ hour}}"): "no unit conversion",
+    ("15 \\text{ minutes}", "\\boxed{15 \\text{ hours}}"):
+        "FALSE POSITIVE: units dropped on both sides",
+    ("2500 \\text{ m}", "\\boxed{2.5 \\text{ km}}"): "no unit conversion",
+    ("3 \\times 10^{8}", "\\boxed{3e8}"): "E-notation read as 3 * e * 8",
+    ("1.5 \\times 10^{-3}", "\\boxed{1.5e-3}"): "E-notation read with e = 2.718...",
+    ("7 \\times 10^{-9}", "\\boxed{7.0e-9}"): "E-notation read with e = 2.718...",
+    ("6.02 \\times 10^{23}", "\\boxed{602 \\times 10^{21}}"):
+        "the float 6.02e23 and the integer 602e21 compared by rounding at the gold's digits",
+    ("-3, 2", "So x = 2 or x = -3."): "only the last value of the sentence is extracted",
+    ("\\frac{3}{7}", "\\boxed{0.428571}"):
+        "FALSE POSITIVE: a 6-digit rounding accepted for an exact fraction",
+    ("1.2 \\times 10^{-31}", "\\boxed{1.3 \\times 10^{-31}}"):
+        "FALSE POSITIVE: tiny numbers compared with an absolute tolerance",
+    ("5", "The answer is not 5."): "FALSE POSITIVE: a negated answer accepted",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _our_verdicts() -> tuple[bool, ...]:
+  return tuple(math_lib.math_reward(response, gold, in_process=True) == 1.0
+               for _, gold, response, _ in ROWS)
+
+
+def _agreement(a, b) -> float:
+  return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def test_table_has_200_rows_and_both_verdicts_in_every_category():
+  assert len(ROWS) >= 200
+  assert len({(g, r) for _, g, r, _ in ROWS}) == len(ROWS), "duplicate rows"
+  for category in CATEGORIES:
+    verdicts = {truth for c, _, _, truth in ROWS if c == category}
+    assert verdicts == {True, False}, category
+
+
+def test_no_wrong_answer_is_rewarded():
+  false_positives = [(g, r) for (_, g, r, truth), ours in zip(ROWS, _our_verdicts())
+                     if ours and not truth]
+  assert not false_positives
+
+
+def test_agreement_with_truth_is_at_least_97_percent_and_every_miss_is_listed():
+  truths = [truth for *_, truth in ROWS]
+  misses = {(g, r) for (_, g, r, truth), ours in zip(ROWS, _our_verdicts()) if ours != truth}
+  assert misses == set(OUR_MISSES)
+  assert _agreement(_our_verdicts(), truths) >= 0.97
+
+
+def test_math_verify_disagrees_with_truth_exactly_on_the_listed_rows():
+  math_verify = pytest.importorskip(
+      "math_verify", reason="math-verify is a test dependency (setup.py extras 'test')")
+  theirs = []
+  for _, gold, response, _ in ROWS:
+    try:
+      theirs.append(bool(math_verify.verify(math_verify.parse(f"${gold}$"),
+                                            math_verify.parse(response))))
+    except Exception:  # pylint: disable=broad-except  (counts as "not verified")
+      theirs.append(False)
+  truths = [truth for *_, truth in ROWS]
+  misses = {(g, r) for (_, g, r, truth), v in zip(ROWS, theirs) if v != truth}
+  assert misses == set(MATH_VERIFY_MISSES)
+  print(f"\n{len(ROWS)} rows: ours vs truth {_agreement(_our_verdicts(), truths):.4f}, "
+        f"math-verify vs truth {_agreement(theirs, truths):.4f}, "
+        f"ours vs math-verify {_agreement(_our_verdicts(), theirs):.4f}")
+
+
+def test_worker_gives_the_in_process_verdicts_on_every_tenth_row():
+  checker = math_lib.MathChecker(timeout_s=10.0)
+  try:
+    for i in range(0, len(ROWS), 10):
+      _, gold, response, _ = ROWS[i]
+      got = math_lib.math_reward(response, gold, checker=checker) == 1.0
+      assert got is _our_verdicts()[i], (gold, response)
+    assert checker.timeouts == 0 and checker.budget_exhausted == 0
+  finally:
+    checker.close()
+
+
+def test_power_tower_answer_times_out_and_the_next_answer_is_graded():
+  checker = math_lib.MathChecker(timeout_s=1.5)
+  try:
+    assert checker.equal("1", "1.0")  # warm the worker (start-up is not the test)
+    assert not checker.equal("2", "9^9^9^9")
+    assert checker.timeouts == 1
+    assert checker.equal("\\frac{7}{3}", "2\\frac{1}{3}")
+  finally:
+    checker.close()
+
+
+def test_list_of_slow_elements_stops_at_the_answer_budget():
+  checker = math_lib.MathChecker(timeout_s=1.0, budget_s=1.5)
+  try:
+    assert checker.equal("1", "1.0")
+    tower = ", ".join(["9^9^9^9"] * 6)
+    assert not checker.equal("\\{1, 2, 3, 4, 5, 6\\}", f"\\{{{tower}\\}}")
+    assert checker.timeouts <= 2 and checker.budget_exhausted >= 1  # not 36 timeouts
+    assert checker.equal("\\{1, 2\\}", "\\{2, 1, 1\\}")  # the budget is per answer
+  finally:
+    checker.close()
+  with pytest.raises(ValueError, match="budget_s"):
+    math_lib.MathChecker(budget_s=0)
+
+
+@pytest.mark.parametrize("response", [
+    "\\boxed{" * 200_000 + "1",  # unclosed boxes: one linear brace scan
+    "\\boxed{" + "1+" * 500_000 + "1}",  # a giant answer: not compared
+    "\\boxed{" + "(" * 2_000 + "1" + ")" * 2_000 + "}",  # deep nesting
+    "The answer is " + "x = 1 or " * 100_000 + "x = 2.",
+    "$" * 300_000,
+], ids=["unclosed_boxes", "giant_sum", "deep_nesting", "long_or_list", "dollar_flood"])
+def test_giant_responses_score_zero_in_process(response):
+  assert math_lib.math_reward(response, "2", in_process=True) == 0.0
