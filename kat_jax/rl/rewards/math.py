@@ -168,6 +168,9 @@ def _stated_value(text: str) -> str | None | bool:
   start, end, _ = runs[i]
   if _NEGATION.search(text[runs[i - 1][1] if i else 0:start]):
     return False
+  after = re.match(r"\s*([A-Za-z]+)", text[end:])
+  if after and after.group(1).lower() in _VALUE_CHANGERS:
+    end += after.end()  # "5 squared", "5 thousand": the word changes the value
   items = _CONNECTOR.split(text[start:end].strip().strip(",;:").strip())
   return ", ".join(_final_side(item) for item in items)
 
@@ -260,6 +263,21 @@ _UNIT_ALIASES = {
 # Number words after a value scale it; they are not units.
 _MULTIPLIERS = {"dozen": 12, "hundred": 100, "thousand": 1000, "million": 10**6,
                 "billion": 10**9, "trillion": 10**12}
+# Words after a value that change it or hedge it: never read as a unit ("5 squared" is 25,
+# "5 (or 6)" is a hedge); an answer holding one is left as text and matches nothing.
+_NOT_UNITS = {"squared", "cubed", "factorial", "times", "over", "plus", "minus", "divided",
+              "root", "roots", "power", "powers", "inverse", "half", "halves", "third",
+              "thirds", "quarter", "quarters", "fourth", "fourths", "fifth", "fifths",
+              "sixth", "sixths", "eighth", "eighths", "tenth", "tenths", "hundredth",
+              "hundredths", "thousandth", "thousandths", "per", "of", "less", "more", "than",
+              "or", "and", "not", "to", "mod", "modulo", "if", "for", "when", "where",
+              "unless", "except", "approximately", "about", "roughly", "least", "most",
+              "between", "from"}
+# Words that change the value they follow in prose ("5 squared", "5 thousand", "5 more").
+_VALUE_CHANGERS = {"squared", "cubed", "factorial", "times", "over", "plus", "minus",
+                   "divided", "halves", "thirds", "quarters", "fourths", "fifths", "sixths",
+                   "eighths", "tenths", "hundredths", "thousandths", "more", "less", "to",
+                   *_MULTIPLIERS}
 # Known unit names that may follow a value without \text (longer free words also count as
 # units: "5 apples"); single letters are variables unless inside \text{}.
 _PLAIN_UNIT_NAMES = set(_UNIT_FACTORS) - {"m", "g", "s", "h", "l"} | {"mph", "kph", "deg"}
@@ -268,6 +286,13 @@ _PLAIN_UNIT_NAMES = set(_UNIT_FACTORS) - {"m", "g", "s", "h", "l"} | {"mph", "kp
 class _Unit(NamedTuple):
   name: str  # canonical: "cm", "deg", "apple", "km/h"
   power: int  # 2 for cm^2 / square units
+
+
+def _unit_like(text: str) -> bool:
+  """Could `text` (from \\text{} after a value) be a unit: words only, none of _NOT_UNITS."""
+  words = re.findall(r"[A-Za-z]+", text.lower())
+  return bool(words) and not re.search(r"[\d=()\[\],;]", text) and not any(
+      w in _NOT_UNITS for w in words)
 
 
 def _canonical_unit(text: str, power: int = 1) -> _Unit | None:
@@ -297,6 +322,8 @@ def _split_plain_unit(s: str) -> tuple[str, _Unit | None]:
   unit = m.group("unit")
   base = unit.split()[-1].split("/")[0].lower()
   known = base in _PLAIN_UNIT_NAMES or base.rstrip("s") in _UNIT_ALIASES or "/" in unit
+  if base in _NOT_UNITS or unit.split()[0].lower() in _NOT_UNITS:
+    return s, None
   if not known and (len(base) < 3 or base in _MATH_WORDS or base in _FUNCS):
     return s, None
   if re.search(r"[A-Za-z]\s*$", m.group("value")) or m.group("value").endswith("\\"):
@@ -354,10 +381,13 @@ def _normalize(answer: str) -> _Normalized:
   if outside and re.search(r"[\w\\]", outside):
     power = re.search(r"\x00\s*\^\s*\{?([23])\}?\s*$", s)
     s = re.sub(r"\x00\s*\^\s*\{?[23]\}?\s*$", "", s) if power else s  # "cm}^2": a unit power
-    s = s.replace("\x00", "")  # value + \text{units}: drop the units
     unit_text = " ".join(t.strip() for t in texts if t.strip())
-    if unit_text and not re.search(r"[\d=]", unit_text):
+    if _unit_like(unit_text):
+      s = s.replace("\x00", "")  # value + \text{units}: drop the units
       unit = _canonical_unit(unit_text, int(power.group(1)) if power else 1)
+    else:  # "5 \text{ squared}", "5 \text{ (or 6)}": not a unit; keep the words
+      pieces = iter(texts)
+      s = re.sub("\x00", lambda _: f" {next(pieces)} ", s)
   else:
     s = " ".join(t.strip() for t in texts) if texts else outside
   for token in _DELETE:
@@ -375,6 +405,8 @@ def _normalize(answer: str) -> _Normalized:
     s, unit = _split_plain_unit(s)
   if unit is not None and unit.name in _MULTIPLIERS:  # "5 thousand" is 5000, not 5
     s, unit = f"({s})*{_MULTIPLIERS[unit.name]}", None
+  if unit is not None and unit.name in ("percent", "pct"):  # "5 \text{ percent}"
+    had_percent, unit = True, None
   s = _CONNECTOR.sub(", ", s)
   if _EMPTY_SET.match(s):
     s = "\\emptyset"

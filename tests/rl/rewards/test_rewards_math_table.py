@@ -10,13 +10,13 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from math_table import MATH_TABLE, MATH_TABLE_LATER  # pylint: disable=g-import-not-at-top,wrong-import-position
+from math_table import MATH_TABLE, MATH_TABLE_ATTACKS, MATH_TABLE_LATER  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from kat_jax.rl.rewards import math as math_lib  # pylint: disable=wrong-import-position
 
-ROWS = MATH_TABLE + MATH_TABLE_LATER
+ROWS = MATH_TABLE + MATH_TABLE_LATER + MATH_TABLE_ATTACKS
 CATEGORIES = {"fraction", "mixed", "radical", "pi_e", "percent", "interval", "set", "tuple",
-              "units", "scientific", "equation", "sentence", "wrong"}
+              "units", "scientific", "equation", "sentence", "wrong", "attack"}
 
 # Rows where our reward differs from the true verdict: (gold, response) -> reason.
 OUR_MISSES: dict[tuple[str, str], str] = {}
@@ -58,6 +58,16 @@ MATH_VERIFY_MISSES = {
     ("1.2 \\times 10^{-31}", "\\boxed{1.3 \\times 10^{-31}}"):
         "FALSE POSITIVE: tiny numbers compared with an absolute tolerance",
     ("5", "The answer is not 5."): "FALSE POSITIVE: a negated answer accepted",
+    ("5", "\\boxed{5\\text{ (or 6)}}"): "FALSE POSITIVE: a hedge in \\text dropped as a unit",
+    ("5", "\\boxed{5 \\text{ squared}}"): "FALSE POSITIVE: 'squared' dropped as a unit",
+    ("5", "The answer is 5 squared."): "FALSE POSITIVE: 'squared' dropped",
+    ("5", "The answer is 5 thousand."): "FALSE POSITIVE: 'thousand' dropped",
+    ("5000", "The answer is 5 thousand."): "'thousand' not read as a multiplier",
+    ("5", "\\boxed{5 \\text{ thousand}}"): "FALSE POSITIVE: 'thousand' dropped as a unit",
+    ("24", "\\boxed{2 \\text{ dozen}}"): "'dozen' not read as a multiplier",
+    ("2ab", "\\boxed{2ba}"): "the product ba not matched with ab",
+    ("10", "\\boxed{10 \\text{ cm or } 12 \\text{ cm}}"):
+        "FALSE POSITIVE: a hedge between two \\text units dropped",
 }
 
 
