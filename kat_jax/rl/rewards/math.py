@@ -250,15 +250,18 @@ _UNIT_FACTORS = {
     "s": ("time", Fraction(1)), "min": ("time", Fraction(60)), "h": ("time", Fraction(3600)),
     "day": ("time", Fraction(86400)), "week": ("time", Fraction(604800)),
     "ml": ("volume", Fraction(1, 1000)), "l": ("volume", Fraction(1)),
+    "$": ("money", Fraction(1)), "cent": ("money", Fraction(1, 100)),
 }
 _UNIT_ALIASES = {
     "millimeter": "mm", "millimetre": "mm", "centimeter": "cm", "centimetre": "cm",
     "meter": "m", "metre": "m", "kilometer": "km", "kilometre": "km", "inch": "in",
-    "inche": "in", "foot": "ft", "feet": "ft", "yard": "yd", "mile": "mi", "milligram": "mg",
+    "inches": "in", "foot": "ft", "feet": "ft", "yard": "yd", "mile": "mi", "milligram": "mg",
     "gram": "g", "kilogram": "kg", "kgs": "kg", "second": "s", "sec": "s", "minute": "min",
     "mins": "min", "hour": "h", "hr": "h", "hrs": "h", "day": "day", "week": "week",
     "milliliter": "ml", "millilitre": "ml", "liter": "l", "litre": "l", "degree": "deg",
-    "dollar": "$", "usd": "$", "cent": "cent", "sq": "square", "unit": "unit",
+    "dollar": "$", "usd": "$", "cent": "cent", "unit": "unit", "mile per hour": "mph",
+    "miles per hour": "mph", "kilometer per hour": "km/h", "kilometers per hour": "km/h",
+    "kmh": "km/h", "kph": "km/h", "meter per second": "m/s", "meters per second": "m/s",
 }
 # Number words after a value scale it; they are not units.
 _MULTIPLIERS = {"dozen": 12, "hundred": 100, "thousand": 1000, "million": 10**6,
@@ -269,7 +272,7 @@ _NOT_UNITS = {"squared", "cubed", "factorial", "times", "over", "plus", "minus",
               "root", "roots", "power", "powers", "inverse", "half", "halves", "third",
               "thirds", "quarter", "quarters", "fourth", "fourths", "fifth", "fifths",
               "sixth", "sixths", "eighth", "eighths", "tenth", "tenths", "hundredth",
-              "hundredths", "thousandth", "thousandths", "per", "of", "less", "more", "than",
+              "hundredths", "thousandth", "thousandths", "of", "less", "more", "than",
               "or", "and", "not", "to", "mod", "modulo", "if", "for", "when", "where",
               "unless", "except", "approximately", "about", "roughly", "least", "most",
               "between", "from"}
@@ -390,6 +393,7 @@ def _normalize(answer: str) -> _Normalized:
       s = re.sub("\x00", lambda _: f" {next(pieces)} ", s)
   else:
     s = " ".join(t.strip() for t in texts) if texts else outside
+  currency = "\\$" in s  # \$12: dollars (a bare $ is a math delimiter)
   for token in _DELETE:
     s = s.replace(token, "")
   s = s.replace("\\langle", "(").replace("\\rangle", ")")
@@ -403,6 +407,8 @@ def _normalize(answer: str) -> _Normalized:
   s = " ".join(s.split()).strip().rstrip(".").strip()
   if unit is None:
     s, unit = _split_plain_unit(s)
+  if unit is None and currency:
+    unit = _Unit("$", 1)
   if unit is not None and unit.name in _MULTIPLIERS:  # "5 thousand" is 5000, not 5
     s, unit = f"({s})*{_MULTIPLIERS[unit.name]}", None
   if unit is not None and unit.name in ("percent", "pct"):  # "5 \text{ percent}"

@@ -17,7 +17,9 @@ The verdict is mathematical truth under these grading conventions:
   is asked for.
 
 Responses are written the way a policy writes them (boxed, sentences, markdown), so each row
-checks extraction as well as equivalence.
+checks extraction as well as equivalence. Three lists: MATH_TABLE (written before math.py was
+changed), MATH_TABLE_LATER (written after it passed MATH_TABLE, run once unchanged as a check
+for over-fitting), MATH_TABLE_ATTACKS (answers that try to score without the right value).
 """
 
 MATH_TABLE = [
