@@ -68,6 +68,10 @@ MATH_VERIFY_MISSES = {
     ("2ab", "\\boxed{2ba}"): "the product ba not matched with ab",
     ("10", "\\boxed{10 \\text{ cm or } 12 \\text{ cm}}"):
         "FALSE POSITIVE: a hedge between two \\text units dropped",
+    ("3", "x = 3 is not correct."): "FALSE POSITIVE: a negated answer accepted",
+    ("4", "So x = 3, not 4."): "FALSE POSITIVE: the negated last value taken",
+    ("3", "So x = 3, not 4."): "the negated last value taken instead of the stated one",
+    ("6", "It is $5$, not $6$."): "FALSE POSITIVE: the negated last value taken",
 }
 
 
@@ -132,18 +136,7 @@ def test_worker_gives_the_in_process_verdicts_on_every_tenth_row():
     checker.close()
 
 
-def test_power_tower_answer_times_out_and_the_next_answer_is_graded():
-  checker = math_lib.MathChecker(timeout_s=1.5)
-  try:
-    assert checker.equal("1", "1.0")  # warm the worker (start-up is not the test)
-    assert not checker.equal("2", "9^9^9^9")
-    assert checker.timeouts == 1
-    assert checker.equal("\\frac{7}{3}", "2\\frac{1}{3}")
-  finally:
-    checker.close()
-
-
-def test_list_of_slow_elements_stops_at_the_answer_budget():
+def test_set_of_power_towers_stops_at_the_answer_budget_and_the_next_answer_is_graded():
   checker = math_lib.MathChecker(timeout_s=1.0, budget_s=1.5)
   try:
     assert checker.equal("1", "1.0")
