@@ -152,6 +152,13 @@ def _final_side(item: str) -> str:
   return parts[-1].strip() if not re.search(r"[A-Za-z]", left) else item
 
 
+def _as_answer(statement: str) -> str:
+  """"x = 2 or x = -3" -> "x = 2, x = -3"; "3 + 6 = 9" -> "9" (see `_final_side`)."""
+  statement = _TEXT_CONNECTOR.sub(r" \1 ", statement)
+  items = _CONNECTOR.split(statement.strip().strip(",;:").strip())
+  return ", ".join(_final_side(item) for item in items)
+
+
 def _value_spans(text: str) -> list[tuple[int, int, str]]:
   """(start, end, value) of each value a phrase states, in order: its `$..$`/`\\(..\\)` math
   holding a value (pieces joined by `,`/`and`/`or` form one value: "$1$ and $2$" -> "1, 2");
@@ -165,9 +172,9 @@ def _value_spans(text: str) -> list[tuple[int, int, str]]:
     gap = text[spans[-1][1]:m.start()] if spans else ""
     if spans and gap.strip() and re.fullmatch(r"\s*,?\s*(?:or|and)?\s*", gap):
       start, _, value = spans.pop()
-      spans.append((start, m.end(), f"{value}, {_final_side(content)}"))
+      spans.append((start, m.end(), f"{value}, {_as_answer(content)}"))
     else:
-      spans.append((m.start(), m.end(), _final_side(content)))
+      spans.append((m.start(), m.end(), _as_answer(content)))
   if spans:
     return spans
   for start, end, has_value in _math_runs(text):
@@ -176,8 +183,7 @@ def _value_spans(text: str) -> list[tuple[int, int, str]]:
     after = re.match(r"\s*([A-Za-z]+)", text[end:])
     if after and after.group(1).lower() in _VALUE_CHANGERS:
       end += after.end()
-    items = _CONNECTOR.split(text[start:end].strip().strip(",;:").strip())
-    spans.append((start, end, ", ".join(_final_side(item) for item in items)))
+    spans.append((start, end, _as_answer(text[start:end])))
   return spans
 
 

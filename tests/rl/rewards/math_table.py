@@ -19,7 +19,8 @@ The verdict is mathematical truth under these grading conventions:
 Responses are written the way a policy writes them (boxed, sentences, markdown), so each row
 checks extraction as well as equivalence. Three lists: MATH_TABLE (written before math.py was
 changed), MATH_TABLE_LATER (written after it passed MATH_TABLE, run once unchanged as a check
-for over-fitting), MATH_TABLE_ATTACKS (answers that try to score without the right value).
+for over-fitting), MATH_TABLE_ATTACKS (answers that try to score without the right value,
+and forms found by random tests; written while fixing math.py).
 """
 
 MATH_TABLE = [
@@ -149,7 +150,8 @@ MATH_TABLE = [
     ("interval", "(-\\infty, \\infty)", "\\boxed{\\mathbb{R}}", True),
     ("interval", "(-\\infty, \\infty)", "\\boxed{(-\\infty, 0)}", False),
     ("interval", "[\\frac{1}{2}, 3]", "\\boxed{[0.5, 3]}", True),
-    ("interval", "(-\\infty, -2) \\cup (2, \\infty)", "\\boxed{(-\\infty,-2)\\cup(2,\\infty)}", True),
+    ("interval", "(-\\infty, -2) \\cup (2, \\infty)",
+     "\\boxed{(-\\infty,-2)\\cup(2,\\infty)}", True),
     ("interval", "(-\\infty, -2) \\cup (2, \\infty)", "\\boxed{(-2, 2)}", False),
     ("interval", "[0, \\pi]", "\\boxed{[0, 3.14]}", False),
     ("interval", "x \\in (1, 5)", "\\boxed{(1,5)}", True),
@@ -385,7 +387,8 @@ MATH_TABLE_LATER = [
     ("interval", "(0, \\infty)", "\\boxed{[0, \\infty)}", False),
     ("interval", "[-2, 2]", "\\boxed{-2 \\leq x \\leq 2}", True),
     ("interval", "[-2, 2]", "\\boxed{-2 < x < 2}", False),
-    ("interval", "(-\\infty, 1) \\cup (1, \\infty)", "\\boxed{(-\\infty,1)\\cup(1,+\\infty)}", True),
+    ("interval", "(-\\infty, 1) \\cup (1, \\infty)",
+     "\\boxed{(-\\infty,1)\\cup(1,+\\infty)}", True),
     ("interval", "(-\\infty, 1) \\cup (1, \\infty)", "\\boxed{\\mathbb{R}}", False),
     ("set", "\\{2, 3, 5, 7\\}", "\\boxed{\\{7, 5, 3, 2\\}}", True),
     ("set", "\\{2, 3, 5, 7\\}", "\\boxed{\\{2, 3, 5, 7, 9\\}}", False),
@@ -397,7 +400,8 @@ MATH_TABLE_LATER = [
     ("tuple", "(2, -5)", "The vertex is at $(2, -5)$.", True),
     ("tuple", "(2, -5)", "The vertex is at $(-5, 2)$.", False),
     ("tuple", "(1, 0, 0)", "\\boxed{\\left(1,0,0\\right)}", True),
-    ("tuple", "(\\sqrt{2}, \\frac{\\pi}{4})", "\\boxed{\\left(\\sqrt2, \\frac{\\pi}{4}\\right)}", True),
+    ("tuple", "(\\sqrt{2}, \\frac{\\pi}{4})",
+     "\\boxed{\\left(\\sqrt2, \\frac{\\pi}{4}\\right)}", True),
     ("tuple", "(\\sqrt{2}, \\frac{\\pi}{4})", "\\boxed{(\\sqrt2, \\frac{\\pi}{2})}", False),
     ("tuple", "(4, 7)", "\\boxed{a = 4, b = 7}", True),
     ("units", "15", "\\boxed{15 \\text{ minutes}}", True),
@@ -447,7 +451,8 @@ MATH_TABLE_LATER = [
 ]
 
 # Answers a policy could try in order to score without the right value (hedges, operator
-# words, negations, lists, units that change the number); written while fixing math.py.
+# words, negations, lists, units that change the number), and forms that random tests of
+# generated answers found; written while fixing math.py.
 MATH_TABLE_ATTACKS = [
     ("attack", "5", "\\boxed{5\\text{ (or 6)}}", False),
     ("attack", "5", "\\boxed{5 \\text{ squared}}", False),
@@ -489,4 +494,8 @@ MATH_TABLE_ATTACKS = [
     ("attack", "7", "\\boxed{7!}", False),
     ("attack", "10", "\\boxed{10 \\text{ cm or } 12 \\text{ cm}}", False),
     ("attack", "50\\%", "\\boxed{5000}", False),
+    # found by random tests of generated forms
+    ("sentence", "-3, 2", "So the answer is $x = 2 or x = -3$.", True),
+    ("sentence", "-3, 2", "The roots are $x = 2 \\text{ or } x = -3$.", True),
+    ("sentence", "-3, 2", "The roots are $x = 2 \\text{ or } x = 3$.", False),
 ]

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import sys
+from fractions import Fraction
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from math_table import MATH_TABLE, MATH_TABLE_ATTACKS, MATH_TABLE_LATER  # pylint: disable=g-import-not-at-top,wrong-import-position
+from math_table import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    MATH_TABLE, MATH_TABLE_ATTACKS, MATH_TABLE_LATER)
 
 from kat_jax.rl.rewards import math as math_lib  # pylint: disable=wrong-import-position
 
@@ -159,3 +162,72 @@ def test_set_of_power_towers_stops_at_the_answer_budget_and_the_next_answer_is_g
 ], ids=["unclosed_boxes", "giant_sum", "deep_nesting", "long_or_list", "dollar_flood"])
 def test_giant_responses_score_zero_in_process(response):
   assert math_lib.math_reward(response, "2", in_process=True) == 0.0
+
+
+def _written_forms(q: Fraction) -> list[str]:
+  """Ways to write the rational q: fraction, slash, mixed number, decimal, percent, ..."""
+  n, d = q.numerator, q.denominator
+  forms = [f"\\frac{{{n}}}{{{d}}}" if d != 1 else str(n)]
+  if d != 1:
+    forms += [f"{n}/{d}", f"\\dfrac{{{n}}}{{{d}}}"]
+    if abs(n) > d:
+      whole, rest = divmod(abs(n), d)
+      sign = "-" if n < 0 else ""
+      forms += [f"{sign}{whole}\\frac{{{rest}}}{{{d}}}", f"{sign}{whole} {rest}/{d}"]
+  if 10**6 % d == 0:  # a terminating decimal, and the same value as a percentage
+    forms += [f"{float(q):.6f}".rstrip("0").rstrip("."),
+              f"{float(q * 100):.4f}".rstrip("0").rstrip(".") + "\\%"]
+  if d == 1 and abs(n) >= 1000:
+    forms += [f"{n:,}", f"{n / 1000:g} \\times 10^{{3}}"]
+  return forms
+
+
+def test_generated_numbers_in_any_written_form_match_exactly_when_equal():
+  rng = random.Random(0)
+  wraps = ["\\boxed{%s}", "The answer is $%s$.", "So x = %s.", "**Final Answer:** %s"]
+  wrong = []
+  for _ in range(300):
+    a = Fraction(rng.randint(-3000, 3000), rng.choice([1, 2, 3, 4, 7, 8, 100]))
+    b = rng.choice([a, a, a + Fraction(rng.choice([1, -1]), rng.choice([1, 10, 1000])),
+                    Fraction(rng.randint(-3000, 3000), rng.choice([1, 2, 5]))])
+    gold, response = rng.choice(_written_forms(a)), rng.choice(wraps) % rng.choice(
+        _written_forms(b))
+    if (math_lib.math_reward(response, gold, in_process=True) == 1.0) != (a == b):
+      wrong.append((gold, response, a == b))
+  assert not wrong
+
+
+def test_generated_tuples_sets_intervals_and_equations_match_only_when_equal():
+  rng = random.Random(1)
+  wrong = []
+  for _ in range(200):
+    kind = rng.choice(["tuple", "set", "interval", "equation"])
+    if kind == "tuple":
+      a = [rng.randint(-9, 9) for _ in range(rng.randint(2, 3))]
+      b = list(a)
+      if rng.random() < 0.4:
+        b[rng.randrange(len(b))] += 1
+      gold, truth = f"({', '.join(map(str, a))})", a == b
+      pred = f"\\left({', '.join(map(str, b))}\\right)"
+    elif kind == "set":
+      a = sorted({rng.randint(-9, 9) for _ in range(rng.randint(1, 4))})
+      b = a + rng.choice([[], [a[0]], [max(a) + 1]])
+      rng.shuffle(b)
+      gold, truth = f"\\{{{', '.join(map(str, a))}\\}}", set(a) == set(b)
+      pred = f"\\{{{', '.join(map(str, b))}\\}}"
+    elif kind == "interval":
+      lo, hi = sorted(rng.sample(range(-9, 10), 2))
+      ends = rng.choice("(["), rng.choice(")]")
+      pred_ends = (rng.choice("(["), rng.choice(")]"))
+      op = {"(": "<", "[": "\\le", ")": "<", "]": "\\le"}
+      gold = f"{ends[0]}{lo}, {hi}{ends[1]}"
+      pred = f"{lo} {op[pred_ends[0]]} x {op[pred_ends[1]]} {hi}"
+      truth = ends == pred_ends
+    else:
+      m, c, k = rng.randint(-5, 5), rng.randint(-5, 5), rng.choice([1, 2, -3])
+      shift = rng.choice([0, 0, 1])
+      gold, truth = f"y = {m}x + {c}", shift == 0
+      pred = f"{k}y = {k * m}x + {k * (c + shift)}"
+    if (math_lib.math_reward(f"\\boxed{{{pred}}}", gold, in_process=True) == 1.0) != truth:
+      wrong.append((gold, pred, truth))
+  assert not wrong
