@@ -49,7 +49,6 @@ _ANSWER_IS = re.compile(
     r"(?:final answer|answer)\s*\**\s*(?:is|:)\s*\**\s*:?\s*(.+?)(?:\.\s|\.?$|\n|I hope)",
     re.IGNORECASE)
 _CAUSE = re.compile(r",?\s+(?:since|because|as|which|given)\b", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _MATH_SEGMENT = re.compile(r"(?<!\\)\$\$?(.+?)(?<!\\)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
 _NEGATION = re.compile(r"\b(?:not|never|no|nor)\b|n't\b", re.IGNORECASE)
 _NEGATED_AFTER = re.compile(
@@ -219,8 +218,9 @@ def _has_prose(text: str) -> bool:
 
 def extract_math_answer(response: str) -> str | None:
   """Final answer string of a response: the last \\boxed{}, else the "answer is X" phrase,
-  else a short bare answer, else the value the last sentence states ("So x = -3."), else
-  the last number. A negated statement ("The answer is not 5.") gives None.
+  else a short bare answer, else the value the last sentence stating one states ("So
+  x = -3."). None when there is none, or when every value stated is negated ("The answer is
+  not 5.").
 
   Only the `<answer>` block is searched when the response has one.
   """
@@ -444,12 +444,6 @@ def _normalize(answer: str) -> _Normalized:
   if _REALS.match(s):
     s = "(-\\infty, \\infty)"
   return _Normalized(_interval_from_inequality(s), had_percent, unit)
-
-
-def normalize_answer(answer: str) -> tuple[str, bool]:
-  """(normalised string, had_percent). Units after a value are dropped."""
-  n = _normalize(answer)
-  return n.text, n.percent
 
 
 def _unwrap_text_commands(s: str) -> tuple[str, list[str]]:
