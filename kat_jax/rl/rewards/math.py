@@ -790,14 +790,21 @@ def _equation_sides(s: str) -> tuple[str, str] | None:
       else None
 
 
-def _unit_scales(g: _Unit | None, p: _Unit | None) -> tuple[Fraction, Fraction] | None:
-  """Factors that bring both values to one unit; None when the units measure different
-  things (7 cm vs 7 m is caught by the factors, 7 cm vs 7 kg here)."""
-  if g is None or p is None or g == p:
-    return Fraction(1), Fraction(1)
-  g_dim, p_dim = _UNIT_FACTORS.get(g.name), _UNIT_FACTORS.get(p.name)
-  if g_dim and p_dim and g_dim[0] == p_dim[0] and g.power == p.power:
-    return g_dim[1] ** g.power, p_dim[1] ** p.power
+def _unit_scales(g: _Normalized, p: _Normalized) -> tuple[str, str] | None:
+  """Factors (SymPy source) that bring both values to one unit; None when the units measure
+  different things (7 cm vs 7 kg; 7 cm vs 7 m differ through the factors). An angle in
+  degrees against a bare value written with pi is converted to radians (60° = pi/3)."""
+  gu, pu = g.unit, p.unit
+  if gu == pu:
+    return "1", "1"
+  if gu is None or pu is None:
+    unit, other = (gu, p.text) if pu is None else (pu, g.text)
+    if unit == _Unit("deg", 1) and re.search(r"\\pi|π", other):
+      return ("pi/180", "1") if pu is None else ("1", "pi/180")
+    return "1", "1"
+  g_dim, p_dim = _UNIT_FACTORS.get(gu.name), _UNIT_FACTORS.get(pu.name)
+  if g_dim and p_dim and g_dim[0] == p_dim[0] and gu.power == pu.power:
+    return str(g_dim[1] ** gu.power), str(p_dim[1] ** pu.power)
   return None
 
 
@@ -812,7 +819,7 @@ def equivalent(gold: str, pred: str, *, sympy_fn=sympy_equal) -> bool:
   g, p = gn.text, pn.text
   if not g or not p:
     return False
-  scales = _unit_scales(gn.unit, pn.unit)
+  scales = _unit_scales(gn, pn)
   if scales is None:
     return False
   if g == p and scales[0] == scales[1]:
@@ -834,7 +841,7 @@ def equivalent(gold: str, pred: str, *, sympy_fn=sympy_equal) -> bool:
     return True
   mode = "" if gn.percent == pn.percent else "pct_gold" if gn.percent else "pct_pred"
 
-  def scalar(a: str, b: str, scale: tuple[Fraction, Fraction] = (Fraction(1), Fraction(1))):
+  def scalar(a: str, b: str, scale: tuple[str, str] = ("1", "1")) -> bool:
     a, b = _strip_variable_prefix(a.strip()), _strip_variable_prefix(b.strip())
     if a == b and scale[0] == scale[1]:
       return True

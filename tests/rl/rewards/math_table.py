@@ -451,8 +451,8 @@ MATH_TABLE_LATER = [
 ]
 
 # Answers a policy could try in order to score without the right value (hedges, operator
-# words, negations, lists, units that change the number), and forms that random tests of
-# generated answers found; written while fixing math.py.
+# words, negations, lists, units that change the number), forms that random tests of
+# generated answers found, and angles; written while fixing math.py.
 MATH_TABLE_ATTACKS = [
     ("attack", "5", "\\boxed{5\\text{ (or 6)}}", False),
     ("attack", "5", "\\boxed{5 \\text{ squared}}", False),
@@ -498,4 +498,9 @@ MATH_TABLE_ATTACKS = [
     ("sentence", "-3, 2", "So the answer is $x = 2 or x = -3$.", True),
     ("sentence", "-3, 2", "The roots are $x = 2 \\text{ or } x = -3$.", True),
     ("sentence", "-3, 2", "The roots are $x = 2 \\text{ or } x = 3$.", False),
+    # angles in degrees against radians
+    ("pi_e", "\\frac{\\pi}{3}", "\\boxed{60^\\circ}", True),
+    ("pi_e", "\\frac{\\pi}{3}", "\\boxed{30^\\circ}", False),
+    ("pi_e", "\\pi", "\\boxed{180 \\text{ degrees}}", True),
+    ("pi_e", "2\\pi", "\\boxed{360}", False),
 ]

@@ -75,6 +75,8 @@ MATH_VERIFY_MISSES = {
     ("4", "So x = 3, not 4."): "FALSE POSITIVE: the negated last value taken",
     ("3", "So x = 3, not 4."): "the negated last value taken instead of the stated one",
     ("6", "It is $5$, not $6$."): "FALSE POSITIVE: the negated last value taken",
+    ("\\frac{\\pi}{3}", "\\boxed{60^\\circ}"): "degrees not converted to radians",
+    ("\\pi", "\\boxed{180 \\text{ degrees}}"): "degrees not converted to radians",
 }
 
 
