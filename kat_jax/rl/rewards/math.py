@@ -146,7 +146,7 @@ def _final_side(item: str) -> str:
   if len(parts) < 2 or any(p.endswith(("<", ">", "!")) for p in parts[:-1]):
     return item
   left = parts[0].strip()
-  if re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?(?:\([a-z]\))?", left):
+  if re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?(?:\([^()=]*\))?", left):
     return f"{left} = {parts[-1].strip()}"
   return parts[-1].strip() if not re.search(r"[A-Za-z]", left) else item
 
@@ -597,7 +597,7 @@ def _enclosing_pair(s: str) -> tuple[str, str, str] | None:
 
 def _strip_variable_prefix(s: str) -> str:
   """"x = 3" -> "3", "x \\in [1, 2]" -> "[1, 2]" (a single variable on the left only)."""
-  m = re.match(r"^\s*[A-Za-z](?:_\{?\w+\}?)?(?:\([a-z]\))?\s*(?:=|\\in)\s*(.+)$", s)
+  m = re.match(r"^\s*[A-Za-z](?:_\{?\w+\}?)?(?:\([^()=]*\))?\s*(?:=|\\in)\s*(.+)$", s)
   return m.group(1) if m else s
 
 

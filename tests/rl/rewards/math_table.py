@@ -452,7 +452,7 @@ MATH_TABLE_LATER = [
 
 # Answers a policy could try in order to score without the right value (hedges, operator
 # words, negations, lists, units that change the number), forms that random tests of
-# generated answers found, and angles; written while fixing math.py.
+# generated answers found, angles and function values; written while fixing math.py.
 MATH_TABLE_ATTACKS = [
     ("attack", "5", "\\boxed{5\\text{ (or 6)}}", False),
     ("attack", "5", "\\boxed{5 \\text{ squared}}", False),
@@ -503,4 +503,7 @@ MATH_TABLE_ATTACKS = [
     ("pi_e", "\\frac{\\pi}{3}", "\\boxed{30^\\circ}", False),
     ("pi_e", "\\pi", "\\boxed{180 \\text{ degrees}}", True),
     ("pi_e", "2\\pi", "\\boxed{360}", False),
+    # a function value
+    ("sentence", "7", "Hence, $f(2) = 7$.", True),
+    ("sentence", "7", "Hence, $f(7) = 2$.", False),
 ]
