@@ -31,6 +31,7 @@ import numpy as np
 from kat_jax.autothink import verifiers
 from kat_jax.autothink.tasks import Task
 from kat_jax.data.chat_template import parse_autothink_response
+from kat_jax.progress import Progress
 
 GenerateFn = Callable[[list[str]], list[str]]
 MODES = ("think_on", "think_off")
@@ -122,6 +123,8 @@ def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn
   prompts = [r["prompt"] for r in records]
   specs = [r["verifier"] for r in records]
   correct = np.zeros(len(records), np.int64)
+  progress = Progress("tagging: think-off answers scored", num_samples * len(records),
+                      unit="answers")
   # One pool for every sample: its SymPy worker processes start once, not once per sample.
   pool = verifiers.verifier_pool(time_limit)
   try:
@@ -131,9 +134,11 @@ def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn
         raise ValueError(f"generate_fn returned {len(responses)} responses for "
                          f"{len(prompts)} prompts")
       answers = [extract_answer(r) if isinstance(r, str) else None for r in responses]
-      correct += np.asarray(verifiers.verify_many(specs, answers, pool=pool))
+      correct += np.asarray(verifiers.verify_many(specs, answers, pool=pool,
+                                                  progress=progress))
   finally:
     pool.close()
+  progress.finish()
   chosen, random_modes = random_assignment(len(records), random_fraction, seed)
   tagged = []
   for i, record in enumerate(records):
