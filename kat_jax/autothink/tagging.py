@@ -1,6 +1,6 @@
 """Tagging: label domain and difficulty, and pick each query's mode by majority vote.
 
-The vote (seed `001_*` §3.2: queries are split into think-off / think-on "based on their
+The vote (KAT-V1 report §3.2: queries are split into think-off / think-on "based on their
 intrinsic complexity and the availability of verifiable answers"; §4.1.1: "a majority voting
 mechanism across multiple model outputs to determine the preferred reasoning mode"):
 

@@ -1,4 +1,4 @@
-"""Task verifiers: is a candidate answer right for a generated task? (spec §6: 1 or 0).
+"""Task verifiers: is a candidate answer right for a generated task? (docs/spec.md §6: 1 or 0).
 
 A thin layer over `kat_jax.rl.rewards`, so SFT tagging, evaluation and RL score answers
 the same way — math by SymPy equivalence in a time-limited worker, code by unit tests in

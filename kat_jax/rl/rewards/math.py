@@ -1,10 +1,10 @@
 """Math reward: extract the final answer, normalise it, decide equivalence with SymPy.
 
-KAT-V1 §4.2.2 (seed 001): math answers are scored by symbolic equivalence (algebraic
+KAT-V1 report §4.2.2: math answers are scored by symbolic equivalence (algebraic
 simplification and numeric approximation), 1 if correct else 0. The forms handled follow the
-kinds of cases HF Math-Verify checks (spec §6.1): \\boxed{} (last wins), \\frac/\\dfrac/\\frac13,
-\\sqrt3, \\left/\\right, \\text{units}, degrees, percentages, thousands separators, `k = 1/3`,
-intervals and tuples, comma-separated answer lists. The code is our own.
+kinds of cases HF Math-Verify checks (docs/spec.md §6.1): \\boxed{} (last wins),
+\\frac/\\dfrac/\\frac13, \\sqrt3, \\left/\\right, \\text{units}, degrees, percentages, thousands
+separators, `k = 1/3`, intervals and tuples, comma-separated answer lists. The code is our own.
 
 Equivalence order (cheap first): normalised string equality, then structure (interval / tuple /
 set / list / equation), then SymPy: exact difference simplifies to 0 or numbers agree to a
