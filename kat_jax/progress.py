@@ -6,7 +6,8 @@
       progress.update(len(chunk))
     progress.finish()
 
-prints at most one line every `every_s` seconds, plus the first and last update:
+prints a line when it starts, then at most one line every `every_s` seconds, then a final
+line from `finish` (or the end of a `with Progress(...)` block):
 
     sft tagging: 1,216/15,000 answers | 41.2 answers/s | ETA 05:34
 
@@ -41,7 +42,7 @@ class Progress:
   """Counts work done out of `total` and prints throttled progress lines on process 0.
 
   what: the phase, e.g. 'sft tagging'; unit: what is counted, e.g. 'answers'.
-  every_s: the least seconds between two lines (the first and the final line always print).
+  every_s: the least seconds between two lines (the start and the final line always print).
   """
 
   def __init__(self, what: str, total: int, *, unit: str = "items", every_s: float = 10.0,
@@ -54,13 +55,13 @@ class Progress:
     self.active = jax.process_index() == 0 if active is None else active
     self.done = 0
     self._start = time.perf_counter()
-    self._last_print: float | None = None
+    self._print(self._start)
 
   def update(self, count: int = 1) -> None:
     """Adds `count` finished items; prints a line when `every_s` has passed since the last."""
     self.done += count
     now = time.perf_counter()
-    if self._last_print is None or now - self._last_print >= self.every_s:
+    if now - self._last_print >= self.every_s:
       self._print(now)
 
   def finish(self) -> None:

@@ -14,18 +14,19 @@ def test_format_duration_minutes_and_hours():
 
 def test_progress_line_names_phase_done_total_rate_and_eta():
   stream = io.StringIO()
-  progress = Progress("tagging", 1000, unit="answers", stream=stream, active=True)
+  progress = Progress("tagging", 1000, unit="answers", stream=stream, every_s=0.0, active=True)
   progress.update(250)
-  line = stream.getvalue().strip()
+  start, line = stream.getvalue().splitlines()
+  assert start == "tagging: 0/1,000 answers"
   assert re.fullmatch(r"tagging: 250/1,000 answers \| [\d,.]+ answers/s \| ETA \d\d:\d\d", line)
 
 
-def test_progress_prints_first_update_then_waits_every_s():
+def test_progress_prints_nothing_between_start_and_every_s():
   stream = io.StringIO()
   progress = Progress("gen", 10, stream=stream, every_s=3600.0, active=True)
   for _ in range(10):
     progress.update()
-  assert len(stream.getvalue().splitlines()) == 1  # later updates fall within every_s
+  assert stream.getvalue().splitlines() == ["gen: 0/10 items"]
 
 
 def test_progress_final_line_counts_everything_done():
