@@ -94,6 +94,15 @@ def test_extract_answer_and_infer_domain():
   assert tagging.infer_domain("Who wrote Hamlet?") == "general"
 
 
+def test_tag_tasks_prints_progress_over_all_votes(capsys):
+  ts = [t for t in tasks.generate_tasks(40, seed=5) if t.verifier["type"] == "choice"][:3]
+  assert len(ts) == 3
+  tagging.tag_tasks(ts, tagging.simulated_solver(ts), num_samples=2, random_fraction=0.0)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "tagging: think-off answers scored: 0/6 answers"
+  assert lines[-1].startswith("tagging: think-off answers scored: 6/6 answers in ")
+
+
 # ---------------------------------------------------------------------------
 # OpenAI-compatible client against a local fake
 # ---------------------------------------------------------------------------
