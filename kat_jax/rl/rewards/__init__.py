@@ -1,4 +1,4 @@
-"""Verifiable rewards for RL (seed 001 §4.2.2; spec §6): math, code, choice, format, general.
+"""Verifiable rewards for RL (KAT-V1 §4.2.2; docs/spec.md §6): math, code, choice, format, general.
 
   math.py     final-answer extraction + SymPy equivalence (time-limited worker)
   code.py     unit tests run in `sandbox.py` (namespaces, rlimits, one-off uid)

@@ -1,6 +1,6 @@
-"""Code reward: run the candidate with the task's unit tests in the sandbox (spec §6.2).
+"""Code reward: run the candidate with the task's unit tests in the sandbox (docs/spec.md §6.2).
 
-KAT-V1 §4.2.2 (seed 001): passing all tests yields the full reward, any failure zero.
+KAT-V1 report §4.2.2: passing all tests yields the full reward, any failure zero.
 Two test formats:
   * a string of Python (asserts, or a human-eval style `check(candidate)` with
     `entry_point`), appended to the candidate program;

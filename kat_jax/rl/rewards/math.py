@@ -1,9 +1,9 @@
 """Math reward: extract the final answer, normalise it, decide equivalence with SymPy.
 
-KAT-V1 §4.2.2 (seed 001): math answers are scored by symbolic equivalence (algebraic
-simplification and numeric approximation), 1 if correct else 0. The answer is the last
+KAT-V1 report (arXiv 2507.08297) §4.2.2: math answers are scored by symbolic equivalence
+(algebraic simplification and numeric approximation), 1 if correct else 0. The answer is the last
 \\boxed{}, else an "answer is X" phrase, else the value the last sentence states ("So x = -3.").
-Normalisation handles the forms HF Math-Verify's tests cover (spec §6.1) and more: \\frac
+Normalisation handles the forms HF Math-Verify's tests cover (docs/spec.md §6.1) and more: \\frac
 variants, mixed numbers (2\\frac{1}{3}), units (dropped against a bare value, converted between
 each other, never confused with words that change a value such as "squared"), percentages,
 intervals and inequalities, sets (order and repeats ignored), tuples, equations up to scaling.

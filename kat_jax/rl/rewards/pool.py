@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kat_jax.progress import Progress
 from kat_jax.rl.rewards import choice as choice_lib
 from kat_jax.rl.rewards import code as code_lib
 from kat_jax.rl.rewards import format as format_lib
@@ -36,6 +37,7 @@ from kat_jax.rl.rewards import math as math_lib
 from kat_jax.rl.rewards.sandbox import SandboxLimits
 
 STATUSES = ("ok", "pass", "fail", "timeout", "error")
+_ITEMS_PER_WORKER_PER_CHUNK = 32  # RewardPool.score with progress: items between two updates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,8 +254,17 @@ class RewardPool:
       threading.Thread(target=run, args=(i,), daemon=True, name="reward-wait").start()
     return future
 
-  def score(self, items: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
-    return self.score_async(items).result()
+  def score(self, items: Sequence[Mapping[str, Any]], progress: Progress | None = None
+            ) -> list[RewardResult]:
+    """One `RewardResult` per item, in order; `progress` counts items as chunks finish."""
+    if progress is None:
+      return self.score_async(items).result()
+    items, results = list(items), []
+    chunk = _ITEMS_PER_WORKER_PER_CHUNK * self.max_workers  # keeps every worker busy
+    for start in range(0, len(items), chunk):
+      results += self.score_async(items[start:start + chunk]).result()
+      progress.update(min(chunk, len(items) - start))
+    return results
 
   def close(self) -> None:
     self._closed = True

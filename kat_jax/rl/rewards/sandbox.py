@@ -1,6 +1,6 @@
 """Run an untrusted Python program in a contained child process.
 
-Layout of one run (after openai/human-eval `execution.py`, hardened; spec §6.2):
+Layout of one run (after openai/human-eval `execution.py`, hardened; docs/spec.md §6.2):
 
   trainer ──Popen(start_new_session)──> launcher (this file run as a script, root if we are)
                                           │ unshare: net, mount, pid namespaces (each if allowed)
