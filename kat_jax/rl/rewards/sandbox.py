@@ -123,6 +123,7 @@ class SandboxResult:
   isolation: Mapping[str, bool] = dataclasses.field(default_factory=dict)
   uid: int | None = None  # uid the program ran as
   pgid: int | None = None  # process group of the launcher (for leak checks)
+  candidate: SandboxResult | None = None  # unit tests: the candidate's own run (code.py)
 
   @property
   def passed(self) -> bool:

@@ -85,7 +85,7 @@ def test_human_eval_style_entry_point():
   assert code_lib.code_reward("def add(a, b): return a * b", tests, entry_point="add",
                               limits=FAST) == 0.0
   with pytest.raises(ValueError, match="identifier"):
-    code_lib.build_program("x", tests, entry_point="add; import os")
+    code_lib.run_code_tests("x", tests, entry_point="add; import os")
 
 
 def test_stdin_stdout_cases():
