@@ -634,7 +634,7 @@ def _set_limits(config: Mapping[str, Any]) -> None:
   cap(resource.RLIMIT_NPROC, int(config["nproc"]))
 
 
-def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: dict[str, bool],
+def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: Mapping[str, bool],
            status_fd: int) -> None:
   """In the forked child: finish isolation and exec the program. Never returns."""
   try:
@@ -645,9 +645,8 @@ def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: dict[str, 
     if iso.get("mount"):
       try:  # in a pid namespace this shows only the run's processes
         _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-        iso["proc"] = True
       except OSError:
-        iso["proc"] = False
+        pass  # the program runs without /proc
     os.chdir(cwd)
     _set_limits(config)
     if uid is not None:
