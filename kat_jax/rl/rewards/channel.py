@@ -163,10 +163,13 @@ class _Pipe:
 def _exception(name: Any, message: Any) -> Exception:
   """The exception to raise in the tests for one raised in the candidate: the built-in type of
   that name when it is an Exception subclass (so `except ValueError` in tests works), else
-  CandidateError. SystemExit, KeyboardInterrupt and the like become CandidateError."""
+  CandidateError. SystemExit, KeyboardInterrupt, StopIteration and the like become
+  CandidateError."""
   name, message = str(name)[:100], str(message)[:2000]
   cls = getattr(builtins, name, None)
-  if isinstance(cls, type) and issubclass(cls, Exception):
+  # StopIteration would end the tests' loops early (`all(map(f, xs))` -> True): never raised
+  if (isinstance(cls, type) and issubclass(cls, Exception)
+      and not issubclass(cls, (StopIteration, StopAsyncIteration))):
     try:
       return cls(message)
     except Exception:  # pylint: disable=broad-except  (constructors with required fields)
@@ -250,8 +253,9 @@ def run_tests() -> None:
     if type(names) is not dict:
       raise ChannelError("the candidate did not report its names")
     namespace: dict[str, Any] = {"__name__": "__tests__"}
-    for name, value in names.items():
-      if isinstance(name, str) and name.isidentifier() and not name.startswith("__"):
+    for name, value in names.items():  # never shadow a builtin the tests use (range, abs ...)
+      if (isinstance(name, str) and name.isidentifier() and not name.startswith("__")
+          and not hasattr(builtins, name)):
         namespace[name] = client.decode(value)
     if os.path.exists("prelude.py"):  # trusted helpers win over the candidate's of that name
       _exec_file("prelude.py", namespace)
