@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kat_jax.rl.rewards import channel as channel_lib
+from kat_jax.rl.rewards import sandbox as sandbox_lib
 from kat_jax.rl.rewards.math import answer_region
 from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, run_python
 
@@ -138,9 +139,14 @@ def _self_check() -> str | None:
   for what, want, result in runs:
     if result.status != want or (what.endswith("program") and result.stdout.strip() != "42"):
       last = (result.stderr.strip().splitlines() or [""])[-1][-300:]
+      hint = ""
+      private = sandbox_lib.private_paths()
+      if private and result.uid is not None:
+        hint = (f"; the program runs as an unprivileged uid, which cannot read {private}: "
+                "make them readable by others (chmod o+rX)")
       return (f"the code sandbox gave {result.status!r} ({result.detail}; {last}) on a "
               f"{what}, expected {want!r}; interpreter {sys.executable}, isolation "
-              f"{dict(result.isolation)}")
+              f"{dict(result.isolation)}{hint}")
   return None
 
 

@@ -217,6 +217,21 @@ def visible_paths() -> list[str]:
   return kept
 
 
+def private_paths() -> list[str]:
+  """Visible paths that other users cannot read (directories: r-x, files: r), e.g. a venv made
+  in a 0700 directory: a program running as the one-off uid cannot use them."""
+  private = []
+  for p in visible_paths():
+    try:
+      mode = os.stat(p).st_mode
+    except OSError:
+      continue
+    need = 0o005 if os.path.isdir(p) else 0o004
+    if mode & need != need:
+      private.append(p)
+  return private
+
+
 def _run(program: str, limits: SandboxLimits, files: dict[str, str], stdin: str,
          site_packages: bool, start: float, channel_fds: list[int],
          cancel: threading.Event | None) -> SandboxResult:
