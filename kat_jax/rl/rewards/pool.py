@@ -49,12 +49,16 @@ class RewardResult:
   failed, incl. crashes and limit kills), 'timeout' (the sandbox's wall clock or CPU limit, or
   the pool's per-item limit), 'error' (bad item, a reward function raised, or the sandbox
   itself could not run). detail: why, for everything but 'ok' / 'pass'.
+  trusted: False when a code verdict came from a sandbox that could not keep the program away
+  from the process deciding it (neither a uid of its own nor a pid namespace: the OS refused
+  both); such a reward could be forged, see docs/rewards.md.
   """
   reward: float
   status: str = "ok"
   kind: str | None = None
   detail: str = ""
   elapsed_s: float = 0.0
+  trusted: bool = True
 
 
 def _field(verifier: Mapping[str, Any], *names: str) -> Any:
@@ -86,8 +90,9 @@ def _code(response: str, verifier: Mapping[str, Any], **_) -> RewardResult:
                                 prelude=verifier.get("prelude"))
   # e.g. "exit code 1: AssertionError" - the last stderr line names the exception.
   detail = "; ".join(x for x in (result.detail, _last_line(result.stderr)) if x)
+  runs = [r for r in (result, result.candidate) if r is not None and r.isolation]
   return RewardResult(reward=1.0 if result.passed else 0.0, status=result.status,
-                      detail=detail)
+                      detail=detail, trusted=all(r.contained for r in runs))
 
 
 def _choice(response: str, verifier: Mapping[str, Any], **_) -> float:

@@ -130,6 +130,12 @@ class SandboxResult:
   def passed(self) -> bool:
     return self.status == "pass"
 
+  @property
+  def contained(self) -> bool:
+    """The program could not signal, trace or read the memory of processes outside its run
+    (its own uid, or its own pid namespace). False only where the OS allowed neither."""
+    return bool(self.isolation.get("uid_drop") or self.isolation.get("pid"))
+
 
 def run_python(program: str, *, limits: SandboxLimits | None = None,
                files: Mapping[str, str] | None = None, stdin: str = "",

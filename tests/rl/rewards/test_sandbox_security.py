@@ -7,9 +7,11 @@ one-off uid or process group may be left, and the test process itself keeps goin
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import uuid
 
@@ -290,3 +292,35 @@ def test_normal_run_still_passes_after_attacks():
   assert result.status == "pass"
   assert result.stdout.strip() == "45"
   assert result.exit_code == 0
+
+
+def test_unprivileged_trainer_gets_the_user_namespace_path():
+  # Without root the launcher enters a user namespace (no uid of its own, but the same new
+  # root, pid and network namespaces). Run as `nobody` with a system interpreter.
+  python = "/usr/bin/python3"
+  if os.getuid() != 0 or not shutil.which("setpriv") or not os.path.exists(python):
+    pytest.skip("needs root, setpriv and /usr/bin/python3 to act as an unprivileged trainer")
+  as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c"]
+  script = (
+      "import importlib.util, json, sys\n"
+      f"spec = importlib.util.spec_from_file_location('sandbox', {sb.__file__!r})\n"
+      "sb = importlib.util.module_from_spec(spec)\n"
+      "sys.modules['sandbox'] = sb\n"
+      "spec.loader.exec_module(sb)\n"
+      "r = sb.run_python(\"import os\\nprint(sorted(os.listdir('/')))\\n"
+      f"print(os.path.exists({REPO!r}))\", site_packages=False)\n"
+      "print(json.dumps({'status': r.status, 'detail': r.detail, 'stdout': r.stdout,\n"
+      "                  'isolation': dict(r.isolation), 'contained': r.contained}))\n")
+  probe = subprocess.run(as_nobody + [f"open({sb.__file__!r}).read()"], capture_output=True)
+  if probe.returncode != 0:
+    pytest.skip("this checkout is not readable by an unprivileged user")
+  out = subprocess.run(as_nobody + [script], capture_output=True, text=True, timeout=120,
+                       cwd="/")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.splitlines()[-1])
+  if not result["isolation"].get("userns"):
+    pytest.skip(f"this kernel refuses unprivileged user namespaces: {result}")
+  assert result["status"] == "pass", result
+  assert result["isolation"]["uid_drop"] is False and result["contained"], result
+  assert result["isolation"]["minimal_root"] and result["isolation"]["pid"], result
+  assert result["stdout"].splitlines()[1] == "False", result  # the checkout is not visible
