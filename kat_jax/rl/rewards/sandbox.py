@@ -669,6 +669,9 @@ def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: Mapping[st
     channel = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in config["channel_fds"]]
     for high, fd in zip(channel, CHANNEL_FDS):
       os.dup2(high, fd)  # inheritable: the program gets it
+    for fd in config["channel_fds"]:
+      if fd not in CHANNEL_FDS:
+        os.close(fd)  # the launcher's numbers: only CHANNEL_FDS reach the program
     if iso.get("mount"):
       try:  # in a pid namespace this shows only the run's processes
         _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
