@@ -241,22 +241,29 @@ def _encode_args(value: Any) -> Any:
 
 def run_tests() -> None:
   """main of the tests' process: stdin = pass token; files tests.py, optional prelude.py
-  (trusted helper definitions, e.g. a HumanEval prompt), tests.json {"entry_point"}."""
+  (trusted helper definitions, e.g. a HumanEval prompt), tests.json {"entry_point",
+  "module_name"} (module_name: the tests `import` the candidate under that name)."""
   token = sys.stdin.readline().strip()
   sys.stdin = io.StringIO()
   with open("tests.json", encoding="utf-8") as f:
-    entry_point = json.load(f).get("entry_point")
+    config = json.load(f)
+  entry_point, module_name = config.get("entry_point"), config.get("module_name")
   client = _Client(_Pipe(3, 4))
   try:
     first = client._pipe.receive()  # pylint: disable=protected-access
     names = first.get("names") if type(first) is dict and len(first) == 1 else None
     if type(names) is not dict:
       raise ChannelError("the candidate did not report its names")
-    namespace: dict[str, Any] = {"__name__": "__tests__"}
-    for name, value in names.items():  # never shadow a builtin the tests use (range, abs ...)
-      if (isinstance(name, str) and name.isidentifier() and not name.startswith("__")
-          and not hasattr(builtins, name)):
-        namespace[name] = client.decode(value)
+    objects = {name: client.decode(value) for name, value in names.items()
+               if isinstance(name, str) and name.isidentifier() and not name.startswith("__")}
+    # never shadow a builtin the tests use (a candidate's `range` or `abs`)
+    namespace: dict[str, Any] = {name: value for name, value in objects.items()
+                                 if not hasattr(builtins, name)}
+    namespace["__name__"] = "__tests__"
+    if module_name:
+      module = types.ModuleType(module_name)
+      module.__dict__.update(objects)
+      sys.modules[module_name] = module
     if os.path.exists("prelude.py"):  # trusted helpers win over the candidate's of that name
       _exec_file("prelude.py", namespace)
     if entry_point:

@@ -54,7 +54,8 @@ with open(channel_lib.__file__, encoding="utf-8") as _f:
 
 
 def _run_unit_tests(code: str, tests: str, entry_point: str | None,
-                    limits: SandboxLimits | None, prelude: str | None) -> SandboxResult:
+                    limits: SandboxLimits | None, prelude: str | None,
+                    module_name: str | None = None) -> SandboxResult:
   """Candidate and tests in two sandboxes joined by a plain-value channel; the verdict is the
   tests' process's (it alone knows the pass token)."""
   if entry_point and not entry_point.isidentifier():
@@ -71,7 +72,7 @@ def _run_unit_tests(code: str, tests: str, entry_point: str | None,
       daemon=True, name="sandbox-candidate")
   candidate.start()
   files = {"kat_channel.py": _CHANNEL_SOURCE, "tests.py": tests,
-           "tests.json": json.dumps({"entry_point": entry_point})}
+           "tests.json": json.dumps({"entry_point": entry_point, "module_name": module_name})}
   if prelude:
     files["prelude.py"] = prelude
   tests_result = run_python(_TESTS_MAIN, limits=limits, stdin=token + "\n", pass_marker=token,
@@ -185,19 +186,22 @@ _HEALTH = _Health()
 
 def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
                    entry_point: str | None = None, limits: SandboxLimits | None = None,
-                   prelude: str | None = None) -> SandboxResult:
+                   prelude: str | None = None,
+                   module_name: str | None = None) -> SandboxResult:
   """Sandbox result of the candidate against the tests (first failing io case for io tests).
 
   prelude: trusted code run before string tests in the tests' process (e.g. a HumanEval prompt,
     whose helpers the tests call); the candidate cannot replace what it defines.
+  module_name: string tests may `import` / `from ... import` the candidate under this name.
   Bad `tests` raise ValueError (a data bug, not the candidate's fault). A sandbox that fails its
   first-use self-check, or `MAX_ERRORS_IN_A_ROW` runs in a row, raises RewardInfrastructureError.
   """
   if isinstance(tests, str):
-    if entry_point and not entry_point.isidentifier():
-      raise ValueError(f"entry_point must be an identifier, got {entry_point!r}")
+    for field, name in (("entry_point", entry_point), ("module_name", module_name)):
+      if name and not name.isidentifier():
+        raise ValueError(f"{field} must be an identifier, got {name!r}")
     _HEALTH.ensure_checked()
-    result = _run_unit_tests(code, tests, entry_point, limits, prelude)
+    result = _run_unit_tests(code, tests, entry_point, limits, prelude, module_name)
     _HEALTH.record(result)
     return result
   cases = _io_cases(tests)
