@@ -304,10 +304,11 @@ for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
 '''),
     Attack("become_root", "escaping", '''
 import os, subprocess
+was_root = os.getuid() == 0  # uid 0 of a user namespace where the trainer is not root
 for f in (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.seteuid(0)):
   try:
     f()
-    print("ROOT")
+    print("uid 0 already" if was_root else "ROOT")
   except OSError as e:
     print("DENIED", type(e).__name__)
 for cmd in (["su", "-c", "id"], ["sudo", "id"], ["mount", "-t", "tmpfs", "x", "/tmp"]):

@@ -117,6 +117,15 @@ def test_class_based_tests_use_candidate_objects_through_handles():
   assert result.status == "pass", result
 
 
+def test_tests_can_import_the_candidate_as_a_module():
+  tests = "import mymod\nfrom mymod import twice\nassert mymod.twice(2) == twice(2) == 4\n"
+  result = code_lib.run_code_tests("def twice(x):\n  return 2 * x\n", tests, limits=FAST,
+                                   module_name="mymod")
+  assert result.status == "pass", result
+  with pytest.raises(ValueError, match="module_name"):
+    code_lib.run_code_tests("x = 1", tests, module_name="my-mod")
+
+
 def test_values_cross_the_channel_as_plain_types():
   code = ("import collections, math\n"
           "P = collections.namedtuple('P', 'x y')\n"
