@@ -2,8 +2,8 @@
 
   math.py     final-answer extraction + SymPy equivalence (time-limited worker)
   code.py     unit tests in their own sandbox, calling the candidate in another through a
-              plain-value channel (`channel.py`); `sandbox.py`: namespaces, minimal root,
-              rlimits, one-off uid
+              plain-value channel (`channel.py`); `sandbox.py`: limits, results, and the
+              launcher (`sandbox_launcher.py`: namespaces, minimal root, rlimits, one-off uid)
   choice.py   first option letter vs key
   format.py   AutoThink template well-formedness
   general.py  binary heuristic (length, repetition, keyword overlap)
