@@ -140,8 +140,11 @@ class _Pipe:
     self._out = os.fdopen(write_fd, "wb")
 
   def send(self, message: Any) -> None:
-    self._out.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-    self._out.flush()
+    try:
+      self._out.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+      self._out.flush()
+    except BrokenPipeError:
+      raise CandidateEnded("the candidate program ended before the tests finished") from None
 
   def receive(self) -> Any:
     line = self._in.readline(MAX_MESSAGE_BYTES + 1)
