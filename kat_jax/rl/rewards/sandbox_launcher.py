@@ -170,7 +170,9 @@ def _setup_root(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
       f.write(data)
-    os.chown(path, uid, uid)
+    while path != root + "/tmp":  # the file and the directories made for it: the program's
+      os.chown(path, uid, uid)
+      path = os.path.dirname(path)
   os.makedirs(root + "/dev")
   _mount("tmpfs", root + "/dev", "tmpfs", _MS_NOSUID, "size=64k,mode=755")
   for name in _DEVICES:
