@@ -23,9 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kat_jax.rl.rewards import channel as channel_lib
-from kat_jax.rl.rewards import sandbox as sandbox_lib
 from kat_jax.rl.rewards.math import answer_region
-from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, run_python
+from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, private_paths, run_python
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -58,8 +57,6 @@ def _run_unit_tests(code: str, tests: str, entry_point: str | None,
                     module_name: str | None = None) -> SandboxResult:
   """Candidate and tests in two sandboxes joined by a plain-value channel; the verdict is the
   tests' process's (it alone knows the pass token)."""
-  if entry_point and not entry_point.isidentifier():
-    raise ValueError(f"entry_point must be an identifier, got {entry_point!r}")
   token = "KAT_TESTS_DONE_" + secrets.token_hex(16)
   to_candidate_r, to_candidate_w = os.pipe()
   to_tests_r, to_tests_w = os.pipe()
@@ -141,7 +138,7 @@ def _self_check() -> str | None:
     if result.status != want or (what.endswith("program") and result.stdout.strip() != "42"):
       last = (result.stderr.strip().splitlines() or [""])[-1][-300:]
       hint = ""
-      private = sandbox_lib.private_paths()
+      private = private_paths()
       if private and result.uid is not None:
         hint = (f"; the program runs as an unprivileged uid, which cannot read {private}: "
                 "make them readable by others (chmod o+rX)")
