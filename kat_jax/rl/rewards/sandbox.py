@@ -128,7 +128,7 @@ def run_python(program: str, *, limits: SandboxLimits | None = None,
   """Run `program` as `python main.py` in the sandbox; never raises.
 
   Args:
-    program: Python source (e.g. candidate solution + "\\n" + unit tests).
+    program: Python source (e.g. a stdin/stdout solution, or a side of the unit-test channel).
     limits: see `SandboxLimits`.
     files: extra files {relative name: text} placed next to main.py.
     stdin: text fed to the program's stdin.
