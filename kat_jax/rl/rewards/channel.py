@@ -287,7 +287,8 @@ def run_tests() -> None:
 def _exec_file(path: str, namespace: dict[str, Any]) -> None:
   with open(path, encoding="utf-8") as f:
     source = f.read()
-  exec(compile(source, path, "exec"), namespace)  # pylint: disable=exec-used
+  # dont_inherit: not this module's `from __future__ import annotations`
+  exec(compile(source, path, "exec", dont_inherit=True), namespace)  # pylint: disable=exec-used
 
 
 # ---------------------------------------------------------------------------

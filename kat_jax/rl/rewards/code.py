@@ -19,6 +19,7 @@ import re
 import secrets
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -181,6 +182,20 @@ class _Health:
 _HEALTH = _Health()
 
 
+def _syntax_error(code: str) -> SandboxResult | None:
+  """A 'fail' for code that does not compile, found without starting a sandbox (compiling runs
+  nothing; most programs of an untrained policy stop here), else None."""
+  try:
+    compile(code, "candidate.py", "exec", dont_inherit=True)
+  except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+    message = "".join(traceback.format_exception_only(type(e), e))
+    return SandboxResult(status="fail", exit_code=1, stderr=message,
+                         detail=f"does not compile: {type(e).__name__}")
+  except (RecursionError, MemoryError):
+    pass  # let the sandbox's limits judge it
+  return None
+
+
 def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
                    entry_point: str | None = None, limits: SandboxLimits | None = None,
                    prelude: str | None = None,
@@ -198,6 +213,9 @@ def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
       if name and not name.isidentifier():
         raise ValueError(f"{field} must be an identifier, got {name!r}")
     _HEALTH.ensure_checked()
+    syntax = _syntax_error(code)
+    if syntax is not None:
+      return syntax
     result = _run_unit_tests(code, tests, entry_point, limits, prelude, module_name)
     _HEALTH.record(result)
     return result
@@ -205,6 +223,9 @@ def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
   if not cases:
     raise ValueError("tests is an empty list")
   _HEALTH.ensure_checked()
+  syntax = _syntax_error(code)
+  if syntax is not None:
+    return syntax
   result = None
   for stdin, want in cases:
     result = run_python(code, limits=limits, stdin=stdin)

@@ -250,3 +250,20 @@ def test_a_venv_the_sandbox_uid_cannot_read_fails_with_one_error_naming_it():
     assert "Permission denied" in last and f"cannot read ['{venv}']" in last, last
   finally:
     shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_code_that_does_not_compile_fails_without_a_sandbox(monkeypatch):
+  code_lib.run_code_tests("x = 1", TESTS, limits=FAST)  # start-up self-check done
+  monkeypatch.setattr(code_lib, "run_python", lambda *a, **k: pytest.fail("sandbox started"))
+  for code in ("def add(a, b) return a + b", "x = '\0'", "(" * 300 + ")" * 300):
+    for tests in (TESTS, [{"input": "", "output": ""}]):
+      result = code_lib.run_code_tests(code, tests, limits=FAST)
+      assert result.status == "fail" and "does not compile" in result.detail, result
+      assert "SyntaxError" in result.stderr
+
+
+def test_candidate_annotations_are_evaluated_as_in_plain_python():
+  # the harness's own `from __future__ import annotations` must not leak into the candidate
+  code = "def add(a: Undefined, b) -> int:\n  return a + b\n"
+  result = code_lib.run_code_tests(code, TESTS, limits=FAST)
+  assert result.status == "fail" and "NameError" in result.stderr, result
