@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kat_jax.errors import RewardInfrastructureError
 from kat_jax.rl.rewards import channel as channel_lib
 from kat_jax.rl.rewards.math import answer_region
 from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, private_paths, run_python
@@ -113,10 +114,6 @@ def _io_cases(tests: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
 def _same_output(got: str, want: str) -> bool:
   lines = lambda s: [line.rstrip() for line in s.strip().splitlines()]
   return lines(got) == lines(want)
-
-
-class RewardInfrastructureError(RuntimeError):
-  """The sandbox cannot run programs, so every code reward would be a meaningless 0."""
 
 
 MAX_ERRORS_IN_A_ROW = 8  # sandbox 'error' results (never the candidate's doing) before raising

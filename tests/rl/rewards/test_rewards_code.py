@@ -246,7 +246,7 @@ def test_a_venv_the_sandbox_uid_cannot_read_fails_with_one_error_naming_it():
                          env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("kat_jax.rl.rewards.code.RewardInfrastructureError: "), out.stderr
+    assert last.startswith("kat_jax.errors.RewardInfrastructureError: "), out.stderr
     assert "Permission denied" in last and f"cannot read ['{venv}']" in last, last
   finally:
     shutil.rmtree(venv, ignore_errors=True)
