@@ -10,14 +10,15 @@ side, joined by two pipes (fds 3 = in, 4 = out in each; `sandbox.CHANNEL_FDS`):
 
 One JSON line per message:
   tests -> candidate   {"call": [ref, args, kwargs]}  {"getattr": [ref, name]}  {"len": ref}
-                       {"iter": ref}  {"getitem": [ref, key]}
+                       {"bool": ref}  {"iter": ref}  {"getitem": [ref, key]}
   candidate -> tests   {"ok": value}  {"raise": [exception type name, message]}
 Values are plain data in a tagged JSON form (`encode` / `decode`): None, bool, int, float, str,
 bytes, complex, list, tuple, set, frozenset, dict, and materialized iterators. Any other
 object crosses as a handle {"$h": n}, which the tests can only call, read attributes of, take
-the len of, iterate or index; every answer is again plain values or handles. A handle has no
-remote `==`, `hash`, `bool` or `in`: those run in the tests' process on plain values, so an
-object that claims to equal everything cannot pass `assert f(x) == y`.
+the len or truth value of, iterate or index; every answer is again plain values or handles
+(a truth value the candidate picks tells no more than returning True or False would). A
+handle has no remote `==`, `hash` or `in`: those run in the tests' process on plain values,
+so an object that claims to equal everything cannot pass `assert f(x) == y`.
 
 Whatever the candidate's process does (patch builtins, walk frames, exit, fork), it can only
 answer requests with values (wrong ones fail the tests), raise, or stop answering (the tests
@@ -181,7 +182,8 @@ def _exception(name: Any, message: Any) -> Exception:
 
 
 class Remote:
-  """A candidate object seen from the tests: call, attributes, len, iteration, indexing."""
+  """A candidate object seen from the tests: call, attributes, len, truth, iteration,
+  indexing."""
 
   __slots__ = ("_ref", "_client")
 
@@ -200,6 +202,9 @@ class Remote:
 
   def __len__(self) -> int:
     return self._client.request({"len": self._ref})
+
+  def __bool__(self) -> bool:  # `while node:` over a candidate's linked list
+    return self._client.request({"bool": self._ref}) is True
 
   def __iter__(self):
     return iter(self._client.request({"iter": self._ref}))
@@ -327,6 +332,8 @@ def _answer(objects: _Objects, request: Any) -> Any:
     return getattr(objects.get(body[0]), str(body[1]))
   if op == "len":
     return len(objects.get(body))
+  if op == "bool":
+    return bool(objects.get(body))
   if op == "iter":
     return list(itertools.islice(iter(objects.get(body)), MAX_ITEMS))
   if op == "getitem":

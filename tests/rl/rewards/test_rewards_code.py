@@ -117,6 +117,18 @@ def test_class_based_tests_use_candidate_objects_through_handles():
   assert result.status == "pass", result
 
 
+def test_linked_list_tests_walk_candidate_nodes_through_handles():
+  code = ("class Node:\n  def __init__(self, val, next=None):\n"
+          "    self.val, self.next = val, next\n"
+          "def reverse(head):\n  prev = None\n  while head:\n"
+          "    head.next, prev, head = prev, head, head.next\n  return prev\n")
+  tests = ("def to_list(node):\n  out = []\n  while node:\n    out.append(node.val)\n"
+           "    node = node.next\n  return out\n"
+           "assert to_list(reverse(Node(1, Node(2, Node(3))))) == [3, 2, 1]\n"
+           "assert reverse(None) is None\n")
+  assert code_lib.run_code_tests(code, tests, limits=FAST).status == "pass"
+
+
 def test_tests_can_import_the_candidate_as_a_module():
   tests = "import mymod\nfrom mymod import twice\nassert mymod.twice(2) == twice(2) == 4\n"
   result = code_lib.run_code_tests("def twice(x):\n  return 2 * x\n", tests, limits=FAST,
