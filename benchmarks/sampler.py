@@ -41,8 +41,6 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--hf_repeats", type=int, default=2)
   parser.add_argument("--skip_hf", action="store_true")
-  parser.add_argument("--steps_per_loop", type=int, default=1,
-                      help="decode steps per iteration of the sampler's while loop")
   parser.add_argument("--kernels", default="auto",
                       help="the sampler's decode-step kernels: auto, xla or fused")
   parser.add_argument("--trace_batch", type=int, default=0,
@@ -172,8 +170,7 @@ def _decode(sampler, dparams, state, new_tokens: int):
 
 
 def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repeats,
-                       variants: dict[str, dict], steps_per_loop=1,
-                       compiler_options=None) -> dict:
+                       variants: dict[str, dict], compiler_options=None) -> dict:
   """Time per token of several decode steps, all compiled in one process and timed in
   alternation (repeat r of every variant before repeat r+1 of any).
 
@@ -181,7 +178,7 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with,
   "patches": optional {(module, name): value} set while its step is traced, for callers that
   compare another implementation of a function the step calls, "compiler_options": optional
-  XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional,
+  XLA options of its decode loop in place of `compiler_options`,
   "package": optional name of another importable copy of kat_jax whose Sampler runs it, e.g.
   `kat_jax_base` from benchmarks/baseline_package.py (the code at another revision)}.
   Time per token: the decode call alone (after a prefill that is waited for) over the new
@@ -219,7 +216,6 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
     try:
       samplers[label] = sampling.Sampler(config, prefill_chunk=max(prompt_len, 8),
                                 kernels=variant["kernels"],
-                                steps_per_loop=variant.get("steps_per_loop", steps_per_loop),
                                 compiler_options=variant.get("compiler_options",
                                                              compiler_options))
       for b in batch_sizes:  # compiles
@@ -260,8 +256,7 @@ def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repe
   return out
 
 
-def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, steps_per_loop=1,
-               trace_batch=0, kernels="auto", compiler_options=None):
+def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, trace_batch=0, kernels="auto", compiler_options=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
@@ -270,8 +265,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
-  sampler_args = dict(prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
-                      kernels=kernels)
+  sampler_args = dict(prefill_chunk=max(prompt_len, 8), kernels=kernels)
   sampler = Sampler(config, compiler_options=compiler_options, **sampler_args)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
@@ -315,7 +309,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
                "time_per_token_ms": per_token * 1e3, "decode_tokens_per_s": b / per_token,
                "generate_minus_prefill_ms_per_token": (total_s - prefill_s) / new_tokens * 1e3}
   meta = {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err,
-          "steps_per_loop": steps_per_loop, "kernels": sampler.kernels,
+          "kernels": sampler.kernels,
           "compiler_options": sampler.compiler_options}
   if trace_batch:
     # Each step's kernels are visible to the profiler only outside a while-loop command
@@ -438,7 +432,7 @@ def main():
     variants = _variants(args.compare_kernels, args.compare_variants)
     labels = list(variants)
     compare = compare_in_process(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                                 args.repeats, variants, args.steps_per_loop,
+                                 args.repeats, variants,
                                  _compiler_options(args.compiler_option))
     print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
           f"one process, {args.repeats} alternating repeats")
@@ -457,7 +451,7 @@ def main():
     return
 
   ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                               args.repeats, args.steps_per_loop, args.trace_batch, args.kernels,
+                               args.repeats, args.trace_batch, args.kernels,
                                _compiler_options(args.compiler_option))
   if tiles:
     ours_meta["decode_tiles"] = tiles

@@ -376,72 +376,6 @@ def _attention_split_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_r
       stats_ref[...] = jnp.where(jnp.arange(2) == 0, m, l)
 
 
-def _attention_one_pass_kernel(end_ref, qkv_ref, cos_ref, sin_ref, pos_ref, valid_ref, k_ref,
-                               v_ref, out_ref, k_out_ref, v_out_ref, *, groups, num_q_heads,
-                               num_kv_heads, head_dim, block_s, d_chunk):
-  """One program per (row, query head, chunk of `d_chunk` output dims): the head's whole softmax
-  over the cache, online over blocks of `block_s` slots, so no merge kernel follows.
-
-  Each program computes the scores over all D dims (the chunks of a head recompute them) and
-  only its chunk of the value sum. The next block's cache loads are issued before the current
-  block is reduced; block 0's before anything else.
-  """
-  f32 = jnp.float32
-  b, head, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  h = head // groups
-  half = head_dim // 2
-  end = end_ref[0]
-  lo, hi, dv = pl.ds(0, half), pl.ds(half, half), pl.ds(c * d_chunk, d_chunk)
-  neg = jnp.float32(-1e30)
-  scale = head_dim**-0.5
-
-  def load(i):  # block i's cached slots (< end), masked
-    rows = pl.ds(i * block_s, block_s)
-    in_range = i * block_s + jnp.arange(block_s) < end
-    mask = in_range[:, None]
-    return (plgpu.load(k_ref.at[rows, lo], mask=mask, other=0).astype(f32),
-            plgpu.load(k_ref.at[rows, hi], mask=mask, other=0).astype(f32),
-            plgpu.load(v_ref.at[rows, dv], mask=mask, other=0).astype(f32),
-            in_range & (plgpu.load(valid_ref.at[b, rows], mask=in_range, other=0) != 0))
-
-  first = load(0)
-  rotated = _rope_of(qkv_ref, cos_ref, sin_ref, pos_ref, b, head_dim)
-  q1, q2 = rotated(head * head_dim)
-  k_new = rotated((num_q_heads + h) * head_dim)
-  v_offset = (num_q_heads + num_kv_heads + h) * head_dim
-
-  pl.when((head % groups == 0) & (c == 0))(lambda: _store_new_token(
-      k_out_ref, v_out_ref, end, k_new, qkv_ref[b, pl.ds(v_offset, head_dim)]))
-
-  # The new token (slot end, taken from qkv) seeds the running statistics: p = exp(0) = 1.
-  v_new = qkv_ref[b, pl.ds(v_offset + c * d_chunk, d_chunk)].astype(v_out_ref.dtype).astype(f32)
-  new_visible = valid_ref[b, end] != 0
-  s_new = _new_token_score((q1, q2), k_new, k_out_ref.dtype, scale)
-  m = jnp.where(new_visible, s_new, neg)
-  p_new = jnp.where(new_visible, jnp.exp(s_new - m), 0.0)
-  stats = (m, p_new, p_new * v_new)
-
-  def update(stats, tiles):
-    m, l, acc = stats
-    k1, k2, v, visible = tiles
-    s = _masked_scores((q1, q2), (k1, k2), visible, scale)
-    m_new = jnp.maximum(m, jnp.max(s))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-    return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)
-
-  def step(i, carry):
-    stats, tiles = carry
-    following = load(i + 1)
-    return update(stats, tiles), following
-
-  used = jnp.maximum((end + block_s - 1) // block_s, 1)
-  stats, last = lax.fori_loop(0, used - 1, step, (stats, first))
-  _, l, acc = update(stats, last)
-  out_ref[b, pl.ds(head * head_dim + c * d_chunk, d_chunk)] = (
-      acc / jnp.maximum(l, 1e-30)).astype(out_ref.dtype)
-
-
 def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, chunk,
                               head_dim):
   """One program per (row, query head): merges the blocks' (m, l, acc) into the output."""
@@ -471,8 +405,7 @@ def _attention_combine_kernel(end_ref, acc_ref, stats_ref, out_ref, *, block_s, 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array, end: jax.Array, *,
                      num_q_heads: int, block_s: int | None = None,
-                     num_warps: int | None = None, one_pass: bool = False,
-                     d_chunk: int = 32, interpret: bool = False
+                     num_warps: int | None = None, interpret: bool = False
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One new token per row: RoPE, cache write at slot `end`, attention over the cache.
 
@@ -490,9 +423,6 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, positions: 
     block_s: cache slots per program (a power of two); by default S/16 within [16, 128],
       the fastest on an H200 at 256 and 2048 slots (benchmarks/decode_kernels.py).
     num_warps: Triton warps per program; by default 2 up to 32 slots per block, else 4.
-    one_pass: one kernel instead: a program per (row, query head, `d_chunk` output dims) runs
-      the whole softmax online over blocks of `block_s` slots (by default the cache, up to
-      256), so no merge kernel follows; fewer programs, each streaming more of the cache.
 
   Returns:
     (out [B, Hq D] in qkv's dtype, k_cache, v_cache). Row b attends to slots j <= end with
@@ -512,13 +442,11 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, positions: 
     raise ValueError(f"positions {positions.shape} must be [B={batch}]")
   if block_s is None:
     padded = 1 << (cache_len - 1).bit_length()  # the cache length up to a power of two
-    block_s = min(256, max(16, padded)) if one_pass else min(128, max(16, padded // 16))
+    block_s = min(128, max(16, padded // 16))
   if num_warps is None:
     num_warps = 2 if block_s <= 32 else 4
   if block_s & (block_s - 1):
     raise ValueError(f"block_s must be a power of two, got {block_s}")
-  if one_pass and (d_chunk & (d_chunk - 1) or head_dim % d_chunk or d_chunk < 16):
-    raise ValueError(f"d_chunk must be a power of two >= 16 dividing D={head_dim}, got {d_chunk}")
   end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
   positions = positions.astype(jnp.int32)
   valid = valid.astype(jnp.int32)
@@ -526,24 +454,6 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, positions: 
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   cache_block = pl.BlockSpec((None, cache_len, None, head_dim),
                              lambda b, head, _: (b, 0, head // groups, 0))
-  if one_pass:
-    kernel = functools.partial(
-        _attention_one_pass_kernel, groups=groups, num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, block_s=block_s, d_chunk=d_chunk)
-    out_shape = (batch, num_q_heads * head_dim)
-    out, k_cache, v_cache = pl.pallas_call(
-        kernel, grid=(batch, num_q_heads, head_dim // d_chunk),
-        in_specs=[whole((1,)), whole(qkv.shape), whole(cos.shape), whole(sin.shape),
-                  whole(positions.shape), whole(valid.shape), cache_block, cache_block],
-        out_specs=[whole(out_shape), cache_block, cache_block],
-        out_shape=[jax.ShapeDtypeStruct(out_shape, qkv.dtype),
-                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-        input_output_aliases={6: 1, 7: 2},
-        compiler_params=_compiler_params(num_warps, interpret), interpret=interpret,
-        name="decode_attention_one_pass")(end, qkv, cos, sin, positions, valid, k_cache,
-                                          v_cache)
-    return out, k_cache, v_cache
   splits = -(-cache_len // block_s)
   partial_shape = (batch, splits, num_q_heads)
   kernel = functools.partial(

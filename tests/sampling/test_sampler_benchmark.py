@@ -23,7 +23,7 @@ def bench():
 
 def test_compare_in_process_variants(bench):
   """Every variant is timed; a patched function is traced into its variant and restored after;
-  a variant's compiler options reach its Sampler (its steps_per_loop changes no token)."""
+  a variant's compiler options reach its Sampler."""
   config = get_preset("tiny", num_layers=1)
   params = init_params(config, jax.random.key(0))
   calls = []
@@ -34,7 +34,7 @@ def test_compare_in_process_variants(bench):
 
   original = sampler_lib.sample_with_stats
   variants = {"base": {"kernels": "xla"},
-              "patched": {"kernels": "xla", "steps_per_loop": 2, "compiler_options": {},
+              "patched": {"kernels": "xla", "compiler_options": {},
                           "patches": {(sampler_lib, "sample_with_stats"): counting}}}
   out = bench.compare_in_process(config, params, [1], prompt_len=8, new_tokens=4, repeats=2,
                                  variants=variants)
