@@ -29,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kat_jax.kernels.decode import (decode_attention, decode_attention_reference, fused_matvec,
                                     matvec_reference)
