@@ -124,13 +124,6 @@ def _dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32)
 
 
-def _dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a [K, M].T @ b [K, N] -> [M, N] float32."""
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
-
-
 def _tile_visible(q_start, k_start, key_ends: jax.Array, block_q: int, block_k: int):
   """[bq, bk] bool mask of a partial tile; key_ends [1, bk] int32."""
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
