@@ -135,7 +135,8 @@ def _decode(sampler, dparams, state, new_tokens: int):
   return jax.block_until_ready(result)
 
 
-def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, trace_batch=0, kernels="auto", compiler_options=None):
+def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, trace_batch=0,
+               kernels="auto", compiler_options=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top

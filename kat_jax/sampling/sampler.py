@@ -290,7 +290,8 @@ class Sampler:
 
 def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array, rng: jax.Array,
                  end: jax.Array, *, config: ModelConfig, pad_id: int, sampling: SamplingParams,
-                 max_new_tokens: int, stop_ids: tuple[int, ...], kernels: str = "xla", fused_max_batch: int = MAX_BATCH
+                 max_new_tokens: int, stop_ids: tuple[int, ...], kernels: str = "xla",
+                 fused_max_batch: int = MAX_BATCH
                  ) -> tuple[GenerationResult, dict[str, Any], jax.Array]:
   """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens.
 
