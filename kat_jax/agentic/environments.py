@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -361,8 +360,3 @@ def make_environment(name: str, **kwargs) -> Environment:
   if name not in ENVIRONMENTS:
     raise ValueError(f"unknown environment {name!r}; valid: {sorted(ENVIRONMENTS)}")
   return ENVIRONMENTS[name](**kwargs)
-
-
-def describe_tools(env: Environment) -> str:
-  """The tool list as JSON (for logs and docs)."""
-  return json.dumps(env.tools, indent=2)

@@ -106,15 +106,6 @@ def bytes_to_token_string(data: bytes) -> str:
   return "".join(table[b] for b in data)
 
 
-def token_string_to_bytes(token: str) -> bytes:
-  """Inverse of `bytes_to_token_string`; ValueError on chars outside the alphabet."""
-  table = _unicode_to_byte()
-  try:
-    return bytes(table[c] for c in token)
-  except KeyError as e:
-    raise ValueError(f"{token!r} is not a byte-level token string") from e
-
-
 class Tokenizer(abc.ABC):
   """Interface shared by all tokenizers.
 

@@ -158,12 +158,6 @@ def _mtp_init(config: ModelConfig, depth: int):
   return init
 
 
-def mtp_logical_axes(config: ModelConfig, depth: int) -> dict:
-  """Tree of logical PartitionSpecs of the MTP params (same structure as `init_mtp_params`)."""
-  boxed = jax.eval_shape(lambda r: _mtp_init(config, depth)(r), jax.random.key(0))
-  return nn.get_partition_spec(boxed)["params"]
-
-
 def boxed_mtp_init(config: ModelConfig, depth: int, rng: jax.Array) -> dict:
   """MTP params keeping their logical-axis boxes (for sharded state creation)."""
   return _mtp_init(config, depth)(rng)["params"]
