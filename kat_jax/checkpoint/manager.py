@@ -105,6 +105,10 @@ class RunCheckpointer:
       return error
     if self._writing is not None and self._writing not in self._manager.all_steps():
       step = self._writing
+    try:  # Orbax's other writer threads end now, not in a flood of errors at interpreter exit
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-exception-caught; the first failure is reported
+      pass
     where = f"step {step}" if step is not None else "step"
     return CheckpointError(f"could not write checkpoint {where} to {self.directory}: {reason}")
 
