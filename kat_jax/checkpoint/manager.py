@@ -109,8 +109,8 @@ class RunCheckpointer:
       self._manager.close()
     except Exception:  # pylint: disable=broad-exception-caught; the first failure is reported
       pass
-    where = f"step {step}" if step is not None else "step"
-    return CheckpointError(f"could not write checkpoint {where} to {self.directory}: {reason}")
+    what = "checkpoint" if step is None else f"checkpoint step {step}"
+    return CheckpointError(f"could not write {what} to {self.directory}: {reason}")
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None,
            meta: dict[str, Any], *, force: bool = False) -> bool:

@@ -27,7 +27,7 @@ def keep_rows_up_to(path: str, step: int) -> int:
   """
   if not os.path.exists(path):
     return 0
-  kept, dropped = [], 0
+  kept, dropped, unterminated = [], 0, False
   with open(path, encoding="utf-8") as f:
     for line in f:
       try:
@@ -35,10 +35,11 @@ def keep_rows_up_to(path: str, step: int) -> int:
       except (ValueError, KeyError, TypeError):
         row_step = None
       if isinstance(row_step, int) and row_step <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+        unterminated = not line.endswith("\n")
+        kept.append(line if not unterminated else line + "\n")
       elif line.strip():
         dropped += 1
-  if dropped:
+  if dropped or unterminated:
     partial = f"{path}.{os.getpid()}.partial"
     with open(partial, "w", encoding="utf-8") as f:
       f.writelines(kept)
