@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import re
+import threading
+import time
 from typing import Any
 
 import grain
@@ -105,7 +107,8 @@ class RunCheckpointer:
       return error
     if self._writing is not None and self._writing not in self._manager.all_steps():
       step = self._writing
-    try:  # Orbax's other writer threads end now, not in a flood of errors at interpreter exit
+    _join_orbax_threads()  # its other writers finish now, not in errors at interpreter exit
+    try:
       self._manager.close()
     except Exception:  # pylint: disable=broad-exception-caught; the first failure is reported
       pass
@@ -204,6 +207,15 @@ class RunCheckpointer:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+  """Waits (bounded) for Orbax's background writer threads, e.g. after one of them failed."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith(
+        "orbax."):
+      thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
