@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import re
+import sys
 import threading
 import time
 from typing import Any
@@ -166,6 +167,7 @@ class RunCheckpointer:
         restored, error = None, e
       if not _all_processes_agree(error is None):
         reason = _one_line(error) if error else "unreadable on another process"
+        _quiet_abandoned_reads()
         failures.append((candidate, reason))
         logging.warning("checkpoint: step %d in %s cannot be read (%s)", candidate,
                         self.directory, reason)
@@ -216,6 +218,29 @@ def _join_orbax_threads(timeout_s: float = 60.0) -> None:
     if thread is not threading.current_thread() and type(thread).__module__.startswith(
         "orbax."):
       thread.join(max(deadline - time.monotonic(), 0.0))
+
+
+def _quiet_abandoned_reads() -> None:
+  """From now on, Orbax read coroutines that a failed restore abandoned end silently.
+
+  When one array of a step cannot be read, Orbax stops waiting for the others; they fail
+  too, later, and Python would print each as "Exception ignored in <coroutine ...>" with a
+  traceback when it frees them (possibly at exit). The step's failure is already reported;
+  these go to the debug log. Other unraisable exceptions reach the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "kat_jax_quiet_orbax", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      logging.debug("checkpoint: abandoned read: %s", unraisable.exc_value)
+    else:
+      previous(unraisable)
+
+  hook.kat_jax_quiet_orbax = True
+  sys.unraisablehook = hook
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
