@@ -16,7 +16,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kat_jax.errors import ConfigError, InputError
+from kat_jax.errors import ConfigError, InputError, RewardInfrastructureError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config(), e.g. "
@@ -71,8 +71,9 @@ def _report(text: str) -> None:
 def run(config: Any) -> int:
   """Runs `config.stage`; returns the exit status, after one `error:` line for bad input.
 
-  0: done. 2: a config field is wrong. 1: bad data, an unusable checkpoint, or a file-system
-  error (missing, unreadable, no space left); the traceback is logged at --verbosity=1.
+  0: done. 2: a config field is wrong. 1: bad data, an unusable checkpoint, a file-system
+  error (missing, unreadable, no space left) or a reward sandbox that cannot run programs; the
+  traceback is logged at --verbosity=1.
   """
   try:
     check_workdir(config.workdir)
@@ -82,7 +83,7 @@ def run(config: Any) -> int:
   except ConfigError as e:
     _report(str(e))
     return 2
-  except (InputError, OSError) as e:
+  except (InputError, OSError, RewardInfrastructureError) as e:
     logging.debug("bad input", exc_info=True)
     _report(os_error_text(e) if isinstance(e, OSError) else str(e))
     return 1

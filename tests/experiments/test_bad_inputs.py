@@ -177,3 +177,18 @@ def test_hf_directory_with_a_missing_shard(tmp_path, capfd):
   status, err = _run(config, capfd)
   assert status != 0, err  # 1 from the HF loader, 2 where a model-source check wraps it
   _one_error_line(err, shards[1], f"missing from {hf_dir}")
+
+
+def test_reward_sandbox_that_cannot_run_ends_in_one_error_line(tmp_path, capfd, monkeypatch):
+  # A stage whose code rewards hit a broken sandbox: the runner prints the sandbox's reason on
+  # one line and exits 1 instead of training on all-zero rewards.
+  from kat_jax.errors import RewardInfrastructureError  # pylint: disable=g-import-not-at-top
+
+  def broken_stage(config):
+    raise RewardInfrastructureError("code-reward sandbox failed its start-up self-check: "
+                                    "a correct program scored 'error' under /venv/bin/python")
+
+  monkeypatch.setattr(runner, "run_stage", broken_stage)
+  status, err = _run(_config(tmp_path / "run"), capfd)
+  assert status == 1, err
+  _one_error_line(err, "sandbox failed its start-up self-check", "/venv/bin/python")
