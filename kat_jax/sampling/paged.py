@@ -1,0 +1,274 @@
+"""The decoder's forward pass over a paged KV cache (device side of `kat_jax.sampling.engine`).
+
+Cache: per layer `k`, `v` pages `[Hkv, num_pages, page_size, D]` (the layout of JAX's TPU
+paged-attention op; logical axes `PAGE_AXES`, kv heads over the tensor axis on a mesh). A row's
+token t lives in page `page_table[row, t // page_size]`, slot `t % page_size` (see
+`kat_jax.sampling.pages`). Writes of padded or inactive rows go to the scratch page 0.
+
+Same layer math as `forward.forward_chunk` (the same norms, products, RoPE tables and float32
+head), so the engine's tokens, log-probs and entropies equal the static `Sampler`'s. Decode
+attention goes through `attend`, one dispatch point for the paged decode-attention kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kat_jax.kernels.reference import cached_attention
+from kat_jax.model.config import ModelConfig
+from kat_jax.model.layers import apply_rope, rms_norm
+from kat_jax.sampling.forward import DecodeParams, head_logits, rope_tables
+from kat_jax.sampling.logits import SamplingParams, sample_with_stats
+from kat_jax.sampling.pages import SCRATCH_PAGE
+
+PAGE_AXES = ("kv_heads", None, None, "head_dim")
+RECORDS = ("token", "logprob", "entropy", "mask")  # a decode call's per-step record
+
+
+def paged_decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                                     page_table: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Decode attention over pages, plain JAX: q [B,Hq,D], k/v pages [Hkv,P,page_size,D],
+  page_table [B,max_pages] int32, lengths [B] int32 (valid keys per row) -> [B,Hq,D].
+
+  Gathers each row's pages into a [B, max_pages*page_size] cache and runs `cached_attention`
+  (float32 scores, scale 1/sqrt(D)); a row of length 0 gives zeros.
+  """
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  span = page_table.shape[1] * page_size
+  live = jnp.arange(span)[None, :] < lengths[:, None]  # [B, S]
+  table = jnp.clip(page_table, 0, num_pages - 1)
+
+  def gather(pages):  # -> [B, S, Hkv, D], dead keys zeroed (a stale page may hold anything)
+    rows = jnp.moveaxis(pages[:, table], 0, -2).reshape(batch, span, num_kv_heads, head_dim)
+    return jnp.where(live[:, :, None, None], rows, 0)
+
+  out = cached_attention(q[:, None], gather(k_pages), gather(v_pages), live[:, None, :])[:, 0]
+  return jnp.where((lengths > 0)[:, None, None], out, 0).astype(q.dtype)
+
+
+def _attention_backend():
+  """`paged_decode_attention` of `kat_jax.kernels.paged_attention` where it exists, else the
+  reference above (same signature)."""
+  try:
+    from kat_jax.kernels.paged_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return paged_decode_attention_reference
+  return paged_decode_attention
+
+
+def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+           lengths: jax.Array, backend: str = "auto") -> jax.Array:
+  """The engine's one decode-attention dispatch (shapes as `paged_decode_attention_reference`);
+  backend "reference" forces the plain-JAX reference."""
+  if backend == "reference":
+    return paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths)
+  fn = _attention_backend()
+  if fn is paged_decode_attention_reference:
+    return fn(q, k_pages, v_pages, page_table, lengths)
+  return fn(q, k_pages, v_pages, page_table, lengths, backend=backend)
+
+
+def init_pages(config: ModelConfig, num_pages: int, page_size: int) -> dict[str, list[jax.Array]]:
+  """An all-zero page pool: {"k"/"v": [L x [Hkv, num_pages, page_size, D]]} (compute dtype)."""
+  shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+  zeros = functools.partial(jnp.zeros, shape, config.compute_dtype)
+  return {"k": [zeros() for _ in range(config.num_layers)],
+          "v": [zeros() for _ in range(config.num_layers)]}
+
+
+def _constrain(pages: jax.Array) -> jax.Array:
+  return nn.with_logical_constraint(pages, PAGE_AXES)
+
+
+def _write(pages: jax.Array, values: jax.Array, page: jax.Array, slot: jax.Array) -> jax.Array:
+  """pages [Hkv,P,ps,D] <- values [N,Hkv,D] at (page[n], slot[n])."""
+  return _constrain(pages.at[:, page, slot].set(jnp.swapaxes(values, 0, 1).astype(pages.dtype)))
+
+
+def _qkv(layer: dict, h: jax.Array, config: ModelConfig, cos: jax.Array, sin: jax.Array
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """h [B,T,d] -> rotated q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D] (forward_chunk's ops)."""
+  batch, length = h.shape[:2]
+  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
+  qkv = jnp.einsum("btd,nd->btn", x, layer["qkv"])
+  if "qkv_bias" in layer:
+    qkv = qkv + layer["qkv_bias"]
+  q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
+  q = apply_rope(q.reshape(batch, length, hq, hd), cos, sin)
+  k = apply_rope(k.reshape(batch, length, hkv, hd), cos, sin)
+  return q, k, v.reshape(batch, length, hkv, hd)
+
+
+def _finish_layer(layer: dict, h: jax.Array, attn_out: jax.Array, config: ModelConfig
+                  ) -> jax.Array:
+  """Residual adds of the attention output [B,T,Hq*D] and the MLP (forward_chunk's ops)."""
+  h = h + jnp.einsum("btk,dk->btd", attn_out, layer["o"])
+  x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
+  gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
+  return h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
+
+
+def prefill_chunk(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens: jax.Array,
+                  start: jax.Array, num_valid: jax.Array, page_table: jax.Array, *,
+                  config: ModelConfig) -> tuple[dict[str, list[jax.Array]], jax.Array]:
+  """Writes one row's tokens [C] at positions [start, start+num_valid) and returns the float32
+  logits [V] after its last valid token. page_table [M] must cover those positions; tokens past
+  num_valid are padding (their keys go to the scratch page, their outputs are unused)."""
+  size = cache["k"][0].shape[2]
+  length = tokens.shape[0]
+  index = jnp.arange(length)
+  positions = start + index
+  valid = index < num_valid
+  page = jnp.where(valid, page_table[jnp.minimum(positions // size, page_table.shape[0] - 1)],
+                   SCRATCH_PAGE)
+  slot = positions % size
+  cos, sin = rope_tables(config, page_table.shape[0] * size)
+  # Padding positions may run past the tables: clipped (their outputs are never read).
+  cos, sin = (jnp.take(t, positions, axis=0, mode="clip")[None, :, None] for t in (cos, sin))
+  span = page_table.shape[0] * size
+  # Query i sees keys 0..start+i; keys past the chunk's last valid token are zeroed (the
+  # scratch page and stale slots may hold anything).
+  live = jnp.arange(span) < start + num_valid
+  mask = (jnp.arange(span)[None, :] <= positions[:, None])[None]
+  h = jnp.take(params.embed, tokens, axis=0)[None].astype(config.compute_dtype)
+  new_k, new_v = [], []
+  for layer, k_pages, v_pages in zip(params.layers, cache["k"], cache["v"]):
+    q, k, v = _qkv(layer, h, config, cos, sin)
+    k_pages = _write(k_pages, k[0], page, slot)
+    v_pages = _write(v_pages, v[0], page, slot)
+    new_k.append(k_pages)
+    new_v.append(v_pages)
+    keys, values = (jnp.where(live[None, :, None, None], jnp.moveaxis(
+        p[:, page_table], 0, -2).reshape(1, span, *p.shape[::3]), 0) for p in (k_pages, v_pages))
+    out = cached_attention(q, keys, values, mask)
+    h = _finish_layer(layer, h, out.reshape(1, length, -1), config)
+  last = rms_norm(jnp.take(h[0], num_valid - 1, axis=0), params.final_norm, config.rms_norm_eps)
+  return {"k": new_k, "v": new_v}, head_logits(last, params, config)
+
+
+def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens: jax.Array,
+                positions: jax.Array, active: jax.Array, page_table: jax.Array,
+                rope: tuple[jax.Array, jax.Array], *, config: ModelConfig,
+                attention: str = "auto") -> tuple[dict[str, list[jax.Array]], jax.Array]:
+  """Feeds one token per row, each at its own position: tokens, positions [B] int32, active [B]
+  bool (inactive rows write the scratch page and attend to nothing), page_table [B, M], rope
+  tables covering M*page_size positions -> (cache, float32 logits [B, V])."""
+  size = cache["k"][0].shape[2]
+  rows = jnp.arange(tokens.shape[0])
+  page = jnp.where(active, page_table[rows, positions // size], SCRATCH_PAGE)
+  slot = positions % size
+  lengths = jnp.where(active, positions + 1, 0)
+  cos, sin = (jnp.take(t, positions, axis=0)[:, None, None] for t in rope)
+  h = jnp.take(params.embed, tokens, axis=0)[:, None].astype(config.compute_dtype)
+  new_k, new_v = [], []
+  for layer, k_pages, v_pages in zip(params.layers, cache["k"], cache["v"]):
+    q, k, v = _qkv(layer, h, config, cos, sin)
+    k_pages = _write(k_pages, k[:, 0], page, slot)
+    v_pages = _write(v_pages, v[:, 0], page, slot)
+    new_k.append(k_pages)
+    new_v.append(v_pages)
+    out = attend(q[:, 0], k_pages, v_pages, page_table, lengths, attention)
+    h = _finish_layer(layer, h, out.reshape(out.shape[0], 1, -1), config)
+  last = rms_norm(h[:, 0], params.final_norm, config.rms_norm_eps)
+  return {"k": new_k, "v": new_v}, head_logits(last, params, config)
+
+
+def _sample_rows(logits: jax.Array, keys: jax.Array, counts: jax.Array, choice: jax.Array,
+                 samplings: tuple[SamplingParams, ...]
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each row's token under its own SamplingParams (`samplings[choice[row]]`) and its own key
+  stream (`fold_in(key, tokens generated so far)`, so a request's draws do not depend on its
+  slot or its neighbours) -> (tokens, log-probs, entropies) [B]."""
+  picked = None
+  for index, sampling in enumerate(samplings):
+    if sampling.greedy:
+      out = sample_with_stats(logits, None, sampling)
+    else:
+      def one(row, key, count, sampling=sampling):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key), count)
+        token, logprob, entropy = sample_with_stats(row[None], key, sampling)
+        return token[0], logprob[0], entropy[0]
+      out = jax.vmap(one)(logits, keys, counts)
+    picked = out if picked is None else tuple(
+        jnp.where(choice == index, new, old) for new, old in zip(out, picked))
+  return picked
+
+
+def decode_loop(params: DecodeParams, cache: dict[str, list[jax.Array]], logits: jax.Array,
+                page_table: jax.Array, positions: jax.Array, budget: jax.Array,
+                counts: jax.Array, stop_table: jax.Array, choice: jax.Array, keys: jax.Array, *,
+                config: ModelConfig, samplings: tuple[SamplingParams, ...], steps: int,
+                pad_id: int, attention: str = "auto"
+                ) -> tuple[dict[str, list[jax.Array]], jax.Array, jax.Array]:
+  """Up to `steps` decode steps of every slot in one program: sample -> record -> feed.
+
+  Args (S slots): logits [S,V] float32 (each slot's next-token logits); page_table [S,M] with
+    pages reserved for `min(steps, budget)` more tokens; positions [S] (tokens in the cache);
+    budget [S] tokens each slot may still generate (0: an empty slot); counts [S] tokens it
+    generated so far (its key stream's position); stop_table [S,K] stop ids, -1 padded;
+    choice [S] index into `samplings`; keys [S,2] uint32 key data.
+
+  Returns:
+    (cache, logits [S,V], records [S, steps, 4] float32 of RECORDS). A slot stops at a stop
+    id (the stop token is fed, as the static sampler does) or when its budget runs out; the
+    loop ends early when every slot has stopped.
+  """
+  rope = rope_tables(config, page_table.shape[1] * cache["k"][0].shape[2])
+  init = dict(step=jnp.int32(0), cache=cache, logits=logits, positions=positions, budget=budget,
+              counts=counts, records=jnp.zeros((logits.shape[0], steps, len(RECORDS)),
+                                                jnp.float32))
+
+  def body(c):
+    active = c["budget"] > 0
+    token, logprob, entropy = _sample_rows(c["logits"], keys, c["counts"], choice, samplings)
+    token = jnp.where(active, token, pad_id)
+    stopped = active & jnp.any(token[:, None] == stop_table, axis=-1)
+    new_cache, new_logits = decode_step(params, config=config, cache=c["cache"], tokens=token,
+                                        positions=c["positions"], active=active,
+                                        page_table=page_table, rope=rope, attention=attention)
+    step = active.astype(jnp.int32)
+    record = jnp.stack([token.astype(jnp.float32), jnp.where(active, logprob, 0.0),
+                        jnp.where(active, entropy, 0.0), active.astype(jnp.float32)], axis=-1)
+    return dict(step=c["step"] + 1, cache=new_cache,
+                logits=jnp.where(active[:, None], new_logits, c["logits"]),
+                positions=c["positions"] + step,
+                budget=jnp.where(stopped, 0, c["budget"] - step), counts=c["counts"] + step,
+                records=jax.lax.dynamic_update_slice(c["records"], record[:, None],
+                                                     (0, c["step"], 0)))
+
+  def cond(c):
+    return (c["step"] < steps) & jnp.any(c["budget"] > 0)
+
+  out = jax.lax.while_loop(cond, body, init)
+  return out["cache"], out["logits"], out["records"]
+
+
+def copy_pages(cache: dict[str, list[jax.Array]], source: jax.Array, dest: jax.Array
+               ) -> dict[str, list[jax.Array]]:
+  """Copies pages source[i] -> dest[i] in every layer (copy-on-write; scratch-to-scratch pads)."""
+  return jax.tree.map(lambda p: _constrain(p.at[:, dest].set(p[:, source])), cache)
+
+
+def set_row(logits: jax.Array, row: jax.Array, index: jax.Array) -> jax.Array:
+  """logits [S,V] with row `index` replaced by `row` [V]."""
+  return logits.at[index].set(row)
+
+
+@functools.lru_cache(maxsize=16)
+def jitted(config: ModelConfig, pad_id: int, attention: str) -> dict[str, Any]:
+  """The engine's device programs for one model config, jitted once (cache buffers donated)."""
+  return {
+      "prefill": jax.jit(functools.partial(prefill_chunk, config=config), donate_argnums=(1,)),
+      "decode": jax.jit(functools.partial(decode_loop, config=config, pad_id=pad_id,
+                                          attention=attention),
+                        static_argnames=("samplings", "steps"), donate_argnums=(1, 2)),
+      "copy": jax.jit(copy_pages, donate_argnums=(0,)),
+      "set_row": jax.jit(set_row, donate_argnums=(0,)),
+  }
