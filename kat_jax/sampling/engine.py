@@ -153,6 +153,9 @@ class Engine:
     self._pending: collections.deque[_Prefill] = collections.deque()
     self._ready: collections.deque[_Sample] = collections.deque()
     self._kept: dict[int, tuple[PagedSequence, jax.Array]] = {}
+    # Every SamplingParams of the queued / running samples, in arrival order: the decode
+    # program is compiled per tuple, so it only grows (and empties when the engine idles).
+    self._samplings: tuple[SamplingParams, ...] = ()
     self._done: dict[int, Completion] = {}
     self._ids = itertools.count()
     self._requests = itertools.count()
@@ -175,6 +178,8 @@ class Engine:
       seq, logits = self._kept.pop(request.continue_from)
     else:
       seq, logits = PagedSequence(), None
+    if request.sampling not in self._samplings:
+      self._samplings += (request.sampling,)
     self._pending.append(_Prefill(rid, request, tokens, seq, ids, logits=logits))
     return ids
 
@@ -213,6 +218,7 @@ class Engine:
     """Runs until every submitted request ended; returns and forgets their completions."""
     while self.busy:
       self.step()
+    self._samplings = ()
     done, self._done = self._done, {}
     return done
 
@@ -324,7 +330,7 @@ class Engine:
       width = _bucket(count, 16)
       tokens = np.full(width, self.pad_id, np.int32)
       tokens[:count] = p.tokens[p.done:p.done + count]
-      table = self._table([p.seq.pages], 1)[0]
+      table = self._table([p.seq.pages])[0]
       self.cache, p.logits = self._fns["prefill"](
           self.params, self.cache, jnp.asarray(tokens), jnp.int32(p.seq.length),
           jnp.int32(count), jnp.asarray(table))
@@ -362,9 +368,9 @@ class Engine:
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
     self.cache = self._fns["copy"](self.cache, jnp.asarray(src), jnp.asarray(dst))
 
-  def _table(self, page_lists: list[list[int]], minimum: int) -> np.ndarray:
-    """Page lists -> a [rows, M] int32 table, M a power of two (few compiled shapes)."""
-    width = _bucket(max(len(p) for p in page_lists), minimum)
+  def _table(self, page_lists: list[list[int]]) -> np.ndarray:
+    """Page lists -> a [rows, M] int32 table, M a power of two >= 8 (few compiled shapes)."""
+    width = _bucket(max(len(p) for p in page_lists), 8)
     table = np.full((len(page_lists), width), SCRATCH_PAGE, np.int32)
     for row, pages in enumerate(page_lists):
       table[row, :len(pages)] = pages
@@ -378,7 +384,7 @@ class Engine:
       if s is not None:
         copies += s.seq.reserve(self.allocator, min(steps, s.remaining))
     self._copy(copies)
-    samplings = tuple(sorted({s.spec.sampling for s in slots if s is not None}, key=repr))
+    samplings = self._samplings
     n = self.num_slots
     positions = np.zeros(n, np.int32)
     budget = np.zeros(n, np.int32)
@@ -393,7 +399,7 @@ class Engine:
       stops[i, :len(s.spec.stop_ids)] = s.spec.stop_ids
       choice[i] = samplings.index(s.spec.sampling)
       keys[i] = s.key
-    table = self._table([s.seq.pages if s is not None else [] for s in slots], 4)
+    table = self._table([s.seq.pages if s is not None else [] for s in slots])
     self.cache, self.logits, records = self._fns["decode"](
         self.params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
         jnp.asarray(budget), jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(choice),

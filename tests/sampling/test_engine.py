@@ -1,0 +1,218 @@
+"""Rollout engine vs the static Sampler and the training forward: greedy tokens, log-probs,
+entropies, shared prompt pages, forks, multi-turn extends, bad requests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kat_jax.model import Decoder, get_preset, init_params
+from kat_jax.sampling import GREEDY, Sampler, SamplingParams, prepare_params
+from kat_jax.sampling.engine import Engine, Request
+from kat_jax.sampling.paged import paged_decode_attention_reference
+from kat_jax.testing import relative_error
+
+_CONFIG = dict(num_layers=2, initializer_range=0.3)
+# One engine shape for most tests, so its programs compile once for the module.
+_ENGINE = dict(num_slots=4, num_pages=32, page_size=4, steps_per_call=3, prefill_chunk=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+  config = get_preset("tiny", **_CONFIG)
+  params = init_params(config, jax.random.key(0))
+  return config, params, prepare_params(params, config)
+
+
+@jax.jit
+def _log_probs(params, tokens):
+  logits = Decoder(get_preset("tiny", **_CONFIG)).apply({"params": params}, tokens)[0]
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _check_against_training_forward(params, prompt, completion):
+  """The completion's log-probs / entropies equal the training forward's (float32)."""
+  tokens = completion.tokens
+  seq = np.zeros((1, 64), np.int32)
+  seq[0, :len(prompt) + len(tokens)] = list(prompt) + tokens
+  pred = np.asarray(_log_probs(params, jnp.asarray(seq)))[len(prompt) - 1:][:len(tokens)]
+  assert relative_error(completion.logprobs, pred[np.arange(len(tokens)), tokens]) < 1e-5
+  assert relative_error(completion.entropies, -np.sum(np.exp(pred) * pred, axis=-1)) < 1e-5
+
+
+def test_paged_attention_reference_equals_dense_attention_at_page_boundaries():
+  """Rows ending mid-page, on a page boundary, at one key and at zero keys (zeros), pages
+  shared between rows and in any order, GQA 4:2."""
+  rng = np.random.default_rng(0)
+  hkv, hq, d, size, num_pages = 2, 4, 8, 4, 12
+  k_pages = rng.normal(size=(hkv, num_pages, size, d)).astype(np.float32)
+  v_pages = rng.normal(size=(hkv, num_pages, size, d)).astype(np.float32)
+  table = np.array([[3, 7, 1], [7, 2, 0], [5, 0, 0], [9, 4, 11]], np.int32)
+  lengths = np.array([10, 8, 1, 0], np.int32)
+  q = rng.normal(size=(4, hq, d)).astype(np.float32)
+  got = np.asarray(paged_decode_attention_reference(q, k_pages, v_pages, table, lengths))
+  for b, n in enumerate(lengths):
+    if n == 0:
+      np.testing.assert_array_equal(got[b], 0)
+      continue
+    keys = np.concatenate([k_pages[:, p] for p in table[b]], axis=1)[:, :n]  # [Hkv, n, D]
+    values = np.concatenate([v_pages[:, p] for p in table[b]], axis=1)[:, :n]
+    groups = hq // hkv
+    scores = np.einsum("hgd,hnd->hgn", q[b].reshape(hkv, groups, d), keys) / np.sqrt(d)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("hgn,hnd->hgd", probs, values).reshape(hq, d)
+    assert relative_error(got[b], want) < 1e-6
+
+
+def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prompts(model):
+  """Every request's greedy tokens equal the static Sampler's (a prefix of them: requests have
+  their own max_new_tokens), whatever the admission order, slot count, page size and prompt
+  length (prompts cross prefill chunks); the pool is empty afterwards."""
+  config, params, dparams = model
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 21)]
+  want = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
+                                  sampling=GREEDY).token_lists()
+  for num_slots, page_size in ((4, 4), (3, 8)):
+    engine = Engine(config, dparams, **dict(_ENGINE, num_slots=num_slots, page_size=page_size))
+    order = rng.permutation(len(prompts))
+    new_tokens = rng.integers(1, 10, size=len(prompts))
+    ids = {int(i): engine.submit(Request(prompts[i], int(new_tokens[i]), sampling=GREEDY))[0]
+           for i in order}
+    done = engine.run()
+    for i, sid in ids.items():
+      assert done[sid].error is None
+      assert done[sid].tokens == want[i][:new_tokens[i]], (num_slots, page_size, i)
+    assert engine.allocator.num_used == 0
+  assert len({t for row in want for t in row}) > 5  # not a degenerate echo
+
+
+def test_logprobs_and_entropies_equal_training_forward_with_mixed_sampling_and_stops(model):
+  """Greedy, tempered and top-p requests in one batch, each with its own stop id: log-probs
+  and entropies (untempered) equal the training forward; a stop id ends the sample with the
+  stop token kept; the same request gives the same tokens in another slot layout."""
+  config, params, dparams = model
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (4, 11, 6)]
+  greedy = Sampler(config).generate(dparams, prompts[:1], jax.random.key(0), max_new_tokens=8,
+                                    sampling=GREEDY).token_lists()[0]
+  requests = [Request(prompts[0], 8, sampling=GREEDY, stop_ids=(greedy[4],)),
+              Request(prompts[1], 7, sampling=SamplingParams(1.0), rng=jax.random.key(5),
+                      num_samples=2),
+              Request(prompts[2], 6, sampling=SamplingParams(0.7, top_p=0.9),
+                      rng=jax.random.key(6))]
+  runs = []
+  for order in (1, -1):  # another admission order: other slots, other neighbours
+    engine = Engine(config, dparams, **_ENGINE)
+    ids = [engine.submit(r) for r in requests[::order]][::order]
+    done = engine.run()
+    runs.append([[done[sid] for sid in sample_ids] for sample_ids in ids])
+  done = {sid: c for sample_ids, cs in zip(ids, runs[1]) for sid, c in zip(sample_ids, cs)}
+  stopped = done[ids[0][0]]
+  assert stopped.stopped and stopped.tokens == greedy[:greedy.index(greedy[4]) + 1]
+  for request, first, second in zip(requests, *runs):
+    for a, b in zip(first, second):
+      _check_against_training_forward(params, request.prompt, b)
+      assert a.tokens == b.tokens
+  assert done[ids[1][0]].tokens != done[ids[1][1]].tokens  # two samples, two key streams
+
+
+def test_a_group_of_8_samples_holds_its_prompt_pages_once(model):
+  config, _, dparams = model
+  engine = Engine(config, dparams, **dict(_ENGINE, num_slots=8))
+  prompt = list(range(1, 22))  # 5 full pages + 1 token
+  engine.submit(Request(prompt, 5, sampling=GREEDY, num_samples=8))
+  engine.step()  # prefill, fork 8, three decode steps each
+  # The 5 full prompt pages once; each sample its own copy of the partial sixth page.
+  assert engine.allocator.num_used == 5 + 8
+  assert engine.memory() == {"held_tokens": 13 * 4, "live_tokens": 20 + 8 * 4}
+  done = engine.run()
+  assert len({tuple(c.tokens) for c in done.values()}) == 1  # greedy: 8 equal samples
+  assert engine.allocator.num_used == 0
+
+
+def test_extend_and_fork_equal_the_static_sampler_on_the_whole_text(model):
+  """A kept sample continued with a tool output (multi-turn extend), and two forks of it
+  continued with different outputs (a tree branch point), each give the static Sampler's
+  greedy continuation of its whole text; all pages come back after release."""
+  config, _, dparams = model
+  sampler = Sampler(config)
+  prompt, tool_a, tool_b = [5, 9, 33, 2, 71], [400, 401, 402], [17, 18]
+  engine = Engine(config, dparams, **_ENGINE)
+  [sid] = engine.submit(Request(prompt, 6, sampling=GREEDY, keep=True))
+  turn1 = engine.run()[sid]
+  assert engine.kept_length(turn1.sequence) == len(prompt) + 6
+  branch_a, branch_b = engine.fork(turn1.sequence, 2)
+  engine.release(turn1.sequence)
+  [a] = engine.extend(branch_a, tool_a, max_new_tokens=5, sampling=GREEDY)
+  [b] = engine.extend(branch_b, tool_b, max_new_tokens=5, sampling=GREEDY)
+  done = engine.run()
+  for tool, sid in ((tool_a, a), (tool_b, b)):
+    text = prompt + turn1.tokens + tool
+    want = sampler.generate(dparams, [text], jax.random.key(0), max_new_tokens=5,
+                            sampling=GREEDY).token_lists()[0]
+    assert done[sid].tokens == want
+  assert engine.allocator.num_used == 0
+
+
+class _FakeTokenizer:
+  """One id per whitespace-separated word (a short forced prefix)."""
+
+  def encode(self, text):
+    return [1 + sum(map(ord, word)) % 500 for word in text.split()]
+
+
+def test_bad_requests_error_alone_and_think_mode_forcing(model):
+  """Bad requests (unknown stop id, prompt longer than the positions or the page pool, token
+  outside the vocabulary, unknown sequence) end with an `error:` naming the field; the good
+  ones beside them (one with a forced think mode) give the static Sampler's tokens."""
+  config, _, dparams = model
+  tok = _FakeTokenizer()
+  prompt = [7, 8, 9, 10]
+  engine = Engine(config, dparams, tokenizer=tok, **_ENGINE)
+  bad = {"stop id": Request(prompt, 4, stop_ids=(config.vocab_size,)),
+         "max_position_embeddings": Request([1] * config.max_position_embeddings, 4),
+         "KV pages": Request([1] * 200, 8),
+         "prompt token": Request([1, -3], 4),
+         "continue_from": Request([1], 4, continue_from=99)}
+  ids = {}
+  for i, (field, request) in enumerate(bad.items()):
+    ids[field] = engine.submit(request)[0]
+    if i == 1:
+      good = engine.submit(Request(prompt, 5, sampling=GREEDY))[0]
+      forced = engine.submit(Request(prompt, 5, sampling=GREEDY, think_mode="off"))[0]
+  done = engine.run()
+  for field, sid in ids.items():
+    assert done[sid].error.startswith("error: request") and field in done[sid].error
+    assert done[sid].tokens == []
+  from kat_jax.sampling.autothink import think_mode_prompts  # pylint: disable=g-import-not-at-top
+  want = Sampler(config).generate(dparams, [prompt] + think_mode_prompts(tok, [prompt], "off"),
+                                  jax.random.key(0), max_new_tokens=5,
+                                  sampling=GREEDY).token_lists()
+  assert [done[good].tokens, done[forced].tokens] == want
+  assert engine.allocator.num_used == 0
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: the CPU run's virtual "
+                    "devices (tests/conftest.py); a one-GPU run (KAT_TEST_GPU=1) has one")
+def test_engine_on_a_device_mesh_keeps_the_output(model):
+  """Tensor-parallel decode weights (`shard_decode_params`) inside the mesh's sharding
+  context: the pages follow the kv-heads rule and the tokens and log-probs are unchanged."""
+  from kat_jax.parallel.mesh import make_mesh, sharding_context  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import shard_decode_params  # pylint: disable=g-import-not-at-top
+  config, _, dparams = model
+  requests = [Request([3, 17, 250, 9], 6, sampling=SamplingParams(1.0), num_samples=2),
+              Request([42, 5], 4, sampling=GREEDY)]
+  engine = Engine(config, dparams, **_ENGINE)
+  ids = [engine.submit(r) for r in requests]
+  want = engine.run()
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  with sharding_context(mesh):
+    engine = Engine(config, shard_decode_params(dparams, mesh), **_ENGINE)
+    assert [engine.submit(r) for r in requests] == ids
+    got = engine.run()
+  assert "tensor" in tuple(engine.cache["k"][0].sharding.spec)
+  for sid, completion in want.items():
+    assert got[sid].tokens == completion.tokens
+    assert relative_error(got[sid].logprobs, completion.logprobs) < 1e-5
