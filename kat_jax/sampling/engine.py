@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,8 @@ class Request:
   """One prompt and how to continue it.
 
   prompt: token ids (appended to `continue_from`'s sequence when given; may then be empty).
-  max_new_tokens: tokens each sample may generate (the stop token included).
+  max_new_tokens: tokens each sample may generate (the stop token included); one int, or one
+  per sample.
   sampling / stop_ids: as `Sampler.decode` takes them. think_mode: "auto", or "on"/"off" to
   force an AutoThink mode by prefilling its prefix (needs the Engine's tokenizer).
   num_samples: G samples sharing the prompt's pages. rng: the request's key (sample g draws
@@ -61,7 +63,7 @@ class Request:
   request takes it over).
   """
   prompt: Sequence[int]
-  max_new_tokens: int
+  max_new_tokens: int | Sequence[int]
   sampling: SamplingParams = SamplingParams()
   stop_ids: Sequence[int] = ()
   think_mode: str = "auto"
@@ -97,13 +99,14 @@ class _Sample:
   seq: PagedSequence
   logits: jax.Array  # [V] float32, its next-token logits
   key: np.ndarray  # [2] uint32 key data
+  max_new: int
   tokens: list = dataclasses.field(default_factory=list)
   logprobs: list = dataclasses.field(default_factory=list)
   entropies: list = dataclasses.field(default_factory=list)
 
   @property
   def remaining(self) -> int:
-    return self.spec.max_new_tokens - len(self.tokens)
+    return self.max_new - len(self.tokens)
 
 
 @dataclasses.dataclass
@@ -116,6 +119,14 @@ class _Prefill:
   sample_ids: list[int]
   done: int = 0
   logits: jax.Array | None = None
+
+
+def _per_sample(request: Request) -> list[int]:
+  """max_new_tokens of each sample."""
+  new = request.max_new_tokens
+  if isinstance(new, (int, np.integer)):
+    return [int(new)] * int(request.num_samples)
+  return [int(n) for n in new]
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -161,6 +172,11 @@ class Engine:
     self._requests = itertools.count()
     self._sequences = itertools.count()
     self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, prefill_chunks
+    # Per decode call: wall seconds (host work and the result's transfer included), slots
+    # active at its start, steps run, tokens in the active slots' caches at its start, prefill
+    # chunks queued since the previous call (their device time lands in this call's).
+    self.decode_log: list[tuple[float, int, int, int, int]] = []
+    self._chunks_at_last_call = 0
 
   # ---- public API ----
 
@@ -253,10 +269,13 @@ class Engine:
   def _check(self, r: Request) -> tuple[list[int], str | None]:
     """The request's prefill tokens, or why it cannot run."""
     vocab = self.config.vocab_size
-    if r.max_new_tokens < 1:
-      return [], f"max_new_tokens must be >= 1, got {r.max_new_tokens}"
     if r.num_samples < 1:
       return [], f"num_samples must be >= 1, got {r.num_samples}"
+    new = _per_sample(r)
+    if len(new) != r.num_samples:
+      return [], f"{len(new)} max_new_tokens for {r.num_samples} samples"
+    if min(new) < 1:
+      return [], f"max_new_tokens must be >= 1, got {min(new)}"
     if r.think_mode not in THINK_MODES:
       return [], f"think_mode {r.think_mode!r} not in {THINK_MODES}"
     if len(r.stop_ids) > MAX_STOP_IDS:
@@ -279,21 +298,20 @@ class Engine:
       start = self._kept[r.continue_from][0].length
     elif not tokens:
       return [], "empty prompt"
-    total = start + len(tokens) + r.max_new_tokens
+    total = start + len(tokens) + max(new)
     if total > self.config.max_position_embeddings:
-      return [], (f"{start} cached + {len(tokens)} prompt + {r.max_new_tokens} new tokens = "
+      return [], (f"{start} cached + {len(tokens)} prompt + {max(new)} new tokens = "
                   f"{total} exceed max_position_embeddings {self.config.max_position_embeddings}")
-    need = self._pages_for(start + len(tokens), r.max_new_tokens, r.num_samples)
+    need = self._pages_for(start + len(tokens), new)
     if need > self.allocator.num_pages - 1:
       return [], (f"needs {need} KV pages of {self.page_size} tokens, the pool has "
                   f"{self.allocator.num_pages - 1}")
     return tokens, None
 
-  def _pages_for(self, prompt: int, new: int, samples: int) -> int:
+  def _pages_for(self, prompt: int, new: list[int]) -> int:
     """Pages a request needs at most: its prompt once, then each sample's own pages."""
     size = self.page_size
-    own = -(-(prompt + new) // size) - prompt // size
-    return -(-prompt // size) + samples * own
+    return -(-prompt // size) + sum(-(-(prompt + n) // size) - prompt // size for n in new)
 
   def _active(self) -> bool:
     return any(s is not None for s in self._slots)
@@ -308,8 +326,8 @@ class Engine:
 
   def _prefill_possible(self) -> bool:
     p = self._pending[0]
-    need = self._pages_for(p.seq.length + len(p.tokens) - p.done, p.spec.max_new_tokens,
-                           len(p.sample_ids)) - len(p.seq.pages)
+    need = self._pages_for(p.seq.length + len(p.tokens) - p.done,
+                           _per_sample(p.spec)) - len(p.seq.pages)
     return need <= self.allocator.num_free - self._committed()
 
   def _fail(self, p: _Prefill, error: str) -> None:
@@ -343,10 +361,10 @@ class Engine:
     rng = p.spec.rng if p.spec.rng is not None else jax.random.key(0)
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
       rng = jax.random.wrap_key_data(rng)
-    for g, sid in enumerate(p.sample_ids):
+    for g, (sid, new) in enumerate(zip(p.sample_ids, _per_sample(p.spec))):
       key = np.asarray(jax.random.key_data(jax.random.fold_in(rng, g)), np.uint32)
       seq = p.seq.fork(self.allocator)
-      self._ready.append(_Sample(sid, p.request, g, p.spec, seq, p.logits, key))
+      self._ready.append(_Sample(sid, p.request, g, p.spec, seq, p.logits, key, new))
     p.seq.free(self.allocator)  # the samples hold the pages now
     return True
 
@@ -400,6 +418,7 @@ class Engine:
       choice[i] = samplings.index(s.spec.sampling)
       keys[i] = s.key
     table = self._table([s.seq.pages if s is not None else [] for s in slots])
+    start = time.perf_counter()
     self.cache, self.logits, records = self._fns["decode"](
         self.params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
         jnp.asarray(budget), jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(choice),
@@ -407,7 +426,12 @@ class Engine:
     records = np.asarray(records)  # the one host sync per call
     self.stats["decode_calls"] += 1
     mask = records[..., 3] > 0
-    self.stats["decode_steps"] += int(mask.any(axis=0).sum())
+    run = int(mask.any(axis=0).sum())
+    chunks = self.stats["prefill_chunks"]
+    self.decode_log.append((time.perf_counter() - start, int((budget > 0).sum()), run,
+                            int(positions[budget > 0].sum()), chunks - self._chunks_at_last_call))
+    self._chunks_at_last_call = chunks
+    self.stats["decode_steps"] += run
     self.stats["slot_steps"] += int(mask.sum())
     for i, s in enumerate(slots):
       if s is None:
