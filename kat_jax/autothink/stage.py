@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
@@ -120,22 +119,8 @@ def check_fields(at: ConfigDict) -> None:
 
 def trained_model(config: ConfigDict, workdir: str) -> tuple[ModelConfig, Any]:
   """(model config, params) of the last checkpoint `run_training` wrote under `workdir`."""
-  if config.model.init_from:  # the architecture comes from the HF dir trained from
-    from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
-    model_config, _ = load_model(config)
-  else:
-    from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
-    model_config = model_config_from(config.model)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax needs absolute
-  with ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.StandardCheckpointHandler()}) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
-  params = state["params"] if isinstance(state, dict) else state.params
-  return model_config, params
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  return models.load_model(workdir, execution=models.config_from_model_fields(config.model))
 
 
 # ---------------------------------------------------------------------------

@@ -16,11 +16,12 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
+from kat_jax.checkpoint import models
 from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.data import pipeline, sources, synthetic
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.model import ModelConfig, get_preset, init_params
+from kat_jax.model import ModelConfig
 from kat_jax.model.config import EXECUTION_FIELDS
 from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
                               replicated, sharding_context)
@@ -32,12 +33,7 @@ from kat_jax.train.step import make_eval_step, make_train_step
 
 def model_config_from(model_cfg: ConfigDict) -> ModelConfig:
   """`config.model`: a preset name plus any ModelConfig field left as None = preset value."""
-  overrides = {k: v for k, v in model_cfg.items()
-               if k not in ("preset", "init_from") and v is not None}
-  try:
-    return get_preset(model_cfg.preset, **overrides)
-  except ValueError as e:
-    raise ConfigError(f"config.model: {e}") from e
+  return models.config_from_model_fields(model_cfg)
 
 
 def _split_paths(paths: str) -> list[str]:
@@ -162,14 +158,12 @@ def _load_hf(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig
 
 
 def load_model(config: ConfigDict) -> tuple[ModelConfig, Any]:
-  """(model config, params): `config.model.init_from` (HF dir) or a random init of the preset.
+  """(model config, params): `config.model.init_from` (any `kat_jax.checkpoint.models` source)
+  or a random init of the preset.
 
   For evaluation, sampling and model surgery; training stages initialise sharded instead.
   """
-  model_config = model_config_from(config.model)
-  if config.model.init_from:
-    return _load_hf(config, model_config)
-  return model_config, init_params(model_config, jax.random.key(config.seed))
+  return models.load_configured_model(config.model, seed=config.seed)
 
 
 def _initial_params(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:

@@ -235,8 +235,8 @@ def test_eval_stage_on_tiny_random_models_writes_json_and_png(tmp_path):
     (dict(benchmarks="mmlu"), "benchmarks"),
     (dict(benchmarks="jsonl"), "jsonl_paths"),
     (dict(ks="1,4"), "ks"),
-    (dict(checkpoints="/no/such/dir"), "no such directory"),
-    (dict(checkpoints="random,/no/such/dir"), "no such directory"),  # checked before loading
+    (dict(checkpoints="/no/such/dir"), "no such path /no/such/dir"),
+    (dict(checkpoints="random,/no/such/dir"), "no such path /no/such/dir"),  # checked before loading
     (dict(checkpoints=",/no/such/dir"), "empty entry.*'random'"),
 ])
 def test_eval_stage_config_errors(tmp_path, overrides, message):
@@ -293,7 +293,7 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ConfigError, match="neither a HF directory"):
+  with pytest.raises(ConfigError, match="neither a Hugging Face directory"):
     checkpoint_kind(str(tmp_path / "empty"))
 
 
