@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kat_jax.kernels.paged_attention import (paged_decode_attention,
+                                             paged_decode_attention_reference)
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
 from kat_jax.model.layers import apply_rope, rms_norm
@@ -30,48 +32,13 @@ PAGE_AXES = ("kv_heads", None, None, "head_dim")
 RECORDS = ("token", "logprob", "entropy", "mask")  # a decode call's per-step record
 
 
-def paged_decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                                     page_table: jax.Array, lengths: jax.Array) -> jax.Array:
-  """Decode attention over pages, plain JAX: q [B,Hq,D], k/v pages [Hkv,P,page_size,D],
-  page_table [B,max_pages] int32, lengths [B] int32 (valid keys per row) -> [B,Hq,D].
-
-  Gathers each row's pages into a [B, max_pages*page_size] cache and runs `cached_attention`
-  (float32 scores, scale 1/sqrt(D)); a row of length 0 gives zeros.
-  """
-  batch, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_pages, page_size, _ = k_pages.shape
-  span = page_table.shape[1] * page_size
-  live = jnp.arange(span)[None, :] < lengths[:, None]  # [B, S]
-  table = jnp.clip(page_table, 0, num_pages - 1)
-
-  def gather(pages):  # -> [B, S, Hkv, D], dead keys zeroed (a stale page may hold anything)
-    rows = jnp.moveaxis(pages[:, table], 0, -2).reshape(batch, span, num_kv_heads, head_dim)
-    return jnp.where(live[:, :, None, None], rows, 0)
-
-  out = cached_attention(q[:, None], gather(k_pages), gather(v_pages), live[:, None, :])[:, 0]
-  return jnp.where((lengths > 0)[:, None, None], out, 0).astype(q.dtype)
-
-
-def _attention_backend():
-  """`paged_decode_attention` of `kat_jax.kernels.paged_attention` where it exists, else the
-  reference above (same signature)."""
-  try:
-    from kat_jax.kernels.paged_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return paged_decode_attention_reference
-  return paged_decode_attention
-
-
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
            lengths: jax.Array, backend: str = "auto") -> jax.Array:
-  """The engine's one decode-attention dispatch (shapes as `paged_decode_attention_reference`);
-  backend "reference" forces the plain-JAX reference."""
+  """The engine's one decode-attention dispatch: `paged_decode_attention` (shapes there);
+  backend "reference" forces its plain-JAX reference."""
   if backend == "reference":
     return paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths)
-  fn = _attention_backend()
-  if fn is paged_decode_attention_reference:
-    return fn(q, k_pages, v_pages, page_table, lengths)
-  return fn(q, k_pages, v_pages, page_table, lengths, backend=backend)
+  return paged_decode_attention(q, k_pages, v_pages, page_table, lengths, backend=backend)
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int) -> dict[str, list[jax.Array]]:

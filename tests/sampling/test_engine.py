@@ -9,7 +9,6 @@ import pytest
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import GREEDY, Sampler, SamplingParams, prepare_params
 from kat_jax.sampling.engine import Engine, Request
-from kat_jax.sampling.paged import paged_decode_attention_reference
 from kat_jax.testing import relative_error
 
 _CONFIG = dict(num_layers=2, initializer_range=0.3)
@@ -38,31 +37,6 @@ def _check_against_training_forward(params, prompt, completion):
   pred = np.asarray(_log_probs(params, jnp.asarray(seq)))[len(prompt) - 1:][:len(tokens)]
   assert relative_error(completion.logprobs, pred[np.arange(len(tokens)), tokens]) < 1e-5
   assert relative_error(completion.entropies, -np.sum(np.exp(pred) * pred, axis=-1)) < 1e-5
-
-
-def test_paged_attention_reference_equals_dense_attention_at_page_boundaries():
-  """Rows ending mid-page, on a page boundary, at one key and at zero keys (zeros), pages
-  shared between rows and in any order, GQA 4:2."""
-  rng = np.random.default_rng(0)
-  hkv, hq, d, size, num_pages = 2, 4, 8, 4, 12
-  k_pages = rng.normal(size=(hkv, num_pages, size, d)).astype(np.float32)
-  v_pages = rng.normal(size=(hkv, num_pages, size, d)).astype(np.float32)
-  table = np.array([[3, 7, 1], [7, 2, 0], [5, 0, 0], [9, 4, 11]], np.int32)
-  lengths = np.array([10, 8, 1, 0], np.int32)
-  q = rng.normal(size=(4, hq, d)).astype(np.float32)
-  got = np.asarray(paged_decode_attention_reference(q, k_pages, v_pages, table, lengths))
-  for b, n in enumerate(lengths):
-    if n == 0:
-      np.testing.assert_array_equal(got[b], 0)
-      continue
-    keys = np.concatenate([k_pages[:, p] for p in table[b]], axis=1)[:, :n]  # [Hkv, n, D]
-    values = np.concatenate([v_pages[:, p] for p in table[b]], axis=1)[:, :n]
-    groups = hq // hkv
-    scores = np.einsum("hgd,hnd->hgn", q[b].reshape(hkv, groups, d), keys) / np.sqrt(d)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    want = np.einsum("hgn,hnd->hgd", probs, values).reshape(hq, d)
-    assert relative_error(got[b], want) < 1e-6
 
 
 def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prompts(model):
