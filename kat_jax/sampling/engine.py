@@ -139,10 +139,13 @@ class Engine:
   def __init__(self, config: ModelConfig, params: DecodeParams, *, num_slots: int = 64,
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
-               tokenizer: Any = None, attention: str = "auto"):
+               tokenizer: Any = None, attention: str = "auto", long_rows: int = 8):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
-    tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend."""
+    tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend;
+    long_rows: the slots with the longest caches (up to this many) attend over the whole page
+    table and the others over a table cut to their own longest (`paged.split_attend`: the XLA
+    backend gathers every row at the table's width); 0 = one table for all."""
     if not isinstance(params, DecodeParams):
       raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
                        "kat_jax.sampling.prepare_params(params, config)")
@@ -156,6 +159,7 @@ class Engine:
     self.prefill_chunk, self.steps_per_call = int(prefill_chunk), int(steps_per_call)
     self.prefill_chunks_per_call = int(prefill_chunks_per_call)
     self.pad_id, self.tokenizer = int(pad_id), tokenizer
+    self.long_rows = int(long_rows)
     self.allocator = PageAllocator(num_pages, page_size)
     self.cache = paged.init_pages(config, num_pages, page_size)
     self.logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
@@ -171,7 +175,7 @@ class Engine:
     self._ids = itertools.count()
     self._requests = itertools.count()
     self._sequences = itertools.count()
-    self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, prefill_chunks
+    self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, prefill_chunks, split_calls
     # Per decode call: wall seconds (host work and the result's transfer included), slots
     # active at its start, steps run, tokens in the active slots' caches at its start, prefill
     # chunks queued since the previous call (their device time lands in this call's).
@@ -394,6 +398,19 @@ class Engine:
       table[row, :len(pages)] = pages
     return table
 
+  def _split(self, pages: list[int], width: int) -> tuple[np.ndarray, int]:
+    """(long_rows [N], short_pages) for `paged.split_attend`: the `long_rows` slots with
+    the most pages, and the table width (a power of two >= 8) the others fit."""
+    n = self.long_rows
+    order = np.argsort(pages, kind="stable")[::-1]
+    if n == 0 or len(pages) <= n:
+      return np.full(max(n, 1), self.num_slots, np.int32), width
+    short = _bucket(pages[order[n]], 8)
+    if short >= width:
+      return np.full(n, self.num_slots, np.int32), width
+    rows = np.where(np.asarray(pages)[order[:n]] > short, order[:n], self.num_slots)
+    return rows.astype(np.int32), short
+
   def _decode(self) -> None:
     steps = self.steps_per_call
     slots = self._slots
@@ -418,11 +435,15 @@ class Engine:
       choice[i] = samplings.index(s.spec.sampling)
       keys[i] = s.key
     table = self._table([s.seq.pages if s is not None else [] for s in slots])
+    long_rows, short_pages = self._split([len(s.seq.pages) if s is not None else 0
+                                          for s in slots], table.shape[1])
+    self.stats["split_calls"] += int(short_pages < table.shape[1])
     start = time.perf_counter()
     self.cache, self.logits, records = self._fns["decode"](
         self.params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
         jnp.asarray(budget), jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(choice),
-        jnp.asarray(keys), samplings=samplings, steps=steps)
+        jnp.asarray(keys), jnp.asarray(long_rows), samplings=samplings, steps=steps,
+        short_pages=short_pages)
     records = np.asarray(records)  # the one host sync per call
     self.stats["decode_calls"] += 1
     mask = records[..., 3] > 0

@@ -120,13 +120,36 @@ def prefill_chunk(params: DecodeParams, cache: dict[str, list[jax.Array]], token
   return {"k": new_k, "v": new_v}, head_logits(last, params, config)
 
 
+def split_attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                 lengths: jax.Array, long_rows: jax.Array, short_pages: int,
+                 backend: str = "auto") -> jax.Array:
+  """`attend` in two calls: every row over the first `short_pages` table columns, then the
+  rows `long_rows` [N] (index B = none) over the whole table, replacing theirs.
+
+  For a backend whose cost grows with the table width (the XLA one gathers B x M pages), a
+  long-tailed batch then reads its few long rows' pages, not every row at their width. The
+  caller puts every row longer than `short_pages` pages in `long_rows`.
+  """
+  size = k_pages.shape[2]
+  if short_pages >= page_table.shape[1]:
+    return attend(q, k_pages, v_pages, page_table, lengths, backend)
+  out = attend(q, k_pages, v_pages, page_table[:, :short_pages],
+               jnp.minimum(lengths, short_pages * size), backend)
+  picked = jnp.take(lengths, long_rows, axis=0, mode="fill", fill_value=0)
+  long_out = attend(jnp.take(q, long_rows, axis=0, mode="clip"), k_pages, v_pages,
+                    jnp.take(page_table, long_rows, axis=0, mode="clip"), picked, backend)
+  return out.at[long_rows].set(long_out, mode="drop")
+
+
 def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens: jax.Array,
                 positions: jax.Array, active: jax.Array, page_table: jax.Array,
                 rope: tuple[jax.Array, jax.Array], *, config: ModelConfig,
-                attention: str = "auto") -> tuple[dict[str, list[jax.Array]], jax.Array]:
+                attention: str = "auto", long_rows: jax.Array | None = None,
+                short_pages: int = 0) -> tuple[dict[str, list[jax.Array]], jax.Array]:
   """Feeds one token per row, each at its own position: tokens, positions [B] int32, active [B]
   bool (inactive rows write the scratch page and attend to nothing), page_table [B, M], rope
-  tables covering M*page_size positions -> (cache, float32 logits [B, V])."""
+  tables covering M*page_size positions -> (cache, float32 logits [B, V]). With `long_rows`,
+  attention is `split_attend` (rows outside them must fit `short_pages` pages)."""
   size = cache["k"][0].shape[2]
   rows = jnp.arange(tokens.shape[0])
   page = jnp.where(active, page_table[rows, positions // size], SCRATCH_PAGE)
@@ -141,7 +164,11 @@ def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens:
     v_pages = _write(v_pages, v[:, 0], page, slot)
     new_k.append(k_pages)
     new_v.append(v_pages)
-    out = attend(q[:, 0], k_pages, v_pages, page_table, lengths, attention)
+    if long_rows is None:
+      out = attend(q[:, 0], k_pages, v_pages, page_table, lengths, attention)
+    else:
+      out = split_attend(q[:, 0], k_pages, v_pages, page_table, lengths, long_rows,
+                         short_pages, attention)
     h = _finish_layer(layer, h, out.reshape(out.shape[0], 1, -1), config)
   last = rms_norm(h[:, 0], params.final_norm, config.rms_norm_eps)
   return {"k": new_k, "v": new_v}, head_logits(last, params, config)
@@ -170,9 +197,10 @@ def _sample_rows(logits: jax.Array, keys: jax.Array, counts: jax.Array, choice: 
 
 def decode_loop(params: DecodeParams, cache: dict[str, list[jax.Array]], logits: jax.Array,
                 page_table: jax.Array, positions: jax.Array, budget: jax.Array,
-                counts: jax.Array, stop_table: jax.Array, choice: jax.Array, keys: jax.Array, *,
-                config: ModelConfig, samplings: tuple[SamplingParams, ...], steps: int,
-                pad_id: int, attention: str = "auto"
+                counts: jax.Array, stop_table: jax.Array, choice: jax.Array, keys: jax.Array,
+                long_rows: jax.Array, *, config: ModelConfig,
+                samplings: tuple[SamplingParams, ...], steps: int, pad_id: int,
+                short_pages: int, attention: str = "auto"
                 ) -> tuple[dict[str, list[jax.Array]], jax.Array, jax.Array]:
   """Up to `steps` decode steps of every slot in one program: sample -> record -> feed.
 
@@ -180,7 +208,8 @@ def decode_loop(params: DecodeParams, cache: dict[str, list[jax.Array]], logits:
     pages reserved for `min(steps, budget)` more tokens; positions [S] (tokens in the cache);
     budget [S] tokens each slot may still generate (0: an empty slot); counts [S] tokens it
     generated so far (its key stream's position); stop_table [S,K] stop ids, -1 padded;
-    choice [S] index into `samplings`; keys [S,2] uint32 key data.
+    choice [S] index into `samplings`; keys [S,2] uint32 key data; long_rows [N] the slots
+    that may need more than `short_pages` pages this call (`split_attend`; S = none).
 
   Returns:
     (cache, logits [S,V], records [S, steps, 4] float32 of RECORDS). A slot stops at a stop
@@ -199,7 +228,8 @@ def decode_loop(params: DecodeParams, cache: dict[str, list[jax.Array]], logits:
     stopped = active & jnp.any(token[:, None] == stop_table, axis=-1)
     new_cache, new_logits = decode_step(params, config=config, cache=c["cache"], tokens=token,
                                         positions=c["positions"], active=active,
-                                        page_table=page_table, rope=rope, attention=attention)
+                                        page_table=page_table, rope=rope, attention=attention,
+                                        long_rows=long_rows, short_pages=short_pages)
     step = active.astype(jnp.int32)
     record = jnp.stack([token.astype(jnp.float32), jnp.where(active, logprob, 0.0),
                         jnp.where(active, entropy, 0.0), active.astype(jnp.float32)], axis=-1)
@@ -235,7 +265,8 @@ def jitted(config: ModelConfig, pad_id: int, attention: str) -> dict[str, Any]:
       "prefill": jax.jit(functools.partial(prefill_chunk, config=config), donate_argnums=(1,)),
       "decode": jax.jit(functools.partial(decode_loop, config=config, pad_id=pad_id,
                                           attention=attention),
-                        static_argnames=("samplings", "steps"), donate_argnums=(1, 2)),
+                        static_argnames=("samplings", "steps", "short_pages"),
+                        donate_argnums=(1, 2)),
       "copy": jax.jit(copy_pages, donate_argnums=(0,)),
       "set_row": jax.jit(set_row, donate_argnums=(0,)),
   }

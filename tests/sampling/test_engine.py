@@ -42,14 +42,16 @@ def _check_against_training_forward(params, prompt, completion):
 def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prompts(model):
   """Every request's greedy tokens equal the static Sampler's (a prefix of them: requests have
   their own max_new_tokens), whatever the admission order, slot count, page size and prompt
-  length (prompts cross prefill chunks); the pool is empty afterwards."""
+  length (prompts cross prefill chunks), with the longest slot attending over the whole page
+  table and the others over a cut one (`split_attend`); the pool is empty afterwards."""
   config, params, dparams = model
   rng = np.random.default_rng(1)
-  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 21)]
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 40)]
   want = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
                                   sampling=GREEDY).token_lists()
-  for num_slots, page_size in ((4, 4), (3, 8)):
-    engine = Engine(config, dparams, **dict(_ENGINE, num_slots=num_slots, page_size=page_size))
+  for num_slots, page_size, long_rows in ((4, 4, 8), (3, 2, 1)):
+    engine = Engine(config, dparams, **dict(_ENGINE, num_slots=num_slots, page_size=page_size,
+                                            long_rows=long_rows))
     order = rng.permutation(len(prompts))
     new_tokens = rng.integers(1, 10, size=len(prompts))
     ids = {int(i): engine.submit(Request(prompts[i], int(new_tokens[i]), sampling=GREEDY))[0]
@@ -59,6 +61,7 @@ def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prom
       assert done[sid].error is None
       assert done[sid].tokens == want[i][:new_tokens[i]], (num_slots, page_size, i)
     assert engine.allocator.num_used == 0
+  assert engine.stats["split_calls"] > 0  # the last engine used the cut table
   assert len({t for row in want for t in row}) > 5  # not a degenerate echo
 
 
