@@ -44,6 +44,7 @@ from kat_jax.sampling.forward import DecodeParams
 from kat_jax.sampling.logits import SamplingParams
 from kat_jax.sampling.pages import (SCRATCH_PAGE, OutOfPages, PageAllocator, PagedSequence,
                                     live_tokens)
+from kat_jax.sampling.sampler import GenerationResult
 
 MAX_STOP_IDS = 16
 
@@ -479,3 +480,67 @@ class Engine:
                                   np.asarray(s.logprobs, np.float32),
                                   np.asarray(s.entropies, np.float32), stopped,
                                   sequence=sequence)
+
+
+class EngineSampler:
+  """The engine behind `Sampler.generate`'s interface, for callers that take a whole batch.
+
+      sampler = EngineSampler(config, pad_id=tok.pad_id)        # instead of Sampler(...)
+      result = sampler.generate(dparams, prompts, rng, max_new_tokens=512, num_samples=8,
+                                sampling=SamplingParams(1.0), stop_ids=tok.stop_ids)
+
+  Returns the same `GenerationResult` (rows grouped by prompt: row i*G + g; tokens past a
+  row's end hold pad_id). Prompt i's samples draw from fold_in(rng, i). The page pool is sized
+  at the first call that needs more (every slot at its longest prompt + max_new_tokens) and
+  kept, or fixed by `num_pages`; `dparams` may change between calls (a weight update).
+  """
+
+  def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
+               num_slots: int = 64, page_size: int = 16, num_pages: int | None = None,
+               **engine_kwargs: Any):
+    self.config, self.pad_id, self.prefill_chunk = config, int(pad_id), int(prefill_chunk)
+    self.num_pages = num_pages
+    self.num_slots, self.page_size = int(num_slots), int(page_size)
+    self.engine_kwargs = engine_kwargs
+    self.engine: Engine | None = None
+
+  def _engine(self, params: DecodeParams, num_pages: int) -> Engine:
+    if self.engine is None or self.engine.allocator.num_pages < num_pages:
+      self.engine = None  # free the old pool first
+      self.engine = Engine(self.config, params, num_slots=self.num_slots, num_pages=num_pages,
+                           page_size=self.page_size, prefill_chunk=self.prefill_chunk,
+                           pad_id=self.pad_id, **self.engine_kwargs)
+    self.engine.params = params
+    return self.engine
+
+  def generate(self, params: DecodeParams, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
+               max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+               stop_ids: Sequence[int] = (), num_samples: int = 1,
+               max_length: int | None = None) -> GenerationResult:
+    """As `Sampler.generate` (max_length is accepted and unused: pages grow as needed).
+    Raises ValueError naming every bad prompt (the others still ran)."""
+    del max_length
+    if not prompts:
+      raise ValueError("generate needs at least one prompt")
+    longest = max(len(p) for p in prompts)
+    per_slot = -(-(longest + max_new_tokens) // self.page_size) + 1
+    engine = self._engine(params, self.num_pages or self.num_slots * per_slot + 2)
+    ids = [engine.submit(Request(p, max_new_tokens, sampling=sampling, stop_ids=tuple(stop_ids),
+                                 num_samples=num_samples, rng=jax.random.fold_in(rng, i)))
+           for i, p in enumerate(prompts)]
+    done = engine.run()
+    rows = [done[sid] for sample_ids in ids for sid in sample_ids]
+    errors = [f"prompt {i}: {done[s[0]].error}" for i, s in enumerate(ids) if done[s[0]].error]
+    if errors:
+      raise ValueError("; ".join(errors))
+    shape = (len(rows), max_new_tokens)
+    tokens = np.full(shape, self.pad_id, np.int32)
+    logprobs, entropies = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    mask = np.zeros(shape, bool)
+    for r, c in enumerate(rows):
+      n = len(c.tokens)
+      tokens[r, :n], logprobs[r, :n], entropies[r, :n], mask[r, :n] = (
+          c.tokens, c.logprobs, c.entropies, True)
+    return GenerationResult(tokens=jnp.asarray(tokens), logprobs=jnp.asarray(logprobs),
+                            entropies=jnp.asarray(entropies), mask=jnp.asarray(mask),
+                            stopped=jnp.asarray([c.stopped for c in rows]))

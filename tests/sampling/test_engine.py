@@ -8,7 +8,7 @@ import pytest
 
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import GREEDY, Sampler, SamplingParams, prepare_params
-from kat_jax.sampling.engine import Engine, Request
+from kat_jax.sampling.engine import Engine, EngineSampler, Request
 from kat_jax.testing import relative_error
 
 _CONFIG = dict(num_layers=2, initializer_range=0.3)
@@ -63,6 +63,30 @@ def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prom
     assert engine.allocator.num_used == 0
   assert engine.stats["split_calls"] > 0  # the last engine used the cut table
   assert len({t for row in want for t in row}) > 5  # not a degenerate echo
+
+
+def test_engine_sampler_generate_equals_sampler_generate(model):
+  """`EngineSampler.generate` returns the static Sampler's `GenerationResult` (rows grouped by
+  prompt, pad after a stop, the stop flag); a bad prompt raises a ValueError naming it."""
+  config, _, dparams = model
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 40)]
+  want = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
+                                  sampling=GREEDY)
+  stop = int(np.asarray(want.tokens)[1, 2])
+  want_stopped = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
+                                          sampling=GREEDY, stop_ids=(stop,))
+  sampler = EngineSampler(config, **_ENGINE)
+  got = sampler.generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
+                         sampling=GREEDY, stop_ids=(stop,), num_samples=2)
+  for g in range(2):
+    for name in ("tokens", "mask", "stopped"):
+      np.testing.assert_array_equal(np.asarray(getattr(got, name))[g::2],
+                                    np.asarray(getattr(want_stopped, name)))
+    assert relative_error(np.asarray(got.logprobs)[g::2], want_stopped.logprobs) < 1e-5
+  with pytest.raises(ValueError, match=r"prompt 1: error: request \d+: prompt token"):
+    sampler.generate(dparams, [[1, 2], [config.vocab_size]], jax.random.key(0),
+                     max_new_tokens=2)
 
 
 def test_logprobs_and_entropies_equal_training_forward_with_mixed_sampling_and_stops(model):
