@@ -62,14 +62,12 @@ def _parse(argv=None) -> argparse.Namespace:
                       help="sample KV memory every N scheduler rounds")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
+  if parser.parse_known_args(argv)[0].tiny:  # tiny defaults; flags given still win
+    parser.set_defaults(preset="tiny", prompts=4, samples=2, prompt_min=8, prompt_max=24,
+                        mean_new=12, max_new=40, num_slots=4, page_size=4, steps_per_call=4,
+                        prefill_chunk=16, static_batch_prompts=4, static_batches=0,
+                        memory_every=1)
   args = parser.parse_args(argv)
-  if args.tiny:
-    args.preset = "tiny"
-    for name, value in dict(prompts=4, samples=2, prompt_min=8, prompt_max=24, mean_new=12,
-                            max_new=40, num_slots=4, page_size=4, steps_per_call=4,
-                            prefill_chunk=16, static_batch_prompts=4, static_batches=0,
-                            memory_every=1).items():
-      setattr(args, name, value)
   return args
 
 
