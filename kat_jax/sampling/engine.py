@@ -244,12 +244,17 @@ class Engine:
     return done
 
   def step(self) -> None:
-    """One scheduler round: fill free slots, prefill some chunks, one multi-step decode call."""
+    """One scheduler round: fill free slots, prefill some chunks, one multi-step decode call.
+
+    Prefill runs while prefilled samples are fewer than free slots: `prefill_chunks_per_call`
+    chunks, or more while over half the slots would stay empty (the start of a batch).
+    """
     self._admit()
     budget = self.prefill_chunks_per_call
-    while self._pending and (budget > 0 or not self._active()):
-      if len(self._ready) >= self._free_slots() and self._active():
-        break  # enough prefilled samples wait for slots
+    while self._pending:
+      empty = self._free_slots() - len(self._ready)
+      if empty <= 0 or (budget <= 0 and 2 * empty <= self.num_slots):
+        break
       if not self._prefill_one_chunk():
         break
       budget -= 1
@@ -331,8 +336,9 @@ class Engine:
 
   def _prefill_possible(self) -> bool:
     p = self._pending[0]
+    # +1: a continued sequence's shared partial page is copied before its prefill writes.
     need = self._pages_for(p.seq.length + len(p.tokens) - p.done,
-                           _per_sample(p.spec)) - len(p.seq.pages)
+                           _per_sample(p.spec)) - len(p.seq.pages) + 1
     return need <= self.allocator.num_free - self._committed()
 
   def _fail(self, p: _Prefill, error: str) -> None:

@@ -5,8 +5,8 @@ paged-attention op; logical axes `PAGE_AXES`, kv heads over the tensor axis on a
 token t lives in page `page_table[row, t // page_size]`, slot `t % page_size` (see
 `kat_jax.sampling.pages`). Writes of padded or inactive rows go to the scratch page 0.
 
-Same layer math as `forward.forward_chunk` (the same norms, products, RoPE tables and float32
-head), so the engine's tokens, log-probs and entropies equal the static `Sampler`'s. Decode
+Same layer math as `forward.forward_chunk` (its `layer_qkv` / `layer_output`, RoPE tables and
+float32 head), so the engine's tokens, log-probs and entropies equal the static `Sampler`'s. Decode
 attention goes through `attend`, one dispatch point for the paged decode-attention kernel.
 """
 
@@ -23,8 +23,9 @@ from kat_jax.kernels.paged_attention import (paged_decode_attention,
                                              paged_decode_attention_reference)
 from kat_jax.kernels.reference import cached_attention
 from kat_jax.model.config import ModelConfig
-from kat_jax.model.layers import apply_rope, rms_norm
-from kat_jax.sampling.forward import DecodeParams, head_logits, rope_tables
+from kat_jax.model.layers import rms_norm
+from kat_jax.sampling.forward import (DecodeParams, head_logits, layer_output, layer_qkv,
+                                     rope_tables)
 from kat_jax.sampling.logits import SamplingParams, sample_with_stats
 from kat_jax.sampling.pages import SCRATCH_PAGE
 
@@ -58,30 +59,6 @@ def _write(pages: jax.Array, values: jax.Array, page: jax.Array, slot: jax.Array
   return _constrain(pages.at[:, page, slot].set(jnp.swapaxes(values, 0, 1).astype(pages.dtype)))
 
 
-def _qkv(layer: dict, h: jax.Array, config: ModelConfig, cos: jax.Array, sin: jax.Array
-         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """h [B,T,d] -> rotated q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D] (forward_chunk's ops)."""
-  batch, length = h.shape[:2]
-  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-  x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
-  qkv = jnp.einsum("btd,nd->btn", x, layer["qkv"])
-  if "qkv_bias" in layer:
-    qkv = qkv + layer["qkv_bias"]
-  q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
-  q = apply_rope(q.reshape(batch, length, hq, hd), cos, sin)
-  k = apply_rope(k.reshape(batch, length, hkv, hd), cos, sin)
-  return q, k, v.reshape(batch, length, hkv, hd)
-
-
-def _finish_layer(layer: dict, h: jax.Array, attn_out: jax.Array, config: ModelConfig
-                  ) -> jax.Array:
-  """Residual adds of the attention output [B,T,Hq*D] and the MLP (forward_chunk's ops)."""
-  h = h + jnp.einsum("btk,dk->btd", attn_out, layer["o"])
-  x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
-  gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
-  return h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
-
-
 def prefill_chunk(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens: jax.Array,
                   start: jax.Array, num_valid: jax.Array, page_table: jax.Array, *,
                   config: ModelConfig) -> tuple[dict[str, list[jax.Array]], jax.Array]:
@@ -107,7 +84,7 @@ def prefill_chunk(params: DecodeParams, cache: dict[str, list[jax.Array]], token
   h = jnp.take(params.embed, tokens, axis=0)[None].astype(config.compute_dtype)
   new_k, new_v = [], []
   for layer, k_pages, v_pages in zip(params.layers, cache["k"], cache["v"]):
-    q, k, v = _qkv(layer, h, config, cos, sin)
+    q, k, v = layer_qkv(layer, h, config, cos, sin)
     k_pages = _write(k_pages, k[0], page, slot)
     v_pages = _write(v_pages, v[0], page, slot)
     new_k.append(k_pages)
@@ -115,7 +92,7 @@ def prefill_chunk(params: DecodeParams, cache: dict[str, list[jax.Array]], token
     keys, values = (jnp.where(live[None, :, None, None], jnp.moveaxis(
         p[:, page_table], 0, -2).reshape(1, span, *p.shape[::3]), 0) for p in (k_pages, v_pages))
     out = cached_attention(q, keys, values, mask)
-    h = _finish_layer(layer, h, out.reshape(1, length, -1), config)
+    h = layer_output(layer, h, out.reshape(1, length, -1), config)
   last = rms_norm(jnp.take(h[0], num_valid - 1, axis=0), params.final_norm, config.rms_norm_eps)
   return {"k": new_k, "v": new_v}, head_logits(last, params, config)
 
@@ -159,7 +136,7 @@ def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens:
   h = jnp.take(params.embed, tokens, axis=0)[:, None].astype(config.compute_dtype)
   new_k, new_v = [], []
   for layer, k_pages, v_pages in zip(params.layers, cache["k"], cache["v"]):
-    q, k, v = _qkv(layer, h, config, cos, sin)
+    q, k, v = layer_qkv(layer, h, config, cos, sin)
     k_pages = _write(k_pages, k[:, 0], page, slot)
     v_pages = _write(v_pages, v[:, 0], page, slot)
     new_k.append(k_pages)
@@ -169,7 +146,7 @@ def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens:
     else:
       out = split_attend(q[:, 0], k_pages, v_pages, page_table, lengths, long_rows,
                          short_pages, attention)
-    h = _finish_layer(layer, h, out.reshape(out.shape[0], 1, -1), config)
+    h = layer_output(layer, h, out.reshape(out.shape[0], 1, -1), config)
   last = rms_norm(h[:, 0], params.final_norm, config.rms_norm_eps)
   return {"k": new_k, "v": new_v}, head_logits(last, params, config)
 
