@@ -213,18 +213,10 @@ def save_model(directory: str, config: ModelConfig, params: Any) -> None:
 
 
 def load_model(directory: str, execution: ModelConfig | None = None) -> tuple[ModelConfig, Any]:
-  """Loads `save_model` output, or a Hugging Face directory (config.json + safetensors)."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, "model_config.json")):
-    with open(os.path.join(directory, "model_config.json"), encoding="utf-8") as f:
-      config = ModelConfig.from_dict(json.load(f))
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
-    return config, params
-  if os.path.exists(os.path.join(directory, "config.json")):
-    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    return load_pretrained(directory)  # MTP heads stay on disk (load_mtp is opt-in)
-  raise ConfigError(f"config.distill.teacher_init_from: no model_config.json or config.json "
-                    f"in {directory}")
+  """Loads `save_model` output, a Hugging Face directory or any other model source."""
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  return models.load_model(directory, execution=execution,
+                           what="config.distill.teacher_init_from")
 
 
 # ---------------------------------------------------------------------------
@@ -332,9 +324,8 @@ def _setup(config: ConfigDict):
 
 
 def _check_vocab(name: str, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
-  if model_config.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f"{name}: vocab_size {model_config.vocab_size} is smaller than the "
-                      f"tokenizer's {tokenizer.vocab_size} ids")
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  models.check_vocab(model_config, tokenizer, what=name)
 
 
 def obtain_teacher(config: ConfigDict, workdir: str, tokenizer: Tokenizer, train_source,

@@ -141,11 +141,7 @@ def _batches(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, local_ro
 
 
 def _check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
-  if model_config.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(
-        f"config.model: vocab_size {model_config.vocab_size} is smaller than the "
-        f"{type(tokenizer).__name__}'s {tokenizer.vocab_size} ids; pick a matching "
-        "config.data.tokenizer or model preset")
+  models.check_vocab(model_config, tokenizer, what="config.model")
 
 
 def _load_hf(config: ConfigDict, model_config: ModelConfig) -> tuple[ModelConfig, Any]:

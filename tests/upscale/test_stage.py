@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import kat_v1_40b_upscale, pretrain, upscale_tiny
+from kat_jax.checkpoint import models
 from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.model import get_preset, init_params
 from kat_jax.testing import assert_trees_close
@@ -49,6 +50,10 @@ def test_tiny_stage_writes_loadable_outputs_and_identity_keeps_the_loss(tmp_path
   orbax_params = stage.restore_orbax_params(str(tmp_path / "upscaled" / "orbax_params"),
                                             hf_params)
   assert_trees_close(orbax_params, hf_params, rtol=1e-7)
+  # The output directory (model_config.json + orbax_params/) is a model source of its own.
+  saved_config, saved_params = models.load_model(str(tmp_path / "upscaled"))
+  assert saved_config.num_layers == 10
+  assert_trees_close(saved_params, hf_params, rtol=1e-7)
   sources = [row["source_index"] for row in layer_map["layers"]]
   _, source_params = stage.load_model(config)
   np.testing.assert_array_equal(
