@@ -54,7 +54,11 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps_per_call", type=int, default=16)
   parser.add_argument("--prefill_chunk", type=int, default=512)
   parser.add_argument("--prefill_chunks_per_call", type=int, default=1)
-  parser.add_argument("--attention", default="auto", help="paged attention backend")
+  parser.add_argument("--attention", default="auto",
+                      help="paged attention backend (kat_jax.kernels.paged_attention.BACKENDS)")
+  parser.add_argument("--long_rows", type=int, default=8,
+                      help="Engine(long_rows=...): slots attending over the whole page table "
+                           "(0 for a kernel that reads only live pages)")
   parser.add_argument("--static_batch_prompts", type=int, default=8)
   parser.add_argument("--static_batches", type=int, default=1, help="0: all")
   parser.add_argument("--skip_static", action="store_true")
@@ -118,7 +122,8 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
   engine = Engine(config, dparams, num_slots=args.num_slots, num_pages=num_pages,
                   page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                   prefill_chunks_per_call=args.prefill_chunks_per_call,
-                  steps_per_call=args.steps_per_call, attention=args.attention)
+                  steps_per_call=args.steps_per_call, attention=args.attention,
+                  long_rows=args.long_rows)
   sampling = SamplingParams(temperature=1.0, vocab_limit=0)
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
@@ -154,7 +159,9 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
       "generated_tokens": generated, "seconds": seconds, "compile_s": compile_s,
       "wall_s_with_compiles": wall, "tokens_per_s": generated / seconds,
       "num_slots": args.num_slots, "page_size": args.page_size, "num_pages": num_pages,
-      "steps_per_call": args.steps_per_call, "decode_calls": stats["decode_calls"],
+      "steps_per_call": args.steps_per_call, "attention": args.attention,
+      "long_rows": args.long_rows, "split_calls": stats["split_calls"],
+      "decode_calls": stats["decode_calls"],
       "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
       "mean_slot_occupancy": stats["slot_steps"] / max(stats["decode_steps"] * args.num_slots,
                                                        1),

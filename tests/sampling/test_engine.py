@@ -11,7 +11,7 @@ from kat_jax.sampling import GREEDY, Sampler, SamplingParams, prepare_params
 from kat_jax.sampling.engine import Engine, EngineSampler, Request
 from kat_jax.testing import relative_error
 
-_CONFIG = dict(num_layers=2, initializer_range=0.3)
+_CONFIG = dict(num_layers=1, initializer_range=0.3)
 # One engine shape for most tests, so its programs compile once for the module.
 _ENGINE = dict(num_slots=4, num_pages=32, page_size=4, steps_per_call=3, prefill_chunk=16)
 
@@ -39,17 +39,28 @@ def _check_against_training_forward(params, prompt, completion):
   assert relative_error(completion.entropies, -np.sum(np.exp(pred) * pred, axis=-1)) < 1e-5
 
 
-def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prompts(model):
+@pytest.fixture(scope="module")
+def greedy_reference(model):
+  """Prompts of 1-40 tokens and the static Sampler's 9 greedy tokens for each."""
+  config, _, dparams = model
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 40)]
+  want = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
+                                  sampling=GREEDY)
+  return prompts, want
+
+
+def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prompts(
+    model, greedy_reference):
   """Every request's greedy tokens equal the static Sampler's (a prefix of them: requests have
   their own max_new_tokens), whatever the admission order, slot count, page size and prompt
   length (prompts cross prefill chunks), with the longest slot attending over the whole page
   table and the others over a cut one (`split_attend`); the pool is empty afterwards."""
-  config, params, dparams = model
+  config, _, dparams = model
+  prompts, want = greedy_reference
+  want = want.token_lists()
   rng = np.random.default_rng(1)
-  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 40)]
-  want = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
-                                  sampling=GREEDY).token_lists()
-  for num_slots, page_size, long_rows in ((2, 4, 0), (3, 2, 1)):
+  for num_slots, page_size, long_rows in ((2, 8, 0), (3, 4, 1)):
     engine = Engine(config, dparams, **dict(_ENGINE, num_slots=num_slots, page_size=page_size,
                                             long_rows=long_rows))
     order = rng.permutation(len(prompts))
@@ -65,39 +76,44 @@ def test_greedy_equals_the_static_sampler_for_random_orders_slots_pages_and_prom
   assert len({t for row in want for t in row}) > 5  # not a degenerate echo
 
 
-def test_engine_sampler_generate_equals_sampler_generate(model):
+def test_engine_sampler_generate_equals_sampler_generate(model, greedy_reference):
   """`EngineSampler.generate` returns the static Sampler's `GenerationResult` (rows grouped by
-  prompt, pad after a stop, the stop flag); a bad prompt raises a ValueError naming it."""
+  prompt; a stop token ends a row, kept, with pad_id and mask False after it, stopped set);
+  a bad prompt raises a ValueError naming it."""
   config, _, dparams = model
-  rng = np.random.default_rng(1)
-  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (1, 3, 8, 13, 40)]
-  want = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
-                                  sampling=GREEDY)
-  stop = int(np.asarray(want.tokens)[1, 2])
-  want_stopped = Sampler(config).generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
-                                          sampling=GREEDY, stop_ids=(stop,))
+  prompts, want = greedy_reference
+  tokens = np.asarray(want.tokens)
+  stop = int(tokens[1, 2])
+  # The static result with stop_ids=(stop,): greedy rows cut after their first stop token.
+  ends = [list(row).index(stop) + 1 if stop in row else 9 for row in tokens]
+  mask = np.arange(9)[None, :] < np.asarray(ends)[:, None]
+  want_stopped = dict(tokens=np.where(mask, tokens, 0), mask=mask,
+                      stopped=np.asarray([stop in row for row in tokens]),
+                      logprobs=np.where(mask, want.logprobs, 0))
   sampler = EngineSampler(config, **_ENGINE)
   got = sampler.generate(dparams, prompts, jax.random.key(0), max_new_tokens=9,
                          sampling=GREEDY, stop_ids=(stop,), num_samples=2)
   for g in range(2):
     for name in ("tokens", "mask", "stopped"):
-      np.testing.assert_array_equal(np.asarray(getattr(got, name))[g::2],
-                                    np.asarray(getattr(want_stopped, name)))
-    assert relative_error(np.asarray(got.logprobs)[g::2], want_stopped.logprobs) < 1e-5
+      np.testing.assert_array_equal(np.asarray(getattr(got, name))[g::2], want_stopped[name])
+    assert relative_error(np.asarray(got.logprobs)[g::2], want_stopped["logprobs"]) < 1e-5
+  assert want_stopped["stopped"].sum() >= 1 and not want_stopped["stopped"].all()
   with pytest.raises(ValueError, match=r"prompt 1: error: request \d+: prompt token"):
     sampler.generate(dparams, [[1, 2], [config.vocab_size]], jax.random.key(0),
                      max_new_tokens=2)
 
 
-def test_logprobs_and_entropies_equal_training_forward_with_mixed_sampling_and_stops(model):
+def test_logprobs_and_entropies_equal_training_forward_with_mixed_sampling_and_stops(
+    model, greedy_reference):
   """Greedy, tempered and top-p requests in one batch, each with its own stop id: log-probs
   and entropies (untempered) equal the training forward; a stop id ends the sample with the
   stop token kept; the same request gives the same tokens in another slot layout."""
   config, params, dparams = model
   rng = np.random.default_rng(2)
-  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (4, 11, 6)]
-  greedy = Sampler(config).generate(dparams, prompts[:1], jax.random.key(0), max_new_tokens=8,
-                                    sampling=GREEDY).token_lists()[0]
+  reference_prompts, want = greedy_reference
+  prompts = [reference_prompts[2]] + [rng.integers(1, config.vocab_size, size=n).tolist()
+                                      for n in (11, 6)]
+  greedy = want.token_lists()[2]
   requests = [Request(prompts[0], 8, sampling=GREEDY, stop_ids=(greedy[4],)),
               Request(prompts[1], 7, sampling=SamplingParams(1.0), rng=jax.random.key(5),
                       num_samples=2),
