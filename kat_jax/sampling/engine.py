@@ -180,7 +180,9 @@ class Engine:
     # Per decode call: wall seconds (host work and the result's transfer included), slots
     # active at its start, steps run, tokens in the active slots' caches at its start, prefill
     # chunks queued since the previous call (their device time lands in this call's).
-    self.decode_log: list[tuple[float, int, int, int, int]] = []
+    # The latest 100,000 calls (a long-lived engine must not grow without bound).
+    self.decode_log: collections.deque[tuple[float, int, int, int, int]] = collections.deque(
+        maxlen=100_000)
     self._chunks_at_last_call = 0
 
   # ---- public API ----

@@ -233,3 +233,23 @@ def test_engine_on_a_device_mesh_keeps_the_output(model):
   for sid, completion in want.items():
     assert got[sid].tokens == completion.tokens
     assert relative_error(got[sid].logprobs, completion.logprobs) < 1e-5
+
+
+def test_split_attend_equals_one_attention_over_the_whole_table():
+  """`split_attend` (rows cut to 2 pages, 2 long rows over all 4) equals the reference over
+  the whole table: rows exactly at the cut, past it, empty, and an unused long-row entry."""
+  from kat_jax.kernels.paged_attention import paged_decode_attention_reference  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.paged import split_attend  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  hkv, hq, d, size, num_pages = 2, 4, 8, 4, 16
+  k_pages, v_pages = (jnp.asarray(rng.normal(size=(hkv, num_pages, size, d)), jnp.float32)
+                      for _ in range(2))
+  table = jnp.asarray(rng.integers(1, num_pages, size=(5, 4)), jnp.int32)
+  lengths = jnp.asarray([8, 13, 0, 5, 16], jnp.int32)  # rows 1 and 4 need more than 2 pages
+  q = jnp.asarray(rng.normal(size=(5, hq, d)), jnp.float32)
+  long_rows = jnp.asarray([4, 1, 5], jnp.int32)  # 5 = no row
+  got = split_attend(q, k_pages, v_pages, table, lengths, long_rows, short_pages=2,
+                     backend="xla")
+  want = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths)
+  assert relative_error(got, want) < 1e-6
+  np.testing.assert_array_equal(np.asarray(got)[2], 0)
