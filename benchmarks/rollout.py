@@ -123,7 +123,10 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
                   page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                   prefill_chunks_per_call=args.prefill_chunks_per_call,
                   steps_per_call=args.steps_per_call, attention=args.attention,
-                  long_rows=args.long_rows)
+                  long_rows=args.long_rows,
+                  # One full table width for the whole run: only the cut widths compile.
+                  min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
+                  if args.long_rows else 8)
   sampling = SamplingParams(temperature=1.0, vocab_limit=0)
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,

@@ -140,13 +140,16 @@ class Engine:
   def __init__(self, config: ModelConfig, params: DecodeParams, *, num_slots: int = 64,
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
-               tokenizer: Any = None, attention: str = "auto", long_rows: int = 8):
+               tokenizer: Any = None, attention: str = "auto", long_rows: int = 8,
+               min_table_pages: int = 8):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
     tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend;
     long_rows: the slots with the longest caches (up to this many) attend over the whole page
     table and the others over a table cut to their own longest (`paged.split_attend`: the XLA
-    backend gathers every row at the table's width); 0 = one table for all."""
+    backend gathers every row at the table's width); 0 = one table for all; min_table_pages:
+    the narrowest page table of a decode call (tables are powers of two >= it, one compiled
+    program each: a width that covers the longest request compiles only the cut widths)."""
     if not isinstance(params, DecodeParams):
       raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
                        "kat_jax.sampling.prepare_params(params, config)")
@@ -161,6 +164,7 @@ class Engine:
     self.prefill_chunks_per_call = int(prefill_chunks_per_call)
     self.pad_id, self.tokenizer = int(pad_id), tokenizer
     self.long_rows = int(long_rows)
+    self.min_table_pages = _bucket(int(min_table_pages), 8)
     self.allocator = PageAllocator(num_pages, page_size)
     self.cache = paged.init_pages(config, num_pages, page_size)
     self.logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
@@ -361,7 +365,7 @@ class Engine:
       width = _bucket(count, 16)
       tokens = np.full(width, self.pad_id, np.int32)
       tokens[:count] = p.tokens[p.done:p.done + count]
-      table = self._table([p.seq.pages])[0]
+      table = self._table([p.seq.pages], 8)[0]
       self.cache, p.logits = self._fns["prefill"](
           self.params, self.cache, jnp.asarray(tokens), jnp.int32(p.seq.length),
           jnp.int32(count), jnp.asarray(table))
@@ -399,9 +403,10 @@ class Engine:
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
     self.cache = self._fns["copy"](self.cache, jnp.asarray(src), jnp.asarray(dst))
 
-  def _table(self, page_lists: list[list[int]]) -> np.ndarray:
-    """Page lists -> a [rows, M] int32 table, M a power of two >= 8 (few compiled shapes)."""
-    width = _bucket(max(len(p) for p in page_lists), 8)
+  def _table(self, page_lists: list[list[int]], minimum: int) -> np.ndarray:
+    """Page lists -> a [rows, M] int32 table, M a power of two >= minimum (few compiled
+    shapes)."""
+    width = _bucket(max(len(p) for p in page_lists), minimum)
     table = np.full((len(page_lists), width), SCRATCH_PAGE, np.int32)
     for row, pages in enumerate(page_lists):
       table[row, :len(pages)] = pages
@@ -443,7 +448,8 @@ class Engine:
       stops[i, :len(s.spec.stop_ids)] = s.spec.stop_ids
       choice[i] = samplings.index(s.spec.sampling)
       keys[i] = s.key
-    table = self._table([s.seq.pages if s is not None else [] for s in slots])
+    table = self._table([s.seq.pages if s is not None else [] for s in slots],
+                        self.min_table_pages)
     long_rows, short_pages = self._split([len(s.seq.pages) if s is not None else 0
                                           for s in slots], table.shape[1])
     self.stats["split_calls"] += int(short_pages < table.shape[1])
