@@ -64,6 +64,10 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--skip_static", action="store_true")
   parser.add_argument("--memory_every", type=int, default=16,
                       help="sample KV memory every N scheduler rounds")
+  parser.add_argument("--simulate", action="store_true",
+                      help="run only the engine's host scheduler on the workload, with a "
+                           "stand-in device (every active slot makes one token per step): "
+                           "occupancy, calls, compiled shapes and host time, no model")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
   if parser.parse_known_args(argv)[0].tiny:  # tiny defaults; flags given still win
@@ -222,8 +226,86 @@ def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
           "kv_held_tokens_per_batch_mean": held / len(batches)}
 
 
+def simulate(args) -> dict:
+  """The engine's scheduling of the workload with a stand-in device (no model): each active
+  slot generates one token per step until its budget ends. Gives occupancy, decode calls,
+  the distinct (table width, cut width) decode shapes a real run compiles, KV held / live,
+  and the host's seconds per decode call."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import SamplingParams, paged  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+
+  config = get_preset("tiny", num_layers=1, max_position_embeddings=1 << 16)
+  shapes = set()
+
+  def decode(params, cache, logits, table, positions, budget, counts, stops, choice, keys,
+             long_rows, *, samplings, steps, short_pages):
+    shapes.add((int(table.shape[1]), int(short_pages)))
+    live = np.asarray(budget)[:, None] > np.arange(steps)[None, :]
+    records = np.zeros(live.shape + (4,), np.float32)
+    records[..., 0], records[..., 3] = 1.0, live
+    return cache, logits, records
+
+  fns = {"prefill": lambda params, cache, *a: (cache, None), "decode": decode,
+         "copy": lambda cache, src, dst: cache, "set_row": lambda logits, row, i: logits}
+  prompts, lengths = workload(args, config.vocab_size)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(mock.patch.object(paged, "jitted", lambda *a: fns))
+    stack.enter_context(mock.patch.object(paged, "init_pages", lambda *a: {"k": [], "v": []}))
+    num_pages = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 1
+    engine = Engine(config, _stand_in_params(), num_slots=args.num_slots, num_pages=num_pages,
+                    page_size=args.page_size, prefill_chunk=args.prefill_chunk,
+                    prefill_chunks_per_call=args.prefill_chunks_per_call,
+                    steps_per_call=args.steps_per_call, long_rows=args.long_rows,
+                    min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
+                    if args.long_rows else 8)
+    for i, prompt in enumerate(prompts):
+      engine.submit(Request(prompt, lengths[i].tolist(), sampling=SamplingParams(1.0),
+                            num_samples=args.samples, rng=jax.random.key(0)))
+    memory, rounds, start = [], 0, time.perf_counter()
+    while engine.busy:
+      engine.step()
+      rounds += 1
+      if rounds % args.memory_every == 0:
+        memory.append(engine.memory())
+    host_s = time.perf_counter() - start
+    done = engine.run()
+  stats = engine.stats
+  held = np.asarray([m["held_tokens"] for m in memory], np.float64)
+  live = np.asarray([m["live_tokens"] for m in memory], np.float64)
+  held, live = held[live > 0], live[live > 0]
+  report = {"simulated": True, "generated_tokens": sum(len(c.tokens) for c in done.values()),
+            "drawn_tokens": int(lengths.sum()), "decode_calls": stats["decode_calls"],
+            "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
+            "longest_sample": int(lengths.max()),
+            "mean_slot_occupancy": stats["slot_steps"] / (stats["decode_steps"] *
+                                                          args.num_slots),
+            "decode_shapes": sorted(shapes), "split_calls": stats["split_calls"],
+            "kv_held_over_live_mean": float((held / live).mean()),
+            "kv_held_over_live_max": float((held / live).max()),
+            "host_ms_per_decode_call": host_s / stats["decode_calls"] * 1e3}
+  print(json.dumps(report, indent=1))
+  return report
+
+
+def _stand_in_params():
+  """An empty DecodeParams (the simulated device never reads weights)."""
+  from kat_jax.sampling import DecodeParams  # pylint: disable=g-import-not-at-top
+  return DecodeParams(embed=None, head=None, final_norm=None, layers=[])
+
+
 def main(argv=None) -> dict:
   args = _parse(argv)
+  if args.simulate:
+    report = simulate(args)
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(dict(report, command=" ".join(["python"] + sys.argv)), f, indent=2)
+    return report
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
