@@ -42,8 +42,7 @@ from kat_jax.sampling import paged
 from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
 from kat_jax.sampling.forward import DecodeParams
 from kat_jax.sampling.logits import SamplingParams
-from kat_jax.sampling.pages import (SCRATCH_PAGE, OutOfPages, PageAllocator, PagedSequence,
-                                    live_tokens)
+from kat_jax.sampling.pages import SCRATCH_PAGE, PageAllocator, PagedSequence, live_tokens
 from kat_jax.sampling.sampler import GenerationResult
 
 MAX_STOP_IDS = 16

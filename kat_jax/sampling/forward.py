@@ -250,7 +250,7 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     token at that slot (left padding inside the chunk).
   """
   dt = config.compute_dtype
-  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  hq, hd = config.num_heads, config.head_dim
   batch, length = tokens.shape
   token_valid = token_valid.astype(bool)
   positions = cache["next_pos"][:, None] + jnp.cumsum(token_valid, axis=1) - 1
