@@ -43,11 +43,19 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int) -> dict[str, list[jax.Array]]:
-  """An all-zero page pool: {"k"/"v": [L x [Hkv, num_pages, page_size, D]]} (compute dtype)."""
+  """An all-zero page pool: {"k"/"v": [L x [Hkv, num_pages, page_size, D]]} (compute dtype).
+
+  Written by one jitted program under `PAGE_AXES`, so inside a mesh's sharding context each
+  device only ever holds its kv heads' share of the pool.
+  """
   shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-  zeros = functools.partial(jnp.zeros, shape, config.compute_dtype)
-  return {"k": [zeros() for _ in range(config.num_layers)],
-          "v": [zeros() for _ in range(config.num_layers)]}
+
+  def make():
+    zeros = [_constrain(jnp.zeros(shape, config.compute_dtype))
+             for _ in range(2 * config.num_layers)]
+    return {"k": zeros[:config.num_layers], "v": zeros[config.num_layers:]}
+
+  return jax.jit(make)()
 
 
 def _constrain(pages: jax.Array) -> jax.Array:

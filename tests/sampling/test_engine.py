@@ -215,7 +215,8 @@ def test_bad_requests_error_alone_and_think_mode_forcing(model):
                     "devices (tests/conftest.py); a one-GPU run (KAT_TEST_GPU=1) has one")
 def test_engine_on_a_device_mesh_keeps_the_output(model):
   """Tensor-parallel decode weights (`shard_decode_params`) inside the mesh's sharding
-  context: the pages follow the kv-heads rule and the tokens and log-probs are unchanged."""
+  context: the pages are split over kv heads (from their creation on) and the tokens and
+  log-probs are unchanged."""
   from kat_jax.parallel.mesh import make_mesh, sharding_context  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import shard_decode_params  # pylint: disable=g-import-not-at-top
   config, _, dparams = model
@@ -227,9 +228,10 @@ def test_engine_on_a_device_mesh_keeps_the_output(model):
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   with sharding_context(mesh):
     engine = Engine(config, shard_decode_params(dparams, mesh), **_ENGINE)
+    assert tuple(engine.cache["k"][0].sharding.spec)[0] == "tensor"  # placed from the start
     assert [engine.submit(r) for r in requests] == ids
     got = engine.run()
-  assert "tensor" in tuple(engine.cache["k"][0].sharding.spec)
+  assert tuple(engine.cache["k"][0].sharding.spec)[0] == "tensor"
   for sid, completion in want.items():
     assert got[sid].tokens == completion.tokens
     assert relative_error(got[sid].logprobs, completion.logprobs) < 1e-5
