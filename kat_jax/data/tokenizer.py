@@ -9,7 +9,7 @@ everything downstream (chat rendering, packing, losses) works with either:
 - `ByteTokenizer`: ids 0..255 are UTF-8 bytes, then the same added tokens in the
   same order at 256.. . Dependency-free and lossless; for CPU experiments.
 
-Facts (ids, flags, pre-tokenizer regex) follow `shared/research/algorithms_spec.md`
+Facts (ids, flags, pre-tokenizer regex) follow `docs/spec.md`
 §1.4 (Qwen2.5 `tokenizer_config.json` / torchtune `QWEN2_5_SPECIAL_TOKENS`) and
 §7.2 (KAT tags).
 """

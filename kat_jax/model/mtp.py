@@ -1,4 +1,4 @@
-"""Multi-Token Prediction heads (DeepSeek-V3, arXiv 2412.19437 §2.2; spec §3.1).
+"""Multi-Token Prediction heads (DeepSeek-V3, arXiv 2412.19437 §2.2; docs/spec.md §3.1).
 
 D sequential modules share the main model's embedding and LM head. Module k at position i::
 
