@@ -135,22 +135,21 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
                           num_samples=args.samples, rng=jax.random.key(i)))
+  from kat_jax.progress import Progress  # pylint: disable=g-import-not-at-top
   compile_before = clock.total
   memory, rounds = [], 0
   total = int(lengths.sum())
-  start = last_print = time.perf_counter()
+  progress = Progress("engine (compiles included)", total, unit="tokens")
+  start = time.perf_counter()
   while engine.busy:
+    before = engine.stats["slot_steps"]
     engine.step()
+    progress.update(engine.stats["slot_steps"] - before)
     rounds += 1
     if rounds % args.memory_every == 0:
       memory.append(engine.memory())
-    now = time.perf_counter()
-    if now - last_print > 10:
-      done = engine.stats["slot_steps"]
-      print(f"  engine: {done}/{total} tokens, {done / (now - start):.0f} tok/s (compiles "
-            f"included), ETA {(total - done) * (now - start) / max(done, 1):.0f}s", flush=True)
-      last_print = now
   wall = time.perf_counter() - start
+  progress.finish()
   completions = engine.run()
   compile_s = clock.total - compile_before
   generated = sum(len(c.tokens) for c in completions.values())
@@ -189,6 +188,7 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
 
 def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.progress import status  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import Sampler, SamplingParams  # pylint: disable=g-import-not-at-top
   sampler = Sampler(config, pad_id=0, prefill_chunk=args.prefill_chunk)
   sampling = SamplingParams(temperature=1.0)
@@ -217,7 +217,7 @@ def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
     generated += int(lengths[lo:hi].sum())
     run_tokens += steps * (hi - lo) * args.samples
     held += (hi - lo) * args.samples * max_length
-    print(f"  static batch {b + 1}/{len(batches)}: {steps} steps, {wall:.1f}s", flush=True)
+    status(f"static sampler: batch {b + 1}/{len(batches)}, {steps} steps, {wall:.1f}s")
   return {"batches_run": len(batches),
           "batches_total": -(-len(prompts) // group), "rows_per_batch": group * args.samples,
           "generated_tokens": generated, "decoded_row_tokens": run_tokens,
