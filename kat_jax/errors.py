@@ -24,5 +24,6 @@ class CheckpointError(InputError):
 
 
 class RewardInfrastructureError(RuntimeError):
-  """The code-reward sandbox cannot run programs (failed its start-up self-check, or too many
-  runs in a row), so every code reward would be a meaningless 0; the message says why."""
+  """A reward infrastructure cannot run (the code sandbox, or the math reward's SymPy workers,
+  failed its start-up self-check or too many times in a row), so every reward of that kind
+  would be a meaningless 0; the message says why."""
