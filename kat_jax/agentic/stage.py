@@ -42,6 +42,7 @@ from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig
 from kat_jax.parallel import init_sharded_state, make_mesh, sharding_context
+from kat_jax.progress import status
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.policy_step import POLICY_INPUTS, make_logprob_fn, make_policy_loss_fn
 from kat_jax.sampling import Sampler, SamplingParams, prepare_params
@@ -254,6 +255,8 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
 
   with sharding_context(mesh):
     state, _ = init_sharded_state(model_config, optimizer, mesh, jax.random.key(config.seed))
+    status(f"agentic_rl ({ag.mode}): {model_config.num_params():,} params, {steps} updates x "
+           f"{ag.tasks_per_step} tasks, branching {ag.branching}, env {ag.env}, workdir {workdir}")
     # The reference policy (beta > 0) is the initial one.
     ref_params = jax.tree.map(jnp.copy, state.params) if objective.beta else None
     update = AccumulatedPolicyUpdate(model_config, optimizer, objective, ag.micro_batch_rows,

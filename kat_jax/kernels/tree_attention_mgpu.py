@@ -2,7 +2,7 @@
 
 Backend 'mgpu' of `tree_attention` (same `(q, k, v, kv_end)` interface and custom VJP; the
 wiring stays in tree_attention.py).  Same block-sparse schedule as the other backends: per
-(query block) or (key block) visit lists from `tree_blocks` (full tiles first, then partial;
+(query block) or (key block) visit lists from `tree_attention_blocks` (full tiles first, then partial;
 hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.08608) on Hopper:
 - a warpgroup of 128 threads computes 64-row tiles with wgmma (QK^T, PV, ...) whose operands
   sit in 128-byte-swizzled shared memory, accumulating in float32 registers;
@@ -30,7 +30,6 @@ pick it — pass `backend="mgpu"` explicitly until the GPU tests have passed.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -40,17 +39,27 @@ from jax.experimental import pallas as pl
 
 from kat_jax.kernels.paged_attention_mgpu import _gpu_interpret_params
 from kat_jax.kernels.paged_attention_mgpu import has_interpreter
-from kat_jax.kernels.tree_blocks import tile_classes
-from kat_jax.kernels.tree_blocks import visit_lists
+from kat_jax.kernels.tree_attention_blocks import KernelConfig
+from kat_jax.kernels.tree_attention_blocks import KernelTiles
+from kat_jax.kernels.tree_attention_blocks import LOG2E
+from kat_jax.kernels.tree_attention_blocks import tile_classes
+from kat_jax.kernels.tree_attention_blocks import Tuning
+from kat_jax.kernels.tree_attention_blocks import visit_lists
 
-__all__ = ["DTYPES", "ROWS", "backward", "check_tiles", "forward", "has_interpreter"]
+__all__ = ["DEFAULT_TUNING", "DTYPES", "ROWS", "backward", "check_tiles", "forward",
+           "has_interpreter"]
 
 ROWS = 64  # rows of one warpgroup MMA: forward/dQ query blocks, dK/dV key blocks
 DTYPES = (jnp.bfloat16, jnp.float16)
-_LOG2E = math.log2(math.e)
+# 64-row tiles per warpgroup; the forward's 128 query rows are two consumer warpgroups of 64
+# (warp-specialised; fwd.block_q=64 picks the one-warpgroup kernel) over 128-key tiles with
+# 2 TMA stages: the fastest config of JAX's attention_mgpu on the H200. num_stages = TMA
+# pipeline depth; num_warps unused. Not yet tuned on a GPU.
+DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, None, 2), dq=KernelTiles(64, 64, None, 2),
+                        dkdv=KernelTiles(64, 64, None, 2))
 
 
-def check_tiles(tuning: Any, dtype: Any, head_dim: int) -> None:
+def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
   """Raises ValueError unless `tuning` (a `Tuning`) and the inputs fit these kernels."""
   if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
     raise ValueError(f"backend 'mgpu' takes bf16 or f16 q/k/v, got {jnp.dtype(dtype)}")
@@ -198,7 +207,7 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
-  logit_scale = scale * _LOG2E
+  logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
 
   def attend(q_smem, k_smem, v_smem, end_smem, q_bar, k_bar, v_bar):
@@ -269,7 +278,7 @@ def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
-  logit_scale = scale * _LOG2E
+  logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
 
   def body(qo_smem2, k_smem, v_smem, end_smem, lse_smem2, q_bar, k_bar, v_bar, k_free,
@@ -347,10 +356,11 @@ def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
       plgpu.Barrier(num_barriers=stages), released, released, collective_axes="wg")
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, *, scale: float,
-            tuning: Any, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: KernelConfig
+            ) -> tuple[jax.Array, jax.Array]:
   """q [B,T,Hq,D], k/v [B,T,Hkv,D], kv_end [B,T] (T padded to the blocks)
   -> (o [B,T,Hq,D], lse [B,Hq,T] float32 base 2)."""
+  scale, tuning, interpret = cfg.scale, cfg.tuning, cfg.interpret
   plgpu = _plgpu()
   batch, length, num_q_heads, head_dim = q.shape
   tiles = tuning.fwd
@@ -389,7 +399,7 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
-  logit_scale = scale * _LOG2E
+  logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
 
   def gradient(q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, end_smem, q_bar, k_bar,
@@ -462,7 +472,7 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   dtype = k_ref.dtype
   n_full, n_visible = meta_ref[b, kb, 0], meta_ref[b, kb, 1]
   steps = groups * n_visible  # (group head, visit step) pairs, one pipeline over all of them
-  logit_scale = scale * _LOG2E
+  logit_scale = scale * LOG2E
   tile = (ROWS, block_q)
 
   def gradient(k_smem, v_smem, end_smem, q_smem, do_smem, lse_smem, delta_smem, k_bar, q_bar):
@@ -535,9 +545,10 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
 
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: jax.Array,
-             lse: jax.Array, delta: jax.Array, *, scale: float, tuning: Any,
-             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+             lse: jax.Array, delta: jax.Array, cfg: KernelConfig
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Padded [B,T,H,D] tensors, lse/delta [B,Hq,T] f32 (base-2 lse) -> (dq, dk, dv)."""
+  scale, tuning, interpret = cfg.scale, cfg.tuning, cfg.interpret
   plgpu = _plgpu()
   batch, length, num_q_heads, _ = q.shape
   num_kv_heads = k.shape[2]

@@ -234,14 +234,17 @@ def run_training(config: ConfigDict, *, stage: str = "pretrain",
                                  save_every=train.checkpoint_every,
                                  keep=train.keep_checkpoints, async_save=train.async_checkpoint)
   meta = {"config": config.to_dict(), "model_config": model_config.to_dict()}
-  logger = MetricsLogger(workdir, train.steps, tensorboard=train.tensorboard)
 
   with sharding_context(mesh):
     state, shardings = init_sharded_state(model_config, optimizer, mesh,
                                           jax.random.key(config.seed), params=params)
     del params
-    if checkpointer.latest_step() is not None:
+    resumed = checkpointer.latest_step() is not None
+    if resumed:
       state, _ = checkpointer.restore(state, data_iter)
+    logger = MetricsLogger(workdir, train.steps, tensorboard=train.tensorboard,
+                           resume_step=int(state.step))
+    if resumed:
       logger.status(f"resumed from step {int(state.step)} ({checkpointer.directory})")
     batch_sh = batch_sharding(mesh)
     step_fn = jax.jit(
