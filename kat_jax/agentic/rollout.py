@@ -126,6 +126,7 @@ def _engine(sampler: Sampler | EngineSampler, params: DecodeParams, episodes: in
 
 
 def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
+  """Episodes alive at once at most: every task branched at every turn."""
   count = num_tasks
   for turn in range(cfg.max_turns):
     count *= cfg.branching[turn] if turn < len(cfg.branching) else 1
