@@ -1,16 +1,18 @@
-"""Tree rollouts: multi-turn tool-use episodes that branch at chosen turns, over one KV cache.
+"""Tree rollouts: multi-turn tool-use episodes that branch at chosen turns, on the rollout engine.
 
     groups = tree_rollout(sampler, dparams, make_env, tasks, tokenizer, rng, RolloutConfig(
         branching=(2, 2), max_turns=4, max_new_tokens=64))
     trajectories = [[e.trajectory(adv) for e, adv in ...] for group in groups]
 
-Every task is prefilled once; before turn t every live episode is forked `branching[t]` times
-(its cache rows copied with `take_rows`, its environment deep-copied), so the episodes of a
-task form a tree: everything before a fork is one shared token list with one set of
-behaviour log-probs, which `kat_jax.agentic.tree.build_trees` then merges back into one trie
-path. Each turn: decode (per-token log-probs and entropies recorded), parse the tool calls,
-step the environment, and append the observation rendered by the chat template (mask 0) to
-the cache with `Sampler.extend`.
+Every task's prompt is prefilled once into the engine's paged KV cache (`kat_jax.sampling.
+Engine`). A turn is one engine request per live episode: its new tokens (the prompt, or the
+previous turn's observation), then `branching[t]` samples that share every page before them
+(copy-on-write), each kept (`Request(keep=True)`) for the next turn; an ended episode's pages
+are released. So the episodes of a task form a tree: everything before a branch is one shared
+token list with one set of behaviour log-probs, which `kat_jax.agentic.tree.build_trees` then
+merges back into one trie path. Each turn: decode (per-token log-probs and entropies
+recorded), parse the tool calls, step the environment, and append the observation rendered by
+the chat template (mask 0) to the episode's kept sequence.
 
 Token layout of an episode (qwen2.5 template), matching `render_chat(messages)` exactly:
 
@@ -35,8 +37,7 @@ from kat_jax.agentic.tool_calls import parse_tool_calls
 from kat_jax.agentic.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
-from kat_jax.sampling import DecodeParams, DecodeState, Sampler, SamplingParams
-from kat_jax.sampling.sampler import _extension_width  # the cache slots an extend takes
+from kat_jax.sampling import DecodeParams, Engine, EngineSampler, Request, Sampler, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class RolloutConfig:
   branching: tuple[int, ...] = (4,)
   max_turns: int = 4
   max_new_tokens: int = 64
-  max_length: int = 1024  # KV-cache slots per episode (prompt + all turns)
+  max_length: int = 1024  # tokens per episode (prompt + all turns)
   sampling: SamplingParams = SamplingParams(1.0)
   template: str = "qwen2.5"
   tool_format: str = "qwen2.5"
@@ -112,79 +113,104 @@ def continuation_text(observation: Sequence[Message], template: str = "qwen2.5",
   return after[len(before) - 1:]
 
 
-def take_rows(state: DecodeState, rows: Sequence[int]) -> DecodeState:
-  """The cache rows `rows` (repeats fork, omissions drop finished episodes)."""
-  index = np.asarray(rows, np.int32)
-  return jax.tree.map(lambda x: x[index], state)
+def _engine(sampler: Sampler | EngineSampler, params: DecodeParams, episodes: int,
+            max_length: int) -> Engine:
+  """An engine with the sampler's model, pad id and prefill chunk (an EngineSampler's slots
+  and page size; a static Sampler's: one slot per episode), its pool room for every episode
+  at max_length (shared pages make the real use smaller)."""
+  slots, page_size = ((sampler.num_slots, sampler.page_size) if isinstance(sampler, EngineSampler)
+                      else (min(episodes, 64), 16))
+  pages = episodes * (-(-max_length // page_size) + 1) + 2
+  return Engine(sampler.config, params, num_slots=slots, num_pages=pages, page_size=page_size,
+                prefill_chunk=sampler.prefill_chunk, pad_id=sampler.pad_id)
 
 
-def tree_rollout(sampler: Sampler, params: DecodeParams,
+def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
+  """Episodes alive at once at most: every task branched at every turn."""
+  count = num_tasks
+  for turn in range(cfg.max_turns):
+    count *= cfg.branching[turn] if turn < len(cfg.branching) else 1
+  return count
+
+
+def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
                  make_env: Callable[[], Environment], tasks: Sequence[Any],
                  tokenizer: Tokenizer, rng: jax.Array, cfg: RolloutConfig) -> list[list[Episode]]:
-  """Runs one tree of episodes per task -> groups[task] = its finished episodes."""
+  """Runs one tree of episodes per task -> groups[task] = its finished episodes.
+
+  sampler gives the engine's settings (model config, pad id, prefill chunk; an EngineSampler
+  also its slots and page size); the rollout always runs on a `kat_jax.sampling.Engine`."""
   stop = tokenizer.im_end_id
   live: list[Episode] = []
+  news: list[list[int]] = []  # per live episode: tokens to prefill before its next turn
   for g, task in enumerate(tasks):
     env = make_env()
     messages = env.reset(task)
     tools = list(env.tools)
     prompt = tokenize_chat(tokenizer, messages, tools=tools or None, template=cfg.template,
                            add_generation_prompt=True).ids
+    if len(prompt) + cfg.max_new_tokens > cfg.max_length:
+      raise ValueError(f"task {g}: its prompt fills {len(prompt)} of max_length "
+                       f"{cfg.max_length} tokens, leaving no room for {cfg.max_new_tokens} new "
+                       "tokens; raise max_length")
     episode = Episode(g, env, list(messages), tools, [], [], [], [])
     episode.extend(prompt, generated=False)
     live.append(episode)
-  state = sampler.prefill(params, [e.tokens for e in live], max_length=cfg.max_length)
-  if state.end + cfg.max_new_tokens > cfg.max_length:
-    raise ValueError(f"the prompts fill {state.end} of max_length {cfg.max_length} cache slots, "
-                     f"leaving no room for {cfg.max_new_tokens} new tokens; raise max_length")
+    news.append(list(prompt))
+  engine = _engine(sampler, params, _max_episodes(len(tasks), cfg), cfg.max_length)
+  sequences: list[int | None] = [None] * len(live)  # each live episode's kept KV
   finished: list[Episode] = []
 
   for turn in range(cfg.max_turns):
     copies = cfg.branching[turn] if turn < len(cfg.branching) else 1
-    if copies > 1:
-      state = take_rows(state, [i for i in range(len(live)) for _ in range(copies)])
-      live = [e if c == 0 else copy.deepcopy(e) for e in live for c in range(copies)]
-    for i, e in enumerate(live):
-      e.branch_id = e.branch_id + (i % copies,)
-    rng, key = jax.random.split(rng)
-    result, state = sampler.decode(params, state, key, max_new_tokens=cfg.max_new_tokens,
-                                   sampling=cfg.sampling, stop_ids=(stop,))
-    tokens, logprobs, entropies, stopped = jax.device_get(
-        (result.tokens, result.logprobs, result.entropies, result.stopped))
-    lengths = result.lengths
     last_turn = turn == cfg.max_turns - 1
-    room = cfg.max_length - state.end - cfg.max_new_tokens
-    keep, continuations = [], []
-    for i, episode in enumerate(live):
-      n = int(lengths[i])
-      episode.extend(tokens[i, :n], generated=True, logprobs=logprobs[i, :n],
-                     entropies=entropies[i, :n])
-      episode.turns += 1
-      text = tokenizer.decode(tokens[i, :n - 1] if stopped[i] else tokens[i, :n])
-      episode.messages.append({"role": "assistant", "content": text})
-      forced_end = [] if stopped[i] else [stop]
-      outcome = episode.env.step(parse_tool_calls(text, cfg.tool_format))
-      suffix = []
-      if not outcome.done:
-        episode.messages += outcome.observation
-        suffix = forced_end + tokenizer.encode(
-            continuation_text(outcome.observation, cfg.template, episode.tools))
-      if outcome.done or last_turn or _extension_width(len(suffix), sampler.prefill_chunk) > room:
-        if not outcome.done:  # cut off by the turn limit or the cache: drop the observation
-          del episode.messages[len(episode.messages) - len(outcome.observation):]
-          outcome.reward = episode.env.finish()
-        episode.extend(forced_end, generated=False)
-        episode.reward, episode.done = float(outcome.reward), True
-        finished.append(episode)
-      else:
-        episode.extend(suffix, generated=False)
-        keep.append(i)
-        continuations.append(suffix)
-    if not keep:
+    rng, key = jax.random.split(rng)
+    ids = [engine.submit(Request(new, cfg.max_new_tokens, sampling=cfg.sampling,
+                                 stop_ids=(stop,), num_samples=copies,
+                                 rng=jax.random.fold_in(key, i), keep=not last_turn,
+                                 continue_from=seq))
+           for i, (new, seq) in enumerate(zip(news, sequences))]
+    done = engine.run()
+    next_live, news, sequences = [], [], []
+    for parent, sample_ids in zip(live, ids):
+      # Copies are made before any branch's turn changes the episode.
+      branches = [parent] + [copy.deepcopy(parent) for _ in sample_ids[1:]]
+      for c, (episode, sid) in enumerate(zip(branches, sample_ids)):
+        result = done[sid]
+        if result.error is not None:
+          raise ValueError(f"episode of task {episode.group}: {result.error}")
+        episode.branch_id += (c,)
+        tokens = result.tokens
+        episode.extend(tokens, generated=True, logprobs=result.logprobs,
+                       entropies=result.entropies)
+        episode.turns += 1
+        text = tokenizer.decode(tokens[:-1] if result.stopped else tokens)
+        episode.messages.append({"role": "assistant", "content": text})
+        forced_end = [] if result.stopped else [stop]
+        outcome = episode.env.step(parse_tool_calls(text, cfg.tool_format))
+        suffix = []
+        if not outcome.done:
+          episode.messages += outcome.observation
+          suffix = forced_end + tokenizer.encode(
+              continuation_text(outcome.observation, cfg.template, episode.tools))
+        too_long = len(episode.tokens) + len(suffix) + cfg.max_new_tokens > cfg.max_length
+        if outcome.done or last_turn or too_long:
+          if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
+            del episode.messages[len(episode.messages) - len(outcome.observation):]
+            outcome.reward = episode.env.finish()
+          episode.extend(forced_end, generated=False)
+          episode.reward, episode.done = float(outcome.reward), True
+          finished.append(episode)
+          if result.sequence is not None:
+            engine.release(result.sequence)
+        else:
+          episode.extend(suffix, generated=False)
+          next_live.append(episode)
+          news.append(suffix)
+          sequences.append(result.sequence)
+    live = next_live
+    if not live:
       break
-    state = take_rows(state, keep)
-    live = [live[i] for i in keep]
-    state = sampler.extend(params, state, continuations)
 
   groups: list[list[Episode]] = [[] for _ in tasks]
   for episode in sorted(finished, key=lambda e: e.branch_id):

@@ -1,8 +1,8 @@
 """Generation for tagging and evaluation: a kat_jax model as a `GenerateFn`, and the AutoThink
 evaluation of a model on held-out dual-regime tasks (format rate, think-on rate easy vs hard).
 
-Generation goes through the KV-cache `kat_jax.sampling.Sampler`; any `GenerateFn`
-(list of user queries -> list of responses) can be passed instead.
+Generation goes through `kat_jax.eval.generation.model_generate_fn` (the rollout engine by
+default); any `GenerateFn` (list of user queries -> list of responses) can be passed instead.
 """
 
 from __future__ import annotations

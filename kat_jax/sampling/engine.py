@@ -30,7 +30,7 @@ import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,9 +43,11 @@ from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
 from kat_jax.sampling.forward import DecodeParams
 from kat_jax.sampling.logits import SamplingParams
 from kat_jax.sampling.pages import SCRATCH_PAGE, PageAllocator, PagedSequence, live_tokens
-from kat_jax.sampling.sampler import GenerationResult
+from kat_jax.sampling.sampler import GenerationResult, Sampler
 
 MAX_STOP_IDS = 16
+# The batch generators behind `make_batch_sampler`: the engine, or the static Sampler.
+BATCH_SAMPLERS = ("paged", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +242,13 @@ class Engine:
   def busy(self) -> bool:
     return bool(self._pending or self._ready or any(s is not None for s in self._slots))
 
-  def run(self) -> dict[int, Completion]:
-    """Runs until every submitted request ended; returns and forgets their completions."""
+  def run(self, on_step: Callable[[int], None] | None = None) -> dict[int, Completion]:
+    """Runs until every submitted request ended; returns and forgets their completions.
+    on_step(samples ended so far) is called after every scheduler round (progress output)."""
     while self.busy:
       self.step()
+      if on_step is not None:
+        on_step(len(self._done))
     self._samplings = ()
     done, self._done = self._done, {}
     return done
@@ -529,9 +534,11 @@ class EngineSampler:
   def generate(self, params: DecodeParams, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
                max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                stop_ids: Sequence[int] = (), num_samples: int = 1,
-               max_length: int | None = None) -> GenerationResult:
-    """As `Sampler.generate` (max_length is accepted and unused: pages grow as needed).
-    Raises ValueError naming every bad prompt (the others still ran)."""
+               max_length: int | None = None,
+               on_step: Callable[[int], None] | None = None) -> GenerationResult:
+    """As `Sampler.generate` (max_length is accepted and unused: pages grow as needed);
+    on_step as `Engine.run` takes it. Raises ValueError naming every bad prompt (the others
+    still ran)."""
     del max_length
     if not prompts:
       raise ValueError("generate needs at least one prompt")
@@ -541,7 +548,7 @@ class EngineSampler:
     ids = [engine.submit(Request(p, max_new_tokens, sampling=sampling, stop_ids=tuple(stop_ids),
                                  num_samples=num_samples, rng=jax.random.fold_in(rng, i)))
            for i, p in enumerate(prompts)]
-    done = engine.run()
+    done = engine.run(on_step)
     rows = [done[sid] for sample_ids in ids for sid in sample_ids]
     errors = [f"prompt {i}: {done[s[0]].error}" for i, s in enumerate(ids) if done[s[0]].error]
     if errors:
@@ -557,3 +564,24 @@ class EngineSampler:
     return GenerationResult(tokens=jnp.asarray(tokens), logprobs=jnp.asarray(logprobs),
                             entropies=jnp.asarray(entropies), mask=jnp.asarray(mask),
                             stopped=jnp.asarray([c.stopped for c in rows]))
+
+
+def make_batch_sampler(config: ModelConfig, kind: str = "paged", *, pad_id: int = 0,
+                       prefill_chunk: int = 512, num_slots: int = 64, page_size: int = 16,
+                       num_pages: int | None = None) -> EngineSampler | Sampler:
+  """The generator of a batch-generating caller (generate stage, evaluation): "paged" = the
+  engine (`EngineSampler`; continuous batching, so a long response does not hold up the
+  batch), "static" = the static `Sampler` (num_slots, page_size, num_pages unused). Both
+  give the same greedy tokens and the same `generate` interface."""
+  if kind not in BATCH_SAMPLERS:
+    raise ValueError(f"sampler kind {kind!r} not in {BATCH_SAMPLERS}")
+  if kind == "static":
+    return Sampler(config, pad_id=pad_id, prefill_chunk=prefill_chunk)
+  for name, value in (("num_slots", num_slots), ("page_size", page_size),
+                      ("prefill_chunk", prefill_chunk)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+  if num_pages is not None and num_pages < 2:
+    raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {num_pages}")
+  return EngineSampler(config, pad_id=pad_id, prefill_chunk=prefill_chunk, num_slots=num_slots,
+                       page_size=page_size, num_pages=num_pages)

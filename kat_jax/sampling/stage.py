@@ -11,6 +11,11 @@ Prompt rows: {"prompt": str} (one user turn) or {"messages": [...]} (ChatML mess
 optional "id". Outputs under `<workdir>/`: completions.jsonl (one row per sample: id, sample,
 completion text, num_tokens, stopped, mode, mean log-prob and entropy) and
 generate_summary.json (think-on rate, tokens per response, throughput).
+
+`generate.sampler="paged"` (default) runs every prompt through the rollout engine at once
+(`num_slots` rows decoding, a KV pool of `num_pages` pages of `page_size` tokens; 0 = sized
+from the longest prompt); "static" runs the static Sampler `batch_size` prompts at a time.
+Greedy outputs are the same.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ from kat_jax.errors import ConfigError
 from kat_jax.sampling.autothink import (THINK_MODES, autothink_stats, forced_mode_prefix,
                                         think_mode_prompts)
 from kat_jax.sampling.forward import prepare_params
-from kat_jax.sampling.sampler import Sampler
+from kat_jax.sampling.engine import BATCH_SAMPLERS, make_batch_sampler
 from kat_jax.sampling.logits import SamplingParams
-
 
 
 def generate_fields() -> ConfigDict:
@@ -51,7 +55,11 @@ def generate_fields() -> ConfigDict:
       temperature=0.7,  # 0 = greedy
       top_k=0,
       top_p=1.0,
-      batch_size=8,  # prompts per prefill (rows = batch_size * num_samples)
+      sampler="paged",  # 'paged' (rollout engine) or 'static' (Sampler, batch_size prompts)
+      batch_size=8,  # static: prompts per call (rows = batch_size * num_samples)
+      num_slots=64,  # paged: rows decoding at once
+      page_size=16,  # paged: tokens per KV page
+      num_pages=0,  # paged: KV pool size in pages; 0 = every slot at its longest request
       prefill_chunk=512,
   ))
 
@@ -97,9 +105,15 @@ def _check(gen: ConfigDict, vocab_limit: int) -> SamplingParams:
     raise ConfigError(f"config.generate.think_mode {gen.think_mode!r} not in {THINK_MODES}")
   if gen.think_mode != "auto" and gen.template != "kat":
     raise ConfigError("config.generate.think_mode 'on'/'off' needs template 'kat'")
-  for name in ("num_samples", "max_new_tokens", "batch_size", "prefill_chunk"):
+  if gen.sampler not in BATCH_SAMPLERS:
+    raise ConfigError(f"config.generate.sampler {gen.sampler!r} not in {BATCH_SAMPLERS}")
+  for name in ("num_samples", "max_new_tokens", "batch_size", "prefill_chunk", "num_slots",
+               "page_size"):
     if gen[name] < 1:
       raise ConfigError(f"config.generate.{name} must be >= 1, got {gen[name]}")
+  if gen.num_pages != 0 and gen.num_pages < 2:
+    raise ConfigError(f"config.generate.num_pages must be 0 (sized per call) or >= 2 (page 0 "
+                      f"is scratch), got {gen.num_pages}")
   try:
     return SamplingParams(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                           vocab_limit=vocab_limit)
@@ -129,7 +143,11 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
                                                       tokenizer=tokenizer)
   dparams = prepare_params(params, model_config)
   del params
-  sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=gen.prefill_chunk)
+  sampler = make_batch_sampler(model_config, gen.sampler, pad_id=tokenizer.pad_id,
+                               prefill_chunk=gen.prefill_chunk, num_slots=gen.num_slots,
+                               page_size=gen.page_size, num_pages=gen.num_pages or None)
+  # The engine refills slots as samples end, so it takes every prompt in one call.
+  per_call = gen.batch_size if gen.sampler == "static" else len(rows)
   prompts = tokenize_prompts(tokenizer, rows, gen)
   prefix = forced_mode_prefix(gen.think_mode, gen.judge)
   output = gen.output or os.path.join(workdir, "completions.jsonl")
@@ -137,13 +155,16 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
   texts, counts = [], []
   start = time.perf_counter()
   with open(output, "w", encoding="utf-8") as out:
-    for first in range(0, len(rows), gen.batch_size):
-      batch_rows = rows[first:first + gen.batch_size]
-      batch_prompts = prompts[first:first + gen.batch_size]
+    for first in range(0, len(rows), per_call):
+      batch_rows = rows[first:first + per_call]
+      batch_prompts = prompts[first:first + per_call]
       rng, key = jax.random.split(rng)
-      result = sampler.generate(dparams, batch_prompts, key, max_new_tokens=gen.max_new_tokens,
-                                sampling=sampling, stop_ids=tokenizer.stop_ids,
-                                num_samples=gen.num_samples)
+      try:
+        result = sampler.generate(dparams, batch_prompts, key,
+                                  max_new_tokens=gen.max_new_tokens, sampling=sampling,
+                                  stop_ids=tokenizer.stop_ids, num_samples=gen.num_samples)
+      except ValueError as e:  # a prompt the engine cannot hold (positions, num_pages)
+        raise ConfigError(f"config.generate: {e}") from e
       tokens = result.token_lists()
       logprobs, entropies = np.asarray(result.logprobs), np.asarray(result.entropies)
       stopped = np.asarray(result.stopped)

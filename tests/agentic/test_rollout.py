@@ -100,3 +100,30 @@ def test_continuation_text_is_cut_from_the_template():
                   "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
   with pytest.raises(ValueError, match="branching"):
     RolloutConfig(branching=(0,))
+
+
+def test_greedy_tree_rollout_is_independent_of_slots_and_page_size_and_frees_every_page(
+    monkeypatch):
+  import kat_jax.agentic.rollout as rollout_module  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import EngineSampler  # pylint: disable=g-import-not-at-top
+  tokenizer = get_tokenizer("bytes")
+  config = get_preset("tiny", num_layers=1, initializer_range=0.3)
+  dparams = prepare_params(init_params(config, jax.random.key(0)), config)
+  cfg = RolloutConfig(branching=(2, 1, 2), max_turns=3, max_new_tokens=5, max_length=1024,
+                      sampling=SamplingParams(0.0, vocab_limit=128))
+  engines = []
+  build = rollout_module._engine  # pylint: disable=protected-access
+  monkeypatch.setattr(rollout_module, "_engine", lambda *a: engines.append(build(*a)) or
+                      engines[-1])
+  runs = [tree_rollout(sampler, dparams, ScriptedToolEnv, [0, 1], tokenizer, jax.random.key(1),
+                       cfg)
+          for sampler in (Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=256),
+                          EngineSampler(config, pad_id=tokenizer.pad_id, prefill_chunk=32,
+                                        num_slots=3, page_size=4))]
+  assert [e.num_slots for e in engines] == [8, 3]
+  assert all(e.allocator.num_used == 0 for e in engines)  # every kept sequence released
+  flat = [[e for g in groups for e in g] for groups in runs]
+  assert len(flat[0]) == len(flat[1]) == 8
+  for a, b in zip(*flat):
+    assert a.branch_id == b.branch_id and a.tokens == b.tokens and a.loss_mask == b.loss_mask
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-6)

@@ -210,6 +210,24 @@ def _save_random_hf(config, path, seed):
   return str(path)
 
 
+def test_model_generate_fn_greedy_responses_and_counts_equal_for_paged_and_static():
+  import jax
+  from kat_jax.data.tokenizer import get_tokenizer
+  from kat_jax.eval.generation import model_generate_fn
+  from kat_jax.model import get_preset, init_params
+  tokenizer = get_tokenizer("bytes")
+  config = get_preset("tiny", num_layers=1, initializer_range=0.3)
+  params = init_params(config, jax.random.key(0))
+  queries = ["2+2?", "name a prime", "a much longer question about nothing at all", "x"]
+  out = {sampler: model_generate_fn(params, config, tokenizer, think_mode="on",
+                                    max_new_tokens=8, batch_size=3, sampler=sampler,
+                                    page_size=4)(queries)
+         for sampler in ("paged", "static")}
+  assert out["paged"] == out["static"]
+  texts, counts = out["paged"]
+  assert len(texts) == 4 and all(1 <= n <= 8 for n in counts)
+
+
 def test_eval_stage_on_tiny_random_models_writes_json_and_png(tmp_path):
   from kat_jax.eval.stage import run_eval
   bench = _write(tmp_path, [json.dumps({"question": "2+2?", "answer": "4",

@@ -74,6 +74,54 @@ def test_generate_stage_writes_completions_and_summary(tmp_path):
   assert saved["completions"] == 4
 
 
+def test_generate_stage_greedy_completions_equal_for_paged_and_static_samplers(tmp_path):
+  from experiments.configs.generate import get_config  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.stage import run_generate  # pylint: disable=g-import-not-at-top
+  rows = {}
+  for sampler in ("paged", "static"):
+    config = get_config()
+    config.workdir = str(tmp_path / sampler)
+    config.model.num_layers = 1
+    config.generate.prompts = ("2+2?", "a longer prompt, so the rows sit at other positions",
+                               "hi")
+    config.generate.sampler = sampler
+    config.generate.temperature = 0.0
+    config.generate.max_new_tokens = 10
+    config.generate.num_samples = 2
+    config.generate.batch_size = 2  # static: two calls
+    config.generate.num_slots = 3  # paged: fewer slots than the 6 rows, pages of 4 tokens
+    config.generate.page_size = 4
+    run_generate(config)
+    rows[sampler] = [json.loads(l) for l in open(tmp_path / sampler / "completions.jsonl")]
+  paged, static = rows["paged"], rows["static"]
+  assert len(paged) == 6
+  for a, b in zip(paged, static):
+    for key in ("id", "sample", "completion", "num_tokens", "stopped", "mode"):
+      assert a[key] == b[key], key
+    np.testing.assert_allclose(a["mean_logprob"], b["mean_logprob"], rtol=1e-5)
+    np.testing.assert_allclose(a["mean_entropy"], b["mean_entropy"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sampler", "fast", "sampler 'fast' not in"),
+    ("num_slots", 0, "num_slots must be >= 1"),
+    ("page_size", 0, "page_size must be >= 1"),
+    ("num_pages", 1, "num_pages must be 0"),
+    ("num_pages", 3, "prompt 0: .*KV pages"),  # too small a pool for the requests
+])
+def test_generate_stage_sampler_config_errors(tmp_path, field, value, message):
+  from experiments.configs.generate import get_config  # pylint: disable=g-import-not-at-top
+  from kat_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.stage import run_generate  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.workdir = str(tmp_path)
+  config.model.num_layers = 1
+  config.generate.max_new_tokens = 4
+  config.generate[field] = value
+  with pytest.raises(ConfigError, match=f"config.generate.*{message}"):
+    run_generate(config)
+
+
 def test_generate_stage_config_errors(tmp_path):
   from experiments.configs.generate import get_config  # pylint: disable=g-import-not-at-top
   from kat_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
