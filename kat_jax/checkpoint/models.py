@@ -19,10 +19,11 @@ Errors are `ConfigError`s that name the spec (and `what`, the config field it ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -109,6 +110,21 @@ def model_source_kind(spec: str | ModelConfig, *, what: str = "model source") ->
 # Run workdirs
 
 
+@contextlib.contextmanager
+def _orbax_warnings_off() -> Iterator[None]:
+  """Orbax warns at WARNING level on every read-only open ("Given directory is read only",
+  "setting save_interval_steps=0") and when one item's metadata is read without its step's
+  ("Metadata file does not exist"): expected for these reads, and alarming on a user's screen
+  before every chat, eval or export of a run workdir. Errors still show."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
+
+
 def _checkpoint_manager(workdir: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy)
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)  # Orbax needs absolute
@@ -119,7 +135,7 @@ def _checkpoint_manager(workdir: str):
 
 def run_steps(workdir: str) -> list[int]:
   """The complete checkpoint steps of a run workdir, ascending (Orbax skips partial saves)."""
-  with _checkpoint_manager(workdir) as manager:
+  with _orbax_warnings_off(), _checkpoint_manager(workdir) as manager:
     return sorted(manager.all_steps())
 
 
@@ -331,7 +347,8 @@ def load_model(spec: str | ModelConfig, *, step: int | None = None,
   else:
     step = resolve_step(path, step if step is not None else path_step, what=what)
     config = _run_model_config(path, step, what)
-    params = _restore_run_params(path, step)
+    with _orbax_warnings_off():
+      params = _restore_run_params(path, step)
     where = os.path.join(path, CHECKPOINTS_DIR, str(step))
   config = _with_execution(config, execution)
   params = dict(params)

@@ -75,6 +75,21 @@ def test_run_workdir_loads_the_latest_step_a_given_step_and_path_at_step(pretrai
   assert models.saved_run_config(pretrain_run)["train"]["steps"] == 3
 
 
+def test_loading_a_run_workdir_logs_no_orbax_warnings(pretrain_run, caplog):
+  # Orbax warns on read-only opens and item-only metadata reads; before every chat, eval or
+  # export these alarmed users ("Metadata file does not exist") while nothing was wrong.
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    with caplog.at_level("INFO"):
+      models.load_model(pretrain_run)
+  finally:
+    absl_logging.set_verbosity(previous)
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+  assert absl_logging.get_verbosity() == previous
+
+
 def test_run_workdir_round_trips_through_save_model_to_an_hf_directory(pretrain_run, tmp_path):
   config, params = models.load_model(pretrain_run)
   models.save_model(str(tmp_path / "hf"), config, params)
