@@ -1,7 +1,9 @@
 """Reward infrastructure that cannot run stops every caller of the rewards, not only the RL
 stage: SFT tagging (`tag_tasks` -> `verify_many`), AutoThink task checks (`verify_many`) and
 the eval runner (`score_responses`) all raise `RewardInfrastructureError` instead of scoring
-every answer 0 (issue: a venv the sandbox could not run tagged every easy task think-on)."""
+every answer 0 (issue: a venv the sandbox could not run tagged every easy task think-on); and
+`check_infrastructure`, which `experiments.run` calls before the reward stages, raises it
+before any model is loaded."""
 
 from __future__ import annotations
 
@@ -53,3 +55,31 @@ def test_eval_scoring_raises_instead_of_reporting_zero_scores(broken_sandbox):
   task = EvalTask(id="t0", domain="code", prompt="Write add(a, b).", verifier=CODE_SPEC)
   with pytest.raises(RewardInfrastructureError, match="code sandbox"):
     runner.score_responses([task], [f"```python\n{GOOD_CODE}```"], workers=1)
+
+
+def test_check_infrastructure_raises_for_a_broken_sandbox(broken_sandbox):
+  from kat_jax.rl.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
+  with pytest.raises(RewardInfrastructureError, match="code sandbox failed its start-up"):
+    check_infrastructure()
+
+
+def test_check_infrastructure_raises_for_broken_math_workers(broken_math_workers, monkeypatch):
+  from kat_jax.rl.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(code_lib, "_HEALTH", code_lib._new_health())  # pylint: disable=protected-access
+  monkeypatch.setattr(code_lib, "_self_check", lambda: None)  # the sandbox is fine
+  with pytest.raises(RewardInfrastructureError, match="SymPy worker failed its start-up"):
+    check_infrastructure()
+
+
+def test_eval_command_stops_before_loading_a_model_when_the_sandbox_cannot_run(
+    broken_sandbox, monkeypatch, tmp_path, capfd):
+  from experiments import run as runner  # pylint: disable=g-import-not-at-top
+  from experiments.configs import eval as eval_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runner, "run_stage", lambda config: pytest.fail("the stage started"))
+  config = eval_config.get_config()
+  config.workdir = str(tmp_path / "eval")
+  assert runner.run(config) == 1
+  err = capfd.readouterr().err.strip().splitlines()
+  assert [line for line in err if line.startswith("error:")] == [
+      "error: the code sandbox failed its start-up self-check: launcher ended without "
+      "reporting"], err
