@@ -38,6 +38,11 @@ STAGES = {
 }
 
 
+# Stages that score answers with the code sandbox or SymPy workers (tagging, RL rewards,
+# evaluation): their reward infrastructure is checked before the stage starts.
+REWARD_STAGES = ("sft", "step_srpo", "agentic_rl", "eval")
+
+
 def run_stage(config) -> dict:
   """Runs `config.stage` and returns its final metrics."""
   if config.stage not in STAGES:
@@ -79,6 +84,9 @@ def run(config: Any) -> int:
     check_workdir(config.workdir)
     from kat_jax.parallel.distributed import initialize_distributed  # pylint: disable=g-import-not-at-top
     initialize_distributed(config.get("distributed"))
+    if config.stage in REWARD_STAGES:  # seconds now, rather than after a model load + rollout
+      from kat_jax.rl.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
+      check_infrastructure()
     run_stage(config)
   except ConfigError as e:
     _report(str(e))

@@ -23,6 +23,11 @@ class CheckpointError(InputError):
   """A run checkpoint cannot be written or read; the message names the directory and step."""
 
 
+class EndpointError(InputError, RuntimeError):
+  """An OpenAI-compatible server named in the config gave no usable reply (cannot connect, no
+  reply in time, an HTTP error after the retries); the message names the URL."""
+
+
 class RewardInfrastructureError(RuntimeError):
   """A reward infrastructure cannot run (the code sandbox, or the math reward's SymPy workers,
   failed its start-up self-check or too many times in a row), so every reward of that kind

@@ -3,7 +3,8 @@
 One function, `post_json`, with a timeout on every request and retries with exponential
 back-off for what a busy server answers transiently: no connection, no reply in time, and the
 statuses the OpenAI API documents as retryable (408, 409, 429, 5xx). Other HTTP errors (a bad
-request, a wrong key) fail at once. Every failure is a RuntimeError that names the URL.
+request, a wrong key) fail at once. Every failure is an `EndpointError` (a RuntimeError, and an
+`InputError`: `experiments.run` reports it as one `error:` line) that names the URL.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+
+from kat_jax.errors import EndpointError
 
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
 
@@ -26,7 +29,7 @@ def post_json(url: str, body: Mapping[str, Any], *, api_key: str | None = None,
   """POSTs `body` as JSON and returns the decoded JSON reply.
 
   Tries `retries + 1` times, sleeping backoff_s, 2 backoff_s, ... between tries.
-  RuntimeError: no usable reply (the last error, e.g. 'HTTP 503: ...' or 'cannot connect').
+  EndpointError: no usable reply (the last error, e.g. 'HTTP 503: ...' or 'cannot connect').
   ValueError: a 2xx reply that is not JSON.
   """
   headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -49,6 +52,6 @@ def post_json(url: str, body: Mapping[str, Any], *, api_key: str | None = None,
         raise ValueError(f"{url}: reply is not JSON: {response.content[:200]!r}") from None
     error = f"HTTP {response.status_code}: {response.text[:300]}"
     if not _retryable(response.status_code):
-      raise RuntimeError(f"{url}: {error}")
+      raise EndpointError(f"{url}: {error}")
   tries = f" (after {retries + 1} tries)" if retries else ""
-  raise RuntimeError(f"{url}: {error}{tries}")
+  raise EndpointError(f"{url}: {error}{tries}")

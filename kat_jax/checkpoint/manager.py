@@ -167,7 +167,7 @@ class RunCheckpointer:
         restored, error = None, e
       if not _all_processes_agree(error is None):
         reason = _one_line(error) if error else "unreadable on another process"
-        _quiet_abandoned_reads()
+        quiet_abandoned_reads()
         failures.append((candidate, reason))
         logging.warning("checkpoint: step %d in %s cannot be read (%s)", candidate,
                         self.directory, reason)
@@ -220,7 +220,7 @@ def _join_orbax_threads(timeout_s: float = 60.0) -> None:
       thread.join(max(deadline - time.monotonic(), 0.0))
 
 
-def _quiet_abandoned_reads() -> None:
+def quiet_abandoned_reads() -> None:
   """From now on, Orbax read coroutines that a failed restore abandoned end silently.
 
   When one array of a step cannot be read, Orbax stops waiting for the others; they fail

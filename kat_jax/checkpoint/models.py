@@ -19,16 +19,18 @@ Errors are `ConfigError`s that name the spec (and `what`, the config field it ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 
-from kat_jax.errors import ConfigError
+from kat_jax.errors import CheckpointError, ConfigError
 from kat_jax.model import PRESETS, ModelConfig, get_preset, init_params
 from kat_jax.model.config import EXECUTION_FIELDS
 
@@ -109,6 +111,21 @@ def model_source_kind(spec: str | ModelConfig, *, what: str = "model source") ->
 # Run workdirs
 
 
+@contextlib.contextmanager
+def _orbax_warnings_off() -> Iterator[None]:
+  """Orbax warns at WARNING level on every read-only open ("Given directory is read only",
+  "setting save_interval_steps=0") and when one item's metadata is read without its step's
+  ("Metadata file does not exist"): expected for these reads, and alarming on a user's screen
+  before every chat, eval or export of a run workdir. Errors still show."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
+
+
 def _checkpoint_manager(workdir: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy)
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)  # Orbax needs absolute
@@ -119,7 +136,7 @@ def _checkpoint_manager(workdir: str):
 
 def run_steps(workdir: str) -> list[int]:
   """The complete checkpoint steps of a run workdir, ascending (Orbax skips partial saves)."""
-  with _checkpoint_manager(workdir) as manager:
+  with _orbax_warnings_off(), _checkpoint_manager(workdir) as manager:
     return sorted(manager.all_steps())
 
 
@@ -223,6 +240,33 @@ def _restore_run_params(workdir: str, step: int) -> dict:
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item=target, restore_args=restore_args, partial_restore=True))
   return restored["params"]
+
+
+def _restore_readable_step(workdir: str, step: int | None, what: str) -> tuple[int, dict]:
+  """(step, params): the given step, or else the latest complete step that can be read.
+
+  A latest step with an unreadable file (a truncated copy, a disk error) is skipped for the
+  one before it, with a warning naming both; the workdir is not changed (it may be another
+  run's). CheckpointError when the given step, or no step, can be read.
+  """
+  from kat_jax.checkpoint.manager import quiet_abandoned_reads  # pylint: disable=g-import-not-at-top
+  latest = resolve_step(workdir, step, what=what)
+  candidates = [latest] if step is not None else sorted(run_steps(workdir), reverse=True)
+  failures: list[tuple[int, str]] = []
+  for candidate in candidates:
+    try:
+      with _orbax_warnings_off():
+        params = _restore_run_params(workdir, candidate)
+    except Exception as e:  # pylint: disable=broad-exception-caught; any unreadable file
+      quiet_abandoned_reads()
+      failures.append((candidate, " ".join(str(e).split())[:300]))
+      continue
+    if failures:
+      absl_logging.warning("%s: loaded step %d of %s instead of step %d, which cannot be read "
+                           "(%s)", what, candidate, workdir, failures[0][0], failures[0][1])
+    return candidate, params
+  raise CheckpointError(f"{what}: no checkpoint of {workdir} can be read; step "
+                        f"{failures[0][0]}: {failures[0][1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,9 +373,8 @@ def load_model(spec: str | ModelConfig, *, step: int | None = None,
     params = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir))
     where = params_dir
   else:
-    step = resolve_step(path, step if step is not None else path_step, what=what)
+    step, params = _restore_readable_step(path, step if step is not None else path_step, what)
     config = _run_model_config(path, step, what)
-    params = _restore_run_params(path, step)
     where = os.path.join(path, CHECKPOINTS_DIR, str(step))
   config = _with_execution(config, execution)
   params = dict(params)

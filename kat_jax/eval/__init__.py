@@ -12,6 +12,6 @@ from kat_jax.eval.generation import model_generate_fn
 from kat_jax.eval.metrics import mean_pass_at_k, pass_at_k, rate
 from kat_jax.eval.plots import plot_comparison, plot_rl_dynamics
 from kat_jax.eval.runner import (answer_text, evaluate, program_for, raw_answer, reward_item,
-                                 score_responses, summarize)
+                                 score_responses, score_results, summarize)
 from kat_jax.eval.sources import (EvalTask, generated_tasks, humaneval_task, humaneval_tasks,
                                   jsonl_row_task, jsonl_tasks, read_humaneval)

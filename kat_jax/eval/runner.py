@@ -17,7 +17,7 @@ from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.eval.metrics import mean_pass_at_k, rate
 from kat_jax.eval.sources import EvalTask
 from kat_jax.progress import Progress
-from kat_jax.rl.rewards import RewardPool, extract_code
+from kat_jax.rl.rewards import RewardPool, RewardResult, extract_code
 
 # queries -> responses, or -> (responses, generated token counts) (`eval.generation`).
 GenerateFn = Callable[[list[str]], "list[str] | tuple[list[str], list[int]]"]
@@ -75,17 +75,24 @@ def reward_item(task: EvalTask, response: str) -> dict[str, Any]:
   return {"response": f"<answer>\n{answer}\n</answer>", "verifier": task.verifier}
 
 
-def score_responses(tasks: Sequence[EvalTask], responses: Sequence[str], *,
-                    workers: int = 4, item_timeout_s: float = 30.0) -> list[bool]:
-  """[N] correct flags of responses[i] for tasks[i] (code in the sandbox, math via SymPy)."""
+def score_results(tasks: Sequence[EvalTask], responses: Sequence[str], *,
+                  workers: int = 4, item_timeout_s: float = 30.0) -> list[RewardResult]:
+  """[N] `RewardResult`s of responses[i] for tasks[i] (code in the sandbox, math via SymPy):
+  reward, status (a sandbox `error` or `timeout` is recorded, not only a 0) and `trusted`."""
   if len(tasks) != len(responses):
     raise ValueError(f"{len(tasks)} tasks but {len(responses)} responses")
   if not tasks:
     return []
   with (RewardPool(max_workers=workers, item_timeout_s=item_timeout_s) as pool,
         Progress("eval: responses scored", len(tasks), unit="responses") as progress):
-    results = pool.score([reward_item(t, r) for t, r in zip(tasks, responses)], progress)
-  return [r.reward >= 1.0 for r in results]
+    return pool.score([reward_item(t, r) for t, r in zip(tasks, responses)], progress)
+
+
+def score_responses(tasks: Sequence[EvalTask], responses: Sequence[str], *,
+                    workers: int = 4, item_timeout_s: float = 30.0) -> list[bool]:
+  """[N] correct flags of responses[i] for tasks[i] (code in the sandbox, math via SymPy)."""
+  return [r.reward >= 1.0 for r in score_results(tasks, responses, workers=workers,
+                                                  item_timeout_s=item_timeout_s)]
 
 
 def _check_ks(ks: Sequence[int], num_samples: int) -> list[int]:
@@ -106,6 +113,11 @@ def summarize(tasks: Sequence[EvalTask], rows: Sequence[dict[str, Any]], num_sam
       "think_on_rate": rate([r["mode"] == "think_on" for r in rows]),
       "format_rate": rate([r["well_formed"] for r in rows]),
       "mean_output_tokens": rate([r["num_tokens"] for r in rows]),
+      # scoring that went wrong is counted, never only a 0: sandbox/SymPy errors, timeouts,
+      # and code verdicts from a sandbox without its own uid or pid namespace (forgeable)
+      "reward_errors": sum(r.get("reward_status") == "error" for r in rows),
+      "reward_timeouts": sum(r.get("reward_status") == "timeout" for r in rows),
+      "code_untrusted": sum(not r.get("reward_trusted", True) for r in rows),
   }
   for k in ks:
     summary[f"pass@{k}"] = mean_pass_at_k([num_samples] * len(tasks), correct.sum(1), k)
@@ -150,13 +162,15 @@ def evaluate(generate_fn: GenerateFn, tasks: Sequence[EvalTask], *, num_samples:
     raise ValueError(f"generate_fn returned {len(responses)} responses for {len(prompts)} "
                      "prompts")
   sample_tasks = [t for t in tasks for _ in range(num_samples)]
-  correct = score_responses(sample_tasks, responses, workers=workers,
-                            item_timeout_s=item_timeout_s)
+  results = score_results(sample_tasks, responses, workers=workers,
+                          item_timeout_s=item_timeout_s)
   rows = []
-  for i, (task, response, ok, n) in enumerate(zip(sample_tasks, responses, correct, counts)):
+  for i, (task, response, result, n) in enumerate(zip(sample_tasks, responses, results, counts)):
     parsed = parse_autothink_response(response, judge_prefilled=True)
     rows.append({"task_index": i // num_samples, "id": task.id, "sample": i % num_samples,
                  "domain": task.domain, "regime": task.regime, "response": response,
                  "mode": parsed["mode"], "well_formed": parsed["well_formed"],
-                 "num_tokens": int(n), "correct": bool(ok)})
+                 "num_tokens": int(n), "correct": result.reward >= 1.0,
+                 "reward_status": result.status,
+                 "reward_trusted": result.trusted})
   return summarize(tasks, rows, num_samples, ks), rows

@@ -75,6 +75,44 @@ def test_run_workdir_loads_the_latest_step_a_given_step_and_path_at_step(pretrai
   assert models.saved_run_config(pretrain_run)["train"]["steps"] == 3
 
 
+def test_loading_a_run_workdir_logs_no_orbax_warnings(pretrain_run, caplog):
+  # Orbax warns on read-only opens and item-only metadata reads; before every chat, eval or
+  # export these alarmed users ("Metadata file does not exist") while nothing was wrong.
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    with caplog.at_level("INFO"):
+      models.load_model(pretrain_run)
+  finally:
+    absl_logging.set_verbosity(previous)
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+  assert absl_logging.get_verbosity() == previous
+
+
+def test_unreadable_latest_step_loads_the_step_before_and_says_so(pretrain_run, tmp_path,
+                                                                  monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from kat_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrain_run, workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "3", "state")
+  files = [os.path.join(d, f) for d, _, names in os.walk(state_dir) for f in names]
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(100)  # a copy cut short: the step looks complete but cannot be read
+  warnings = []
+  monkeypatch.setattr(models.absl_logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  _, params = models.load_model(workdir, what="--model")
+  assert_trees_equal(params, models.load_model(pretrain_run, step=2)[1])
+  ours = [w for w in warnings if w.startswith("--model: ")]  # (absl's, shared with Orbax)
+  assert len(ours) == 1 and ours[0].startswith(f"--model: loaded step 2 of {workdir} "
+                                               "instead of step 3, which cannot be read ("), ours
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]  # unchanged
+  with pytest.raises(CheckpointError, match=f"--model: no checkpoint of {workdir} can be read; "
+                     "step 3: "):
+    models.load_model(f"{workdir}@3", what="--model")
+
+
 def test_run_workdir_round_trips_through_save_model_to_an_hf_directory(pretrain_run, tmp_path):
   config, params = models.load_model(pretrain_run)
   models.save_model(str(tmp_path / "hf"), config, params)

@@ -18,7 +18,8 @@ from kat_jax.model import Decoder
 
 def run_command(*args: str) -> None:
   """`python -m experiments.run ARGS`, in this process: ml_collections reads the overrides
-  from sys.argv and registers one flag per override, dropped here before the next parse."""
+  from sys.argv and registers one flag per override, dropped here before the next parse.
+  Returns on exit status 0; any other status raises SystemExit."""
   from experiments import run  # pylint: disable=g-import-not-at-top
   argv = ["experiments.run", *args]
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
@@ -26,7 +27,11 @@ def run_command(*args: str) -> None:
   flags.FLAGS.unparse_flags()
   with mock.patch.object(sys, "argv", argv):
     run.parse_flags(argv)
-    run.main(argv[:1])
+    try:
+      run.main(argv[:1])
+    except SystemExit as e:  # main exits with run()'s status, 0 included
+      if e.code != 0:
+        raise
 
 
 def test_export_of_a_run_workdir_loads_in_transformers_with_equal_logits(pretrain_run,

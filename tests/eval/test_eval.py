@@ -12,7 +12,8 @@ import pytest
 
 from kat_jax.errors import ConfigError
 from kat_jax.eval import (EvalTask, evaluate, humaneval_tasks, jsonl_tasks, mean_pass_at_k,
-                          pass_at_k, program_for, read_humaneval, score_responses)
+                          pass_at_k, program_for, read_humaneval, score_responses,
+                          summarize)
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -167,6 +168,32 @@ def test_evaluate_prints_scoring_progress_with_done_and_total(capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == "eval: responses scored: 0/6 responses"
   assert lines[-1].startswith("eval: responses scored: 6/6 responses in ")
+
+
+def test_evaluate_records_reward_errors_timeouts_and_untrusted_verdicts():
+  # A 0 from a sandbox that timed out or could not score is recorded per row and counted.
+  tasks = [EvalTask("ok", "code", "f?", {"type": "code", "tests": "assert f() == 1"}),
+           EvalTask("loop", "code", "f?", {"type": "code", "tests": "assert f() == 1",
+                                           "timeout_s": 1.0}),
+           EvalTask("bad", "code", "f?", {"type": "code", "tests": []})]  # a data bug
+  answers = {"ok": "def f():\n  return 1\n", "loop": "def f():\n  while True:\n    pass\n",
+             "bad": "def f():\n  return 1\n"}
+  by_prompt = iter(answers[t.id] for t in tasks)
+
+  def generate(prompts):
+    return [f"\n</judge>\n\n<think_off>\n<answer>\n```python\n{next(by_prompt)}```\n</answer>"
+            for _ in prompts]
+
+  summary, rows = evaluate(generate, tasks, workers=3)
+  assert [r["reward_status"] for r in rows] == ["pass", "timeout", "error"]
+  assert [r["correct"] for r in rows] == [True, False, False]
+  assert summary["reward_errors"] == 1 and summary["reward_timeouts"] == 1
+  from kat_jax.rl.rewards.sandbox import run_python  # pylint: disable=g-import-not-at-top
+  contained = run_python("pass").contained  # the sandbox had its own uid or pid namespace
+  assert rows[0]["reward_trusted"] == contained
+  assert summary["code_untrusted"] == (0 if contained else 2)  # the two sandbox runs
+  rows[0]["reward_trusted"] = False  # as on a host that refused both
+  assert summarize(tasks, rows, 1, (1,))["code_untrusted"] == (1 if contained else 2)
 
 
 def test_evaluate_mean_output_tokens_per_mode():

@@ -192,3 +192,20 @@ def test_reward_sandbox_that_cannot_run_ends_in_one_error_line(tmp_path, capfd, 
   status, err = _run(_config(tmp_path / "run"), capfd)
   assert status == 1, err
   _one_error_line(err, "sandbox failed its start-up self-check", "/venv/bin/python")
+
+
+def test_unreachable_tagging_endpoint_ends_in_one_error_line(tmp_path, capfd):
+  # SFT tagging through an OpenAI-compatible server that is not there (port 9, nothing
+  # listening): the URL on one line after the retries, exit 1, no traceback.
+  from experiments.configs import sft  # pylint: disable=g-import-not-at-top
+  config = sft.get_config()
+  config.workdir = str(tmp_path / "run")
+  config.model.num_layers = 1
+  config.autothink.num_train, config.autothink.num_eval = 2, 2
+  config.autothink.votes = 1
+  config.autothink.tagger = "endpoint"
+  config.autothink.endpoint_url = "http://127.0.0.1:9"
+  config.autothink.endpoint_model = "m"
+  status, err = _run(config, capfd)
+  assert status == 1, err
+  _one_error_line(err, "http://127.0.0.1:9/v1/chat/completions", "cannot connect")

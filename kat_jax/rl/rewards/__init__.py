@@ -18,6 +18,6 @@ from kat_jax.rl.rewards.format import format_problems, format_reward
 from kat_jax.rl.rewards.general import general_problems, general_reward
 from kat_jax.rl.rewards.math import (MathChecker, MathVerdict, extract_math_answer,
                                      math_equal, math_reward, math_verdict)
-from kat_jax.rl.rewards.pool import (KINDS, RewardPool, RewardResult, get_reward_fn,
-                                     register_reward_fn, score_item)
+from kat_jax.rl.rewards.pool import (KINDS, RewardPool, RewardResult, check_infrastructure,
+                                     get_reward_fn, register_reward_fn, score_item)
 from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, run_python

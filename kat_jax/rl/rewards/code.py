@@ -155,6 +155,12 @@ def _new_health() -> InfrastructureHealth:
 _HEALTH = _new_health()
 
 
+def check_sandbox() -> None:
+  """Runs the sandbox's start-up self-check now (once per process; later calls only re-raise
+  a failure): RewardInfrastructureError when the sandbox cannot run programs."""
+  _HEALTH.ensure_checked()
+
+
 def _record(result: SandboxResult) -> None:
   """Counts a sandbox 'error' (setup failure, launcher ended without reporting) toward the
   bound; any other status is the sandbox working."""

@@ -1002,6 +1002,12 @@ def _new_health() -> InfrastructureHealth:
 _HEALTH = _new_health()
 
 
+def check_workers() -> None:
+  """Runs the SymPy workers' start-up self-check now (once per process; later calls only
+  re-raise a failure): RewardInfrastructureError when no worker can start and grade."""
+  _HEALTH.ensure_checked()
+
+
 class MathVerdict(NamedTuple):
   """equal: the answers are equivalent. status: 'ok'; 'timeout' (not equal after a SymPy
   comparison hit `timeout_s` or the answer's `budget_s`: the answer's doing, e.g. a power

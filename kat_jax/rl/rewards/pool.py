@@ -187,6 +187,15 @@ def score_item(item: Mapping[str, Any], *, math_checker=None,
                         detail=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - start)
 
 
+def check_infrastructure() -> None:
+  """The code sandbox's and the SymPy workers' start-up self-checks, now rather than at the
+  first reward (which comes after a model is loaded and a first batch generated): a stage that
+  scores rewards calls this first, so broken reward infrastructure stops it in seconds.
+  RewardInfrastructureError says which cannot run and why."""
+  code_lib.check_sandbox()
+  math_lib.check_workers()
+
+
 class RewardPool:
   """Scores batches on background threads; code runs in sandbox processes and SymPy in
   `MathChecker` worker processes, so threads only wait on children.

@@ -1,8 +1,9 @@
 """(category, gold, response, true verdict) rows for the math reward, written by hand.
 
 The verdict is mathematical truth under these grading conventions:
-- a decimal equals an exact value when it agrees to a relative 1e-6 (about 7 significant
-  digits); a shorter rounding is a different number (0.333 is not 1/3);
+- a decimal equals an exact value when it is that value correctly rounded to at least 7
+  significant digits; a shorter rounding is a different number (0.333 is not 1/3, 0.428571
+  is not 3/7, which a relative 1e-6 would accept);
 - a mixed number `2\\frac{1}{3}` (or `4 1/2`) means 2 + 1/3;
 - `25\\%` equals 25, 0.25 and 1/4; a bare `0.25` and a bare `25` differ;
 - a value with units equals the bare value, and the same quantity in other units

@@ -10,6 +10,7 @@ import os
 import signal
 import site
 import socket
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -57,12 +58,17 @@ class Host:
     self.udp.bind(("127.0.0.1", 0))
     self.udp.setblocking(False)
     self.site = site.getsitepackages()[0]
+    # A stand-in trainer process (the trainer's uid, its own process group) that attacks try
+    # to SIGKILL / SIGSTOP: unlike the test process, it can be killed without ending the test.
+    self.trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
+                                    start_new_session=True)
     self.snapshot = self._canary_state()
     self.signals: list[int] = []
 
   def fill(self, code: str) -> str:
     for key, value in {"@CANARY@": self.canary, "@TAG@": self.tag, "@REPO@": REPO,
                        "@SITE@": self.site, "@TRAINER_PID@": str(os.getpid()),
+                       "@STANDIN_PID@": str(self.trainer.pid),
                        "@TMPSOCK@": f"/tmp/kat_attack_{self.tag}.sock",
                        "@ABSTRACT@": f"kat_attack_{self.tag}",
                        "@TCP_PORT@": str(self.tcp.getsockname()[1]),
@@ -89,8 +95,14 @@ class Host:
     with pytest.raises(BlockingIOError):
       self.udp.recvfrom(100)
     assert self.signals == [], (name, self.signals)
+    assert self.trainer.poll() is None, (name, "the stand-in trainer process was killed")
+    with open(f"/proc/{self.trainer.pid}/stat", encoding="utf-8") as f:
+      state = f.read().rsplit(")", 1)[1].split()[0]
+    assert state not in ("T", "t"), (name, "the stand-in trainer process was stopped", state)
 
   def close(self) -> None:
+    self.trainer.kill()
+    self.trainer.wait()
     for s in self.unix + [self.tcp, self.udp]:
       s.close()
     os.remove(f"/tmp/kat_attack_{self.tag}.sock")
@@ -150,8 +162,10 @@ def test_attacks_score_zero_leave_no_trace_and_a_correct_program_still_scores_on
   attacks = [a for a in atk.ATTACKS if a.kind == kind]
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as executor:
     results = list(executor.map(lambda a: _score(host, a), attacks))
-  assert os.getpid() > 0 and not host.signals  # the trainer is alive and was not signalled
+  assert not host.signals  # the trainer (this process) was not signalled
   for attack, result in zip(attacks, results):
+    assert "@" not in host.fill(attack.code).replace("@property", ""), attack.name  # all filled
+    assert "does not compile" not in result.detail, (attack.name, result.stderr)  # it ran
     assert result.status in ("fail", "timeout"), (attack.name, result)
     assert not result.passed, attack.name
     for run in _runs(result):
