@@ -41,12 +41,12 @@ from kat_jax.data.packing import pad_batch_rows
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig
-from kat_jax.parallel import init_sharded_state, make_mesh, sharding_context
+from kat_jax.parallel import make_mesh, sharding_context
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.policy_step import POLICY_INPUTS, make_logprob_fn, make_policy_loss_fn
 from kat_jax.sampling import Sampler, SamplingParams, prepare_params
 from kat_jax.train.optimizer import make_optimizer
-from kat_jax.train.state import TrainState
+from kat_jax.train.state import TrainState, init_sharded_state
 
 
 def agentic_fields() -> ConfigDict:
@@ -227,7 +227,7 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   rollout stats (reward, success rate), the batch stats of `rl_batch`, the summed loss of
   `AccumulatedPolicyUpdate` and, decoupled, the batch's staleness.
   """
-  from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.models import model_config_from  # pylint: disable=g-import-not-at-top
   if "agentic" not in config:
     raise ConfigError("config.agentic is missing; start from experiments/configs/agentic_rl.py")
   ag = config.agentic

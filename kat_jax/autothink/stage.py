@@ -10,7 +10,7 @@
      of generated ones; a think_on-tagged record without a `think` trace is skipped, counted;
    - `sft_paths`: import chat JSONL/Parquet rows instead (`importers.py`).
    Skipped rows are logged, counted in `data/data_summary.json` and printed.
-2. Train with the shared loop (`train.loop.run_training`), loss weights per segment
+2. Train with the pretrain recipe on the trainer (`train.loop.run_training`), loss weights per segment
    (judge / mode / think / answer).
 3. Evaluate the trained model on held-out generated tasks (another seed): it chooses its mode
    (greedy by default); report the format rate and the think-on rate on easy vs hard queries.
@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from ml_collections import ConfigDict
 
@@ -35,7 +34,8 @@ from kat_jax.autothink import generation, importers, tagging, tasks as tasks_lib
 from kat_jax.data import sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.model import ModelConfig
+from kat_jax.train.loop import run_training
+from kat_jax.train.models import load_model, load_run
 
 TAGGERS = ("simulated", "model", "endpoint")
 _MAX_REASONS = 20  # skip reasons logged one by one and kept in data_summary.json
@@ -114,31 +114,6 @@ def check_fields(at: ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Model helpers
-# ---------------------------------------------------------------------------
-
-
-def trained_model(config: ConfigDict, workdir: str) -> tuple[ModelConfig, Any]:
-  """(model config, params) of the last checkpoint `run_training` wrote under `workdir`."""
-  if config.model.init_from:  # the architecture comes from the HF dir trained from
-    from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
-    model_config, _ = load_model(config)
-  else:
-    from kat_jax.train.loop import model_config_from  # pylint: disable=g-import-not-at-top
-    model_config = model_config_from(config.model)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax needs absolute
-  with ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.StandardCheckpointHandler()}) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
-  params = state["params"] if isinstance(state, dict) else state.params
-  return model_config, params
-
-
-# ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
 
@@ -154,7 +129,6 @@ def make_generate_fn(config: ConfigDict, tokenizer: Tokenizer, task_list
     return tagging.openai_generate_fn(
         at.endpoint_url, at.endpoint_model, api_key=os.environ.get(at.endpoint_api_key_env),
         temperature=at.tag_temperature, max_tokens=at.tag_max_new_tokens)
-  from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
   model_config, params = load_model(config)
   return generation.kat_generate_fn(params, model_config, tokenizer, think_mode="off",
                                     max_new_tokens=at.tag_max_new_tokens,
@@ -269,7 +243,7 @@ def evaluate_model(config: ConfigDict, workdir: str, heldout_path: str) -> dict[
   """AutoThink metrics of the trained model on the held-out tasks; writes them to workdir."""
   at = config.autothink
   tokenizer = get_tokenizer(config.data.tokenizer)
-  model_config, params = trained_model(config, workdir)
+  model_config, params = load_run(config, workdir)
   heldout = tasks_lib.read_tasks(heldout_path)
   generate = generation.kat_generate_fn(
       params, model_config, tokenizer, think_mode="auto", max_new_tokens=at.eval_max_new_tokens,
@@ -285,7 +259,6 @@ def evaluate_model(config: ConfigDict, workdir: str, heldout_path: str) -> dict[
 
 def run_sft(config: ConfigDict) -> dict[str, Any]:
   """Stage `sft`: data -> weighted SFT -> AutoThink evaluation. Returns train + eval metrics."""
-  from kat_jax.train.loop import run_training  # pylint: disable=g-import-not-at-top
   if "autothink" not in config:
     raise ConfigError("config.autothink is missing; start from experiments/configs/sft.py")
   at = config.autothink

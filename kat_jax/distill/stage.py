@@ -40,8 +40,10 @@ from kat_jax.model import Decoder, ModelConfig, logical_axes
 from kat_jax.model.mtp import boxed_mtp_init
 from kat_jax.parallel import (batch_sharding, global_batch, logical_to_sharding, make_mesh,
                               replicated, sharding_context)
-from kat_jax.parallel.sharding import strip_boxes
-from kat_jax.train.loop import (build_sources, evaluate, local_batch_size, model_config_from)
+from kat_jax.parallel import strip_boxes
+from kat_jax.train.inputs import build_sources, local_batch_size
+from kat_jax.train.loop import evaluate
+from kat_jax.train.models import model_config_from
 from kat_jax.train.metrics import MetricsLogger
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from kat_jax.train.state import TrainState

@@ -179,7 +179,7 @@ def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
 def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
   """(model config, params) of one checkpoint spec (`RANDOM` = random init of `config.model`)."""
   # pylint: disable=g-import-not-at-top  (model loading pulls in the training stack)
-  from kat_jax.train.loop import load_model
+  from kat_jax.train.models import load_model
   if spec == RANDOM:
     model_config, params = load_model(config)
     return model_config, params
@@ -187,8 +187,8 @@ def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
     hf_config = ConfigDict(config.to_dict())
     hf_config.model.init_from = spec
     return load_model(hf_config)
-  from kat_jax.autothink.stage import trained_model
-  return trained_model(_run_config(config, spec), spec)
+  from kat_jax.train.models import load_run
+  return load_run(_run_config(config, spec), spec)
 
 
 def checkpoint_label(spec: str) -> str:

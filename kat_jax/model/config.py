@@ -10,7 +10,7 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 ATTENTION_BACKENDS = ("auto", "reference", "cudnn", "tree")
 # Fields that say how to run a model, not what it is: a checkpoint's config takes them from
-# the run config (kat_jax.train.loop.load_model).
+# the run config (kat_jax.train.models.load_model).
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_unroll", "attention_backend")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

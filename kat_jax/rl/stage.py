@@ -30,7 +30,7 @@ from kat_jax.data.packing import pad_batch_rows
 from kat_jax.data.chat_template import parse_autothink_response, tokenize_chat
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
+from kat_jax.parallel import (batch_sharding, global_batch, make_mesh,
                               replicated, sharding_context)
 from kat_jax.rl import step_srpo
 from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
@@ -39,6 +39,7 @@ from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
 from kat_jax.rl.rewards import RewardPool
 from kat_jax.train.metrics import MetricsLogger
 from kat_jax.train.optimizer import make_optimizer
+from kat_jax.train.state import init_sharded_state
 
 
 def rl_fields() -> ConfigDict:
@@ -135,13 +136,12 @@ def select_groups(advantages: list[list[np.ndarray]], count: int, dynamic: bool)
 
 
 def _initial_model(config: ConfigDict):
-  from kat_jax.autothink.stage import trained_model  # pylint: disable=g-import-not-at-top
-  from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.models import load_model, load_run  # pylint: disable=g-import-not-at-top
   if config.rl.init_sft_workdir:
     if not os.path.isdir(os.path.join(config.rl.init_sft_workdir, "checkpoints")):
       raise ConfigError(f"config.rl.init_sft_workdir: no checkpoints under "
                         f"{config.rl.init_sft_workdir}")
-    return trained_model(config, config.rl.init_sft_workdir)
+    return load_run(config, config.rl.init_sft_workdir)
   return load_model(config)
 
 

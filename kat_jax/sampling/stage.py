@@ -118,7 +118,7 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   rows = read_prompts(gen)
-  from kat_jax.train.loop import load_model  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.models import load_model  # pylint: disable=g-import-not-at-top
   model_config, params = load_model(config)
   if model_config.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"config.model: vocab_size {model_config.vocab_size} is smaller than the "

@@ -31,7 +31,8 @@ from kat_jax.data import pipeline
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import ModelConfig
 from kat_jax.errors import ConfigError
-from kat_jax.train.loop import build_sources, load_model
+from kat_jax.train.inputs import build_sources
+from kat_jax.train.models import load_model
 from kat_jax.train.step import make_eval_step
 from kat_jax.upscale import expand, saturation
 

@@ -193,7 +193,7 @@ def _save_random_hf(config, path, seed):
   import jax
   from kat_jax.checkpoint.hf import save_pretrained
   from kat_jax.model import init_params
-  from kat_jax.train.loop import model_config_from
+  from kat_jax.train.models import model_config_from
   model_config = model_config_from(config.model)
   params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(seed))
   save_pretrained(path, model_config, params)
@@ -272,7 +272,7 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   from kat_jax.checkpoint.manager import RunCheckpointer
   from kat_jax.eval.stage import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
   from kat_jax.model import init_params
-  from kat_jax.train.loop import model_config_from
+  from kat_jax.train.models import model_config_from
   config = _eval_config(tmp_path)
   run_config = _eval_config(tmp_path)
   run_config.model.num_layers = 1  # differs from the eval config: must come from the run

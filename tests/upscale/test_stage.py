@@ -10,7 +10,8 @@ from experiments.configs import kat_v1_40b_upscale, pretrain, upscale_tiny
 from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.model import get_preset, init_params
 from kat_jax.testing import assert_trees_close
-from kat_jax.train.loop import ConfigError, run_pretrain
+from kat_jax.errors import ConfigError
+from kat_jax.train.loop import run_pretrain
 from kat_jax.upscale import stage
 
 
