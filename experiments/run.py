@@ -27,7 +27,7 @@ STAGES = {
     "sft": "kat_jax.autothink.stage:run_sft",
     "step_srpo": "kat_jax.rl.stage:run_step_srpo",
     "distill": "kat_jax.distill.stage:run_distill",
-    "teacher_logits": "kat_jax.distill.stage:run_teacher_logits",
+    "teacher_logits": "kat_jax.distill.teacher_stage:run_teacher_logits",
     "agentic_rl": "kat_jax.agentic.stage:run_agentic_rl",
     "eval": "kat_jax.eval.stage:run_eval",
 }

@@ -3,19 +3,9 @@
 Every field can be overridden on the command line, e.g. `--config.train.steps=20`.
 """
 
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
 
-from kat_jax.model.config import ModelConfig
-
-
-def model_fields(preset: str) -> ConfigDict:
-  """`config.model`: a preset plus every ModelConfig field as an overridable placeholder."""
-  model = ConfigDict({"preset": preset, "init_from": ""})
-  for name, field in ModelConfig.__dataclass_fields__.items():
-    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
-        str(field.type).split(" ")[0].replace("'", ""), str)
-    model[name] = config_dict.placeholder(kind)
-  return model
+from kat_jax.model.config import model_fields
 
 
 def base_config() -> ConfigDict:

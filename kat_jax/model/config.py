@@ -96,3 +96,15 @@ class ModelConfig:
     per_layer = d * q + 2 * d * kv + bias + q * d + 3 * d * f + 2 * d
     head = 0 if self.tie_word_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+
+def model_fields(preset: str) -> Any:
+  """`config.model` schema: a preset plus every ModelConfig field as an overridable placeholder
+  (None = the preset's value); `kat_jax.train.models.model_config_from` fills the dataclass."""
+  from ml_collections import ConfigDict, config_dict  # pylint: disable=g-import-not-at-top
+  model = ConfigDict({"preset": preset, "init_from": ""})
+  for name, field in ModelConfig.__dataclass_fields__.items():
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
+        str(field.type).split(" ")[0].replace("'", ""), str)
+    model[name] = config_dict.placeholder(kind)
+  return model

@@ -165,7 +165,8 @@ def _tiny_config(workdir: str) -> ConfigDict:
 
 
 def test_tiny_distill_smoke_online_then_offline(tmp_path):
-  from kat_jax.distill.stage import run_distill, run_teacher_logits  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.stage import run_distill  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.teacher_stage import run_teacher_logits  # pylint: disable=g-import-not-at-top
   config = _tiny_config(str(tmp_path / "online"))
   config.distill.compare_variants = "kd_mtp"
   summary = run_distill(config)
@@ -181,7 +182,7 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
   config_t = _tiny_config(str(tmp_path / "online"))
   config_t.stage = "teacher_logits"
   config_t.distill.compare_variants = ""
-  from kat_jax.distill.stage import teacher_logits_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.config import teacher_logits_fields  # pylint: disable=g-import-not-at-top
   config_t.teacher_logits = teacher_logits_fields()
   config_t.teacher_logits.top_k = 8
   out = run_teacher_logits(config_t)
@@ -200,7 +201,7 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
 
 
 def test_unknown_variant_is_a_config_error(tmp_path):
-  from kat_jax.distill.stage import objective_from  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.config import objective_from  # pylint: disable=g-import-not-at-top
   config = _tiny_config(str(tmp_path))
   with pytest.raises(ConfigError, match="compare_variants"):
     objective_from(config, TOK, "jsd")
