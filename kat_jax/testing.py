@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import os
 import threading
 from typing import Any, Callable
 
@@ -107,3 +109,38 @@ class LocalJsonServer:
   def __exit__(self, *exc) -> None:
     self.server.shutdown()
     self.server.server_close()
+
+
+class SimulatedKill(Exception):
+  """Raised by `killed_before_step`: the run stops as if the process had died there."""
+
+
+@contextlib.contextmanager
+def killed_before_step(step: int):
+  """Inside the block a trainer run stops (SimulatedKill) before it takes step `step` (1-based),
+  i.e. after `step - 1` steps; what it saved and logged until then stays, as after a kill."""
+  from kat_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  take = trainer.Trainer._take  # pylint: disable=protected-access
+
+  def killing_take(source, state, done):
+    if done + 1 == step:
+      raise SimulatedKill(f"stopped before step {step}")
+    return take(source, state, done)
+
+  trainer.Trainer._take = staticmethod(killing_take)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    trainer.Trainer._take = staticmethod(take)  # pylint: disable=protected-access
+
+
+def logged_losses(workdir: str, key: str = "loss") -> dict[int, float]:
+  """Last logged training `key` per step of `<workdir>/metrics.jsonl` (a resumed run re-logs
+  the steps after its checkpoint)."""
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if row["split"] == "train" and key in row:
+        losses[row["step"]] = row[key]
+  return losses

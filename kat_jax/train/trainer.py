@@ -137,47 +137,59 @@ class Trainer:
       evaluate: state -> held-out scalars, every `train.eval_every` steps and at the end.
     """
     start = time.perf_counter()
-    with sharding_context(self.mesh):
-      state, shardings = init_state()
-      done = 0
-      if self.checkpointer.latest_step() is not None:
-        state, meta = self.checkpointer.restore(state, source.checkpoint)
-        done = int(meta.get("step", jax.device_get(state.step)))
-        self.status(f"{self.name}: resumed from step {done} ({self.checkpointer.directory})")
-      if jit_step:
-        step = jax.jit(step, in_shardings=(shardings, batch_sharding(self.mesh),
-                                           *(sh for _, sh in extra)),
-                       out_shardings=(shardings, replicated(self.mesh)), donate_argnums=(0,))
-      extra_values = tuple(v for v, _ in extra)
-      n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-      self.status(f"{self.name}: {n_params:,} params, {self.steps} steps, mesh "
-                  f"{dict(self.mesh.shape)}, workdir {self.workdir}")
-      metrics: dict[str, float] = {}
-      evals = None
-      while done < self.steps:
-        work = source.next(state, done)
-        raw: dict[str, Any] = {}
-        if work.batch is not None:
-          state, raw = step(state, work.batch, *extra_values)
-          self.logger.count_tokens(work.tokens)
-        done += 1
-        last = done == self.steps
-        if done % self.log_every == 0 or last or hasattr(source, "after_step"):
-          metrics = {**_floats(raw), **work.stats}
-          if hasattr(source, "after_step"):
-            metrics.update(source.after_step(done, state, metrics) or {})
-          if done % self.log_every == 0 or last:
-            self.logger.write(done, metrics)
-        if evaluate is not None and ((self.eval_every and done % self.eval_every == 0)
-                                     or last):
-          evals = evaluate(state)
-          self.logger.write_eval(done, evals)
-        self.checkpointer.save(done, state, source.checkpoint, {**self.meta, "step": done},
-                               force=last)
-    self.close()
-    if hasattr(source, "close"):
-      source.close()
+    try:
+      with sharding_context(self.mesh):
+        state, metrics, done, evals = self._run(init_state, step, source, extra, jit_step,
+                                                evaluate)
+    finally:  # also on an exception: finish the pending checkpoint, flush the logs
+      self.close()
+      if hasattr(source, "close"):
+        source.close()
     return RunResult(state, metrics, done, time.perf_counter() - start, evals)
+
+  def _run(self, init_state, step, source, extra, jit_step, evaluate):
+    state, shardings = init_state()
+    done = 0
+    if self.checkpointer.latest_step() is not None:
+      state, meta = self.checkpointer.restore(state, source.checkpoint)
+      done = int(meta.get("step", jax.device_get(state.step)))
+      self.status(f"{self.name}: resumed from step {done} ({self.checkpointer.directory})")
+    if jit_step:
+      step = jax.jit(step, in_shardings=(shardings, batch_sharding(self.mesh),
+                                         *(sh for _, sh in extra)),
+                     out_shardings=(shardings, replicated(self.mesh)), donate_argnums=(0,))
+    extra_values = tuple(v for v, _ in extra)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    self.status(f"{self.name}: {n_params:,} params, {self.steps} steps, mesh "
+                f"{dict(self.mesh.shape)}, workdir {self.workdir}")
+    metrics: dict[str, float] = {}
+    evals = None
+    while done < self.steps:
+      work = self._take(source, state, done)
+      raw: dict[str, Any] = {}
+      if work.batch is not None:
+        state, raw = step(state, work.batch, *extra_values)
+        self.logger.count_tokens(work.tokens)
+      done += 1
+      last = done == self.steps
+      logged = done % self.log_every == 0 or last
+      if logged or hasattr(source, "after_step"):
+        metrics = {**_floats(raw), **work.stats}
+        if hasattr(source, "after_step"):
+          metrics.update(source.after_step(done, state, metrics) or {})
+        if logged:
+          self.logger.write(done, metrics)
+      if evaluate is not None and ((self.eval_every and done % self.eval_every == 0) or last):
+        evals = evaluate(state)
+        self.logger.write_eval(done, evals)
+      self.checkpointer.save(done, state, source.checkpoint, {**self.meta, "step": done},
+                             force=last)
+    return state, metrics, done, evals
+
+  @staticmethod
+  def _take(source: BatchSource, state: Any, step: int) -> Work:
+    """The source's work for `step` (one place, so a test can stop a run here)."""
+    return source.next(state, step)
 
   def close(self) -> None:
     self.checkpointer.close()

@@ -12,7 +12,7 @@ from kat_jax.model import get_preset, init_params
 from kat_jax.testing import assert_trees_close
 from kat_jax.errors import ConfigError
 from kat_jax.train.loop import run_pretrain
-from kat_jax.upscale import stage
+from kat_jax.upscale import config as upscale_config, stage
 
 
 def _small(config, workdir):
@@ -114,6 +114,6 @@ def test_config_mistakes_are_config_errors_before_the_analysis(tmp_path):
     bad = up.copy_and_resolve_references()
     bad.update(changes)
     with pytest.raises(ConfigError, match=message):
-      stage.check_upscale_fields(bad, 8)
+      upscale_config.check_upscale_fields(bad, 8)
   up.selection, up.layers = "explicit", "3,4"
-  stage.check_upscale_fields(up, 8)  # a good config passes
+  upscale_config.check_upscale_fields(up, 8)  # a good config passes
