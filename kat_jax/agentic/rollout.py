@@ -7,7 +7,7 @@
 Every task is prefilled once; before turn t every live episode is forked `branching[t]` times
 (its cache rows copied with `take_rows`, its environment deep-copied), so the episodes of a
 task form a tree: everything before a fork is one shared token list with one set of
-behaviour log-probs, which `kat_jax.agentic.tree.build_trees` then merges back into one trie
+behaviour log-probs, which `kat_jax.rl.tree.build_trees` then merges back into one trie
 path. Each turn: decode (per-token log-probs and entropies recorded), parse the tool calls,
 step the environment, and append the observation rendered by the chat template (mask 0) to
 the cache with `Sampler.extend`.
@@ -32,7 +32,7 @@ import numpy as np
 
 from kat_jax.agentic.environments import Environment, Message
 from kat_jax.agentic.tool_calls import parse_tool_calls
-from kat_jax.agentic.tree import Trajectory
+from kat_jax.rl.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.sampling import DecodeParams, DecodeState, Sampler, SamplingParams

@@ -36,7 +36,7 @@ from kat_jax.agentic.decoupled import RolloutBatch, run_decoupled
 from kat_jax.agentic.environments import make_environment
 from kat_jax.agentic.pruning import build_pruned_trees, prune_group
 from kat_jax.agentic.rollout import RolloutConfig, tree_rollout
-from kat_jax.agentic.tree import build_trees, pack_trees, unrolled_batch
+from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.data.packing import pad_batch_rows
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError

@@ -302,7 +302,7 @@ def test_generated_eval_tasks_are_not_the_sft_or_rl_training_tasks():
   from kat_jax.autothink import tasks as task_lib  # pylint: disable=g-import-not-at-top
   from kat_jax.autothink.stage import autothink_fields  # pylint: disable=g-import-not-at-top
   from kat_jax.eval.stage import eval_fields  # pylint: disable=g-import-not-at-top
-  from kat_jax.rl.stage import rl_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.config import rl_fields  # pylint: disable=g-import-not-at-top
   ev, at, rl = eval_fields(), autothink_fields(), rl_fields()
   eval_prompts = {t.prompt for t in task_lib.generate_tasks(ev.num_generated,
                                                             ev.generated_seed)}
