@@ -8,7 +8,9 @@ import pytest
 from experiments.configs.agentic_rl import get_config
 from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.rollout import Episode
-from kat_jax.agentic.stage import objective_from, rl_batch, run_agentic_rl
+from kat_jax.agentic.batches import rl_batch
+from kat_jax.agentic.config import objective_from
+from kat_jax.agentic.stage import run_agentic_rl
 from kat_jax.data.chat_template import tokenize_chat
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
