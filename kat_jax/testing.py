@@ -144,3 +144,31 @@ def logged_losses(workdir: str, key: str = "loss") -> dict[int, float]:
       if row["split"] == "train" and key in row:
         losses[row["step"]] = row[key]
   return losses
+
+
+def assert_resume_reproduces(run: Callable[[str], Any], workdir: str, *, steps: int,
+                             kill_before: int, resumes_at: int, log_dir: str = "",
+                             key: str = "loss") -> None:
+  """Runs `run(workdir)` uninterrupted, then again killed before step `kill_before` and
+  restarted; the restart must resume at step `resumes_at` (its newest checkpoint) and log the
+  same `key` at every step, exactly. `log_dir`: the metrics' directory under a workdir."""
+  reference, killed = os.path.join(workdir, "reference"), os.path.join(workdir, "killed")
+  run(reference)
+  with killed_before_step(kill_before):
+    try:
+      run(killed)
+    except SimulatedKill:
+      pass
+    else:
+      raise AssertionError(f"the run ended before step {kill_before}")
+  logs = os.path.join(killed, log_dir)
+  checkpoints = sorted(int(n) for n in os.listdir(os.path.join(logs, "checkpoints"))
+                       if n.isdigit())
+  assert checkpoints[-1] == resumes_at, checkpoints
+  run(killed)
+  expected = logged_losses(os.path.join(reference, log_dir), key)
+  assert sorted(expected) == list(range(1, steps + 1)), sorted(expected)
+  assert logged_losses(logs, key) == expected
+  with open(os.path.join(logs, "metrics.jsonl"), encoding="utf-8") as f:
+    first_steps = [json.loads(line)["step"] for line in f].count(1)
+  assert first_steps == 1, "the restart trained from scratch instead of resuming"
