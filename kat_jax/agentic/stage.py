@@ -33,7 +33,7 @@ from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.rl.policy_step import AccumulatedPolicyUpdate
 from kat_jax.sampling import Sampler, prepare_params
-from kat_jax.train.models import model_config_from
+from kat_jax.checkpoint.models import config_from_model_fields
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import Trainer
@@ -68,7 +68,7 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   check_fields(ag)
   workdir = os.path.abspath(config.workdir)
   tokenizer = get_tokenizer(config.data.tokenizer)
-  model_config = model_config_from(config.model)
+  model_config = config_from_model_fields(config.model)
   objective = objective_from(ag)
   rollout_cfg = rollout_config(ag)
   make_env = lambda: make_environment(ag.env, **dict(ag.env_kwargs))  # noqa: E731

@@ -31,11 +31,11 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from kat_jax.autothink import generation, importers, tagging, tasks as tasks_lib, templates
+from kat_jax.checkpoint import models
 from kat_jax.data import sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.train.loop import run_training
-from kat_jax.train.models import load_model, load_run
 
 TAGGERS = ("simulated", "model", "endpoint")
 _MAX_REASONS = 20  # skip reasons logged one by one and kept in data_summary.json
@@ -129,7 +129,7 @@ def make_generate_fn(config: ConfigDict, tokenizer: Tokenizer, task_list
     return tagging.openai_generate_fn(
         at.endpoint_url, at.endpoint_model, api_key=os.environ.get(at.endpoint_api_key_env),
         temperature=at.tag_temperature, max_tokens=at.tag_max_new_tokens)
-  model_config, params = load_model(config)
+  model_config, params = models.load_configured_model(config.model, seed=config.seed)
   return generation.kat_generate_fn(params, model_config, tokenizer, think_mode="off",
                                     max_new_tokens=at.tag_max_new_tokens,
                                     temperature=at.tag_temperature, seed=config.seed)
@@ -243,7 +243,8 @@ def evaluate_model(config: ConfigDict, workdir: str, heldout_path: str) -> dict[
   """AutoThink metrics of the trained model on the held-out tasks; writes them to workdir."""
   at = config.autothink
   tokenizer = get_tokenizer(config.data.tokenizer)
-  model_config, params = load_run(config, workdir)
+  model_config, params = models.load_model(
+      workdir, execution=models.config_from_model_fields(config.model))
   heldout = tasks_lib.read_tasks(heldout_path)
   generate = generation.kat_generate_fn(
       params, model_config, tokenizer, think_mode="auto", max_new_tokens=at.eval_max_new_tokens,

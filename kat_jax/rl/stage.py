@@ -20,6 +20,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from kat_jax.autothink import tasks as task_lib
+from kat_jax.checkpoint import models
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.rl.config import parse_mix, typed_configs
@@ -27,7 +28,6 @@ from kat_jax.rl.curriculum import TwoStageMix
 from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
 from kat_jax.rl.rewards import RewardPool
 from kat_jax.rl.rollouts import AutoThinkRollouts, StepSRPORollouts
-from kat_jax.train.models import load_model, load_run
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import Trainer
@@ -38,8 +38,9 @@ def _initial_model(config: ConfigDict):
     if not os.path.isdir(os.path.join(config.rl.init_sft_workdir, "checkpoints")):
       raise ConfigError(f"config.rl.init_sft_workdir: no checkpoints under "
                         f"{config.rl.init_sft_workdir}")
-    return load_run(config, config.rl.init_sft_workdir)
-  return load_model(config)
+    return models.load_model(config.rl.init_sft_workdir, what="config.rl.init_sft_workdir",
+                             execution=models.config_from_model_fields(config.model))
+  return models.load_configured_model(config.model, seed=config.seed)
 
 
 def _updates(policy_step, count: int):

@@ -1,8 +1,13 @@
 """Chat with a checkpoint in the terminal, streaming tokens as they are sampled.
 
-  python -m kat_jax.sampling.chat_cli --hf_dir /path/to/KAT-or-Qwen2.5 [--think_mode on]
-  python -m kat_jax.sampling.chat_cli --preset tiny            # random weights, byte tokenizer
-  python -m kat_jax.sampling.chat_cli --preset tiny --prompt "hi"   # one turn, then exit
+  python -m kat_jax.sampling.chat_cli --model /path/to/KAT-or-Qwen2.5 [--think_mode on]
+  python -m kat_jax.sampling.chat_cli --model runs/sft           # a run workdir (or runs/sft@200)
+  python -m kat_jax.sampling.chat_cli --model tiny --prompt "hi"  # random weights, one turn
+
+`--model` is any model source of `kat_jax.checkpoint.models` (HF directory, run workdir
+[@step], saved model, preset name); `--hf_dir` and `--preset` are older spellings of it. The
+tokenizer defaults to the one a run trained with, else the Qwen tokenizer for a model whose
+vocabulary holds it and the byte tokenizer otherwise.
 
 Each turn re-renders the whole conversation with the chat template (KAT keeps only the final
 answer of past assistant turns, so the history is not a plain continuation of the cache),
@@ -17,9 +22,10 @@ from collections.abc import Callable
 
 import jax
 
+from kat_jax.checkpoint import models
 from kat_jax.data.chat_template import TEMPLATES, tokenize_chat
 from kat_jax.data.tokenizer import get_tokenizer
-from kat_jax.model import get_preset, init_params
+from kat_jax.errors import ConfigError
 from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix, think_mode_prompts
 from kat_jax.sampling.forward import prepare_params
 from kat_jax.sampling.logits import SamplingParams
@@ -29,10 +35,11 @@ from kat_jax.sampling.sampler import Sampler
 def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description="Streaming chat with a kat_jax checkpoint.")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--hf_dir", help="Hugging Face Qwen2 checkpoint directory")
-  source.add_argument("--preset", help="random weights of a model preset (e.g. tiny)")
-  parser.add_argument("--tokenizer", default="", help="'qwen2.5' or 'bytes' (default: "
-                      "qwen2.5 for --hf_dir, bytes for --preset)")
+  source.add_argument("--model", help="HF directory, run workdir[@step], saved model or preset")
+  source.add_argument("--hf_dir", dest="model", help="same as --model")
+  source.add_argument("--preset", dest="model", help="same as --model")
+  parser.add_argument("--tokenizer", default="", help="'qwen2.5' or 'bytes' (default: the "
+                      "run's own, else by the model's vocabulary size)")
   parser.add_argument("--template", default="kat", choices=TEMPLATES)
   parser.add_argument("--think_mode", default="auto", choices=THINK_MODES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
@@ -47,11 +54,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _load(args: argparse.Namespace):
-  if args.hf_dir:
-    from kat_jax.checkpoint.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    return load_pretrained(args.hf_dir, config_overrides={"dtype": args.dtype})
-  config = get_preset(args.preset, dtype=args.dtype)
-  return config, init_params(config, jax.random.key(args.seed))
+  """(tokenizer, model config, params) of `--model`, checked to fit each other."""
+  tokenizer = get_tokenizer(args.tokenizer or models.tokenizer_name(args.model))
+  config = models.load_model_config(args.model, what="--model")
+  config, params = models.load_model(args.model, execution=config.replace(dtype=args.dtype),
+                                     seed=args.seed, what="--model")
+  models.check_vocab(config, tokenizer, what="--model")
+  return tokenizer, config, params
 
 
 def stream_reply(sampler: Sampler, dparams, prompt: list[int], tokenizer, rng: jax.Array, *,
@@ -78,8 +87,11 @@ def stream_reply(sampler: Sampler, dparams, prompt: list[int], tokenizer, rng: j
 
 def main(argv: list[str] | None = None) -> None:
   args = _parse(argv)
-  tokenizer = get_tokenizer(args.tokenizer or ("qwen2.5" if args.hf_dir else "bytes"))
-  config, params = _load(args)
+  try:
+    tokenizer, config, params = _load(args)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   dparams = prepare_params(params, config)
   del params
   sampler = Sampler(config, pad_id=tokenizer.pad_id)

@@ -1,7 +1,11 @@
 """The `generate` stage: prompts (JSONL or config) -> completions JSONL + AutoThink summary.
 
   python -m experiments.run --config experiments/configs/generate.py \\
-      --config.generate.prompts_path=prompts.jsonl --config.model.init_from=/path/to/hf_dir
+      --config.generate.prompts_path=prompts.jsonl --config.model.init_from=runs/sft
+
+`config.model.init_from` is any model source of `kat_jax.checkpoint.models` (HF directory,
+run workdir, `<workdir>@<step>`, saved model); empty = a random init of `config.model`. A run
+workdir brings its own tokenizer (the one it trained with); otherwise `config.data.tokenizer`.
 
 Prompt rows: {"prompt": str} (one user turn) or {"messages": [...]} (ChatML messages), with an
 optional "id". Outputs under `<workdir>/`: completions.jsonl (one row per sample: id, sample,
@@ -21,6 +25,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from kat_jax.checkpoint import models
 from kat_jax.data.chat_template import TEMPLATES, parse_autothink_response, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
@@ -113,16 +118,14 @@ def tokenize_prompts(tokenizer: Tokenizer, rows: Sequence[Mapping[str, Any]],
 def run_generate(config: ConfigDict) -> dict[str, Any]:
   """Generates completions for every prompt; returns the summary dict."""
   gen = config.generate
-  tokenizer = get_tokenizer(config.data.tokenizer)
+  source = config.model.init_from or models.config_from_model_fields(config.model)
+  tokenizer = get_tokenizer(models.tokenizer_name(source, config.data.tokenizer))
   sampling = _check(gen, tokenizer.vocab_size)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   rows = read_prompts(gen)
-  from kat_jax.train.models import load_model  # pylint: disable=g-import-not-at-top
-  model_config, params = load_model(config)
-  if model_config.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f"config.model: vocab_size {model_config.vocab_size} is smaller than the "
-                      f"tokenizer's {tokenizer.vocab_size} ids")
+  model_config, params = models.load_configured_model(config.model, seed=config.seed)
+  models.check_vocab(model_config, tokenizer)
   dparams = prepare_params(params, model_config)
   del params
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=gen.prefill_chunk)

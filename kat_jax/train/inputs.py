@@ -115,12 +115,3 @@ def batches(source, tokenizer: Tokenizer, data: ConfigDict, seed: int, local_row
                                      prefetch_buffer_size=data.prefetch))
   iterator = iter(dataset)
   return _ProcessRows(iterator, local_rows) if by_rows and jax.process_count() > 1 else iterator
-
-
-def check_vocab(field: str, vocab_size: int, tokenizer: Tokenizer) -> None:
-  """ConfigError unless the model's vocabulary holds every id of the tokenizer."""
-  if vocab_size < tokenizer.vocab_size:
-    raise ConfigError(
-        f"{field}: vocab_size {vocab_size} is smaller than the "
-        f"{type(tokenizer).__name__}'s {tokenizer.vocab_size} ids; pick a matching "
-        "config.data.tokenizer or model preset")

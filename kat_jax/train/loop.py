@@ -14,13 +14,23 @@ from ml_collections import ConfigDict
 
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.model import ModelConfig
 from kat_jax.parallel import global_batch
-from kat_jax.train import inputs, models
+from kat_jax.checkpoint import models
+from kat_jax.train import inputs
 from kat_jax.train.config_checks import check_training_config
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.step import make_eval_step, make_train_step
 from kat_jax.train.trainer import DataBatches, Trainer, mesh_from
+
+
+def initial_params(config: ConfigDict) -> tuple[ModelConfig, Any]:
+  """(model config, host params) of `config.model.init_from` (any model source), or
+  (model config, None): the trainer initialises the preset directly sharded."""
+  if config.model.init_from:
+    return models.load_configured_model(config.model, seed=config.seed)
+  return models.config_from_model_fields(config.model), None
 
 
 def evaluate(eval_step, params, dataset, max_batches: int, mesh) -> dict[str, float]:
@@ -62,8 +72,8 @@ def run_training(config: ConfigDict, *, stage: str = "pretrain",
   check_training_config(config)
   workdir = os.path.abspath(config.workdir)
   tokenizer = get_tokenizer(config.data.tokenizer)
-  model_config, params = models.initial_params(config)
-  inputs.check_vocab("config.model", model_config.vocab_size, tokenizer)
+  model_config, params = initial_params(config)
+  models.check_vocab(model_config, tokenizer)
   train = config.train
   mesh = mesh_from(config)
   rows = inputs.local_batch_size(config.data.batch_size, mesh)

@@ -26,13 +26,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
+from kat_jax.checkpoint import models
 from kat_jax.checkpoint.hf import save_pretrained
 from kat_jax.data import pipeline
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import ModelConfig
 from kat_jax.errors import ConfigError
 from kat_jax.train.inputs import build_sources
-from kat_jax.train.models import load_model
 from kat_jax.train.step import make_eval_step
 from kat_jax.upscale import expand, saturation
 from kat_jax.upscale.config import check_upscale_fields, choose_layer_map
@@ -88,7 +88,7 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  model_config, params = load_model(config)
+  model_config, params = models.load_configured_model(config.model, seed=config.seed)
   print(f"upscale: source model {model_config.num_layers} layers, "
         f"{expand.count_params(params):,} params", flush=True)
 

@@ -14,7 +14,7 @@ from kat_jax.autothink import generation, stage, tagging, tasks
 from kat_jax.data.chat_template import format_autothink_response
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.train.models import load_run
+from kat_jax.checkpoint import models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_openai import FakeServer  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -92,7 +92,7 @@ def test_sft_stage_smoke(tmp_path, capsys):
   assert len(rows) == 6 and {"response", "mode", "well_formed"} <= set(rows[0])
 
   # The trained model as a think-off GenerateFn for the vote: the forced prefill is kept.
-  model_config, params = load_run(config, str(tmp_path))
+  model_config, params = models.load_model(str(tmp_path))
   generate = generation.kat_generate_fn(params, model_config, get_tokenizer("bytes"),
                                         think_mode="off", max_new_tokens=12, temperature=0.0)
   ts = tasks.generate_tasks(3, seed=0)

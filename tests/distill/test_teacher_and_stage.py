@@ -176,7 +176,7 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
     assert np.isfinite(result["eval"]["loss"]) and result["steps"] == 2
   assert np.isfinite(summary["students"]["kd_mtp"]["train"]["mtp1_distill"])
   assert os.path.exists(tmp_path / "online" / "comparison.json")
-  assert os.path.exists(tmp_path / "online" / "teacher" / "model_config.json")
+  assert os.path.exists(tmp_path / "online" / "teacher" / "config.json")  # an HF directory
 
   # Offline: store the same teacher's top-k, then distill from the stored records.
   config_t = _tiny_config(str(tmp_path / "online"))

@@ -193,7 +193,7 @@ def _save_random_hf(config, path, seed):
   import jax
   from kat_jax.checkpoint.hf import save_pretrained
   from kat_jax.model import init_params
-  from kat_jax.train.models import model_config_from
+  from kat_jax.checkpoint.models import config_from_model_fields as model_config_from
   model_config = model_config_from(config.model)
   params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(seed))
   save_pretrained(path, model_config, params)
@@ -235,8 +235,8 @@ def test_eval_stage_on_tiny_random_models_writes_json_and_png(tmp_path):
     (dict(benchmarks="mmlu"), "benchmarks"),
     (dict(benchmarks="jsonl"), "jsonl_paths"),
     (dict(ks="1,4"), "ks"),
-    (dict(checkpoints="/no/such/dir"), "no such directory"),
-    (dict(checkpoints="random,/no/such/dir"), "no such directory"),  # checked before loading
+    (dict(checkpoints="/no/such/dir"), "no such path /no/such/dir"),
+    (dict(checkpoints="random,/no/such/dir"), "no such path /no/such/dir"),  # checked before loading
     (dict(checkpoints=",/no/such/dir"), "empty entry.*'random'"),
 ])
 def test_eval_stage_config_errors(tmp_path, overrides, message):
@@ -272,7 +272,7 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   from kat_jax.checkpoint.manager import RunCheckpointer
   from kat_jax.eval.stage import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
   from kat_jax.model import init_params
-  from kat_jax.train.models import model_config_from
+  from kat_jax.checkpoint.models import config_from_model_fields as model_config_from
   config = _eval_config(tmp_path)
   run_config = _eval_config(tmp_path)
   run_config.model.num_layers = 1  # differs from the eval config: must come from the run
@@ -293,7 +293,7 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ConfigError, match="neither a HF directory"):
+  with pytest.raises(ConfigError, match="neither a Hugging Face directory"):
     checkpoint_kind(str(tmp_path / "empty"))
 
 
