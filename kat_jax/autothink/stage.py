@@ -258,6 +258,18 @@ def evaluate_model(config: ConfigDict, workdir: str, heldout_path: str) -> dict[
   return summary
 
 
+def train_sft(config: ConfigDict, paths: dict[str, str]) -> dict[str, Any]:
+  """The SFT training run on the prepared data: the pretrain recipe with per-segment weights."""
+  weights = segment_weights(config.autothink)
+
+  def sources_fn(cfg, _):
+    return (sources.JsonlSource(paths["train"], on_error=cfg.data.on_error),
+            sources.JsonlSource(paths["eval"], on_error=cfg.data.on_error))
+
+  return run_training(config, stage="sft", to_document=lambda tok: _document_fn(tok, weights),
+                      sources_fn=sources_fn)
+
+
 def run_sft(config: ConfigDict) -> dict[str, Any]:
   """Stage `sft`: data -> weighted SFT -> AutoThink evaluation. Returns train + eval metrics."""
   if "autothink" not in config:
@@ -267,15 +279,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   start = time.perf_counter()
   paths = prepare_sft_data(config, workdir)
-  weights = segment_weights(at)
-
-  def sources_fn(cfg, _):
-    return (sources.JsonlSource(paths["train"], on_error=cfg.data.on_error),
-            sources.JsonlSource(paths["eval"], on_error=cfg.data.on_error))
-
-  train_metrics = run_training(config, stage="sft",
-                               to_document=lambda tok: _document_fn(tok, weights),
-                               sources_fn=sources_fn)
+  train_metrics = train_sft(config, paths)
   train_seconds = time.perf_counter() - start
   summary = evaluate_model(config, workdir, paths["heldout"]) if jax.process_index() == 0 else {}
   skipped = data_skipped(workdir)

@@ -104,3 +104,14 @@ def test_rl_batch_prune_stats_and_a_budget_below_the_prompt():
 def test_bad_agentic_fields_are_config_errors(tmp_path, field, value, message):
   with pytest.raises(ConfigError, match=message):
     run_agentic_rl(_config(tmp_path, **{field: value}))
+
+
+def test_agentic_rl_killed_after_a_checkpoint_resumes_with_identical_losses(tmp_path):
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+
+  def run(workdir):
+    config = _config(workdir)
+    config.train.update(steps=3, checkpoint_every=2, async_checkpoint=False)
+    run_agentic_rl(config)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=3, kill_before=3, resumes_at=2)

@@ -225,3 +225,17 @@ def test_model_tagger_votes_with_a_tiny_random_model(tmp_path, monkeypatch):
   assert len(tagged) == 4 and all(r["votes"] == 2 and r["mode_source"] == "vote" for r in tagged)
   assert all(r["mode"] == tagging.vote_mode(r["votes_correct"], 2) for r in tagged)
   assert len(_read(paths["train"])) == 4
+
+
+def test_sft_training_killed_after_a_checkpoint_resumes_with_identical_losses(tmp_path):
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+  data_config = _toy_config(tmp_path / "data")
+  data_config.autothink.update(num_train=16, num_eval=8, votes=1)
+  paths = stage.prepare_sft_data(data_config, str(tmp_path / "data"))
+
+  def run(workdir):
+    config = _toy_config(workdir)
+    config.train.update(steps=4, checkpoint_every=2, eval_every=0, async_checkpoint=False)
+    stage.train_sft(config, paths)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=4, kill_before=4, resumes_at=2)

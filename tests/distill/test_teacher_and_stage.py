@@ -205,3 +205,23 @@ def test_unknown_variant_is_a_config_error(tmp_path):
   config = _tiny_config(str(tmp_path))
   with pytest.raises(ConfigError, match="compare_variants"):
     objective_from(config, TOK, "jsd")
+
+
+def test_distill_student_with_mtp_killed_after_a_checkpoint_resumes_with_identical_losses(
+    tmp_path):
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.stage import run_distill  # pylint: disable=g-import-not-at-top
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+  teacher = get_preset("tiny", num_layers=1, hidden_size=32, intermediate_size=64)
+  models.save_model(str(tmp_path / "teacher"), teacher, init_params(teacher, jax.random.key(3)))
+
+  def run(workdir):
+    config = _tiny_config(workdir)
+    config.distill.update(compare_variants="", loss="kd", teacher_init_from=str(
+        tmp_path / "teacher"))
+    config.mtp.depth = 1
+    config.train.update(steps=4, checkpoint_every=2)
+    run_distill(config)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=4, kill_before=4, resumes_at=2,
+                           log_dir="student")

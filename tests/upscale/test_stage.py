@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import kat_v1_40b_upscale, pretrain, upscale_tiny
+from kat_jax.checkpoint import models
 from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.model import get_preset, init_params
 from kat_jax.testing import assert_trees_close
@@ -51,7 +52,7 @@ def test_tiny_stage_writes_loadable_outputs_and_identity_keeps_the_loss(tmp_path
                                             hf_params)
   assert_trees_close(orbax_params, hf_params, rtol=1e-7)
   sources = [row["source_index"] for row in layer_map["layers"]]
-  _, source_params = stage.load_model(config)
+  _, source_params = models.load_configured_model(config.model, seed=config.seed)
   np.testing.assert_array_equal(
       np.asarray(hf_params["layers"]["attn"]["q_kernel"]),
       np.asarray(source_params["layers"]["attn"]["q_kernel"])[sources])
@@ -117,3 +118,29 @@ def test_config_mistakes_are_config_errors_before_the_analysis(tmp_path):
       upscale_config.check_upscale_fields(bad, 8)
   up.selection, up.layers = "explicit", "3,4"
   upscale_config.check_upscale_fields(up, 8)  # a good config passes
+
+
+def test_continued_training_of_an_upscaled_model_resumes_with_identical_losses(tmp_path):
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+  from kat_jax.upscale import expand  # pylint: disable=g-import-not-at-top
+  base = get_preset("tiny", num_layers=2, dtype="float32")
+  layer_map = expand.make_layer_map(2, [0], "interleave")
+  upscaled, params = expand.upscale(base, init_params(base, jax.random.key(0)), layer_map,
+                                    "copy")
+  models.save_model(str(tmp_path / "upscaled"), upscaled, params)
+
+  def run(workdir):
+    cpt = pretrain.get_config()
+    cpt.workdir = workdir
+    cpt.model.init_from = str(tmp_path / "upscaled")
+    cpt.model.dtype, cpt.model.remat_policy = "float32", "none"
+    cpt.data.tokenizer, cpt.data.source = "bytes", "synthetic"
+    cpt.data.synthetic_docs, cpt.data.seq_len = 40, 64
+    cpt.data.batch_size = 8
+    cpt.optim.warmup_steps = 1
+    cpt.train.update(steps=4, checkpoint_every=2, eval_every=0, log_every=1,
+                     tensorboard=False, async_checkpoint=False)
+    run_pretrain(cpt)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=4, kill_before=4, resumes_at=2)
