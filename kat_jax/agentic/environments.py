@@ -37,8 +37,8 @@ class StepResult:
 
 
 def sandbox_runner(timeout_s: float = 5.0) -> RunFn:
-  """Runs a program with the project's sandbox (`kat_jax.rl.rewards.sandbox`)."""
-  from kat_jax.rl.rewards.sandbox import SandboxLimits, run_python  # pylint: disable=g-import-not-at-top
+  """Runs a program with the project's sandbox (`kat_jax.tasks.rewards.sandbox`)."""
+  from kat_jax.tasks.rewards.sandbox import SandboxLimits, run_python  # pylint: disable=g-import-not-at-top
   limits = SandboxLimits(timeout_s=timeout_s)
 
   def run(program: str, files: Mapping[str, str]) -> tuple[bool, str]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from kat_jax.autothink import verifiers
+from kat_jax.tasks import verifiers
 from kat_jax.autothink.tagging import GenerateFn
-from kat_jax.autothink.tasks import REGIMES, Task
+from kat_jax.tasks.dual_regime import REGIMES, Task
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.model.config import ModelConfig

@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from kat_jax.autothink import generation, importers, tagging, tasks as tasks_lib, templates
+from kat_jax.autothink import generation, importers, tagging, templates
+from kat_jax.tasks import dual_regime as tasks_lib
 from kat_jax.checkpoint import models
 from kat_jax.data import sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer

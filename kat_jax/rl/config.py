@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from kat_jax.autothink import tasks as task_lib
+from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.errors import ConfigError
 from kat_jax.rl import step_srpo
 from kat_jax.rl.objectives import ObjectiveConfig

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from kat_jax.autothink import tasks as task_lib
+from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.data.chat_template import parse_autothink_response, tokenize_chat
 from kat_jax.data.packing import pad_batch_rows
 from kat_jax.parallel import global_batch
@@ -29,7 +29,7 @@ from kat_jax.rl import step_srpo
 from kat_jax.rl.config import kind_matches
 from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
 from kat_jax.rl.objectives import ObjectiveConfig, overlong_penalty
-from kat_jax.rl.rewards import RewardPool
+from kat_jax.tasks.rewards import RewardPool
 from kat_jax.rl.tree import Trajectory, unrolled_batch
 from kat_jax.sampling import prepare_params
 from kat_jax.train.trainer import Work

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from kat_jax.autothink import tasks as task_lib
+from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.checkpoint import models
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.rl.config import parse_mix, typed_configs
 from kat_jax.rl.curriculum import TwoStageMix
 from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
-from kat_jax.rl.rewards import RewardPool
+from kat_jax.tasks.rewards import RewardPool
 from kat_jax.rl.rollouts import AutoThinkRollouts, StepSRPORollouts
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import init_sharded_state
@@ -73,7 +73,7 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
   loss_chunk = config.train.loss_chunk
   source = StepSRPORollouts(
       rl, seed=config.seed, rollouts=AutoThinkRollouts(model_config, tokenizer, rl),
-      # Verifiers run off the training thread; code runs in the sandbox (kat_jax/rl/rewards).
+      # Verifiers run off the training thread; code runs in the sandbox (kat_jax/tasks/rewards).
       reward_pool=RewardPool(max_workers=rl.reward_workers,
                              item_timeout_s=rl.code_time_limit + 5,
                              code_timeout_s=rl.code_time_limit),

@@ -27,13 +27,13 @@ def build_sources(data: ConfigDict, workdir: str, seed: int) -> tuple[Any, Any]:
   Generated sources write `<workdir>/data/<source>_{train,eval}.jsonl` once (seeds `seed`,
   `seed + 1`; sizes `data.synthetic_docs` / `synthetic_eval_docs`): 'synthetic' is the small
   procedural corpus, 'autothink' the dual-regime AutoThink tasks as plain text (question,
-  reasoning for hard tasks, answer; `kat_jax.autothink.tasks.task_text`).
+  reasoning for hard tasks, answer; `kat_jax.tasks.dual_regime.task_text`).
   """
   if data.source in ("synthetic", "autothink"):
     if data.source == "synthetic":
       write = synthetic.write_corpus_jsonl
     else:
-      from kat_jax.autothink.tasks import write_text_corpus as write  # pylint: disable=g-import-not-at-top
+      from kat_jax.tasks.dual_regime import write_text_corpus as write  # pylint: disable=g-import-not-at-top
     data_dir = os.path.join(workdir, "data")
     os.makedirs(data_dir, exist_ok=True)
     train_path = os.path.join(data_dir, f"{data.source}_train.jsonl")

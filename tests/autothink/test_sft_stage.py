@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from experiments.configs.sft import get_config
-from kat_jax.autothink import generation, stage, tagging, tasks
+from kat_jax.autothink import generation, stage, tagging
+from kat_jax.tasks import dual_regime as tasks
 from kat_jax.data.chat_template import format_autothink_response
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError

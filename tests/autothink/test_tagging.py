@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from kat_jax.autothink import tagging, tasks
+from kat_jax.autothink import tagging
+from kat_jax.tasks import dual_regime as tasks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_openai import FakeServer  # pylint: disable=g-import-not-at-top,wrong-import-position

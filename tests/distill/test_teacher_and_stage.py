@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from kat_jax.autothink import tasks as autothink_tasks
+from kat_jax.tasks import dual_regime as autothink_tasks
 from kat_jax.data import sources
 from kat_jax.data.packing import validate_batch
 from kat_jax.data.tokenizer import get_tokenizer, kat_tag_ids

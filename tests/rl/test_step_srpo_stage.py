@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from experiments.configs.step_srpo import get_config
-from kat_jax.autothink import tasks as task_lib
+from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.errors import ConfigError
 from kat_jax.rl import stage as stage_lib
-from kat_jax.rl.rewards import RewardPool, RewardResult
+from kat_jax.tasks.rewards import RewardPool, RewardResult
 from kat_jax.rl.stage import run_step_srpo
 
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from kat_jax.autothink import tasks as autothink_tasks
+from kat_jax.tasks import dual_regime as autothink_tasks
 from kat_jax.data.chat_template import format_autothink_response
-from kat_jax.rl.rewards import pool as pool_lib
+from kat_jax.tasks.rewards import pool as pool_lib
 
 
 def _item(answer: str, verifier: dict) -> dict:

@@ -8,12 +8,12 @@
   pool.py     registry `get_reward_fn(kind)` and `RewardPool.score_async(items)`
 """
 
-from kat_jax.rl.rewards.choice import choice_reward, extract_choice
-from kat_jax.rl.rewards.code import code_result, code_reward, extract_code, run_code_tests
-from kat_jax.rl.rewards.format import format_problems, format_reward
-from kat_jax.rl.rewards.general import general_problems, general_reward
-from kat_jax.rl.rewards.math import (MathChecker, extract_math_answer, math_equal,
+from kat_jax.tasks.rewards.choice import choice_reward, extract_choice
+from kat_jax.tasks.rewards.code import code_result, code_reward, extract_code, run_code_tests
+from kat_jax.tasks.rewards.format import format_problems, format_reward
+from kat_jax.tasks.rewards.general import general_problems, general_reward
+from kat_jax.tasks.rewards.math import (MathChecker, extract_math_answer, math_equal,
                                      math_reward)
-from kat_jax.rl.rewards.pool import (KINDS, RewardPool, RewardResult, get_reward_fn,
+from kat_jax.tasks.rewards.pool import (KINDS, RewardPool, RewardResult, get_reward_fn,
                                      register_reward_fn, score_item)
-from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, run_python
+from kat_jax.tasks.rewards.sandbox import SandboxLimits, SandboxResult, run_python

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kat_jax.rl.rewards import code as code_lib
-from kat_jax.rl.rewards.sandbox import SandboxLimits
+from kat_jax.tasks.rewards import code as code_lib
+from kat_jax.tasks.rewards.sandbox import SandboxLimits
 
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
 FAST = SandboxLimits(timeout_s=2.0)

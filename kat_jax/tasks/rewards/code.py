@@ -15,8 +15,8 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kat_jax.rl.rewards.math import answer_region
-from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, run_python
+from kat_jax.tasks.rewards.math import answer_region
+from kat_jax.tasks.rewards.sandbox import SandboxLimits, SandboxResult, run_python
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 

@@ -74,7 +74,7 @@ def user_verifier(verifier: Any, answer: str) -> dict[str, Any]:
   """A user record's verifier: a full spec, or a type completed from the answer
   ('exact' -> accept [answer], 'math' -> value answer, 'choice' -> key answer; 'code' needs
   a spec with 'tests')."""
-  from kat_jax.autothink import verifiers  # pylint: disable=g-import-not-at-top (pulls rl)
+  from kat_jax.tasks import verifiers  # pylint: disable=g-import-not-at-top (pulls rl)
   if isinstance(verifier, str):
     if verifier == "code":
       raise ValueError("field 'verifier': 'code' needs a spec {'type': 'code', 'tests': str}")

@@ -2,7 +2,7 @@
 
 A scored item is a mapping {"response": str, "verifier": {"type": KIND, ...}} (extra keys are
 ignored, so a task record with a "response" added works). Verifier fields per kind (both our
-names and those of `kat_jax/autothink/tasks.py` are accepted):
+names and those of `kat_jax/tasks/dual_regime.py` are accepted):
 
   math     {"answer": str} or {"value": str}
   code     {"tests": str | [{"input", "output"}], "entry_point"?: str, "timeout_s"?: float}
@@ -28,12 +28,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kat_jax.rl.rewards import choice as choice_lib
-from kat_jax.rl.rewards import code as code_lib
-from kat_jax.rl.rewards import format as format_lib
-from kat_jax.rl.rewards import general as general_lib
-from kat_jax.rl.rewards import math as math_lib
-from kat_jax.rl.rewards.sandbox import SandboxLimits
+from kat_jax.tasks.rewards import choice as choice_lib
+from kat_jax.tasks.rewards import code as code_lib
+from kat_jax.tasks.rewards import format as format_lib
+from kat_jax.tasks.rewards import general as general_lib
+from kat_jax.tasks.rewards import math as math_lib
+from kat_jax.tasks.rewards.sandbox import SandboxLimits
 
 STATUSES = ("ok", "pass", "fail", "timeout", "error")
 

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reward_math_cases import MATH_CASES  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from kat_jax.rl.rewards import math as math_lib  # pylint: disable=wrong-import-position
+from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=wrong-import-position
 
 
 def test_table_is_large_and_mixed():
