@@ -36,7 +36,7 @@ from kat_jax.rl.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.sampling import DecodeParams, DecodeState, Sampler, SamplingParams
-from kat_jax.sampling.sampler import _extension_width  # the cache slots an extend takes
+from kat_jax.sampling.sampler import extension_width  # the cache slots an extend takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ def tree_rollout(sampler: Sampler, params: DecodeParams,
         episode.messages += outcome.observation
         suffix = forced_end + tokenizer.encode(
             continuation_text(outcome.observation, cfg.template, episode.tools))
-      if outcome.done or last_turn or _extension_width(len(suffix), sampler.prefill_chunk) > room:
+      if outcome.done or last_turn or extension_width(len(suffix), sampler.prefill_chunk) > room:
         if not outcome.done:  # cut off by the turn limit or the cache: drop the observation
           del episode.messages[len(episode.messages) - len(outcome.observation):]
           outcome.reward = episode.env.finish()

@@ -30,10 +30,10 @@ def kat_generate_fn(params: Any, model_config: ModelConfig, tokenizer: Tokenizer
   model judge and choose. Responses are the assistant text after the generation prompt's
   `<judge>\\n`, the forced prefill included, so `parse_autothink_response(r,
   judge_prefilled=True)` reads them. Each call draws fresh randomness. (The sampling itself
-  is `kat_jax.eval.generation.model_generate_fn`, which also counts tokens.)
+  is `kat_jax.sampling.generate_fn.model_generate_fn`, which also counts tokens.)
   """
   # pylint: disable-next=g-import-not-at-top  (sampling pulls in the decode machinery)
-  from kat_jax.eval.generation import model_generate_fn
+  from kat_jax.sampling.generate_fn import model_generate_fn
   counting = model_generate_fn(params, model_config, tokenizer, think_mode=think_mode,
                                max_new_tokens=max_new_tokens, temperature=temperature,
                                batch_size=batch_size, seed=seed)

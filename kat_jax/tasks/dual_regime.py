@@ -27,6 +27,9 @@ from typing import Any
 REGIMES = ("easy", "hard")
 DOMAINS = ("general", "math", "code", "science")
 _SEED_STRIDE = 1_000_003  # (seed, index) -> one integer seed; prime so nearby seeds differ
+# The judge line of a think-on/off example without its own (imported rows, user task records).
+DEFAULT_JUDGE = {"think_on": "The query needs step-by-step reasoning.",
+                 "think_off": "The query can be answered directly."}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,6 @@ def user_verifier(verifier: Any, answer: str) -> dict[str, Any]:
 
 def _user_task(record: Mapping[str, Any], default_id: str) -> Task:
   """A minimal user record -> Task (see `Task.from_record`); ValueError naming the field."""
-  from kat_jax.autothink.importers import DEFAULT_JUDGE  # pylint: disable=g-import-not-at-top
   for field in ("prompt", "answer"):
     if not isinstance(record.get(field), str) or not record[field].strip():
       raise ValueError(f"field {field!r}: missing or not a non-empty string")

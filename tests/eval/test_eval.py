@@ -300,7 +300,7 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
 def test_generated_eval_tasks_are_not_the_sft_or_rl_training_tasks():
   """The default eval seed must not regenerate the prompts SFT or RL trained on."""
   from kat_jax.tasks import dual_regime as task_lib  # pylint: disable=g-import-not-at-top
-  from kat_jax.autothink.stage import autothink_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.autothink.config import autothink_fields  # pylint: disable=g-import-not-at-top
   from kat_jax.eval.stage import eval_fields  # pylint: disable=g-import-not-at-top
   from kat_jax.rl.config import rl_fields  # pylint: disable=g-import-not-at-top
   ev, at, rl = eval_fields(), autothink_fields(), rl_fields()
