@@ -29,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kat_jax.kernels.decode import (decode_attention, decode_attention_reference, fused_matvec,
                                     matvec_reference)
@@ -109,9 +108,6 @@ def main():
   parser.add_argument("--cache_len", default="256", help="attention cache lengths")
   parser.add_argument("--block_s", default="16,32,64,128", help="attention slots per program")
   parser.add_argument("--attention_warps", default="2,4")
-  parser.add_argument("--one_pass_chunks", default="",
-                      help="also time decode_attention(one_pass=True) with these d_chunk values "
-                           "(its default slot blocks, 4 and 8 warps)")
   parser.add_argument("--copies", type=int, default=16)
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -183,9 +179,7 @@ def main():
     # (None, None): decode_attention's defaults
     tiles = [dict(block_s=None, num_warps=None)] + [
         dict(block_s=bs, num_warps=w)
-        for bs, w in itertools.product(_ints(args.block_s), _ints(args.attention_warps))] + [
-        dict(block_s=None, num_warps=w, one_pass=True, d_chunk=c)
-        for c, w in itertools.product(_ints(args.one_pass_chunks), (4, 8))]
+        for bs, w in itertools.product(_ints(args.block_s), _ints(args.attention_warps))]
     for tile in tiles:
       op = functools.partial(decode_attention, **tile, interpret=interpret)
       try:

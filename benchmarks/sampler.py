@@ -13,9 +13,6 @@ lengths, no stop tokens (every row makes `--new_tokens`). For each batch size it
 - the bandwidth floor of one decode step = (weight bytes + KV bytes read at the mean context)
   / device copy bandwidth, the copy bandwidth measured in the same run (bytes read + written).
 
-`--compare_kernels a,b` / `--compare_variants FILE` instead time decode-step variants compiled
-in one process, in alternation (docs/sampling.md says why and how).
-
 Imports no grain / ml_collections (absent on the GPU machine).
 """
 
@@ -41,8 +38,6 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--hf_repeats", type=int, default=2)
   parser.add_argument("--skip_hf", action="store_true")
-  parser.add_argument("--steps_per_loop", type=int, default=1,
-                      help="decode steps per iteration of the sampler's while loop")
   parser.add_argument("--kernels", default="auto",
                       help="the sampler's decode-step kernels: auto, xla or fused")
   parser.add_argument("--trace_batch", type=int, default=0,
@@ -55,39 +50,8 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--tiles", default="",
                       help="a benchmarks/decode_kernels.py JSON: the fused step uses the fastest "
                            "matvec tiling it measured for each product")
-  parser.add_argument("--compare_kernels", default="",
-                      help="comma-separated decode-step kernels (e.g. fused,xla) to time in one "
-                           "process, alternating repeats; replaces the main table and HF")
-  parser.add_argument("--compare_variants", default="",
-                      help="a JSON file {label: {\"kernels\": ..., \"tiles\": {product: "
-                           "fused_matvec keywords}}}: more variants for the same comparison, "
-                           "each compiled with those DECODE_TILES entries changed")
   parser.add_argument("--out", default="")
   return parser.parse_args()
-
-
-def _variants(kernels: str, path: str) -> dict[str, dict]:
-  """--compare_kernels a,b and/or --compare_variants FILE -> compare_in_process's variants."""
-  variants = {k.strip(): {"kernels": k.strip()} for k in kernels.split(",") if k.strip()}
-  if path:
-    with open(path, encoding="utf-8") as f:
-      loaded = json.load(f)
-    for label, variant in loaded.items():
-      if not isinstance(variant, dict) or "kernels" not in variant:
-        raise SystemExit(f"{path}: variant {label!r} needs a 'kernels' entry, got {variant!r}")
-      unknown = set(variant.get("tiles", {})) - set(_decode_tiles())
-      if unknown:
-        raise SystemExit(f"{path}: variant {label!r} tiles name unknown products "
-                         f"{sorted(unknown)} (known: {sorted(_decode_tiles())})")
-      variants[label] = variant
-  if len(variants) < 2:
-    raise SystemExit(f"comparing needs two or more variants, got {list(variants)}")
-  return variants
-
-
-def _decode_tiles() -> dict:
-  from kat_jax.sampling import forward  # pylint: disable=g-import-not-at-top
-  return forward.DECODE_TILES
 
 
 def _compiler_options(pairs: list[str]) -> dict[str, str] | None:
@@ -171,97 +135,8 @@ def _decode(sampler, dparams, state, new_tokens: int):
   return jax.block_until_ready(result)
 
 
-def compare_in_process(config, params, batch_sizes, prompt_len, new_tokens, repeats,
-                       variants: dict[str, dict], steps_per_loop=1,
-                       compiler_options=None) -> dict:
-  """Time per token of several decode steps, all compiled in one process and timed in
-  alternation (repeat r of every variant before repeat r+1 of any).
-
-  variants: label -> {"kernels": the Sampler's kernels, "tiles": optional overrides of
-  `DECODE_TILES` entries (product -> fused_matvec keywords) that its step is compiled with,
-  "patches": optional {(module, name): value} set while its step is traced, for callers that
-  compare another implementation of a function the step calls, "compiler_options": optional
-  XLA options of its decode loop in place of `compiler_options`, "steps_per_loop": optional,
-  "package": optional name of another importable copy of kat_jax whose Sampler runs it, e.g.
-  `kat_jax_base` from benchmarks/baseline_package.py (the code at another revision)}.
-  Time per token: the decode call alone (after a prefill that is waited for) over the new
-  tokens, median and minimum over the repeats. On the H200 the same step measured
-  1.175-1.375 ms/token in separate processes, so a change of a few percent shows only when
-  the variants share a process, machine and moment.
-  """
-  import importlib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
-  prompts = _prompts(config, batch_sizes, prompt_len)
-  max_length = prompt_len + new_tokens
-  package_of = {label: variant.get("package", "kat_jax") for label, variant in variants.items()}
-  packages, dparams = {}, {}
-  for name in package_of.values():
-    if name not in packages:
-      sampling = importlib.import_module(name + ".sampling")
-      packages[name] = (sampling, importlib.import_module(name + ".sampling.forward"),
-                        importlib.import_module(name + ".sampling.sampler"),
-                        getattr(importlib.import_module(name), "__revision__", None))
-      dparams[name] = jax.block_until_ready(sampling.prepare_params(params, config))
-  samplers, tokens = {}, {b: {} for b in batch_sizes}
-  for label, variant in variants.items():
-    package = package_of[label]
-    sampling, forward, sampler_lib, _ = packages[package]
-    defaults = {k: dict(v) for k, v in forward.DECODE_TILES.items()}
-    # Each variant traces its own step with its tiles (the tiles are read at trace time).
-    sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
-    forward.DECODE_TILES.update({k: {**defaults[k], **v}
-                                 for k, v in variant.get("tiles", {}).items()})
-    patches = variant.get("patches", {})
-    originals = {(m, n): getattr(m, n) for m, n in patches}
-    for (module, name), value in patches.items():
-      setattr(module, name, value)
-    try:
-      samplers[label] = sampling.Sampler(config, prefill_chunk=max(prompt_len, 8),
-                                kernels=variant["kernels"],
-                                steps_per_loop=variant.get("steps_per_loop", steps_per_loop),
-                                compiler_options=variant.get("compiler_options",
-                                                             compiler_options))
-      for b in batch_sizes:  # compiles
-        tokens[b][label] = _generate(samplers[label], dparams[package], prompts[b],
-                                     max_length, new_tokens).token_lists()
-    finally:
-      forward.DECODE_TILES.update({k: dict(v) for k, v in defaults.items()})
-      for (module, name), value in originals.items():
-        setattr(module, name, value)
-      sampler_lib._jitted_steps.cache_clear()  # pylint: disable=protected-access
-  out = {}
-  first = next(iter(variants))
-  for b in batch_sizes:
-    times = {k: [] for k in samplers}
-    for _ in range(repeats):
-      for k, sampler in samplers.items():
-        # The decode alone is timed (prefill done and waited for first): subtracting a
-        # separately timed prefill added that timing's noise to every estimate.
-        weights = dparams[package_of[k]]
-        state = _generate(sampler, weights, prompts[b], max_length, None)
-        t0 = time.perf_counter()
-        _decode(sampler, weights, state, new_tokens)
-        times[k].append(time.perf_counter() - t0)
-    rows = {k: {"time_per_token_ms": statistics.median(t) / new_tokens * 1e3,
-                "min_time_per_token_ms": min(t) / new_tokens * 1e3,
-                "decode_ms": [x * 1e3 for x in t],
-                "same_tokens_as_" + first: tokens[b][k] == tokens[b][first],
-                "sampler_kernels": samplers[k].kernels,
-                "tiles": variants[k].get("tiles", {}),
-                "package": package_of[k],
-                "package_revision": packages[package_of[k]][3],
-                "compiler_options": samplers[k].compiler_options,
-                "patched": [f"{m.__name__}.{n}" for m, n in variants[k].get("patches", {})]}
-            for k, t in times.items()}
-    for row in rows.values():
-      row["vs_" + first] = row["time_per_token_ms"] / rows[first]["time_per_token_ms"]
-    out[b] = rows
-  return out
-
-
-def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, steps_per_loop=1,
-               trace_batch=0, kernels="auto", compiler_options=None):
+def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, trace_batch=0,
+               kernels="auto", compiler_options=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
@@ -270,8 +145,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
   from kat_jax.sampling import Sampler, prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.testing import relative_error  # pylint: disable=g-import-not-at-top
 
-  sampler_args = dict(prefill_chunk=max(prompt_len, 8), steps_per_loop=steps_per_loop,
-                      kernels=kernels)
+  sampler_args = dict(prefill_chunk=max(prompt_len, 8), kernels=kernels)
   sampler = Sampler(config, compiler_options=compiler_options, **sampler_args)
   dparams = jax.block_until_ready(prepare_params(params, config))
   max_length = prompt_len + new_tokens
@@ -315,7 +189,7 @@ def bench_ours(config, params, batch_sizes, prompt_len, new_tokens, repeats, ste
                "time_per_token_ms": per_token * 1e3, "decode_tokens_per_s": b / per_token,
                "generate_minus_prefill_ms_per_token": (total_s - prefill_s) / new_tokens * 1e3}
   meta = {"compile_s": compile_s, "prefill_logits_rel_err_vs_decoder": logits_err,
-          "steps_per_loop": steps_per_loop, "kernels": sampler.kernels,
+          "kernels": sampler.kernels,
           "compiler_options": sampler.compiler_options}
   if trace_batch:
     # Each step's kernels are visible to the profiler only outside a while-loop command
@@ -434,30 +308,8 @@ def main():
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "torch": torch.__version__},
   }
-  if args.compare_kernels or args.compare_variants:
-    variants = _variants(args.compare_kernels, args.compare_variants)
-    labels = list(variants)
-    compare = compare_in_process(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                                 args.repeats, variants, args.steps_per_loop,
-                                 _compiler_options(args.compiler_option))
-    print(f"\n{args.preset} bf16, prompt {args.prompt_len}, new {args.new_tokens}, greedy; "
-          f"one process, {args.repeats} alternating repeats")
-    print(f"{'batch':>5} {'variant':>15} {'ms/tok':>8} {'min':>7} {'x floor':>7} "
-          f"{'vs ' + labels[0]:>10} {'same tokens':>11}")
-    for b, rows in compare.items():
-      for k, row in rows.items():
-        row["floor_ms"] = floor_ms(b)[0]
-        print(f"{b:>5} {k:>15} {row['time_per_token_ms']:>8.3f} "
-              f"{row['min_time_per_token_ms']:>7.3f} "
-              f"{row['time_per_token_ms'] / row['floor_ms']:>7.2f} "
-              f"{row['vs_' + labels[0]]:>10.3f} "
-              f"{str(row['same_tokens_as_' + labels[0]]):>11}")
-    _write(args.out, {**base_report, "decode_tiles": tiles,
-                      "compare": {str(b): rows for b, rows in compare.items()}})
-    return
-
   ours, ours_meta = bench_ours(config, params, batch_sizes, args.prompt_len, args.new_tokens,
-                               args.repeats, args.steps_per_loop, args.trace_batch, args.kernels,
+                               args.repeats, args.trace_batch, args.kernels,
                                _compiler_options(args.compiler_option))
   if tiles:
     ours_meta["decode_tiles"] = tiles

@@ -30,6 +30,7 @@ STAGES = {
     "teacher_logits": "kat_jax.distill.teacher_stage:run_teacher_logits",
     "agentic_rl": "kat_jax.agentic.stage:run_agentic_rl",
     "eval": "kat_jax.eval.stage:run_eval",
+    "export": "kat_jax.checkpoint.export:run_export",
 }
 
 

@@ -3,7 +3,8 @@
   python notebooks/make_notebooks.py
 
 Each notebook starts with an install cell (`INSTALL`): a no-op when kat_jax is importable (CI,
-`pip install -e .`); else it installs the checkout it runs in, or `git+$KAT_JAX_REPO_URL`.
+`pip install -e .`); else it installs the checkout it runs in, or `git+` the repository URL
+the user sets in the cell (REPO_URL) or in $KAT_JAX_REPO_URL.
 Each runs top to bottom on CPU at tiny size in well under a minute on an idle machine.
 """
 
@@ -16,22 +17,23 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Placeholder until the repository is public: Colab users set KAT_JAX_REPO_URL (or clone).
-DEFAULT_REPO_URL = "https://github.com/YOUR_ORG/kat_jax"
 
 # The install cell's functions, kept apart so tests can exec them without installing anything.
-INSTALL_FUNCTIONS = f'''\
+INSTALL_FUNCTIONS = '''\
 # Make kat_jax importable: (a) already importable (CI, `pip install -e .`): nothing to do;
 # (b) inside a checkout (setup.py with kat_jax/ beside it, at or above the working directory,
 #     or a clone in ./kat_jax, e.g. Colab's /content/kat_jax): `pip install -e` it;
-# (c) else `pip install git+$KAT_JAX_REPO_URL`.
+# (c) else `pip install git+<REPO_URL>`.
+# In Colab without a clone: set REPO_URL below (or the KAT_JAX_REPO_URL environment variable)
+# to the git URL of the kat_jax repository you use, e.g. your fork's
+# "https://github.com/<you>/kat_jax", then run this cell.
+REPO_URL = ""
+
 import importlib
 import importlib.util
 import os
 import subprocess
 import sys
-
-DEFAULT_REPO_URL = "{DEFAULT_REPO_URL}"
 
 
 def find_checkout(start="."):
@@ -55,22 +57,22 @@ def install_kat_jax(start="."):
   if importlib.util.find_spec("kat_jax") is not None:
     return "kat_jax is already importable"
   checkout = find_checkout(start)
-  repo_url = os.environ.get("KAT_JAX_REPO_URL", DEFAULT_REPO_URL)
+  repo_url = os.environ.get("KAT_JAX_REPO_URL") or REPO_URL
   how = (
-      "set os.environ['KAT_JAX_REPO_URL'] to the repository's git URL before this cell, or "
-      "clone the repository and open the notebook from inside the checkout")
-  if checkout is None and repo_url == DEFAULT_REPO_URL:
-    raise RuntimeError(f"kat_jax is not installed and no checkout was found: {{how}}")
-  target = ["-e", checkout] if checkout else [f"git+{{repo_url}}"]
+      "set REPO_URL at the top of this cell (or os.environ['KAT_JAX_REPO_URL']) to the "
+      "repository's git URL, or clone the repository and open the notebook from inside it")
+  if checkout is None and not repo_url:
+    raise RuntimeError(f"kat_jax is not installed and no checkout was found: {how}")
+  target = ["-e", checkout] if checkout else [f"git+{repo_url}"]
   env = dict(os.environ, GIT_TERMINAL_PROMPT="0")  # fail, not prompt, on a bad URL
   try:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *target], env=env)
   except subprocess.CalledProcessError as e:
-    raise RuntimeError(f"`pip install {{' '.join(target)}}` failed ({{e}}): {{how}}") from e
+    raise RuntimeError(f"`pip install {' '.join(target)}` failed ({e}): {how}") from e
   if checkout:  # an editable install's path hook only loads at start-up: import it now
     sys.path.insert(0, checkout)
   importlib.invalidate_caches()
-  return f"installed kat_jax from {{checkout or repo_url}}"
+  return f"installed kat_jax from {checkout or repo_url}"
 '''
 
 INSTALL = INSTALL_FUNCTIONS + """

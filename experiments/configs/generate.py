@@ -5,6 +5,9 @@
       --config.model.init_from=/path/to/hf_dir --config.data.tokenizer=qwen2.5 \
       --config.generate.prompts_path=prompts.jsonl --config.generate.think_mode=on
 
+`init_from` is any model source: an HF directory, a run workdir (e.g. runs/sft, with its own
+tokenizer), `<workdir>@<step>`, a saved model or a preset (docs/models.md).
+
 Writes <workdir>/completions.jsonl and <workdir>/generate_summary.json.
 """
 

@@ -1,4 +1,5 @@
-"""Decoupled rollouts and training (a minimal SeamlessFlow-style split, seed `000_*`).
+"""Decoupled rollouts and training (a minimal SeamlessFlow-style split; SeamlessFlow,
+arXiv 2508.11553).
 
 Rollout workers and the trainer never call each other: workers read the newest weight
 snapshot from a directory (`WeightStore`), generate groups of episodes and put them on a
@@ -14,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import queue
 import threading
 import time
-import urllib.request
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+
+from kat_jax.openai_http import post_json
 
 
 class WeightStore:
@@ -233,10 +234,7 @@ class OpenAICompletionsClient:
             "max_tokens": max_tokens, "temperature": temperature, "logprobs": 0,
             "return_tokens_as_token_ids": True, "stop_token_ids": [int(s) for s in stop_ids],
             "skip_special_tokens": False, "include_stop_str_in_output": True}
-    request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-      reply = json.loads(response.read().decode())
+    reply = post_json(self.url, body, timeout_s=self.timeout_s)
     samples = []
     for choice in sorted(reply["choices"], key=lambda c: c["index"]):
       lp = choice.get("logprobs") or {}

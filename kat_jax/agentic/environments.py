@@ -10,7 +10,8 @@ turn limit. Environments are deep-copyable: tree rollouts copy them when a traje
 - `PythonToolEnv`: a `python` tool that runs code in the sandbox; reward 1 if the final answer
   contains the task's expected answer.
 - `RepoRepairEnv`: a generated buggy module + failing tests (`make_repo_task(seed)`), tools
-  read_file / edit_file / run_tests; reward 1 if the tests pass at the end.
+  read_file / edit_file (not the tests) / run_tests; reward 1 if the tests pass at the end,
+  judged with the module and the tests in separate sandboxes (`tasks/rewards/code.py`).
 - `DigitsEnv`: a very easy multi-turn task for tiny CPU runs (answer with digits, twice).
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -183,6 +183,13 @@ print(f"{{failed}} failed")
 sys.exit(1 if failed else 0)
 """
 
+_CALL_TESTS = """
+
+for _name, _test in sorted(list(globals().items())):
+    if _name.startswith("test_") and callable(_test):
+        _test()
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class RepoTask:
@@ -244,10 +251,12 @@ class RepoRepairEnv(Environment):
           "parameters": {"type": "object", "properties": {}, "required": []}}},
   ]
 
-  def __init__(self, run: RunFn | None = None, max_turns: int = 8):
+  def __init__(self, run: RunFn | None = None, max_turns: int = 8,
+               verdict_timeout_s: float = 5.0):
     super().__init__()
     self.run = run or sandbox_runner()
     self.max_turns = max_turns
+    self.verdict_timeout_s = verdict_timeout_s
     self.files: dict[str, str] = {}
     self.task: RepoTask | None = None
 
@@ -266,6 +275,8 @@ class RepoRepairEnv(Environment):
   def tool_edit_file(self, path: str, old: str, new: str) -> str:
     if path not in self.files:
       return f"error: no file {path!r}"
+    if path == f"{self.task.tests_module}.py":
+      return f"error: {path} is the task's tests; fix {self.task.module}.py instead"
     count = self.files[path].count(old) if old else 0
     if count != 1:
       return f"error: `old` must occur exactly once in {path}, found {count} times"
@@ -279,11 +290,24 @@ class RepoRepairEnv(Environment):
     return self.run(_TEST_RUNNER.format(tests=self.task.tests_module), self.files)
 
   def final_reward(self, answer: str) -> float:
-    return float(self.run_tests()[0])
+    return self.verdict()
 
   def finish(self) -> float:
     self.done = True
-    return float(self.run_tests()[0])
+    return self.verdict()
+
+  def verdict(self) -> float:
+    """1.0 if the task's tests pass on the edited module. Unlike `run_tests` (the agent's
+    feedback), the tests run in a process of their own and call the module's functions through
+    the code reward's plain-value channel, so the module cannot fake a pass (exit 0 at import,
+    patched builtins)."""
+    from kat_jax.tasks.rewards.code import run_code_tests  # pylint: disable=g-import-not-at-top
+    from kat_jax.tasks.rewards.sandbox import SandboxLimits  # pylint: disable=g-import-not-at-top
+    tests = self.task.files[f"{self.task.tests_module}.py"] + _CALL_TESTS
+    result = run_code_tests(self.files[f"{self.task.module}.py"], tests,
+                            module_name=self.task.module,
+                            limits=SandboxLimits(timeout_s=self.verdict_timeout_s))
+    return 1.0 if result.passed else 0.0
 
 
 # ----------------------------------------------------------------------------- digits
@@ -336,8 +360,3 @@ def make_environment(name: str, **kwargs) -> Environment:
   if name not in ENVIRONMENTS:
     raise ValueError(f"unknown environment {name!r}; valid: {sorted(ENVIRONMENTS)}")
   return ENVIRONMENTS[name](**kwargs)
-
-
-def describe_tools(env: Environment) -> str:
-  """The tool list as JSON (for logs and docs)."""
-  return json.dumps(env.tools, indent=2)

@@ -1,6 +1,6 @@
 """Entropy-based pruning of a group's prefix tree under a token budget.
 
-KAT-Dev / KAT-Coder (seed `000_*`, "Entropy-Based Tree Pruning"): trajectories are compressed
+KAT-Dev / KAT-Coder (KAT-Coder blog, "Entropy-Based Tree Pruning"): trajectories are compressed
 into a prefix tree whose edges are token segments; under a fixed budget the trainer "estimates
 node informativeness based on entropy signals and reach probability, expanding nodes in order
 of importance until the budget is exhausted". The write-up gives no formula, so ours is:

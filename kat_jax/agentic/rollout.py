@@ -57,10 +57,6 @@ class RolloutConfig:
     if self.max_turns < 1 or self.max_new_tokens < 1:
       raise ValueError("max_turns and max_new_tokens must be >= 1")
 
-  @property
-  def max_group_size(self) -> int:
-    return int(np.prod(self.branching[:self.max_turns]))
-
 
 @dataclasses.dataclass
 class Episode:
@@ -194,8 +190,3 @@ def tree_rollout(sampler: Sampler, params: DecodeParams,
   for episode in sorted(finished, key=lambda e: e.branch_id):
     groups[episode.group].append(episode)
   return groups
-
-
-def episode_text(episode: Episode, tokenizer: Tokenizer) -> str:
-  """The episode's tokens as text (ends at the last `<|im_end|>`)."""
-  return tokenizer.decode(episode.tokens)

@@ -76,6 +76,8 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   optimizer = make_optimizer(config.optim, steps)
   trainer = Trainer(config, name="agentic_rl", workdir=workdir, steps=steps,
                     meta={"model_config": model_config.to_dict()})
+  trainer.status(f"agentic_rl ({ag.mode}): {steps} updates x {ag.tasks_per_step} tasks, "
+                 f"branching {ag.branching}, env {ag.env}")
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=256)
 
   def rollout_fn(params, tasks, key) -> list:

@@ -6,7 +6,7 @@ qwen2.5 (Qwen2.5-Instruct chat template, also `kat_jax.data.chat_template`):
     {"name": "read_file", "arguments": {"path": "m.py"}}
     </tool_call>
 
-qwen3_coder (the `qwen3_coder` tool parser that KAT-Dev's vLLM recipe names, seed `000_*`):
+qwen3_coder (the `qwen3_coder` tool parser that KAT-Dev's vLLM recipe names; KAT-Coder blog):
 
     <tool_call>
     <function=read_file>

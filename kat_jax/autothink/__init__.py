@@ -1,1 +1,1 @@
-"""AutoThink data: dual-regime tasks, verifiers, mode tagging, cold-start SFT (seed 001 §4.1)."""
+"""AutoThink data: dual-regime tasks, verifiers, mode tagging, cold-start SFT (KAT-V1 §4.1)."""

@@ -18,6 +18,7 @@ from kat_jax.tasks.dual_regime import REGIMES, Task
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.model.config import ModelConfig
+from kat_jax.progress import Progress
 
 
 def kat_generate_fn(params: Any, model_config: ModelConfig, tokenizer: Tokenizer, *,
@@ -56,8 +57,10 @@ def evaluate_autothink(generate_fn: GenerateFn, tasks: Sequence[Task], *,
     raise ValueError("evaluate_autothink needs at least one task")
   responses = generate_fn([t.prompt for t in tasks])
   parsed = [parse_autothink_response(r, judge_prefilled=True) for r in responses]
-  correct = verifiers.verify_many([t.verifier for t in tasks], [p["answer"] for p in parsed],
-                                  time_limit=time_limit)
+  with Progress("autothink eval: answers scored", len(tasks), unit="answers") as progress:
+    correct = verifiers.verify_many([t.verifier for t in tasks],
+                                    [p["answer"] for p in parsed], time_limit=time_limit,
+                                    progress=progress)
   rows = [{"id": t.id, "regime": t.regime, "kind": t.kind, "prompt": t.prompt,
            "response": r, "mode": p["mode"], "well_formed": p["well_formed"], "correct": c}
           for t, r, p, c in zip(tasks, responses, parsed, correct)]

@@ -1,4 +1,4 @@
-"""The `sft` stage: AutoThink cold start (seed `001_*` §4.1).
+"""The `sft` stage: AutoThink cold start (KAT-V1 report §4.1).
 
   python -m experiments.run --config experiments/configs/sft.py
 

@@ -1,6 +1,6 @@
 """Tagging: label domain and difficulty, and pick each query's mode by majority vote.
 
-The vote (seed `001_*` §3.2: queries are split into think-off / think-on "based on their
+The vote (KAT-V1 report §3.2: queries are split into think-off / think-on "based on their
 intrinsic complexity and the availability of verifiable answers"; §4.1.1: "a majority voting
 mechanism across multiple model outputs to determine the preferred reasoning mode"):
 
@@ -14,15 +14,12 @@ mode regardless of the vote, so the model sees both modes across the query distr
 Answers come from a `GenerateFn`: user queries -> one think-off response each. Implementations:
 `simulated_solver` (procedural, for the embedded data; no model needed), `kat_generate_fn` (a
 kat_jax model through the KV-cache sampler, see `generation.py`) and `openai_generate_fn` (any
-OpenAI-compatible `/v1/chat/completions` endpoint, stdlib urllib only).
+OpenAI-compatible `/v1/chat/completions` endpoint, through `kat_jax.openai_http`).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +28,8 @@ import numpy as np
 from kat_jax.tasks import verifiers
 from kat_jax.tasks.dual_regime import Task
 from kat_jax.data.chat_template import parse_autothink_response
+from kat_jax.openai_http import post_json
+from kat_jax.progress import Progress
 
 GenerateFn = Callable[[list[str]], list[str]]
 MODES = ("think_on", "think_off")
@@ -122,6 +121,8 @@ def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn
   prompts = [r["prompt"] for r in records]
   specs = [r["verifier"] for r in records]
   correct = np.zeros(len(records), np.int64)
+  progress = Progress("tagging: think-off answers scored", num_samples * len(records),
+                      unit="answers")
   # One pool for every sample: its SymPy worker processes start once, not once per sample.
   pool = verifiers.verifier_pool(time_limit)
   try:
@@ -131,9 +132,11 @@ def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn
         raise ValueError(f"generate_fn returned {len(responses)} responses for "
                          f"{len(prompts)} prompts")
       answers = [extract_answer(r) if isinstance(r, str) else None for r in responses]
-      correct += np.asarray(verifiers.verify_many(specs, answers, pool=pool))
+      correct += np.asarray(verifiers.verify_many(specs, answers, pool=pool,
+                                                  progress=progress))
   finally:
     pool.close()
+  progress.finish()
   chosen, random_modes = random_assignment(len(records), random_fraction, seed)
   tagged = []
   for i, record in enumerate(records):
@@ -208,28 +211,18 @@ def chat_completions_url(base_url: str) -> str:
 
 def chat_completion(base_url: str, model: str, messages: list[dict[str, str]], *,
                     api_key: str | None = None, temperature: float = 1.0,
-                    max_tokens: int = 256, timeout: float = 60.0) -> str:
-  """One `POST /v1/chat/completions`; returns choices[0].message.content."""
+                    max_tokens: int = 256, timeout: float = 60.0, retries: int = 2) -> str:
+  """One `POST /v1/chat/completions` (timeout and retries: `openai_http.post_json`);
+  returns choices[0].message.content."""
   url = chat_completions_url(base_url)
-  body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
-                     "max_tokens": max_tokens}).encode("utf-8")
-  headers = {"Content-Type": "application/json"}
-  if api_key:
-    headers["Authorization"] = f"Bearer {api_key}"
-  request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+  reply = post_json(url, {"model": model, "messages": messages, "temperature": temperature,
+                          "max_tokens": max_tokens},
+                    api_key=api_key, timeout_s=timeout, retries=retries)
   try:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-      raw = response.read()
-  except urllib.error.HTTPError as e:
-    detail = e.read()[:300].decode("utf-8", "replace")
-    raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
-  except urllib.error.URLError as e:
-    raise RuntimeError(f"{url}: cannot connect ({e.reason})") from None
-  try:
-    content = json.loads(raw)["choices"][0]["message"]["content"]
-  except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+    content = reply["choices"][0]["message"]["content"]
+  except (KeyError, IndexError, TypeError):
     raise ValueError(f"{url}: response has no choices[0].message.content: "
-                     f"{raw[:200]!r}") from None
+                     f"{str(reply)[:200]}") from None
   if not isinstance(content, str):
     raise ValueError(f"{url}: choices[0].message.content is {type(content).__name__}, not str")
   return content
@@ -241,10 +234,15 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
   """A GenerateFn asking an OpenAI-compatible server for think-off answers, one request each."""
 
   def generate(prompts: list[str]) -> list[str]:
-    return [chat_completion(base_url, model,
-                            [{"role": "system", "content": system},
-                             {"role": "user", "content": p}],
-                            api_key=api_key, temperature=temperature, max_tokens=max_tokens,
-                            timeout=timeout) for p in prompts]
+    replies = []
+    with Progress(f"{model} requests", len(prompts), unit="requests") as progress:
+      for prompt in prompts:
+        replies.append(chat_completion(base_url, model,
+                                       [{"role": "system", "content": system},
+                                        {"role": "user", "content": prompt}],
+                                       api_key=api_key, temperature=temperature,
+                                       max_tokens=max_tokens, timeout=timeout))
+        progress.update()
+    return replies
 
   return generate

@@ -1,4 +1,4 @@
-"""Cold-start SFT examples in the report's templates (seed `001_*` Tables 2-3, spec §7.1).
+"""Cold-start SFT examples in the report's templates (KAT-V1 report Tables 2-3; docs/spec.md §7.1).
 
   think_on:  <judge> {judge} </judge> <think_on> <think> {think} </think>
              <answer> {answer} </answer>

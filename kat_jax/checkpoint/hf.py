@@ -1,6 +1,6 @@
 """Hugging Face Qwen2 checkpoints (config.json + safetensors) <-> kat_jax `ModelConfig` + params.
 
-Name and shape map (spec §1.3; torch `Linear.weight` is [out, in], our kernels are [in, ...out]):
+Name and shape map (docs/spec.md §1.3; torch `Linear.weight` is [out, in], ours [in, ...out]):
 
   model.embed_tokens.weight [V,d]                    embed/embedding [V,d]
   model.layers.{i}.input_layernorm.weight [d]        layers/input_norm/scale [L,d]
@@ -45,7 +45,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_PATTERN = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
-# Qwen2.5 base models: <|endoftext|> is bos, eos and pad (spec §1.2, §1.4).
+# Qwen2.5 base models: <|endoftext|> is bos, eos and pad (docs/spec.md §1.2, §1.4).
 QWEN25_ENDOFTEXT_ID = 151643
 
 # Fields that change parameter shapes; `config_overrides` may not touch them on load.

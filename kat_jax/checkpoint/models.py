@@ -37,6 +37,7 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.json"  # what the training loop writes at the root of its workdir
 MODEL_CONFIG_FILE = "model_config.json"
 SAVED_PARAMS_DIRS = ("params", "orbax_params")  # distill's save_model, upscale's output
+EXPORT_INFO_FILE = "kat_jax_export.json"  # what the export stage exported, incl. the tokenizer
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _STEP_SUFFIX = re.compile(r"^(?P<path>.+)@(?P<step>\d+)$")
 
@@ -164,11 +165,16 @@ def saved_run_config(spec: str) -> dict[str, Any] | None:
   return None
 
 
-def source_tokenizer(spec: str | ModelConfig) -> str | None:
-  """The tokenizer name a run workdir trained with (its saved `data.tokenizer`), else None."""
-  if isinstance(spec, ModelConfig) or model_source_kind(spec) != "run":
-    return None
-  return ((saved_run_config(spec) or {}).get("data") or {}).get("tokenizer")
+def source_tokenizer(spec: str | ModelConfig, *, what: str = "model source") -> str | None:
+  """The tokenizer name a model source records: the `data.tokenizer` a run workdir trained
+  with, or the one an exported HF directory names in `EXPORT_INFO_FILE`; else None."""
+  kind = model_source_kind(spec, what=what)
+  if kind == "run":
+    return ((saved_run_config(spec) or {}).get("data") or {}).get("tokenizer")
+  info = os.path.join(spec, EXPORT_INFO_FILE) if kind == "hf" else ""
+  if info and os.path.exists(info):
+    return _read_json(info).get("tokenizer")
+  return None
 
 
 def config_from_model_fields(model: Mapping[str, Any], *, what: str = "config.model"
@@ -231,8 +237,8 @@ def load_model_config(spec: str | ModelConfig, *, step: int | None = None,
     return spec if isinstance(spec, ModelConfig) else get_preset(spec)
   path, path_step = split_step(spec)
   if kind == "hf":
-    from kat_jax.checkpoint.hf import config_from_hf, read_hf_config  # pylint: disable=g-import-not-at-top
-    return config_from_hf(read_hf_config(path))
+    from kat_jax.checkpoint import hf  # pylint: disable=g-import-not-at-top
+    return hf.config_from_hf(hf.read_hf_config(path))
   if kind == "saved":
     return ModelConfig.from_dict(_read_json(os.path.join(path, MODEL_CONFIG_FILE)))
   step = resolve_step(path, step if step is not None else path_step, what=what)
@@ -269,18 +275,19 @@ def _to_device(params: Any, dtype: Any) -> Any:
   return jax.tree.map(put, params)
 
 
-def load_configured_model(model: Mapping[str, Any], *, seed: int = 0, mtp: bool = False
-                          ) -> tuple[ModelConfig, dict]:
+def load_configured_model(model: Mapping[str, Any], *, seed: int = 0, mtp: bool = False,
+                          tokenizer: Any = None) -> tuple[ModelConfig, dict]:
   """The model a run config's `model` fields name: `init_from` (any source, run with these
   fields' execution settings) or, when empty, a random init of the preset + overrides."""
   configured = config_from_model_fields(model)
   return load_model(model.get("init_from") or configured, execution=configured, seed=seed,
-                    mtp=mtp, what="config.model.init_from")
+                    mtp=mtp, tokenizer=tokenizer,
+                    what="config.model.init_from" if model.get("init_from") else "config.model")
 
 
 def load_model(spec: str | ModelConfig, *, step: int | None = None,
                execution: ModelConfig | None = None, seed: int = 0, mtp: bool = False,
-               what: str = "model source") -> tuple[ModelConfig, dict]:
+               tokenizer: Any = None, what: str = "model source") -> tuple[ModelConfig, dict]:
   """(model config, params) of any model source (module docstring).
 
   Args:
@@ -292,12 +299,16 @@ def load_model(spec: str | ModelConfig, *, step: int | None = None,
     seed: the random init's seed.
     mtp: keep the MTP heads (params["mtp"]) when the source has them (off: the stages that
       sample or evaluate the plain decoder do not want them).
+    tokenizer: when given, `check_vocab` runs on the source's config before any weight is
+      read (a mismatch costs no load time).
     what: the config field `spec` came from, for error messages.
 
   Returns:
     (config, params): params unboxed, on the default device, in the `Decoder` layout.
   """
   kind = model_source_kind(spec, what=what)
+  if tokenizer is not None:
+    check_vocab(load_model_config(spec, step=step, what=what), tokenizer, what=what)
   if kind == "preset":
     config = _with_execution(load_model_config(spec), execution)
     return config, jax.jit(lambda rng: init_params(config, rng))(jax.random.key(seed))
@@ -346,14 +357,16 @@ def save_model(directory: str, config: ModelConfig, params: Mapping, *, dtype: A
 # Model and tokenizer
 
 
-def tokenizer_name(spec: str | ModelConfig, default: str = "") -> str:
+def tokenizer_name(spec: str | ModelConfig, default: str = "", *, what: str = "model source"
+                   ) -> str:
   """The tokenizer for a model source: the one a run workdir trained with; else `default`;
   else the Qwen tokenizer when the model's vocabulary holds it, the byte tokenizer if not."""
-  saved = source_tokenizer(spec)
+  saved = source_tokenizer(spec, what=what)
   if saved or default:
     return saved or default
-  from kat_jax.data.tokenizer import ADDED_TOKENS, QWEN25_NUM_BPE_TOKENS  # pylint: disable=g-import-not-at-top
-  fits_qwen = load_model_config(spec).vocab_size >= QWEN25_NUM_BPE_TOKENS + len(ADDED_TOKENS)
+  from kat_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  qwen_ids = tokenizer.QWEN25_NUM_BPE_TOKENS + len(tokenizer.ADDED_TOKENS)
+  fits_qwen = load_model_config(spec, what=what).vocab_size >= qwen_ids
   return "qwen2.5" if fits_qwen else "bytes"
 
 

@@ -1,7 +1,7 @@
 """ChatML rendering: the Qwen2.5-Instruct template and the KAT-V1-40B template.
 
 Both templates are re-implemented in Python (no Jinja) from their rendered
-output; see `shared/research/algorithms_spec.md` §1.4 and §7.2.
+output; see `docs/spec.md` §1.4 and §7.2.
 
 - "qwen2.5": Qwen2.5-Instruct `tokenizer_config.json` chat template. The exact
   text of the tools system block and of tool calls was checked against HF
@@ -128,7 +128,7 @@ def parse_autothink_response(text: str, *, judge_prefilled: bool = False
 
 
 def kat_history_answer(content: str) -> str:
-  """What the KAT template keeps of a past assistant turn (spec §7.2).
+  """What the KAT template keeps of a past assistant turn (docs/spec.md §7.2).
 
   The text after the last `<answer>\\n` up to `\\n</answer>`; without
   `<answer>\\n`, what follows `<think_off>` and then what follows `</think>`.

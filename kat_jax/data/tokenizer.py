@@ -9,7 +9,7 @@ everything downstream (chat rendering, packing, losses) works with either:
 - `ByteTokenizer`: ids 0..255 are UTF-8 bytes, then the same added tokens in the
   same order at 256.. . Dependency-free and lossless; for CPU experiments.
 
-Facts (ids, flags, pre-tokenizer regex) follow `shared/research/algorithms_spec.md`
+Facts (ids, flags, pre-tokenizer regex) follow `docs/spec.md`
 §1.4 (Qwen2.5 `tokenizer_config.json` / torchtune `QWEN2_5_SPECIAL_TOKENS`) and
 §7.2 (KAT tags).
 """
@@ -104,15 +104,6 @@ def bytes_to_token_string(data: bytes) -> str:
   """Byte string -> HF byte-level vocab string (b' world' -> 'Ġworld')."""
   table = _byte_to_unicode()
   return "".join(table[b] for b in data)
-
-
-def token_string_to_bytes(token: str) -> bytes:
-  """Inverse of `bytes_to_token_string`; ValueError on chars outside the alphabet."""
-  table = _unicode_to_byte()
-  try:
-    return bytes(table[c] for c in token)
-  except KeyError as e:
-    raise ValueError(f"{token!r} is not a byte-level token string") from e
 
 
 class Tokenizer(abc.ABC):

@@ -1,7 +1,7 @@
 """Cross-tokenizer ULD batches: one record rendered by the student's and the teacher's
 tokenizers, packed side by side, answer spans aligned by index.
 
-ULD (Boizard et al., arXiv 2402.12030; spec §4.1) aligns two tokenizations of the same answer
+ULD (Boizard et al., arXiv 2402.12030; docs/spec.md §4.1) aligns two tokenizations of an answer
 by index, not by text offset: the i-th answer token of the student is matched to the i-th
 answer token of the teacher, over the first min(len_S, len_T) answer tokens; the student's EOS
 is left out of its span (`skip_student_eos`), the teacher's optionally.

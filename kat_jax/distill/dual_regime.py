@@ -2,7 +2,7 @@
 
 The tasks come from `kat_jax.tasks.dual_regime` (the project's one dual-regime generator: easy
 queries that need no reasoning, hard ones with a worked trace, each with domain, regime and
-difficulty). Here they are only rendered for KAT stage 1 (report §3.2; spec §7.1)::
+difficulty). Here they are only rendered for KAT stage 1 (report §3.2; docs/spec.md §7.1)::
 
   {"messages": [{"role": "system", "content": "Answer."},
                 {"role": "user", "content": prompt},

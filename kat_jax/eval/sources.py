@@ -59,11 +59,12 @@ def read_humaneval(path: str | None = None) -> dict[str, dict[str, Any]]:
 
 
 def humaneval_task(problem: Mapping[str, Any]) -> EvalTask:
-  """A HumanEval problem as an EvalTask; tests are its `check(candidate)` on `entry_point`."""
+  """A HumanEval problem as an EvalTask; tests are its `check(candidate)` on `entry_point`, with
+  the prompt as trusted prelude (the helpers some tests call, e.g. `poly`, stay the prompt's)."""
   return EvalTask(
       id=problem["task_id"], domain="code", prompt=_HUMANEVAL_INSTRUCTION + problem["prompt"],
       verifier={"type": "code", "tests": problem["test"],
-                "entry_point": problem["entry_point"]},
+                "entry_point": problem["entry_point"], "prelude": problem["prompt"]},
       code_prefix=problem["prompt"])
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from kat_jax.checkpoint import models
-from kat_jax.data.tokenizer import get_tokenizer
+from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.eval import plots, runner, sources
 from kat_jax.model import ModelConfig
@@ -137,23 +137,26 @@ def checkpoint_kind(path: str) -> str:
 
 
 def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
-  """Tokenizer name for a checkpoint: a run workdir's own (the one it trained with, from its
-  saved config), else `config.data.tokenizer`."""
+  """Tokenizer name for a checkpoint: the one its source records (a run workdir's training
+  tokenizer, an exported directory's), else `config.data.tokenizer`."""
   if spec == RANDOM:
     return config.data.tokenizer
-  name = models.tokenizer_name(spec, config.data.tokenizer)
+  name = models.tokenizer_name(spec, config.data.tokenizer, what="config.eval.checkpoints")
   if name != config.data.tokenizer:
-    print(f"eval {spec}: using the run's tokenizer {name!r}, not config.data.tokenizer "
+    print(f"eval {spec}: using its own tokenizer {name!r}, not config.data.tokenizer "
           f"{config.data.tokenizer!r}", flush=True)
   return name
 
 
-def load_checkpoint(config: ConfigDict, spec: str) -> tuple[ModelConfig, Any]:
+def load_checkpoint(config: ConfigDict, spec: str, tokenizer: Tokenizer | None = None
+                    ) -> tuple[ModelConfig, Any]:
   """(model config, params) of one checkpoint spec (`RANDOM` = random init of `config.model`),
-  run with `config.model`'s execution fields (dtype, remat, attention backend)."""
+  run with `config.model`'s execution fields (dtype, remat, attention backend); checked to
+  fit `tokenizer` when given."""
   configured = models.config_from_model_fields(config.model)
   return models.load_model(configured if spec == RANDOM else spec, execution=configured,
-                           seed=config.seed, what="config.eval.checkpoints")
+                           seed=config.seed, tokenizer=tokenizer,
+                           what=f"config.eval.checkpoints {spec}")
 
 
 def checkpoint_label(spec: str) -> str:
@@ -172,8 +175,7 @@ def evaluate_checkpoint(config: ConfigDict, spec: str,
   from kat_jax.sampling.generate_fn import model_generate_fn  # pylint: disable=g-import-not-at-top
   ev = config.eval
   tokenizer = get_tokenizer(checkpoint_tokenizer(config, spec))
-  model_config, params = load_checkpoint(config, spec)
-  models.check_vocab(model_config, tokenizer, what=f"config.eval.checkpoints {spec}")
+  model_config, params = load_checkpoint(config, spec, tokenizer)
   generate = model_generate_fn(params, model_config, tokenizer, think_mode=ev.think_mode,
                                max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                batch_size=ev.batch_size, seed=config.seed)

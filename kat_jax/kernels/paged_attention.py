@@ -11,7 +11,7 @@ Backends (all compute the same function):
   "mosaic_gpu"   Pallas on Mosaic GPU (Hopper).
   "pallas_tpu"   Pallas with TPU-style BlockSpecs and the page table as scalar prefetch
                  (lowers with Mosaic TPU; `interpret=True` runs it on CPU).
-  "auto"         "mosaic_gpu" on a Hopper GPU, "pallas_tpu" on TPU, else "xla".
+  "auto"         `default_backend`: "pallas_tpu" on TPU, else "xla".
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "mosaic_gpu", "pallas_tpu")
 
 
 def _check_shapes(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
@@ -85,9 +85,16 @@ def paged_decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
   return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
-def default_backend() -> str:
-  """The backend "auto" picks on the default device."""
-  return "xla"
+def default_backend(dtype=jnp.bfloat16) -> str:
+  """The backend "auto" picks for inputs of `dtype` on the default device.
+
+  "pallas_tpu" on TPU, else "xla". "mosaic_gpu" is opt-in: it has passed its interpreted
+  tests and lowers for CUDA, but its compiled tests and benchmark have not run on a Hopper GPU
+  yet (`KAT_TEST_GPU=1 pytest tests/kernels/test_paged_attention.py`); once they pass, "auto"
+  should pick it for bf16/f16 on Hopper.
+  """
+  del dtype  # every backend "auto" picks takes bf16 and f32
+  return "pallas_tpu" if jax.devices()[0].platform == "tpu" else "xla"
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -105,6 +112,14 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  _check_shapes(q, k_pages, v_pages, page_table, lengths)
   if backend == "auto":
-    backend = default_backend()
+    backend = default_backend(q.dtype)
+  if backend == "mosaic_gpu":
+    from kat_jax.kernels.paged_attention_mgpu import paged_decode_attention_mgpu  # pylint: disable=g-import-not-at-top
+    return paged_decode_attention_mgpu(q, k_pages, v_pages, page_table, lengths)
+  if backend == "pallas_tpu":
+    from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu  # pylint: disable=g-import-not-at-top
+    return paged_decode_attention_tpu(q, k_pages, v_pages, page_table, lengths,
+                                      interpret=jax.devices()[0].platform != "tpu")
   return paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths)

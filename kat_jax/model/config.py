@@ -17,7 +17,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Qwen2.5-style dense decoder (spec §1.1) plus the execution knobs kat_jax adds.
+  """A Qwen2.5-style dense decoder (docs/spec.md §1.1) plus the execution knobs kat_jax adds.
 
   Architecture fields mirror Hugging Face's `Qwen2Config`; `head_dim` defaults to
   `hidden_size // num_heads` as in transformers.
@@ -89,7 +89,7 @@ class ModelConfig:
     return cls(**values)
 
   def num_params(self) -> int:
-    """Parameter count from the shapes (spec §1.3), without building the model."""
+    """Parameter count from the shapes (docs/spec.md §1.3), without building the model."""
     d, h, f = self.hidden_size, self.head_dim, self.intermediate_size
     q, kv = self.num_heads * h, self.num_kv_heads * h
     bias = (q + 2 * kv) if self.qkv_bias else 0

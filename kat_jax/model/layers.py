@@ -41,7 +41,7 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
                  dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
   """Half-split RoPE tables. positions [B,T] -> cos, sin [B,T,1,head_dim] in `dtype`.
 
-  Computed in float32 and cast, as transformers does (spec §1.1).
+  Computed in float32 and cast, as transformers does (docs/spec.md §1.1).
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]

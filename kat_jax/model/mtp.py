@@ -1,4 +1,4 @@
-"""Multi-Token Prediction heads (DeepSeek-V3, arXiv 2412.19437 §2.2; spec §3.1).
+"""Multi-Token Prediction heads (DeepSeek-V3, arXiv 2412.19437 §2.2; docs/spec.md §3.1).
 
 D sequential modules share the main model's embedding and LM head. Module k at position i::
 
@@ -156,12 +156,6 @@ def _mtp_init(config: ModelConfig, depth: int):
     emb = jnp.zeros((config.vocab_size, config.hidden_size), config.compute_dtype)
     return MTPHeads(config, depth).init(rng, hidden, tokens, emb)
   return init
-
-
-def mtp_logical_axes(config: ModelConfig, depth: int) -> dict:
-  """Tree of logical PartitionSpecs of the MTP params (same structure as `init_mtp_params`)."""
-  boxed = jax.eval_shape(lambda r: _mtp_init(config, depth)(r), jax.random.key(0))
-  return nn.get_partition_spec(boxed)["params"]
 
 
 def boxed_mtp_init(config: ModelConfig, depth: int, rng: jax.Array) -> dict:

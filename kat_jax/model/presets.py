@@ -1,4 +1,4 @@
-"""Named model presets: the real Qwen2.5 sizes (spec §1.2), KAT-V1-40B, and a CPU-sized `tiny`."""
+"""Named model presets: the Qwen2.5 sizes (docs/spec.md §1.2), KAT-V1-40B and a CPU-sized `tiny`."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ over its trajectories — the packed loss then equals the unrolled loss exactly.
 The rewrite of PPO's `min(r A, clip(r) A)`: for A > 0 it is `A min(r, 1 + eps_high)`, for
 A < 0 it is `A max(r, 1 - eps_low)`; verl's dual clip bounds the A < 0 term by `A c`.
 Sources: GRPO (arXiv 2402.03300), DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783),
-and the published loss code of verl (`core_algos.py`), TRL and Tunix (spec §5.5).
+and the published loss code of verl (`core_algos.py`), TRL and Tunix (docs/spec.md §5.5).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def trajectory_weights(lengths: np.ndarray, cfg: ObjectiveConfig,
 
   token-mean: 1 / Σ_k |o_k|; seq-mean-token-mean: 1 / (B |o_k|); seq-mean-token-sum: 1 / B;
   seq-mean-token-sum-norm: 1 / L_max, as verl's `agg_loss` (Σ of sequence sums over the
-  padded response length, no division by B; spec §5.5); dr-grpo: 1 / (B L_max), TRL's
+  padded response length, no division by B; docs/spec.md §5.5); dr-grpo: 1 / (B L_max), TRL's
   `loss_type="dr_grpo"`. `num_trajectories` (default len(lengths)) is B, so micro-batches
   of one batch can share the batch's normaliser. lengths: [B]; returns [B].
   """

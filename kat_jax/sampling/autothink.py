@@ -1,6 +1,6 @@
 """AutoThink control at generation time: let the model choose, or force a mode by prefilling.
 
-The KAT generation prompt ends with `<judge>\\n` (spec §7.2). The model then writes a judge,
+The KAT generation prompt ends with `<judge>\\n` (docs/spec.md §7.2). The model writes a judge,
 `</judge>`, and picks `<think_on>` or `<think_off>`. There is no switch in the template; a mode
 is forced by prefilling the assistant turn through `<think_on>\\n<think>\\n` or
 `<think_off>\\n<answer>\\n` (after a judge, empty by default), so the response still parses.

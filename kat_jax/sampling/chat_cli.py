@@ -55,11 +55,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _load(args: argparse.Namespace):
   """(tokenizer, model config, params) of `--model`, checked to fit each other."""
-  tokenizer = get_tokenizer(args.tokenizer or models.tokenizer_name(args.model))
+  tokenizer = get_tokenizer(args.tokenizer or models.tokenizer_name(args.model, what="--model"))
   config = models.load_model_config(args.model, what="--model")
   config, params = models.load_model(args.model, execution=config.replace(dtype=args.dtype),
-                                     seed=args.seed, what="--model")
-  models.check_vocab(config, tokenizer, what="--model")
+                                     seed=args.seed, tokenizer=tokenizer, what="--model")
   return tokenizer, config, params
 
 

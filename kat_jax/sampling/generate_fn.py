@@ -15,6 +15,7 @@ import jax
 from kat_jax.data.chat_template import tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.model.config import ModelConfig
+from kat_jax.progress import Progress
 
 CountingGenerateFn = Callable[[list[str]], tuple[list[str], list[int]]]
 
@@ -43,15 +44,19 @@ def model_generate_fn(params: Any, model_config: ModelConfig, tokenizer: Tokeniz
                          add_generation_prompt=True, template="kat").ids for p in prompts]
     ids = think_mode_prompts(tokenizer, ids, think_mode)
     texts, counts = [], []
+    progress = Progress("generating", len(ids), unit="responses")
     for start in range(0, len(ids), batch_size):
       state["rng"], key = jax.random.split(state["rng"])
       result = sampler.generate(dparams, ids[start:start + batch_size], key,
                                 max_new_tokens=max_new_tokens, sampling=sampling,
                                 stop_ids=tokenizer.stop_ids)
-      for tokens in result.token_lists():
+      token_lists = result.token_lists()
+      for tokens in token_lists:
         kept = [t for t in tokens if t not in stops]
         texts.append(prefix + tokenizer.decode(kept))
         counts.append(len(kept))
+      progress.update(len(token_lists))
+    progress.finish()
     return texts, counts
 
   return generate

@@ -160,8 +160,8 @@ GPU_DECODE_COMPILER_OPTIONS = {
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop: int,
-                  kernels: str, fused_max_batch: int,
+def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, kernels: str,
+                  fused_max_batch: int,
                   compiler_options: tuple[tuple[str, str], ...] = ()):
   """(chunk_fn, decode_fn) jitted once per setting, shared by Samplers."""
   donate_args = (1,) if donate else ()
@@ -170,8 +170,7 @@ def _jitted_steps(config: ModelConfig, pad_id: int, donate: bool, steps_per_loop
     return forward_chunk(params, config, cache, tokens, token_valid, end)
 
   decode_fn = jax.jit(functools.partial(_decode_loop, config=config, pad_id=pad_id,
-                                        steps_per_loop=steps_per_loop, kernels=kernels,
-                                        fused_max_batch=fused_max_batch),
+                                        kernels=kernels, fused_max_batch=fused_max_batch),
                       static_argnames=("sampling", "max_new_tokens", "stop_ids"),
                       donate_argnums=donate_args,
                       compiler_options=dict(compiler_options) or None)
@@ -182,24 +181,20 @@ class Sampler:
   """Jitted prefill / extend / decode for one model config. Holds no weights or cache."""
 
   def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
-               donate: bool = True, steps_per_loop: int = 1, kernels: str = "auto",
+               donate: bool = True, kernels: str = "auto",
                compiler_options: dict[str, str] | None = None):
     """pad_id fills generated slots after a stop; prefill_chunk bounds the attention scores
     memory of prefill ([B, Hq, chunk, S] float32); donate reuses the cache buffers in place
-    (the DecodeState passed to `extend`/`decode` must not be used again); steps_per_loop
-    decode steps run per iteration of the loop (fewer loop-condition round trips to the
-    host on GPU; the output is the same for any value); kernels picks the decode step's
-    implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the batch has at most
-    `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas interpret mode, for CPU
-    tests) or "auto" (on a single GPU "fused" for batches of at most `AUTO_FUSED_MAX_BATCH`
-    rows, where it measured faster, else "xla"); compiler_options are XLA options for the
-    decode loop's compilation (as `jax.jit(compiler_options=...)` takes them; an unknown name
-    or value fails at the first decode); None means `GPU_DECODE_COMPILER_OPTIONS` on a single
-    GPU and none elsewhere, {} none anywhere."""
+    (the DecodeState passed to `extend`/`decode` must not be used again); kernels picks the
+    decode step's implementation: "xla", "fused" (`kat_jax.kernels.decode`, used when the
+    batch has at most `MAX_BATCH` rows, else XLA), "fused_interpret" (the same in Pallas
+    interpret mode, for CPU tests) or "auto" (on a single GPU "fused" for batches of at most
+    `AUTO_FUSED_MAX_BATCH` rows, where it measured faster, else "xla"); compiler_options are
+    XLA options for the decode loop's compilation (as `jax.jit(compiler_options=...)` takes
+    them; an unknown name or value fails at the first decode); None means
+    `GPU_DECODE_COMPILER_OPTIONS` on a single GPU and none elsewhere, {} none anywhere."""
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    if steps_per_loop < 1:
-      raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
     if kernels not in ("auto", "xla", "fused", "fused_interpret"):
       raise ValueError(f"kernels must be 'auto', 'xla', 'fused' or 'fused_interpret', "
                        f"got {kernels!r}")
@@ -216,8 +211,7 @@ class Sampler:
     self.config = config
     self.pad_id = int(pad_id)
     self.prefill_chunk = int(prefill_chunk)
-    self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate,
-                                                    int(steps_per_loop), kernels,
+    self._chunk_fn, self._decode_fn = _jitted_steps(config, self.pad_id, donate, kernels,
                                                     fused_max_batch,
                                                     tuple(sorted(self.compiler_options.items())))
 
@@ -296,14 +290,12 @@ class Sampler:
 
 def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array, rng: jax.Array,
                  end: jax.Array, *, config: ModelConfig, pad_id: int, sampling: SamplingParams,
-                 max_new_tokens: int, stop_ids: tuple[int, ...], steps_per_loop: int = 1,
-                 kernels: str = "xla", fused_max_batch: int = MAX_BATCH
+                 max_new_tokens: int, stop_ids: tuple[int, ...], kernels: str = "xla",
+                 fused_max_batch: int = MAX_BATCH
                  ) -> tuple[GenerationResult, dict[str, Any], jax.Array]:
   """The jitted loop: sample -> record -> feed, until all rows stopped or N tokens.
 
-  With steps_per_loop k > 1 one iteration runs k steps while at least k remain, then single
-  steps finish the rest. A step after every row stopped changes nothing but the wasted time:
-  inactive rows write pad tokens into invalid slots and keep their logits.
+  Inactive rows (stopped) write pad tokens into invalid slots and keep their logits.
   """
   batch = logits.shape[0]
   if config.vocab_size > 2**24:
@@ -320,41 +312,30 @@ def _decode_loop(params: DecodeParams, cache: dict[str, Any], logits: jax.Array,
               done=jnp.zeros((batch,), bool),
               records=jnp.zeros((batch, max_new_tokens, len(_RECORDS)), jnp.float32))
 
-  def step_once(c):
+  def step(c):
     rng, key = c["rng"], None
     if not sampling.greedy:  # greedy draws nothing: no key-splitting kernel per step
       rng, key = jax.random.split(rng)
     active = ~c["done"]
     token, logprob, entropy = sample_with_stats(c["logits"], key, sampling)
     token = jnp.where(active, token, pad_id)
-    step = c["step"]
+    index = c["step"]
     done = c["done"]
     if stops is not None:
       done = done | (active & jnp.any(token[:, None] == stops[None, :], axis=-1))
     new_cache, new_logits = forward_chunk(params, config, c["cache"], token[:, None],
-                                          active[:, None], end + step, kernels, rope=rope)
+                                          active[:, None], end + index, kernels, rope=rope)
     record = jnp.stack([token.astype(jnp.float32), jnp.where(active, logprob, 0.0),
                         jnp.where(active, entropy, 0.0), active.astype(jnp.float32)], axis=-1)
-    return dict(step=step + 1, cache=new_cache,
+    return dict(step=index + 1, cache=new_cache,
                 logits=jnp.where(active[:, None], new_logits, c["logits"]), rng=rng, done=done,
-                records=jax.lax.dynamic_update_slice(c["records"], record[:, None], (0, step, 0)))
+                records=jax.lax.dynamic_update_slice(c["records"], record[:, None],
+                                                     (0, index, 0)))
 
-  def loop(c, k):
-    def cond(c):
-      return (c["step"] + k <= max_new_tokens) & ~jnp.all(c["done"])
+  def running(c):
+    return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
 
-    def body(c):
-      for _ in range(k):
-        c = step_once(c)
-      return c
-
-    return jax.lax.while_loop(cond, body, c)
-
-  out = init
-  if steps_per_loop > 1 and max_new_tokens >= steps_per_loop:
-    out = loop(out, steps_per_loop)
-  if steps_per_loop == 1 or max_new_tokens % steps_per_loop:
-    out = loop(out, 1)
+  out = jax.lax.while_loop(running, step, init)
   records = dict(zip(_RECORDS, jnp.moveaxis(out["records"], -1, 0)))
   mask = records["mask"] > 0
   # Steps never run (all rows stopped first) hold zeros: pad tokens there.

@@ -119,13 +119,14 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
   """Generates completions for every prompt; returns the summary dict."""
   gen = config.generate
   source = config.model.init_from or models.config_from_model_fields(config.model)
-  tokenizer = get_tokenizer(models.tokenizer_name(source, config.data.tokenizer))
+  tokenizer = get_tokenizer(models.tokenizer_name(source, config.data.tokenizer,
+                                                  what="config.model.init_from"))
   sampling = _check(gen, tokenizer.vocab_size)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   rows = read_prompts(gen)
-  model_config, params = models.load_configured_model(config.model, seed=config.seed)
-  models.check_vocab(model_config, tokenizer)
+  model_config, params = models.load_configured_model(config.model, seed=config.seed,
+                                                      tokenizer=tokenizer)
   dparams = prepare_params(params, model_config)
   del params
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=gen.prefill_chunk)

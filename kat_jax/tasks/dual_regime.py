@@ -1,7 +1,7 @@
 """Procedural dual-regime tasks: easy queries that need no reasoning and hard ones that do.
 
 Every task carries its domain, regime, difficulty, a reference answer and a verifier spec, plus
-what the cold-start SFT data needs without a teacher LLM (seed `001_*` §4.1.1 uses DeepSeek-R1/V3
+what the cold-start SFT data needs without a teacher LLM (KAT-V1 report §4.1.1 uses DeepSeek-R1/V3
 for these): a worked reasoning trace (`think`) and a judge rationale for each mode.
 
   easy (difficulty 1): fact lookup (general), one-step arithmetic (math), one-line code edit (code)

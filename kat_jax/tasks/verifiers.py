@@ -1,4 +1,4 @@
-"""Task verifiers: is a candidate answer right for a generated task? (spec §6: 1 or 0).
+"""Task verifiers: is a candidate answer right for a generated task? (docs/spec.md §6: 1 or 0).
 
 A thin layer over `kat_jax.tasks.rewards`, so SFT tagging, evaluation and RL score answers
 the same way — math by SymPy equivalence in a time-limited worker, code by unit tests in
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kat_jax.progress import Progress
 from kat_jax.tasks.rewards import RewardPool
 
 VERIFIER_TYPES = ("exact", "math", "code", "choice")
@@ -38,11 +39,12 @@ def verifier_pool(time_limit: float = 2.0, workers: int = 2) -> RewardPool:
 
 def verify_many(specs: Sequence[Mapping[str, Any]], candidates: Sequence[str | None], *,
                 time_limit: float = 2.0, workers: int = 2,
-                pool: RewardPool | None = None) -> list[bool]:
+                pool: RewardPool | None = None,
+                progress: Progress | None = None) -> list[bool]:
   """[N] bools: candidate answers (the text inside `<answer>`) against specs. None -> False.
 
   `pool` (from `verifier_pool`, left open) replaces `time_limit`/`workers`; without it a pool
-  is made and closed here.
+  is made and closed here. `progress` counts every candidate as it is scored.
   """
   if len(specs) != len(candidates):
     raise ValueError(f"{len(specs)} specs but {len(candidates)} candidates")
@@ -51,13 +53,15 @@ def verify_many(specs: Sequence[Mapping[str, Any]], candidates: Sequence[str | N
   items = [(i, {"response": f"<answer>\n{c}\n</answer>", "verifier": s})
            for i, (s, c) in enumerate(zip(specs, candidates)) if c is not None]
   results = [False] * len(specs)
+  if progress is not None and len(items) < len(specs):
+    progress.update(len(specs) - len(items))  # None candidates: nothing to score
   if not items:
     return results
   owned = pool is None
   if owned:
     pool = verifier_pool(time_limit, workers)
   try:
-    scored = pool.score_async([item for _, item in items]).result()
+    scored = pool.score([item for _, item in items], progress)
   finally:
     if owned:
       pool.close()

@@ -10,12 +10,7 @@ from typing import Any
 
 import jax
 
-
-def _fmt_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+from kat_jax.progress import format_duration, status
 
 
 class MetricsLogger:
@@ -71,13 +66,12 @@ class MetricsLogger:
     if "tokens_per_sec" in values:
       parts.append(f"{values['tokens_per_sec']:,.0f} tok/s")
       eta = values["sec_per_step"] * (self.total_steps - step)
-      parts.append(f"ETA {_fmt_duration(eta)}")
+      parts.append(f"ETA {format_duration(eta)}")
     print(" | ".join(parts), file=self.stream, flush=True)
 
   def status(self, text: str) -> None:
     """A status line on process 0 only."""
-    if self.active:
-      print(text, file=self.stream, flush=True)
+    status(text, self.stream)
 
   def write_eval(self, step: int, scalars: dict[str, Any]) -> None:
     self.write(step, scalars, prefix="eval", progress=False)

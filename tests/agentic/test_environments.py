@@ -119,3 +119,25 @@ def test_digits_env_scores_each_round():
   assert last.done and last.reward == pytest.approx(0.75)
   with pytest.raises(ValueError, match="unknown environment"):
     make_environment("chess")
+
+
+def test_repo_env_reward_cannot_be_forged_by_the_module_or_by_editing_the_tests():
+  task = make_repo_task(11)
+  path = f"{task.module}.py"
+  module = task.files[path]
+  for cheat in ("import os\nos._exit(0)\n",  # exit 0 when the tests import it
+                "import builtins\nbuiltins.AssertionError = type('Q', (BaseException,), {})\n"):
+    env = RepoRepairEnv()
+    env.reset(task)
+    first_line = module.splitlines()[0]
+    env.step(_act(ToolCall("edit_file", {"path": path, "old": first_line,
+                                         "new": cheat + first_line})))
+    assert env.step(_act(content="done")).reward == 0.0, cheat
+  env = RepoRepairEnv()
+  env.reset(task)
+  tests_path = f"{task.tests_module}.py"
+  step = env.step(_act(ToolCall("edit_file", {"path": tests_path, "old": "assert",
+                                              "new": "assert True or"})))
+  assert "is the task's tests" in step.observation[0]["content"]
+  assert env.files[tests_path] == task.files[tests_path]
+  assert env.step(_act(content="done")).reward == 0.0

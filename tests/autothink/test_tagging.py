@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from kat_jax.autothink import tagging
 from kat_jax.tasks import dual_regime as tasks
+from kat_jax.testing import LocalJsonServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_openai import FakeServer  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -93,6 +95,15 @@ def test_extract_answer_and_infer_domain():
   assert tagging.infer_domain("Who wrote Hamlet?") == "general"
 
 
+def test_tag_tasks_prints_progress_over_all_votes(capsys):
+  ts = [t for t in tasks.generate_tasks(40, seed=5) if t.verifier["type"] == "choice"][:3]
+  assert len(ts) == 3
+  tagging.tag_tasks(ts, tagging.simulated_solver(ts), num_samples=2, random_fraction=0.0)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "tagging: think-off answers scored: 0/6 answers"
+  assert lines[-1].startswith("tagging: think-off answers scored: 6/6 answers in ")
+
+
 # ---------------------------------------------------------------------------
 # OpenAI-compatible client against a local fake
 # ---------------------------------------------------------------------------
@@ -139,10 +150,36 @@ def test_endpoint_reasoning_replies_are_scored_on_the_answer():
 def test_endpoint_errors_are_clear():
   with FakeServer({}, status=500, raw_body=b'{"error": "boom"}') as server:
     with pytest.raises(RuntimeError, match="HTTP 500.*boom"):
-      tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}])
+      tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}], retries=0)
   with FakeServer({}, raw_body=b'{"unexpected": 1}') as server:
     with pytest.raises(ValueError, match=r"choices\[0\].message.content"):
       tagging.chat_completion(server.url, "m", [{"role": "user", "content": "hi"}])
   with pytest.raises(RuntimeError, match="cannot connect"):
     tagging.chat_completion("http://127.0.0.1:9", "m", [{"role": "user", "content": "hi"}],
-                            timeout=2)
+                            timeout=2, retries=0)
+
+
+def test_endpoint_busy_server_is_retried_until_it_answers():
+  replies = [(503, b"busy"), (429, b"slow down"),
+             (200, {"choices": [{"message": {"content": "42"}}]})]
+  with LocalJsonServer(lambda path, body: replies[len(server.requests) - 1]) as server:
+    answer = tagging.chat_completion(server.url, "m", [{"role": "user", "content": "q"}],
+                                     retries=2)
+  assert answer == "42" and len(server.requests) == 3
+
+
+def test_endpoint_client_error_fails_without_retrying():
+  with FakeServer({}, status=401, raw_body=b'{"error": "bad key"}') as server:
+    with pytest.raises(RuntimeError, match="HTTP 401.*bad key"):
+      tagging.chat_completion(server.url, "m", [{"role": "user", "content": "q"}], retries=3)
+  assert len(server.requests) == 1
+
+
+def test_endpoint_that_never_replies_times_out():
+  def slow(path, body):
+    time.sleep(1.0)
+    return 200, {"choices": [{"message": {"content": "late"}}]}
+  with LocalJsonServer(slow) as server:
+    with pytest.raises(RuntimeError, match=r"no reply within 0.2s"):
+      tagging.chat_completion(server.url, "m", [{"role": "user", "content": "q"}],
+                              timeout=0.2, retries=0)

@@ -16,28 +16,6 @@ from kat_jax.model import get_preset, init_params
 from kat_jax.model.mtp import init_mtp_params
 
 
-def tiny_pretrain_config(workdir, *, steps: int = 3, checkpoint_every: int = 2):
-  """The default run shrunk to one layer and a few 8x32 steps (seconds on a CPU)."""
-  config = default.get_config()
-  config.workdir = str(workdir)
-  config.model.num_layers = 1
-  config.data.synthetic_docs, config.data.synthetic_eval_docs = 40, 2
-  config.data.seq_len, config.data.batch_size = 32, 8
-  config.train.steps, config.train.checkpoint_every = steps, checkpoint_every
-  config.train.eval_every, config.train.log_every, config.train.tensorboard = 0, 1, False
-  config.train.async_checkpoint = False
-  return config
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(tmp_path_factory):
-  """A run workdir with complete checkpoints at steps 2 and 3."""
-  from kat_jax.train.loop import run_pretrain  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("run")
-  run_pretrain(tiny_pretrain_config(workdir))
-  return str(workdir)
-
-
 def assert_trees_equal(actual, expected):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
@@ -74,13 +52,12 @@ def test_execution_fields_replace_the_sources_and_cast_the_params(tmp_path):
 
 
 def test_preset_name_and_model_config_give_the_seeded_random_init():
-  config, params = models.load_model("tiny", seed=3)
-  assert models.model_source_kind("tiny") == "preset" and config == get_preset("tiny")
+  assert models.model_source_kind("tiny") == "preset"
+  assert models.load_model_config("tiny") == get_preset("tiny")
   small = get_preset("tiny", num_layers=1)
   small_config, small_params = models.load_model(small, seed=3)
   assert small_config == small
   assert_trees_equal(small_params, init_params(small, jax.random.key(3)))
-  assert params["embed"]["embedding"].shape == (512, 128)
 
 
 def test_run_workdir_loads_the_latest_step_a_given_step_and_path_at_step(pretrain_run):
@@ -119,6 +96,21 @@ def test_run_that_saved_only_its_run_config_follows_its_model_fields(tmp_path):
   loaded_config, loaded = models.load_model(str(tmp_path))
   assert loaded_config == config
   assert_trees_equal(loaded, params)
+
+
+def test_distill_student_run_keeps_its_mtp_heads_only_when_asked(tmp_path):
+  # A distill student's checkpoint: params carry "mtp", meta the student's model_config.
+  from kat_jax.checkpoint.manager import RunCheckpointer  # pylint: disable=g-import-not-at-top
+  config, params = _tiny_params(seed=5)
+  params = {**params, "mtp": init_mtp_params(config, 2, jax.random.key(6))}
+  state = {"step": np.int32(4), "params": params, "opt_state": {"mu": params}}
+  checkpointer = RunCheckpointer(str(tmp_path / "checkpoints"), save_every=1, async_save=False)
+  checkpointer.save(4, state, None, {"model_config": config.to_dict()}, force=True)
+  checkpointer.close()
+  loaded_config, plain = models.load_model(str(tmp_path))
+  assert loaded_config == config and "mtp" not in plain
+  _, with_mtp = models.load_model(str(tmp_path), mtp=True)
+  assert_trees_equal(with_mtp, params)
 
 
 def test_saved_model_directory_keeps_mtp_heads_only_when_asked(tmp_path):

@@ -60,7 +60,7 @@ KNOWN_IDS = [
     ("Qwen3-ASR: test 123!", [48, 16948, 18, 12, 1911, 49, 25, 1273, 220, 16, 17, 18, 0]),  # [d]
 ]
 
-# Qwen2.5 added tokens 151643..151664 (spec §1.4) and the KAT tags after them.
+# Qwen2.5 added tokens 151643..151664 (docs/spec.md §1.4) and the KAT tags after them.
 QWEN25_ADDED_IDS = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
     "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647,

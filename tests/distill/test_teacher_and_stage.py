@@ -177,6 +177,16 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
   assert np.isfinite(summary["students"]["kd_mtp"]["train"]["mtp1_distill"])
   assert os.path.exists(tmp_path / "online" / "comparison.json")
   assert os.path.exists(tmp_path / "online" / "teacher" / "config.json")  # an HF directory
+  # The student's run workdir and its final save load through the one loader, MTP heads kept
+  # on request; the distill workdir itself names them.
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  student_config, student = models.load_model(str(tmp_path / "online" / "kd_mtp"), mtp=True)
+  assert student_config.hidden_size == 32 and len(student["mtp"]) == config.mtp.depth > 0
+  _, final = models.load_model(str(tmp_path / "online" / "kd_mtp" / "final"), mtp=True)
+  for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ConfigError, match="model sources inside it: kd_mtp, kd_mtp/final, teacher"):
+    models.model_source_kind(str(tmp_path / "online"))
 
   # Offline: store the same teacher's top-k, then distill from the stored records.
   config_t = _tiny_config(str(tmp_path / "online"))

@@ -159,6 +159,16 @@ def test_evaluate_summary_with_scripted_model():
     evaluate(generate, tasks, num_samples=1, ks=(2,))
 
 
+def test_evaluate_prints_scoring_progress_with_done_and_total(capsys):
+  tasks = [EvalTask(str(i), "general", f"Capital {i}?", {"type": "exact", "accept": ["Lima"]})
+           for i in range(3)]
+  evaluate(lambda prompts: ["\n</judge>\n\n<think_off>\n<answer>\nLima\n</answer>"] *
+           len(prompts), tasks, num_samples=2, workers=1)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "eval: responses scored: 0/6 responses"
+  assert lines[-1].startswith("eval: responses scored: 6/6 responses in ")
+
+
 def test_evaluate_mean_output_tokens_per_mode():
   tasks = [EvalTask("a", "math", "1+1?", {"type": "math", "value": "2"}),
            EvalTask("b", "math", "2+2?", {"type": "math", "value": "4"})]

@@ -134,23 +134,6 @@ def _check_attention(got, want, dtype):
   np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("hq, hkv, end, cache_len, block_s, d_chunk", [
-    (4, 4, 0, 50, None, 16),  # only the new token
-    (6, 2, 37, 50, None, 32),  # one block of 64 slots, cache_len not a power of two
-    (4, 1, 49, 50, 16, 16),  # four blocks (the loop and its prefetch), the last slot
-    (2, 1, 290, 300, 16, 16),  # 19 blocks
-])
-def test_one_pass_decode_attention_matches_reference(dtype, hq, hkv, end, cache_len, block_s,
-                                                     d_chunk):
-  batch, head_dim = 3, 32
-  args = _attention_inputs(end + 1, batch, cache_len, hq, hkv, head_dim, dtype, end)
-  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, block_s=block_s,
-                         one_pass=True, d_chunk=d_chunk, interpret=True)
-  _check_attention(got, decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq),
-                   dtype)
-
-
 def test_clear_errors():
   x, w, *_ = _matvec_inputs(0, MAX_BATCH + 1, 64, 32, jnp.float32)
   with pytest.raises(ValueError, match="rows"):
@@ -164,9 +147,6 @@ def test_clear_errors():
   args = _attention_inputs(0, 2, 16, 4, 2, 32, jnp.float32, 3)
   with pytest.raises(ValueError, match="query heads"):
     decode_attention(*args, jnp.int32(3), num_q_heads=2, interpret=True)
-  with pytest.raises(ValueError, match="d_chunk"):
-    decode_attention(*args, jnp.int32(3), num_q_heads=4, one_pass=True, d_chunk=24,
-                     interpret=True)
   qkv, cos, sin, positions, *cache = args
   with pytest.raises(ValueError, match="tables"):
     decode_attention(qkv, cos[:5], sin, positions, *cache, jnp.int32(3), num_q_heads=4,
@@ -197,10 +177,9 @@ def test_gpu_compiled_qwen_shapes(dtype, tiling):
   end = 300
   args = _attention_inputs(3, 2, 512, hq, hkv, head_dim, dtype, end)
   want = decode_attention_reference(*args, jnp.int32(end), num_q_heads=hq)
-  for options in ({}, dict(one_pass=True), dict(one_pass=True, block_s=64, d_chunk=16)):
-    got = decode_attention(*args, jnp.int32(end), num_q_heads=hq, **options)
-    assert relative_error(got[0][:1], want[0][:1]) < _TOL[dtype], options
-    assert relative_error(got[1], want[1]) < _TOL[dtype], options
+  got = decode_attention(*args, jnp.int32(end), num_q_heads=hq)
+  assert relative_error(got[0][:1], want[0][:1]) < _TOL[dtype]
+  assert relative_error(got[1], want[1]) < _TOL[dtype]
 
 
 def test_kernels_lower_to_triton_on_cpu():
@@ -225,8 +204,7 @@ def test_kernels_lower_to_triton_on_cpu():
         spec((b, f)), spec((d, f)), spec((b, d)))  # masked last chunk: 8960 = 8.75 x 1024
   lower(lambda x, w, sc: fused_matvec(x, w, norm_scale=sc, swiglu=True, block_n=2, programs=396),
         spec((b, d)), spec((2 * f, d)), spec((d,)))
-  for one_pass in (False, True):
-    lower(lambda *a: decode_attention(*a, num_q_heads=hq, one_pass=one_pass),
-          spec((b, n_qkv)), spec((s, hd)), spec((s, hd)), spec((b,), jnp.int32),
-          spec((b, s, hkv, hd)),
-          spec((b, s, hkv, hd)), spec((b, s), jnp.bool_), spec((), jnp.int32))
+  lower(lambda *a: decode_attention(*a, num_q_heads=hq),
+        spec((b, n_qkv)), spec((s, hd)), spec((s, hd)), spec((b,), jnp.int32),
+        spec((b, s, hkv, hd)), spec((b, s, hkv, hd)), spec((b, s), jnp.bool_),
+        spec((), jnp.int32))

@@ -17,12 +17,12 @@ def _count(tree) -> int:
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("qwen2.5-0.5b", 494_032_768),  # published (spec §1.2)
-    ("qwen2.5-1.5b", 1_543_714_304),  # published (spec §1.2)
-    # The issue quotes 7,615,624,192; the shapes of spec §1.3 give 7,615,616,512, which is
+    ("qwen2.5-0.5b", 494_032_768),  # published (docs/spec.md §1.2)
+    ("qwen2.5-1.5b", 1_543_714_304),  # published (docs/spec.md §1.2)
+    # The issue quotes 7,615,624,192; the shapes of docs/spec.md §1.3 give 7,615,616,512, which is
     # what HF's model.safetensors.index.json declares (total_size 15,231,233,024 bf16 bytes).
     ("qwen2.5-7b", 7_615_616_512),
-    ("qwen2.5-32b", 32_763_876_352),  # published (spec §1.2)
+    ("qwen2.5-32b", 32_763_876_352),  # published (docs/spec.md §1.2)
     ("kat-v1-40b", 40_565_560_320),  # 32B shapes with 80 layers
 ])
 def test_param_count_matches_published(name, expected):

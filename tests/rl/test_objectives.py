@@ -62,7 +62,7 @@ def test_overlong_penalty_and_dynamic_sampling():
 
 def _reference_loss(logp, old, ref, adv, mask, cfg):
   """Independent numpy restatement of verl's vanilla policy loss + `agg_loss` + KL loss
-  (spec §5.5); the `dr-grpo` mode restates TRL's `loss_type="dr_grpo"` instead."""
+  (docs/spec.md §5.5); the `dr-grpo` mode restates TRL's `loss_type="dr_grpo"` instead."""
   ratio = np.exp(logp - old)
   pg = np.maximum(-adv[:, None] * ratio,
                   -adv[:, None] * np.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high))

@@ -234,38 +234,6 @@ def test_loop_ends_when_all_rows_stop(model):
   assert result.token_lists() == [[first]] and result.lengths.tolist() == [1]
 
 
-@pytest.mark.parametrize("steps_per_loop", [3])
-def test_steps_per_loop_changes_nothing(model, steps_per_loop):
-  """Several decode steps per loop iteration (plus the single-step tail) give the same tokens,
-  log-probs and continued state as one step per iteration, with rows stopping at different
-  steps and the loop ending early. With 3 steps per loop, 7 new tokens leave a one-step tail,
-  2 run on single steps only and 12 on whole loops only."""
-  config, _, dparams = model
-  sampling = SamplingParams(temperature=1.0, top_k=20)
-  free = Sampler(config).generate(dparams, PROMPTS, jax.random.key(3), max_new_tokens=7,
-                                  sampling=sampling).token_lists()
-  stop = free[1][1]
-
-  def run(sampler, max_new_tokens):
-    state = sampler.prefill(dparams, PROMPTS, max_length=40)
-    result, state = sampler.decode(dparams, state, jax.random.key(3),
-                                   max_new_tokens=max_new_tokens, sampling=sampling,
-                                   stop_ids=(stop,))
-    return result, sampler.extend(dparams, state, [[5, 6]] * len(PROMPTS))
-
-  for max_new_tokens in (7, 2, 12):
-    want, want_state = run(Sampler(config), max_new_tokens)
-    got, got_state = run(Sampler(config, steps_per_loop=steps_per_loop), max_new_tokens)
-    assert got.token_lists() == want.token_lists()
-    np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
-    np.testing.assert_array_equal(np.asarray(got.stopped), np.asarray(want.stopped))
-    assert relative_error(got.logprobs, want.logprobs) < 1e-6
-    assert relative_error(got.entropies, want.entropies) < 1e-6
-    assert relative_error(got_state.logits, want_state.logits) < 1e-6
-    if max_new_tokens >= 2:  # row 1 emits `stop` as its second token and ends there
-      assert bool(want.stopped[1]) and want.lengths[1] == 2
-
-
 def test_compiler_options_reach_the_decode_loop(model):
   """The GPU default options (command buffers over the while loop) compile here too and
   change no token; a bad value fails the decode's compilation naming the option."""
@@ -397,8 +365,6 @@ def test_cache_logical_axes(model):
 
 def test_clear_errors(model):
   config, params, dparams = model
-  with pytest.raises(ValueError, match="steps_per_loop"):
-    Sampler(config, steps_per_loop=0)
   sampler = Sampler(config)
   with pytest.raises(ValueError, match="prepare_params"):
     sampler.prefill(params, PROMPTS, max_length=32)

@@ -51,6 +51,10 @@ def test_tiny_stage_writes_loadable_outputs_and_identity_keeps_the_loss(tmp_path
   orbax_params = stage.restore_orbax_params(str(tmp_path / "upscaled" / "orbax_params"),
                                             hf_params)
   assert_trees_close(orbax_params, hf_params, rtol=1e-7)
+  # The output directory (model_config.json + orbax_params/) is a model source of its own.
+  saved_config, saved_params = models.load_model(str(tmp_path / "upscaled"))
+  assert saved_config.num_layers == 10
+  assert_trees_close(saved_params, hf_params, rtol=1e-7)
   sources = [row["source_index"] for row in layer_map["layers"]]
   _, source_params = models.load_configured_model(config.model, seed=config.seed)
   np.testing.assert_array_equal(

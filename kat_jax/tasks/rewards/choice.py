@@ -1,6 +1,6 @@
-"""Multiple-choice reward (spec §6.3).
+"""Multiple-choice reward (docs/spec.md §6.3).
 
-KAT-V1 §4.2.2 (seed 001): take the first letter of the submitted option and compare it with
+KAT-V1 report §4.2.2: take the first letter of the submitted option and compare it with
 the key. Inside the `<answer>` block we look, in order, for: an answer that starts with an
 option letter ("B", "(B) 30", "**B.**"), openai/simple-evals' `Answer: X` line, "answer is
 (X)", and `\\boxed{X}`.

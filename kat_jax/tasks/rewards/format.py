@@ -1,4 +1,4 @@
-"""Format reward: is the response a well-formed AutoThink answer (spec §7.1)?
+"""Format reward: is the response a well-formed AutoThink answer (docs/spec.md §7.1)?
 
 Well-formed means the exact layout of `format_autothink_response` (checked by
 `parse_autothink_response`), plus mode rules: a non-empty judge and answer; think-on needs a

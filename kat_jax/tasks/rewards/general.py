@@ -1,6 +1,6 @@
 """General reward: a binary heuristic for open-ended answers.
 
-KAT-V1 §4.2.2 (seed 001) scores general queries with "lightweight heuristics (keyword overlap,
+KAT-V1 report §4.2.2 scores general queries with "lightweight heuristics (keyword overlap,
 simple classifier)". This is such a heuristic, not a judge of quality: the answer must be
 non-empty, within length bounds, free of repetition loops, and, when the task gives a reference
 or keywords, cover enough of them.

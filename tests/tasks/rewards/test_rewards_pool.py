@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -120,6 +121,8 @@ def test_code_status_and_detail_survive_the_pool():
     results = dict(zip(answers, pool.score(items)))
   assert [r.reward for r in results.values()] == [1.0, 0.0, 0.0, 0.0, 0.0], results
   assert results["pass"].status == "pass" and results["pass"].kind == "code"
+  if os.getuid() == 0:  # one-off uid and pid namespace on this machine
+    assert all(r.trusted for r in results.values()), results
   loop = results["loop"]
   assert loop.status == "timeout" and "wall clock > 1.0s" in loop.detail, loop
   assert loop.elapsed_s < 4.0
@@ -140,3 +143,16 @@ def test_empty_batch_and_closed_pool():
   pool.close()
   with pytest.raises(ValueError, match="closed"):
     pool.score_async([])
+
+
+def test_code_rewards_from_an_uncontained_sandbox_are_flagged_untrusted(monkeypatch):
+  from kat_jax.tasks.rewards import code as code_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards.sandbox import SandboxResult  # pylint: disable=g-import-not-at-top
+  # neither a uid of its own nor a pid namespace: the program could reach the verdict
+  bare = SandboxResult(status="pass", isolation={"uid_drop": False, "pid": False, "net": True})
+  monkeypatch.setattr(code_lib, "code_result", lambda *a, **k: bare)
+  result = pool_lib.score_item(_item("x", {"type": "code", "tests": "assert True"}))
+  assert result.reward == 1.0 and result.trusted is False
+  contained = SandboxResult(status="pass", isolation={"uid_drop": False, "pid": True})
+  monkeypatch.setattr(code_lib, "code_result", lambda *a, **k: contained)
+  assert pool_lib.score_item(_item("x", {"type": "code", "tests": "assert True"})).trusted

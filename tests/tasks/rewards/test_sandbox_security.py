@@ -6,9 +6,12 @@ one-off uid or process group may be left, and the test process itself keeps goin
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import uuid
 
@@ -44,7 +47,8 @@ def test_isolation_available_as_root():
   result = _run("print('ok')")
   assert result.status == "pass" and result.stdout == "ok\n"
   if os.getuid() == 0:  # this machine: everything the sandbox tries is permitted
-    for key in ("net", "mount", "pid", "uid_drop", "readonly_fs"):
+    for key in ("net", "mount", "pid", "uid_drop", "readonly_fs", "minimal_root",
+                "pivot_root"):
       assert result.isolation[key], (key, result.isolation)
     assert result.uid not in (0, None)
 
@@ -129,46 +133,66 @@ def test_writes_outside_the_sandbox_do_not_land():
         os.remove(path)
 
 
-def _host_dir_the_sandbox_sees() -> str:
-  """A writable host directory outside the sandbox's private tmpfs mounts (a checkout may
-  itself live under /tmp, whose host contents the sandbox cannot see)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  for candidate in (here, "/var/lib", "/srv", "/opt", "/"):
-    hidden = any(candidate == d or candidate.startswith(d + "/") for d in sb.PRIVATE_DIRS)
-    if not hidden and os.path.isdir(candidate) and os.access(candidate, os.W_OK):
-      return candidate
-  raise AssertionError("no writable host directory outside the sandbox's private mounts")
-
-
-def test_cannot_delete_or_modify_a_protected_file():
-  guard_dir = tempfile.mkdtemp(prefix=".kat_sentinel_", dir=_host_dir_the_sandbox_sees())
+def test_cannot_delete_or_modify_a_file_in_a_visible_host_dir(monkeypatch):
+  # A host directory made visible the way the interpreter's prefix is (a read-only bind).
+  guard_dir = tempfile.mkdtemp(prefix=".kat_sentinel_", dir=os.path.dirname(__file__))
+  monkeypatch.setattr(sb, "SYSTEM_PATHS", sb.SYSTEM_PATHS + (guard_dir,))
   try:
-    os.chmod(guard_dir, 0o755)
+    os.chmod(guard_dir, 0o777)  # even a world-writable host dir stays read-only inside
     sentinel = os.path.join(guard_dir, "sentinel.txt")
     with open(sentinel, "w") as f:
       f.write("keep me")
-    os.chmod(sentinel, 0o644)
+    os.chmod(sentinel, 0o666)
     program = (
         "import os, shutil\n"
         f"p = {sentinel!r}\n"
         "print('VISIBLE', os.path.exists(p))\n"
         "for attack in (lambda: os.remove(p), lambda: open(p, 'w').write('x'),\n"
         "               lambda: os.chmod(p, 0o777), lambda: shutil.rmtree(os.path.dirname(p)),\n"
-        "               lambda: os.rename(p, p + '.moved')):\n"
+        "               lambda: os.rename(p, p + '.moved'),\n"
+        "               lambda: open(p + '.new', 'w').write('x')):\n"
         "  try:\n"
         "    attack()\n"
         "    print('SUCCEEDED')\n"
         "  except OSError as e:\n"
         "    print('DENIED', type(e).__name__)\n")
     result = _run(program)
+    _needs(result, "mount")
     assert result.status == "pass"
     assert "VISIBLE True" in result.stdout  # the attack really targeted the file
     assert "SUCCEEDED" not in result.stdout
     with open(sentinel) as f:
       assert f.read() == "keep me"
-    assert oct(os.stat(sentinel).st_mode & 0o777) == oct(0o644)
+    assert sorted(os.listdir(guard_dir)) == ["sentinel.txt"]
+    assert oct(os.stat(sentinel).st_mode & 0o777) == oct(0o666)
   finally:
     shutil.rmtree(guard_dir, ignore_errors=True)
+
+
+def test_host_dirs_outside_the_bind_set_do_not_exist_inside():
+  canary = tempfile.mkdtemp(prefix=".kat_canary_", dir=os.path.dirname(__file__))
+  home = os.path.expanduser("~")
+  try:
+    with open(os.path.join(canary, "secret.txt"), "w") as f:
+      f.write("secret")
+    program = ("import os\n"
+               f"for p in [{canary!r}, {REPO!r}, '/home', '/run', '/var', '/work', '/srv',\n"
+               "          '/etc/hostname', '/etc/passwd', '/etc/shadow']:\n"
+               "  print(p, os.path.exists(p))\n"
+               f"print(sorted(os.listdir({home!r})) if os.path.isdir({home!r}) else [])\n")
+    result = _run(program)
+    _needs(result, "mount")
+    assert result.status == "pass", result
+    *lines, home_listing = result.stdout.splitlines()
+    for line in lines:
+      assert line.endswith(" False"), result.stdout
+    # the home dir exists inside only on the way to a bound path (pyenv, a venv), and then
+    # holds nothing else
+    on_the_way = {p[len(home) + 1:].split("/")[0] for p in sb.visible_paths()
+                  if p.startswith(home + "/")}
+    assert set(ast.literal_eval(home_listing)) <= on_the_way, (home_listing, on_the_way)
+  finally:
+    shutil.rmtree(canary, ignore_errors=True)
 
 
 def test_environment_secrets_are_not_visible(monkeypatch):
@@ -268,3 +292,35 @@ def test_normal_run_still_passes_after_attacks():
   assert result.status == "pass"
   assert result.stdout.strip() == "45"
   assert result.exit_code == 0
+
+
+def test_unprivileged_trainer_gets_the_user_namespace_path():
+  # Without root the launcher enters a user namespace (no uid of its own, but the same new
+  # root, pid and network namespaces). Run as `nobody` with a system interpreter.
+  python = "/usr/bin/python3"
+  if os.getuid() != 0 or not shutil.which("setpriv") or not os.path.exists(python):
+    pytest.skip("needs root, setpriv and /usr/bin/python3 to act as an unprivileged trainer")
+  as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c"]
+  script = (
+      "import importlib.util, json, sys\n"
+      f"spec = importlib.util.spec_from_file_location('sandbox', {sb.__file__!r})\n"
+      "sb = importlib.util.module_from_spec(spec)\n"
+      "sys.modules['sandbox'] = sb\n"
+      "spec.loader.exec_module(sb)\n"
+      "r = sb.run_python(\"import os\\nprint(sorted(os.listdir('/')))\\n"
+      f"print(os.path.exists({REPO!r}))\", site_packages=False)\n"
+      "print(json.dumps({'status': r.status, 'detail': r.detail, 'stdout': r.stdout,\n"
+      "                  'isolation': dict(r.isolation), 'contained': r.contained}))\n")
+  probe = subprocess.run(as_nobody + [f"open({sb.__file__!r}).read()"], capture_output=True)
+  if probe.returncode != 0:
+    pytest.skip("this checkout is not readable by an unprivileged user")
+  out = subprocess.run(as_nobody + [script], capture_output=True, text=True, timeout=120,
+                       cwd="/")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.splitlines()[-1])
+  if not result["isolation"].get("userns"):
+    pytest.skip(f"this kernel refuses unprivileged user namespaces: {result}")
+  assert result["status"] == "pass", result
+  assert result["isolation"]["uid_drop"] is False and result["contained"], result
+  assert result["isolation"]["minimal_root"] and result["isolation"]["pid"], result
+  assert result["stdout"].splitlines()[1] == "False", result  # the checkout is not visible
