@@ -7,7 +7,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Low to high; a package may import its own layer and the layers below it.
 LAYERS = (
-    ("errors", "kernels", "data", "tasks"),  # kernels, tokenizers/packing, tasks + verifiers
+    ("errors", "progress", "openai_http", "kernels", "data", "tasks"),  # utilities, kernels,
+    # tokenizers/packing, tasks + verifiers
     ("model",),
     ("parallel", "checkpoint"),
     ("train", "sampling"),  # the trainer; decoding and "a model as a generate function"

@@ -19,59 +19,22 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 from ml_collections import ConfigDict
 
 from kat_jax.checkpoint import models
-from kat_jax.data import pipeline, sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
-from kat_jax.distill import dual_regime, teacher_logits
 from kat_jax.distill.config import objective_from
+from kat_jax.distill.data import distill_sources, make_batches
 from kat_jax.distill.objective import Objective, make_distill_eval_step, make_distill_step
 from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig, logical_axes
 from kat_jax.parallel import logical_to_sharding
-from kat_jax.train.inputs import build_sources, local_batch_size
+from kat_jax.train.inputs import local_batch_size
 from kat_jax.train.loop import evaluate
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import DataBatches, Trainer, mesh_from
-
-
-def distill_sources(config: ConfigDict, workdir: str) -> tuple[Any, Any]:
-  """`data.source='dual_regime'`: AutoThink tasks rendered for stage 1 (`dual_regime`), written
-  once to `<workdir>/data`; any other source goes to `build_sources`."""
-  data = config.data
-  if data.source != "dual_regime":
-    return build_sources(data, workdir, config.seed)
-  data_dir = os.path.join(workdir, "data")
-  os.makedirs(data_dir, exist_ok=True)
-  paths = []
-  for name, num, seed in (("train", data.synthetic_docs, config.seed),
-                          ("eval", data.synthetic_eval_docs, config.seed + 1)):
-    # Named after the generator, so a workdir holding the older generator's files is not reused.
-    path = os.path.join(data_dir, f"autothink_stage1_{name}.jsonl")
-    if not os.path.exists(path):
-      sources.write_jsonl(dual_regime.generate_records(num, seed), path)
-    paths.append(path)
-  return sources.JsonlSource(paths[0]), sources.JsonlSource(paths[1])
-
-
-def make_batches(source, tokenizer: Tokenizer, config: ConfigDict, rows: int, *, train: bool,
-                 offline_k: int = 0):
-  """Packed batches of dual-regime documents (+ stored teacher top-k when offline_k > 0)."""
-  data = config.data
-  options = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch)
-  to_doc = dual_regime.DualRegimeToDocument(tokenizer)
-  common = dict(seq_len=data.seq_len, batch_size=rows, seed=config.seed,
-                shuffle=train and data.shuffle, num_epochs=None if train else 1,
-                shard_index=jax.process_index(), shard_count=jax.process_count(),
-                long_docs=data.long_docs, read_options=options)
-  if offline_k:
-    return iter(teacher_logits.make_teacher_dataset(source, to_document=to_doc, k=offline_k,
-                                                    pad_id=tokenizer.pad_id, **common))
-  return iter(pipeline.make_pretrain_dataset(source, tokenizer, to_document=to_doc, **common))
 
 
 def place_teacher(config: ModelConfig, params: Any, mesh) -> tuple[Any, Any]:

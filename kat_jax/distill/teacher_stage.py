@@ -14,7 +14,8 @@ from ml_collections import ConfigDict
 
 from kat_jax.data import sources
 from kat_jax.distill import dual_regime, teacher_logits
-from kat_jax.distill.stage import distill_sources, obtain_teacher, place_teacher, setup
+from kat_jax.distill.data import distill_sources
+from kat_jax.distill.stage import obtain_teacher, place_teacher, setup
 
 
 def run_teacher_logits(config: ConfigDict) -> dict[str, Any]:

@@ -137,6 +137,9 @@ def _step_stats(step: int, sampled: dict[str, list], srpo_cfg: step_srpo.StepSRP
       "overlong_penalty": float(np.mean([r.length_penalty for _, r in flat])),
       "reward_timeouts": float(statuses["timeout"]),
       "reward_errors": float(statuses["error"]),
+      # code verdicts from a sandbox that could not isolate the program (forgeable rewards)
+      "code_untrusted": float(sum(r.kind == "code" and not r.trusted
+                                  for r in sampled["results"])),
       "sampled_groups": len(sampled["tasks"]),
       "mix_stage": mix.stage(step),
       "domains": dict(collections.Counter(t.domain for t in sampled["tasks"])),
