@@ -7,8 +7,10 @@ A record is a dict holding exactly one of
 other keys (ids, metadata) pass through untouched.
 
 Malformed rows raise `RecordError` naming file, 1-based line (JSONL) or record (ArrayRecord) and
-field. With `on_error="skip"` they are left out of the index instead; the count is logged and
-kept in `num_skipped` (with the first few reasons in `skipped`), never dropped silently.
+field; bytes that are not UTF-8 text (a binary file) are malformed rows too. With
+`on_error="skip"` they are left out of the index instead; the count is logged and kept in
+`num_skipped` (with the first few reasons in `skipped`), never dropped silently. A source with
+no records left (empty files, or every row skipped) raises `DataError` naming its files.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from typing import Any, Iterable, Literal, Sequence
 from absl import logging
 import numpy as np
 
+from kat_jax.errors import DataError
+
 OnError = Literal["raise", "skip"]
 _MAX_KEPT_REASONS = 20
 
 
-class RecordError(ValueError):
-  """A malformed record; `field` names the offending field (or "json" for bad syntax)."""
+class RecordError(DataError):
+  """A malformed record; `field` names the offending field ("json" for bad syntax, "bytes"
+  for data that is not UTF-8 text)."""
 
   def __init__(self, field: str, problem: str, where: str = ""):
     self.field, self.problem, self.where = field, problem, where
@@ -71,12 +76,28 @@ def validate_record(record: Any) -> dict[str, Any]:
   return record
 
 
-def parse_record(raw: bytes | str) -> dict[str, Any]:
-  """JSON-decodes and validates one record (RecordError on bad JSON or fields)."""
+def _decode_text(raw: bytes) -> str:
+  """`raw` as UTF-8 text; RecordError("bytes", ...) for binary data or another encoding."""
+  nul = raw.find(b"\0")
+  if nul >= 0:
+    raise RecordError("bytes", f"binary data (NUL byte at column {nul + 1}), not JSON text")
   try:
-    record = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise RecordError("json", f"invalid JSON ({e})") from None
+    return raw.decode("utf-8-sig")  # a leading byte-order mark is allowed, as json.loads does
+  except UnicodeDecodeError as e:
+    raise RecordError("bytes", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                      f"{e.start + 1})") from None
+
+
+def parse_record(raw: bytes | str) -> dict[str, Any]:
+  """JSON-decodes and validates one record (RecordError on non-text bytes, bad JSON or fields).
+
+  Bytes must be UTF-8 (JSON's encoding; json.loads would guess UTF-16/32 from the first bytes).
+  """
+  text = _decode_text(raw) if isinstance(raw, bytes) else raw
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RecordError("json", f"invalid JSON at column {e.colno}: {e.msg}") from None
   return validate_record(record)
 
 
@@ -92,11 +113,24 @@ def _as_path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     paths = [paths]
   paths = [os.fspath(p) for p in paths]
   if not paths:
-    raise ValueError("no paths given")
+    raise DataError("no data files given")
   for path in paths:
+    if os.path.isdir(path):
+      raise DataError(f"{path}: is a directory, not a data file")
     if not os.path.isfile(path):
-      raise ValueError(f"no such file: {path}")
+      raise DataError(f"no such file: {path}")
   return paths
+
+
+def _check_not_empty(kind: str, paths: list[str], kept: int, skipped: int) -> None:
+  """DataError naming the files when no record is left to read."""
+  if kept:
+    return
+  names = ", ".join(paths)
+  if skipped:
+    raise DataError(f"{names}: all {skipped} records are malformed and were skipped")
+  raise DataError(f"{names}: no records ({kind} file{'s are' if len(paths) > 1 else ' is'} "
+                  "empty)")
 
 
 class _SkipLog:
@@ -155,6 +189,7 @@ class JsonlSource:
           lengths.append(len(line))
           line_numbers.append(line_number)
     skips.report("JsonlSource", len(offsets) + skips.count)
+    _check_not_empty("JSONL", self.paths, len(offsets), skips.count)
     self.num_skipped, self.skipped = skips.count, skips.reasons
     self._file_ids = np.asarray(file_ids, np.int32)
     self._offsets = np.asarray(offsets, np.int64)
@@ -235,6 +270,8 @@ class ArrayRecordSource:
       if skips.count:
         self._valid = np.asarray(valid, np.int64)
     skips.report("ArrayRecordSource", int(self._starts[-1]))
+    _check_not_empty("ArrayRecord", self.paths, int(self._starts[-1]) - skips.count,
+                     skips.count)
     self.num_skipped, self.skipped = skips.count, skips.reasons
 
   def __len__(self) -> int:

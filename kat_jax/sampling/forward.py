@@ -201,6 +201,31 @@ def _constrain_cache(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, CACHE_AXES)
 
 
+def layer_qkv(layer: dict[str, jax.Array], h: jax.Array, config: ModelConfig, cos: jax.Array,
+              sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A layer's attention inputs: h [B,T,d], RoPE cos/sin broadcastable to [B,T,1,D] ->
+  rotated q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D]."""
+  batch, length = h.shape[:2]
+  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
+  qkv = jnp.einsum("btd,nd->btn", x, layer["qkv"])
+  if "qkv_bias" in layer:
+    qkv = qkv + layer["qkv_bias"]
+  q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
+  q = apply_rope(q.reshape(batch, length, hq, hd), cos, sin)
+  k = apply_rope(k.reshape(batch, length, hkv, hd), cos, sin)
+  return q, k, v.reshape(batch, length, hkv, hd)
+
+
+def layer_output(layer: dict[str, jax.Array], h: jax.Array, attn_out: jax.Array,
+                 config: ModelConfig) -> jax.Array:
+  """The rest of a layer: h [B,T,d] + o(attn_out [B,T,Hq*D]), then + the MLP -> [B,T,d]."""
+  h = h + jnp.einsum("btk,dk->btd", attn_out, layer["o"])
+  x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
+  gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
+  return h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
+
+
 def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, Any],
                   tokens: jax.Array, token_valid: jax.Array, end: jax.Array,
                   kernels: str = "xla", rope: tuple[jax.Array, jax.Array] | None = None
@@ -225,7 +250,7 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     token at that slot (left padding inside the chunk).
   """
   dt = config.compute_dtype
-  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  hq, hd = config.num_heads, config.head_dim
   batch, length = tokens.shape
   token_valid = token_valid.astype(bool)
   positions = cache["next_pos"][:, None] + jnp.cumsum(token_valid, axis=1) - 1
@@ -253,14 +278,7 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
   mask = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
   new_k, new_v = [], []
   for layer, k_cache, v_cache in zip(params.layers, cache["k"], cache["v"]):
-    x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
-    qkv = jnp.einsum("btd,nd->btn", x, layer["qkv"])
-    if "qkv_bias" in layer:
-      qkv = qkv + layer["qkv_bias"]
-    q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
-    q = apply_rope(q.reshape(batch, length, hq, hd), cos, sin)
-    k = apply_rope(k.reshape(batch, length, hkv, hd), cos, sin)
-    v = v.reshape(batch, length, hkv, hd)
+    q, k, v = layer_qkv(layer, h, config, cos, sin)
     k_cache = _constrain_cache(jax.lax.dynamic_update_slice(
         k_cache, k.astype(k_cache.dtype), (0, end, 0, 0)))
     v_cache = _constrain_cache(jax.lax.dynamic_update_slice(
@@ -268,10 +286,7 @@ def forward_chunk(params: DecodeParams, config: ModelConfig, cache: dict[str, An
     new_k.append(k_cache)
     new_v.append(v_cache)
     out = cached_attention(q, k_cache, v_cache, mask)
-    h = h + jnp.einsum("btk,dk->btd", out.reshape(batch, length, hq * hd), layer["o"])
-    x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
-    gate, up = jnp.split(jnp.einsum("btd,fd->btf", x, layer["gate_up"]), 2, axis=-1)
-    h = h + jnp.einsum("btf,df->btd", nn.silu(gate) * up, layer["down"])
+    h = layer_output(layer, h, out.reshape(batch, length, hq * hd), config)
   last = rms_norm(h[:, -1], params.final_norm, config.rms_norm_eps)
   new_cache = {"k": new_k, "v": new_v, "valid": valid, "next_pos": new_pos}
   return new_cache, head_logits(last, params, config)

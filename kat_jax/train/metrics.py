@@ -13,14 +13,46 @@ import jax
 from kat_jax.progress import format_duration, status
 
 
+def keep_rows_up_to(path: str, step: int) -> int:
+  """Rewrites the JSONL file `path` keeping rows with "step" <= `step`; returns rows dropped.
+
+  For a resumed run: rows a killed run logged after its last checkpoint are logged again by
+  the resumed run, so they go. A row cut short by the kill (not valid JSON) goes too. The file
+  is replaced whole (written aside, then renamed).
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped, unterminated = [], 0, False
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row_step = json.loads(line)["step"]
+      except (ValueError, KeyError, TypeError):
+        row_step = None
+      if isinstance(row_step, int) and row_step <= step:
+        unterminated = not line.endswith("\n")
+        kept.append(line if not unterminated else line + "\n")
+      elif line.strip():
+        dropped += 1
+  if dropped or unterminated:
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(partial, path)
+  return dropped
+
+
 class MetricsLogger:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard; prints a progress line.
 
-  Only process 0 writes (multi-host runs log once).
+  Only process 0 writes (multi-host runs log once). `resume_step` is the step the run starts
+  from (0 for a fresh run, the restored checkpoint's step when resuming): rows and TensorBoard
+  events already logged past it are dropped, so every step appears once however often the run
+  was interrupted. None appends to whatever is there.
   """
 
   def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True,
-               stream=None):
+               stream=None, resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self.stream = stream or sys.stdout
@@ -32,10 +64,14 @@ class MetricsLogger:
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      keep_rows_up_to(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge = None if resume_step is None else resume_step + 1  # drops events at steps >= it
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
   def count_tokens(self, tokens: float) -> None:
     """Adds tokens processed since the last report (for tokens/s)."""

@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.errors import ConfigError
 from kat_jax.parallel import batch_sharding, global_batch, make_mesh, replicated, sharding_context
+from kat_jax.progress import status
 from kat_jax.train.metrics import MetricsLogger
 
 Batch = dict[str, Any]
@@ -114,13 +115,14 @@ class Trainer:
                                         save_every=train.checkpoint_every,
                                         keep=train.keep_checkpoints,
                                         async_save=train.async_checkpoint)
-    self.logger = MetricsLogger(self.workdir, steps, tensorboard=train.tensorboard)
-    if self.logger.active:  # what the run was started with, next to its outputs
+    self.tensorboard = train.tensorboard
+    self.logger: MetricsLogger | None = None  # made once the resume step is known
+    if jax.process_index() == 0:  # what the run was started with, next to its outputs
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(self.meta, f, indent=2, default=str)
 
   def status(self, text: str) -> None:
-    self.logger.status(text)
+    status(text)
 
   def fit(self, init_state: Callable[[], tuple[Any, Any]], step: StepFn, source: BatchSource,
           *, extra: tuple[tuple[Any, Any], ...] = (), jit_step: bool = True,
@@ -149,10 +151,14 @@ class Trainer:
 
   def _run(self, init_state, step, source, extra, jit_step, evaluate):
     state, shardings = init_state()
-    done = 0
-    if self.checkpointer.latest_step() is not None:
+    done, resumed = 0, self.checkpointer.latest_step() is not None
+    if resumed:
       state, meta = self.checkpointer.restore(state, source.checkpoint)
       done = int(meta.get("step", jax.device_get(state.step)))
+    # Rows a killed run logged after its checkpoint are dropped: the resumed run logs them.
+    self.logger = MetricsLogger(self.workdir, self.steps, tensorboard=self.tensorboard,
+                                resume_step=done if resumed else None)
+    if resumed:
       self.status(f"{self.name}: resumed from step {done} ({self.checkpointer.directory})")
     if jit_step:
       step = jax.jit(step, in_shardings=(shardings, batch_sharding(self.mesh),
@@ -192,5 +198,8 @@ class Trainer:
     return source.next(state, step)
 
   def close(self) -> None:
-    self.checkpointer.close()
-    self.logger.close()
+    try:
+      self.checkpointer.close()
+    finally:
+      if self.logger is not None:
+        self.logger.close()

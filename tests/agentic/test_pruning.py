@@ -87,7 +87,7 @@ def test_budget_below_the_prompt_is_an_error_not_an_empty_tree():
 
 def test_random_groups_respect_budget_and_stay_ancestor_closed():
   rng = np.random.default_rng(0)
-  for _ in range(20):
+  for _ in range(300):
     base = list(rng.integers(0, 9, 3))
     trajs, ents = [], []
     for _ in range(5):
@@ -97,7 +97,27 @@ def test_random_groups_respect_budget_and_stay_ancestor_closed():
     budget = int(rng.integers(3, 20))
     pruned = prune_group(trajs, ents, budget)
     tree = build_pruned_trees([pruned], ObjectiveConfig())[0]
-    assert tree.num_nodes == pruned.report.kept_tokens <= budget
+    kept = {tuple(t.tokens[:i]) for t, n in zip(trajs, pruned.keep_lengths)
+            for i in range(1, n + 1)}  # tree nodes as token paths from the root
+    # A shared node is kept for every trajectory through it (else its loss weight changes).
+    for t, n in zip(trajs, pruned.keep_lengths):
+      assert [tuple(t.tokens[:i]) in kept for i in range(1, len(t.tokens) + 1)] == [
+          i <= n for i in range(1, len(t.tokens) + 1)]
+    assert _tree_paths(tree) == kept
+    # Ancestor-closed: kept prefixes include their ancestors by construction, so a pruner
+    # that kept a branch without its parent shows as parent tokens it never counted.
+    assert len(kept) == pruned.report.kept_tokens <= budget
+
+
+def _tree_paths(tree) -> set[tuple]:
+  """Token paths from the root of every node of a PrefixTree."""
+  paths, stack = set(), [((), node) for node in tree.roots.values()]
+  while stack:
+    prefix, node = stack.pop()
+    path = prefix + (node.token,)
+    paths.add(path)
+    stack.extend((path, child) for child in node.children.values())
+  return paths
 
 
 @pytest.fixture(scope="module")

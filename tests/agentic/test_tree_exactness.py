@@ -107,6 +107,38 @@ def test_inconsistent_old_logp_is_an_error():
     tree.add(Trajectory([1, 2, 3], [0, 1, 1], 1.0, [0, -2.0, -1.0]), 1.0)
 
 
+def _ancestor_visibility(batch: dict, groups) -> np.ndarray:
+  """[B, T, T] bool: token i sees token j iff j's token path is a prefix of i's, in one tree.
+
+  Built without kv_end: each token's path (its tokens from the root) follows pred_index, and
+  the paths of every tree are first checked to be exactly the distinct prefixes of its
+  group's trajectories, so pred_index itself is checked against the trajectories.
+  """
+  rows, length = batch["tokens"].shape
+  expected = np.zeros((rows, length, length), bool)
+  trees = []
+  for r in range(rows):
+    paths = {}
+    for i in range(length):
+      if batch["segment_ids"][r, i] == 0:  # padding
+        expected[r, i, i] = True
+        continue
+      parent = batch["pred_index"][r, i]
+      paths[i] = (paths[parent] if parent != i else ()) + (int(batch["tokens"][r, i]),)
+    for i, path_i in paths.items():
+      for j, path_j in paths.items():
+        same_tree = batch["segment_ids"][r, i] == batch["segment_ids"][r, j]
+        expected[r, i, j] = same_tree and path_i[:len(path_j)] == path_j
+    for seg in set(batch["segment_ids"][r]) - {0}:
+      tree_paths = [p for i, p in paths.items() if batch["segment_ids"][r, i] == seg]
+      assert len(set(tree_paths)) == len(tree_paths)  # each prefix laid out once
+      trees.append(sorted(tree_paths))
+  prefixes = [sorted({tuple(int(x) for x in t.tokens[:n]) for t in group
+                      for n in range(1, len(t.tokens) + 1)}) for group in groups]
+  assert sorted(trees) == sorted(prefixes)
+  return expected
+
+
 @pytest.fixture(scope="module")
 def model():
   config = get_preset("tiny", num_layers=2)
@@ -126,9 +158,9 @@ def test_tree_packed_loss_and_gradient_equal_unrolled(model, mode):
   flat_batch = unrolled_batch(groups, cfg, seq_len=20, pad_id=0)
   validate_batch({**tree_batch, "weights": tree_batch["kl_weight"]})
   assert tree_batch["tokens"].size < flat_batch["tokens"].size
-  # the tree's visibility is nested ranges: every token sees exactly its ancestors
-  mask = np.asarray(visibility_mask(tree_batch["kv_end"]))
-  assert mask[np.arange(mask.shape[0])[:, None], np.arange(40), np.arange(40)].all()
+  # every token sees exactly its ancestors (and itself), pads only themselves
+  np.testing.assert_array_equal(np.asarray(visibility_mask(tree_batch["kv_end"])),
+                                _ancestor_visibility(tree_batch, groups))
 
   loss_fn = jax.jit(jax.value_and_grad(make_policy_loss_fn(config, cfg, loss_chunk=16),
                                        has_aux=True))

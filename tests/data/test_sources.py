@@ -12,6 +12,7 @@ import pytest
 
 from kat_jax.data import sources
 from kat_jax.data import synthetic
+from kat_jax.errors import DataError
 
 RECORDS = [
     {"text": "hello"},
@@ -107,6 +108,31 @@ def test_bad_options_raise(tmp_path):
     sources.JsonlSource(path, on_error="skip", validate=False)
   with pytest.raises(ValueError, match="no such file"):
     sources.JsonlSource(str(tmp_path / "missing.jsonl"))
+
+
+def test_row_bytes_must_be_utf8_text(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b'\xef\xbb\xbf{"text": "bom"}\n')  # a UTF-8 byte-order mark is fine
+  assert sources.JsonlSource(str(path))[0] == {"text": "bom"}
+  path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1
+  with pytest.raises(sources.RecordError, match=r"line 2: field 'bytes': not UTF-8 text "
+                     r"\(byte 0xe9 at column 14\)"):
+    sources.JsonlSource(str(path))
+  path.write_bytes(b'\xff\xfe{\x00"\x00}\x00\n')  # UTF-16 with its mark: binary to us
+  with pytest.raises(sources.RecordError, match=r"line 1: field 'bytes': binary data \(NUL "
+                     r"byte at column 4\)"):
+    sources.JsonlSource(str(path))
+
+
+def test_a_source_without_records_names_its_files(tmp_path):
+  empty = _write_lines(tmp_path / "empty.jsonl", ["", "  "])
+  with pytest.raises(DataError, match=f"{re.escape(empty)}: no records"):
+    sources.JsonlSource(empty)
+  bad = _write_lines(tmp_path / "bad.jsonl", ['{"text": 1}', "[]"])
+  with pytest.raises(DataError, match=f"{re.escape(bad)}: all 2 records are malformed"):
+    sources.JsonlSource(bad, on_error="skip")
+  with pytest.raises(DataError, match="is a directory"):
+    sources.JsonlSource(str(tmp_path))
 
 
 def test_array_record_round_trip(tmp_path):

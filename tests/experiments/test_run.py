@@ -32,12 +32,15 @@ def _run(args, **kwargs):
 
 
 def _losses(workdir) -> dict[int, float]:
-  """Last logged training loss per step (a resumed run re-logs the steps after its checkpoint)."""
+  """Training loss per step, asserting that metrics.jsonl holds each step once."""
   losses = {}
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
+      if not line.endswith("\n"):  # a row still being written when read
+        continue
       row = json.loads(line)
       if row["split"] == "train":
+        assert row["step"] not in losses, f"step {row['step']} logged twice"
         losses[row["step"]] = row["loss"]
   return losses
 
@@ -69,7 +72,8 @@ def test_missing_config_file_is_named(tmp_path):
   assert "experiments/configs/missing.py" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sigkill_then_restart_resumes_with_identical_losses(tmp_path):
+def test_sigkill_then_restart_resumes_with_identical_losses_and_each_step_logged_once(
+    tmp_path):
   steps = ["--config.train.steps=16", "--config.train.checkpoint_every=4"]
   reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
   reference = _run(SMALL + steps + [f"--config.workdir={reference_dir}"])

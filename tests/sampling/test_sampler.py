@@ -264,13 +264,16 @@ def test_fused_decode_kernels_equal_xla_decode(model, dtype):
                                                    stop_ids=(5,))
     got = Sampler(config, kernels="fused_interpret").generate(
         dparams, rows, jax.random.key(4), max_new_tokens=6, sampling=sampling, stop_ids=(5,))
+    # Whole generated sequences, every token's log-prob. bf16 roundings differ between the
+    # two steps (log-probs up to ~0.08 apart here); none of these choices is near enough a
+    # tie to flip, so a token mismatch is a real difference.
+    assert got.token_lists() == want.token_lists()
+    np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
     if dtype == "float32":
-      assert got.token_lists() == want.token_lists()
-      np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
       assert relative_error(got.logprobs, want.logprobs) < 1e-5
-    else:  # bf16 roundings differ in places: compare the first step's distribution
-      assert got.token_lists()[0][0] == want.token_lists()[0][0]
-      assert abs(float(got.logprobs[0, 0]) - float(want.logprobs[0, 0])) < 0.05
+    else:
+      diff = np.abs(np.asarray(got.logprobs) - np.asarray(want.logprobs))
+      assert float(np.max(diff * np.asarray(want.mask))) < 0.15
   with pytest.raises(ValueError, match="kernels"):
     Sampler(config, kernels="triton")
 
@@ -288,9 +291,9 @@ def test_gpu_fused_decode_with_default_tiles_equals_xla_decode(model):
     want, got = (Sampler(config, kernels=kernels).generate(
         dparams, rows, jax.random.key(4), max_new_tokens=6, sampling=GREEDY)
                  for kernels in ("xla", "fused"))
-    assert got.token_lists()[0][:2] == want.token_lists()[0][:2]
-    assert relative_error(got.logprobs[:, 0], want.logprobs[:, 0]) < 1e-4
-    assert relative_error(got.entropies[:, 0], want.entropies[:, 0]) < 1e-4
+    assert got.token_lists() == want.token_lists()  # every row, every generated token
+    assert relative_error(got.logprobs, want.logprobs) < 1e-4
+    assert relative_error(got.entropies, want.entropies) < 1e-4
 
 
 def test_group_fork_equals_separate_prefills(model):

@@ -83,3 +83,34 @@ def test_metrics_jsonl_tensorboard_and_progress_line(tmp_path):
   assert re.fullmatch(r"step 3/10 \| loss 2\.0000 \| accuracy 0\.2500 \| [\d,]+ tok/s \| "
                       r"ETA \d\d:\d\d", lines[1]), lines[1]
   assert lines[2] == "eval @ step 3: loss 2.2000"
+
+
+def test_resumed_logger_drops_rows_past_the_restored_step(tmp_path):
+  # A run logged steps 1..10 (eval at 5 and 10) and was killed mid-row; it resumes from its
+  # step-8 checkpoint and logs 9..12: every (step, split) appears once, the old rows up to 8 kept.
+  logger = MetricsLogger(str(tmp_path), total_steps=12, tensorboard=False, stream=io.StringIO())
+  for step in range(1, 11):
+    logger.write(step, {"loss": 10.0 + step})
+    if step % 5 == 0:
+      logger.write_eval(step, {"loss": 20.0 + step})
+  logger.close()
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 11, "split": "tr')  # the row the kill cut short
+  logger = MetricsLogger(str(tmp_path), total_steps=12, tensorboard=False, stream=io.StringIO(),
+                         resume_step=8)
+  for step in range(9, 13):
+    logger.write(step, {"loss": 30.0 + step})
+  logger.close()
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  keys = [(r["step"], r["split"]) for r in rows]
+  assert keys == [(s, "train") for s in range(1, 6)] + [(5, "eval")] + [
+      (s, "train") for s in range(6, 13)]
+  assert [r["loss"] for r in rows if r["split"] == "train"] == [
+      10.0 + s for s in range(1, 9)] + [30.0 + s for s in range(9, 13)]
+
+
+def test_fresh_logger_with_resume_step_zero_starts_an_empty_file(tmp_path):
+  # A run that died before its first checkpoint restarts from step 0: its rows go.
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+  MetricsLogger(str(tmp_path), total_steps=2, tensorboard=False, resume_step=0).close()
+  assert (tmp_path / "metrics.jsonl").read_text() == ""

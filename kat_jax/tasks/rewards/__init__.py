@@ -8,6 +8,7 @@
   format.py   AutoThink template well-formedness
   general.py  binary heuristic (length, repetition, keyword overlap)
   pool.py     registry `get_reward_fn(kind)` and `RewardPool.score_async(items)`
+  health.py   infrastructure checks (self-check, failure bound) and the item clock
 """
 
 from kat_jax.tasks.rewards.choice import choice_reward, extract_choice
@@ -15,8 +16,8 @@ from kat_jax.tasks.rewards.code import (RewardInfrastructureError, code_result, 
                                      extract_code, run_code_tests)
 from kat_jax.tasks.rewards.format import format_problems, format_reward
 from kat_jax.tasks.rewards.general import general_problems, general_reward
-from kat_jax.tasks.rewards.math import (MathChecker, extract_math_answer, math_equal,
-                                     math_reward)
+from kat_jax.tasks.rewards.math import (MathChecker, MathVerdict, extract_math_answer,
+                                     math_equal, math_reward, math_verdict)
 from kat_jax.tasks.rewards.pool import (KINDS, RewardPool, RewardResult, get_reward_fn,
                                      register_reward_fn, score_item)
 from kat_jax.tasks.rewards.sandbox import SandboxLimits, SandboxResult, run_python

@@ -23,8 +23,9 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kat_jax.errors import RewardInfrastructureError
+from kat_jax.errors import RewardInfrastructureError  # pylint: disable=unused-import  (re-exported)
 from kat_jax.tasks.rewards import channel as channel_lib
+from kat_jax.tasks.rewards.health import InfrastructureHealth
 from kat_jax.tasks.rewards.math import answer_region
 from kat_jax.tasks.rewards.sandbox import SandboxLimits, SandboxResult, private_paths, run_python
 
@@ -140,43 +141,24 @@ def _self_check() -> str | None:
       if private and result.uid is not None:
         hint = (f"; the program runs as an unprivileged uid, which cannot read {private}: "
                 "make them readable by others (chmod o+rX)")
-      return (f"the code sandbox gave {result.status!r} ({result.detail}; {last}) on a "
-              f"{what}, expected {want!r}; interpreter {sys.executable}, isolation "
+      return (f"a {what} gave {result.status!r} ({result.detail}; {last}), expected "
+              f"{want!r}; interpreter {sys.executable}, isolation "
               f"{dict(result.isolation)}{hint}")
   return None
 
 
-class _Health:
-  """Start-up self-check, and a bound on sandbox errors in a row; failures are sticky."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._checked = False
-    self._failure: str | None = None
-    self._errors_in_a_row = 0
-
-  def ensure_checked(self) -> None:
-    with self._lock:
-      if self._failure is None and not self._checked:
-        self._failure = _self_check()
-        self._checked = True
-      if self._failure is not None:
-        raise RewardInfrastructureError(self._failure)
-
-  def record(self, result: SandboxResult) -> None:
-    with self._lock:
-      if result.status != "error":
-        self._errors_in_a_row = 0
-        return
-      self._errors_in_a_row += 1
-      if self._errors_in_a_row >= MAX_ERRORS_IN_A_ROW and self._failure is None:
-        self._failure = (f"the code sandbox failed {self._errors_in_a_row} runs in a row "
-                         f"(last: {result.detail}); interpreter {sys.executable}")
-      if self._failure is not None:
-        raise RewardInfrastructureError(self._failure)
+def _new_health() -> InfrastructureHealth:
+  # `_self_check` is looked up at each call, so tests can replace it.
+  return InfrastructureHealth("the code sandbox", lambda: _self_check(), MAX_ERRORS_IN_A_ROW)
 
 
-_HEALTH = _Health()
+_HEALTH = _new_health()
+
+
+def _record(result: SandboxResult) -> None:
+  """Counts a sandbox 'error' (setup failure, launcher ended without reporting) toward the
+  bound; any other status is the sandbox working."""
+  _HEALTH.record((result.detail or "error") if result.status == "error" else None)
 
 
 def _syntax_error(code: str) -> SandboxResult | None:
@@ -214,7 +196,7 @@ def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
     if syntax is not None:
       return syntax
     result = _run_unit_tests(code, tests, entry_point, limits, prelude, module_name)
-    _HEALTH.record(result)
+    _record(result)
     return result
   cases = _io_cases(tests)
   if not cases:
@@ -226,7 +208,7 @@ def run_code_tests(code: str, tests: str | Sequence[Mapping[str, Any]], *,
   result = None
   for stdin, want in cases:
     result = run_python(code, limits=limits, stdin=stdin)
-    _HEALTH.record(result)
+    _record(result)
     if result.status != "pass":
       return result
     if not _same_output(result.stdout, want):

@@ -17,9 +17,11 @@ rounded to at least 7 significant digits.
 
 SymPy can hang or blow up (`9^9^9^9`), so `math_equal` runs the SymPy step in a worker
 process with a time limit per comparison and a budget per answer (`MathChecker`); the worker
-is killed and replaced on timeout. SymPy's `parse_expr` evaluates Python, so every expression
-is first reduced to a whitelist of characters and names (digits, operators, single-letter
-symbols, a few functions).
+is killed and replaced on timeout. Workers are reward infrastructure (`health.py`): one
+that cannot start, or keeps dying, raises `RewardInfrastructureError` instead of grading
+answers 0, and their start-up never counts against an answer's time. SymPy's `parse_expr`
+evaluates Python, so every expression is first reduced to a whitelist of characters and
+names (digits, operators, single-letter symbols, a few functions).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ import multiprocessing
 import re
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any, NamedTuple
 
 from kat_jax.data.chat_template import parse_autothink_response
+from kat_jax.errors import RewardInfrastructureError
+from kat_jax.tasks.rewards.health import InfrastructureHealth, infrastructure_time
 
 _MIN_DECIMAL_DIGITS = 7  # a decimal stands for an exact value only when this precise
 _MAX_ANSWER_CHARS = 1000  # longer answers are not compared (bounded work per answer)
@@ -864,8 +869,12 @@ def _letter(s: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# Worker process with a time limit
+# Worker processes with a time limit
 # ---------------------------------------------------------------------------
+
+MAX_WORKER_FAILURES_IN_A_ROW = 5  # failed start-ups / deaths, no comparison answered between
+_SELF_CHECK_STARTUP_S = 120.0  # generous: once per process, maybe under heavy CPU load
+_SELF_CHECK_PAIRS = ((("(1)/(2)", "0.5", ""), True), (("1", "2", ""), False))
 
 
 def _worker_loop(conn, memory_bytes: int) -> None:
@@ -893,20 +902,139 @@ def _worker_loop(conn, memory_bytes: int) -> None:
       conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+class _Worker:
+  """One SymPy worker process and its pipe. `close` is idempotent and safe from any thread."""
+
+  def __init__(self, memory_bytes: int):
+    self._memory_bytes = memory_bytes
+    self._proc = None  # set only once the process has started
+    self._conn = None
+
+  def start(self, startup_timeout_s: float) -> str | None:
+    """Starts the process and waits until it is ready (SymPy imported); None, or why not
+    (the process is then killed)."""
+    # spawn, not fork: the trainer has threads, and a forked child can inherit a held lock.
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker_loop, args=(child, self._memory_bytes), daemon=True,
+                       name="kat-math-worker")
+    try:
+      proc.start()
+    except Exception as e:  # pylint: disable=broad-except  (OS limits, a bootstrapping child)
+      parent.close()
+      return f"could not start a process: {type(e).__name__}: {e}"
+    finally:
+      child.close()
+    self._proc, self._conn = proc, parent
+    try:
+      if not parent.poll(startup_timeout_s):
+        why = f"did not report ready within {startup_timeout_s:g} s"
+      else:
+        kind, value = parent.recv()
+        why = None if kind == "ready" else str(value)
+    except (EOFError, OSError):
+      why = f"ended before reporting ready ({self.exit_status()})"
+    if why is not None:
+      self.close()
+    return why
+
+  def alive(self) -> bool:
+    proc = self._proc
+    return proc is not None and proc.is_alive()
+
+  def exit_status(self) -> str:
+    proc = self._proc
+    if proc is None:
+      return "closed"
+    proc.join(timeout=0.5)
+    return f"exit code {proc.exitcode}"
+
+  def ask(self, job: tuple[str, str, str], timeout_s: float) -> tuple[str, Any]:
+    """("ok", bool) / ("error", message) from the worker, ("timeout", None) after
+    `timeout_s`, or ("died", why) when the process ended or the pipe broke."""
+    conn = self._conn
+    if conn is None:
+      return "died", "closed"
+    try:
+      conn.send(job)
+      if not conn.poll(max(timeout_s, 0.0)):
+        return "timeout", None
+      return conn.recv()
+    except (EOFError, OSError, ValueError):  # ValueError: closed by another thread
+      return "died", f"ended during a comparison ({self.exit_status()})"
+
+  def close(self) -> None:
+    proc, conn = self._proc, self._conn
+    self._proc = self._conn = None
+    if proc is not None:
+      try:
+        proc.kill()
+        proc.join(timeout=1.0)
+      except (OSError, ValueError, AttributeError):  # already gone or closed
+        pass
+    if conn is not None:
+      conn.close()
+
+
+def _self_check() -> str | None:
+  """Why SymPy workers cannot be trusted to grade math, or None: one must start within
+  `_SELF_CHECK_STARTUP_S` and grade 1/2 = 0.5 and 1 != 2."""
+  worker = _Worker(memory_bytes=2 << 30)
+  try:
+    why = worker.start(_SELF_CHECK_STARTUP_S)
+    if why is not None:
+      return why
+    for job, want in _SELF_CHECK_PAIRS:
+      got = worker.ask(job, _SELF_CHECK_STARTUP_S)
+      if got != ("ok", want):
+        return f"{job[0]} vs {job[1]} gave {got}, expected ('ok', {want})"
+    return None
+  finally:
+    worker.close()
+
+
+def _new_health() -> InfrastructureHealth:
+  # `_self_check` is looked up at each call, so tests can replace it.
+  return InfrastructureHealth("the math checker's SymPy worker", lambda: _self_check(),
+                              MAX_WORKER_FAILURES_IN_A_ROW)
+
+
+_HEALTH = _new_health()
+
+
+class MathVerdict(NamedTuple):
+  """equal: the answers are equivalent. status: 'ok'; 'timeout' (not equal after a SymPy
+  comparison hit `timeout_s` or the answer's `budget_s`: the answer's doing, e.g. a power
+  tower); 'error' (not equal after the worker died during a comparison). detail: why."""
+  equal: bool
+  status: str = "ok"
+  detail: str = ""
+
+
+class _Call(threading.local):
+  """Per calling thread: one answer's comparison seconds and what went wrong."""
+  spent_s = 0.0
+  problem: tuple[str, str] | None = None  # (status, detail)
+
+
 class MathChecker:
   """Answer equivalence with the SymPy step in a worker process bounded by `timeout_s`.
 
   Thread-safe; several threads share one worker (calls are serialised), so use one
-  checker per scoring thread for parallelism (`pool.py` does). A timed-out or crashed worker
-  is killed and replaced; that comparison counts as not equivalent.
+  checker per scoring thread for parallelism (`pool.py` does). A timed-out worker is killed
+  and replaced; that comparison counts as not equivalent (`timeouts` goes up).
 
-  `timeout_s` bounds one SymPy comparison; `budget_s` (default 3 x timeout_s) bounds all the
-  comparisons of one answer (a list or set answer makes one per pair of elements), after
-  which the rest count as not equivalent (`budget_exhausted` goes up). Neither counts worker
-  start-up: a new worker first reports "ready" (interpreter up, SymPy imported) within its
-  own `startup_timeout_s`, so a slow start under CPU load does not turn correct answers into
-  zeros. A worker that cannot start in time is killed; that comparison counts as not
-  equivalent and `startup_failures` goes up.
+  `timeout_s` bounds one SymPy comparison; `budget_s` (default 3 x timeout_s) bounds the
+  comparison time of one answer (a list or set answer makes one per pair of elements), after
+  which the rest count as not equivalent (`budget_exhausted` goes up). Only comparison time
+  counts: worker start-up and waiting for another thread's comparison do not, and both run
+  as `infrastructure_time()`, so a `RewardPool` item's limit leaves them out too.
+
+  Workers are infrastructure (`health.py`): the first use in a process runs a self-check
+  (a worker must start and grade known pairs), a worker must report ready (interpreter up,
+  SymPy imported) within `startup_timeout_s` and is retried until it does, and
+  `MAX_WORKER_FAILURES_IN_A_ROW` failed start-ups or deaths with no comparison answered
+  between raise `RewardInfrastructureError`, so a broken worker never grades answers 0.
   """
 
   def __init__(self, timeout_s: float = 5.0, memory_bytes: int = 2 << 30,
@@ -915,84 +1043,105 @@ class MathChecker:
       raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if budget_s is not None and budget_s <= 0:
       raise ValueError(f"budget_s must be > 0, got {budget_s}")
-    self.budget_s = 3 * timeout_s if budget_s is None else budget_s
-    self._deadline = threading.local()  # per calling thread: the end of its answer's budget
-    self.budget_exhausted = 0  # answers whose comparisons ran past budget_s
     if startup_timeout_s <= 0:
       raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s}")
     self.timeout_s = timeout_s
+    self.budget_s = 3 * timeout_s if budget_s is None else budget_s
     self.startup_timeout_s = startup_timeout_s
     self.memory_bytes = memory_bytes
     self._lock = threading.Lock()
-    self._proc = None
-    self._conn = None
-    self.timeouts = 0  # how many comparisons hit the time limit
-    self.startup_failures = 0  # workers that did not report ready in startup_timeout_s
-    atexit.register(self.close)
-
-  def _start(self) -> bool:
-    """Starts a worker and waits until it is ready; False (worker killed) if it is not."""
-    # spawn, not fork: the trainer has threads, and a forked child can inherit a held lock.
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    self._proc = ctx.Process(target=_worker_loop, args=(child, self.memory_bytes), daemon=True)
-    self._proc.start()
-    child.close()
-    self._conn = parent
-    try:
-      if parent.poll(self.startup_timeout_s) and parent.recv()[0] == "ready":
-        return True
-    except (EOFError, OSError):
-      pass
-    self.startup_failures += 1
-    self.close()
-    return False
+    self._worker: _Worker | None = None
+    self._call = _Call()
+    self.timeouts = 0  # comparisons that hit timeout_s
+    self.budget_exhausted = 0  # answers whose comparisons ran past budget_s
+    self.startup_failures = 0  # workers that could not start (each retried)
+    _LIVE_CHECKERS.add(self)
 
   def close(self) -> None:
-    if self._proc is not None:
-      self._proc.kill()
-      self._proc.join(timeout=1.0)
-      self._conn.close()
-    self._proc = self._conn = None
+    """Kills the worker (a later comparison starts a fresh one). Never waits for a
+    comparison in progress, so it is safe at interpreter exit."""
+    worker, self._worker = self._worker, None
+    if worker is not None:
+      worker.close()
 
-  def _sympy_with_timeout(self, gold_src: str, pred_src: str, mode: str = "") -> bool:
-    deadline = getattr(self._deadline, "value", None)
-    with self._lock:
-      if deadline is not None and time.monotonic() >= deadline:
+  def _ready_worker(self) -> _Worker:
+    """The live worker, starting one (retried until ready) if needed; caller holds _lock."""
+    worker = self._worker
+    if worker is not None and worker.alive():
+      return worker
+    if worker is not None:  # died between comparisons (e.g. killed by the OS)
+      self.close()
+      _HEALTH.record(f"ended between comparisons ({worker.exit_status()})")
+    with infrastructure_time():
+      while True:
+        worker = _Worker(self.memory_bytes)
+        why = worker.start(self.startup_timeout_s)
+        if why is None:
+          self._worker = worker
+          return worker
+        self.startup_failures += 1
+        _HEALTH.record(why)  # raises at the bound
+
+  def _compare(self, gold_src: str, pred_src: str, mode: str = "") -> bool:
+    call = self._call
+    with infrastructure_time():  # another thread's comparison is not this answer's time
+      self._lock.acquire()  # pylint: disable=consider-using-with
+    try:
+      if call.spent_s >= self.budget_s:
         self.budget_exhausted += 1
+        call.problem = ("timeout", f"the answer's SymPy budget of {self.budget_s:g} s ran out")
         return False
-      if self._proc is None or not self._proc.is_alive():
+      worker = self._ready_worker()
+      limit = min(self.timeout_s, self.budget_s - call.spent_s)
+      started = time.monotonic()
+      kind, value = worker.ask((gold_src, pred_src, mode), limit)
+      call.spent_s += time.monotonic() - started
+      if kind == "timeout":  # stuck in SymPy: kill it; the next call starts a fresh worker
+        self.timeouts += 1
         self.close()
-        started = time.monotonic()
-        ok = self._start()
-        if deadline is not None:  # start-up is not the answer's time
-          deadline += time.monotonic() - started
-          self._deadline.value = deadline
-        if not ok:
-          return False
-      limit = self.timeout_s if deadline is None else min(self.timeout_s,
-                                                          deadline - time.monotonic())
-      try:
-        self._conn.send((gold_src, pred_src, mode))
-        if self._conn.poll(max(limit, 0.0)):  # the worker is ready: only the job is timed
-          kind, value = self._conn.recv()
-          return kind == "ok" and bool(value)
-      except (EOFError, OSError, BrokenPipeError):
-        self.close()
+        call.problem = ("timeout", f"a SymPy comparison ran past its limit of {limit:.3g} s")
         return False
-      self.timeouts += 1
-      self.close()  # stuck in SymPy: kill it; the next call starts a fresh worker
-      return False
+      if kind == "died":
+        self.close()
+        call.problem = ("error", f"the SymPy worker {value}")
+        if not _EXITING.is_set():  # at exit, close() ends workers in use: not a failure
+          _HEALTH.record(value)  # raises at the bound
+        return False
+      _HEALTH.record(None)  # the worker answered
+      return kind == "ok" and bool(value)
+    finally:
+      self._lock.release()
+
+  def verdict(self, gold: str, pred: str) -> MathVerdict:
+    """Is `pred` equivalent to `gold`, and if not, did a limit or the worker decide it?
+    Raises `RewardInfrastructureError` only (workers cannot run); never for string inputs."""
+    _HEALTH.ensure_checked()
+    call = self._call
+    call.spent_s, call.problem = 0.0, None
+    try:
+      equal = equivalent(gold, pred, sympy_fn=self._compare)
+    except RewardInfrastructureError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      equal = False
+    if equal or call.problem is None:
+      return MathVerdict(equal)
+    return MathVerdict(False, *call.problem)
 
   def equal(self, gold: str, pred: str) -> bool:
-    """Is `pred` equivalent to `gold`? Never raises for string inputs."""
-    self._deadline.value = time.monotonic() + self.budget_s
-    try:
-      return equivalent(gold, pred, sympy_fn=self._sympy_with_timeout)
-    except Exception:  # pylint: disable=broad-except
-      return False
-    finally:
-      self._deadline.value = None
+    """Is `pred` equivalent to `gold`? Raises `RewardInfrastructureError` only."""
+    return self.verdict(gold, pred).equal
+
+
+_LIVE_CHECKERS: weakref.WeakSet[MathChecker] = weakref.WeakSet()
+_EXITING = threading.Event()
+
+
+@atexit.register
+def _close_all_checkers() -> None:
+  _EXITING.set()
+  for checker in list(_LIVE_CHECKERS):
+    checker.close()
 
 
 _DEFAULT_CHECKER: MathChecker | None = None
@@ -1007,12 +1156,16 @@ def default_checker() -> MathChecker:
     return _DEFAULT_CHECKER
 
 
+def _check_str(**values: Any) -> None:
+  for name, value in values.items():
+    if not isinstance(value, str):
+      raise ValueError(f"{name} must be str, got {type(value).__name__}")
+
+
 def math_equal(gold: str, pred: str, *, checker: MathChecker | None = None,
                in_process: bool = False) -> bool:
   """Answer equivalence. in_process=True skips the worker (no time limit: trusted inputs)."""
-  for name, value in (("gold", gold), ("pred", pred)):
-    if not isinstance(value, str):
-      raise ValueError(f"{name} must be str, got {type(value).__name__}")
+  _check_str(gold=gold, pred=pred)
   if in_process:
     try:
       return equivalent(gold, pred)
@@ -1021,13 +1174,26 @@ def math_equal(gold: str, pred: str, *, checker: MathChecker | None = None,
   return (checker or default_checker()).equal(gold, pred)
 
 
+def math_verdict(response: str, gold: str, *,
+                 checker: MathChecker | None = None) -> MathVerdict:
+  """The response's final answer against `gold` in a worker (see `MathChecker.verdict`);
+  a response without an answer is not equal, status 'ok'."""
+  _check_str(gold=gold)
+  pred = extract_math_answer(response)
+  if pred is None:
+    return MathVerdict(False)
+  return (checker or default_checker()).verdict(gold, pred)
+
+
 def math_reward(response: str, gold: str, *, checker: MathChecker | None = None,
                 in_process: bool = False) -> float:
   """1.0 if the response's final answer is equivalent to `gold`, else 0.0."""
+  if not in_process:
+    return 1.0 if math_verdict(response, gold, checker=checker).equal else 0.0
   pred = extract_math_answer(response)
   if pred is None:
     return 0.0
-  return 1.0 if math_equal(gold, pred, checker=checker, in_process=in_process) else 0.0
+  return 1.0 if math_equal(gold, pred, in_process=True) else 0.0
 
 
 def gold_from_verifier(verifier: Mapping[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 A scored item is a mapping {"response": str, "verifier": {"type": KIND, ...}} (extra keys are
 ignored, so a task record with a "response" added works). Verifier fields per kind (both our
-names and those of `kat_jax/tasks/dual_regime.py` are accepted):
+names and those of `kat_jax/autothink/tasks.py` are accepted):
 
   math     {"answer": str} or {"value": str}
   code     {"tests": str | [{"input", "output"}], "entry_point"?: str, "timeout_s"?: float,
@@ -15,9 +15,10 @@ names and those of `kat_jax/tasks/dual_regime.py` are accepted):
 
 Every item gets a `RewardResult`; a reward function that raises or overruns the per-item time
 limit gives status 'error'/'timeout' and reward 0.0 instead of breaking the batch. Code items
-carry the sandbox's verdict: 'pass' / 'fail' / 'timeout' / 'error' with its detail. The one
-exception that does break a batch is `RewardInfrastructureError`: the sandbox failed its
-first-use self-check or too many runs in a row, so no code score could be trusted.
+carry the sandbox's verdict: 'pass' / 'fail' / 'timeout' / 'error' with its detail; math items
+'timeout' when a SymPy limit decided a 0. The one exception that does break a batch is
+`RewardInfrastructureError`: the code sandbox or the SymPy workers failed their first-use
+self-check or too many times in a row (`health.py`), so no score of that kind could be trusted.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kat_jax.errors import RewardInfrastructureError
 from kat_jax.progress import Progress
 from kat_jax.tasks.rewards import choice as choice_lib
 from kat_jax.tasks.rewards import code as code_lib
 from kat_jax.tasks.rewards import format as format_lib
 from kat_jax.tasks.rewards import general as general_lib
+from kat_jax.tasks.rewards import health as health_lib
 from kat_jax.tasks.rewards import math as math_lib
 from kat_jax.tasks.rewards.sandbox import SandboxLimits
 
@@ -48,9 +51,10 @@ class RewardResult:
   """reward: float in [0, 1].
 
   status: 'ok' (scored by a non-code kind), 'pass' / 'fail' (code: the unit tests passed /
-  failed, incl. crashes and limit kills), 'timeout' (the sandbox's wall clock or CPU limit, or
-  the pool's per-item limit), 'error' (bad item, a reward function raised, or the sandbox
-  itself could not run). detail: why, for everything but 'ok' / 'pass'.
+  failed, incl. crashes and limit kills), 'timeout' (the sandbox's wall clock or CPU limit, a
+  SymPy comparison's limit or answer budget, or the pool's per-item limit), 'error' (bad item,
+  a reward function raised, the sandbox could not run this program, or the SymPy worker died
+  during a comparison). detail: why, for everything but 'ok' / 'pass'.
   trusted: False when a code verdict came from a sandbox that could not keep the program away
   from the process deciding it (neither a uid of its own nor a pid namespace: the OS refused
   both); such a reward could be forged, see docs/rewards.md.
@@ -70,9 +74,11 @@ def _field(verifier: Mapping[str, Any], *names: str) -> Any:
   raise ValueError(f"{verifier.get('type')} verifier needs one of {names}: {dict(verifier)!r}")
 
 
-def _math(response: str, verifier: Mapping[str, Any], *, math_checker=None) -> float:
-  return math_lib.math_reward(response, math_lib.gold_from_verifier(verifier),
-                              checker=math_checker)
+def _math(response: str, verifier: Mapping[str, Any], *, math_checker=None) -> RewardResult:
+  verdict = math_lib.math_verdict(response, math_lib.gold_from_verifier(verifier),
+                                  checker=math_checker)
+  return RewardResult(reward=1.0 if verdict.equal else 0.0, status=verdict.status,
+                      detail=verdict.detail)
 
 
 # A reward function returns a float, or a RewardResult to report its own status/detail.
@@ -158,7 +164,7 @@ def _check_item(item: Any) -> tuple[str, Mapping[str, Any], str]:
 
 def score_item(item: Mapping[str, Any], *, math_checker=None,
                code_timeout_s: float | None = None) -> RewardResult:
-  """Score one item in the calling thread; never raises.
+  """Score one item in the calling thread; raises only `RewardInfrastructureError`.
 
   code_timeout_s: the sandbox wall-clock limit of code items whose verifier has no
   "timeout_s" of its own (None: `DEFAULT_CODE_TIMEOUT_S`).
@@ -174,7 +180,7 @@ def score_item(item: Mapping[str, Any], *, math_checker=None,
     if isinstance(out, RewardResult):
       return dataclasses.replace(out, reward=float(out.reward), kind=kind, elapsed_s=elapsed)
     return RewardResult(reward=float(out), kind=kind, elapsed_s=elapsed)
-  except code_lib.RewardInfrastructureError:
+  except RewardInfrastructureError:
     raise  # no score can be trusted: stop the caller, never a silent 0
   except Exception as e:  # pylint: disable=broad-except  (never break the batch)
     return RewardResult(reward=0.0, status="error", kind=kind,
@@ -189,7 +195,10 @@ class RewardPool:
   Each item runs in its own daemon thread, at most `max_workers` at a time. An item that
   overruns `item_timeout_s` is reported as 'timeout' and its slot is freed at once; its thread
   is abandoned (it ends when the stuck call returns; built-in kinds are bounded by their own
-  limits, so only a custom reward function can hang one for good).
+  limits, so only a custom reward function can hang one for good). Time spent starting reward
+  infrastructure (a SymPy worker, the sandbox's self-check: `health.infrastructure_time`) is
+  not counted, so a loaded machine does not turn right answers into timeouts; that start-up
+  has limits of its own and raises `RewardInfrastructureError` when it keeps failing.
   """
 
   def __init__(self, max_workers: int = 4, item_timeout_s: float = 30.0,
@@ -213,26 +222,28 @@ class RewardPool:
   def _run_item(self, item: Mapping[str, Any]) -> RewardResult:
     start = time.monotonic()
     done = threading.Event()
-    box: list[RewardResult | code_lib.RewardInfrastructureError] = []
+    box: list[RewardResult | RewardInfrastructureError] = []
 
-    def target():
+    def target(clock: health_lib.ItemClock):
+      health_lib.bind_item_clock(clock)
       try:
         checker = self._checkers.get_nowait()
       except queue.Empty:  # all held by abandoned (timed-out) items
         checker = math_lib.MathChecker(timeout_s=self._math_timeout_s)
       try:
         box.append(score_item(item, math_checker=checker, code_timeout_s=self.code_timeout_s))
-      except code_lib.RewardInfrastructureError as e:
+      except RewardInfrastructureError as e:
         box.append(e)
       finally:
         self._checkers.put(checker)
         done.set()
 
     with self._slots:
-      threading.Thread(target=target, daemon=True, name="reward-item").start()
-      finished = done.wait(self.item_timeout_s)
+      clock = health_lib.ItemClock()  # from here: waiting for a slot is not the item's time
+      threading.Thread(target=target, args=(clock,), daemon=True, name="reward-item").start()
+      finished = self._wait(done, clock)
     if finished and box:
-      if isinstance(box[0], code_lib.RewardInfrastructureError):
+      if isinstance(box[0], RewardInfrastructureError):
         raise box[0]
       return box[0]
     kind = item.get("verifier", {}).get("type") if isinstance(item, Mapping) else None
@@ -240,11 +251,20 @@ class RewardPool:
                         detail=f"item took longer than {self.item_timeout_s}s",
                         elapsed_s=time.monotonic() - start)
 
+  def _wait(self, done: threading.Event, clock: health_lib.ItemClock) -> bool:
+    """Waits until the item is done (True) or its counted time reaches item_timeout_s."""
+    while True:
+      left = self.item_timeout_s - clock.counted_s()
+      if left <= 0:
+        return done.is_set()
+      if done.wait(left):
+        return True
+
   def score_async(self, items: Sequence[Mapping[str, Any]]
                   ) -> concurrent.futures.Future[list[RewardResult]]:
     """Future of one `RewardResult` per item, in order. Never fails for bad items; fails with
-    `RewardInfrastructureError` when the code sandbox cannot run (see `code.run_code_tests`),
-    so a broken sandbox stops the caller instead of scoring every program 0."""
+    `RewardInfrastructureError` when the code sandbox or the SymPy workers cannot run
+    (`health.py`), so broken infrastructure stops the caller instead of scoring 0s."""
     if self._closed:
       raise ValueError("RewardPool is closed")
     items = list(items)
@@ -256,7 +276,7 @@ class RewardPool:
     def run(i):
       try:
         result = self._run_item(items[i])
-      except code_lib.RewardInfrastructureError as e:  # the whole batch is void
+      except RewardInfrastructureError as e:  # the whole batch is void
         with lock:
           if not future.done():
             future.set_exception(e)

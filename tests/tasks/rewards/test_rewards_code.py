@@ -198,7 +198,7 @@ def _broken_sandbox(*args, **kwargs):
 
 def test_a_sandbox_that_fails_its_self_check_stops_the_caller(monkeypatch):
   from kat_jax.tasks.rewards import pool as pool_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(code_lib, "_HEALTH", code_lib._Health())  # pylint: disable=protected-access
+  monkeypatch.setattr(code_lib, "_HEALTH", code_lib._new_health())  # pylint: disable=protected-access
   monkeypatch.setattr(code_lib, "run_python", _broken_sandbox)
   with pytest.raises(code_lib.RewardInfrastructureError, match="known-good unit test"):
     code_lib.code_reward("def add(a, b): return a + b", TESTS, limits=FAST)
@@ -212,13 +212,14 @@ def test_a_sandbox_that_fails_its_self_check_stops_the_caller(monkeypatch):
 
 
 def test_sandbox_errors_in_a_row_stop_the_caller_after_the_bound(monkeypatch):
-  health = code_lib._Health()  # pylint: disable=protected-access
+  health = code_lib._new_health()  # pylint: disable=protected-access
   monkeypatch.setattr(code_lib, "_HEALTH", health)
   monkeypatch.setattr(code_lib, "_self_check", lambda: None)  # healthy at start-up
   monkeypatch.setattr(code_lib, "run_python", _broken_sandbox)
   for _ in range(code_lib.MAX_ERRORS_IN_A_ROW - 1):
     assert code_lib.run_code_tests("x = 1", TESTS, limits=FAST).status == "error"
-  with pytest.raises(code_lib.RewardInfrastructureError, match="runs in a row"):
+  with pytest.raises(code_lib.RewardInfrastructureError,
+                     match=f"{code_lib.MAX_ERRORS_IN_A_ROW} times in a row"):
     code_lib.run_code_tests("x = 1", TESTS, limits=FAST)
   with pytest.raises(code_lib.RewardInfrastructureError):  # and it stays stopped
     code_lib.run_code_tests([{"input": "", "output": ""}], TESTS, limits=FAST)

@@ -156,3 +156,55 @@ def test_code_rewards_from_an_uncontained_sandbox_are_flagged_untrusted(monkeypa
   contained = SandboxResult(status="pass", isolation={"uid_drop": False, "pid": True})
   monkeypatch.setattr(code_lib, "code_result", lambda *a, **k: contained)
   assert pool_lib.score_item(_item("x", {"type": "code", "tests": "assert True"})).trusted
+
+
+def _fresh_math_health(monkeypatch, self_check_passes: bool) -> None:
+  from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=protected-access
+  monkeypatch.setattr(math_lib, "_HEALTH", math_lib._new_health())
+  if self_check_passes:
+    monkeypatch.setattr(math_lib, "_self_check", lambda: None)
+
+
+def test_a_math_worker_start_slower_than_the_item_limit_still_gives_the_right_verdict(
+    monkeypatch):
+  from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
+  _fresh_math_health(monkeypatch, self_check_passes=True)
+  worker_cls = math_lib._Worker  # pylint: disable=protected-access
+  real_start, item_timeout_s = worker_cls.start, 1.0
+
+  def slow_start(worker, startup_timeout_s):
+    time.sleep(item_timeout_s + 1.0)  # as under heavy CPU load
+    return real_start(worker, startup_timeout_s)
+
+  monkeypatch.setattr(worker_cls, "start", slow_start)
+  items = [_item("10/2", {"type": "math", "value": "5"}),
+           _item("\\boxed{5.1}", {"type": "math", "answer": "5"})]
+  with pool_lib.RewardPool(max_workers=1, item_timeout_s=item_timeout_s) as pool:
+    results = pool.score(items)
+  assert [(r.reward, r.status) for r in results] == [(1.0, "ok"), (0.0, "ok")], results
+  assert results[0].elapsed_s > item_timeout_s  # the start-up did take longer than the limit
+
+
+def test_math_workers_that_cannot_start_stop_score_item_and_the_pool(monkeypatch):
+  from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
+  _fresh_math_health(monkeypatch, self_check_passes=False)  # the real self-check, failing
+  monkeypatch.setattr(math_lib._Worker, "start",  # pylint: disable=protected-access
+                      lambda worker, timeout_s: "ended before reporting ready (exit code 1)")
+  item = _item("10/2", {"type": "math", "value": "5"})
+  with pytest.raises(pool_lib.RewardInfrastructureError,
+                     match="SymPy worker failed its start-up self-check: ended before"):
+    pool_lib.score_item(item, math_checker=math_lib.MathChecker())
+  with pool_lib.RewardPool(max_workers=2) as pool:
+    with pytest.raises(pool_lib.RewardInfrastructureError, match="SymPy worker"):
+      pool.score([item, _item("B", {"type": "choice", "answer": "B"})])
+
+
+def test_a_pathological_math_answer_scores_0_with_status_timeout_in_the_pool():
+  items = [_item("\\boxed{9^9^9^9}", {"type": "math", "answer": "5"}),
+           _item("\\boxed{10/2}", {"type": "math", "answer": "5"})]
+  with pool_lib.RewardPool(max_workers=1, item_timeout_s=30.0, math_timeout_s=1.0) as pool:
+    tower, right = pool.score(items)
+  assert (tower.reward, tower.status) == (0.0, "timeout"), tower
+  assert tower.detail == "a SymPy comparison ran past its limit of 1 s"
+  assert (right.reward, right.status) == (1.0, "ok"), right

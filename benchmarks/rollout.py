@@ -1,0 +1,391 @@
+"""Rollout engine (continuous batching, paged KV) vs the static Sampler on an RL-shaped workload.
+
+  PYTHONPATH=$PWD python benchmarks/rollout.py --preset qwen2.5-1.5b --out $OUT/rollout.json
+  PYTHONPATH=$PWD python benchmarks/rollout.py --tiny          # CPU, tiny model, seconds
+
+Workload (issue #23): `--prompts` prompts × `--samples` samples (a GRPO group shares its
+prompt), prompt lengths uniform in [prompt_min, prompt_max], random tokens; every sample's
+response length is drawn in advance from a lognormal (mean `--mean_new`, clipped to
+[1, max_new]) and the sample stops there (its max_new_tokens; no stop ids), so both engines do
+the same work. Random bf16 weights, temperature-1 sampling.
+
+Reported: generated tokens/s and time to finish the batch (device compilation excluded: it is
+measured with jax.monitoring and reported apart), mean slot occupancy, KV memory held vs live
+tokens (sampled during the run), and the decode step time at full occupancy against its
+bandwidth floor: (weight bytes + live KV bytes read per step) / the copy bandwidth measured in
+the same run. The static Sampler runs the same samples in batches of `--static_batch_prompts`
+prompts (each batch until its longest sample; only drawn tokens count as generated);
+`--static_batches N` runs the first N batches and reports their tokens/s (batches are drawn
+alike).
+
+Imports no grain / ml_collections (absent on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _parse(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default="qwen2.5-1.5b")
+  parser.add_argument("--tiny", action="store_true",
+                      help="tiny model and workload on any backend (a CPU smoke run)")
+  parser.add_argument("--prompts", type=int, default=64)
+  parser.add_argument("--samples", type=int, default=8)
+  parser.add_argument("--prompt_min", type=int, default=256)
+  parser.add_argument("--prompt_max", type=int, default=1024)
+  parser.add_argument("--mean_new", type=float, default=1024)
+  parser.add_argument("--max_new", type=int, default=8192)
+  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+  parser.add_argument("--num_slots", type=int, default=128)
+  parser.add_argument("--page_size", type=int, default=16)
+  parser.add_argument("--kv_gib", type=float, default=40.0,
+                      help="page pool cap in GiB (the pool is also capped at what every slot "
+                           "could need)")
+  parser.add_argument("--steps_per_call", type=int, default=16)
+  parser.add_argument("--prefill_chunk", type=int, default=512)
+  parser.add_argument("--prefill_chunks_per_call", type=int, default=1)
+  parser.add_argument("--attention", default="auto",
+                      help="paged attention backend (kat_jax.kernels.paged_attention.BACKENDS)")
+  parser.add_argument("--long_rows", type=int, default=8,
+                      help="Engine(long_rows=...): slots attending over the whole page table "
+                           "(0 for a kernel that reads only live pages)")
+  parser.add_argument("--static_batch_prompts", type=int, default=8)
+  parser.add_argument("--static_batches", type=int, default=1, help="0: all")
+  parser.add_argument("--skip_static", action="store_true")
+  parser.add_argument("--memory_every", type=int, default=16,
+                      help="sample KV memory every N scheduler rounds")
+  parser.add_argument("--simulate", action="store_true",
+                      help="run only the engine's host scheduler on the workload, with a "
+                           "stand-in device (every active slot makes one token per step): "
+                           "occupancy, calls, compiled shapes and host time, no model")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="")
+  if parser.parse_known_args(argv)[0].tiny:  # tiny defaults; flags given still win
+    parser.set_defaults(preset="tiny", prompts=4, samples=2, prompt_min=8, prompt_max=24,
+                        mean_new=12, max_new=40, num_slots=4, page_size=4, steps_per_call=4,
+                        prefill_chunk=16, static_batch_prompts=4, static_batches=0,
+                        memory_every=1)
+  args = parser.parse_args(argv)
+  return args
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], np.ndarray]:
+  """Prompts [P] (token lists) and response lengths [P, G] drawn in advance."""
+  rng = np.random.default_rng(args.seed)
+  prompts = [rng.integers(1, vocab, size=int(rng.integers(args.prompt_min, args.prompt_max + 1)))
+             .tolist() for _ in range(args.prompts)]
+  mu = np.log(args.mean_new) - args.sigma**2 / 2  # lognormal mean = exp(mu + sigma^2 / 2)
+  lengths = np.clip(np.round(rng.lognormal(mu, args.sigma, (args.prompts, args.samples))), 1,
+                    args.max_new).astype(np.int64)
+  return prompts, lengths
+
+
+class CompileClock:
+  """Seconds jax spent compiling (backend compiles, from jax.monitoring) since `start`."""
+
+  def __init__(self, jax):
+    self.total = 0.0
+
+    def listen(event, duration, **_):
+      if "compile" in event and event.endswith("duration"):
+        self.total += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def copy_bandwidth(jax, jnp, nbytes: int) -> float:
+  """(bytes read + written) / median time of an elementwise bf16 pass over `nbytes`, bytes/s."""
+  x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+  add = jax.jit(lambda a: a + 1)
+  add(x).block_until_ready()
+  times = []
+  for _ in range(20):
+    t0 = time.perf_counter()
+    add(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * x.size * 2 / statistics.median(times)
+
+
+def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+  worst = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 2 * args.num_slots
+  cap = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size))
+  num_pages = min(worst, cap) + 1
+  engine = Engine(config, dparams, num_slots=args.num_slots, num_pages=num_pages,
+                  page_size=args.page_size, prefill_chunk=args.prefill_chunk,
+                  prefill_chunks_per_call=args.prefill_chunks_per_call,
+                  steps_per_call=args.steps_per_call, attention=args.attention,
+                  long_rows=args.long_rows,
+                  # One full table width for the whole run: only the cut widths compile.
+                  min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
+                  if args.long_rows else 8)
+  sampling = SamplingParams(temperature=1.0, vocab_limit=0)
+  for i, prompt in enumerate(prompts):
+    engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
+                          num_samples=args.samples, rng=jax.random.key(i)))
+  from kat_jax.progress import Progress  # pylint: disable=g-import-not-at-top
+  compile_before = clock.total
+  memory, rounds = [], 0
+  total = int(lengths.sum())
+  progress = Progress("engine (compiles included)", total, unit="tokens")
+  start = time.perf_counter()
+  while engine.busy:
+    before = engine.stats["slot_steps"]
+    engine.step()
+    progress.update(engine.stats["slot_steps"] - before)
+    rounds += 1
+    if rounds % args.memory_every == 0:
+      memory.append(engine.memory())
+  wall = time.perf_counter() - start
+  progress.finish()
+  completions = engine.run()
+  compile_s = clock.total - compile_before
+  generated = sum(len(c.tokens) for c in completions.values())
+  assert generated == total and not any(c.error for c in completions.values()), "lost tokens"
+  seconds = wall - compile_s
+  stats = engine.stats
+  log = np.asarray(engine.decode_log, np.float64).reshape(-1, 5)
+  full = log[(log[:, 1] == args.num_slots) & (log[:, 4] == 0) & (log[:, 2] > 0)]
+  held = np.asarray([m["held_tokens"] for m in memory], np.float64)
+  live = np.asarray([m["live_tokens"] for m in memory], np.float64)
+  ok = live > 0
+  result = {
+      "generated_tokens": generated, "seconds": seconds, "compile_s": compile_s,
+      "wall_s_with_compiles": wall, "tokens_per_s": generated / seconds,
+      "num_slots": args.num_slots, "page_size": args.page_size, "num_pages": num_pages,
+      "steps_per_call": args.steps_per_call, "attention": args.attention,
+      "long_rows": args.long_rows, "split_calls": stats["split_calls"],
+      "decode_calls": stats["decode_calls"],
+      "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
+      "mean_slot_occupancy": stats["slot_steps"] / max(stats["decode_steps"] * args.num_slots,
+                                                       1),
+      "kv_held_over_live_mean": float((held[ok] / live[ok]).mean()) if ok.any() else None,
+      "kv_held_over_live_max": float((held[ok] / live[ok]).max()) if ok.any() else None,
+      "kv_held_tokens_max": float(held.max()) if held.size else 0.0,
+      "kv_samples": int(held.size),
+      "full_occupancy_calls": int(len(full)),
+  }
+  if len(full):
+    per_step = full[:, 0] / full[:, 2]
+    context = full[:, 3] + full[:, 1] * full[:, 2] / 2  # live tokens mid-call
+    result["full_occupancy"] = {"step_ms_median": float(np.median(per_step) * 1e3),
+                                "context_tokens_median": float(np.median(context)),
+                                "per_step_s": per_step, "context": context}
+  return result
+
+
+def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.progress import status  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import Sampler, SamplingParams  # pylint: disable=g-import-not-at-top
+  sampler = Sampler(config, pad_id=0, prefill_chunk=args.prefill_chunk)
+  sampling = SamplingParams(temperature=1.0)
+  group = args.static_batch_prompts
+  batches = [(i, min(i + group, len(prompts))) for i in range(0, len(prompts), group)]
+  if args.static_batches:
+    batches = batches[:args.static_batches]
+  seconds = compile_s = 0.0
+  generated = run_tokens = held = 0
+  for b, (lo, hi) in enumerate(batches):
+    steps = int(lengths[lo:hi].max())
+    rounded = -(-steps // 256) * 256  # few compiled lengths; the loop still runs `steps`
+    longest = max(len(p) for p in prompts[lo:hi])
+    max_length = -(-longest // args.prefill_chunk) * args.prefill_chunk + rounded
+    before = clock.total
+    t0 = time.perf_counter()
+    state = sampler.prefill(dparams, prompts[lo:hi], max_length=max_length)
+    from kat_jax.sampling import fork  # pylint: disable=g-import-not-at-top
+    state = fork(state, args.samples)
+    result, _ = sampler.decode(dparams, state, jax.random.key(b), max_new_tokens=steps,
+                               sampling=sampling)
+    jax.block_until_ready(result.tokens)
+    wall = time.perf_counter() - t0
+    compile_s += clock.total - before
+    seconds += wall - (clock.total - before)
+    generated += int(lengths[lo:hi].sum())
+    run_tokens += steps * (hi - lo) * args.samples
+    held += (hi - lo) * args.samples * max_length
+    status(f"static sampler: batch {b + 1}/{len(batches)}, {steps} steps, {wall:.1f}s")
+  return {"batches_run": len(batches),
+          "batches_total": -(-len(prompts) // group), "rows_per_batch": group * args.samples,
+          "generated_tokens": generated, "decoded_row_tokens": run_tokens,
+          "seconds": seconds, "compile_s": compile_s, "tokens_per_s": generated / seconds,
+          "useful_fraction": generated / run_tokens,
+          "kv_held_tokens_per_batch_mean": held / len(batches)}
+
+
+def simulate(args) -> dict:
+  """The engine's scheduling of the workload with a stand-in device (no model): each active
+  slot generates one token per step until its budget ends. Gives occupancy, decode calls,
+  the distinct (table width, cut width) decode shapes a real run compiles, KV held / live,
+  and the host's seconds per decode call."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import SamplingParams, paged  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+
+  config = get_preset("tiny", num_layers=1, max_position_embeddings=1 << 16)
+  shapes = set()
+
+  def decode(params, cache, logits, table, positions, budget, counts, stops, choice, keys,
+             long_rows, *, samplings, steps, short_pages):
+    shapes.add((int(table.shape[1]), int(short_pages)))
+    live = np.asarray(budget)[:, None] > np.arange(steps)[None, :]
+    records = np.zeros(live.shape + (4,), np.float32)
+    records[..., 0], records[..., 3] = 1.0, live
+    return cache, logits, records
+
+  fns = {"prefill": lambda params, cache, *a: (cache, None), "decode": decode,
+         "copy": lambda cache, src, dst: cache, "set_row": lambda logits, row, i: logits}
+  prompts, lengths = workload(args, config.vocab_size)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(mock.patch.object(paged, "jitted", lambda *a: fns))
+    stack.enter_context(mock.patch.object(paged, "init_pages", lambda *a: {"k": [], "v": []}))
+    num_pages = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 1
+    engine = Engine(config, _stand_in_params(), num_slots=args.num_slots, num_pages=num_pages,
+                    page_size=args.page_size, prefill_chunk=args.prefill_chunk,
+                    prefill_chunks_per_call=args.prefill_chunks_per_call,
+                    steps_per_call=args.steps_per_call, long_rows=args.long_rows,
+                    min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
+                    if args.long_rows else 8)
+    for i, prompt in enumerate(prompts):
+      engine.submit(Request(prompt, lengths[i].tolist(), sampling=SamplingParams(1.0),
+                            num_samples=args.samples, rng=jax.random.key(0)))
+    memory, rounds, start = [], 0, time.perf_counter()
+    while engine.busy:
+      engine.step()
+      rounds += 1
+      if rounds % args.memory_every == 0:
+        memory.append(engine.memory())
+    host_s = time.perf_counter() - start
+    done = engine.run()
+  stats = engine.stats
+  held = np.asarray([m["held_tokens"] for m in memory], np.float64)
+  live = np.asarray([m["live_tokens"] for m in memory], np.float64)
+  held, live = held[live > 0], live[live > 0]
+  report = {"simulated": True, "generated_tokens": sum(len(c.tokens) for c in done.values()),
+            "drawn_tokens": int(lengths.sum()), "decode_calls": stats["decode_calls"],
+            "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
+            "longest_sample": int(lengths.max()),
+            "mean_slot_occupancy": stats["slot_steps"] / (stats["decode_steps"] *
+                                                          args.num_slots),
+            "decode_shapes": sorted(shapes), "split_calls": stats["split_calls"],
+            "kv_held_over_live_mean": float((held / live).mean()),
+            "kv_held_over_live_max": float((held / live).max()),
+            "host_ms_per_decode_call": host_s / stats["decode_calls"] * 1e3}
+  print(json.dumps(report, indent=1))
+  return report
+
+
+def _stand_in_params():
+  """An empty DecodeParams (the simulated device never reads weights)."""
+  from kat_jax.sampling import DecodeParams  # pylint: disable=g-import-not-at-top
+  return DecodeParams(embed=None, head=None, final_norm=None, layers=[])
+
+
+def main(argv=None) -> dict:
+  args = _parse(argv)
+  if args.simulate:
+    report = simulate(args)
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(dict(report, command=" ".join(["python"] + sys.argv)), f, indent=2)
+    return report
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from kat_jax.model import get_preset, init_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import prepare_params  # pylint: disable=g-import-not-at-top
+
+  clock = CompileClock(jax)
+  dtype = "float32" if args.tiny else "bfloat16"
+  overrides = dict(num_layers=1) if args.tiny else {}
+  config = get_preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
+  params = init_params(config, jax.random.key(0))
+  dparams = prepare_params(params, config)
+  del params
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(dparams)
+                     if x is not dparams.head or dparams.head is not dparams.embed)
+  item = jnp.dtype(config.compute_dtype).itemsize
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
+  bandwidth = copy_bandwidth(jax, jnp, (1 << 30) if not args.tiny else (1 << 22))
+  prompts, lengths = workload(args, config.vocab_size)
+  print(f"{args.preset}: {len(prompts)} prompts x {args.samples}, {int(lengths.sum())} tokens "
+        f"to generate (mean {lengths.mean():.0f}, max {lengths.max()}); copy bandwidth "
+        f"{bandwidth / 1e12:.2f} TB/s", flush=True)
+  engine = run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock)
+  full = engine.pop("full_occupancy", None)
+  if full is not None:
+    floor = (weight_bytes + full.pop("context") * kv_per_token) / bandwidth
+    ratio = full.pop("per_step_s") / floor
+    full.update(floor_ms_median=float(np.median(floor) * 1e3),
+                step_over_floor_median=float(np.median(ratio)))
+    engine["full_occupancy"] = full
+  static = None if args.skip_static else run_static(args, config, dparams, prompts, lengths,
+                                                     clock)
+  report = {
+      "device": jax.devices()[0].device_kind,
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "preset": args.preset, "dtype": dtype,
+      "workload": {"prompts": args.prompts, "samples": args.samples,
+                   "prompt_tokens": [args.prompt_min, args.prompt_max],
+                   "response_lengths": {"lognormal_mean": args.mean_new, "sigma": args.sigma,
+                                        "max": args.max_new, "drawn_mean": float(lengths.mean()),
+                                        "drawn_max": int(lengths.max())},
+                   "sampling": "temperature 1, no stop ids (each sample stops at its length)"},
+      "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
+      "copy_bandwidth_bytes_per_s": bandwidth, "engine": engine, "static": static,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__},
+  }
+  if static:
+    report["engine_over_static_tokens_per_s"] = engine["tokens_per_s"] / static["tokens_per_s"]
+  _print_table(report)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+  return report
+
+
+def _print_table(report: dict) -> None:
+  e, s = report["engine"], report["static"]
+  rows = [("generated tokens/s", f"{e['tokens_per_s']:.0f}",
+           f"{s['tokens_per_s']:.0f}" if s else "-"),
+          ("seconds (compiles excluded)", f"{e['seconds']:.1f}",
+           f"{s['seconds']:.1f} ({s['batches_run']}/{s['batches_total']} batches)" if s else "-"),
+          ("compile seconds", f"{e['compile_s']:.1f}", f"{s['compile_s']:.1f}" if s else "-"),
+          ("mean slot occupancy", f"{e['mean_slot_occupancy']:.3f}",
+           f"{s['useful_fraction']:.3f} (useful rows)" if s else "-"),
+          ("KV held / live (mean, max)",
+           f"{e['kv_held_over_live_mean'] or 0:.3f}, {e['kv_held_over_live_max'] or 0:.3f}", "-")]
+  full = e.get("full_occupancy")
+  if full:
+    rows.append(("full-occupancy step ms (floor)",
+                 f"{full['step_ms_median']:.2f} ({full['floor_ms_median']:.2f}, "
+                 f"{full['step_over_floor_median']:.2f}x)", "-"))
+  print(f"{'':34s} {'engine':>24s} {'static':>28s}")
+  for name, a, b in rows:
+    print(f"{name:34s} {a:>24s} {b:>28s}")
+  if s:
+    print(f"engine / static tokens/s: {report['engine_over_static_tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
