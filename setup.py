@@ -32,7 +32,7 @@ setup(
         "parquet": ["pyarrow>=14"],
         "test": [
             "pyarrow>=14",
-            "math-verify>=0.9",  # cross-checks kat_jax.rl.rewards.math
+            "math-verify>=0.9",  # cross-checks kat_jax.tasks.rewards.math
             "nbclient>=0.10",  # the notebooks run in CI
             "nbformat>=5.10",
             "ipykernel>=6",

@@ -25,7 +25,7 @@ from kat_jax.data import sources
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.distill.dual_regime import dual_regime_document
 from kat_jax.distill.speculative import greedy_decode, self_speculative_decode
-from kat_jax.distill.stage import load_model
+from kat_jax.checkpoint.models import load_model
 
 
 def prompt_ids(record: dict, tokenizer) -> list[int]:
@@ -44,7 +44,7 @@ def main() -> None:
   parser.add_argument("--new_tokens", type=int, default=40)
   parser.add_argument("--out", default="")
   args = parser.parse_args()
-  config, params = load_model(args.model_dir)
+  config, params = load_model(args.model_dir, mtp=True)
   tokenizer = get_tokenizer(args.tokenizer)
   records = sources.JsonlSource(args.records)
   drafted = accepted = forwards = produced = 0

@@ -39,7 +39,8 @@ import numpy as np
 from kat_jax.data import pipeline, synthetic
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset
-from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
+from kat_jax.train.state import init_sharded_state
+from kat_jax.parallel import (batch_sharding, global_batch, make_mesh,
                               replicated, sharding_context)
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train import profiling

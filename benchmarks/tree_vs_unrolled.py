@@ -28,9 +28,10 @@ import jax
 import numpy as np
 import optax
 
-from kat_jax.agentic.tree import Trajectory, build_trees, pack_trees, unrolled_batch
+from kat_jax.rl.tree import Trajectory, build_trees, pack_trees, unrolled_batch
 from kat_jax.model import get_preset
-from kat_jax.parallel import init_sharded_state, make_mesh, sharding_context
+from kat_jax.train.state import init_sharded_state
+from kat_jax.parallel import make_mesh, sharding_context
 from kat_jax.rl.objectives import ObjectiveConfig
 from kat_jax.rl.policy_step import POLICY_INPUTS, make_policy_step
 

@@ -31,7 +31,7 @@ STAGES = {
     "sft": "kat_jax.autothink.stage:run_sft",
     "step_srpo": "kat_jax.rl.stage:run_step_srpo",
     "distill": "kat_jax.distill.stage:run_distill",
-    "teacher_logits": "kat_jax.distill.stage:run_teacher_logits",
+    "teacher_logits": "kat_jax.distill.teacher_stage:run_teacher_logits",
     "agentic_rl": "kat_jax.agentic.stage:run_agentic_rl",
     "eval": "kat_jax.eval.stage:run_eval",
     "export": "kat_jax.checkpoint.export:run_export",
@@ -85,7 +85,7 @@ def run(config: Any) -> int:
     from kat_jax.parallel.distributed import initialize_distributed  # pylint: disable=g-import-not-at-top
     initialize_distributed(config.get("distributed"))
     if config.stage in REWARD_STAGES:  # seconds now, rather than after a model load + rollout
-      from kat_jax.rl.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
+      from kat_jax.tasks.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
       check_infrastructure()
     run_stage(config)
   except ConfigError as e:

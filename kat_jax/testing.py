@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import os
 import sys
 import threading
 from typing import Any, Callable
@@ -133,3 +135,66 @@ class LocalJsonServer:
   def __exit__(self, *exc) -> None:
     self.server.shutdown()
     self.server.server_close()
+
+
+class SimulatedKill(Exception):
+  """Raised by `killed_before_step`: the run stops as if the process had died there."""
+
+
+@contextlib.contextmanager
+def killed_before_step(step: int):
+  """Inside the block a trainer run stops (SimulatedKill) before it takes step `step` (1-based),
+  i.e. after `step - 1` steps; what it saved and logged until then stays, as after a kill."""
+  from kat_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  take = trainer.Trainer._take  # pylint: disable=protected-access
+
+  def killing_take(source, state, done):
+    if done + 1 == step:
+      raise SimulatedKill(f"stopped before step {step}")
+    return take(source, state, done)
+
+  trainer.Trainer._take = staticmethod(killing_take)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    trainer.Trainer._take = staticmethod(take)  # pylint: disable=protected-access
+
+
+def logged_losses(workdir: str, key: str = "loss") -> dict[int, float]:
+  """Last logged training `key` per step of `<workdir>/metrics.jsonl` (a resumed run re-logs
+  the steps after its checkpoint)."""
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if row["split"] == "train" and key in row:
+        losses[row["step"]] = row[key]
+  return losses
+
+
+def assert_resume_reproduces(run: Callable[[str], Any], workdir: str, *, steps: int,
+                             kill_before: int, resumes_at: int, log_dir: str = "",
+                             key: str = "loss") -> None:
+  """Runs `run(workdir)` uninterrupted, then again killed before step `kill_before` and
+  restarted; the restart must resume at step `resumes_at` (its newest checkpoint) and log the
+  same `key` at every step, exactly. `log_dir`: the metrics' directory under a workdir."""
+  reference, killed = os.path.join(workdir, "reference"), os.path.join(workdir, "killed")
+  run(reference)
+  with killed_before_step(kill_before):
+    try:
+      run(killed)
+    except SimulatedKill:
+      pass
+    else:
+      raise AssertionError(f"the run ended before step {kill_before}")
+  logs = os.path.join(killed, log_dir)
+  checkpoints = sorted(int(n) for n in os.listdir(os.path.join(logs, "checkpoints"))
+                       if n.isdigit())
+  assert checkpoints[-1] == resumes_at, checkpoints
+  run(killed)
+  expected = logged_losses(os.path.join(reference, log_dir), key)
+  assert sorted(expected) == list(range(1, steps + 1)), sorted(expected)
+  assert logged_losses(logs, key) == expected
+  with open(os.path.join(logs, "metrics.jsonl"), encoding="utf-8") as f:
+    first_steps = [json.loads(line)["step"] for line in f].count(1)
+  assert first_steps == 1, "the restart trained from scratch instead of resuming"

@@ -210,7 +210,7 @@ def prefix_trees() -> list:
       new_code_cell(INSTALL),
       new_code_cell(COMMON_IMPORTS + '''\
 from kat_jax.agentic.pruning import prune_group
-from kat_jax.agentic.tree import Trajectory, build_trees, pack_trees
+from kat_jax.rl.tree import Trajectory, build_trees, pack_trees
 from kat_jax.kernels.reference import visibility_mask
 from kat_jax.rl.objectives import ObjectiveConfig
 

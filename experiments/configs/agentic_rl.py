@@ -13,7 +13,7 @@ training with `--config.agentic.mode=decoupled --config.agentic.rollout_workers=
 """
 
 from experiments.configs.base import base_config
-from kat_jax.agentic.stage import agentic_fields
+from kat_jax.agentic.config import agentic_fields
 
 
 def get_config():

@@ -9,7 +9,7 @@ init, and writes their held-out CE to `<workdir>/comparison.json`. For one stude
 """
 
 from experiments.configs.base import base_config
-from kat_jax.distill.stage import distill_fields, mtp_fields
+from kat_jax.distill.config import distill_fields, mtp_fields
 
 
 def get_config():

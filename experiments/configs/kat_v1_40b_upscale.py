@@ -12,7 +12,7 @@ host or accelerator with ~150 GB free, or set `upscale.save_orbax=False` to skip
 """
 
 from experiments.configs.base import base_config
-from kat_jax.upscale.stage import upscale_fields
+from kat_jax.upscale.config import upscale_fields
 
 
 def get_config():

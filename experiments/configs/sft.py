@@ -13,7 +13,7 @@ tag with a real model through an OpenAI-compatible server with
 """
 
 from experiments.configs.base import base_config
-from kat_jax.autothink.stage import autothink_fields
+from kat_jax.autothink.config import autothink_fields
 
 
 def get_config():

@@ -13,8 +13,8 @@ Options (docs/rl.md), e.g. SRPO's two-stage schedule and DAPO's extras:
 """
 
 from experiments.configs.base import base_config
-from kat_jax.autothink.stage import autothink_fields
-from kat_jax.rl.stage import rl_fields
+from kat_jax.autothink.config import autothink_fields
+from kat_jax.rl.config import rl_fields
 
 
 def get_config():

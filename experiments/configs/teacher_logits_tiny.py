@@ -8,7 +8,7 @@ Reuses `runs/distill_tiny/teacher` when it exists, otherwise trains the teacher 
 """
 
 from experiments.configs import distill_tiny
-from kat_jax.distill.stage import teacher_logits_fields
+from kat_jax.distill.config import teacher_logits_fields
 
 
 def get_config():

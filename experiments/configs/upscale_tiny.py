@@ -6,7 +6,7 @@ Set `--config.model.init_from=<HF dir>` to up-scale a trained model instead of a
 """
 
 from experiments.configs.base import base_config
-from kat_jax.upscale.stage import upscale_fields
+from kat_jax.upscale.config import upscale_fields
 
 
 def get_config():

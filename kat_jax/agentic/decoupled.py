@@ -122,59 +122,93 @@ class RolloutWorker(threading.Thread):
       self.error = e
 
 
+class DecoupledRollouts:
+  """The trainer's side of the split: snapshots out, fresh rollout batches in.
+
+  `start(params, update)` publishes the first snapshot and starts the workers; `take(update)`
+  returns the next batch at most `max_staleness` updates old (older ones are dropped), as
+  (batch, staleness, batches dropped so far); `published(update, params)` writes a snapshot
+  every `publish_every` updates; `close()` stops the workers.
+  """
+
+  def __init__(self, rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
+               task_fn: Callable[[int, int], Sequence[Any]], directory: str, *,
+               num_workers: int = 1, publish_every: int = 1, max_staleness: int = 2,
+               queue_size: int = 2, timeout_s: float = 300.0, seed: int = 0):
+    self.store = WeightStore(directory)
+    self.rollout_fn, self.task_fn, self.num_workers, self.seed = (rollout_fn, task_fn,
+                                                                  num_workers, seed)
+    self.publish_every, self.max_staleness, self.timeout_s = (publish_every, max_staleness,
+                                                              timeout_s)
+    self.out: queue.Queue = queue.Queue(maxsize=queue_size)
+    self.stop = threading.Event()
+    self.workers: list[RolloutWorker] = []
+    self.dropped, self.deadline, self.started = 0, float("inf"), False
+
+  def start(self, params: Any, update: int = 0) -> None:
+    self.store.publish(update, params)
+    # Workers only need the tree structure; not the arrays (the trainer may donate them).
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    self.workers = [RolloutWorker(i, self.store, like, self.rollout_fn, self.task_fn, self.out,
+                                  self.stop, self.seed) for i in range(self.num_workers)]
+    for w in self.workers:
+      w.start()
+    self.deadline, self.started = time.monotonic() + self.timeout_s, True
+
+  def take(self, update: int) -> tuple[RolloutBatch, int, int]:
+    while True:
+      failed = [w for w in self.workers if w.error is not None]
+      if failed:
+        raise RuntimeError(f"rollout worker {failed[0].worker_id} failed") from failed[0].error
+      if time.monotonic() > self.deadline:
+        raise TimeoutError(f"decoupled run: no fresh rollouts for update {update + 1} within "
+                           f"{self.timeout_s}s")
+      try:
+        batch = self.out.get(timeout=0.1)
+      except queue.Empty:
+        continue
+      staleness = update - batch.policy_step
+      if staleness <= self.max_staleness:
+        return batch, staleness, self.dropped
+      self.dropped += 1
+
+  def published(self, update: int, params: Any) -> None:
+    if update % self.publish_every == 0:
+      self.store.publish(update, params)
+
+  def close(self) -> None:
+    self.stop.set()
+    for w in self.workers:
+      w.join(timeout=30)
+
+
 def run_decoupled(init_params: Any, train_fn: Callable[[Any, RolloutBatch], tuple[Any, dict]],
                   rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
                   task_fn: Callable[[int, int], Sequence[Any]], directory: str, *,
                   num_updates: int, num_workers: int = 1, publish_every: int = 1,
                   max_staleness: int = 2, queue_size: int = 2, timeout_s: float = 300.0,
                   seed: int = 0) -> tuple[Any, list[dict]]:
-  """Trainer loop. train_fn(params_or_state, batch) -> (new, metrics); `params_of(new)` must
-  be publishable, so train_fn's state is passed through `publish` via its `.params` if any.
+  """A bare trainer loop over `DecoupledRollouts` (the agentic stage uses the Trainer).
 
-  Returns (final state, per-update log with the staleness of each batch used).
+  train_fn(params_or_state, batch) -> (new, metrics); the state's `.params` (if any) are
+  published. Returns (final state, per-update log with the staleness of each batch used).
   """
-  store = WeightStore(directory)
   params_of = lambda s: getattr(s, "params", s)  # noqa: E731
-  state = init_params
-  store.publish(0, params_of(state))
-  out: queue.Queue = queue.Queue(maxsize=queue_size)
-  stop = threading.Event()
-  # Workers only need the tree structure; not the arrays (train_fn may donate them).
-  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params_of(state))
-  workers = [RolloutWorker(i, store, like, rollout_fn, task_fn, out, stop, seed)
-             for i in range(num_workers)]
-  for w in workers:
-    w.start()
-  log: list[dict] = []
-  dropped = 0
-  deadline = time.monotonic() + timeout_s
+  rollouts = DecoupledRollouts(rollout_fn, task_fn, directory, num_workers=num_workers,
+                               publish_every=publish_every, max_staleness=max_staleness,
+                               queue_size=queue_size, timeout_s=timeout_s, seed=seed)
+  state, log = init_params, []
+  rollouts.start(params_of(state), 0)
   try:
-    update = 0
-    while update < num_updates:
-      failed = [w for w in workers if w.error is not None]
-      if failed:
-        raise RuntimeError(f"rollout worker {failed[0].worker_id} failed") from failed[0].error
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"decoupled run: {update}/{num_updates} updates in {timeout_s}s")
-      try:
-        batch = out.get(timeout=0.1)
-      except queue.Empty:
-        continue
-      staleness = update - batch.policy_step
-      if staleness > max_staleness:
-        dropped += 1
-        continue
+    for update in range(num_updates):
+      batch, staleness, dropped = rollouts.take(update)
       state, metrics = train_fn(state, batch)
-      update += 1
-      if update % publish_every == 0:
-        store.publish(update, params_of(state))
-      log.append({"update": update, "policy_step": batch.policy_step, "staleness": staleness,
-                  "worker": batch.worker, "rollout_s": batch.seconds, "dropped": dropped,
-                  **metrics})
+      rollouts.published(update + 1, params_of(state))
+      log.append({"update": update + 1, "policy_step": batch.policy_step,
+                  "staleness": staleness, "worker": batch.worker, "rollout_s": batch.seconds,
+                  "dropped": dropped, **metrics})
   finally:
-    stop.set()
-    for w in workers:
-      w.join(timeout=30)
+    rollouts.close()
   return state, log
 
 

@@ -11,7 +11,7 @@ turn limit. Environments are deep-copyable: tree rollouts copy them when a traje
   contains the task's expected answer.
 - `RepoRepairEnv`: a generated buggy module + failing tests (`make_repo_task(seed)`), tools
   read_file / edit_file (not the tests) / run_tests; reward 1 if the tests pass at the end,
-  judged with the module and the tests in separate sandboxes (`rl/rewards/code.py`).
+  judged with the module and the tests in separate sandboxes (`tasks/rewards/code.py`).
 - `DigitsEnv`: a very easy multi-turn task for tiny CPU runs (answer with digits, twice).
 """
 
@@ -37,8 +37,8 @@ class StepResult:
 
 
 def sandbox_runner(timeout_s: float = 5.0) -> RunFn:
-  """Runs a program with the project's sandbox (`kat_jax.rl.rewards.sandbox`)."""
-  from kat_jax.rl.rewards.sandbox import SandboxLimits, run_python  # pylint: disable=g-import-not-at-top
+  """Runs a program with the project's sandbox (`kat_jax.tasks.rewards.sandbox`)."""
+  from kat_jax.tasks.rewards.sandbox import SandboxLimits, run_python  # pylint: disable=g-import-not-at-top
   limits = SandboxLimits(timeout_s=timeout_s)
 
   def run(program: str, files: Mapping[str, str]) -> tuple[bool, str]:
@@ -301,8 +301,8 @@ class RepoRepairEnv(Environment):
     feedback), the tests run in a process of their own and call the module's functions through
     the code reward's plain-value channel, so the module cannot fake a pass (exit 0 at import,
     patched builtins)."""
-    from kat_jax.rl.rewards.code import run_code_tests  # pylint: disable=g-import-not-at-top
-    from kat_jax.rl.rewards.sandbox import SandboxLimits  # pylint: disable=g-import-not-at-top
+    from kat_jax.tasks.rewards.code import run_code_tests  # pylint: disable=g-import-not-at-top
+    from kat_jax.tasks.rewards.sandbox import SandboxLimits  # pylint: disable=g-import-not-at-top
     tests = self.task.files[f"{self.task.tests_module}.py"] + _CALL_TESTS
     result = run_code_tests(self.files[f"{self.task.module}.py"], tests,
                             module_name=self.task.module,

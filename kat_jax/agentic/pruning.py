@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kat_jax.agentic.tree import PrefixTree, Trajectory
+from kat_jax.rl.tree import PrefixTree, Trajectory
 from kat_jax.rl.objectives import ObjectiveConfig, trajectory_weights
 
 

@@ -9,7 +9,7 @@ Engine`). A turn is one engine request per live episode: its new tokens (the pro
 previous turn's observation), then `branching[t]` samples that share every page before them
 (copy-on-write), each kept (`Request(keep=True)`) for the next turn; an ended episode's pages
 are released. So the episodes of a task form a tree: everything before a branch is one shared
-token list with one set of behaviour log-probs, which `kat_jax.agentic.tree.build_trees` then
+token list with one set of behaviour log-probs, which `kat_jax.rl.tree.build_trees` then
 merges back into one trie path. Each turn: decode (per-token log-probs and entropies
 recorded), parse the tool calls, step the environment, and append the observation rendered by
 the chat template (mask 0) to the episode's kept sequence.
@@ -34,7 +34,7 @@ import numpy as np
 
 from kat_jax.agentic.environments import Environment, Message
 from kat_jax.agentic.tool_calls import parse_tool_calls
-from kat_jax.agentic.tree import Trajectory
+from kat_jax.rl.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.sampling import DecodeParams, Engine, EngineSampler, Request, Sampler, SamplingParams

@@ -1,7 +1,7 @@
 """Generation for tagging and evaluation: a kat_jax model as a `GenerateFn`, and the AutoThink
 evaluation of a model on held-out dual-regime tasks (format rate, think-on rate easy vs hard).
 
-Generation goes through `kat_jax.eval.generation.model_generate_fn` (the rollout engine by
+Generation goes through `kat_jax.sampling.generate_fn.model_generate_fn` (the rollout engine by
 default); any `GenerateFn` (list of user queries -> list of responses) can be passed instead.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from kat_jax.autothink import verifiers
+from kat_jax.tasks import verifiers
 from kat_jax.autothink.tagging import GenerateFn
-from kat_jax.autothink.tasks import REGIMES, Task
+from kat_jax.tasks.dual_regime import REGIMES, Task
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.model.config import ModelConfig
@@ -31,10 +31,10 @@ def kat_generate_fn(params: Any, model_config: ModelConfig, tokenizer: Tokenizer
   model judge and choose. Responses are the assistant text after the generation prompt's
   `<judge>\\n`, the forced prefill included, so `parse_autothink_response(r,
   judge_prefilled=True)` reads them. Each call draws fresh randomness. (The sampling itself
-  is `kat_jax.eval.generation.model_generate_fn`, which also counts tokens.)
+  is `kat_jax.sampling.generate_fn.model_generate_fn`, which also counts tokens.)
   """
   # pylint: disable-next=g-import-not-at-top  (sampling pulls in the decode machinery)
-  from kat_jax.eval.generation import model_generate_fn
+  from kat_jax.sampling.generate_fn import model_generate_fn
   counting = model_generate_fn(params, model_config, tokenizer, think_mode=think_mode,
                                max_new_tokens=max_new_tokens, temperature=temperature,
                                batch_size=batch_size, seed=seed)

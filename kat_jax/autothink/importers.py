@@ -31,9 +31,8 @@ from absl import logging
 from kat_jax.data.chat_template import (ROLES, format_autothink_response,
                                         parse_autothink_response)
 from kat_jax.data.sources import RecordError
+from kat_jax.tasks.dual_regime import DEFAULT_JUDGE
 
-DEFAULT_JUDGE = {"think_on": "The query needs step-by-step reasoning.",
-                 "think_off": "The query can be answered directly."}
 _MAX_REASONS = 20
 
 

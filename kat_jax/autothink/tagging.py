@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kat_jax.autothink import verifiers
-from kat_jax.autothink.tasks import Task
+from kat_jax.tasks import verifiers
+from kat_jax.tasks.dual_regime import Task
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.openai_http import post_json
 from kat_jax.progress import Progress

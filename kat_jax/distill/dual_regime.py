@@ -1,6 +1,6 @@
 """Stage-1 dual-regime (think-on / think-off) chat records from the AutoThink task generator.
 
-The tasks come from `kat_jax.autothink.tasks` (the project's one dual-regime generator: easy
+The tasks come from `kat_jax.tasks.dual_regime` (the project's one dual-regime generator: easy
 queries that need no reasoning, hard ones with a worked trace, each with domain, regime and
 difficulty). Here they are only rendered for KAT stage 1 (report §3.2; docs/spec.md §7.1)::
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kat_jax.autothink import tasks
+from kat_jax.tasks import dual_regime as tasks
 from kat_jax.data import chat_template
 from kat_jax.data.packing import Document
 from kat_jax.data.tokenizer import Tokenizer, kat_tag_ids

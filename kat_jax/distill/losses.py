@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kat_jax.train.losses import _chunks, head_logits
+from kat_jax.train.losses import head_logits, split_chunks
 
 LOSS_KINDS = ("kd", "uld")
 
@@ -227,8 +227,8 @@ def chunked_token_loss(per_token: Callable[[jax.Array, Any], jax.Array],
                           teacher_inputs)
   flat_w = weights.reshape(-1).astype(jnp.float32)
   chunk = min(chunk_size, flat_w.shape[0])
-  xs = (_chunks(s_hidden, chunk), jax.tree.map(lambda x: _chunks(x, chunk), t_inputs),
-        _chunks(flat_w, chunk))
+  xs = (split_chunks(s_hidden, chunk), jax.tree.map(lambda x: split_chunks(x, chunk), t_inputs),
+        split_chunks(flat_w, chunk))
 
   @jax.checkpoint
   def chunk_loss(h, t, w):

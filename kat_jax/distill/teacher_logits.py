@@ -37,7 +37,7 @@ from kat_jax.data.packing import Document
 from kat_jax.distill.losses import topk_logprobs
 from kat_jax.model import Decoder, ModelConfig, lm_head_kernel
 from kat_jax.parallel import BATCH_AXES, global_batch, sharding_context
-from kat_jax.train.losses import _chunks
+from kat_jax.train.losses import split_chunks
 
 FIELD = "teacher_topk"
 
@@ -204,7 +204,7 @@ def make_topk_fn(config: ModelConfig, k: int, vocab: int | None = None, *,
     head = lm_head_kernel(params, config).astype(hidden.dtype)
     b, t, _ = hidden.shape
     chunk = min(chunk_size, t)
-    xs = _chunks(jnp.swapaxes(hidden, 0, 1), chunk)  # [T/chunk, chunk, B, d]
+    xs = split_chunks(jnp.swapaxes(hidden, 0, 1), chunk)  # [T/chunk, chunk, B, d]
 
     def body(carry, h):
       logits = jnp.einsum("cbd,dv->cbv", h, head, preferred_element_type=jnp.float32)

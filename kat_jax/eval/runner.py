@@ -17,9 +17,9 @@ from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.eval.metrics import mean_pass_at_k, rate
 from kat_jax.eval.sources import EvalTask
 from kat_jax.progress import Progress
-from kat_jax.rl.rewards import RewardPool, RewardResult, extract_code
+from kat_jax.tasks.rewards import RewardPool, RewardResult, extract_code
 
-# queries -> responses, or -> (responses, generated token counts) (`eval.generation`).
+# queries -> responses, or -> (responses, generated token counts) (`sampling.generate_fn`).
 GenerateFn = Callable[[list[str]], "list[str] | tuple[list[str], list[int]]"]
 MODES = ("think_on", "think_off")
 
@@ -143,7 +143,7 @@ def evaluate(generate_fn: GenerateFn, tasks: Sequence[EvalTask], *, num_samples:
 
   generate_fn: user queries -> KAT responses (text after `<judge>\\n`), one per query, fresh
     randomness per call; or -> (responses, generated token counts), as
-    `kat_jax.eval.generation.model_generate_fn` returns.
+    `kat_jax.sampling.generate_fn.model_generate_fn` returns.
   count_tokens: response -> generated tokens, when generate_fn gives no counts (default:
     whitespace words).
   """

@@ -1,6 +1,6 @@
 """Evaluation task sources: HumanEval, the generated dual-regime tasks, and user JSONL.
 
-Every source yields `EvalTask`s whose `verifier` is a `kat_jax.rl.rewards` spec, so scoring
+Every source yields `EvalTask`s whose `verifier` is a `kat_jax.tasks.rewards` spec, so scoring
 is shared with RL (code runs in the sandbox, math through SymPy).
 
 User JSONL rows: {"question": str, "answer": str, "verifier": "math"|"exact"|"choice"|"code"}
@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from kat_jax.autothink import tasks as tasks_lib
+from kat_jax.tasks import dual_regime as tasks_lib
 
 SOURCES = ("humaneval", "generated", "jsonl")
 JSONL_VERIFIERS = ("math", "exact", "choice", "code")
@@ -90,7 +90,7 @@ def from_autothink_task(task: tasks_lib.Task) -> EvalTask:
 
 def generated_tasks(num_tasks: int, seed: int, *, hard_fraction: float = 0.5
                     ) -> list[EvalTask]:
-  """Procedural easy/hard tasks (`kat_jax.autothink.tasks`), deterministic in seed."""
+  """Procedural easy/hard tasks (`kat_jax.tasks.dual_regime`), deterministic in seed."""
   if num_tasks < 1:
     raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
   return [from_autothink_task(t) for t in

@@ -172,7 +172,7 @@ def evaluate_checkpoint(config: ConfigDict, spec: str,
                         benchmarks: dict[str, Sequence[sources.EvalTask]], ks: list[int]
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """({benchmark: summary}, sample rows) of one checkpoint."""
-  from kat_jax.eval.generation import model_generate_fn  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.generate_fn import model_generate_fn  # pylint: disable=g-import-not-at-top
   ev = config.eval
   tokenizer = get_tokenizer(checkpoint_tokenizer(config, spec))
   model_config, params = load_checkpoint(config, spec, tokenizer)

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kat_jax.kernels.reference import cached_attention
-from kat_jax.model.layers import apply_rope
+from kat_jax.kernels.reference import apply_rope
 
 
 def _compiler_params(num_warps: int, interpret: bool):

@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kat_jax.model.layers import rms_norm
+from kat_jax.kernels.reference import rms_norm
 
 MAX_BATCH = 4  # rows per call; each row keeps its own accumulators in registers
 _MAX_CHUNK = 256

@@ -85,3 +85,18 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v_cache.dtype), v_cache,
                    preferred_element_type=jnp.float32)
   return out.reshape(batch, length, num_q_heads, head_dim).astype(q.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """The RMSNorm math as a function (the model, the KV-cache sampler and the fused decode
+  kernels call it on raw weights)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B,T,H,D] rotated with the non-interleaved `rotate_half` convention."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin

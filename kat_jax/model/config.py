@@ -10,7 +10,7 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 ATTENTION_BACKENDS = ("auto", "reference", "cudnn", "tree", "tree_mgpu")
 # Fields that say how to run a model, not what it is: a checkpoint's config takes them from
-# the run config (kat_jax.train.loop.load_model).
+# the run config (kat_jax.checkpoint.models.load_model).
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_unroll", "attention_backend")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -96,3 +96,15 @@ class ModelConfig:
     per_layer = d * q + 2 * d * kv + bias + q * d + 3 * d * f + 2 * d
     head = 0 if self.tie_word_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+
+def model_fields(preset: str) -> Any:
+  """`config.model` schema: a preset plus every ModelConfig field as an overridable placeholder
+  (None = the preset's value); `kat_jax.checkpoint.models.config_from_model_fields` fills the dataclass."""
+  from ml_collections import ConfigDict, config_dict  # pylint: disable=g-import-not-at-top
+  model = ConfigDict({"preset": preset, "init_from": ""})
+  for name, field in ModelConfig.__dataclass_fields__.items():
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
+        str(field.type).split(" ")[0].replace("'", ""), str)
+    model[name] = config_dict.placeholder(kind)
+  return model

@@ -11,6 +11,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from kat_jax.kernels.reference import apply_rope, rms_norm  # re-exported: the model uses them
 from kat_jax.model.attention import attend
 from kat_jax.model.config import ModelConfig
 
@@ -36,13 +37,6 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, self.eps)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """The RMSNorm math as a function (the KV-cache sampler calls it on raw weights)."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return normed.astype(x.dtype) * scale.astype(x.dtype)
-
-
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
                  dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
   """Half-split RoPE tables. positions [B,T] -> cos, sin [B,T,1,head_dim] in `dtype`.
@@ -53,13 +47,6 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
   return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B,T,H,D] rotated with the non-interleaved `rotate_half` convention."""
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
 
 
 class MLP(nn.Module):

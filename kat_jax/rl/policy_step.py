@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kat_jax.model import Decoder, ModelConfig, lm_head_kernel
@@ -76,3 +78,62 @@ def make_logprob_fn(config: ModelConfig, *, loss_chunk: int = 1024, temperature:
     return logp
 
   return logprob_fn
+
+
+class AccumulatedPolicyUpdate:
+  """One optimizer update over all rows of a batch, in micro-batches of a fixed shape.
+
+  The policy weights already carry the whole batch's aggregation normaliser, so the batch
+  loss and gradient are plain sums over micro-batches: `loss`, `policy_loss`, `kl` and
+  `entropy` are summed, `clip_fraction` is averaged over active tokens, `grad_norm` is the
+  norm of the summed gradient.
+  """
+
+  def __init__(self, model_config: ModelConfig, optimizer: optax.GradientTransformation,
+               objective: ObjectiveConfig, micro_batch_rows: int, loss_chunk: int,
+               ref_params: Any = None):
+    self.rows, self.optimizer = micro_batch_rows, optimizer
+    self.grad_fn = jax.jit(jax.value_and_grad(
+        make_policy_loss_fn(model_config, objective, loss_chunk=loss_chunk), has_aux=True))
+    self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
+    self.apply = jax.jit(self._apply, donate_argnums=(0,))
+    self.ref_params = ref_params if objective.beta else None  # settable after construction
+    self.ref_fn = (jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk))
+                   if objective.beta else None)
+
+  def _apply(self, state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return (TrainState(step=state.step + 1, params=params, opt_state=opt_state),
+            optax.tree.norm(grads))
+
+  def __call__(self, state: TrainState, batch: dict[str, np.ndarray]
+               ) -> tuple[TrainState, dict[str, float]]:
+    """batch: [B, T] arrays, B a multiple of micro_batch_rows -> (state, metrics).
+
+    `state` is donated: its buffers are reused for the new state.
+    """
+    total_rows = len(batch["tokens"])
+    if total_rows % self.rows:
+      raise ValueError(f"batch of {total_rows} rows is not a multiple of micro_batch_rows "
+                       f"{self.rows}; pad it with pad_batch_rows")
+    grads, sums, clipped, active = None, {}, 0.0, 0.0
+    for start in range(0, total_rows, self.rows):
+      chunk = {k: batch[k][start:start + self.rows] for k in POLICY_INPUTS if k in batch}
+      if self.ref_fn is not None:  # the reference policy's log-probs of this micro-batch
+        chunk["ref_logp"] = self.ref_fn(self.ref_params, chunk)
+      (loss, metrics), g = self.grad_fn(state.params, chunk)
+      grads = g if grads is None else self.add(grads, g)
+      chunk_active = float(np.sum(chunk["kl_weight"] > 0))
+      for key, value in {**metrics, "loss": loss}.items():
+        if key == "clip_fraction":
+          clipped += value * chunk_active
+        else:
+          sums[key] = sums.get(key, 0.0) + value
+      active += chunk_active
+    state, grad_norm = self.apply(state, grads)
+    metrics = {k: float(v) for k, v in jax.device_get(sums).items()}
+    metrics["clip_fraction"] = float(clipped) / max(active, 1.0)
+    metrics["grad_norm"] = float(grad_norm)
+    metrics["micro_batches"] = float(total_rows // self.rows)
+    return state, metrics

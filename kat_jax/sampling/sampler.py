@@ -129,7 +129,7 @@ def _bucket(length: int) -> int:
   return max(8, 1 << (length - 1).bit_length())
 
 
-def _extension_width(length: int, chunk: int) -> int:
+def extension_width(length: int, chunk: int) -> int:
   """Slots an extension of `length` tokens takes: a bucket, or whole prefill chunks."""
   return _bucket(length) if length <= chunk else -(-length // chunk) * chunk
 
@@ -246,7 +246,7 @@ class Sampler:
       raise ValueError(f"appending {longest} tokens at slot {state.end} overflows the cache of "
                        f"{state.max_length} slots; use a larger max_length")
     chunk = self.prefill_chunk
-    width = min(_extension_width(longest, chunk), room)
+    width = min(extension_width(longest, chunk), room)
     tokens, valid = _left_padded(sequences, width, self.pad_id)
     old_logits = state.logits
     cache, end = state.cache, state.end
@@ -281,7 +281,7 @@ class Sampler:
     """Prefill once, fork `num_samples` per prompt (rows grouped by prompt), decode."""
     if max_length is None:
       longest = max((len(p) for p in prompts), default=1)
-      max_length = _extension_width(longest, self.prefill_chunk) + max_new_tokens
+      max_length = extension_width(longest, self.prefill_chunk) + max_new_tokens
     state = fork(self.prefill(params, prompts, max_length=max_length), num_samples)
     result, _ = self.decode(params, state, rng, max_new_tokens=max_new_tokens,
                             sampling=sampling, stop_ids=stop_ids)

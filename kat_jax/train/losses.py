@@ -48,7 +48,7 @@ def _head_logits_bwd(residuals, g):
 head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
-def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+def split_chunks(x: jax.Array, chunk: int) -> jax.Array:
   """[N, ...] -> [N/chunk, chunk, ...], zero-padding N up to a multiple of `chunk`."""
   pad = (-x.shape[0]) % chunk
   if pad:
@@ -80,7 +80,8 @@ def chunked_cross_entropy(hidden: jax.Array, head_kernel: jax.Array, tokens: jax
   flat_tokens = tokens.reshape(-1)
   flat_weights = weights.reshape(-1).astype(jnp.float32)
   chunk = min(chunk_size, flat_tokens.shape[0])
-  xs = (_chunks(pred_hidden, chunk), _chunks(flat_tokens, chunk), _chunks(flat_weights, chunk))
+  xs = (split_chunks(pred_hidden, chunk), split_chunks(flat_tokens, chunk),
+        split_chunks(flat_weights, chunk))
 
   @jax.checkpoint
   def chunk_loss(h, t, w):
@@ -138,8 +139,9 @@ def chunked_token_logprobs(hidden: jax.Array, head_kernel: jax.Array, tokens: ja
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) if with_entropy else logp
     return logp, entropy
 
-  _, (logp, entropy) = jax.lax.scan(lambda c, x: (c, chunk_fn(*x)), None,
-                                    (_chunks(pred_hidden, chunk), _chunks(flat_tokens, chunk)))
+  _, (logp, entropy) = jax.lax.scan(
+      lambda c, x: (c, chunk_fn(*x)), None,
+      (split_chunks(pred_hidden, chunk), split_chunks(flat_tokens, chunk)))
   n = batch * length
   logp = logp.reshape(-1)[:n].reshape(batch, length)
   entropy = entropy.reshape(-1)[:n].reshape(batch, length) if with_entropy else None

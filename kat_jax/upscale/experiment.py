@@ -29,9 +29,11 @@ from ml_collections import ConfigDict
 from kat_jax.data import pipeline, sources, synthetic
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import ModelConfig, get_preset, init_params
+from kat_jax.parallel import global_batch
 from kat_jax.train.optimizer import make_optimizer
-from kat_jax.train.state import create_train_state
+from kat_jax.train.state import init_sharded_state
 from kat_jax.train.step import make_eval_step, make_train_step
+from kat_jax.train.trainer import Trainer, Work
 from kat_jax.upscale import expand, saturation
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results/upscale_tiny_cpu.json", "Result JSON.")
@@ -68,28 +70,56 @@ def _eval_loss(config: ModelConfig, params, eval_set: list[dict]) -> float:
   return ce / max(weight, 1.0)
 
 
+class _ReplayBatches:
+  """A batch source over pre-drawn batches (every run sees the same ones); checkpointable."""
+
+  def __init__(self, batches: list[dict], mesh):
+    self._batches, self._mesh, self._next = batches, mesh, 0
+    self.checkpoint = self
+
+  def next(self, state, step: int) -> Work:
+    del state, step
+    batch = self._batches[self._next]
+    self._next += 1
+    return Work(global_batch(batch, self._mesh), tokens=float(np.sum(batch["weights"] > 0)))
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._next).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._next = json.loads(state.decode())
+
+  def start_prefetch(self) -> None:
+    pass
+
+
 def train(config: ModelConfig, params, optim: ConfigDict, steps: int, batches: list[dict],
-          eval_fn: Callable[[Any], float]) -> tuple[Any, dict[str, Any]]:
-  """`steps` AdamW updates from `params` on `batches` (pre-drawn, so every run sees the same)."""
+          eval_fn: Callable[[Any], float], workdir: str) -> tuple[Any, dict[str, Any]]:
+  """`steps` AdamW updates from `params` on `batches`: a trainer run in `workdir`."""
+  run = ConfigDict(dict(optim=optim, mesh=dict(data=-1, fsdp=1, tensor=1), train=dict(
+      log_every=_LOG_EVERY.value, eval_every=0, checkpoint_every=steps, keep_checkpoints=1,
+      async_checkpoint=False, tensorboard=False)))
   optimizer = make_optimizer(optim, steps)
-  step_fn = jax.jit(make_train_step(config, optimizer), donate_argnums=(0,))
+  trainer = Trainer(run, name=f"{config.num_layers} layers", workdir=workdir, steps=steps)
+  curve = []
+
+  class _Curve(_ReplayBatches):
+    def after_step(self, step, state, metrics):
+      del state
+      if step % _LOG_EVERY.value == 0 or step == steps:
+        curve.append([step, round(metrics["loss"], 4)])
+
   # A private copy: the step donates its state, and `params` may share buffers with other runs.
-  state = create_train_state(jax.tree.map(jnp.copy, params), optimizer)
-  curve, start, first_step = [], time.perf_counter(), 0.0
-  for step, batch in enumerate(batches[:steps], start=1):
-    state, metrics = step_fn(state, batch)
-    if step % _LOG_EVERY.value == 0 or step == steps:
-      curve.append([step, round(float(metrics["loss"]), 4)])
-    if step == 1:
-      first_step = time.perf_counter() - start  # includes compilation
-  seconds = time.perf_counter() - start
+  init = lambda: init_sharded_state(config, optimizer, trainer.mesh, jax.random.key(0),  # noqa: E731
+                                    params=jax.tree.map(jnp.copy, params))
+  result = trainer.fit(init, make_train_step(config, optimizer),
+                       _Curve(batches[:steps], trainer.mesh))
   log = {"train_loss": curve, "final_train_loss": curve[-1][1],
-         "eval_loss": eval_fn(state.params), "seconds": round(seconds, 1),
-         "first_step_seconds": round(first_step, 1),
-         "params": expand.count_params(state.params), "num_layers": config.num_layers}
-  print(f"  {config.num_layers} layers, {steps} steps in {seconds:.0f}s: train "
+         "eval_loss": eval_fn(result.state.params), "seconds": round(result.seconds, 1),
+         "params": expand.count_params(result.state.params), "num_layers": config.num_layers}
+  print(f"  {config.num_layers} layers, {steps} steps in {result.seconds:.0f}s: train "
         f"{log['final_train_loss']:.4f}, eval {log['eval_loss']:.4f}", flush=True)
-  return state.params, log
+  return result.state.params, log
 
 
 def _mean_window(curve: list[list[float]], last: int = 3) -> float:
@@ -117,7 +147,8 @@ def run_experiment() -> dict[str, Any]:
   params = init_params(config, jax.random.key(seed))
   print(f"(a) base model, {_BASE_STEPS.value} steps", flush=True)
   base_params, base_log = train(config, params, _optim(3e-3, 20), _BASE_STEPS.value,
-                                base_batches, lambda p: _eval_loss(config, p, eval_set))
+                                base_batches, lambda p: _eval_loss(config, p, eval_set),
+                                os.path.join(_WORKDIR.value, "base"))
 
   report = saturation.analyze_saturation(config, base_params, calib)
   duplicated = expand.select_top_k(report.mean_cosine, _NUM_NEW.value, exclude_first=1,
@@ -142,7 +173,7 @@ def run_experiment() -> dict[str, Any]:
     initial_eval = _eval_loss(run_config, run_params, eval_set)
     eval_fn = lambda p, c=run_config: _eval_loss(c, p, eval_set)
     final_params, log = train(run_config, run_params, continue_optim, _CONTINUE_STEPS.value,
-                              more_batches, eval_fn)
+                              more_batches, eval_fn, os.path.join(_WORKDIR.value, name))
     log["eval_loss_at_start"] = initial_eval
     log["train_loss_last3_mean"] = _mean_window(log["train_loss"])
     if init is not None:

@@ -26,14 +26,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
+from kat_jax.checkpoint import models
 from kat_jax.checkpoint.hf import save_pretrained
 from kat_jax.data import pipeline
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import ModelConfig
 from kat_jax.errors import ConfigError
-from kat_jax.train.loop import build_sources, load_model
+from kat_jax.train.inputs import build_sources
 from kat_jax.train.step import make_eval_step
 from kat_jax.upscale import expand, saturation
+from kat_jax.upscale.config import check_upscale_fields, choose_layer_map
 
 def calibration_batches(config: ConfigDict, workdir: str, vocab_size: int):
   """One pass (no repeat) of packed [B,T] batches from `config.data`."""
@@ -46,44 +48,6 @@ def calibration_batches(config: ConfigDict, workdir: str, vocab_size: int):
       source, tokenizer, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
       seed=config.seed, shuffle=config.data.shuffle, num_epochs=1,
       long_docs=config.data.long_docs)
-
-
-def _parse_layers(text: str) -> list[int]:
-  try:
-    return [int(s) for s in text.replace(" ", "").split(",") if s]
-  except ValueError:
-    raise ValueError(f"layers {text!r} is not a comma-separated int list") from None
-
-
-def choose_layer_map(up: ConfigDict, num_layers: int,
-                     mean_cosine: list[float] | None) -> expand.LayerMap:
-  """`config.upscale` + per-layer mean cosine -> the layer map (ConfigError on bad fields)."""
-  try:
-    if up.init not in expand.INITS:
-      raise ValueError(f"unknown init {up.init!r}; choose one of {expand.INITS}")
-    layers = _parse_layers(up.layers) if up.selection == "explicit" else []
-    duplicated = expand.select_layers(
-        up.selection, num_layers, up.num_new_layers, mean_cosine=mean_cosine, layers=layers,
-        exclude_first=up.exclude_first, exclude_last=up.exclude_last)
-    layer_map = expand.make_layer_map(num_layers, duplicated, up.placement)
-  except ValueError as e:
-    raise ConfigError(f"config.upscale: {e}") from e
-  if up.expected_num_layers and layer_map.new_num_layers != up.expected_num_layers:
-    raise ConfigError(f"config.upscale.expected_num_layers is {up.expected_num_layers} but the"
-                      f" layer map has {layer_map.new_num_layers} layers")
-  return layer_map
-
-
-def check_upscale_fields(up: ConfigDict, num_layers: int) -> None:
-  """Fails fast, before the (long) analysis, on fields that cannot work for any cosines."""
-  if up.selection in ("top_k", "window") and not up.analyze:
-    raise ConfigError(f"config.upscale.selection {up.selection!r} needs upscale.analyze=True")
-  if up.analyze and up.calibration_batches < 1:
-    raise ConfigError(f"config.upscale.calibration_batches must be >= 1, got "
-                      f"{up.calibration_batches}")
-  # A flat profile: top_k picks the first candidates, a contiguous run, so block placement
-  # passes here; whether the measured top-k is contiguous is only known after the analysis.
-  choose_layer_map(up, num_layers, [0.0] * num_layers)
 
 
 def save_orbax_params(path: str, params: Mapping) -> None:
@@ -124,7 +88,7 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  model_config, params = load_model(config)
+  model_config, params = models.load_configured_model(config.model, seed=config.seed)
   print(f"upscale: source model {model_config.num_layers} layers, "
         f"{expand.count_params(params):,} params", flush=True)
 
@@ -180,24 +144,3 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
         f"(duplicated {layer_map.duplicated}), {summary['new_params']:,} params, "
         f"written to {workdir}", flush=True)
   return summary
-
-
-def upscale_fields() -> ConfigDict:
-  """`config.upscale` defaults (the stage configs start from these)."""
-  return ConfigDict(dict(
-      num_new_layers=1,  # k: layers to duplicate (KAT: 16 of 64)
-      selection="top_k",  # 'top_k' | 'window' | 'uniform' | 'explicit'
-      layers="",  # comma-separated layer indices for selection='explicit'
-      exclude_first=1,  # never duplicate the first / last few layers
-      exclude_last=1,
-      placement="interleave",  # 'interleave' | 'block'
-      init="copy",  # 'copy' | 'identity' (zero o_kernel/down_proj of the copies)
-      analyze=True,  # run the saturation analysis (needed by top_k/window)
-      calibration_batches=8,
-      check_batches=0,  # > 0: report the loss before/after on this many batches
-      expected_num_layers=0,  # > 0: fail unless the new model has this many layers
-      save_orbax=True,
-      save_hf=True,
-      hf_dtype="",  # dtype of the safetensors ('' = the model's param_dtype)
-      max_shard_size="5GB",
-  ))

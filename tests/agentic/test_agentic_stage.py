@@ -8,7 +8,9 @@ import pytest
 from experiments.configs.agentic_rl import get_config
 from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.rollout import Episode
-from kat_jax.agentic.stage import objective_from, rl_batch, run_agentic_rl
+from kat_jax.agentic.batches import rl_batch
+from kat_jax.agentic.config import objective_from
+from kat_jax.agentic.stage import run_agentic_rl
 from kat_jax.data.chat_template import tokenize_chat
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
@@ -107,3 +109,14 @@ def test_rl_batch_prune_stats_and_a_budget_below_the_prompt():
 def test_bad_agentic_fields_are_config_errors(tmp_path, field, value, message):
   with pytest.raises(ConfigError, match=message):
     run_agentic_rl(_config(tmp_path, **{field: value}))
+
+
+def test_agentic_rl_killed_after_a_checkpoint_resumes_with_identical_losses(tmp_path):
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+
+  def run(workdir):
+    config = _config(workdir)
+    config.train.update(steps=3, checkpoint_every=2, async_checkpoint=False)
+    run_agentic_rl(config)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=3, kill_before=3, resumes_at=2)

@@ -10,8 +10,9 @@ from kat_jax.agentic.decoupled import (OpenAICompletionsClient, WeightStore, run
                                        server_rollout)
 from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.rollout import RolloutConfig, tree_rollout
-from kat_jax.agentic.stage import (AccumulatedPolicyUpdate, agentic_fields, objective_from,
-                                   rl_batch)
+from kat_jax.agentic.batches import rl_batch
+from kat_jax.agentic.config import agentic_fields, objective_from
+from kat_jax.rl.policy_step import AccumulatedPolicyUpdate
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import group_advantages

@@ -6,7 +6,7 @@ import pytest
 
 from kat_jax.agentic.pruning import (build_pruned_trees, compressed_trie, prune_group,
                                      truncate)
-from kat_jax.agentic.tree import Trajectory, build_trees, pack_trees, unrolled_batch
+from kat_jax.rl.tree import Trajectory, build_trees, pack_trees, unrolled_batch
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import ObjectiveConfig
 from kat_jax.rl.policy_step import make_policy_loss_fn

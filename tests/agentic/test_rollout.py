@@ -6,7 +6,7 @@ import pytest
 
 from kat_jax.agentic.environments import Environment, StepResult
 from kat_jax.agentic.rollout import RolloutConfig, continuation_text, tree_rollout
-from kat_jax.agentic.tree import build_trees, unrolled_batch
+from kat_jax.rl.tree import build_trees, unrolled_batch
 from kat_jax.data.chat_template import render_chat
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset, init_params

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from kat_jax.agentic.tree import (PrefixTree, Trajectory, build_trees, pack_trees,
+from kat_jax.rl.tree import (PrefixTree, Trajectory, build_trees, pack_trees,
                                   unrolled_batch)
 from kat_jax.data.packing import validate_batch
 from kat_jax.kernels.reference import visibility_mask

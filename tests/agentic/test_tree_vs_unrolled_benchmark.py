@@ -4,7 +4,7 @@ its `--high-sharing` workload (issue 25 asks for >= 5)."""
 import importlib.util
 import os
 
-from kat_jax.agentic.tree import build_trees
+from kat_jax.rl.tree import build_trees
 from kat_jax.rl.objectives import ObjectiveConfig
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tree_vs_unrolled.py")

@@ -8,9 +8,10 @@ import math
 import pytest
 
 from experiments.configs.base import base_config
-from kat_jax.autothink import tasks
+from kat_jax.tasks import dual_regime as tasks
 from kat_jax.errors import ConfigError
-from kat_jax.train.loop import build_sources, run_pretrain
+from kat_jax.train.inputs import build_sources
+from kat_jax.train.loop import run_pretrain
 
 
 def test_task_text_has_reasoning_only_for_hard_tasks():

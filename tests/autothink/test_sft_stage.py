@@ -10,10 +10,12 @@ import sys
 import pytest
 
 from experiments.configs.sft import get_config
-from kat_jax.autothink import generation, stage, tagging, tasks
+from kat_jax.autothink import config as at_config, generation, sft_data, stage, tagging
+from kat_jax.tasks import dual_regime as tasks
 from kat_jax.data.chat_template import format_autothink_response
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.checkpoint import models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_openai import FakeServer  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -91,7 +93,7 @@ def test_sft_stage_smoke(tmp_path, capsys):
   assert len(rows) == 6 and {"response", "mode", "well_formed"} <= set(rows[0])
 
   # The trained model as a think-off GenerateFn for the vote: the forced prefill is kept.
-  model_config, params = stage.trained_model(config, str(tmp_path))
+  model_config, params = models.load_model(str(tmp_path))
   generate = generation.kat_generate_fn(params, model_config, get_tokenizer("bytes"),
                                         think_mode="off", max_new_tokens=12, temperature=0.0)
   ts = tasks.generate_tasks(3, seed=0)
@@ -111,7 +113,7 @@ def test_config_errors_name_the_field(tmp_path):
   with pytest.raises(ConfigError, match="config.autothink.weights"):
     stage.run_sft(config)
   with pytest.raises(ConfigError, match="solver_accuracy"):
-    stage.parse_accuracy("easy=0.9")
+    at_config.parse_accuracy("easy=0.9")
   assert not os.path.exists(tmp_path / "data")
 
 
@@ -123,12 +125,12 @@ def test_imported_rows_skipped_are_printed_and_counted(tmp_path, capsys):
   chat = tmp_path / "chat.jsonl"
   chat.write_text("\n".join(json.dumps(r) for r in [good, bad, good, good]) + "\n")
   config.autothink.sft_paths = str(chat)
-  stage.prepare_sft_data(config, str(tmp_path))
+  sft_data.prepare_sft_data(config, str(tmp_path))
   out = capsys.readouterr().out
   assert "3 of 4 imported rows kept, 1 skipped" in out, out
   data = json.load(open(tmp_path / "data" / "data_summary.json"))
   assert data["skipped"] == 1 and "chat.jsonl line 2" in data["skip_reasons"][0]
-  assert stage.data_skipped(str(tmp_path)) == 1  # what run_sft's status line prints
+  assert sft_data.data_skipped(str(tmp_path)) == 1  # what run_sft's status line prints
 
 
 def _jsonl(path, rows):
@@ -165,8 +167,8 @@ def test_tasks_path_user_records_tagged_through_the_endpoint(tmp_path, monkeypat
              USER_TASKS[2]["prompt"]: "30", USER_TASKS[3]["prompt"]: "A"}
   with FakeServer(answers) as server:
     config.autothink.endpoint_url = server.url
-    stage.check_fields(config.autothink)
-    paths = stage.prepare_sft_data(config, str(tmp_path))
+    at_config.check_fields(config.autothink)
+    paths = sft_data.prepare_sft_data(config, str(tmp_path))
   assert len(server.requests) == (4 + 2) * 3  # user tasks + generated eval tasks, 3 votes each
   assert server.requests[0]["auth"] == "Bearer k42"
   assert server.requests[0]["body"]["model"] == "fake-reasoner"
@@ -182,7 +184,7 @@ def test_tasks_path_user_records_tagged_through_the_endpoint(tmp_path, monkeypat
   assert "<think>\n3 + 4 = 7. 7 * 5 = 35.\n</think>" in train[2]["messages"][-1]["content"]
   summary = json.load(open(tmp_path / "data" / "data_summary.json"))
   assert summary["train"]["skipped"] == 1 and "mine.jsonl:4" in summary["train"]["skip_reasons"][0]
-  assert stage.data_skipped(str(tmp_path)) == 1
+  assert sft_data.data_skipped(str(tmp_path)) == 1
 
 
 def test_tasks_path_bad_record_names_file_line_field(tmp_path):
@@ -190,7 +192,7 @@ def test_tasks_path_bad_record_names_file_line_field(tmp_path):
   bad = _jsonl(tmp_path / "mine.jsonl", [USER_TASKS[0], {"prompt": "q", "verifier": "math"}])
   config.autothink.tasks_path = str(bad)
   with pytest.raises(ConfigError, match=r"tasks_path: .*mine.jsonl line 2: field 'answer'"):
-    stage.prepare_sft_data(config, str(tmp_path))
+    sft_data.prepare_sft_data(config, str(tmp_path))
 
 
 def test_model_tagger_votes_with_a_tiny_random_model(tmp_path, monkeypatch):
@@ -215,7 +217,7 @@ def test_model_tagger_votes_with_a_tiny_random_model(tmp_path, monkeypatch):
     return wrapped
 
   monkeypatch.setattr(stage.generation, "kat_generate_fn", spy)
-  paths = stage.prepare_sft_data(config, str(tmp_path))
+  paths = sft_data.prepare_sft_data(config, str(tmp_path))
   assert len(calls) == 2 * 2  # train and eval tasks, 2 votes each
   for think_mode, responses in calls:  # the model answered with think-off forced
     assert think_mode == "off"
@@ -224,3 +226,17 @@ def test_model_tagger_votes_with_a_tiny_random_model(tmp_path, monkeypatch):
   assert len(tagged) == 4 and all(r["votes"] == 2 and r["mode_source"] == "vote" for r in tagged)
   assert all(r["mode"] == tagging.vote_mode(r["votes_correct"], 2) for r in tagged)
   assert len(_read(paths["train"])) == 4
+
+
+def test_sft_training_killed_after_a_checkpoint_resumes_with_identical_losses(tmp_path):
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+  data_config = _toy_config(tmp_path / "data")
+  data_config.autothink.update(num_train=16, num_eval=8, votes=1)
+  paths = sft_data.prepare_sft_data(data_config, str(tmp_path / "data"))
+
+  def run(workdir):
+    config = _toy_config(workdir)
+    config.train.update(steps=4, checkpoint_every=2, eval_every=0, async_checkpoint=False)
+    stage.train_sft(config, paths)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=4, kill_before=4, resumes_at=2)

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from kat_jax.autothink import tagging, tasks
+from kat_jax.autothink import tagging
+from kat_jax.tasks import dual_regime as tasks
 from kat_jax.testing import LocalJsonServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

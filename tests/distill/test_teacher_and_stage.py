@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from kat_jax.autothink import tasks as autothink_tasks
+from kat_jax.tasks import dual_regime as autothink_tasks
 from kat_jax.data import sources
 from kat_jax.data.packing import validate_batch
 from kat_jax.data.tokenizer import get_tokenizer, kat_tag_ids
@@ -165,7 +165,8 @@ def _tiny_config(workdir: str) -> ConfigDict:
 
 
 def test_tiny_distill_smoke_online_then_offline(tmp_path):
-  from kat_jax.distill.stage import run_distill, run_teacher_logits  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.stage import run_distill  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.teacher_stage import run_teacher_logits  # pylint: disable=g-import-not-at-top
   config = _tiny_config(str(tmp_path / "online"))
   config.distill.compare_variants = "kd_mtp"
   summary = run_distill(config)
@@ -175,7 +176,7 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
     assert np.isfinite(result["eval"]["loss"]) and result["steps"] == 2
   assert np.isfinite(summary["students"]["kd_mtp"]["train"]["mtp1_distill"])
   assert os.path.exists(tmp_path / "online" / "comparison.json")
-  assert os.path.exists(tmp_path / "online" / "teacher" / "model_config.json")
+  assert os.path.exists(tmp_path / "online" / "teacher" / "config.json")  # an HF directory
   # The student's run workdir and its final save load through the one loader, MTP heads kept
   # on request; the distill workdir itself names them.
   from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
@@ -191,7 +192,7 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
   config_t = _tiny_config(str(tmp_path / "online"))
   config_t.stage = "teacher_logits"
   config_t.distill.compare_variants = ""
-  from kat_jax.distill.stage import teacher_logits_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.config import teacher_logits_fields  # pylint: disable=g-import-not-at-top
   config_t.teacher_logits = teacher_logits_fields()
   config_t.teacher_logits.top_k = 8
   out = run_teacher_logits(config_t)
@@ -210,7 +211,27 @@ def test_tiny_distill_smoke_online_then_offline(tmp_path):
 
 
 def test_unknown_variant_is_a_config_error(tmp_path):
-  from kat_jax.distill.stage import objective_from  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.config import objective_from  # pylint: disable=g-import-not-at-top
   config = _tiny_config(str(tmp_path))
   with pytest.raises(ConfigError, match="compare_variants"):
     objective_from(config, TOK, "jsd")
+
+
+def test_distill_student_with_mtp_killed_after_a_checkpoint_resumes_with_identical_losses(
+    tmp_path):
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  from kat_jax.distill.stage import run_distill  # pylint: disable=g-import-not-at-top
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+  teacher = get_preset("tiny", num_layers=1, hidden_size=32, intermediate_size=64)
+  models.save_model(str(tmp_path / "teacher"), teacher, init_params(teacher, jax.random.key(3)))
+
+  def run(workdir):
+    config = _tiny_config(workdir)
+    config.distill.update(compare_variants="", loss="kd", teacher_init_from=str(
+        tmp_path / "teacher"))
+    config.mtp.depth = 1
+    config.train.update(steps=4, checkpoint_every=2)
+    run_distill(config)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=4, kill_before=4, resumes_at=2,
+                           log_dir="student")

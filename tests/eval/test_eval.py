@@ -188,7 +188,7 @@ def test_evaluate_records_reward_errors_timeouts_and_untrusted_verdicts():
   assert [r["reward_status"] for r in rows] == ["pass", "timeout", "error"]
   assert [r["correct"] for r in rows] == [True, False, False]
   assert summary["reward_errors"] == 1 and summary["reward_timeouts"] == 1
-  from kat_jax.rl.rewards.sandbox import run_python  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards.sandbox import run_python  # pylint: disable=g-import-not-at-top
   contained = run_python("pass").contained  # the sandbox had its own uid or pid namespace
   assert rows[0]["reward_trusted"] == contained
   assert summary["code_untrusted"] == (0 if contained else 2)  # the two sandbox runs
@@ -230,7 +230,7 @@ def _save_random_hf(config, path, seed):
   import jax
   from kat_jax.checkpoint.hf import save_pretrained
   from kat_jax.model import init_params
-  from kat_jax.train.loop import model_config_from
+  from kat_jax.checkpoint.models import config_from_model_fields as model_config_from
   model_config = model_config_from(config.model)
   params = jax.jit(lambda rng: init_params(model_config, rng))(jax.random.key(seed))
   save_pretrained(path, model_config, params)
@@ -240,7 +240,7 @@ def _save_random_hf(config, path, seed):
 def test_model_generate_fn_greedy_responses_and_counts_equal_for_paged_and_static():
   import jax
   from kat_jax.data.tokenizer import get_tokenizer
-  from kat_jax.eval.generation import model_generate_fn
+  from kat_jax.sampling.generate_fn import model_generate_fn
   from kat_jax.model import get_preset, init_params
   tokenizer = get_tokenizer("bytes")
   config = get_preset("tiny", num_layers=1, initializer_range=0.3)
@@ -327,7 +327,7 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
   from kat_jax.checkpoint.manager import RunCheckpointer
   from kat_jax.eval.stage import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
   from kat_jax.model import init_params
-  from kat_jax.train.loop import model_config_from
+  from kat_jax.checkpoint.models import config_from_model_fields as model_config_from
   config = _eval_config(tmp_path)
   run_config = _eval_config(tmp_path)
   run_config.model.num_layers = 1  # differs from the eval config: must come from the run
@@ -354,10 +354,10 @@ def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
 
 def test_generated_eval_tasks_are_not_the_sft_or_rl_training_tasks():
   """The default eval seed must not regenerate the prompts SFT or RL trained on."""
-  from kat_jax.autothink import tasks as task_lib  # pylint: disable=g-import-not-at-top
-  from kat_jax.autothink.stage import autothink_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks import dual_regime as task_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.autothink.config import autothink_fields  # pylint: disable=g-import-not-at-top
   from kat_jax.eval.stage import eval_fields  # pylint: disable=g-import-not-at-top
-  from kat_jax.rl.stage import rl_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.config import rl_fields  # pylint: disable=g-import-not-at-top
   ev, at, rl = eval_fields(), autothink_fields(), rl_fields()
   eval_prompts = {t.prompt for t in task_lib.generate_tasks(ev.num_generated,
                                                             ev.generated_seed)}

@@ -7,7 +7,8 @@ from ml_collections import ConfigDict
 
 from kat_jax.checkpoint.manager import RunCheckpointer
 from kat_jax.model import get_preset
-from kat_jax.parallel import (batch_sharding, global_batch, init_sharded_state, make_mesh,
+from kat_jax.train.state import init_sharded_state
+from kat_jax.parallel import (batch_sharding, global_batch, make_mesh,
                               replicated, sharding_context)
 from kat_jax.parallel.mesh import resolve_mesh_shape
 from kat_jax.testing import assert_trees_close, relative_error

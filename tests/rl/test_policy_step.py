@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kat_jax.agentic.tree import Trajectory, unrolled_batch
+from kat_jax.rl.tree import Trajectory, unrolled_batch
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import ObjectiveConfig, token_objective
 from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step

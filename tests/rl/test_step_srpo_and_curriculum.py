@@ -7,7 +7,7 @@ import pytest
 
 from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
 from kat_jax.rl.objectives import group_advantages, overlong_penalty
-from kat_jax.rl.stage import select_groups
+from kat_jax.rl.rollouts import select_groups
 from kat_jax.rl.step_srpo import (Rollout, StepSRPOConfig, forced_rollouts, group_rewards,
                                   has_signal, judge_segment_length, preferred_mode,
                                   token_advantages)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from experiments.configs.step_srpo import get_config
-from kat_jax.autothink import tasks as task_lib
+from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.errors import ConfigError
 from kat_jax.rl import stage as stage_lib
-from kat_jax.rl.rewards import RewardPool, RewardResult
+from kat_jax.tasks.rewards import RewardPool, RewardResult
 from kat_jax.rl.stage import run_step_srpo
 
 
@@ -125,3 +125,17 @@ def test_missing_sft_run_is_a_config_error(tmp_path):
   config.rl.init_sft_workdir = str(tmp_path / "nope")
   with pytest.raises(ConfigError, match="no checkpoints under"):
     run_step_srpo(config)
+
+
+def test_step_srpo_killed_after_a_checkpoint_resumes_with_identical_losses(tmp_path):
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+
+  def run(workdir):
+    config = _config(tmp_path)
+    config.workdir = workdir
+    config.rl.update(steps=3, group_size=2, eval_prompts=1, stage1_mix="math:1",
+                     stage2_mix="math:1")  # math only: verifiers without time limits
+    config.train.update(checkpoint_every=2, log_every=1, async_checkpoint=False)
+    run_step_srpo(config)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=3, kill_before=3, resumes_at=2)

@@ -13,7 +13,7 @@ from kat_jax.model import Decoder, get_preset, init_params, param_shapes
 from kat_jax.model.decoder import DecoderBlock
 from kat_jax.model.layers import rope_cos_sin
 from experiments.configs import kat_v1_40b_upscale
-from kat_jax.upscale import expand, saturation, stage
+from kat_jax.upscale import config as upscale_config, expand, saturation
 
 
 def _config(num_layers=3, **overrides):
@@ -216,7 +216,7 @@ def test_qwen25_32b_to_kat_v1_40b_on_shapes_only():
   assert config.num_layers == 64
   shapes = param_shapes(config)  # nothing allocated
   cos = list(np.linspace(0.5, 0.99, config.num_layers))  # stand-in saturation profile
-  layer_map = stage.choose_layer_map(recipe.upscale, config.num_layers, cos)
+  layer_map = upscale_config.choose_layer_map(recipe.upscale, config.num_layers, cos)
   assert [i for i, new in zip(layer_map.source, layer_map.inserted) if new] == list(range(47, 63))
   assert all(layer_map.source[i - 1] == layer_map.source[i]  # each copy right after its source
              for i, new in enumerate(layer_map.inserted) if new)

@@ -11,8 +11,9 @@ from kat_jax.checkpoint import models
 from kat_jax.checkpoint.hf import load_pretrained, save_pretrained
 from kat_jax.model import get_preset, init_params
 from kat_jax.testing import assert_trees_close
-from kat_jax.train.loop import ConfigError, run_pretrain
-from kat_jax.upscale import stage
+from kat_jax.errors import ConfigError
+from kat_jax.train.loop import run_pretrain
+from kat_jax.upscale import config as upscale_config, stage
 
 
 def _small(config, workdir):
@@ -55,7 +56,7 @@ def test_tiny_stage_writes_loadable_outputs_and_identity_keeps_the_loss(tmp_path
   assert saved_config.num_layers == 10
   assert_trees_close(saved_params, hf_params, rtol=1e-7)
   sources = [row["source_index"] for row in layer_map["layers"]]
-  _, source_params = stage.load_model(config)
+  _, source_params = models.load_configured_model(config.model, seed=config.seed)
   np.testing.assert_array_equal(
       np.asarray(hf_params["layers"]["attn"]["q_kernel"]),
       np.asarray(source_params["layers"]["attn"]["q_kernel"])[sources])
@@ -118,6 +119,32 @@ def test_config_mistakes_are_config_errors_before_the_analysis(tmp_path):
     bad = up.copy_and_resolve_references()
     bad.update(changes)
     with pytest.raises(ConfigError, match=message):
-      stage.check_upscale_fields(bad, 8)
+      upscale_config.check_upscale_fields(bad, 8)
   up.selection, up.layers = "explicit", "3,4"
-  stage.check_upscale_fields(up, 8)  # a good config passes
+  upscale_config.check_upscale_fields(up, 8)  # a good config passes
+
+
+def test_continued_training_of_an_upscaled_model_resumes_with_identical_losses(tmp_path):
+  from kat_jax.checkpoint import models  # pylint: disable=g-import-not-at-top
+  from kat_jax.testing import assert_resume_reproduces  # pylint: disable=g-import-not-at-top
+  from kat_jax.upscale import expand  # pylint: disable=g-import-not-at-top
+  base = get_preset("tiny", num_layers=2, dtype="float32")
+  layer_map = expand.make_layer_map(2, [0], "interleave")
+  upscaled, params = expand.upscale(base, init_params(base, jax.random.key(0)), layer_map,
+                                    "copy")
+  models.save_model(str(tmp_path / "upscaled"), upscaled, params)
+
+  def run(workdir):
+    cpt = pretrain.get_config()
+    cpt.workdir = workdir
+    cpt.model.init_from = str(tmp_path / "upscaled")
+    cpt.model.dtype, cpt.model.remat_policy = "float32", "none"
+    cpt.data.tokenizer, cpt.data.source = "bytes", "synthetic"
+    cpt.data.synthetic_docs, cpt.data.seq_len = 40, 64
+    cpt.data.batch_size = 8
+    cpt.optim.warmup_steps = 1
+    cpt.train.update(steps=4, checkpoint_every=2, eval_every=0, log_every=1,
+                     tensorboard=False, async_checkpoint=False)
+    run_pretrain(cpt)
+
+  assert_resume_reproduces(run, str(tmp_path), steps=4, kill_before=4, resumes_at=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from kat_jax.rl.rewards.math import answer_region, last_boxed
+from kat_jax.tasks.rewards.math import answer_region, last_boxed
 
 DEFAULT_LETTERS = "ABCDEFGHIJ"
 

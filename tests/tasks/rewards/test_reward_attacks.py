@@ -20,9 +20,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reward_attacks as atk  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from kat_jax.rl.rewards import code as code_lib  # pylint: disable=wrong-import-position
-from kat_jax.rl.rewards import pool as pool_lib  # pylint: disable=wrong-import-position
-from kat_jax.rl.rewards import sandbox as sb  # pylint: disable=wrong-import-position
+from kat_jax.tasks.rewards import code as code_lib  # pylint: disable=wrong-import-position
+from kat_jax.tasks.rewards import pool as pool_lib  # pylint: disable=wrong-import-position
+from kat_jax.tasks.rewards import sandbox as sb  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))))

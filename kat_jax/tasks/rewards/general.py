@@ -12,7 +12,7 @@ import re
 import zlib
 from collections.abc import Sequence
 
-from kat_jax.rl.rewards.math import answer_region
+from kat_jax.tasks.rewards.math import answer_region
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _STOPWORDS = frozenset(

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reward_math_cases import MATH_CASES  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from kat_jax.rl.rewards import math as math_lib  # pylint: disable=wrong-import-position
+from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -204,7 +204,7 @@ def test_nothing_is_printed_at_exit_with_a_comparison_running_and_a_failed_proce
   # printed an AttributeError; a thread mid-comparison must not print either.
   script = textwrap.dedent("""
       import multiprocessing.context as mc
-      from kat_jax.rl.rewards import math as math_lib, pool as pool_lib
+      from kat_jax.tasks.rewards import math as math_lib, pool as pool_lib
       math_lib._self_check = lambda: None  # (tested elsewhere) the first start is the pool's
       real_start, calls = mc.SpawnProcess.start, []
       def start_fails_once(self):

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from kat_jax.rl.rewards import sandbox as sb
+from kat_jax.tasks.rewards import sandbox as sb
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))))

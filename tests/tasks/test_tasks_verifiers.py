@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kat_jax.autothink import tagging, tasks, verifiers
+from kat_jax.autothink import tagging
+from kat_jax.tasks import dual_regime as tasks, verifiers
 
 
 def test_generation_is_deterministic_and_seed_dependent():

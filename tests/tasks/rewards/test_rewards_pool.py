@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from kat_jax.autothink import tasks as autothink_tasks
+from kat_jax.tasks import dual_regime as autothink_tasks
 from kat_jax.data.chat_template import format_autothink_response
-from kat_jax.rl.rewards import pool as pool_lib
+from kat_jax.tasks.rewards import pool as pool_lib
 
 
 def _item(answer: str, verifier: dict) -> dict:
@@ -146,8 +146,8 @@ def test_empty_batch_and_closed_pool():
 
 
 def test_code_rewards_from_an_uncontained_sandbox_are_flagged_untrusted(monkeypatch):
-  from kat_jax.rl.rewards import code as code_lib  # pylint: disable=g-import-not-at-top
-  from kat_jax.rl.rewards.sandbox import SandboxResult  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import code as code_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards.sandbox import SandboxResult  # pylint: disable=g-import-not-at-top
   # neither a uid of its own nor a pid namespace: the program could reach the verdict
   bare = SandboxResult(status="pass", isolation={"uid_drop": False, "pid": False, "net": True})
   monkeypatch.setattr(code_lib, "code_result", lambda *a, **k: bare)
@@ -159,7 +159,7 @@ def test_code_rewards_from_an_uncontained_sandbox_are_flagged_untrusted(monkeypa
 
 
 def _fresh_math_health(monkeypatch, self_check_passes: bool) -> None:
-  from kat_jax.rl.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=protected-access
   monkeypatch.setattr(math_lib, "_HEALTH", math_lib._new_health())
   if self_check_passes:
@@ -168,7 +168,7 @@ def _fresh_math_health(monkeypatch, self_check_passes: bool) -> None:
 
 def test_a_math_worker_start_slower_than_the_item_limit_still_gives_the_right_verdict(
     monkeypatch):
-  from kat_jax.rl.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
   _fresh_math_health(monkeypatch, self_check_passes=True)
   worker_cls = math_lib._Worker  # pylint: disable=protected-access
   real_start, item_timeout_s = worker_cls.start, 1.0
@@ -187,7 +187,7 @@ def test_a_math_worker_start_slower_than_the_item_limit_still_gives_the_right_ve
 
 
 def test_math_workers_that_cannot_start_stop_score_item_and_the_pool(monkeypatch):
-  from kat_jax.rl.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=g-import-not-at-top
   _fresh_math_health(monkeypatch, self_check_passes=False)  # the real self-check, failing
   monkeypatch.setattr(math_lib._Worker, "start",  # pylint: disable=protected-access
                       lambda worker, timeout_s: "ended before reporting ready (exit code 1)")

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from math_table import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     MATH_TABLE, MATH_TABLE_ATTACKS, MATH_TABLE_LATER)
 
-from kat_jax.rl.rewards import math as math_lib  # pylint: disable=wrong-import-position
+from kat_jax.tasks.rewards import math as math_lib  # pylint: disable=wrong-import-position
 
 ROWS = MATH_TABLE + MATH_TABLE_LATER + MATH_TABLE_ATTACKS
 CATEGORIES = {"fraction", "mixed", "radical", "pi_e", "percent", "interval", "set", "tuple",

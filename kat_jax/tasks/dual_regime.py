@@ -27,6 +27,9 @@ from typing import Any
 REGIMES = ("easy", "hard")
 DOMAINS = ("general", "math", "code", "science")
 _SEED_STRIDE = 1_000_003  # (seed, index) -> one integer seed; prime so nearby seeds differ
+# The judge line of a think-on/off example without its own (imported rows, user task records).
+DEFAULT_JUDGE = {"think_on": "The query needs step-by-step reasoning.",
+                 "think_off": "The query can be answered directly."}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,7 @@ def user_verifier(verifier: Any, answer: str) -> dict[str, Any]:
   """A user record's verifier: a full spec, or a type completed from the answer
   ('exact' -> accept [answer], 'math' -> value answer, 'choice' -> key answer; 'code' needs
   a spec with 'tests')."""
-  from kat_jax.autothink import verifiers  # pylint: disable=g-import-not-at-top (pulls rl)
+  from kat_jax.tasks import verifiers  # pylint: disable=g-import-not-at-top (pulls rl)
   if isinstance(verifier, str):
     if verifier == "code":
       raise ValueError("field 'verifier': 'code' needs a spec {'type': 'code', 'tests': str}")
@@ -94,7 +97,6 @@ def user_verifier(verifier: Any, answer: str) -> dict[str, Any]:
 
 def _user_task(record: Mapping[str, Any], default_id: str) -> Task:
   """A minimal user record -> Task (see `Task.from_record`); ValueError naming the field."""
-  from kat_jax.autothink.importers import DEFAULT_JUDGE  # pylint: disable=g-import-not-at-top
   for field in ("prompt", "answer"):
     if not isinstance(record.get(field), str) or not record[field].strip():
       raise ValueError(f"field {field!r}: missing or not a non-empty string")

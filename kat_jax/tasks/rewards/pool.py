@@ -34,13 +34,13 @@ from typing import Any
 
 from kat_jax.errors import RewardInfrastructureError
 from kat_jax.progress import Progress
-from kat_jax.rl.rewards import choice as choice_lib
-from kat_jax.rl.rewards import code as code_lib
-from kat_jax.rl.rewards import format as format_lib
-from kat_jax.rl.rewards import general as general_lib
-from kat_jax.rl.rewards import health as health_lib
-from kat_jax.rl.rewards import math as math_lib
-from kat_jax.rl.rewards.sandbox import SandboxLimits
+from kat_jax.tasks.rewards import choice as choice_lib
+from kat_jax.tasks.rewards import code as code_lib
+from kat_jax.tasks.rewards import format as format_lib
+from kat_jax.tasks.rewards import general as general_lib
+from kat_jax.tasks.rewards import health as health_lib
+from kat_jax.tasks.rewards import math as math_lib
+from kat_jax.tasks.rewards.sandbox import SandboxLimits
 
 STATUSES = ("ok", "pass", "fail", "timeout", "error")
 _ITEMS_PER_WORKER_PER_CHUNK = 32  # RewardPool.score with progress: items between two updates

@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kat_jax.errors import RewardInfrastructureError  # pylint: disable=unused-import  (re-exported)
-from kat_jax.rl.rewards import channel as channel_lib
-from kat_jax.rl.rewards.health import InfrastructureHealth
-from kat_jax.rl.rewards.math import answer_region
-from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, private_paths, run_python
+from kat_jax.tasks.rewards import channel as channel_lib
+from kat_jax.tasks.rewards.health import InfrastructureHealth
+from kat_jax.tasks.rewards.math import answer_region
+from kat_jax.tasks.rewards.sandbox import SandboxLimits, SandboxResult, private_paths, run_python
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 

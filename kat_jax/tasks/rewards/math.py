@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from kat_jax.data.chat_template import parse_autothink_response
 from kat_jax.errors import RewardInfrastructureError
-from kat_jax.rl.rewards.health import InfrastructureHealth, infrastructure_time
+from kat_jax.tasks.rewards.health import InfrastructureHealth, infrastructure_time
 
 _MIN_DECIMAL_DIGITS = 7  # a decimal stands for an exact value only when this precise
 _MAX_ANSWER_CHARS = 1000  # longer answers are not compared (bounded work per answer)

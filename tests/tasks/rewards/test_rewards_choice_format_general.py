@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kat_jax.data.chat_template import format_autothink_response
-from kat_jax.rl.rewards import choice, format as format_lib, general
+from kat_jax.tasks.rewards import choice, format as format_lib, general
 
 
 def _off(answer: str) -> str:

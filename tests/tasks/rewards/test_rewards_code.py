@@ -11,8 +11,8 @@ import tempfile
 
 import pytest
 
-from kat_jax.rl.rewards import code as code_lib
-from kat_jax.rl.rewards.sandbox import SandboxLimits
+from kat_jax.tasks.rewards import code as code_lib
+from kat_jax.tasks.rewards.sandbox import SandboxLimits
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))))
@@ -173,7 +173,7 @@ def test_prelude_helpers_are_the_tasks_not_the_candidates():
 
 
 def test_channel_decode_accepts_only_plain_values():
-  from kat_jax.rl.rewards import channel  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import channel  # pylint: disable=g-import-not-at-top
   no_handles = lambda ref: pytest.fail("no handle expected")
   assert channel.decode({"$t": [1, {"$s": ["a"]}]}, no_handles) == (1, {"a"})
   for bad in ({"$eval": "1"}, {"$t": 1}, {"a": 1, "b": 2}, {"$f": "1e999999"},
@@ -190,14 +190,14 @@ def test_channel_decode_accepts_only_plain_values():
 
 
 def _broken_sandbox(*args, **kwargs):
-  from kat_jax.rl.rewards.sandbox import SandboxResult  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards.sandbox import SandboxResult  # pylint: disable=g-import-not-at-top
   for fd in kwargs.get("channel_fds") or ():
     os.close(fd)
   return SandboxResult(status="error", detail="launcher ended without reporting")
 
 
 def test_a_sandbox_that_fails_its_self_check_stops_the_caller(monkeypatch):
-  from kat_jax.rl.rewards import pool as pool_lib  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import pool as pool_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(code_lib, "_HEALTH", code_lib._new_health())  # pylint: disable=protected-access
   monkeypatch.setattr(code_lib, "run_python", _broken_sandbox)
   with pytest.raises(code_lib.RewardInfrastructureError, match="known-good unit test"):
@@ -234,7 +234,7 @@ def test_code_reward_works_with_a_venv_under_tmp_or_home(where):
   try:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
                     venv], check=True)
-    script = ("from kat_jax.rl.rewards import code_reward\n"
+    script = ("from kat_jax.tasks.rewards import code_reward\n"
               "print(code_reward('def add(a, b): return a + b', 'assert add(2, 3) == 5'),\n"
               "      code_reward('def add(a, b): return a - b', 'assert add(2, 3) == 5'))\n")
     out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", script],
@@ -252,7 +252,7 @@ def test_a_venv_the_sandbox_uid_cannot_read_fails_with_one_error_naming_it():
   try:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
                     venv], check=True)
-    script = ("from kat_jax.rl.rewards import code_reward\n"
+    script = ("from kat_jax.tasks.rewards import code_reward\n"
               "code_reward('def add(a, b): return a + b', 'assert add(2, 3) == 5')\n")
     out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", script],
                          capture_output=True, text=True, cwd=REPO,

@@ -11,13 +11,13 @@
   health.py   infrastructure checks (self-check, failure bound) and the item clock
 """
 
-from kat_jax.rl.rewards.choice import choice_reward, extract_choice
-from kat_jax.rl.rewards.code import (RewardInfrastructureError, code_result, code_reward,
+from kat_jax.tasks.rewards.choice import choice_reward, extract_choice
+from kat_jax.tasks.rewards.code import (RewardInfrastructureError, code_result, code_reward,
                                      extract_code, run_code_tests)
-from kat_jax.rl.rewards.format import format_problems, format_reward
-from kat_jax.rl.rewards.general import general_problems, general_reward
-from kat_jax.rl.rewards.math import (MathChecker, MathVerdict, extract_math_answer,
+from kat_jax.tasks.rewards.format import format_problems, format_reward
+from kat_jax.tasks.rewards.general import general_problems, general_reward
+from kat_jax.tasks.rewards.math import (MathChecker, MathVerdict, extract_math_answer,
                                      math_equal, math_reward, math_verdict)
-from kat_jax.rl.rewards.pool import (KINDS, RewardPool, RewardResult, check_infrastructure,
-                                     get_reward_fn, register_reward_fn, score_item)
-from kat_jax.rl.rewards.sandbox import SandboxLimits, SandboxResult, run_python
+from kat_jax.tasks.rewards.pool import (KINDS, RewardPool, RewardResult, check_infrastructure,
+                                        get_reward_fn, register_reward_fn, score_item)
+from kat_jax.tasks.rewards.sandbox import SandboxLimits, SandboxResult, run_python

@@ -13,8 +13,8 @@ from kat_jax.autothink import tagging, verifiers
 from kat_jax.errors import RewardInfrastructureError
 from kat_jax.eval import runner
 from kat_jax.eval.sources import EvalTask
-from kat_jax.rl.rewards import code as code_lib
-from kat_jax.rl.rewards import math as math_lib
+from kat_jax.tasks.rewards import code as code_lib
+from kat_jax.tasks.rewards import math as math_lib
 
 CODE_SPEC = {"type": "code", "tests": "assert add(2, 3) == 5\n"}
 GOOD_CODE = "def add(a, b):\n  return a + b\n"
@@ -58,13 +58,13 @@ def test_eval_scoring_raises_instead_of_reporting_zero_scores(broken_sandbox):
 
 
 def test_check_infrastructure_raises_for_a_broken_sandbox(broken_sandbox):
-  from kat_jax.rl.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
   with pytest.raises(RewardInfrastructureError, match="code sandbox failed its start-up"):
     check_infrastructure()
 
 
 def test_check_infrastructure_raises_for_broken_math_workers(broken_math_workers, monkeypatch):
-  from kat_jax.rl.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import check_infrastructure  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(code_lib, "_HEALTH", code_lib._new_health())  # pylint: disable=protected-access
   monkeypatch.setattr(code_lib, "_self_check", lambda: None)  # the sandbox is fine
   with pytest.raises(RewardInfrastructureError, match="SymPy worker failed its start-up"):

@@ -1,6 +1,6 @@
 """Task verifiers: is a candidate answer right for a generated task? (docs/spec.md §6: 1 or 0).
 
-A thin layer over `kat_jax.rl.rewards`, so SFT tagging, evaluation and RL score answers
+A thin layer over `kat_jax.tasks.rewards`, so SFT tagging, evaluation and RL score answers
 the same way — math by SymPy equivalence in a time-limited worker, code by unit tests in
 the sandbox, multiple choice by the first option letter, lookups by normalised string
 match. Verifier specs (`tasks.Task.verifier`):
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kat_jax.progress import Progress
-from kat_jax.rl.rewards import RewardPool
+from kat_jax.tasks.rewards import RewardPool
 
 VERIFIER_TYPES = ("exact", "math", "code", "choice")
 _REQUIRED_FIELD = {"exact": "accept", "math": "value", "code": "tests", "choice": "key"}

@@ -1,0 +1,146 @@
+"""Agentic RL's batch source: tree rollouts -> group advantages -> packed rows, for the trainer.
+
+Each step, every task gets a tree of episodes (`tree_rollout`), sampled in process with the
+current weights (sync) or taken from rollout worker threads that read weight snapshots
+(`decoupled.DecoupledRollouts`, mode=decoupled). Rewards become GRPO-family group
+advantages (a group = one task's tree); groups are optionally pruned by entropy under a
+token budget; the trees are packed depth-first into [rows, seq_len] (or, to compare, one
+row per trajectory: `pack=unrolled`). Per-step records go to `<workdir>/agentic_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from kat_jax.agentic.pruning import build_pruned_trees, prune_group
+from kat_jax.data.packing import pad_batch_rows
+from kat_jax.errors import ConfigError
+from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
+from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
+from kat_jax.train.trainer import Work
+
+
+def rl_batch(groups, advantages, ag: ConfigDict, objective: ObjectiveConfig, pad_id: int
+             ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+  """Episodes + per-episode advantages -> a [B, seq_len] batch (B a multiple of micro_batch_rows).
+
+  Stats: token counts, and with pruning the summed `PruneReport` counts of all groups
+  (kept/total tree tokens, kept/partial/total trajectories) and the mean weight mass kept.
+  """
+  k = 0
+  trajectories, entropies = [], []
+  for group in groups:
+    trajectories.append([e.trajectory(float(advantages[k + i])) for i, e in enumerate(group)])
+    entropies.append([e.entropy_array for e in group])
+    k += len(group)
+  stats: dict[str, float] = {"unrolled_tokens": float(sum(len(t.tokens) for g in trajectories
+                                                            for t in g))}
+  if ag.pack == "unrolled":
+    batch = unrolled_batch(trajectories, objective, ag.seq_len, pad_id)
+  elif ag.pack == "tree":
+    if ag.prune_budget:
+      try:
+        pruned = [prune_group(t, e, ag.prune_budget, ag.prune_score, objective)
+                  for t, e in zip(trajectories, entropies)]
+      except ValueError as e:
+        raise ConfigError(f"config.agentic.prune_budget / prune_score: {e}") from e
+      trees = build_pruned_trees(pruned, objective)
+      stats.update(_prune_stats([p.report for p in pruned]))
+      empty = sum(p.report.weight_mass_kept == 0 for p in pruned)
+      if empty:  # the budget fits the prompt but no policy token: those groups train nothing
+        warnings.warn(f"config.agentic.prune_budget {ag.prune_budget} keeps no policy token "
+                      f"of {empty} of {len(pruned)} groups (only their prompts)", stacklevel=2)
+    else:
+      trees = build_trees(trajectories, objective)
+    stats["tree_tokens"] = float(sum(t.num_nodes for t in trees))
+    batch = pack_trees(trees, ag.seq_len, pad_id)
+  else:
+    raise ConfigError(f"config.agentic.pack {ag.pack!r} not in ['tree', 'unrolled']")
+  stats["rows"] = float(len(batch["tokens"]))
+  return pad_batch_rows(batch, ag.micro_batch_rows, pad_id), stats
+
+
+def _prune_stats(reports) -> dict[str, float]:
+  """Sums of the groups' PruneReport counts; weight mass kept averaged over groups."""
+  return {"prune_total_tokens": float(sum(r.total_tokens for r in reports)),
+          "prune_kept_tokens": float(sum(r.kept_tokens for r in reports)),
+          "prune_total_trajectories": float(sum(r.total_trajectories for r in reports)),
+          "prune_kept_trajectories": float(sum(r.kept_trajectories for r in reports)),
+          "prune_partial_trajectories": float(sum(r.partial_trajectories for r in reports)),
+          "weight_mass_kept": float(np.mean([r.weight_mass_kept for r in reports]))}
+
+
+class TreeRollouts:
+  """The trainer's batch source for `agentic_rl`.
+
+  rollout_fn(params, tasks, key) -> groups of episodes. With `decoupled` the groups come from
+  its worker threads instead (rollouts of up to `max_staleness` updates old).
+  """
+
+  def __init__(self, ag: ConfigDict, objective: ObjectiveConfig, *, pad_id: int, seed: int,
+               steps: int, rollout_fn: Callable, metrics_path: str, config_dict: dict,
+               log_every: int = 1, decoupled=None):
+    self.ag, self.objective, self.pad_id, self.steps = ag, objective, pad_id, steps
+    self.rollout_fn, self.decoupled, self.path = rollout_fn, decoupled, metrics_path
+    self.key, self.config_dict = jax.random.key(seed + 1), config_dict
+    self.log_every = log_every
+    self.checkpoint = None  # the tasks and keys of a step follow from its number
+    self.history: list[dict[str, Any]] = []
+    if os.path.exists(metrics_path):
+      with open(metrics_path, encoding="utf-8") as f:
+        self.history = json.load(f)["history"]
+    self._t = 0.0
+
+  def _groups(self, state, step: int) -> tuple[list, dict[str, float]]:
+    t0 = time.perf_counter()
+    if self.decoupled is None:
+      tasks = [step * self.ag.tasks_per_step + i for i in range(self.ag.tasks_per_step)]
+      groups = self.rollout_fn(state.params, tasks, jax.random.fold_in(self.key, step))
+      return groups, {"rollout_s": time.perf_counter() - t0}
+    if not self.decoupled.started:
+      self.decoupled.start(state.params, step)
+    batch, staleness, dropped = self.decoupled.take(step)
+    return batch.groups, {"policy_step": float(batch.policy_step), "staleness": float(staleness),
+                          "worker": float(batch.worker), "rollout_s": batch.seconds,
+                          "dropped": float(dropped)}
+
+  def next(self, state, step: int) -> Work:
+    groups, stats = self._groups(state, step)
+    self._t = time.perf_counter()
+    rewards = np.array([e.reward for g in groups for e in g])
+    group_ids = np.array([i for i, g in enumerate(groups) for _ in g])
+    advantages = group_advantages(rewards, group_ids, estimator=self.ag.advantage)
+    batch, batch_stats = rl_batch(groups, advantages, self.ag, self.objective, self.pad_id)
+    stats.update(reward_mean=float(rewards.mean()),
+                 success_rate=float(np.mean(rewards >= self.ag.success_threshold)),
+                 episodes=float(len(rewards)), **batch_stats)
+    return Work(batch, tokens=float(np.sum(batch["kl_weight"] > 0)), stats=stats)
+
+  def after_step(self, step: int, state, metrics: dict[str, float]) -> dict[str, float]:
+    """Records the step in `agentic_metrics.json`; publishes weights when decoupled."""
+    if self.decoupled is not None:
+      self.decoupled.published(step, state.params)
+    record = {"step": step, **metrics, "update_s": time.perf_counter() - self._t}
+    self.history = [h for h in self.history if h["step"] < step] + [record]
+    if jax.process_index() == 0:
+      with open(self.path, "w", encoding="utf-8") as f:
+        json.dump({"config": self.config_dict, "history": self.history}, f, indent=1,
+                  default=str)
+      if step % self.log_every == 0 or step == self.steps:
+        print(f"agentic_rl step {step}/{self.steps}: reward {record['reward_mean']:.3f} "
+              f"success {record['success_rate']:.2f} loss {record.get('loss', 0.0):.4f} "
+              f"tokens tree {record.get('tree_tokens', 0):.0f} / unrolled "
+              f"{record['unrolled_tokens']:.0f}", flush=True)
+    return {"update_s": record["update_s"]}
+
+  def close(self) -> None:
+    if self.decoupled is not None:
+      self.decoupled.close()

@@ -1,0 +1,83 @@
+"""`config.agentic`: the schema, its checks, and the typed configs it fills
+(`ObjectiveConfig`, `RolloutConfig`)."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from kat_jax.agentic.rollout import RolloutConfig
+from kat_jax.errors import ConfigError
+from kat_jax.rl.objectives import ObjectiveConfig
+from kat_jax.sampling import SamplingParams
+
+
+def agentic_fields() -> ConfigDict:
+  """`config.agentic`: environment, rollout tree shape, pruning, packing, objective."""
+  return ConfigDict(dict(
+      env="digits",  # digits | python | repo_repair (kat_jax.agentic.environments)
+      env_kwargs={},
+      tasks_per_step=4,
+      branching="8",  # comma-separated copies per turn, e.g. "4,2": 4 at turn 0, 2 at turn 1
+      max_turns=2,
+      max_new_tokens=4,
+      max_length=512,  # KV-cache slots per episode
+      temperature=1.0,
+      vocab_limit=0,  # >0: sample only ids below it (e.g. 128 = ASCII for the byte tokenizer)
+      template="qwen2.5",
+      tool_format="qwen2.5",  # or qwen3_coder
+      success_threshold=1.0,  # an episode succeeds if reward >= this
+      prune_budget=0,  # tree tokens kept per group; 0 = no pruning
+      prune_score="entropy_reach",
+      pack="tree",  # tree | unrolled
+      seq_len=1024,
+      micro_batch_rows=4,  # rows per gradient micro-batch; one optimizer update per step
+      mode="sync",  # sync | decoupled (rollout worker threads, queue, weight snapshots)
+      rollout_workers=1,  # decoupled: worker threads
+      max_staleness=1,  # decoupled: drop batches sampled more than this many updates ago
+      publish_every=1,  # decoupled: write a weight snapshot every this many updates
+      queue_size=2,  # decoupled: rollout batches waiting for the trainer (back-pressure)
+      decoupled_timeout_s=0.0,  # decoupled: give up after this long (0 = never)
+      advantage="grpo",  # grpo | drgrpo
+      loss_agg_mode="seq-mean-token-mean",
+      eps_low=0.2, eps_high=0.28, beta=0.0, entropy_coef=0.0,
+  ))
+
+
+def _branching(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in str(text).split(",") if v.strip())
+  except ValueError as e:
+    raise ConfigError(f"config.agentic.branching {text!r}: comma-separated ints") from e
+  if not values or any(v < 1 for v in values):
+    raise ConfigError(f"config.agentic.branching {text!r}: needs ints >= 1")
+  return values
+
+
+def objective_from(ag: ConfigDict) -> ObjectiveConfig:
+  try:
+    return ObjectiveConfig(eps_low=ag.eps_low, eps_high=ag.eps_high, beta=ag.beta,
+                           entropy_coef=ag.entropy_coef, loss_agg_mode=ag.loss_agg_mode)
+  except ValueError as e:
+    raise ConfigError(f"config.agentic: {e}") from e
+
+
+def check_fields(ag: ConfigDict) -> None:
+  if ag.mode not in ("sync", "decoupled"):
+    raise ConfigError(f"config.agentic.mode {ag.mode!r} not in ['sync', 'decoupled']")
+  if ag.pack not in ("tree", "unrolled"):
+    raise ConfigError(f"config.agentic.pack {ag.pack!r} not in ['tree', 'unrolled']")
+  for name, low in (("micro_batch_rows", 1), ("tasks_per_step", 1), ("rollout_workers", 1),
+                    ("max_staleness", 0), ("publish_every", 1), ("queue_size", 1),
+                    ("prune_budget", 0)):
+    if int(ag[name]) < low:
+      raise ConfigError(f"config.agentic.{name} must be >= {low}, got {ag[name]}")
+
+
+
+
+def rollout_config(ag: ConfigDict) -> RolloutConfig:
+  return RolloutConfig(
+      branching=_branching(ag.branching), max_turns=ag.max_turns,
+      max_new_tokens=ag.max_new_tokens, max_length=ag.max_length,
+      sampling=SamplingParams(ag.temperature, vocab_limit=ag.vocab_limit),
+      template=ag.template, tool_format=ag.tool_format)
