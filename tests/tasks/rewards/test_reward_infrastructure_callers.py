@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from kat_jax.autothink import tagging, verifiers
+from kat_jax.autothink import tagging
+from kat_jax.tasks import verifiers
 from kat_jax.errors import RewardInfrastructureError
 from kat_jax.eval import runner
 from kat_jax.eval.sources import EvalTask
