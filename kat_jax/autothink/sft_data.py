@@ -56,7 +56,8 @@ def _tag_and_render(config: ConfigDict, tokenizer: Tokenizer, task_list, path: s
   at = config.autothink
   tagged = tagging.tag_tasks(task_list, make_generate_fn(config, tokenizer, task_list),
                              num_samples=at.votes, random_fraction=at.random_fraction,
-                             seed=seed, time_limit=at.code_time_limit)
+                             seed=seed, time_limit=at.code_time_limit,
+                             label=f"tagging {os.path.splitext(os.path.basename(path))[0]}")
   records, reasons = render_tagged(tagged)
   if not records:
     raise ConfigError(f"none of the {len(tagged)} tagged tasks could be rendered "

@@ -35,6 +35,7 @@ from kat_jax.checkpoint import models
 from kat_jax.data import sources
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.progress import status
 from kat_jax.tasks import dual_regime as tasks_lib
 from kat_jax.train.loop import run_training
 
@@ -92,11 +93,11 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
   train_seconds = time.perf_counter() - start
   summary = evaluate_model(config, workdir, paths["heldout"]) if jax.process_index() == 0 else {}
   skipped = data_skipped(workdir)
-  print(f"sft: format rate {_fmt(summary.get('format_rate'))}, think-on rate easy "
-        f"{_fmt(summary.get('think_on_rate_easy'))} / hard "
-        f"{_fmt(summary.get('think_on_rate_hard'))}, accuracy {_fmt(summary.get('accuracy'))} "
-        f"on {summary.get('num_prompts', 0)} held-out prompts ({train_seconds:.0f}s data+train)"
-        f"; {skipped} data rows skipped", flush=True)
+  status(f"sft: format rate {_fmt(summary.get('format_rate'))}, think-on rate easy "
+         f"{_fmt(summary.get('think_on_rate_easy'))} / hard "
+         f"{_fmt(summary.get('think_on_rate_hard'))}, accuracy {_fmt(summary.get('accuracy'))} "
+         f"on {summary.get('num_prompts', 0)} held-out prompts ({train_seconds:.0f}s data+train)"
+         f"; {skipped} data rows skipped")
   return {**train_metrics, "train_seconds": train_seconds, "data_skipped": skipped,
           **{f"eval_{k}": v for k, v in summary.items()}}
 

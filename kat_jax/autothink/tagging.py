@@ -108,12 +108,12 @@ def random_assignment(num_tasks: int, fraction: float, seed: int
 
 def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn, *,
               num_samples: int = 5, random_fraction: float = 0.01, seed: int = 0,
-              time_limit: float = 2.0) -> list[dict[str, Any]]:
+              time_limit: float = 2.0, label: str = "tagging") -> list[dict[str, Any]]:
   """Task records + {"mode", "mode_source", "votes_correct", "votes", "pass_rate",
   "difficulty_label", "domain"} (domain inferred only where the task has none).
 
   generate_fn is called `num_samples` times with all prompts (sample diversity is its job:
-  temperature > 0 for a model).
+  temperature > 0 for a model). `label` names the phase in the progress line.
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -121,7 +121,7 @@ def tag_tasks(tasks: Sequence[Task | Mapping[str, Any]], generate_fn: GenerateFn
   prompts = [r["prompt"] for r in records]
   specs = [r["verifier"] for r in records]
   correct = np.zeros(len(records), np.int64)
-  progress = Progress("tagging: think-off answers scored", num_samples * len(records),
+  progress = Progress(f"{label}: think-off answers scored", num_samples * len(records),
                       unit="answers")
   # One pool for every sample: its SymPy worker processes start once, not once per sample.
   pool = verifiers.verifier_pool(time_limit)

@@ -16,6 +16,7 @@ from kat_jax.data import sources
 from kat_jax.distill import dual_regime, teacher_logits
 from kat_jax.distill.data import distill_sources
 from kat_jax.distill.stage import obtain_teacher, place_teacher, setup
+from kat_jax.progress import status
 
 
 def run_teacher_logits(config: ConfigDict) -> dict[str, Any]:
@@ -49,5 +50,5 @@ def run_teacher_logits(config: ConfigDict) -> dict[str, Any]:
              "seconds": time.perf_counter() - start}
   with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  print(f"teacher_logits: wrote {written} records with top-{t.top_k} to {output}")
+  status(f"teacher_logits: wrote {written} records with top-{t.top_k} to {output}")
   return summary

@@ -31,6 +31,7 @@ from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.eval import plots, runner, sources
 from kat_jax.model import ModelConfig
+from kat_jax.progress import status
 from kat_jax.sampling.autothink import THINK_MODES
 
 BENCHMARKS = ("generated", "humaneval", "jsonl")
@@ -143,8 +144,8 @@ def checkpoint_tokenizer(config: ConfigDict, spec: str) -> str:
     return config.data.tokenizer
   name = models.tokenizer_name(spec, config.data.tokenizer, what="config.eval.checkpoints")
   if name != config.data.tokenizer:
-    print(f"eval {spec}: using its own tokenizer {name!r}, not config.data.tokenizer "
-          f"{config.data.tokenizer!r}", flush=True)
+    status(f"eval {spec}: using its own tokenizer {name!r}, not config.data.tokenizer "
+           f"{config.data.tokenizer!r}")
   return name
 
 
@@ -210,14 +211,17 @@ def run_eval(config: ConfigDict) -> dict[str, Any]:
   samples_path = os.path.join(workdir, "eval_samples.jsonl")
   with open(samples_path, "w", encoding="utf-8") as out:
     for spec, label in zip(specs, labels):
+      status(f"eval {label} ({spec}): " + ", ".join(f"{name} ({len(tasks)} tasks)"
+                                                    for name, tasks in benchmarks.items()))
       summary, rows = evaluate_checkpoint(config, spec, benchmarks, ks)
       results["checkpoints"][label] = {"path": spec, **summary}
       for row in rows:
         out.write(json.dumps({**row, "checkpoint": label}, ensure_ascii=False) + "\n")
       for name, s in summary.items():
-        print(f"eval {label} / {name}: accuracy {s['accuracy']:.3f}, pass@{ks[0]} "
-              f"{s[f'pass@{ks[0]}']:.3f}, think-on {s['think_on_rate']:.2f}, "
-              f"{s['mean_output_tokens']:.1f} tokens", flush=True)
+        status(f"eval {label} / {name}: accuracy {s['accuracy']:.3f}, pass@{ks[0]} "
+               f"{s[f'pass@{ks[0]}']:.3f}, think-on {s['think_on_rate']:.2f}, "
+               f"{s['mean_output_tokens']:.1f} tokens; rewards: {s.get('reward_errors', 0)} errors, "
+               f"{s.get('reward_timeouts', 0)} timeouts, {s.get('code_untrusted', 0)} untrusted")
   results_path = os.path.join(workdir, "eval_results.json")
   with open(results_path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)

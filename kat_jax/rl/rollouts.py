@@ -47,8 +47,11 @@ class AutoThinkRollouts:
   """Samples AutoThink rollouts for prompt groups with the KV-cache sampler."""
 
   def __init__(self, model_config, tokenizer, rl: ConfigDict):
-    from kat_jax.sampling import Sampler, SamplingParams, think_mode_prompts  # pylint: disable=g-import-not-at-top
-    self.sampler = Sampler(model_config, pad_id=tokenizer.pad_id)
+    from kat_jax.sampling import (EngineSampler,  # pylint: disable=g-import-not-at-top
+                                  SamplingParams, think_mode_prompts)
+    # The rollout engine: a group's samples share the prompt's pages, and a slot is refilled as
+    # soon as its sample stops (think-off answers do not wait for think-on chains).
+    self.sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, num_slots=64)
     self.sampling = SamplingParams(temperature=rl.temperature, vocab_limit=tokenizer.vocab_size)
     self.tokenizer, self.rl, self._force = tokenizer, rl, think_mode_prompts
     self.model_config = model_config

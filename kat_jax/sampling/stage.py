@@ -34,6 +34,7 @@ from kat_jax.checkpoint import models
 from kat_jax.data.chat_template import TEMPLATES, parse_autothink_response, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.progress import status
 from kat_jax.sampling.autothink import (THINK_MODES, autothink_stats, forced_mode_prefix,
                                         think_mode_prompts)
 from kat_jax.sampling.forward import prepare_params
@@ -188,7 +189,6 @@ def run_generate(config: ConfigDict) -> dict[str, Any]:
              **autothink_stats(texts, counts)}
   with open(os.path.join(workdir, "generate_summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  print(f"generate: {len(texts)} completions -> {output}; think-on rate "
-        f"{summary['think_on_rate']:.2f}, {summary['tokens_per_response']:.1f} tokens/response",
-        flush=True)
+  status(f"generate: {len(texts)} completions -> {output}; think-on rate "
+         f"{summary['think_on_rate']:.2f}, {summary['tokens_per_response']:.1f} tokens/response")
   return summary

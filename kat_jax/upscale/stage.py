@@ -32,6 +32,7 @@ from kat_jax.data import pipeline
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import ModelConfig
 from kat_jax.errors import ConfigError
+from kat_jax.progress import status
 from kat_jax.train.inputs import build_sources
 from kat_jax.train.step import make_eval_step
 from kat_jax.upscale import expand, saturation
@@ -89,8 +90,8 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   model_config, params = models.load_configured_model(config.model, seed=config.seed)
-  print(f"upscale: source model {model_config.num_layers} layers, "
-        f"{expand.count_params(params):,} params", flush=True)
+  status(f"upscale: source model {model_config.num_layers} layers, "
+         f"{expand.count_params(params):,} params")
 
   check_upscale_fields(up, model_config.num_layers)
   report, kept = None, []
@@ -140,7 +141,7 @@ def run_upscale(config: ConfigDict) -> dict[str, Any]:
     summary["loss_after"] = mean_loss(new_config, new_params, kept)
   summary["seconds"] = time.perf_counter() - start
   _write_json(os.path.join(workdir, "summary.json"), summary)
-  print(f"upscale: {model_config.num_layers} -> {new_config.num_layers} layers "
-        f"(duplicated {layer_map.duplicated}), {summary['new_params']:,} params, "
-        f"written to {workdir}", flush=True)
+  status(f"upscale: {model_config.num_layers} -> {new_config.num_layers} layers "
+         f"(duplicated {layer_map.duplicated}), {summary['new_params']:,} params, "
+         f"written to {workdir}")
   return summary
