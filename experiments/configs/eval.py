@@ -11,7 +11,7 @@ Writes <workdir>/eval_results.json, eval_samples.jsonl and eval_comparison.png.
 """
 
 from experiments.configs.base import base_config
-from kat_jax.eval.stage import eval_fields
+from kat_jax.eval.config import eval_fields
 
 
 def get_config():

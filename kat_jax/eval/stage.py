@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,95 +29,22 @@ from kat_jax.checkpoint import models
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.eval import plots, runner, sources
+from kat_jax.eval.config import RANDOM, check_fields, checkpoint_specs, split_list
 from kat_jax.model import ModelConfig
 from kat_jax.progress import status
-from kat_jax.sampling.autothink import THINK_MODES
-
-BENCHMARKS = ("generated", "humaneval", "jsonl")
-
-
-def eval_fields() -> ConfigDict:
-  """`config.eval` with its defaults."""
-  return ConfigDict(dict(
-      checkpoints="",  # comma-separated HF dirs / run workdirs / 'random'; empty = random
-      benchmarks="generated,humaneval",  # any of generated, humaneval, jsonl
-      jsonl_paths="",  # comma-separated user JSONL (question, answer, verifier)
-      num_generated=100,  # generated dual-regime tasks
-      generated_seed=9876,  # held out: SFT uses data_seed 1234..1236, RL task_seed 4321..4322
-      hard_fraction=0.5,
-      humaneval_limit=0,  # first N HumanEval problems; 0 = all 164
-      num_samples=1,  # responses per task (pass@k needs k <= num_samples)
-      ks="1",  # comma-separated k of pass@k
-      think_mode="auto",  # 'auto' (model chooses), 'on' / 'off' (forced by prefill)
-      max_new_tokens=256,
-      temperature=0.0,  # 0 = greedy
-      batch_size=64,
-      workers=4,  # concurrent verifier workers (sandbox / SymPy)
-      item_timeout_s=30.0,
-  ))
-
-
-RANDOM = "random"  # the checkpoint spec of a random init of `config.model`
-
-
-def _split(text: str) -> list[str]:
-  return [p for p in (s.strip() for s in text.split(",")) if p]
-
-
-def checkpoint_specs(text: str) -> list[str]:
-  """Specs of `config.eval.checkpoints`: paths or `RANDOM`; an empty string is [RANDOM].
-
-  An empty entry (",runs/sft") is an error rather than a silent random init: write `random`.
-  (A directory named `random` is written `./random`.)
-  """
-  if not text.strip():
-    return [RANDOM]
-  specs = [s.strip() for s in text.split(",")]
-  if "" in specs:
-    raise ConfigError(f"config.eval.checkpoints {text!r} has an empty entry; write "
-                      f"'{RANDOM}' for a random init of config.model")
-  return specs
-
-
-def _check(ev: ConfigDict) -> list[int]:
-  """Validates `config.eval`; returns the ks."""
-  unknown = sorted(set(_split(ev.benchmarks)) - set(BENCHMARKS))
-  if unknown or not _split(ev.benchmarks):
-    raise ConfigError(f"config.eval.benchmarks {ev.benchmarks!r}: want a comma-separated "
-                      f"subset of {BENCHMARKS}")
-  if "jsonl" in _split(ev.benchmarks) and not _split(ev.jsonl_paths):
-    raise ConfigError("config.eval.benchmarks has 'jsonl' but config.eval.jsonl_paths is empty")
-  if ev.think_mode not in THINK_MODES:
-    raise ConfigError(f"config.eval.think_mode {ev.think_mode!r} not in {THINK_MODES}")
-  for name in ("num_generated", "num_samples", "max_new_tokens", "batch_size", "workers"):
-    if ev[name] < 1:
-      raise ConfigError(f"config.eval.{name} must be >= 1, got {ev[name]}")
-  if ev.humaneval_limit < 0:
-    raise ConfigError(f"config.eval.humaneval_limit must be >= 0, got {ev.humaneval_limit}")
-  try:
-    ks = [int(k) for k in _split(ev.ks)]
-  except ValueError:
-    raise ConfigError(f"config.eval.ks {ev.ks!r}: want comma-separated integers") from None
-  if not ks or min(ks) < 1 or max(ks) > ev.num_samples:
-    raise ConfigError(f"config.eval.ks {ev.ks!r}: each k must be in [1, num_samples="
-                      f"{ev.num_samples}]")
-  if ev.num_samples > 1 and ev.temperature == 0:
-    warnings.warn(f"config.eval.num_samples={ev.num_samples} with temperature=0: greedy "
-                  "samples are identical, so pass@k equals pass@1; set temperature > 0")
-  return ks
 
 
 def load_benchmarks(ev: ConfigDict) -> dict[str, list[sources.EvalTask]]:
   """{benchmark name: tasks}; each user JSONL file is its own benchmark (named by file)."""
   out: dict[str, list[sources.EvalTask]] = {}
-  names = _split(ev.benchmarks)
+  names = split_list(ev.benchmarks)
   if "generated" in names:
     out["generated"] = sources.generated_tasks(ev.num_generated, ev.generated_seed,
                                                hard_fraction=ev.hard_fraction)
   if "humaneval" in names:
     out["humaneval"] = sources.humaneval_tasks(ev.humaneval_limit or None)
   if "jsonl" in names:
-    for path in _split(ev.jsonl_paths):
+    for path in split_list(ev.jsonl_paths):
       try:
         out[os.path.splitext(os.path.basename(path))[0]] = sources.jsonl_tasks(path)
       except (OSError, ValueError) as e:
@@ -195,7 +121,7 @@ def evaluate_checkpoint(config: ConfigDict, spec: str,
 def run_eval(config: ConfigDict) -> dict[str, Any]:
   """Evaluates every checkpoint of `config.eval.checkpoints`; returns the results dict."""
   ev = config.eval
-  ks = _check(ev)
+  ks = check_fields(ev)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   benchmarks = load_benchmarks(ev)

@@ -301,7 +301,8 @@ def test_eval_stage_config_errors(tmp_path, overrides, message):
 
 
 def test_checkpoint_specs_random_is_explicit():
-  from kat_jax.eval.stage import checkpoint_label, checkpoint_specs
+  from kat_jax.eval.config import checkpoint_specs
+  from kat_jax.eval.stage import checkpoint_label
   assert checkpoint_specs("") == checkpoint_specs("  ") == ["random"]
   assert checkpoint_specs("random, runs/sft") == ["random", "runs/sft"]
   assert checkpoint_label("random") == "random_init"
@@ -311,14 +312,14 @@ def test_checkpoint_specs_random_is_explicit():
 
 
 def test_greedy_with_several_samples_warns(tmp_path):
-  from kat_jax.eval.stage import _check
+  from kat_jax.eval.config import check_fields
   config = _eval_config(tmp_path, num_samples=2, ks="1,2")
   with pytest.warns(UserWarning, match="temperature=0"):
-    _check(config.eval)
+    check_fields(config.eval)
   config.eval.temperature = 0.8
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert _check(config.eval) == [1, 2]
+    assert check_fields(config.eval) == [1, 2]
 
 
 def test_load_checkpoint_from_run_workdir_uses_saved_config(tmp_path):
@@ -356,7 +357,7 @@ def test_generated_eval_tasks_are_not_the_sft_or_rl_training_tasks():
   """The default eval seed must not regenerate the prompts SFT or RL trained on."""
   from kat_jax.tasks import dual_regime as task_lib  # pylint: disable=g-import-not-at-top
   from kat_jax.autothink.config import autothink_fields  # pylint: disable=g-import-not-at-top
-  from kat_jax.eval.stage import eval_fields  # pylint: disable=g-import-not-at-top
+  from kat_jax.eval.config import eval_fields  # pylint: disable=g-import-not-at-top
   from kat_jax.rl.config import rl_fields  # pylint: disable=g-import-not-at-top
   ev, at, rl = eval_fields(), autothink_fields(), rl_fields()
   eval_prompts = {t.prompt for t in task_lib.generate_tasks(ev.num_generated,
