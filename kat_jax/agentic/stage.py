@@ -31,6 +31,7 @@ from kat_jax.agentic.environments import make_environment
 from kat_jax.agentic.rollout import tree_rollout
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.progress import status
 from kat_jax.rl.policy_step import AccumulatedPolicyUpdate
 from kat_jax.sampling import EngineSampler, prepare_params
 from kat_jax.checkpoint.models import config_from_model_fields
@@ -76,8 +77,8 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   optimizer = make_optimizer(config.optim, steps)
   trainer = Trainer(config, name="agentic_rl", workdir=workdir, steps=steps,
                     meta={"model_config": model_config.to_dict()})
-  trainer.status(f"agentic_rl ({ag.mode}): {steps} updates x {ag.tasks_per_step} tasks, "
-                 f"branching {ag.branching}, env {ag.env}")
+  status(f"agentic_rl ({ag.mode}): {steps} updates x {ag.tasks_per_step} tasks, "
+         f"branching {ag.branching}, env {ag.env}")
   sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=256, num_slots=64)
 
   def rollout_fn(params, tasks, key) -> list:

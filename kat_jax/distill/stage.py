@@ -30,6 +30,7 @@ from kat_jax.distill.objective import Objective, make_distill_eval_step, make_di
 from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig, logical_axes
 from kat_jax.parallel import logical_to_sharding
+from kat_jax.progress import status
 from kat_jax.train.inputs import local_batch_size
 from kat_jax.train.loop import evaluate
 from kat_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -64,9 +65,9 @@ def train_model(config: ConfigDict, model_config: ModelConfig, objective: Object
   trainer = Trainer(config, name=name, workdir=os.path.join(workdir, name), steps=steps,
                     mesh=mesh, meta={"model_config": model_config.to_dict(),
                                      "objective": repr(objective)})
-  trainer.status(f"{name}: objective ce={objective.ce_weight} {objective.spec.kind}="
-                 f"{objective.distill_weight} mtp_depth={objective.mtp_depth} "
-                 f"teacher={objective.teacher}")
+  status(f"{name}: objective ce={objective.ce_weight} {objective.spec.kind}="
+         f"{objective.distill_weight} mtp_depth={objective.mtp_depth} "
+         f"teacher={objective.teacher}")
   teacher_cfg, extra = None, ()
   if objective.teacher == "online" and objective.needs_teacher:
     if teacher is None:

@@ -25,6 +25,7 @@ from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.data.chat_template import parse_autothink_response, tokenize_chat
 from kat_jax.data.packing import pad_batch_rows
 from kat_jax.parallel import global_batch
+from kat_jax.progress import status
 from kat_jax.rl import step_srpo
 from kat_jax.rl.config import kind_matches
 from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
@@ -214,11 +215,11 @@ class StepSRPORollouts:
                reward_pool: RewardPool, srpo_cfg: step_srpo.StepSRPOConfig,
                objective: ObjectiveConfig, task_pool: dict[str, task_lib.Task],
                mix: TwoStageMix, mode_tags: list[int], mesh, logprob_fn: Callable,
-               curves_path: str, status: Callable[[str], None]):
+               curves_path: str):
     self.rl, self.seed, self.rollouts, self.reward_pool = rl, seed, rollouts, reward_pool
     self.srpo_cfg, self.objective, self.task_pool, self.mix = srpo_cfg, objective, task_pool, mix
     self.mode_tags, self.mesh, self.logprob_fn = mode_tags, mesh, logprob_fn
-    self.curves_path, self.status = curves_path, status
+    self.curves_path = curves_path
     self.pool = HistoryResampler(list(task_pool), seed=seed)
     self.ref_params = None  # the frozen reference policy, set by the stage when beta > 0
     self.history: list[dict[str, Any]] = []
@@ -268,11 +269,11 @@ class StepSRPORollouts:
         batch["ref_logp"] = self.logprob_fn(self.ref_params, batch)
       tokens = float(np.sum(np.asarray(batch["kl_weight"]) > 0))
     else:
-      self.status(f"step {step + 1}: no group with a gradient signal; no update")
+      status(f"step {step + 1}: no group with a gradient signal; no update")
     resampling = None
     if self.pool.epoch_complete:  # one pass over the prompts of a kind in use
       resampling = self.pool.end_epoch(drop=rl.history_resampling)
-      self.status(f"step {step + 1}: epoch {resampling['epoch']} done: {resampling}")
+      status(f"step {step + 1}: epoch {resampling['epoch']} done: {resampling}")
     self._last = {"sampled": sampled, "keep": keep, "resampling": resampling, "t0": t0}
     return Work(batch, tokens)
 
@@ -285,9 +286,9 @@ class StepSRPORollouts:
                  seconds=time.perf_counter() - last["t0"])
     if stats["reward_timeouts"] or stats["reward_errors"]:
       bad = [r for r in last["sampled"]["results"] if r.status in ("timeout", "error")]
-      self.status(f"step {step}: rewards: {stats['reward_timeouts']:.0f} timeouts, "
-                  f"{stats['reward_errors']:.0f} errors (e.g. {bad[0].kind} "
-                  f"{bad[0].status}: {bad[0].detail})")
+      status(f"step {step}: rewards: {stats['reward_timeouts']:.0f} timeouts, "
+             f"{stats['reward_errors']:.0f} errors (e.g. {bad[0].kind} "
+             f"{bad[0].status}: {bad[0].detail})")
     self.history = [h for h in self.history if h["step"] < step] + [stats]
     if jax.process_index() == 0:
       with open(self.curves_path, "w", encoding="utf-8") as f:

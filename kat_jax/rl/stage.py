@@ -23,6 +23,7 @@ from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.checkpoint import models
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.progress import status
 from kat_jax.rl.config import parse_mix, typed_configs
 from kat_jax.rl.curriculum import TwoStageMix
 from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
@@ -65,8 +66,8 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
   model_config, params = _initial_model(config)
   trainer = Trainer(config, name="step_srpo", workdir=workdir, steps=rl.steps,
                     meta={"model_config": model_config.to_dict()})
-  trainer.status(f"step_srpo: {rl.steps} steps x {rl.prompts_per_step} prompts x "
-                 f"{rl.group_size} rollouts")
+  status(f"step_srpo: {rl.steps} steps x {rl.prompts_per_step} prompts x "
+         f"{rl.group_size} rollouts")
   optimizer = make_optimizer(config.optim, rl.steps * rl.updates_per_batch)
   # Ratios and KL are taken under the tempered distribution the rollouts came from.
   temperature = rl.temperature if rl.temperature > 0 else 1.0
@@ -81,8 +82,7 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
       mode_tags=[tokenizer.token_to_id("<think_on>"), tokenizer.token_to_id("<think_off>")],
       mesh=trainer.mesh, curves_path=os.path.join(workdir, "rl_curves.json"),
       logprob_fn=jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk,
-                                         temperature=temperature)),
-      status=trainer.status)
+                                         temperature=temperature)))
 
   def init_state():
     state, shardings = init_sharded_state(model_config, optimizer, trainer.mesh,
@@ -104,7 +104,7 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
              "heldout": _evaluate(result.state.params, model_config, tokenizer, heldout, rl)}
   with open(os.path.join(workdir, "rl_summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  trainer.status(f"held-out: {json.dumps(summary['heldout'])}")
+  status(f"held-out: {json.dumps(summary['heldout'])}")
   return summary
 
 

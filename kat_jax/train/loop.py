@@ -16,6 +16,7 @@ from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.model import ModelConfig
 from kat_jax.parallel import global_batch
+from kat_jax.progress import status
 from kat_jax.checkpoint import models
 from kat_jax.train import inputs
 from kat_jax.train.config_checks import check_training_config
@@ -91,7 +92,7 @@ def run_training(config: ConfigDict, *, stage: str = "pretrain",
                                     train=True, to_document=doc_fn), mesh)
   trainer = Trainer(config, name=stage, workdir=workdir, steps=train.steps, mesh=mesh,
                     meta={"model_config": model_config.to_dict()})
-  trainer.status(f"{stage}: batch {config.data.batch_size}x{config.data.seq_len}")
+  status(f"{stage}: batch {config.data.batch_size}x{config.data.seq_len}")
 
   def init_state():
     return init_sharded_state(model_config, optimizer, mesh, jax.random.key(config.seed),

@@ -121,9 +121,6 @@ class Trainer:
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(self.meta, f, indent=2, default=str)
 
-  def status(self, text: str) -> None:
-    status(text)
-
   def fit(self, init_state: Callable[[], tuple[Any, Any]], step: StepFn, source: BatchSource,
           *, extra: tuple[tuple[Any, Any], ...] = (), jit_step: bool = True,
           evaluate: Callable[[Any], dict[str, float]] | None = None) -> RunResult:
@@ -159,15 +156,15 @@ class Trainer:
     self.logger = MetricsLogger(self.workdir, self.steps, tensorboard=self.tensorboard,
                                 resume_step=done if resumed else None)
     if resumed:
-      self.status(f"{self.name}: resumed from step {done} ({self.checkpointer.directory})")
+      status(f"{self.name}: resumed from step {done} ({self.checkpointer.directory})")
     if jit_step:
       step = jax.jit(step, in_shardings=(shardings, batch_sharding(self.mesh),
                                          *(sh for _, sh in extra)),
                      out_shardings=(shardings, replicated(self.mesh)), donate_argnums=(0,))
     extra_values = tuple(v for v, _ in extra)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    self.status(f"{self.name}: {n_params:,} params, {self.steps} steps, mesh "
-                f"{dict(self.mesh.shape)}, workdir {self.workdir}")
+    status(f"{self.name}: {n_params:,} params, {self.steps} steps, mesh "
+           f"{dict(self.mesh.shape)}, workdir {self.workdir}")
     metrics: dict[str, float] = {}
     evals = None
     while done < self.steps:
