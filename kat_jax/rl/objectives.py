@@ -6,7 +6,11 @@ Every variant (GRPO, DAPO, Dr. GRPO, with or without KL) is a sum over response 
     - adv_neg[t] * max(r_t, 1 - eps_low)   [dual clip: min(., c)]  (A < 0 part)
     + beta * kl_weight[t] * KL(t)          - entropy_coef * kl_weight[t] * H(t)
 
-with `r_t = exp(logp_t - old_logp_t)`. For a flat batch, a token of trajectory k has
+with `r_t = exp(logp_t - old_logp_t)`. Off-policy batches (rollouts sampled up to k updates
+ago, `docs/rl.md`) also carry the behaviour log-probs `behav_logp`, and the two policy terms
+are multiplied by the truncated importance weight `min(exp(old_logp - behav_logp), is_cap)`
+(decoupled PPO: arXiv 2110.00641, as AReaL, arXiv 2505.24298): `old_logp` is then the
+proximal policy (the weights the update starts from), which the clip is centred on. For a flat batch, a token of trajectory k has
 `adv_pos = w_k * max(A_k, 0)`, `adv_neg = w_k * min(A_k, 0)`, `kl_weight = w_k`, where `w_k`
 is the aggregation weight of the loss mode (below). A token shared by several trajectories
 (a prefix-tree node) has one context, hence one ratio, and carries the sums of those terms
@@ -46,6 +50,7 @@ class ObjectiveConfig:
   loss_agg_mode: str = "seq-mean-token-mean"
   max_response_length: int = 0  # L_max, the constant of seq-mean-token-sum-norm / dr-grpo
   log_ratio_clamp: float = 20.0  # verl clamps logp - old_logp to ±20 before exp
+  is_cap: float = 2.0  # off-policy batches: importance weight π_prox/π_behav capped here
 
   def __post_init__(self):
     if self.loss_agg_mode not in LOSS_AGG_MODES:
@@ -56,6 +61,8 @@ class ObjectiveConfig:
       raise ValueError(f"{self.loss_agg_mode} needs max_response_length > 0")
     if self.dual_clip and self.dual_clip <= 1.0:
       raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {self.dual_clip}")
+    if self.is_cap < 1.0:
+      raise ValueError(f"is_cap must be >= 1, got {self.is_cap}")
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -154,14 +161,33 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array, adv_pos: jax.Array,
   return -(adv_pos * jnp.minimum(ratio, 1.0 + cfg.eps_high) + adv_neg * neg_ratio)
 
 
+def importance_weights(old_logp: jax.Array, behav_logp: jax.Array, cap: float) -> jax.Array:
+  """Truncated π_prox / π_behav per token (a constant of the update: no gradient)."""
+  log_w = jnp.clip(old_logp - behav_logp, -20.0, 20.0)
+  return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), cap))
+
+
 def token_objective(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
                     entropy: jax.Array | None, adv_pos: jax.Array, adv_neg: jax.Array,
-                    kl_weight: jax.Array, cfg: ObjectiveConfig
+                    kl_weight: jax.Array, cfg: ObjectiveConfig,
+                    behav_logp: jax.Array | None = None
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Σ over tokens of the full objective (policy + β KL − entropy bonus). Arrays [...]."""
+  """Σ over tokens of the full objective (policy + β KL − entropy bonus). Arrays [...].
+
+  behav_logp: the sampling log-probs of an off-policy batch (old_logp then being the
+  proximal ones); None for an on-policy batch (behaviour = proximal, weight 1).
+  """
   policy = policy_loss_terms(logp, old_logp, adv_pos, adv_neg, cfg)
+  metrics = {}
+  if behav_logp is not None:
+    weights = importance_weights(old_logp, behav_logp, cfg.is_cap)
+    policy = policy * weights
+    active = (kl_weight > 0).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(active), 1.0)
+    metrics["is_weight_mean"] = jnp.sum(weights * active) / count
+    metrics["is_capped_fraction"] = jnp.sum((weights >= cfg.is_cap) * active) / count
   loss = jnp.sum(policy)
-  metrics = {"policy_loss": jnp.sum(policy)}
+  metrics["policy_loss"] = loss
   if cfg.beta and ref_logp is not None:
     kl = jnp.sum(kl_weight * kl_estimate(logp, ref_logp, cfg.kl_estimator))
     loss = loss + cfg.beta * kl

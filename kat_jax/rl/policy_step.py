@@ -2,7 +2,9 @@
 
 Batch (rows may be flat trajectories or packed prefix trees, see DESIGN "Tree RL is exact"):
 `tokens`, `positions`, `kv_end`, `pred_index` [B,T] as for pre-training, plus per token
-`old_logp` (behaviour policy), `ref_logp` (frozen reference; only read when beta > 0) and
+`old_logp` (the policy the update is centred on), `ref_logp` (frozen reference; only read
+when beta > 0), in an off-policy batch `behav_logp` (the log-probs the tokens were sampled
+with; objectives module: truncated importance weight) and
 the weights `adv_pos`, `adv_neg`, `kl_weight` from `objectives.flat_token_weights` (or the
 tree packer). The weights already hold the aggregation normaliser of the whole rollout
 batch, so the loss is a plain sum and micro-batches/updates just add up.
@@ -23,7 +25,9 @@ from kat_jax.train.losses import chunked_token_logprobs
 from kat_jax.train.state import TrainState
 
 POLICY_INPUTS = ("tokens", "positions", "kv_end", "pred_index", "old_logp", "ref_logp",
-                 "adv_pos", "adv_neg", "kl_weight")
+                 "behav_logp", "adv_pos", "adv_neg", "kl_weight")
+# Metrics that are means over a batch's active tokens (the others are sums).
+TOKEN_MEANS = ("clip_fraction", "is_weight_mean", "is_capped_fraction")
 
 
 def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
@@ -40,7 +44,8 @@ def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
         chunk_size=loss_chunk, with_entropy=bool(objective.entropy_coef),
         temperature=temperature)
     return token_objective(logp, batch["old_logp"], batch.get("ref_logp"), entropy,
-                           batch["adv_pos"], batch["adv_neg"], batch["kl_weight"], objective)
+                           batch["adv_pos"], batch["adv_neg"], batch["kl_weight"], objective,
+                           batch.get("behav_logp"))
 
   return loss_fn
 
@@ -85,7 +90,8 @@ class AccumulatedPolicyUpdate:
 
   The policy weights already carry the whole batch's aggregation normaliser, so the batch
   loss and gradient are plain sums over micro-batches: `loss`, `policy_loss`, `kl` and
-  `entropy` are summed, `clip_fraction` is averaged over active tokens, `grad_norm` is the
+  `entropy` are summed, `clip_fraction` (and an off-policy batch's importance-weight
+  statistics) are averaged over active tokens, `grad_norm` is the
   norm of the summed gradient.
   """
 
@@ -117,7 +123,7 @@ class AccumulatedPolicyUpdate:
     if total_rows % self.rows:
       raise ValueError(f"batch of {total_rows} rows is not a multiple of micro_batch_rows "
                        f"{self.rows}; pad it with pad_batch_rows")
-    grads, sums, clipped, active = None, {}, 0.0, 0.0
+    grads, sums, token_means, active = None, {}, {}, 0.0
     for start in range(0, total_rows, self.rows):
       chunk = {k: batch[k][start:start + self.rows] for k in POLICY_INPUTS if k in batch}
       if self.ref_fn is not None:  # the reference policy's log-probs of this micro-batch
@@ -126,14 +132,15 @@ class AccumulatedPolicyUpdate:
       grads = g if grads is None else self.add(grads, g)
       chunk_active = float(np.sum(chunk["kl_weight"] > 0))
       for key, value in {**metrics, "loss": loss}.items():
-        if key == "clip_fraction":
-          clipped += value * chunk_active
+        if key in TOKEN_MEANS:
+          token_means[key] = token_means.get(key, 0.0) + value * chunk_active
         else:
           sums[key] = sums.get(key, 0.0) + value
       active += chunk_active
     state, grad_norm = self.apply(state, grads)
     metrics = {k: float(v) for k, v in jax.device_get(sums).items()}
-    metrics["clip_fraction"] = float(clipped) / max(active, 1.0)
+    metrics.update({k: float(v) / max(active, 1.0)
+                    for k, v in jax.device_get(token_means).items()})
     metrics["grad_norm"] = float(grad_norm)
     metrics["micro_batches"] = float(total_rows // self.rows)
     return state, metrics

@@ -143,3 +143,26 @@ def test_config_errors():
       obj.ObjectiveConfig(loss_agg_mode=mode)
   with pytest.raises(ValueError, match="dual_clip"):
     obj.ObjectiveConfig(dual_clip=0.5)
+
+
+def test_off_policy_batch_weights_each_token_by_the_capped_proximal_over_behaviour_ratio():
+  # By hand (eps 0.2, cap 2): token 0 has r = .5/.4 = 1.25 -> clipped to 1.2, weight
+  # min(.4/.1, 2) = 2 -> -1 * 1.2 * 2 = -2.4 (no gradient: clipped); token 1 has r = 1,
+  # weight .3/.6 = .5 -> +2 * 1 * .5 = 1.0, d/dlogp = 2 * r * .5 = 1.0.
+  cfg = obj.ObjectiveConfig(eps_low=0.2, eps_high=0.2, is_cap=2.0)
+  logp = jnp.log(jnp.array([0.5, 0.3]))
+  old, behav = jnp.log(jnp.array([0.4, 0.3])), jnp.log(jnp.array([0.1, 0.6]))
+  adv_pos, adv_neg = jnp.array([1.0, 0.0]), jnp.array([0.0, -2.0])
+  kl_weight = jnp.ones(2)
+
+  def loss(lp):
+    return obj.token_objective(lp, old, None, None, adv_pos, adv_neg, kl_weight, cfg, behav)
+
+  (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(logp)
+  np.testing.assert_allclose(value, -1.4, rtol=1e-6)
+  np.testing.assert_allclose(grad, [0.0, 1.0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(metrics["is_weight_mean"], 1.25, rtol=1e-6)
+  np.testing.assert_allclose(metrics["is_capped_fraction"], 0.5, rtol=1e-6)
+  # Without behaviour log-probs (on-policy) the same tokens give the plain clipped loss.
+  on_policy, _ = obj.token_objective(logp, old, None, None, adv_pos, adv_neg, kl_weight, cfg)
+  np.testing.assert_allclose(on_policy, -1.2 + 2.0, rtol=1e-6)
