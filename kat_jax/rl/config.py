@@ -39,9 +39,16 @@ def rl_fields() -> ConfigDict:
       dynamic_sampling_max_batches=3,  # sampling up to this many prompt batches per step
       overlong_buffer=0,  # soft overlong punishment over the last N of max_new_tokens; 0 off
       overlong_penalty_factor=1.0,
+      # Rollouts ahead of the trainer (kat_jax/rl/pipeline.py): 0 = on-policy (sample, then
+      # update); k >= 1 = batches sampled while earlier ones train, tokens at most k updates old.
+      max_staleness=0,
+      rollout_devices=0,  # > 0: these many devices generate, apart from the trainer's; 0 = share
+      train_devices=0,  # with rollout_devices: the trainer's devices (0 = all the others)
+      rollout_tensor=1,  # tensor-parallel size of the rollout mesh (its other axis: data)
       objective=ConfigDict(dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, beta=0.0,
                                 kl_estimator="k3", entropy_coef=0.0,
-                                loss_agg_mode="seq-mean-token-mean")),
+                                loss_agg_mode="seq-mean-token-mean",
+                                is_cap=2.0)),  # off-policy importance weight cap
       step_srpo=ConfigDict(dict(margin=0.0, wrong_mode_scale=0.5, format_penalty=1.0,
                                 judge_weight=0.5, intermediate_supervision=True,
                                 force_fraction=0.25, advantage_estimator="grpo")),
@@ -94,6 +101,10 @@ def _check_dapo_fields(rl: ConfigDict) -> None:
                       f"{rl.dynamic_sampling_max_batches}")
   if rl.updates_per_batch < 1:
     raise ConfigError(f"config.rl.updates_per_batch must be >= 1, got {rl.updates_per_batch}")
+  if rl.max_staleness < 0:
+    raise ConfigError(f"config.rl.max_staleness must be >= 0, got {rl.max_staleness}")
+  if rl.rollout_tensor < 1:
+    raise ConfigError(f"config.rl.rollout_tensor must be >= 1, got {rl.rollout_tensor}")
 
 
 def typed_configs(rl: ConfigDict) -> tuple[ObjectiveConfig, step_srpo.StepSRPOConfig]:

@@ -104,8 +104,7 @@ class AccumulatedPolicyUpdate:
     self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
     self.apply = jax.jit(self._apply, donate_argnums=(0,))
     self.ref_params = ref_params if objective.beta else None  # settable after construction
-    self.ref_fn = (jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk))
-                   if objective.beta else None)
+    self.logprob_fn = jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk))
 
   def _apply(self, state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -117,6 +116,9 @@ class AccumulatedPolicyUpdate:
                ) -> tuple[TrainState, dict[str, float]]:
     """batch: [B, T] arrays, B a multiple of micro_batch_rows -> (state, metrics).
 
+    An off-policy batch (with `behav_logp`) gets its proximal `old_logp` here, micro-batch by
+    micro-batch, from the weights the update starts from.
+
     `state` is donated: its buffers are reused for the new state.
     """
     total_rows = len(batch["tokens"])
@@ -126,8 +128,10 @@ class AccumulatedPolicyUpdate:
     grads, sums, token_means, active = None, {}, {}, 0.0
     for start in range(0, total_rows, self.rows):
       chunk = {k: batch[k][start:start + self.rows] for k in POLICY_INPUTS if k in batch}
-      if self.ref_fn is not None:  # the reference policy's log-probs of this micro-batch
-        chunk["ref_logp"] = self.ref_fn(self.ref_params, chunk)
+      if "behav_logp" in chunk:  # off-policy: centre the clip on the current weights
+        chunk["old_logp"] = self.logprob_fn(state.params, chunk)
+      if self.ref_params is not None:  # the reference policy's log-probs of this micro-batch
+        chunk["ref_logp"] = self.logprob_fn(self.ref_params, chunk)
       (loss, metrics), g = self.grad_fn(state.params, chunk)
       grads = g if grads is None else self.add(grads, g)
       chunk_active = float(np.sum(chunk["kl_weight"] > 0))

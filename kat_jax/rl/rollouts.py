@@ -1,17 +1,26 @@
 """Step-SRPO's rollout producer: a batch source for the trainer that samples, scores and packs.
 
-For RL step `s` (prompt draws and sampling keys depend on (seed, s) and the prompt pool
-only, so a resumed run continues as the uninterrupted one would): draw prompts (SRPO
-two-stage mix, epochs without replacement, history resampling) -> sample a group per prompt
-with the KV-cache sampler -> force the other mode on part of single-mode groups -> verify ->
-Step-SRPO rewards and segment advantages -> optional DAPO dynamic sampling -> pack the
-chosen groups with the behaviour (and reference) log-probs. The prompt pool is the
-checkpointed state; the per-step curves go to `<workdir>/rl_curves.json`.
+Batch `b` (prompt draws and sampling keys depend on (seed, b) and the prompt pool only, so a
+resumed run draws what the uninterrupted one would): draw prompts (SRPO two-stage mix, epochs
+without replacement, history resampling) -> sample a group per prompt on the rollout engine
+-> force the other mode on part of single-mode groups -> verify -> Step-SRPO rewards and
+segment advantages -> optional DAPO dynamic sampling -> pack the chosen groups. Rewards are
+streamed: a sample is sent to the reward pool as soon as its group's forced rollouts are
+decided, while other samples are still generating.
+
+Batches come from `pipeline.RolloutPipeline`: with `rl.max_staleness` = 0 each is produced
+with the trainer's current weights, just before its update; with k >= 1 a rollout thread
+produces up to k batches ahead (partial rollouts, per-token weight versions). The trainer's
+side recomputes the proximal log-probs (`old_logp`) with its current weights; an off-policy
+batch also carries the sampled ones (`behav_logp`) for the importance weight. The prompt
+pool, as of the last trained batch, is the checkpointed state; the per-step curves go to
+`<workdir>/rl_curves.json`.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -30,9 +39,9 @@ from kat_jax.rl import step_srpo
 from kat_jax.rl.config import kind_matches
 from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
 from kat_jax.rl.objectives import ObjectiveConfig, overlong_penalty
+from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.tasks.rewards import RewardPool
 from kat_jax.rl.tree import Trajectory, unrolled_batch
-from kat_jax.sampling import prepare_params
 from kat_jax.train.trainer import Work
 
 
@@ -44,14 +53,26 @@ def select_groups(advantages: list[list[np.ndarray]], count: int, dynamic: bool)
   return [i for i, advs in enumerate(advantages) if step_srpo.has_signal(advs)][:count]
 
 
+@dataclasses.dataclass
+class Sample:
+  """One rollout of a group: response ids (a forced mode's prefill first), the prefill
+  length, whether the mode was forced, and per sampled token (ids[prefill:]) the behaviour
+  log-prob and the weight version it was sampled with."""
+  ids: list[int]
+  prefill: int
+  forced: bool
+  logprobs: np.ndarray
+  versions: np.ndarray
+
+
 class AutoThinkRollouts:
-  """Samples AutoThink rollouts for prompt groups with the KV-cache sampler."""
+  """Samples AutoThink rollout groups on the rollout engine, streaming finished samples."""
 
   def __init__(self, model_config, tokenizer, rl: ConfigDict):
     from kat_jax.sampling import (EngineSampler,  # pylint: disable=g-import-not-at-top
                                   SamplingParams, think_mode_prompts)
-    # The rollout engine: a group's samples share the prompt's pages, and a slot is refilled as
-    # soon as its sample stops (think-off answers do not wait for think-on chains).
+    # A group's samples share the prompt's pages, and a slot is refilled as soon as its
+    # sample stops (think-off answers do not wait for think-on chains).
     self.sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, num_slots=64)
     self.sampling = SamplingParams(temperature=rl.temperature, vocab_limit=tokenizer.vocab_size)
     self.tokenizer, self.rl, self._force = tokenizer, rl, think_mode_prompts
@@ -61,32 +82,53 @@ class AutoThinkRollouts:
     return tokenize_chat(self.tokenizer, [{"role": "user", "content": task.prompt}],
                          add_generation_prompt=True, template="kat").ids
 
-  def _sample(self, dparams, prompts, key, num_samples):
-    result = self.sampler.generate(dparams, prompts, key, max_new_tokens=self.rl.max_new_tokens,
-                                   sampling=self.sampling, stop_ids=self.tokenizer.stop_ids,
-                                   num_samples=num_samples)
-    return result.token_lists()
+  def _sample(self, weights: RolloutWeights, prompts, key, num_samples, on_finish):
+    dparams, version = weights.current()
+    self.sampler.generate(dparams, prompts, key, max_new_tokens=self.rl.max_new_tokens,
+                          sampling=self.sampling, stop_ids=self.tokenizer.stop_ids,
+                          num_samples=num_samples, version=version, on_finish=on_finish)
 
-  def groups(self, dparams, tasks, key, cfg: step_srpo.StepSRPOConfig):
-    """Per task: list of (response ids incl. forced prefill, prefill length, forced?)."""
+  def groups(self, weights: RolloutWeights, tasks, key, cfg: step_srpo.StepSRPOConfig,
+             on_final: Callable[[int, int, Sample], None]):
+    """-> (prompts, groups[task][g] = Sample). on_final(task, g, sample) is called once per
+    sample as soon as it is final: when its group's forced rollouts are decided (for the
+    samples that keep their rollout) or when its forced rollout ends."""
     key, forced_key = jax.random.split(key)
     prompts = [self.prompt_ids(t) for t in tasks]
-    sampled = self._sample(dparams, prompts, key, self.rl.group_size)
     g = self.rl.group_size
-    groups = [[(sampled[i * g + j], 0, False) for j in range(g)] for i in range(len(tasks))]
-    # Force the other mode on part of every group that chose a single mode.
-    jobs = []
-    for i, group in enumerate(groups):
-      modes = [self.mode(ids) for ids, _, _ in group]
-      for j, mode in step_srpo.forced_rollouts(modes, cfg.force_fraction):
-        jobs.append((i, j, mode))
+    groups: list[list[Sample | None]] = [[None] * g for _ in tasks]
+    pending = [g] * len(tasks)
+    forced_of: dict[int, list[tuple[int, str]]] = {}
+
+    def sampled(row: int, c) -> None:
+      i, j = divmod(row, g)
+      groups[i][j] = Sample(list(c.tokens), 0, False, c.logprobs, c.versions)
+      pending[i] -= 1
+      if pending[i]:
+        return
+      # The group is complete: decide its forced rollouts, release the others to scoring.
+      forced_of[i] = step_srpo.forced_rollouts([self.mode(x.ids) for x in groups[i]],
+                                               cfg.force_fraction)
+      replaced = {j for j, _ in forced_of[i]}
+      for j in range(g):
+        if j not in replaced:
+          on_final(i, j, groups[i][j])
+
+    self._sample(weights, prompts, key, g, sampled)
+    # Forced rollouts, in group order (their keys do not depend on completion order).
+    jobs = [(i, j, mode) for i in range(len(tasks)) for j, mode in forced_of.get(i, [])]
     if jobs:
       forced_prompts = [self._force(self.tokenizer, [prompts[i]], "on" if m == "think_on"
                                     else "off")[0] for i, _, m in jobs]
-      outs = self._sample(dparams, forced_prompts, forced_key, 1)
-      for (i, j, _), prompt, out in zip(jobs, forced_prompts, outs):
-        prefill = prompt[len(prompts[i]):]
-        groups[i][j] = (prefill + out, len(prefill), True)
+
+      def forced(row: int, c) -> None:
+        i, j, _ = jobs[row]
+        prefill = forced_prompts[row][len(prompts[i]):]
+        groups[i][j] = Sample(prefill + list(c.tokens), len(prefill), True, c.logprobs,
+                              c.versions)
+        on_final(i, j, groups[i][j])
+
+      self._sample(weights, forced_prompts, forced_key, 1, forced)
     return prompts, groups
 
   def text(self, ids) -> str:
@@ -101,26 +143,28 @@ def _rate(values) -> float | None:
   return float(np.mean(values)) if len(values) else None
 
 
-def _policy_batch(prompts, groups, advantages, objective: ObjectiveConfig, pad_id: int,
-                  mesh) -> dict[str, jax.Array]:
-  """Global [B, T] policy batch (rows padded to the mesh) of the chosen prompt groups."""
+def _policy_rows(prompts, groups, advantages, objective: ObjectiveConfig, pad_id: int,
+                 rows_multiple: int) -> dict[str, np.ndarray]:
+  """This process's [B, T] policy rows of the chosen prompt groups (rows padded to a
+  multiple of the mesh's batch axes); `old_logp` holds the behaviour log-probs."""
   trajectories = []
   for prompt, group, advs in zip(prompts, groups, advantages):
     trajectories.append([
-        Trajectory(prompt + ids, [0] * (len(prompt) + prefill) + [1] * (len(ids) - prefill),
-                   np.concatenate([np.zeros(len(prompt)), adv]))
-        for (ids, prefill, _), adv in zip(group, advs)])
+        Trajectory(prompt + x.ids, [0] * (len(prompt) + x.prefill) + [1] * (len(x.ids) - x.prefill),
+                   np.concatenate([np.zeros(len(prompt)), adv]),
+                   np.concatenate([np.zeros(len(prompt) + x.prefill), x.logprobs]))
+        for x, adv in zip(group, advs)])
   longest = max(len(t.tokens) for g in trajectories for t in g)
   batch = unrolled_batch(trajectories, objective, -(-longest // 64) * 64, pad_id)
-  batch = pad_batch_rows({k: v for k, v in batch.items() if k != "visits"},
-                         mesh.shape["data"] * mesh.shape["fsdp"], pad_id)
-  return global_batch(batch, mesh)
+  return pad_batch_rows({k: v for k, v in batch.items() if k != "visits"}, rows_multiple,
+                        pad_id)
 
 
-def _step_stats(step: int, sampled: dict[str, list], srpo_cfg: step_srpo.StepSRPOConfig,
-                mix: TwoStageMix, pool: HistoryResampler, metrics: dict[str, Any],
-                resampling: dict[str, Any] | None) -> dict[str, Any]:
-  """The curves' statistics of one step, over every sampled group."""
+def _batch_stats(step: int, sampled: dict[str, list], srpo_cfg: step_srpo.StepSRPOConfig,
+                 mix: TwoStageMix, pool: HistoryResampler,
+                 resampling: dict[str, Any] | None) -> dict[str, Any]:
+  """The curves' statistics of one batch, over every sampled group (the pool as it is right
+  after the batch was produced)."""
   rewards = [step_srpo.group_rewards(g, srpo_cfg) for g in sampled["srpo"]]
   reward_stats = {"judge_reward": float(np.mean(np.concatenate([j for j, _, _ in rewards]))),
                   "answer_reward": float(np.mean(np.concatenate([a for _, a, _ in rewards])))}
@@ -135,8 +179,7 @@ def _step_stats(step: int, sampled: dict[str, list], srpo_cfg: step_srpo.StepSRP
                                    if t.regime == "easy"]),
       "think_on_rate_hard": _rate([r.mode == "think_on" for t, r in free
                                    if t.regime == "hard"]),
-      "response_tokens": float(np.mean([len(ids) for g in sampled["groups"]
-                                        for ids, _, _ in g])),
+      "response_tokens": float(np.mean([len(x.ids) for g in sampled["groups"] for x in g])),
       "forced": int(sum(r.forced for _, r in flat)),
       "overlong_penalty": float(np.mean([r.length_penalty for _, r in flat])),
       "reward_timeouts": float(statuses["timeout"]),
@@ -152,7 +195,6 @@ def _step_stats(step: int, sampled: dict[str, list], srpo_cfg: step_srpo.StepSRP
       "epoch": pool.epoch,
       "resampling": resampling,
       **reward_stats,
-      **{k: float(v) for k, v in jax.device_get(metrics).items()},
   }
   stats["reward"] = (reward_stats["answer_reward"]
                      + srpo_cfg.judge_weight * reward_stats["judge_reward"])
@@ -176,114 +218,169 @@ def _draw_tasks(pool: HistoryResampler, task_pool: dict[str, task_lib.Task], mix
   return chosen
 
 
-def _rollout_round(rollouts: AutoThinkRollouts, dparams, tasks: list[task_lib.Task], key,
-                   reward_pool: RewardPool, srpo_cfg: step_srpo.StepSRPOConfig,
-                   mode_tags: list[int], rl: ConfigDict) -> dict[str, Any]:
+def _rollout_round(rollouts: AutoThinkRollouts, weights: RolloutWeights,
+                   tasks: list[task_lib.Task], key, reward_pool: RewardPool,
+                   srpo_cfg: step_srpo.StepSRPOConfig, mode_tags: list[int], rl: ConfigDict
+                   ) -> dict[str, Any]:
   """Samples, verifies and scores one batch of prompt groups.
 
-  Returns per group (lists of length len(tasks)): tasks, prompts, groups [(ids, prefill,
-  forced)] x G, srpo (Rollouts), advantages ([G] per-token arrays); and results (flat
-  RewardResults of all rollouts).
+  Returns per group (lists of length len(tasks)): tasks, prompts, groups [Sample] x G, srpo
+  (Rollouts), advantages ([G] per-token arrays); results (flat RewardResults of all rollouts,
+  group-major) and timings: generate_s, reward_wait_s (after the last sample ended).
   """
-  prompts, groups = rollouts.groups(dparams, tasks, key, srpo_cfg)
-  texts = [[rollouts.text(ids) for ids, _, _ in group] for group in groups]
-  parsed = [[parse_autothink_response(t, judge_prefilled=True) for t in g] for g in texts]
-  results = reward_pool.score_async(
-      [{"response": text, "verifier": task.verifier}
-       for task, group_texts in zip(tasks, texts) for text in group_texts]).result()
+  g = rl.group_size
+  scores: dict[tuple[int, int], Any] = {}
+
+  def score(i: int, j: int, sample: Sample) -> None:  # streamed: a final sample is scored now
+    scores[i, j] = reward_pool.score_async([{"response": rollouts.text(sample.ids),
+                                             "verifier": tasks[i].verifier}])
+
+  start = time.perf_counter()
+  prompts, groups = rollouts.groups(weights, tasks, key, srpo_cfg, score)
+  generated = time.perf_counter()
+  results = [scores[i, j].result()[0] for i in range(len(tasks)) for j in range(g)]
+  reward_wait = time.perf_counter() - generated
+  parsed = [[parse_autothink_response(rollouts.text(x.ids), judge_prefilled=True)
+             for x in group] for group in groups]
   it = iter(r.reward for r in results)
   srpo = []
   for ps, group in zip(parsed, groups):
     penalties = np.zeros(len(group))
     if rl.overlong_buffer:  # DAPO soft overlong punishment on the sampled length
-      penalties = overlong_penalty(np.array([len(ids) - pre for ids, pre, _ in group]),
+      penalties = overlong_penalty(np.array([len(x.ids) - x.prefill for x in group]),
                                    rl.max_new_tokens, rl.overlong_buffer,
                                    rl.overlong_penalty_factor)
-    srpo.append([step_srpo.Rollout(p["mode"], forced, float(next(it)), p["well_formed"],
+    srpo.append([step_srpo.Rollout(p["mode"], x.forced, float(next(it)), p["well_formed"],
                                    float(pen))
-                 for p, (_, _, forced), pen in zip(ps, group, penalties)])
-  advantages, _ = step_srpo.token_advantages(
-      srpo, [[ids for ids, _, _ in g] for g in groups], mode_tags, srpo_cfg)
+                 for p, x, pen in zip(ps, group, penalties)])
+  advantages, _ = step_srpo.token_advantages(srpo, [[x.ids for x in grp] for grp in groups],
+                                             mode_tags, srpo_cfg)
   return {"tasks": list(tasks), "prompts": prompts, "groups": groups, "srpo": srpo,
-          "advantages": advantages, "results": list(results)}
+          "advantages": advantages, "results": results,
+          "generate_s": generated - start, "reward_wait_s": reward_wait}
 
 
 class StepSRPORollouts:
-  """The trainer's batch source for `step_srpo` (see the module docstring)."""
+  """The trainer's batch source for `step_srpo` (see the module docstring).
+
+  rollout_prepare(params) -> decode params where the rollouts run (the rollout mesh).
+  """
 
   def __init__(self, rl: ConfigDict, *, seed: int, rollouts: AutoThinkRollouts,
                reward_pool: RewardPool, srpo_cfg: step_srpo.StepSRPOConfig,
                objective: ObjectiveConfig, task_pool: dict[str, task_lib.Task],
                mix: TwoStageMix, mode_tags: list[int], mesh, logprob_fn: Callable,
-               curves_path: str):
+               curves_path: str, rollout_prepare: Callable[[Any], Any]):
     self.rl, self.seed, self.rollouts, self.reward_pool = rl, seed, rollouts, reward_pool
     self.srpo_cfg, self.objective, self.task_pool, self.mix = srpo_cfg, objective, task_pool, mix
     self.mode_tags, self.mesh, self.logprob_fn = mode_tags, mesh, logprob_fn
     self.curves_path = curves_path
     self.pool = HistoryResampler(list(task_pool), seed=seed)
+    self._pool_state = self.get_pool_state()  # the pool after the last trained batch
     self.ref_params = None  # the frozen reference policy, set by the stage when beta > 0
     self.history: list[dict[str, Any]] = []
     if os.path.exists(curves_path):
       with open(curves_path, encoding="utf-8") as f:
         self.history = json.load(f)["history"]
     self.checkpoint = self  # the prompt pool travels with each checkpoint
+    weights = RolloutWeights(rollout_prepare)
+    weights.attach(rollouts.sampler)
+    self.pipeline = RolloutPipeline(self._produce, weights, max_staleness=rl.max_staleness,
+                                    end=rl.steps)
     self._last: dict[str, Any] = {}
+
+  def get_pool_state(self) -> bytes:
+    return json.dumps(self.pool.state_dict()).encode()
 
   # checkpointed state (Grain's handler stores non-Grain iterator states as bytes)
   def get_state(self) -> bytes:
-    return json.dumps(self.pool.state_dict()).encode()
+    return self._pool_state
 
   def set_state(self, state: bytes) -> None:
     self.pool.load_state_dict(json.loads(state.decode()))
+    self._pool_state = state
 
   def start_prefetch(self) -> None:
     pass
 
-  def next(self, state, step: int) -> Work:
-    rl, t0 = self.rl, time.perf_counter()
-    step_rng = np.random.default_rng([self.seed, step])
-    dparams = prepare_params(state.params, self.rollouts.model_config, self.mesh)
+  def _produce(self, index: int, weights: RolloutWeights) -> dict[str, Any]:
+    """Batch `index`: rounds of sampled, scored groups; the chosen ones packed (host rows)."""
+    rl = self.rl
+    step_rng = np.random.default_rng([self.seed, index])
     rounds = []
     for _ in range(rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 1):
-      tasks = _draw_tasks(self.pool, self.task_pool, self.mix, step, rl.prompts_per_step,
+      tasks = _draw_tasks(self.pool, self.task_pool, self.mix, index, rl.prompts_per_step,
                           step_rng)
-      rounds.append(_rollout_round(self.rollouts, dparams, tasks,
+      rounds.append(_rollout_round(self.rollouts, weights, tasks,
                                    jax.random.key(step_rng.integers(2**31)), self.reward_pool,
                                    self.srpo_cfg, self.mode_tags, rl))
       with_signal = sum(step_srpo.has_signal(a) for r in rounds for a in r["advantages"])
       if not rl.dynamic_sampling or with_signal >= rl.prompts_per_step:
         break
-    del dparams
-    sampled = {k: [x for r in rounds for x in r[k]] for k in rounds[0]}
+    sampled = {k: [x for r in rounds for x in r[k]] for k in
+               ("tasks", "prompts", "groups", "srpo", "advantages", "results")}
     for task, group in zip(sampled["tasks"], sampled["srpo"]):
       self.pool.record(task.id, [r.score for r in group])
     keep = select_groups(sampled["advantages"], rl.prompts_per_step, rl.dynamic_sampling)
-    batch, tokens = None, 0.0
+    rows = None
     if keep:
-      batch = _policy_batch([sampled["prompts"][i] for i in keep],
-                            [sampled["groups"][i] for i in keep],
-                            [sampled["advantages"][i] for i in keep],
-                            self.objective, self.rollouts.tokenizer.pad_id, self.mesh)
-      batch["old_logp"] = self.logprob_fn(state.params, batch)  # kept for every update
-      if self.ref_params is not None:
-        batch["ref_logp"] = self.logprob_fn(self.ref_params, batch)
-      tokens = float(np.sum(np.asarray(batch["kl_weight"]) > 0))
-    else:
-      status(f"step {step + 1}: no group with a gradient signal; no update")
+      rows = _policy_rows([sampled["prompts"][i] for i in keep],
+                          [sampled["groups"][i] for i in keep],
+                          [sampled["advantages"][i] for i in keep], self.objective,
+                          self.rollouts.tokenizer.pad_id,
+                          self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     resampling = None
     if self.pool.epoch_complete:  # one pass over the prompts of a kind in use
       resampling = self.pool.end_epoch(drop=rl.history_resampling)
-      status(f"step {step + 1}: epoch {resampling['epoch']} done: {resampling}")
-    self._last = {"sampled": sampled, "keep": keep, "resampling": resampling, "t0": t0}
+      status(f"step {index + 1}: epoch {resampling['epoch']} done: {resampling}")
+    versions = np.concatenate([x.versions for g in sampled["groups"] for x in g])
+    return {"rows": rows, "keep": keep, "sampled": sampled, "pool_state": self.get_pool_state(),
+            "stats": _batch_stats(index, sampled, self.srpo_cfg, self.mix, self.pool,
+                                  resampling),
+            "oldest_version": int(versions.min()) if len(versions) else index,
+            "timing": {"generate_s": sum(r["generate_s"] for r in rounds),
+                       "reward_wait_s": sum(r["reward_wait_s"] for r in rounds)}}
+
+  def next(self, state, step: int) -> Work:
+    if self.pipeline.started_at is None:
+      self.pipeline.start(state.params, step)
+    t0 = time.perf_counter()
+    produced, waited = self.pipeline.take(step, state.params)
+    out = produced.value
+    timing = {**out["timing"], "rollout_wait_s": waited, "produce_s": produced.seconds}
+    batch, tokens = None, 0.0
+    if out["keep"]:
+      batch = global_batch(out["rows"], self.mesh)
+      behaviour = batch.pop("old_logp")
+      t1 = time.perf_counter()
+      # The proximal policy: the weights this update starts from (= the sampling weights
+      # on-policy). Off-policy, the sampled log-probs weight the terms (objectives module).
+      batch["old_logp"] = self.logprob_fn(state.params, batch)
+      if self.pipeline.k:
+        batch["behav_logp"] = behaviour
+      if self.ref_params is not None:
+        batch["ref_logp"] = self.logprob_fn(self.ref_params, batch)
+      jax.block_until_ready(batch)
+      timing["logprob_s"] = time.perf_counter() - t1
+      tokens = float(np.sum(np.asarray(out["rows"]["kl_weight"]) > 0))
+    else:
+      status(f"step {step + 1}: no group with a gradient signal; no update")
+    self._last = {**out, "timing": timing, "staleness": step - out["oldest_version"],
+                  "t_update": time.perf_counter(), "t0": t0}
     return Work(batch, tokens)
 
   def after_step(self, step: int, state, metrics: dict[str, float]) -> dict[str, float]:
-    """Appends the step's curve point, rewrites `rl_curves.json`; returns its scalars."""
+    """Pushes the new weights to the rollouts (k >= 1); appends the step's curve point,
+    rewrites `rl_curves.json`; returns its scalars."""
     last = self._last
-    stats = _step_stats(step - 1, last["sampled"], self.srpo_cfg, self.mix, self.pool, metrics,
-                        last["resampling"])
+    timing = {**last["timing"], "update_s": time.perf_counter() - last["t_update"]}
+    self.pipeline.trained(state.params, step)
+    timing["weight_push_s"] = self.pipeline.weights.push_seconds if self.pipeline.k else 0.0
+    self._pool_state = last["pool_state"]
+    stats = {**last["stats"], **{k: float(v) for k, v in jax.device_get(metrics).items()}}
     stats.update(policy_updates=int(state.step), trained_groups=len(last["keep"]),
-                 seconds=time.perf_counter() - last["t0"])
+                 seconds=time.perf_counter() - last["t0"],
+                 staleness=float(last["staleness"]), **timing)
     if stats["reward_timeouts"] or stats["reward_errors"]:
       bad = [r for r in last["sampled"]["results"] if r.status in ("timeout", "error")]
       status(f"step {step}: rewards: {stats['reward_timeouts']:.0f} timeouts, "
@@ -296,4 +393,5 @@ class StepSRPORollouts:
     return {k: v for k, v in stats.items() if isinstance(v, float) and k != "step"}
 
   def close(self) -> None:
+    self.pipeline.close()
     self.reward_pool.close()

@@ -26,6 +26,7 @@ from kat_jax.errors import ConfigError
 from kat_jax.progress import status
 from kat_jax.rl.config import parse_mix, typed_configs
 from kat_jax.rl.curriculum import TwoStageMix
+from kat_jax.rl.pipeline import decode_weights_fn, rollout_meshes
 from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
 from kat_jax.tasks.rewards import RewardPool
 from kat_jax.rl.rollouts import AutoThinkRollouts, StepSRPORollouts
@@ -64,10 +65,14 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
   mix = TwoStageMix(parse_mix(rl.stage1_mix, "stage1_mix", tasks),
                     parse_mix(rl.stage2_mix, "stage2_mix", tasks), rl.switch_step)
   model_config, params = _initial_model(config)
-  trainer = Trainer(config, name="step_srpo", workdir=workdir, steps=rl.steps,
+  train_mesh, rollout_mesh = rollout_meshes(config, rl.rollout_devices, rl.train_devices,
+                                            rl.rollout_tensor)
+  trainer = Trainer(config, name="step_srpo", workdir=workdir, steps=rl.steps, mesh=train_mesh,
                     meta={"model_config": model_config.to_dict()})
   status(f"step_srpo: {rl.steps} steps x {rl.prompts_per_step} prompts x "
-         f"{rl.group_size} rollouts")
+         f"{rl.group_size} rollouts, max_staleness {rl.max_staleness}"
+         + (f", rollouts on {rollout_mesh.size} devices apart" if rollout_mesh is not train_mesh
+            else ""))
   optimizer = make_optimizer(config.optim, rl.steps * rl.updates_per_batch)
   # Ratios and KL are taken under the tempered distribution the rollouts came from.
   temperature = rl.temperature if rl.temperature > 0 else 1.0
@@ -82,7 +87,9 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
       mode_tags=[tokenizer.token_to_id("<think_on>"), tokenizer.token_to_id("<think_off>")],
       mesh=trainer.mesh, curves_path=os.path.join(workdir, "rl_curves.json"),
       logprob_fn=jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk,
-                                         temperature=temperature)))
+                                         temperature=temperature)),
+      rollout_prepare=decode_weights_fn(model_config, train_mesh, rollout_mesh,
+                                        own_copy=rl.max_staleness > 0))
 
   def init_state():
     state, shardings = init_sharded_state(model_config, optimizer, trainer.mesh,

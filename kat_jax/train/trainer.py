@@ -77,10 +77,11 @@ class DataBatches:
                 tokens=float(np.sum(local["weights"] > 0)) * jax.process_count())
 
 
-def mesh_from(config: ConfigDict):
-  """The device mesh of `config.mesh` (ConfigError naming the field on a bad shape)."""
+def mesh_from(config: ConfigDict, devices=None):
+  """The device mesh of `config.mesh` over `devices` (default all; ConfigError naming the
+  field on a bad shape)."""
   try:
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from e
 

@@ -1,0 +1,333 @@
+"""One RL step end to end (rollout, reward, log-probs, update, weight push), k = 0 and k = 1.
+
+  PYTHONPATH=$PWD python benchmarks/rl_step.py --preset qwen2.5-1.5b --out $OUT/rl_step.json
+  PYTHONPATH=$PWD python benchmarks/rl_step.py --tiny          # CPU smoke run, seconds
+
+The step is built from the stages' own parts: the rollout engine (continuous batching, paged
+KV, a group's samples sharing the prompt's pages), `rl.pipeline.RolloutPipeline` (k = 0:
+sample then update; k = 1: the next batch samples while this one trains, weights pushed after
+each update, partial rollouts), rewards streamed to `tasks.rewards.RewardPool` as each sample
+ends, the `rl.trajectories.TrajectoryManager`, prefix-tree packing (`rl.tree`) and one
+`rl.policy_step.AccumulatedPolicyUpdate` (AdamW) over micro-batches of packed rows.
+
+Workloads (`--workload`), both on the draw of `benchmarks/rollout.py` (`--prompts` x
+`--samples`, prompts uniform in [prompt_min, prompt_max] random tokens, response lengths fixed
+in advance from a lognormal; a sample stops at its drawn length, no stop ids):
+  * grpo: a Step-SRPO-shaped step: each prompt's G samples form one prefix tree;
+  * tree: an agentic tree step: each prompt branches `--branch1` ways, each branch gets a
+    `--tool_tokens` tool output and branches `samples / branch1` ways again; each leaf's two
+    turns split its drawn length in half.
+The model is random, so the reward is the math verifier (SymPy worker) on a stand-in answer
+derived from the tokens: real verifier work, meaningless values.
+
+Reported per k: generated tokens/s per device (steady state: measured steps after `--warmup`
+steps; compile seconds, from jax.monitoring, reported apart), the step's time split (rollout
+wait, generate, reward wait after the last sample, old log-probs, update, weight push),
+trained vs unrolled tokens, staleness, and tokens/s x parameters beside NeMo RL's published
+on-policy GRPO rate (1,562 tokens/s per H100 at Llama-3.1-8B, ~1.25e13 parameter-tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rollout import CompileClock, workload  # noqa: E402  pylint: disable=g-import-not-at-top
+
+NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
+
+
+def _parse(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default="qwen2.5-1.5b")
+  parser.add_argument("--tiny", action="store_true", help="tiny model and workload (CPU)")
+  parser.add_argument("--workload", nargs="+", default=["grpo", "tree"],
+                      choices=["grpo", "tree"])
+  parser.add_argument("--k", nargs="+", type=int, default=[0, 1], help="max_staleness values")
+  parser.add_argument("--prompts", type=int, default=64)
+  parser.add_argument("--samples", type=int, default=8)
+  parser.add_argument("--prompt_min", type=int, default=256)
+  parser.add_argument("--prompt_max", type=int, default=1024)
+  parser.add_argument("--mean_new", type=float, default=1024)
+  parser.add_argument("--max_new", type=int, default=8192)
+  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+  parser.add_argument("--branch1", type=int, default=4, help="tree: first-turn branches")
+  parser.add_argument("--tool_tokens", type=int, default=64, help="tree: tool output length")
+  parser.add_argument("--num_slots", type=int, default=128)
+  parser.add_argument("--page_size", type=int, default=16)
+  parser.add_argument("--steps_per_call", type=int, default=16)
+  parser.add_argument("--prefill_chunk", type=int, default=512)
+  parser.add_argument("--kv_gib", type=float, default=24.0, help="page pool size in GiB")
+  parser.add_argument("--micro_batch_rows", type=int, default=1)
+  parser.add_argument("--seq_len", type=int, default=0,
+                      help="packed row length (0: the largest tree, rounded up to 1024)")
+  parser.add_argument("--remat", default="full", help="ModelConfig.remat_policy")
+  parser.add_argument("--warmup", type=int, default=1, help="steps not timed (compiles)")
+  parser.add_argument("--steps", type=int, default=2, help="timed steps")
+  parser.add_argument("--reward_workers", type=int, default=8)
+  parser.add_argument("--lr", type=float, default=1e-6)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="")
+  if parser.parse_known_args(argv)[0].tiny:
+    parser.set_defaults(preset="tiny", prompts=4, samples=4, prompt_min=8, prompt_max=24,
+                        mean_new=12, max_new=40, num_slots=8, page_size=4, steps_per_call=4,
+                        prefill_chunk=16, kv_gib=0.01, branch1=2, tool_tokens=4, steps=1,
+                        reward_workers=2, remat="none")
+  return parser.parse_args(argv)
+
+
+def _stand_in_answer(tokens) -> str:
+  return f"\\boxed{{{int(np.sum(tokens)) % 10}}}"
+
+
+class Producer:
+  """Batch `index` of a workload on the engine: returns the packed host rows and its stats."""
+
+  def __init__(self, args, config, engine, pool, objective, prompts, lengths):
+    self.args, self.config, self.engine, self.pool = args, config, engine, pool
+    self.objective, self.prompts, self.lengths = objective, prompts, lengths
+
+  def __call__(self, index: int, weights) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+    from kat_jax.rl.objectives import group_advantages  # pylint: disable=g-import-not-at-top
+    from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+    from kat_jax.rl.tree import build_trees, pack_trees  # pylint: disable=g-import-not-at-top
+    from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+    from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
+    args, engine = self.args, self.engine
+    manager, rewards, leaves = TrajectoryManager(), {}, {}
+    groups = [manager.new_group() for _ in self.prompts]
+    key = jax.random.key(args.seed * 1000 + index)
+    sampling = SamplingParams(temperature=1.0)
+    start = time.perf_counter()
+
+    def score(iid, tokens):
+      rewards[iid] = self.pool.score_async([{"response": _stand_in_answer(tokens),
+                                             "verifier": {"type": "math", "answer": "3"}}])
+
+    if args.workload_now == "grpo":
+      owners = {}
+      for p, prompt in enumerate(self.prompts):
+        for g, sid in enumerate(engine.submit(Request(
+            prompt, [int(n) for n in self.lengths[p]], sampling=sampling,
+            num_samples=args.samples, rng=jax.random.fold_in(key, p)))):
+          owners[sid] = p
+
+      def finished(sid, c):
+        p = owners[sid]
+        iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
+        leaves.setdefault(p, []).append(iid)
+        score(iid, c.tokens)
+
+      engine.run(on_finish=finished)
+    else:
+      self._tree(key, sampling, manager, groups, leaves, score)
+    generated = time.perf_counter()
+    values = {iid: f.result()[0].reward for iid, f in rewards.items()}
+    reward_wait = time.perf_counter() - generated
+    trajectories, advantages = [], []
+    for p, group in enumerate(groups):
+      recorded = manager.trajectories(group)
+      adv = group_advantages(np.array([values[t.interactions[-1]] for t in recorded]),
+                             np.zeros(len(recorded), int))
+      trajectories.append([t.to_trajectory(a) for t, a in zip(recorded, adv)])
+    trees = build_trees(trajectories, self.objective)
+    seq_len = args.seq_len or -(-max(t.num_nodes for t in trees) // 1024) * 1024
+    rows = pack_trees(trees, seq_len, 0)
+    versions = np.concatenate([t.versions[t.loss_mask > 0] for g in groups
+                               for t in manager.trajectories(g)])
+    return {"rows": rows, "generated": int(sum(len(c.tokens) for g in groups
+                                               for c in manager.trajectories(g))
+                                           - 0),
+            "generated_tokens": int(versions.size if self.args.workload_now == "grpo"
+                                    else self._generated),
+            "tree_tokens": int(sum(t.num_nodes for t in trees)),
+            "unrolled_tokens": int(sum(t.unrolled_tokens for t in trees)),
+            "oldest_version": int(versions.min()), "generate_s": generated - start,
+            "reward_wait_s": reward_wait, "seq_len": seq_len}
+
+  def _tree(self, key, sampling, manager, groups, leaves, score):
+    """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
+    args, engine = self.args, self.engine
+    second = args.samples // args.branch1
+    rng = np.random.default_rng(args.seed + 1)
+    owners, first = {}, {}
+    self._generated = 0
+    for p, prompt in enumerate(self.prompts):
+      half = [max(1, int(n) // 2) for n in self.lengths[p][::second][:args.branch1]]
+      for b, sid in enumerate(engine.submit(Request(
+          prompt, half, sampling=sampling, num_samples=args.branch1, keep=True,
+          rng=jax.random.fold_in(key, p)))):
+        owners[sid] = (p, b)
+
+    def first_done(sid, c):
+      p, b = owners[sid]
+      iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
+      first[(p, b)] = (iid, c)
+      self._generated += len(c.tokens)
+
+    engine.run(on_finish=first_done)
+    turn2 = {}
+    for (p, b), (iid, c) in sorted(first.items()):
+      tool = rng.integers(1, self.config.vocab_size, args.tool_tokens).tolist()
+      context = list(self.prompts[p]) + list(c.tokens) + tool
+      rest = [max(1, int(n) - int(n) // 2) for n in self.lengths[p][b * second:(b + 1) * second]]
+      for sid in engine.extend(c.sequence, tool, max_new_tokens=rest, sampling=sampling,
+                               num_samples=second, rng=jax.random.fold_in(key, 1000 + p * 64 + b)):
+        turn2[sid] = (p, context)
+
+    def second_done(sid, c):
+      p, context = turn2[sid]
+      iid = manager.record(groups[p], context, c.tokens, c.logprobs, c.versions)
+      leaves.setdefault(p, []).append(iid)
+      self._generated += len(c.tokens)
+      score(iid, c.tokens)
+
+    engine.run(on_finish=second_done)
+
+
+def run(args, k: int, workload_name: str, clock) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  from kat_jax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.objectives import ObjectiveConfig  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.pipeline import (RolloutPipeline, RolloutWeights,  # pylint: disable=g-import-not-at-top
+                                   decode_weights_fn)
+  from kat_jax.rl.policy_step import AccumulatedPolicyUpdate  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import prepare_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine  # pylint: disable=g-import-not-at-top
+  from kat_jax.tasks.rewards import RewardPool  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.state import init_sharded_state  # pylint: disable=g-import-not-at-top
+
+  args.workload_now = workload_name
+  dtype = "float32" if args.tiny else "bfloat16"
+  overrides = dict(num_layers=1) if args.tiny else {}
+  config = get_preset(args.preset, dtype=dtype, param_dtype="float32",
+                      remat_policy=args.remat, **overrides)
+  mesh = make_mesh(-1, 1, 1)
+  optimizer = optax.adamw(args.lr)
+  state, _ = init_sharded_state(config, optimizer, mesh, jax.random.key(args.seed))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  objective = ObjectiveConfig(eps_low=0.2, eps_high=0.28, loss_agg_mode="token-mean")
+  update = AccumulatedPolicyUpdate(config, optimizer, objective, args.micro_batch_rows,
+                                   loss_chunk=1024)
+  prompts, lengths = workload(args, config.vocab_size)
+  item = jnp.dtype(config.compute_dtype).itemsize
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
+  num_pages = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size)) + 1
+  engine = Engine(config, prepare_params(state.params, config, mesh), num_slots=args.num_slots,
+                  num_pages=num_pages, page_size=args.page_size,
+                  prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call)
+  pool = RewardPool(max_workers=args.reward_workers)
+  weights = RolloutWeights(decode_weights_fn(config, mesh, mesh, own_copy=k > 0))
+  weights.attach(engine)
+  producer = Producer(args, config, engine, pool, objective, prompts, lengths)
+  total = args.warmup + args.steps
+  pipeline = RolloutPipeline(producer, weights, max_staleness=k, end=total)
+  steps = []
+  pipeline.start(state.params, 0)
+  try:
+    for step in range(total):
+      t0, c0 = time.perf_counter(), clock.total
+      produced, waited = pipeline.take(step, state.params)
+      out = produced.value
+      batch = {key: v for key, v in out["rows"].items() if key not in ("visits", "segment_ids")}
+      rows = len(batch["tokens"])
+      pad = -rows % args.micro_batch_rows
+      if pad:
+        from kat_jax.data.packing import pad_batch_rows  # pylint: disable=g-import-not-at-top
+        batch = pad_batch_rows(batch, args.micro_batch_rows, 0)
+      behaviour = batch.pop("old_logp")
+      t1 = time.perf_counter()
+      old = [update.logprob_fn(state.params, {key: v[r:r + args.micro_batch_rows]
+                                              for key, v in batch.items()})
+             for r in range(0, len(batch["tokens"]), args.micro_batch_rows)]
+      batch["old_logp"] = np.concatenate([np.asarray(o) for o in old])
+      if k:
+        batch["behav_logp"] = behaviour
+      t2 = time.perf_counter()
+      state, metrics = update(state, batch)
+      t3 = time.perf_counter()
+      pipeline.trained(state.params, step + 1)
+      t4 = time.perf_counter()
+      record = {"step": step, "seconds": t4 - t0, "compile_s": clock.total - c0,
+                "rollout_wait_s": waited, "produce_s": produced.seconds,
+                "generate_s": out["generate_s"], "reward_wait_s": out["reward_wait_s"],
+                "logprob_s": t2 - t1, "update_s": t3 - t2,
+                "weight_push_s": (t4 - t3) if k else weights.push_seconds,
+                "generated_tokens": out["generated_tokens"], "tree_tokens": out["tree_tokens"],
+                "unrolled_tokens": out["unrolled_tokens"], "rows": rows,
+                "seq_len": out["seq_len"], "staleness": step - out["oldest_version"],
+                "loss": metrics["loss"], "is_weight_mean": metrics.get("is_weight_mean")}
+      steps.append(record)
+      print(f"  {workload_name} k={k} step {step}: {record['seconds']:.1f}s "
+            f"(compile {record['compile_s']:.1f}s) generated {record['generated_tokens']} "
+            f"wait {waited:.1f}s logprob {t2 - t1:.1f}s update {t3 - t2:.1f}s", flush=True)
+  finally:
+    pipeline.close()
+    pool.close()
+  timed = steps[args.warmup:] or steps
+  wall = sum(s["seconds"] - s["compile_s"] for s in timed)
+  tokens = sum(s["generated_tokens"] for s in timed)
+  per_device = tokens / wall / jax.device_count()
+  split = {key: float(np.mean([s[key] for s in timed]))
+           for key in ("seconds", "compile_s", "rollout_wait_s", "produce_s", "generate_s",
+                       "reward_wait_s", "logprob_s", "update_s", "weight_push_s")}
+  return {"k": k, "workload": workload_name, "params": n_params,
+          "tokens_per_s_per_device": per_device,
+          "param_tokens_per_s_per_device": per_device * n_params,
+          "over_nemo_rl_param_tokens": per_device * n_params / NEMO_PARAM_TOKENS_PER_S,
+          "rollout_share_of_step": split["produce_s"] / split["seconds"] if not k else None,
+          "mean_split_s": split, "steps": steps}
+
+
+def main(argv=None) -> dict:
+  args = _parse(argv)
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  import jax  # pylint: disable=g-import-not-at-top
+  clock = CompileClock(jax)
+  results = []
+  for name in args.workload:
+    for k in args.k:
+      print(f"{args.preset} {name} k={k}", flush=True)
+      results.append(run(args, k, name, clock))
+  report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "preset": args.preset, "workload": {
+                "prompts": args.prompts, "samples": args.samples,
+                "prompt_tokens": [args.prompt_min, args.prompt_max],
+                "response_lengths": {"lognormal_mean": args.mean_new, "sigma": args.sigma,
+                                     "max": args.max_new},
+                "tree": {"branch1": args.branch1, "tool_tokens": args.tool_tokens}},
+            "results": results,
+            "versions": {"python": platform.python_version(), "jax": jax.__version__}}
+  print(f"{'workload':8} {'k':>2} {'tok/s/dev':>10} {'param-tok/s':>12} {'step s':>8} "
+        f"{'rollout%':>8} {'gen s':>7} {'rew s':>6} {'logp s':>7} {'upd s':>7} {'push s':>7}")
+  for r in results:
+    s = r["mean_split_s"]
+    share = f"{100 * r['rollout_share_of_step']:.0f}" if r["rollout_share_of_step"] else "-"
+    print(f"{r['workload']:8} {r['k']:>2} {r['tokens_per_s_per_device']:>10.0f} "
+          f"{r['param_tokens_per_s_per_device']:>12.3g} {s['seconds']:>8.1f} {share:>8} "
+          f"{s['generate_s']:>7.1f} {s['reward_wait_s']:>6.2f} {s['logprob_s']:>7.1f} "
+          f"{s['update_s']:>7.1f} {s['weight_push_s']:>7.2f}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, default=float)
+    print(f"wrote {args.out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
