@@ -30,6 +30,7 @@ continues under the new weights; its earlier KV stays (no recompute); every toke
 version it was sampled with (`Completion.versions`: the weights that computed the logits it was
 drawn from, which for the first token of a decode call are the previous call's or the
 prefill's), so the trainer's importance ratio uses the recorded behaviour log-prob.
+`set_params` is the one method for other threads; the others belong to the thread running it.
 
 Streaming: `run(on_finish=...)` hands each sample over in the scheduler round it ends;
 a caller driving `step()` itself collects them with `take_finished()`.
