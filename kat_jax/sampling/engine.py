@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -152,6 +153,12 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _check_params(params: Any) -> None:
+  if not isinstance(params, DecodeParams):
+    raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
+                     "kat_jax.sampling.prepare_params(params, config)")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kept:
   """A kept sequence: its pages and its next-token logits [V] with their weight version."""
@@ -184,7 +191,9 @@ class Engine:
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     self.config = config
-    self.set_params(params, version)
+    _check_params(params)
+    self._weights = (params, int(version))
+    self._weights_lock = threading.Lock()
     self.num_slots, self.page_size = int(num_slots), int(page_size)
     self.prefill_chunk, self.steps_per_call = int(prefill_chunk), int(steps_per_call)
     self.prefill_chunks_per_call = int(prefill_chunks_per_call)
@@ -217,15 +226,18 @@ class Engine:
 
   # ---- public API ----
 
-  def set_params(self, params: DecodeParams, version: int) -> None:
+  def set_params(self, params: DecodeParams, version: int) -> bool:
     """Swaps the weights (safe from another thread while `run` / `step` runs): the next
     prefill chunk or decode call uses them, and tokens sampled from their logits record
-    `version`. The KV written under earlier weights stays."""
-    if not isinstance(params, DecodeParams):
-      raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
-                       "kat_jax.sampling.prepare_params(params, config)")
-    # One attribute, replaced whole: a reader sees either the old or the new pair.
-    self._weights = (params, int(version))
+    `version`. The KV written under earlier weights stays. Weights never go back: a version
+    lower than the current one is ignored (returns False; an equal one is applied)."""
+    _check_params(params)
+    with self._weights_lock:  # racing pushers: the check and the swap are one step
+      if version < self._weights[1]:
+        return False
+      # One attribute, replaced whole: a reader sees either the old or the new pair.
+      self._weights = (params, int(version))
+    return True
 
   @property
   def params(self) -> DecodeParams:
@@ -585,7 +597,8 @@ class EngineSampler:
   Returns the same `GenerationResult` (rows grouped by prompt: row i*G + g; tokens past a
   row's end hold pad_id). Prompt i's samples draw from fold_in(rng, i). The page pool is sized
   at the first call that needs more (every slot at its longest prompt + max_new_tokens) and
-  kept, or fixed by `num_pages`; `dparams` may change between calls (a weight update).
+  kept, or fixed by `num_pages`; `dparams` may change between calls (a weight update), and
+  `set_params` pushes versioned weights from any thread, during a call too.
   """
 
   def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
@@ -596,32 +609,54 @@ class EngineSampler:
     self.num_slots, self.page_size = int(num_slots), int(page_size)
     self.engine_kwargs = engine_kwargs
     self.engine: Engine | None = None
+    self._weights: tuple[DecodeParams, int] | None = None  # the latest (params, version)
+    self._lock = threading.Lock()  # a push never lands between two engines
 
-  def _engine(self, params: DecodeParams, num_pages: int) -> Engine:
-    if self.engine is None or self.engine.allocator.num_pages < num_pages:
-      self.engine = None  # free the old pool first
-      self.engine = Engine(self.config, params, num_slots=self.num_slots, num_pages=num_pages,
-                           page_size=self.page_size, prefill_chunk=self.prefill_chunk,
-                           pad_id=self.pad_id, **self.engine_kwargs)
-    self.engine.set_params(params, self.engine.version)
-    return self.engine
+  def set_params(self, params: DecodeParams, version: int) -> bool:
+    """`Engine.set_params` (from any thread): applied to the engine, remembered for one built
+    later; a version lower than the latest is ignored (False)."""
+    _check_params(params)
+    with self._lock:
+      if self._weights is not None and version < self._weights[1]:
+        return False
+      self._weights = (params, int(version))
+      if self.engine is not None:
+        self.engine.set_params(params, version)
+      return True
+
+  def _engine(self, params: DecodeParams, version: int | None, num_pages: int) -> Engine:
+    if version is None:  # new weights under the latest version number
+      version = 0 if self._weights is None else self._weights[1]
+    self.set_params(params, version)
+    with self._lock:
+      if self.engine is None or self.engine.allocator.num_pages < num_pages:
+        self.engine = None  # free the old pool first
+        params, version = self._weights
+        self.engine = Engine(self.config, params, version=version, num_slots=self.num_slots,
+                             num_pages=num_pages, page_size=self.page_size,
+                             prefill_chunk=self.prefill_chunk, pad_id=self.pad_id,
+                             **self.engine_kwargs)
+      return self.engine
 
   def generate(self, params: DecodeParams, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
                max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                stop_ids: Sequence[int] = (), num_samples: int = 1,
                max_length: int | None = None,
                on_step: Callable[[int], None] | None = None,
-               on_finish: Callable[[int, Completion], None] | None = None) -> GenerationResult:
+               on_finish: Callable[[int, Completion], None] | None = None,
+               version: int | None = None) -> GenerationResult:
     """As `Sampler.generate` (max_length is accepted and unused: pages grow as needed);
     on_step as `Engine.run` takes it; on_finish(row, completion) is called as each sample
-    ends, row = i*G + g its row in the result (a bad prompt's rows too, with the error).
-    Raises ValueError naming every bad prompt (the others still ran)."""
+    ends, row = i*G + g its row in the result (a bad prompt's rows too, with the error);
+    version: `params`' version (`set_params`: ignored with them if lower than the latest
+    pushed); None keeps the latest version number. Raises ValueError naming every bad prompt
+    (the others still ran)."""
     del max_length
     if not prompts:
       raise ValueError("generate needs at least one prompt")
     longest = max(len(p) for p in prompts)
     per_slot = -(-(longest + max_new_tokens) // self.page_size) + 1
-    engine = self._engine(params, self.num_pages or self.num_slots * per_slot + 2)
+    engine = self._engine(params, version, self.num_pages or self.num_slots * per_slot + 2)
     ids = [engine.submit(Request(p, max_new_tokens, sampling=sampling, stop_ids=tuple(stop_ids),
                                  num_samples=num_samples, rng=jax.random.fold_in(rng, i)))
            for i, p in enumerate(prompts)]

@@ -418,6 +418,31 @@ def test_a_kept_sequence_carries_its_logits_version_into_forks_and_extends(model
   assert engine.allocator.num_used == 0
 
 
+def test_set_params_never_goes_back_to_a_lower_version(model):
+  """Engine and EngineSampler: a lower version is refused (False, weights kept), an equal
+  one applied; EngineSampler remembers a push made before its engine exists, and
+  generate(version=...) labels the tokens with it unless a later version was pushed."""
+  config, _, dparams = model
+  dparams_b = prepare_params(init_params(config, jax.random.key(7)), config)
+  engine = Engine(config, dparams, version=3, **_ENGINE)
+  assert not engine.set_params(dparams_b, 2) and engine.params is dparams
+  assert engine.set_params(dparams_b, 3) and engine.params is dparams_b and engine.version == 3
+  with pytest.raises(ValueError, match="DecodeParams"):
+    engine.set_params({"embed": None}, 4)
+  sampler = EngineSampler(config, **_ENGINE)
+  assert sampler.set_params(dparams, 4)  # no engine yet: remembered
+  versions = lambda result_rows: {int(v) for c in result_rows.values() for v in c.versions}
+  for version, pushed, want in ((2, None, 4), (6, None, 6), (None, 5, 6), (None, 8, 8)):
+    if pushed is not None:
+      before = sampler.engine.version
+      assert sampler.set_params(dparams, pushed) == (pushed >= before)
+    rows = {}
+    sampler.generate(dparams, [[3, 4, 5]], jax.random.key(0), max_new_tokens=4,
+                     sampling=GREEDY, version=version,
+                     on_finish=lambda row, c, rows=rows: rows.setdefault(row, c))
+    assert versions(rows) == {want} and sampler.engine.version == want
+
+
 def test_a_push_landing_during_a_decode_call_counts_from_the_next_call(model):
   """set_params called while a decode call runs (as a trainer thread may): that call's tokens
   and the logits it leaves (kept with the sequence) stay version 0; the continuation's first
