@@ -22,6 +22,18 @@ same log-probs / entropies (tested); a sampled token comes from the request's ow
 A request the engine cannot run (a token or stop id outside the vocabulary, more tokens than
 the positions or the page pool hold, ...) ends at once with `Completion.error` set; the other
 requests are not affected.
+
+Weight updates (off-policy RL): `Engine.set_params(params, version)` may be called from another
+thread while `run()` / `step()` runs; each prefill chunk and decode call reads the
+(params, version) pair once, so no call mixes weights. A request in flight at a weight update
+continues under the new weights; its earlier KV stays (no recompute); every token records the
+version it was sampled with (`Completion.versions`: the weights that computed the logits it was
+drawn from, which for the first token of a decode call are the previous call's or the
+prefill's), so the trainer's importance ratio uses the recorded behaviour log-prob.
+`set_params` is the one method for other threads; the others belong to the thread running it.
+
+Streaming: `run(on_finish=...)` hands each sample over in the scheduler round it ends;
+a caller driving `step()` itself collects them with `take_finished()`.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,7 +93,8 @@ class Completion:
   """One sample's result: generated tokens (the stop token kept), their log-probs and
   entropies (untempered, as `GenerationResult` has them), whether a stop id ended it; error
   is the reason a bad request did not run (then everything else is empty); sequence is the
-  kept sequence id (Request.keep) for `Engine.fork` / `continue_from`."""
+  kept sequence id (Request.keep) for `Engine.fork` / `continue_from`; versions [n] int32 the
+  weight version (`Engine.set_params`) whose logits each token was sampled from."""
   request: int
   sample: int
   tokens: list[int] = dataclasses.field(default_factory=list)
@@ -89,6 +103,7 @@ class Completion:
   stopped: bool = False
   error: str | None = None
   sequence: int | None = None
+  versions: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 @dataclasses.dataclass
@@ -100,11 +115,13 @@ class _Sample:
   spec: Request
   seq: PagedSequence
   logits: jax.Array  # [V] float32, its next-token logits
+  logits_version: int  # the weight version that computed them
   key: np.ndarray  # [2] uint32 key data
   max_new: int
   tokens: list = dataclasses.field(default_factory=list)
   logprobs: list = dataclasses.field(default_factory=list)
   entropies: list = dataclasses.field(default_factory=list)
+  versions: list = dataclasses.field(default_factory=list)
 
   @property
   def remaining(self) -> int:
@@ -121,6 +138,7 @@ class _Prefill:
   sample_ids: list[int]
   done: int = 0
   logits: jax.Array | None = None
+  logits_version: int = 0
 
 
 def _per_sample(request: Request) -> list[int]:
@@ -135,14 +153,29 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _check_params(params: Any) -> None:
+  if not isinstance(params, DecodeParams):
+    raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
+                     "kat_jax.sampling.prepare_params(params, config)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kept:
+  """A kept sequence: its pages and its next-token logits [V] with their weight version."""
+  seq: PagedSequence
+  logits: jax.Array
+  logits_version: int
+
+
 class Engine:
-  """Continuous batching over a paged KV cache for one model and one set of weights."""
+  """Continuous batching over a paged KV cache for one model; its weights may be swapped
+  between device calls (`set_params`)."""
 
   def __init__(self, config: ModelConfig, params: DecodeParams, *, num_slots: int = 64,
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
                tokenizer: Any = None, attention: str = "auto", long_rows: int = 8,
-               min_table_pages: int = 8):
+               min_table_pages: int = 8, version: int = 0):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
     tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend;
@@ -150,16 +183,17 @@ class Engine:
     table and the others over a table cut to their own longest (`paged.split_attend`: the XLA
     backend gathers every row at the table's width); 0 = one table for all; min_table_pages:
     the narrowest page table of a decode call (tables are powers of two >= it, one compiled
-    program each: a width that covers the longest request compiles only the cut widths)."""
-    if not isinstance(params, DecodeParams):
-      raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
-                       "kat_jax.sampling.prepare_params(params, config)")
+    program each: a width that covers the longest request compiles only the cut widths);
+    version: the weights' version number (`Completion.versions`, `set_params`)."""
     for name, value in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                         ("prefill_chunks_per_call", prefill_chunks_per_call),
                         ("steps_per_call", steps_per_call)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    self.config, self.params = config, params
+    self.config = config
+    _check_params(params)
+    self._weights = (params, int(version))
+    self._weights_lock = threading.Lock()
     self.num_slots, self.page_size = int(num_slots), int(page_size)
     self.prefill_chunk, self.steps_per_call = int(prefill_chunk), int(steps_per_call)
     self.prefill_chunks_per_call = int(prefill_chunks_per_call)
@@ -173,7 +207,7 @@ class Engine:
     self._slots: list[_Sample | None] = [None] * num_slots
     self._pending: collections.deque[_Prefill] = collections.deque()
     self._ready: collections.deque[_Sample] = collections.deque()
-    self._kept: dict[int, tuple[PagedSequence, jax.Array]] = {}
+    self._kept: dict[int, _Kept] = {}
     # Every SamplingParams of the queued / running samples, in arrival order: the decode
     # program is compiled per tuple, so it only grows (and empties when the engine idles).
     self._samplings: tuple[SamplingParams, ...] = ()
@@ -192,6 +226,28 @@ class Engine:
 
   # ---- public API ----
 
+  def set_params(self, params: DecodeParams, version: int) -> bool:
+    """Swaps the weights (safe from another thread while `run` / `step` runs): the next
+    prefill chunk or decode call uses them, and tokens sampled from their logits record
+    `version`. The KV written under earlier weights stays. Weights never go back: a version
+    lower than the current one is ignored (returns False; an equal one is applied)."""
+    _check_params(params)
+    with self._weights_lock:  # racing pushers: the check and the swap are one step
+      if version < self._weights[1]:
+        return False
+      # One attribute, replaced whole: a reader sees either the old or the new pair.
+      self._weights = (params, int(version))
+    return True
+
+  @property
+  def params(self) -> DecodeParams:
+    return self._weights[0]
+
+  @property
+  def version(self) -> int:
+    """The version of the weights the next device call uses."""
+    return self._weights[1]
+
   def submit(self, request: Request) -> list[int]:
     """Queues a request; returns its samples' ids (a bad request's samples end at once with
     `Completion.error`)."""
@@ -202,13 +258,14 @@ class Engine:
       for g, sid in enumerate(ids):
         self._done[sid] = Completion(rid, g, error=f"error: request {rid}: {error}")
       return ids
+    prefill = _Prefill(rid, request, tokens, PagedSequence(), ids)
     if request.continue_from is not None:
-      seq, logits = self._kept.pop(request.continue_from)
-    else:
-      seq, logits = PagedSequence(), None
+      kept = self._kept.pop(request.continue_from)
+      prefill.seq, prefill.logits, prefill.logits_version = (kept.seq, kept.logits,
+                                                             kept.logits_version)
     if request.sampling not in self._samplings:
       self._samplings += (request.sampling,)
-    self._pending.append(_Prefill(rid, request, tokens, seq, ids, logits=logits))
+    self._pending.append(prefill)
     return ids
 
   def fork(self, sequence: int, count: int) -> list[int]:
@@ -216,22 +273,21 @@ class Engine:
     one, which stays; each may be continued by its own request (an agentic branch point)."""
     if sequence not in self._kept:
       raise ValueError(f"no kept sequence {sequence}")
-    seq, logits = self._kept[sequence]
+    kept = self._kept[sequence]
     out = []
     for _ in range(count):
       sid = next(self._sequences)
-      self._kept[sid] = (seq.fork(self.allocator), logits)
+      self._kept[sid] = dataclasses.replace(kept, seq=kept.seq.fork(self.allocator))
       out.append(sid)
     return out
 
   def release(self, sequence: int) -> None:
     """Returns a kept sequence's pages to the pool."""
-    seq, _ = self._kept.pop(sequence)
-    seq.free(self.allocator)
+    self._kept.pop(sequence).seq.free(self.allocator)
 
   def kept_length(self, sequence: int) -> int:
     """Tokens in a kept sequence's cache."""
-    return self._kept[sequence][0].length
+    return self._kept[sequence].seq.length
 
   def extend(self, sequence: int, tokens: Sequence[int], **request: Any) -> list[int]:
     """Multi-turn: appends `tokens` (a tool output + the next turn's header) to a kept
@@ -242,14 +298,35 @@ class Engine:
   def busy(self) -> bool:
     return bool(self._pending or self._ready or any(s is not None for s in self._slots))
 
-  def run(self, on_step: Callable[[int], None] | None = None) -> dict[int, Completion]:
+  def run(self, on_step: Callable[[int], None] | None = None,
+          on_finish: Callable[[int, Completion], None] | None = None) -> dict[int, Completion]:
     """Runs until every submitted request ended; returns and forgets their completions.
-    on_step(samples ended so far) is called after every scheduler round (progress output)."""
+
+    on_finish(sample id, completion) is called once per sample as soon as it ends (after the
+    scheduler round it ended in, before the next decode call; samples of a bad request before
+    the first round); it may submit, fork or extend (a new request joins this run).
+    on_step(samples ended so far) is called after every scheduler round (progress output).
+    """
+    done: dict[int, Completion] = {}
+
+    def deliver():
+      while self._done:  # a callback's bad request ends at once: hand it over too
+        for sid, completion in self.take_finished().items():
+          done[sid] = completion
+          if on_finish is not None:
+            on_finish(sid, completion)
+
+    deliver()
     while self.busy:
       self.step()
+      deliver()
       if on_step is not None:
-        on_step(len(self._done))
-    self._samplings = ()
+        on_step(len(done))
+    return done
+
+  def take_finished(self) -> dict[int, Completion]:
+    """Returns and forgets the completions of the samples ended so far (for a caller that
+    drives `step` itself)."""
     done, self._done = self._done, {}
     return done
 
@@ -273,6 +350,8 @@ class Engine:
       self._decode()
     elif not self._ready and self._pending and not self._prefill_possible():
       self._fail(self._pending.popleft(), "needs more KV pages than the pool has free")
+    if not self.busy:
+      self._samplings = ()
 
   # ---- accounting ----
 
@@ -280,7 +359,7 @@ class Engine:
     """KV pool use in tokens: held (pages in use × page_size) and live (tokens stored, a
     shared page counted once)."""
     seqs = [s.seq for s in self._slots if s is not None] + [s.seq for s in self._ready]
-    seqs += [p.seq for p in self._pending] + [s for s, _ in self._kept.values()]
+    seqs += [p.seq for p in self._pending] + [k.seq for k in self._kept.values()]
     return {"held_tokens": self.allocator.num_used * self.page_size,
             "live_tokens": live_tokens(seqs, self.page_size)}
 
@@ -315,7 +394,7 @@ class Engine:
     if r.continue_from is not None:
       if r.continue_from not in self._kept:
         return [], f"continue_from {r.continue_from} is not a kept sequence"
-      start = self._kept[r.continue_from][0].length
+      start = self._kept[r.continue_from].seq.length
     elif not tokens:
       return [], "empty prompt"
     total = start + len(tokens) + max(new)
@@ -370,8 +449,9 @@ class Engine:
       tokens = np.full(width, self.pad_id, np.int32)
       tokens[:count] = p.tokens[p.done:p.done + count]
       table = self._table([p.seq.pages], 8)[0]
+      params, p.logits_version = self._weights
       self.cache, p.logits = self._fns["prefill"](
-          self.params, self.cache, jnp.asarray(tokens), jnp.int32(p.seq.length),
+          params, self.cache, jnp.asarray(tokens), jnp.int32(p.seq.length),
           jnp.int32(count), jnp.asarray(table))
       p.seq.length += count
       p.done += count
@@ -385,7 +465,8 @@ class Engine:
     for g, (sid, new) in enumerate(zip(p.sample_ids, _per_sample(p.spec))):
       key = np.asarray(jax.random.key_data(jax.random.fold_in(rng, g)), np.uint32)
       seq = p.seq.fork(self.allocator)
-      self._ready.append(_Sample(sid, p.request, g, p.spec, seq, p.logits, key, new))
+      self._ready.append(_Sample(sid, p.request, g, p.spec, seq, p.logits, p.logits_version,
+                                 key, new))
     p.seq.free(self.allocator)  # the samples hold the pages now
     return True
 
@@ -458,8 +539,9 @@ class Engine:
                                           for s in slots], table.shape[1])
     self.stats["split_calls"] += int(short_pages < table.shape[1])
     start = time.perf_counter()
+    params, version = self._weights
     self.cache, self.logits, records = self._fns["decode"](
-        self.params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
+        params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
         jnp.asarray(budget), jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(choice),
         jnp.asarray(keys), jnp.asarray(long_rows), samplings=samplings, steps=steps,
         short_pages=short_pages)
@@ -480,6 +562,11 @@ class Engine:
       s.tokens += row[:, 0].astype(np.int64).tolist()
       s.logprobs += row[:, 1].tolist()
       s.entropies += row[:, 2].tolist()
+      if len(row):
+        # The first token came from the logits carried into this call; the others (and the
+        # logits carried out) from this call's weights.
+        s.versions += [s.logits_version] + [version] * (len(row) - 1)
+        s.logits_version = version
       s.seq.length += len(row)
       stopped = bool(len(row)) and s.tokens[-1] in s.spec.stop_ids
       if stopped or s.remaining <= 0:
@@ -491,13 +578,13 @@ class Engine:
     sequence = None
     if s.spec.keep:
       sequence = next(self._sequences)
-      self._kept[sequence] = (s.seq, self.logits[slot])
+      self._kept[sequence] = _Kept(s.seq, self.logits[slot], s.logits_version)
     else:
       s.seq.free(self.allocator)
     self._done[s.id] = Completion(s.request, s.index, s.tokens,
                                   np.asarray(s.logprobs, np.float32),
                                   np.asarray(s.entropies, np.float32), stopped,
-                                  sequence=sequence)
+                                  sequence=sequence, versions=np.asarray(s.versions, np.int32))
 
 
 class EngineSampler:
@@ -510,7 +597,8 @@ class EngineSampler:
   Returns the same `GenerationResult` (rows grouped by prompt: row i*G + g; tokens past a
   row's end hold pad_id). Prompt i's samples draw from fold_in(rng, i). The page pool is sized
   at the first call that needs more (every slot at its longest prompt + max_new_tokens) and
-  kept, or fixed by `num_pages`; `dparams` may change between calls (a weight update).
+  kept, or fixed by `num_pages`; `dparams` may change between calls (a weight update), and
+  `set_params` pushes versioned weights from any thread, during a call too.
   """
 
   def __init__(self, config: ModelConfig, *, pad_id: int = 0, prefill_chunk: int = 512,
@@ -521,34 +609,60 @@ class EngineSampler:
     self.num_slots, self.page_size = int(num_slots), int(page_size)
     self.engine_kwargs = engine_kwargs
     self.engine: Engine | None = None
+    self._weights: tuple[DecodeParams, int] | None = None  # the latest (params, version)
+    self._lock = threading.Lock()  # a push never lands between two engines
 
-  def _engine(self, params: DecodeParams, num_pages: int) -> Engine:
-    if self.engine is None or self.engine.allocator.num_pages < num_pages:
-      self.engine = None  # free the old pool first
-      self.engine = Engine(self.config, params, num_slots=self.num_slots, num_pages=num_pages,
-                           page_size=self.page_size, prefill_chunk=self.prefill_chunk,
-                           pad_id=self.pad_id, **self.engine_kwargs)
-    self.engine.params = params
-    return self.engine
+  def set_params(self, params: DecodeParams, version: int) -> bool:
+    """`Engine.set_params` (from any thread): applied to the engine, remembered for one built
+    later; a version lower than the latest is ignored (False)."""
+    _check_params(params)
+    with self._lock:
+      if self._weights is not None and version < self._weights[1]:
+        return False
+      self._weights = (params, int(version))
+      if self.engine is not None:
+        self.engine.set_params(params, version)
+      return True
+
+  def _engine(self, params: DecodeParams, version: int | None, num_pages: int) -> Engine:
+    if version is None:  # new weights under the latest version number
+      version = 0 if self._weights is None else self._weights[1]
+    self.set_params(params, version)
+    with self._lock:
+      if self.engine is None or self.engine.allocator.num_pages < num_pages:
+        self.engine = None  # free the old pool first
+        params, version = self._weights
+        self.engine = Engine(self.config, params, version=version, num_slots=self.num_slots,
+                             num_pages=num_pages, page_size=self.page_size,
+                             prefill_chunk=self.prefill_chunk, pad_id=self.pad_id,
+                             **self.engine_kwargs)
+      return self.engine
 
   def generate(self, params: DecodeParams, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
                max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                stop_ids: Sequence[int] = (), num_samples: int = 1,
                max_length: int | None = None,
-               on_step: Callable[[int], None] | None = None) -> GenerationResult:
+               on_step: Callable[[int], None] | None = None,
+               on_finish: Callable[[int, Completion], None] | None = None,
+               version: int | None = None) -> GenerationResult:
     """As `Sampler.generate` (max_length is accepted and unused: pages grow as needed);
-    on_step as `Engine.run` takes it. Raises ValueError naming every bad prompt (the others
-    still ran)."""
+    on_step as `Engine.run` takes it; on_finish(row, completion) is called as each sample
+    ends, row = i*G + g its row in the result (a bad prompt's rows too, with the error);
+    version: `params`' version (`set_params`: ignored with them if lower than the latest
+    pushed); None keeps the latest version number. Raises ValueError naming every bad prompt
+    (the others still ran)."""
     del max_length
     if not prompts:
       raise ValueError("generate needs at least one prompt")
     longest = max(len(p) for p in prompts)
     per_slot = -(-(longest + max_new_tokens) // self.page_size) + 1
-    engine = self._engine(params, self.num_pages or self.num_slots * per_slot + 2)
+    engine = self._engine(params, version, self.num_pages or self.num_slots * per_slot + 2)
     ids = [engine.submit(Request(p, max_new_tokens, sampling=sampling, stop_ids=tuple(stop_ids),
                                  num_samples=num_samples, rng=jax.random.fold_in(rng, i)))
            for i, p in enumerate(prompts)]
-    done = engine.run(on_step)
+    row_of = {sid: row for row, sid in enumerate(s for sample_ids in ids for s in sample_ids)}
+    done = engine.run(on_step, None if on_finish is None else
+                      lambda sid, completion: on_finish(row_of[sid], completion))
     rows = [done[sid] for sample_ids in ids for sid in sample_ids]
     errors = [f"prompt {i}: {done[s[0]].error}" for i, s in enumerate(ids) if done[s[0]].error]
     if errors:

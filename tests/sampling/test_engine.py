@@ -255,3 +255,258 @@ def test_split_attend_equals_one_attention_over_the_whole_table():
   want = paged_decode_attention_reference(q, k_pages, v_pages, table, lengths)
   assert relative_error(got, want) < 1e-6
   np.testing.assert_array_equal(np.asarray(got)[2], 0)
+
+
+# ---- weight swaps (Completion.versions) and streaming (on_finish, take_finished) ----
+
+# Four requests on 4 slots, 3 steps per call: the third request's 3 samples do not all get a
+# slot at once, so one waits and starts decoding under newer weights than its prefill's.
+_SWAP_NEW_TOKENS, _SWAP_GROUPS = (7, 12, 7, 9), (1, 1, 3, 1)
+
+
+def _swap_requests(config):
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (5, 9, 3, 6)]
+  return [Request(p, n, sampling=SamplingParams(1.0), num_samples=g, rng=jax.random.key(i))
+          for i, (p, n, g) in enumerate(zip(prompts, _SWAP_NEW_TOKENS, _SWAP_GROUPS))]
+
+
+def _run_with_swaps(config, dparams, requests, swaps):
+  """Runs `requests` on a fresh engine (weights `dparams`, version 0); swaps = {decode calls
+  done: (params, version)} pushed from on_step. -> (sample ids per request, completions,
+  {sample id: decode calls done when its on_finish fired}, engine)."""
+  engine = Engine(config, dparams, **_ENGINE)
+  ids = [engine.submit(r) for r in requests]
+  ended = {}
+
+  def on_step(_):
+    calls = engine.stats["decode_calls"]
+    if calls in swaps and engine.version != swaps[calls][1]:
+      engine.set_params(*swaps[calls])
+
+  def on_finish(sid, _):
+    assert sid not in ended
+    ended[sid] = engine.stats["decode_calls"]
+
+  done = engine.run(on_step, on_finish)
+  return ids, done, ended, engine
+
+
+def test_versions_mark_the_weights_each_token_was_sampled_from(model):
+  """Versions 0 -> 1 after the 1st decode call -> 2 after the 3rd, B and C being A's arrays:
+  every token's version is the one of the call (or prefill) whose logits it was drawn from,
+  derived by hand: a sample decodes 3 tokens per call in consecutive calls up to the call it
+  ended in; the first token of a call comes from the logits the previous call (or the
+  request's prefill, run in the step of its first sample's first call) left. Tokens, log-probs
+  and entropies equal the unswapped run exactly: a swap changes only the labels."""
+  config, _, dparams = model
+  requests = _swap_requests(config)
+  ids, done, ended, engine = _run_with_swaps(config, dparams, requests,
+                                             {1: (dparams, 1), 3: (dparams, 2)})
+  _, want, _, _ = _run_with_swaps(config, dparams, requests, {})
+  steps = _ENGINE["steps_per_call"]
+  assert all(run == steps for _, _, run, _, _ in engine.decode_log)  # 3 steps every call
+  call_version = {1: 0, 2: 1, 3: 1}  # calls from the 4th on: 2
+  version_of_call = lambda c: call_version.get(c, 2)
+  carried_differs = waited_across_swap = 0
+  for sample_ids, new in zip(ids, _SWAP_NEW_TOKENS):
+    first_call = {sid: ended[sid] - -(-new // steps) + 1 for sid in sample_ids}
+    prefill_version = version_of_call(min(first_call.values()))
+    for sid in sample_ids:
+      c0 = first_call[sid]
+      expected = [version_of_call(c0 + j // steps) if j % steps else
+                  version_of_call(c0 + j // steps - 1) if j else prefill_version
+                  for j in range(new)]
+      got = done[sid]
+      np.testing.assert_array_equal(got.versions, expected)
+      assert got.versions.dtype == np.int32 and np.all(np.diff(got.versions) >= 0)
+      carried_differs += sum(e != version_of_call(c0 + j // steps)
+                             for j, e in enumerate(expected))
+      waited_across_swap += expected[0] != version_of_call(c0)
+      assert got.tokens == want[sid].tokens
+      np.testing.assert_array_equal(got.logprobs, want[sid].logprobs)
+      np.testing.assert_array_equal(got.entropies, want[sid].entropies)
+      np.testing.assert_array_equal(want[sid].versions, 0)
+  # The case the bookkeeping exists for: tokens drawn from an older call's logits, and a
+  # sample whose first token comes from a prefill older than its first decode call.
+  assert carried_differs >= 2 and waited_across_swap >= 1
+  assert {int(v) for c in done.values() for v in c.versions} == {0, 1, 2}
+
+
+def test_a_swap_to_other_weights_changes_tokens_exactly_where_versions_change(model):
+  """A -> B (other weights) after the 1st decode call: each sample's version-0 tokens and
+  log-probs equal the A-only run's, its first version-1 token's log-prob differs from it, and
+  a sample whose every token is version 1 has the training forward's log-probs under B."""
+  config, params, dparams = model
+  params_b = init_params(config, jax.random.key(7))
+  dparams_b = prepare_params(params_b, config)
+  requests = _swap_requests(config)
+  ids, done, _, _ = _run_with_swaps(config, dparams, requests, {1: (dparams_b, 1)})
+  _, want, _, _ = _run_with_swaps(config, dparams, requests, {})
+  mixed = only_b = 0
+  for request, sample_ids in zip(requests, ids):
+    for sid in sample_ids:
+      versions = done[sid].versions
+      assert np.all(np.diff(versions) >= 0)
+      n = int((versions == 0).sum())  # tokens drawn from A's logits
+      assert done[sid].tokens[:n] == want[sid].tokens[:n]
+      np.testing.assert_array_equal(done[sid].logprobs[:n], want[sid].logprobs[:n])
+      if 0 < n < len(versions):
+        mixed += 1
+        assert done[sid].logprobs[n] != want[sid].logprobs[n]
+      if n == 0:
+        only_b += 1
+        _check_against_training_forward(params_b, request.prompt, done[sid])
+  assert mixed >= 2 and only_b >= 2
+
+
+def test_set_params_from_another_thread_while_run_loops(model):
+  """A thread pushes versions 1..20 (A and B weights in turn) while run() decodes; run()
+  waits once, after its 2nd call, until the first push landed. Nothing fails, every version is
+  0 or a pushed one, per sample non-decreasing, and some tokens are sampled after a push."""
+  import threading  # pylint: disable=g-import-not-at-top
+  config, _, dparams = model
+  dparams_b = prepare_params(init_params(config, jax.random.key(7)), config)
+  engine = Engine(config, dparams, **_ENGINE)
+  for r in _swap_requests(config):
+    engine.submit(r)
+  started, pushed, errors = threading.Event(), threading.Event(), []
+
+  def trainer():
+    try:
+      started.wait(60)
+      for version in range(1, 21):
+        engine.set_params(dparams_b if version % 2 else dparams, version)
+        pushed.set()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      pushed.set()
+
+  def on_step(_):
+    started.set()
+    if engine.stats["decode_calls"] == 2:
+      assert pushed.wait(60), "the pushing thread never ran"
+
+  thread = threading.Thread(target=trainer)
+  thread.start()
+  done = engine.run(on_step)
+  thread.join(60)
+  assert not errors and not thread.is_alive()
+  versions = [c.versions for c in done.values()]
+  assert all(c.error is None and len(c.versions) == len(c.tokens) for c in done.values())
+  assert all(np.all(np.diff(v) >= 0) and set(v.tolist()) <= set(range(21)) for v in versions)
+  assert max(int(v.max()) for v in versions) >= 1
+  assert engine.version == 20
+
+
+def test_a_kept_sequence_carries_its_logits_version_into_forks_and_extends(model):
+  """A kept sample ends in a call of version 3 (swapped after its first call); after a swap
+  to 7, a fork continued with no new tokens samples its first token from the kept logits
+  (version 3), a fork extended with a tool output from that prefill's (version 7)."""
+  config, _, dparams = model
+  request = Request([5, 9, 33, 2, 71], 5, sampling=GREEDY, keep=True)
+  [[sid]], done, _, engine = _run_with_swaps(config, dparams, [request], {1: (dparams, 3)})
+  np.testing.assert_array_equal(done[sid].versions, [0, 0, 0, 0, 3])
+  engine.set_params(dparams, 7)
+  carried, extended = engine.fork(done[sid].sequence, 2)
+  engine.release(done[sid].sequence)
+  [a] = engine.submit(Request([], 4, sampling=GREEDY, continue_from=carried))
+  [b] = engine.extend(extended, [400, 401], max_new_tokens=4, sampling=GREEDY)
+  turn2 = engine.run()
+  np.testing.assert_array_equal(turn2[a].versions, [3, 7, 7, 7])
+  np.testing.assert_array_equal(turn2[b].versions, [7, 7, 7, 7])
+  assert engine.allocator.num_used == 0
+
+
+def test_set_params_never_goes_back_to_a_lower_version(model):
+  """Engine and EngineSampler: a lower version is refused (False, weights kept), an equal
+  one applied; EngineSampler remembers a push made before its engine exists, and
+  generate(version=...) labels the tokens with it unless a later version was pushed."""
+  config, _, dparams = model
+  dparams_b = prepare_params(init_params(config, jax.random.key(7)), config)
+  engine = Engine(config, dparams, version=3, **_ENGINE)
+  assert not engine.set_params(dparams_b, 2) and engine.params is dparams
+  assert engine.set_params(dparams_b, 3) and engine.params is dparams_b and engine.version == 3
+  with pytest.raises(ValueError, match="DecodeParams"):
+    engine.set_params({"embed": None}, 4)
+  sampler = EngineSampler(config, **_ENGINE)
+  assert sampler.set_params(dparams, 4)  # no engine yet: remembered
+  versions = lambda result_rows: {int(v) for c in result_rows.values() for v in c.versions}
+  for version, pushed, want in ((2, None, 4), (6, None, 6), (None, 5, 6), (None, 8, 8)):
+    if pushed is not None:
+      before = sampler.engine.version
+      assert sampler.set_params(dparams, pushed) == (pushed >= before)
+    rows = {}
+    sampler.generate(dparams, [[3, 4, 5]], jax.random.key(0), max_new_tokens=4,
+                     sampling=GREEDY, version=version,
+                     on_finish=lambda row, c, rows=rows: rows.setdefault(row, c))
+    assert versions(rows) == {want} and sampler.engine.version == want
+
+
+def test_a_push_landing_during_a_decode_call_counts_from_the_next_call(model):
+  """set_params called while a decode call runs (as a trainer thread may): that call's tokens
+  and the logits it leaves (kept with the sequence) stay version 0; the continuation's first
+  token comes from those logits (0), the rest from the new weights (5)."""
+  config, _, dparams = model
+  engine = Engine(config, dparams, **_ENGINE)
+  decode = engine._fns["decode"]  # pylint: disable=protected-access
+
+  def decode_then_push(*args, **kwargs):
+    out = decode(*args, **kwargs)
+    engine.set_params(dparams, 5)
+    return out
+
+  engine._fns = {**engine._fns, "decode": decode_then_push}  # pylint: disable=protected-access
+  [sid] = engine.submit(Request([5, 9, 33], 3, sampling=GREEDY, keep=True))
+  first = engine.run()[sid]
+  np.testing.assert_array_equal(first.versions, [0, 0, 0])
+  [nxt] = engine.submit(Request([], 4, sampling=GREEDY, continue_from=first.sequence))
+  np.testing.assert_array_equal(engine.run()[nxt].versions, [0, 5, 5, 5])
+
+
+def test_on_finish_streams_each_sample_once_and_take_finished_forgets(model):
+  """on_finish gets every sample once, with the completion run() returns: a bad request's
+  (unknown stop id) before the first decode call, a 2-token request's after the 1st call while
+  a 12-token one ends after the 4th. take_finished (for step() callers) returns the ended
+  samples, a submit-time error included, and forgets them."""
+  config, _, dparams = model
+  engine = Engine(config, dparams, **_ENGINE)
+  short = engine.submit(Request([3, 4, 5], 2, sampling=GREEDY))
+  bad = engine.submit(Request([3, 4], 2, stop_ids=(config.vocab_size,), num_samples=2))
+  long = engine.submit(Request([8, 9], 12, sampling=GREEDY))
+  calls = {}
+
+  def on_finish(sid, completion):
+    assert sid not in calls
+    calls[sid] = (engine.stats["decode_calls"], completion)
+
+  done = engine.run(on_finish=on_finish)
+  assert set(calls) == set(done) == set(short + bad + long)
+  assert all(completion is done[sid] for sid, (_, completion) in calls.items())
+  assert [calls[s][0] for s in short + bad + long] == [1, 0, 0, 4]
+  assert all("stop id" in done[s].error for s in bad) and done[long[0]].error is None
+  assert len(done[long[0]].tokens) == 12
+  # Driving step() directly: the ended samples are taken once.
+  [error] = engine.submit(Request([1], 0))
+  [good] = engine.submit(Request([3, 4, 5], 2, sampling=GREEDY))
+  assert set(engine.take_finished()) == {error} and engine.take_finished() == {}
+  while engine.busy:
+    engine.step()
+  finished = engine.take_finished()
+  assert set(finished) == {good} and finished[good].tokens == done[short[0]].tokens
+  assert engine.take_finished() == {} and engine.run() == {}
+
+
+def test_engine_sampler_on_finish_gets_each_rows_completion(model, greedy_reference):
+  """EngineSampler.generate(on_finish=...) calls it once per row (i*G + g) with the
+  completion of that row of the result."""
+  config, _, dparams = model
+  prompts = greedy_reference[0][:3]
+  rows = {}
+  result = EngineSampler(config, **_ENGINE).generate(
+      dparams, prompts, jax.random.key(0), max_new_tokens=5, num_samples=2,
+      sampling=SamplingParams(1.0), on_finish=lambda row, c: rows.setdefault(row, []).append(c))
+  assert sorted(rows) == list(range(6)) and all(len(c) == 1 for c in rows.values())
+  for row, [completion] in rows.items():
+    assert completion.tokens == result.token_lists()[row]
+    np.testing.assert_array_equal(completion.logprobs, np.asarray(result.logprobs)[row])
