@@ -128,13 +128,15 @@ class DecoupledRollouts:
   `start(params, update)` publishes the first snapshot and starts the workers; `take(update)`
   returns the next batch at most `max_staleness` updates old (older ones are dropped), as
   (batch, staleness, batches dropped so far); `published(update, params)` writes a snapshot
-  every `publish_every` updates; `close()` stops the workers.
+  every `publish_every` updates; `close()` stops the workers. `discard(batch)`, when set, is
+  called on each dropped batch (e.g. to forget its recorded trajectories).
   """
 
   def __init__(self, rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
                task_fn: Callable[[int, int], Sequence[Any]], directory: str, *,
                num_workers: int = 1, publish_every: int = 1, max_staleness: int = 2,
-               queue_size: int = 2, timeout_s: float = 300.0, seed: int = 0):
+               queue_size: int = 2, timeout_s: float = 300.0, seed: int = 0,
+               discard: Callable[[RolloutBatch], None] | None = None):
     self.store = WeightStore(directory)
     self.rollout_fn, self.task_fn, self.num_workers, self.seed = (rollout_fn, task_fn,
                                                                   num_workers, seed)
@@ -144,6 +146,7 @@ class DecoupledRollouts:
     self.stop = threading.Event()
     self.workers: list[RolloutWorker] = []
     self.dropped, self.deadline, self.started = 0, float("inf"), False
+    self.discard = discard
 
   def start(self, params: Any, update: int = 0) -> None:
     self.store.publish(update, params)
@@ -171,6 +174,8 @@ class DecoupledRollouts:
       if staleness <= self.max_staleness:
         return batch, staleness, self.dropped
       self.dropped += 1
+      if self.discard is not None:
+        self.discard(batch)
 
   def published(self, update: int, params: Any) -> None:
     if update % self.publish_every == 0:
