@@ -259,11 +259,12 @@ def _token_id(token: str) -> int:
 
 
 def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[Any],
-                   tokenizer, cfg) -> list[list[Any]]:
+                   tokenizer, cfg, manager=None) -> list[list[Any]]:
   """`tree_rollout` through a server: each live episode asks for `branching[t]` samples.
 
   The server's prefix cache does the sharing; entropies are not returned (left 0, so prefer
-  a visit-based pruning score).
+  a visit-based pruning score). `manager` (a `kat_jax.rl.trajectories.TrajectoryManager`)
+  records turns and rewards as `tree_rollout` does, with weight version 0.
   """
   import copy  # pylint: disable=g-import-not-at-top
   from kat_jax.agentic.rollout import Episode, continuation_text  # pylint: disable=g-import-not-at-top
@@ -275,6 +276,8 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
     env = make_env()
     messages = env.reset(task)
     episode = Episode(g, env, list(messages), list(env.tools), [], [], [], [])
+    if manager is not None:
+      episode.record_group = manager.new_group()
     episode.extend(tokenize_chat(tokenizer, messages, tools=episode.tools or None,
                                  template=cfg.template, add_generation_prompt=True).ids,
                    generated=False)
@@ -290,6 +293,8 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
       branches = [episode] + [copy.deepcopy(episode) for _ in samples[1:]]
       for c, (e, (ids, logprobs, stopped)) in enumerate(zip(branches, samples)):
         e.branch_id += (c,)
+        if manager is not None:
+          e.last_interaction = manager.record(e.record_group, e.tokens, ids, logprobs)
         e.extend(ids, generated=True, logprobs=logprobs)
         e.turns += 1
         stopped = stopped and bool(ids) and ids[-1] == stop
@@ -301,6 +306,8 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
           e.extend(forced_end, generated=False)
           e.reward = float(outcome.reward if outcome.done else e.env.finish())
           e.done = True
+          if manager is not None:
+            manager.set_reward(e.last_interaction, e.reward, suffix=forced_end)
           finished.append(e)
         else:
           e.messages += outcome.observation

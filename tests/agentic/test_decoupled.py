@@ -94,11 +94,13 @@ def _completions(path, body):
 
 
 def test_server_rollout_through_an_openai_compatible_endpoint():
+  manager = TrajectoryManager()
   with LocalJsonServer(_completions) as server:
     tokenizer = get_tokenizer("bytes")
     client = OpenAICompletionsClient(server.url, "m")
     cfg = RolloutConfig(branching=(3, 2), max_turns=2, max_new_tokens=8)
-    groups = server_rollout(client, lambda: DigitsEnv(rounds=2, width=2), [0], tokenizer, cfg)
+    groups = server_rollout(client, lambda: DigitsEnv(rounds=2, width=2), [0], tokenizer, cfg,
+                            manager=manager)
   requests = [r["body"] for r in server.requests]
   # one request at turn 0 (n=3), then one per branch at turn 1 (n=2)
   assert [r["n"] for r in requests] == [3, 2, 2, 2]
@@ -118,6 +120,11 @@ def test_server_rollout_through_an_openai_compatible_endpoint():
     assert request["prompt"] == e.tokens[:len(request["prompt"])]
   assert requests[0]["prompt"] == groups[0][0].tokens[
       :len(requests[0]["prompt"])]
+  recorded = take_groups(manager, groups)[0]  # the manager rebuilds the same trajectories
+  for e, t in zip(groups[0], recorded, strict=True):
+    assert t.tokens.tolist() == e.tokens and t.loss_mask.tolist() == e.loss_mask
+    assert t.logprobs.tolist() == np.float32(e.logprobs).tolist() and t.reward == e.reward
+  assert manager.num_interactions == 0
   assert requests[0]["return_tokens_as_token_ids"] is True
   with pytest.raises(ValueError, match="token_id"):
     from kat_jax.agentic.decoupled import _token_id
