@@ -4,14 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from kat_jax.agentic.environments import Environment, StepResult
+from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.rollout import RolloutConfig, tree_rollout
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import ObjectiveConfig
 from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.rl.tree import TREE_KEYS, Trajectory, build_trees, pack_trees
-from kat_jax.sampling import Sampler, SamplingParams, prepare_params
+from kat_jax.sampling import Engine, Sampler, SamplingParams, prepare_params
 
 OBJECTIVE = ObjectiveConfig(loss_agg_mode="seq-mean-token-mean")
 
@@ -30,31 +30,8 @@ def _assert_same_trees(expected: list[list[Trajectory]], got: list[list[Trajecto
     np.testing.assert_array_equal(pa[key], pb[key], err_msg=key)
 
 
-class _ToolEnv(Environment):
-  """A tool output after each turn; the episode ends after `max_turns` turns."""
-
-  tools = []  # no tool schema in the prompt: short sequences
-
-  def __init__(self):
-    super().__init__()
-    self.max_turns = 2
-
-  def reset(self, task):
-    self.turns, self.done = 0, False
-    return [{"role": "user", "content": f"task {task}"}]
-
-  def step(self, action):
-    self.turns += 1
-    if self.turns >= self.max_turns:
-      self.done = True
-      return StepResult([], True, float(sum(map(ord, action.content)) % 3))
-    return StepResult([{"role": "tool", "content": f"out {self.turns}"}], False)
-
-  def final_reward(self, answer):
-    return 0.0
-
-
-def test_tree_rollout_records_turns_whose_trees_equal_build_trees_of_the_episodes():
+def test_tree_rollout_records_turns_whose_trees_equal_build_trees_of_the_episodes(
+    monkeypatch):
   tokenizer = get_tokenizer("bytes")
   config = get_preset("tiny", num_layers=1, initializer_range=0.3)
   dparams = prepare_params(init_params(config, jax.random.key(0)), config)
@@ -63,8 +40,20 @@ def test_tree_rollout_records_turns_whose_trees_equal_build_trees_of_the_episode
   # holds a forced end-of-turn token (context) between its turns and after its last one.
   cfg = RolloutConfig(branching=(3, 2), max_turns=2, max_new_tokens=4, max_length=512,
                       sampling=SamplingParams(1.0, vocab_limit=128))
+  # Weight versions as an engine stamps them (`Completion.versions`): 5 on turn 0, 6 on turn 1.
+  run, calls = Engine.run, []
+
+  def run_with_versions(self, *args, **kwargs):
+    done = run(self, *args, **kwargs)
+    for completion in done.values():
+      completion.versions = np.full(len(completion.tokens), 5 + len(calls), np.int32)
+    calls.append(1)
+    return done
+
+  monkeypatch.setattr(Engine, "run", run_with_versions)
   manager = TrajectoryManager()
-  groups = tree_rollout(sampler, dparams, _ToolEnv, [0, 1], tokenizer, jax.random.key(3), cfg,
+  # DigitsEnv: two turns, a user message between them (context, mask 0).
+  groups = tree_rollout(sampler, dparams, DigitsEnv, [0, 1], tokenizer, jax.random.key(3), cfg,
                         manager=manager)
   assert [len(g) for g in groups] == [6, 6] and manager.num_interactions == 2 * (3 + 6)
   assert sorted(manager.groups_done()) == sorted({g[0].record_group for g in groups})
@@ -80,11 +69,13 @@ def test_tree_rollout_records_turns_whose_trees_equal_build_trees_of_the_episode
       np.testing.assert_array_equal(t.loss_mask, e.loss_mask)
       np.testing.assert_array_equal(t.logprobs, np.float32(e.logprobs))
       np.testing.assert_array_equal(t.entropies, np.float32(e.entropies))
-      np.testing.assert_array_equal(t.versions, np.where(t.loss_mask > 0, 0, -1))
+      generated = np.flatnonzero(t.loss_mask)
+      assert len(generated) == 8  # two turns of max_new_tokens
+      np.testing.assert_array_equal(t.versions[generated], [5] * 4 + [6] * 4)
+      assert np.all(t.versions[t.loss_mask == 0] == -1)
       assert t.reward == e.reward
     expected.append([e.trajectory(a) for e, a in zip(episodes, advantages)])
     got.append([t.to_trajectory(a) for t, a in zip(recorded, advantages)])
-  assert len({r for g in groups for r in (e.reward for e in g)}) > 1  # rewards differ
   _assert_same_trees(expected, got)
 
 
