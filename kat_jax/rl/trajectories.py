@@ -213,8 +213,9 @@ class TrajectoryManager:
     root = self._group(group)
 
     # Read-only pass: the longest recorded sequence within the prompt, and the log-prob check.
+    spans = list(_walk(root, seq))
     parent_node = None
-    for node, pos, matched in _walk(root, seq):
+    for node, pos, matched in spans:
       if matched == len(node.tokens) and node.depth <= start and node.ends:
         parent_node = node
       lo, hi = max(pos, start), pos + matched
@@ -230,27 +231,25 @@ class TrajectoryManager:
               f"{float(claims[k]):.6g}, now {float(new[k]):.6g}: a shared context has one "
               "sample, so one log-prob (were they sampled with different weight versions?)")
 
-    # Insert, splitting edges where the sequence leaves or ends inside one.
+    # Insert: split the edge the sequence leaves or ends inside (only the last span can be
+    # partial), claim generated positions nobody generated yet, add a node for the rest.
     node, pos = root, 0
-    while pos < len(seq):
-      child = node.children.get(int(seq[pos]))
-      if child is None:
-        claims = np.full(len(seq) - pos, np.nan, np.float32)
-        claims[max(start - pos, 0):] = logprobs[max(pos - start, 0):]
-        child = node.children[int(seq[pos])] = _Node(seq[pos:].copy(), claims, len(seq))
-        node, pos = child, len(seq)
-        break
-      n = min(len(child.tokens), len(seq) - pos)
-      diff = np.flatnonzero(child.tokens[:n] != seq[pos:pos + n])
-      matched = int(diff[0]) if len(diff) else n
+    for child, pos, matched in spans:
       if matched < len(child.tokens):
-        child = node.children[int(seq[pos])] = child.split(matched)
+        child = child.split(matched)
+        node.children[int(seq[pos])] = child
       lo, hi = max(pos, start), pos + matched
-      if lo < hi:  # claim generated positions nobody generated yet
+      if lo < hi:
         claims = child.claims[lo - pos:hi - pos]
         unclaimed = np.isnan(claims)
         claims[unclaimed] = logprobs[lo - start:hi - start][unclaimed]
       node, pos = child, pos + matched
+    if pos < len(seq):
+      claims = np.full(len(seq) - pos, np.nan, np.float32)
+      claims[max(start - pos, 0):] = logprobs[max(pos - start, 0):]
+      leaf = _Node(seq[pos:].copy(), claims, len(seq))
+      node.children[int(seq[pos])] = leaf
+      node = leaf
     node.ends.append(iid)
 
     parent = -1
