@@ -2,10 +2,14 @@
 
 Each step, every task gets a tree of episodes (`tree_rollout`), sampled in process with the
 current weights (sync) or taken from rollout worker threads that read weight snapshots
-(`decoupled.DecoupledRollouts`, mode=decoupled). Rewards become GRPO-family group
+(`decoupled.DecoupledRollouts`, mode=decoupled). The rollouts record every turn and reward
+in the run's `TrajectoryManager` (`kat_jax.rl.trajectories`); the update reads its
+trajectories from there, not from the episodes. Rewards become GRPO-family group
 advantages (a group = one task's tree); groups are optionally pruned by entropy under a
 token budget; the trees are packed depth-first into [rows, seq_len] (or, to compare, one
-row per trajectory: `pack=unrolled`). Per-step records go to `<workdir>/agentic_metrics.json`.
+row per trajectory: `pack=unrolled`). A group is dropped from the manager once packed, so
+between steps the manager holds only rollouts not yet trained on. Per-step records go to
+`<workdir>/agentic_metrics.json`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,47 @@ from kat_jax.agentic.pruning import build_pruned_trees, prune_group
 from kat_jax.data.packing import pad_batch_rows
 from kat_jax.errors import ConfigError
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
+from kat_jax.rl.trajectories import RecordedTrajectory, TrajectoryManager
 from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.train.trainer import Work
 
 
-def rl_batch(groups, advantages, ag: ConfigDict, objective: ObjectiveConfig, pad_id: int
+def _record_group(episodes) -> int:
+  keys = {e.record_group for e in episodes}
+  if len(keys) != 1 or None in keys:
+    raise ValueError(f"a rollout group's episodes carry manager groups {sorted(keys, key=str)};"
+                     " run tree_rollout with the run's manager (manager=...)")
+  return keys.pop()
+
+
+def take_groups(manager: TrajectoryManager, episode_groups
+                ) -> list[list[RecordedTrajectory]]:
+  """The recorded trajectories of each rollout group (`Episode.record_group`), which the
+  manager then forgets. A group's trajectories are its episodes, in branch order."""
+  out = []
+  for episodes in episode_groups:
+    key = _record_group(episodes)
+    pending = manager.pending(key)
+    trajectories = manager.trajectories(key)
+    if pending or len(trajectories) != len(episodes):
+      raise ValueError(f"manager group {key}: {len(trajectories)} trajectories "
+                       f"({len(pending)} without a reward) for {len(episodes)} episodes")
+    manager.drop(key)
+    out.append(trajectories)
+  return out
+
+
+def drop_groups(manager: TrajectoryManager, episode_groups) -> None:
+  """Forgets the recorded turns of rollout groups that will not be trained on."""
+  for episodes in episode_groups:
+    manager.drop(_record_group(episodes))
+
+
+def rl_batch(groups: list[list[RecordedTrajectory]], advantages, ag: ConfigDict,
+             objective: ObjectiveConfig, pad_id: int
              ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-  """Episodes + per-episode advantages -> a [B, seq_len] batch (B a multiple of micro_batch_rows).
+  """Recorded trajectories + per-trajectory advantages -> a [B, seq_len] batch (B a multiple
+  of micro_batch_rows); advantages [sum of group sizes] in the groups' order.
 
   Stats: token counts, and with pruning the summed `PruneReport` counts of all groups
   (kept/total tree tokens, kept/partial/total trajectories) and the mean weight mass kept.
@@ -38,8 +76,8 @@ def rl_batch(groups, advantages, ag: ConfigDict, objective: ObjectiveConfig, pad
   k = 0
   trajectories, entropies = [], []
   for group in groups:
-    trajectories.append([e.trajectory(float(advantages[k + i])) for i, e in enumerate(group)])
-    entropies.append([e.entropy_array for e in group])
+    trajectories.append([t.to_trajectory(float(advantages[k + i])) for i, t in enumerate(group)])
+    entropies.append([t.entropies for t in group])
     k += len(group)
   stats: dict[str, float] = {"unrolled_tokens": float(sum(len(t.tokens) for g in trajectories
                                                             for t in g))}
@@ -81,14 +119,16 @@ def _prune_stats(reports) -> dict[str, float]:
 class TreeRollouts:
   """The trainer's batch source for `agentic_rl`.
 
-  rollout_fn(params, tasks, key) -> groups of episodes. With `decoupled` the groups come from
-  its worker threads instead (rollouts of up to `max_staleness` updates old).
+  rollout_fn(params, tasks, key) -> groups of episodes, their turns recorded in `manager`.
+  With `decoupled` the groups come from its worker threads instead (rollouts of up to
+  `max_staleness` updates old).
   """
 
   def __init__(self, ag: ConfigDict, objective: ObjectiveConfig, *, pad_id: int, seed: int,
-               steps: int, rollout_fn: Callable, metrics_path: str, config_dict: dict,
-               log_every: int = 1, decoupled=None):
+               steps: int, rollout_fn: Callable, manager: TrajectoryManager,
+               metrics_path: str, config_dict: dict, log_every: int = 1, decoupled=None):
     self.ag, self.objective, self.pad_id, self.steps = ag, objective, pad_id, steps
+    self.manager = manager
     self.rollout_fn, self.decoupled, self.path = rollout_fn, decoupled, metrics_path
     self.key, self.config_dict = jax.random.key(seed + 1), config_dict
     self.log_every = log_every
@@ -113,9 +153,10 @@ class TreeRollouts:
                           "dropped": float(dropped)}
 
   def next(self, state, step: int) -> Work:
-    groups, stats = self._groups(state, step)
+    episodes, stats = self._groups(state, step)
     self._t = time.perf_counter()
-    rewards = np.array([e.reward for g in groups for e in g])
+    groups = take_groups(self.manager, episodes)
+    rewards = np.array([t.reward for g in groups for t in g])
     group_ids = np.array([i for i, g in enumerate(groups) for _ in g])
     advantages = group_advantages(rewards, group_ids, estimator=self.ag.advantage)
     batch, batch_stats = rl_batch(groups, advantages, self.ag, self.objective, self.pad_id)

@@ -128,13 +128,15 @@ class DecoupledRollouts:
   `start(params, update)` publishes the first snapshot and starts the workers; `take(update)`
   returns the next batch at most `max_staleness` updates old (older ones are dropped), as
   (batch, staleness, batches dropped so far); `published(update, params)` writes a snapshot
-  every `publish_every` updates; `close()` stops the workers.
+  every `publish_every` updates; `close()` stops the workers. `discard(batch)`, when set, is
+  called on each dropped batch (e.g. to forget its recorded trajectories).
   """
 
   def __init__(self, rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
                task_fn: Callable[[int, int], Sequence[Any]], directory: str, *,
                num_workers: int = 1, publish_every: int = 1, max_staleness: int = 2,
-               queue_size: int = 2, timeout_s: float = 300.0, seed: int = 0):
+               queue_size: int = 2, timeout_s: float = 300.0, seed: int = 0,
+               discard: Callable[[RolloutBatch], None] | None = None):
     self.store = WeightStore(directory)
     self.rollout_fn, self.task_fn, self.num_workers, self.seed = (rollout_fn, task_fn,
                                                                   num_workers, seed)
@@ -144,6 +146,7 @@ class DecoupledRollouts:
     self.stop = threading.Event()
     self.workers: list[RolloutWorker] = []
     self.dropped, self.deadline, self.started = 0, float("inf"), False
+    self.discard = discard
 
   def start(self, params: Any, update: int = 0) -> None:
     self.store.publish(update, params)
@@ -171,6 +174,8 @@ class DecoupledRollouts:
       if staleness <= self.max_staleness:
         return batch, staleness, self.dropped
       self.dropped += 1
+      if self.discard is not None:
+        self.discard(batch)
 
   def published(self, update: int, params: Any) -> None:
     if update % self.publish_every == 0:
@@ -254,11 +259,12 @@ def _token_id(token: str) -> int:
 
 
 def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[Any],
-                   tokenizer, cfg) -> list[list[Any]]:
+                   tokenizer, cfg, manager=None) -> list[list[Any]]:
   """`tree_rollout` through a server: each live episode asks for `branching[t]` samples.
 
   The server's prefix cache does the sharing; entropies are not returned (left 0, so prefer
-  a visit-based pruning score).
+  a visit-based pruning score). `manager` (a `kat_jax.rl.trajectories.TrajectoryManager`)
+  records turns and rewards as `tree_rollout` does, with weight version 0.
   """
   import copy  # pylint: disable=g-import-not-at-top
   from kat_jax.agentic.rollout import Episode, continuation_text  # pylint: disable=g-import-not-at-top
@@ -270,6 +276,8 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
     env = make_env()
     messages = env.reset(task)
     episode = Episode(g, env, list(messages), list(env.tools), [], [], [], [])
+    if manager is not None:
+      episode.record_group = manager.new_group()
     episode.extend(tokenize_chat(tokenizer, messages, tools=episode.tools or None,
                                  template=cfg.template, add_generation_prompt=True).ids,
                    generated=False)
@@ -285,6 +293,8 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
       branches = [episode] + [copy.deepcopy(episode) for _ in samples[1:]]
       for c, (e, (ids, logprobs, stopped)) in enumerate(zip(branches, samples)):
         e.branch_id += (c,)
+        if manager is not None:
+          e.last_interaction = manager.record(e.record_group, e.tokens, ids, logprobs)
         e.extend(ids, generated=True, logprobs=logprobs)
         e.turns += 1
         stopped = stopped and bool(ids) and ids[-1] == stop
@@ -296,6 +306,8 @@ def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[An
           e.extend(forced_end, generated=False)
           e.reward = float(outcome.reward if outcome.done else e.env.finish())
           e.done = True
+          if manager is not None:
+            manager.set_reward(e.last_interaction, e.reward, suffix=forced_end)
           finished.append(e)
         else:
           e.messages += outcome.observation

@@ -34,6 +34,7 @@ import numpy as np
 
 from kat_jax.agentic.environments import Environment, Message
 from kat_jax.agentic.tool_calls import parse_tool_calls
+from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.rl.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
@@ -75,6 +76,8 @@ class Episode:
   turns: int = 0
   done: bool = False
   branch_id: tuple[int, ...] = ()  # which copy it was at each turn's fork
+  record_group: int | None = None  # its TrajectoryManager group (tree_rollout's manager)
+  last_interaction: int | None = None  # the id its latest turn was recorded under
 
   def extend(self, ids: Sequence[int], *, generated: bool, logprobs=None, entropies=None):
     n = len(ids)
@@ -94,7 +97,8 @@ class Episode:
     # Token lists and the environment are copied; tool schemas are shared (read-only).
     return Episode(self.group, copy.deepcopy(self.env, memo), copy.deepcopy(self.messages, memo),
                    self.tools, list(self.tokens), list(self.loss_mask), list(self.logprobs),
-                   list(self.entropies), self.reward, self.turns, self.done, self.branch_id)
+                   list(self.entropies), self.reward, self.turns, self.done, self.branch_id,
+                   self.record_group, self.last_interaction)
 
 
 def continuation_text(observation: Sequence[Message], template: str = "qwen2.5",
@@ -135,11 +139,17 @@ def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
 
 def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
                  make_env: Callable[[], Environment], tasks: Sequence[Any],
-                 tokenizer: Tokenizer, rng: jax.Array, cfg: RolloutConfig) -> list[list[Episode]]:
+                 tokenizer: Tokenizer, rng: jax.Array, cfg: RolloutConfig,
+                 manager: TrajectoryManager | None = None) -> list[list[Episode]]:
   """Runs one tree of episodes per task -> groups[task] = its finished episodes.
 
   sampler gives the engine's settings (model config, pad id, prefill chunk; an EngineSampler
-  also its slots and page size); the rollout always runs on a `kat_jax.sampling.Engine`."""
+  also its slots and page size); the rollout always runs on a `kat_jax.sampling.Engine`.
+  With a `manager`, every task gets a new manager group (`Episode.record_group`), every
+  sampled turn is recorded (prompt = the episode's tokens before the turn; weight versions
+  from `Completion.versions` where the engine gives them, else 0) and each finished
+  episode's reward is set on its last turn (`Episode.last_interaction`), with the
+  end-of-turn token forced after a cut-off last turn as the trajectory's closing suffix."""
   stop = tokenizer.im_end_id
   live: list[Episode] = []
   news: list[list[int]] = []  # per live episode: tokens to prefill before its next turn
@@ -154,6 +164,8 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
                        f"{cfg.max_length} tokens, leaving no room for {cfg.max_new_tokens} new "
                        "tokens; raise max_length")
     episode = Episode(g, env, list(messages), tools, [], [], [], [])
+    if manager is not None:
+      episode.record_group = manager.new_group()
     episode.extend(prompt, generated=False)
     live.append(episode)
     news.append(list(prompt))
@@ -181,6 +193,10 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
           raise ValueError(f"episode of task {episode.group}: {result.error}")
         episode.branch_id += (c,)
         tokens = result.tokens
+        if manager is not None:
+          episode.last_interaction = manager.record(
+              episode.record_group, episode.tokens, tokens, result.logprobs,
+              getattr(result, "versions", None), result.entropies)
         episode.extend(tokens, generated=True, logprobs=result.logprobs,
                        entropies=result.entropies)
         episode.turns += 1
@@ -200,6 +216,8 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
             outcome.reward = episode.env.finish()
           episode.extend(forced_end, generated=False)
           episode.reward, episode.done = float(outcome.reward), True
+          if manager is not None:
+            manager.set_reward(episode.last_interaction, episode.reward, suffix=forced_end)
           finished.append(episode)
           if result.sequence is not None:
             engine.release(result.sequence)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from kat_jax.agentic.batches import TreeRollouts
+from kat_jax.agentic.batches import TreeRollouts, drop_groups
 from kat_jax.agentic.config import check_fields, objective_from, rollout_config
 from kat_jax.agentic.decoupled import DecoupledRollouts
 from kat_jax.agentic.environments import make_environment
@@ -32,6 +32,7 @@ from kat_jax.agentic.rollout import tree_rollout
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.progress import status
+from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.rl.policy_step import AccumulatedPolicyUpdate
 from kat_jax.sampling import EngineSampler, prepare_params
 from kat_jax.checkpoint.models import config_from_model_fields
@@ -40,8 +41,10 @@ from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import Trainer
 
 
-def _decoupled(ag: ConfigDict, rollout_fn, workdir: str, seed: int) -> DecoupledRollouts:
-  """Worker threads; tasks are numbered across workers in the order batches are started."""
+def _decoupled(ag: ConfigDict, rollout_fn, workdir: str, seed: int,
+               manager: TrajectoryManager) -> DecoupledRollouts:
+  """Worker threads; tasks are numbered across workers in the order batches are started.
+  A batch dropped as too stale is dropped from the manager too."""
   counter, lock = [0], threading.Lock()
 
   def task_fn(worker: int, i: int) -> list[int]:
@@ -53,7 +56,8 @@ def _decoupled(ag: ConfigDict, rollout_fn, workdir: str, seed: int) -> Decoupled
   return DecoupledRollouts(rollout_fn, task_fn, os.path.join(workdir, "rollout_weights"),
                            num_workers=ag.rollout_workers, publish_every=ag.publish_every,
                            max_staleness=ag.max_staleness, queue_size=ag.queue_size,
-                           timeout_s=float(ag.decoupled_timeout_s) or float("inf"), seed=seed)
+                           timeout_s=float(ag.decoupled_timeout_s) or float("inf"), seed=seed,
+                           discard=lambda batch: drop_groups(manager, batch.groups))
 
 
 def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
@@ -80,17 +84,21 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   status(f"agentic_rl ({ag.mode}): {steps} updates x {ag.tasks_per_step} tasks, "
          f"branching {ag.branching}, env {ag.env}")
   sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=256, num_slots=64)
+  # Every sampled turn and reward goes here; the update reads its trajectories from it.
+  manager = TrajectoryManager()
 
   def rollout_fn(params, tasks, key) -> list:
     dparams = prepare_params(params, model_config, trainer.mesh)
-    return tree_rollout(sampler, dparams, make_env, tasks, tokenizer, key, rollout_cfg)
+    return tree_rollout(sampler, dparams, make_env, tasks, tokenizer, key, rollout_cfg,
+                        manager=manager)
 
   source = TreeRollouts(
       ag, objective, pad_id=tokenizer.pad_id, seed=config.seed, steps=steps,
-      rollout_fn=rollout_fn, metrics_path=os.path.join(workdir, "agentic_metrics.json"),
+      rollout_fn=rollout_fn, manager=manager,
+      metrics_path=os.path.join(workdir, "agentic_metrics.json"),
       config_dict=config.to_dict(), log_every=config.train.log_every,
-      decoupled=_decoupled(ag, rollout_fn, workdir, config.seed) if ag.mode == "decoupled"
-      else None)
+      decoupled=(_decoupled(ag, rollout_fn, workdir, config.seed, manager)
+                 if ag.mode == "decoupled" else None))
   update = AccumulatedPolicyUpdate(model_config, optimizer, objective, ag.micro_batch_rows,
                                    config.train.loss_chunk)
 

@@ -7,13 +7,13 @@ import pytest
 
 from experiments.configs.agentic_rl import get_config
 from kat_jax.agentic.environments import DigitsEnv
-from kat_jax.agentic.rollout import Episode
 from kat_jax.agentic.batches import rl_batch
 from kat_jax.agentic.config import objective_from
 from kat_jax.agentic.stage import run_agentic_rl
 from kat_jax.data.chat_template import tokenize_chat
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.testing import relative_error
 
 
@@ -77,16 +77,19 @@ def test_decoupled_mode_with_pruning_logs_prune_report_and_staleness(tmp_path):
     assert np.isfinite(h["loss"])
 
 
-def _episode(tokens, mask) -> Episode:
-  """An episode without environment: behaviour log-probs and entropies on policy tokens."""
-  return Episode(0, None, [], [], list(tokens), list(mask), [-0.5 * m for m in mask],
-                 [float(m) for m in mask])
+def _recorded_group(prompt, completions) -> list:
+  """One group of single-turn trajectories: log-prob -0.5 and entropy 1 per sampled token."""
+  manager = TrajectoryManager()
+  for completion in completions:
+    n = len(completion)
+    manager.set_reward(manager.record(0, prompt, completion, [-0.5] * n, entropies=[1.0] * n),
+                       0.0)
+  return manager.trajectories(0)
 
 
 def test_rl_batch_prune_stats_and_a_budget_below_the_prompt():
   ag = _config("unused", prune_budget=6, seq_len=16).agentic
-  groups = [[_episode([1, 2, 3, 4, 5], [0, 0, 1, 1, 1]), _episode([1, 2, 3, 6], [0, 0, 1, 1]),
-             _episode([1, 2, 7], [0, 0, 1])]]
+  groups = [_recorded_group([1, 2], [[3, 4, 5], [3, 6], [7]])]
   batch, stats = rl_batch(groups, np.array([1.0, -1.0, 0.5]), ag, objective_from(ag), 0)
   assert batch["tokens"].shape == (2, 16)  # one tree row, padded to micro_batch_rows
   assert stats["prune_total_tokens"] == 7 and stats["prune_kept_tokens"] == stats[

@@ -10,12 +10,13 @@ from kat_jax.agentic.decoupled import (OpenAICompletionsClient, WeightStore, run
                                        server_rollout)
 from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.rollout import RolloutConfig, tree_rollout
-from kat_jax.agentic.batches import rl_batch
+from kat_jax.agentic.batches import rl_batch, take_groups
 from kat_jax.agentic.config import agentic_fields, objective_from
 from kat_jax.rl.policy_step import AccumulatedPolicyUpdate
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.model import get_preset, init_params
 from kat_jax.rl.objectives import group_advantages
+from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.sampling import Sampler, SamplingParams, prepare_params
 from kat_jax.testing import LocalJsonServer
 from kat_jax.train.state import TrainState
@@ -46,15 +47,17 @@ def test_workers_and_trainer_exchange_through_queue_and_snapshots(tmp_path):
   sampler = Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=128)
   cfg = RolloutConfig(branching=(2, 2), max_turns=2, max_new_tokens=3, max_length=384,
                       sampling=SamplingParams(1.0, vocab_limit=128))
+  manager = TrajectoryManager()  # shared by the worker threads and the trainer
 
   def rollout_fn(p, tasks, rng):
     return tree_rollout(sampler, prepare_params(p, config), DigitsEnv, tasks, tokenizer, rng,
-                        cfg)
+                        cfg, manager=manager)
 
   def train_fn(st, batch):
-    rewards = np.array([e.reward for g in batch.groups for e in g])
-    ids = np.array([i for i, g in enumerate(batch.groups) for _ in g])
-    packed, _ = rl_batch(batch.groups, group_advantages(rewards, ids), ag, objective,
+    groups = take_groups(manager, batch.groups)
+    rewards = np.array([t.reward for g in groups for t in g])
+    ids = np.array([i for i, g in enumerate(groups) for _ in g])
+    packed, _ = rl_batch(groups, group_advantages(rewards, ids), ag, objective,
                          tokenizer.pad_id)
     st, metrics = update(st, packed)  # one optimizer update per rollout batch
     return st, {"loss": metrics["loss"]}
@@ -91,11 +94,13 @@ def _completions(path, body):
 
 
 def test_server_rollout_through_an_openai_compatible_endpoint():
+  manager = TrajectoryManager()
   with LocalJsonServer(_completions) as server:
     tokenizer = get_tokenizer("bytes")
     client = OpenAICompletionsClient(server.url, "m")
     cfg = RolloutConfig(branching=(3, 2), max_turns=2, max_new_tokens=8)
-    groups = server_rollout(client, lambda: DigitsEnv(rounds=2, width=2), [0], tokenizer, cfg)
+    groups = server_rollout(client, lambda: DigitsEnv(rounds=2, width=2), [0], tokenizer, cfg,
+                            manager=manager)
   requests = [r["body"] for r in server.requests]
   # one request at turn 0 (n=3), then one per branch at turn 1 (n=2)
   assert [r["n"] for r in requests] == [3, 2, 2, 2]
@@ -115,6 +120,11 @@ def test_server_rollout_through_an_openai_compatible_endpoint():
     assert request["prompt"] == e.tokens[:len(request["prompt"])]
   assert requests[0]["prompt"] == groups[0][0].tokens[
       :len(requests[0]["prompt"])]
+  recorded = take_groups(manager, groups)[0]  # the manager rebuilds the same trajectories
+  for e, t in zip(groups[0], recorded, strict=True):
+    assert t.tokens.tolist() == e.tokens and t.loss_mask.tolist() == e.loss_mask
+    assert t.logprobs.tolist() == np.float32(e.logprobs).tolist() and t.reward == e.reward
+  assert manager.num_interactions == 0
   assert requests[0]["return_tokens_as_token_ids"] is True
   with pytest.raises(ValueError, match="token_id"):
     from kat_jax.agentic.decoupled import _token_id
