@@ -58,6 +58,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 
 # This script computes with torch only: keep JAX (imported by kat_jax's presets) off the GPU.
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -103,16 +104,18 @@ def _parse(argv=None) -> argparse.Namespace:
   if parser.parse_known_args(argv)[0].tiny:  # tiny defaults; flags given still win
     parser.set_defaults(preset="tiny", prompts=2, samples=2, prompt_min=8, prompt_max=32,
                         mean_new=16, max_new=32, warmup_new=4, generation_batch=4,
-                        micro_batch=2, progress_every=8)
+                        micro_batch=2, progress_every=8, param_dtype="float32")
   args = parser.parse_args(argv)
   args.step_prompts = args.step_prompts or args.prompts
   problems = []
   step_samples = args.step_prompts * args.samples
   if args.step_prompts > args.prompts:
     problems.append(f"--step_prompts {args.step_prompts} > --prompts {args.prompts}")
-  if args.generation_batch % args.samples or step_samples % args.generation_batch:
+  if (args.generation_batch % args.samples or step_samples % args.generation_batch
+      or args.prompts * args.samples % args.generation_batch):
     problems.append(f"--generation_batch {args.generation_batch} must be a multiple of "
-                    f"--samples {args.samples} and divide the step's {step_samples} samples")
+                    f"--samples {args.samples} and divide the step's {step_samples} samples "
+                    f"and the draw's {args.prompts * args.samples}")
   if args.generation_batch % args.micro_batch:
     problems.append(f"--micro_batch {args.micro_batch} must divide --generation_batch "
                     f"{args.generation_batch}")
@@ -273,7 +276,8 @@ def make_trainer_class():
       self.training_step = clock.timed("training_step", self.training_step)
       self.step_clock = StepClock(clock, reset_peak)
       self.add_callback(self.step_clock)
-      self.pending = []  # targets of the generation batches in flight
+      self.pending = []  # targets of the generation batch in flight
+      self.checked = 0  # completions seen to stop exactly at their drawn length
 
     def _generate_and_score_completions(self, inputs):
       seen: dict[int, int] = {}
@@ -292,9 +296,37 @@ def make_trainer_class():
       made = [len(ids) for ids in completion_ids]
       if made != self.pending:
         raise RuntimeError(f"completions stopped at {made[:8]}..., drawn {self.pending[:8]}...")
+      self.checked += len(made)
       return result
 
   return FixedLengthGRPOTrainer
+
+
+def step_work(prompt_lens: np.ndarray, new: np.ndarray, args) -> dict:
+  """The work of a step over prompts with lengths `prompt_lens` [P] and drawn responses
+  `new` [P, samples], as TRL does it: each generate call (`--generation_batch` samples, whole
+  groups) decodes until its longest sample; the update pads each call's rows to its longest
+  prompt + longest response."""
+  calls = len(prompt_lens) * args.samples // args.generation_batch
+  decode_steps = padded = 0
+  for lens, resp in zip(np.array_split(prompt_lens, calls), np.array_split(new, calls)):
+    decode_steps += int(resp.max())
+    padded += resp.size * int(lens.max() + resp.max())
+  return {"generated_tokens": int(new.sum()), "prompt_tokens": int(prompt_lens.sum()) *
+          args.samples, "generate_calls": calls, "decode_steps": decode_steps,
+          "padded_positions": padded}
+
+
+def project_full_step(step: dict, full: dict) -> dict:
+  """A reduced step's times scaled to the whole draw: generate by decode steps, the update by
+  padded positions, scoring by samples; the optimizer step as measured. An estimate."""
+  generate = step["generate_s"] * full["decode_steps"] / step["decode_steps"]
+  update = step["forward_backward_s"] * full["padded_positions"] / step["padded_positions"]
+  rows = full["generated_tokens"] / step["generated_tokens"]
+  wall = generate + update + step["optimizer_s"] + (step["score_s"] + step["other_s"]) * rows
+  return {"note": "estimate, not measured: the measured step scaled to the whole draw",
+          **full, "wall_s": wall, "generate_s": generate, "forward_backward_s": update,
+          "tokens_per_s": full["generated_tokens"] / wall}
 
 
 def versions() -> dict:
@@ -306,6 +338,8 @@ def versions() -> dict:
 
 def main(argv=None) -> dict:
   args = _parse(argv)
+  # transformers 5.2x renames gradient_checkpointing; the old name works on 5.17 and 5.2x.
+  warnings.filterwarnings("ignore", category=FutureWarning)
   import torch  # pylint: disable=g-import-not-at-top
   from datasets import Dataset  # pylint: disable=g-import-not-at-top
   from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
@@ -327,15 +361,9 @@ def main(argv=None) -> dict:
                                "prompt_index": [i for i, _ in rows],
                                "lengths": [length.tolist() for _, length in rows]})
   step_samples = args.step_prompts * args.samples
-  measured = []
-  for step in step_rows:
-    new = lengths[step]
-    prompt_lens = np.asarray([len(prompts[i]) for i in step])
-    groups = len(step) * args.samples // args.generation_batch
-    per_call = np.array_split(new, groups)  # a generate call's rows: whole prompt groups
-    measured.append({"generated_tokens": int(new.sum()),
-                     "prompt_tokens": int(prompt_lens.sum() * args.samples),
-                     "decode_steps": int(sum(b.max() for b in per_call))})
+  prompt_lens = np.asarray([len(p) for p in prompts])
+  measured = [step_work(prompt_lens[step], lengths[step], args) for step in step_rows]
+  full = step_work(prompt_lens, lengths, args)
 
   param_bytes = 2 if args.param_dtype == "bfloat16" else 4
   with torch.device("meta"):
@@ -366,8 +394,7 @@ def main(argv=None) -> dict:
                        "param_dtype": args.param_dtype, "bf16": cuda,
                        "gradient_checkpointing": not args.no_gradient_checkpointing,
                        "beta": 0.0, "num_iterations": 1, "max_completion_length": args.max_new,
-                       "temperature": 1.0, "optimizer": "adamw_torch_fused" if cuda
-                       else "adamw_torch"},
+                       "temperature": 1.0},
       "reward": "completion length / 1000 (rewards do not change a step's work)",
       "static_memory_gib": static_bytes / 2**30,
   }
@@ -412,7 +439,7 @@ def main(argv=None) -> dict:
                             forcer=forcer, clock=clock,
                             reset_peak=torch.cuda.reset_peak_memory_stats if cuda else sync)
     result["trl_settings"]["loss_type"] = trl_args.loss_type
-    result["trl_settings"]["optimizer"] = str(trl_args.optim)
+    result["trl_settings"]["optimizer"] = getattr(trl_args.optim, "value", trl_args.optim)
     try:
       trainer.train()
     except torch.OutOfMemoryError as error:
@@ -421,6 +448,7 @@ def main(argv=None) -> dict:
       result["steps_done"] = trainer.step_clock.steps
       return _finish(args, result)
   steps = trainer.step_clock.steps
+  result["completions_checked"] = trainer.checked
   result["warmup_step"] = steps[0]
   result["steps"] = []
   for timing, work in zip(steps[1:], measured):
@@ -436,6 +464,8 @@ def main(argv=None) -> dict:
   result["prompt_response_tokens_per_s"] = sum(
       s["generated_tokens"] + s["prompt_tokens"] for s in result["steps"]) / walls
   result["param_tokens_per_s"] = result["tokens_per_s"] * n_params
+  if args.step_prompts < args.prompts:
+    result["projected_full_step"] = project_full_step(result["steps"][0], full)
   if cuda:
     result["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
