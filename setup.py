@@ -30,6 +30,8 @@ setup(
     ],
     extras_require={
         "parquet": ["pyarrow>=14"],
+        # The RL-step benchmark's peer, TRL's GRPOTrainer (benchmarks/rl_step_trl.py).
+        "peer": ["trl>=1.16", "datasets>=4.7", "accelerate>=1.10.1"],
         "test": [
             "pyarrow>=14",
             "math-verify>=0.9",  # cross-checks kat_jax.tasks.rewards.math

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -60,13 +61,7 @@ import tempfile
 import time
 import warnings
 
-# This script computes with torch only: keep JAX (imported by kat_jax's presets) off the GPU.
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-import numpy as np  # pylint: disable=wrong-import-position
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import workload  # pylint: disable=wrong-import-position
+import numpy as np
 
 EOS_ID = 0  # "<eos>": end and pad id; workload() draws prompt ids from [1, vocab)
 PHASES = ("generate", "generate_and_score", "training_step", "optimizer")
@@ -124,6 +119,15 @@ def _parse(argv=None) -> argparse.Namespace:
   if problems:
     parser.exit(2, f"error: benchmarks/rl_step_trl.py: {'; '.join(problems)}\n")
   return args
+
+
+def workload(args, vocab: int):
+  """benchmarks/rollout.py's draw: prompts [P] (token lists), response lengths [P, samples]."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rollout.py")
+  spec = importlib.util.spec_from_file_location("rollout_benchmark", path)
+  rollout = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rollout)
+  return rollout.workload(args, vocab)
 
 
 def model_config(preset: str):
@@ -338,6 +342,8 @@ def versions() -> dict:
 
 def main(argv=None) -> dict:
   args = _parse(argv)
+  # Computes with torch only: JAX (imported by kat_jax's presets) stays off the GPU.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   # transformers 5.2x renames gradient_checkpointing; the old name works on 5.17 and 5.2x.
   warnings.filterwarnings("ignore", category=FutureWarning)
   import torch  # pylint: disable=g-import-not-at-top
