@@ -87,7 +87,7 @@ def _parse(argv=None) -> argparse.Namespace:
                       help="response length cap of the warm-up step")
   parser.add_argument("--generation_batch", type=int, default=128,
                       help="samples per generate call (TRL generation_batch_size)")
-  parser.add_argument("--micro_batch", type=int, default=4,
+  parser.add_argument("--micro_batch", type=int, default=2,
                       help="per_device_train_batch_size (rows per forward/backward)")
   parser.add_argument("--param_dtype", default="bfloat16", choices=("bfloat16", "float32"),
                       help="weights and AdamW state dtype (float32: bf16 autocast over float32 "
@@ -403,6 +403,7 @@ def main(argv=None) -> dict:
                        "temperature": 1.0},
       "reward": "completion length / 1000 (rewards do not change a step's work)",
       "static_memory_gib": static_bytes / 2**30,
+      "env": {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "HF_HUB_OFFLINE")},
   }
   print(f"{args.preset}: {n_params / 1e9:.2f}B parameters; step = {args.step_prompts}/"
         f"{args.prompts} prompts x {args.samples} samples, {measured[0]['generated_tokens']} "
@@ -492,8 +493,9 @@ def table(result: dict) -> str:
   head = f"TRL GRPOTrainer, {result['preset']} on {result['device']}: "
   if result.get("status") != "ok":
     return head + f"{result.get('status')}: {result.get('error')}"
+  peak = result.get("peak_memory_allocated_gib")
   lines = [head + f"{result['parameters'] / 1e9:.2f}B parameters, peak memory "
-           f"{result.get('peak_memory_allocated_gib', float('nan')):.1f} GiB",
+           + (f"{peak:.1f} GiB" if peak is not None else "n/a (no GPU)"),
            "| step | samples | generated tokens | wall s | generate s | score s | fwd/bwd s | "
            "optimizer s | other s | tokens/s | prompt+response tokens/s | tokens/s x params |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -503,6 +505,11 @@ def table(result: dict) -> str:
                  f"{s['generate_s']:.1f} | {s['score_s']:.1f} | {s['forward_backward_s']:.1f} | "
                  f"{s['optimizer_s']:.2f} | {s['other_s']:.1f} | {s['tokens_per_s']:,.0f} | "
                  f"{s['prompt_response_tokens_per_s']:,.0f} | {s['param_tokens_per_s']:.3g} |")
+  if "projected_full_step" in result:
+    full = result["projected_full_step"]
+    lines.append(f"reduced step ({result['workload']['step_prompts']} of "
+                 f"{result['workload']['prompts']} prompts); whole draw, an estimate: "
+                 f"{full['wall_s']:.0f} s, {full['tokens_per_s']:,.0f} tokens/s")
   return "\n".join(lines)
 
 

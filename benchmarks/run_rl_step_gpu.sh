@@ -27,6 +27,9 @@ out=${OUT:-/tmp/rl_step_gpu}
 mkdir -p "$out"
 exec > >(tee "$out/run.log") 2>&1
 export PYTHONUNBUFFERED=1
+# No network there: nothing may wait on the hub. Expandable segments: fewer fragmentation OOMs.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 start=$SECONDS
 budget=${BUDGET_S:-570}
 stages=" ${STAGES:-ours peer} "
@@ -84,7 +87,7 @@ run_peer() {  # preset, json name, flags...
 if stage peer; then
   # shellcheck disable=SC2086
   run_peer qwen2.5-1.5b rl_step_trl_qwen2.5-1.5b.json \
-    ${PEER_ARGS:---step_prompts 8 --generation_batch 64 --micro_batch 4}
+    ${PEER_ARGS:---step_prompts 8 --generation_batch 64 --micro_batch 2}
 fi
 if stage peer7b; then
   # bf16 weights + gradients + AdamW state are 57 GiB: small generate calls and micro-batches.
