@@ -102,7 +102,16 @@ def _parse(argv=None) -> argparse.Namespace:
                         micro_batch=2, progress_every=8, param_dtype="float32")
   args = parser.parse_args(argv)
   args.step_prompts = args.step_prompts or args.prompts
-  problems = []
+  from kat_jax.model.presets import PRESETS  # pylint: disable=g-import-not-at-top
+  problems = [f"--{name} {getattr(args, name)} must be >= 1" for name in (
+      "prompts", "samples", "prompt_min", "max_new", "step_prompts", "steps", "warmup_new",
+      "generation_batch", "micro_batch", "progress_every") if getattr(args, name) < 1]
+  if problems:
+    parser.exit(2, f"error: benchmarks/rl_step_trl.py: {'; '.join(problems)}\n")
+  if args.preset not in PRESETS:
+    problems.append(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
+  if args.prompt_max < args.prompt_min:
+    problems.append(f"--prompt_max {args.prompt_max} < --prompt_min {args.prompt_min}")
   step_samples = args.step_prompts * args.samples
   if args.step_prompts > args.prompts:
     problems.append(f"--step_prompts {args.step_prompts} > --prompts {args.prompts}")
@@ -341,15 +350,19 @@ def versions() -> dict:
 
 
 def main(argv=None) -> dict:
-  args = _parse(argv)
   # Computes with torch only: JAX (imported by kat_jax's presets) stays off the GPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  args = _parse(argv)
   # transformers 5.2x renames gradient_checkpointing; the old name works on 5.17 and 5.2x.
   warnings.filterwarnings("ignore", category=FutureWarning)
-  import torch  # pylint: disable=g-import-not-at-top
-  from datasets import Dataset  # pylint: disable=g-import-not-at-top
-  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
-  from trl import GRPOConfig  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from datasets import Dataset  # pylint: disable=g-import-not-at-top
+    from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+    from trl import GRPOConfig  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    sys.exit(f"error: benchmarks/rl_step_trl.py: {error} (pip install -e '.[peer]'; on the GPU "
+             "machine, carry benchmarks/peer_wheels.sh's wheels)")
 
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
