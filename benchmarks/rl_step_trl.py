@@ -30,9 +30,10 @@ and cannot install it): bf16 weights (`--param_dtype`), `bf16=True`, gradient ch
 `--generation_batch` samples per generate call (as large as memory allows: each call runs
 until its longest sample, so larger is faster), `per_device_train_batch_size` ×
 `gradient_accumulation_steps` = the step's samples, `max_completion_length` = max_new. TRL's
-`use_transformers_continuous_batching` is not used: its `generate_batch` takes one
-max_new_tokens for all requests and no logits processor, so the fixed per-sample lengths
-cannot be forced through it.
+`use_transformers_continuous_batching` is not used: TRL calls transformers' `generate_batch`
+with one max_new_tokens for all requests and no way to add a logits processor, so the fixed
+per-sample lengths cannot be imposed through it (it would likely decode faster: a finished
+sample frees its slot instead of idling until the call's longest one ends).
 
 Reported (JSON with `--out`, a table on stdout): generated tokens / step wall time (tokens/s
 per GPU; one GPU), prompt+response tokens/s, tokens/s × parameters, the step's time split
