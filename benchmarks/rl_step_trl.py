@@ -272,7 +272,8 @@ def make_trainer_class():
       self.last_end = now
       if len(self.steps) == 1:
         self.reset_peak()
-      print(f"step {len(self.steps)} done: {wall:.1f} s "
+      name = "warm-up step" if len(self.steps) == 1 else f"step {len(self.steps) - 1}"
+      print(f"{name} done: {wall:.1f} s: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()), flush=True)
 
   class FixedLengthGRPOTrainer(GRPOTrainer):
