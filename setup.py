@@ -30,6 +30,9 @@ setup(
     ],
     extras_require={
         "parquet": ["pyarrow>=14"],
+        # The RL-step benchmark's peer (benchmarks/rl_step_trl.py); trl pinned: the benchmark
+        # hooks GRPOTrainer's private _generate and _generate_and_score_completions.
+        "peer": ["trl==1.16.0", "datasets>=4.7", "accelerate>=1.10.1"],
         "test": [
             "pyarrow>=14",
             "math-verify>=0.9",  # cross-checks kat_jax.tasks.rewards.math

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The RL-step benchmark in one GPU call: ours (benchmarks/rl_step.py) first, then the peer,
+# TRL's GRPOTrainer (benchmarks/rl_step_trl.py), one after the other on the same GPU.
+#
+#   here, once:   bash benchmarks/peer_wheels.sh   (the peer's wheels; the project's own GPU
+#                 wheels go into the same .whl folder)
+#   device call:  carry [".whl"], timeout 600, command: bash benchmarks/run_rl_step_gpu.sh
+#   7B peer:      a second call, command: STAGES=peer7b bash benchmarks/run_rl_step_gpu.sh
+#
+# Variables:
+#   STAGES        stages to run, in this order: ours peer peer7b (default "ours peer")
+#   OURS_ARGS     extra flags for every run of ours
+#   PEER_ARGS     the 1.5B peer's flags (default: the reduced step below)
+#   PEER7B_ARGS   the 7B peer's flags
+#   BUDGET_S      seconds this script may take in all (default 570, inside a 600 s call)
+#   PEER_RESERVE_S  seconds kept for the 1.5B peer when ours runs first (default 280)
+#
+# The peer's default step is reduced: TRL decodes each generate call until its longest sample,
+# so its whole 64 x 8 step takes about 20 minutes (benchmarks/rl_step_trl.py's docstring and
+# docs/performance.md have the estimate); here it measures the draw's first 8 prompts x 8
+# samples (56,083 generated tokens, one generate call of 64 samples, 6,363 decode steps) and
+# its JSON adds a labelled projection to the whole draw.
+#
+# Writes under $OUT: run.log (everything printed) and one JSON per run.
+set -uo pipefail
+out=${OUT:-/tmp/rl_step_gpu}
+mkdir -p "$out"
+exec > >(tee "$out/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+# No network there: nothing may wait on the hub. Expandable segments: fewer fragmentation OOMs.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+start=$SECONDS
+budget=${BUDGET_S:-570}
+stages=" ${STAGES:-ours peer} "
+
+stage() { [[ "$stages" == *" $1 "* ]]; }
+left() { echo $((budget - (SECONDS - start))); }
+
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+  echo "error: benchmarks/run_rl_step_gpu.sh: no wheels in .whl (run benchmarks/peer_wheels.sh and carry .whl)"
+  exit 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || { echo "error: benchmarks/run_rl_step_gpu.sh: wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'PY'
+from importlib.metadata import version, PackageNotFoundError
+names = ("torch", "transformers", "accelerate", "trl", "datasets", "pyarrow", "fsspec",
+         "huggingface-hub", "jax")
+def v(name):
+  try:
+    return version(name)
+  except PackageNotFoundError:
+    return "absent"
+print("versions:", {name: v(name) for name in names})
+PY
+
+# ========================= OURS: benchmarks/rl_step.py (written by the lead) =================
+# Runs first, alone on the GPU; each run is its own process, so its memory is freed before the
+# peer starts. Flags: --preset --prompts --samples --k --out.
+if stage ours; then
+  if [ -f benchmarks/rl_step.py ]; then
+    for k in 0 1; do
+      limit=$(( $(left) - $(stage peer && echo "${PEER_RESERVE_S:-280}" || echo 0) ))
+      if (( limit < 30 )); then echo "ours k=$k: skipped, ${limit}s left"; continue; fi
+      echo "=== ours: qwen2.5-1.5b, k=$k (limit ${limit}s) ==="
+      timeout "$limit" python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --prompts 64 \
+        --samples 8 --k "$k" --out "$out/rl_step_qwen2.5-1.5b_k$k.json" ${OURS_ARGS:-}
+      echo "ours k=$k: exit $?"
+    done
+  else
+    echo "ours: benchmarks/rl_step.py is not in this tree; skipped"
+  fi
+fi
+# ========================= PEER: TRL GRPOTrainer (benchmarks/rl_step_trl.py) ================
+run_peer() {  # preset, json name, flags...
+  local preset=$1 name=$2 limit
+  shift 2
+  limit=$(left)
+  if (( limit < 60 )); then echo "peer $preset: skipped, ${limit}s left"; return; fi
+  echo "=== peer: TRL GRPOTrainer, $preset (limit ${limit}s) ==="
+  timeout "$limit" python3 benchmarks/rl_step_trl.py --preset "$preset" "$@" --out "$out/$name"
+  echo "peer $preset: exit $?"
+}
+if stage peer; then
+  # shellcheck disable=SC2086
+  run_peer qwen2.5-1.5b rl_step_trl_qwen2.5-1.5b.json \
+    ${PEER_ARGS:---step_prompts 8 --generation_batch 64 --micro_batch 2}
+fi
+if stage peer7b; then
+  # bf16 weights + gradients + AdamW state are 57 GiB: small generate calls and micro-batches.
+  # shellcheck disable=SC2086
+  run_peer qwen2.5-7b rl_step_trl_qwen2.5-7b.json \
+    ${PEER7B_ARGS:---step_prompts 4 --generation_batch 32 --micro_batch 1}
+fi
+echo "done in $((SECONDS - start)) s"
