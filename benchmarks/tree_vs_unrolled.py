@@ -71,7 +71,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def time_layout(step_fn, state, batch, repeats: int) -> tuple[float, Any]:
-  inputs = {k: batch[k] for k in POLICY_INPUTS}
+  inputs = {k: batch[k] for k in POLICY_INPUTS if k in batch}
   state, metrics = step_fn(state, inputs)  # compile + warm-up
   jax.block_until_ready(metrics)
   start = time.perf_counter()

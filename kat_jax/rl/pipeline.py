@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kat_jax.errors import ConfigError
-from kat_jax.parallel import make_mesh
+from kat_jax.parallel import make_mesh, sharding_context
 from kat_jax.sampling import prepare_params
 from kat_jax.train.trainer import mesh_from
 
@@ -144,7 +144,8 @@ def decode_weights_fn(model_config: Any, train_mesh: Any, rollout_mesh: Any, *,
   def prepare(params):
     if not same:
       params = jax.device_put(params, NamedSharding(rollout_mesh, PartitionSpec()))
-    dparams = prepare_params(params, model_config, rollout_mesh)
+    with sharding_context(rollout_mesh):  # the trainer's thread is inside its own mesh's
+      dparams = prepare_params(params, model_config, rollout_mesh)
     if same and own_copy:
       embed = jnp.copy(dparams.embed)
       head = embed if dparams.head is dparams.embed else jnp.copy(dparams.head)
