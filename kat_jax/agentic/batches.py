@@ -1,15 +1,18 @@
 """Agentic RL's batch source: tree rollouts -> group advantages -> packed rows, for the trainer.
 
-Each step, every task gets a tree of episodes (`tree_rollout`), sampled in process with the
-current weights (sync) or taken from rollout worker threads that read weight snapshots
-(`decoupled.DecoupledRollouts`, mode=decoupled). The rollouts record every turn and reward
-in the run's `TrajectoryManager` (`kat_jax.rl.trajectories`); the update reads its
-trajectories from there, not from the episodes. Rewards become GRPO-family group
-advantages (a group = one task's tree); groups are optionally pruned by entropy under a
-token budget; the trees are packed depth-first into [rows, seq_len] (or, to compare, one
-row per trajectory: `pack=unrolled`). A group is dropped from the manager once packed, so
-between steps the manager holds only rollouts not yet trained on. Per-step records go to
-`<workdir>/agentic_metrics.json`.
+Batch b: every task of b gets a tree of episodes (`tree_rollout`), sampled on the rollout
+engine with the weights of `kat_jax.rl.pipeline.RolloutWeights`. Batches come from a
+`RolloutPipeline`: with `agentic.max_staleness` = 0 batch b is rolled out with the weights
+after b updates, just before its update; with k >= 1 a rollout thread rolls out up to k
+batches ahead, and weights pushed after each update reach episodes in flight (partial
+rollouts; every token keeps its log-prob and weight version, and the update applies the
+truncated importance weight, docs/rl.md). The rollouts record every turn and reward in the
+run's `TrajectoryManager` (`kat_jax.rl.trajectories`); the batch reads its trajectories from
+there, not from the episodes. Rewards become GRPO-family group advantages (a group = one
+task's tree); groups are optionally pruned by entropy under a token budget; the trees are
+packed depth-first into [rows, seq_len] (or, to compare, one row per trajectory:
+`pack=unrolled`). A group leaves the manager once its batch is packed, so the manager holds
+only groups still being rolled out. Per-step records go to `<workdir>/agentic_metrics.json`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from kat_jax.agentic.pruning import build_pruned_trees, prune_group
 from kat_jax.data.packing import pad_batch_rows
 from kat_jax.errors import ConfigError
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
+from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.rl.trajectories import RecordedTrajectory, TrajectoryManager
 from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.train.trainer import Work
@@ -56,12 +60,6 @@ def take_groups(manager: TrajectoryManager, episode_groups
     manager.drop(key)
     out.append(trajectories)
   return out
-
-
-def drop_groups(manager: TrajectoryManager, episode_groups) -> None:
-  """Forgets the recorded turns of rollout groups that will not be trained on."""
-  for episodes in episode_groups:
-    manager.drop(_record_group(episodes))
 
 
 def rl_batch(groups: list[list[RecordedTrajectory]], advantages, ag: ConfigDict,
@@ -117,19 +115,21 @@ def _prune_stats(reports) -> dict[str, float]:
 
 
 class TreeRollouts:
-  """The trainer's batch source for `agentic_rl`.
+  """The trainer's batch source for `agentic_rl`: a `RolloutPipeline` producer.
 
-  rollout_fn(params, tasks, key) -> groups of episodes, their turns recorded in `manager`.
-  With `decoupled` the groups come from its worker threads instead (rollouts of up to
-  `max_staleness` updates old).
+  rollout_fn(weights, tasks, key) -> groups of episodes, sampled with the `RolloutWeights`
+  (their pushes reach the rollout while it runs) and recorded in `manager`.
+  rollout_prepare(params) -> decode params where the rollouts run (the rollout mesh).
+  Batch b's tasks (b * tasks_per_step + i) and key follow from b, so nothing but the
+  weights is checkpointed.
   """
 
   def __init__(self, ag: ConfigDict, objective: ObjectiveConfig, *, pad_id: int, seed: int,
                steps: int, rollout_fn: Callable, manager: TrajectoryManager,
-               metrics_path: str, config_dict: dict, log_every: int = 1, decoupled=None):
+               rollout_prepare: Callable[[Any], Any], metrics_path: str, config_dict: dict,
+               log_every: int = 1):
     self.ag, self.objective, self.pad_id, self.steps = ag, objective, pad_id, steps
-    self.manager = manager
-    self.rollout_fn, self.decoupled, self.path = rollout_fn, decoupled, metrics_path
+    self.manager, self.rollout_fn, self.path = manager, rollout_fn, metrics_path
     self.key, self.config_dict = jax.random.key(seed + 1), config_dict
     self.log_every = log_every
     self.checkpoint = None  # the tasks and keys of a step follow from its number
@@ -137,39 +137,53 @@ class TreeRollouts:
     if os.path.exists(metrics_path):
       with open(metrics_path, encoding="utf-8") as f:
         self.history = json.load(f)["history"]
+    self.pipeline = RolloutPipeline(self._produce, RolloutWeights(rollout_prepare),
+                                    max_staleness=ag.max_staleness, end=steps)
+    self._last: dict[str, Any] = {}
     self._t = 0.0
 
-  def _groups(self, state, step: int) -> tuple[list, dict[str, float]]:
-    t0 = time.perf_counter()
-    if self.decoupled is None:
-      tasks = [step * self.ag.tasks_per_step + i for i in range(self.ag.tasks_per_step)]
-      groups = self.rollout_fn(state.params, tasks, jax.random.fold_in(self.key, step))
-      return groups, {"rollout_s": time.perf_counter() - t0}
-    if not self.decoupled.started:
-      self.decoupled.start(state.params, step)
-    batch, staleness, dropped = self.decoupled.take(step)
-    return batch.groups, {"policy_step": float(batch.policy_step), "staleness": float(staleness),
-                          "worker": float(batch.worker), "rollout_s": batch.seconds,
-                          "dropped": float(dropped)}
-
-  def next(self, state, step: int) -> Work:
-    episodes, stats = self._groups(state, step)
-    self._t = time.perf_counter()
+  def _produce(self, index: int, weights: RolloutWeights) -> dict[str, Any]:
+    """Batch `index`: its tasks' rollout trees -> rewards -> advantages -> packed host rows
+    (`old_logp` = the sampled log-probs). Its groups leave the manager here."""
+    start = time.perf_counter()
+    tasks = [index * self.ag.tasks_per_step + i for i in range(self.ag.tasks_per_step)]
+    episodes = self.rollout_fn(weights, tasks, jax.random.fold_in(self.key, index))
+    generated = time.perf_counter()
     groups = take_groups(self.manager, episodes)
     rewards = np.array([t.reward for g in groups for t in g])
     group_ids = np.array([i for i, g in enumerate(groups) for _ in g])
     advantages = group_advantages(rewards, group_ids, estimator=self.ag.advantage)
     batch, batch_stats = rl_batch(groups, advantages, self.ag, self.objective, self.pad_id)
-    stats.update(reward_mean=float(rewards.mean()),
-                 success_rate=float(np.mean(rewards >= self.ag.success_threshold)),
-                 episodes=float(len(rewards)), **batch_stats)
+    versions = np.concatenate([t.versions[t.loss_mask > 0] for g in groups for t in g])
+    return {"batch": batch, "episodes": episodes,
+            "oldest_version": int(versions.min()) if len(versions) else index,
+            "stats": {"reward_mean": float(rewards.mean()),
+                      "success_rate": float(np.mean(rewards >= self.ag.success_threshold)),
+                      "episodes": float(len(rewards)), "generate_s": generated - start,
+                      **batch_stats}}
+
+  def next(self, state, step: int) -> Work:
+    if self.pipeline.started_at is None:
+      self.pipeline.start(state.params, step)
+    produced, waited = self.pipeline.take(step, state.params)
+    out = produced.value
+    batch = out["batch"]
+    if self.pipeline.k:  # off-policy: the update recomputes the proximal old_logp itself
+      batch = {k: v for k, v in batch.items() if k != "old_logp"}
+      batch["behav_logp"] = out["batch"]["old_logp"]
+    stats = {**out["stats"], "staleness": float(step - out["oldest_version"]),
+             "rollout_wait_s": waited, "produce_s": produced.seconds}
+    self._last = out
+    self._t = time.perf_counter()
     return Work(batch, tokens=float(np.sum(batch["kl_weight"] > 0)), stats=stats)
 
   def after_step(self, step: int, state, metrics: dict[str, float]) -> dict[str, float]:
-    """Records the step in `agentic_metrics.json`; publishes weights when decoupled."""
-    if self.decoupled is not None:
-      self.decoupled.published(step, state.params)
-    record = {"step": step, **metrics, "update_s": time.perf_counter() - self._t}
+    """Pushes the new weights to the rollouts (k >= 1); records the step in
+    `agentic_metrics.json`."""
+    timing = {"update_s": time.perf_counter() - self._t}
+    self.pipeline.trained(state.params, step)
+    timing["weight_push_s"] = self.pipeline.weights.push_seconds if self.pipeline.k else 0.0
+    record = {"step": step, **metrics, **timing}
     self.history = [h for h in self.history if h["step"] < step] + [record]
     if jax.process_index() == 0:
       with open(self.path, "w", encoding="utf-8") as f:
@@ -178,10 +192,10 @@ class TreeRollouts:
       if step % self.log_every == 0 or step == self.steps:
         print(f"agentic_rl step {step}/{self.steps}: reward {record['reward_mean']:.3f} "
               f"success {record['success_rate']:.2f} loss {record.get('loss', 0.0):.4f} "
-              f"tokens tree {record.get('tree_tokens', 0):.0f} / unrolled "
-              f"{record['unrolled_tokens']:.0f}", flush=True)
-    return {"update_s": record["update_s"]}
+              f"staleness {record['staleness']:.0f} tokens tree "
+              f"{record.get('tree_tokens', 0):.0f} / unrolled {record['unrolled_tokens']:.0f}",
+              flush=True)
+    return timing
 
   def close(self) -> None:
-    if self.decoupled is not None:
-      self.decoupled.close()
+    self.pipeline.close()

@@ -31,12 +31,13 @@ def agentic_fields() -> ConfigDict:
       pack="tree",  # tree | unrolled
       seq_len=1024,
       micro_batch_rows=4,  # rows per gradient micro-batch; one optimizer update per step
-      mode="sync",  # sync | decoupled (rollout worker threads, queue, weight snapshots)
-      rollout_workers=1,  # decoupled: worker threads
-      max_staleness=1,  # decoupled: drop batches sampled more than this many updates ago
-      publish_every=1,  # decoupled: write a weight snapshot every this many updates
-      queue_size=2,  # decoupled: rollout batches waiting for the trainer (back-pressure)
-      decoupled_timeout_s=0.0,  # decoupled: give up after this long (0 = never)
+      # Rollouts ahead of the trainer (kat_jax/rl/pipeline.py), as config.rl's fields: 0 =
+      # on-policy (roll out, then update); k >= 1 = batches rolled out while earlier ones train.
+      max_staleness=0,
+      rollout_devices=0,  # > 0: these many devices roll out, apart from the trainer's; 0 = share
+      train_devices=0,  # with rollout_devices: the trainer's devices (0 = all the others)
+      rollout_tensor=1,  # tensor-parallel size of the rollout mesh (its other axis: data)
+      is_cap=2.0,  # off-policy batches: importance weight cap (ObjectiveConfig.is_cap)
       advantage="grpo",  # grpo | drgrpo
       loss_agg_mode="seq-mean-token-mean",
       eps_low=0.2, eps_high=0.28, beta=0.0, entropy_coef=0.0,
@@ -56,23 +57,20 @@ def _branching(text: str) -> tuple[int, ...]:
 def objective_from(ag: ConfigDict) -> ObjectiveConfig:
   try:
     return ObjectiveConfig(eps_low=ag.eps_low, eps_high=ag.eps_high, beta=ag.beta,
-                           entropy_coef=ag.entropy_coef, loss_agg_mode=ag.loss_agg_mode)
+                           entropy_coef=ag.entropy_coef, loss_agg_mode=ag.loss_agg_mode,
+                           is_cap=ag.is_cap)
   except ValueError as e:
     raise ConfigError(f"config.agentic: {e}") from e
 
 
 def check_fields(ag: ConfigDict) -> None:
-  if ag.mode not in ("sync", "decoupled"):
-    raise ConfigError(f"config.agentic.mode {ag.mode!r} not in ['sync', 'decoupled']")
   if ag.pack not in ("tree", "unrolled"):
     raise ConfigError(f"config.agentic.pack {ag.pack!r} not in ['tree', 'unrolled']")
-  for name, low in (("micro_batch_rows", 1), ("tasks_per_step", 1), ("rollout_workers", 1),
-                    ("max_staleness", 0), ("publish_every", 1), ("queue_size", 1),
+  for name, low in (("micro_batch_rows", 1), ("tasks_per_step", 1), ("max_staleness", 0),
+                    ("rollout_devices", 0), ("train_devices", 0), ("rollout_tensor", 1),
                     ("prune_budget", 0)):
     if int(ag[name]) < low:
       raise ConfigError(f"config.agentic.{name} must be >= {low}, got {ag[name]}")
-
-
 
 
 def rollout_config(ag: ConfigDict) -> RolloutConfig:

@@ -1,25 +1,19 @@
-"""Decoupled rollouts and training (a minimal SeamlessFlow-style split; SeamlessFlow,
-arXiv 2508.11553).
+"""Rollouts outside the trainer's process: weight snapshots and an OpenAI-compatible server.
 
-Rollout workers and the trainer never call each other: workers read the newest weight
-snapshot from a directory (`WeightStore`), generate groups of episodes and put them on a
-queue tagged with the snapshot's step; the trainer takes groups off the queue, drops those
-older than `max_staleness` updates, trains, and publishes a snapshot every
-`publish_every` updates. Workers here are threads (JAX releases the GIL while it computes);
-the same store + queue protocol works across processes or hosts (a shared directory and any
-queue). A worker's policy is either the in-process JAX sampler or an OpenAI-compatible server
-(`OpenAICompletionsClient`, e.g. vLLM loaded from the snapshots).
+In process, rollouts run beside the trainer on `kat_jax.rl.pipeline.RolloutPipeline`
+(`agentic.max_staleness`, weights pushed in memory after every update). For rollouts made
+elsewhere (SeamlessFlow, arXiv 2508.11553, separates them the same way), this module gives
+the two ends: `WeightStore`, numbered weight snapshots in a directory, written atomically,
+that another process can poll; and `server_rollout`, `tree_rollout`'s episodes sampled
+through `OpenAICompletionsClient` from an OpenAI-compatible server (e.g. vLLM, with token ids
+and log-probs in its replies), recorded in a `TrajectoryManager` like in-process rollouts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
-import queue
-import threading
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -68,153 +62,6 @@ class WeightStore:
       except (FileNotFoundError, KeyError, ValueError, OSError):
         continue  # removed while reading: try the previous one
     return None
-
-
-@dataclasses.dataclass
-class RolloutBatch:
-  policy_step: int  # snapshot the episodes were sampled with
-  groups: list  # groups of episodes (kat_jax.agentic.rollout.Episode)
-  worker: int
-  seconds: float
-
-
-class RolloutWorker(threading.Thread):
-  """Loads the newest snapshot, rolls out, enqueues; until `stop` is set.
-
-  rollout_fn(params, tasks, rng) -> groups; task_fn(worker, i) -> the tasks of its i-th batch.
-  """
-
-  def __init__(self, worker_id: int, store: WeightStore, params_like: Any,
-               rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
-               task_fn: Callable[[int, int], Sequence[Any]], out: queue.Queue,
-               stop: threading.Event, seed: int = 0, poll_s: float = 0.05):
-    super().__init__(daemon=True, name=f"rollout-{worker_id}")
-    self.worker_id, self.store, self.like = worker_id, store, params_like
-    self.rollout_fn, self.task_fn, self.out, self.stop = rollout_fn, task_fn, out, stop
-    self.rng = jax.random.key(seed + 1000 * worker_id)
-    self.poll_s = poll_s
-    self.error: BaseException | None = None
-    self.batches = 0
-
-  def run(self):
-    try:
-      step, params = -1, None
-      while not self.stop.is_set():
-        latest = self.store.latest(self.like) if self.store.steps() and (
-            self.store.steps()[-1] != step) else None
-        if latest is not None:
-          step, params = latest
-        if params is None:
-          time.sleep(self.poll_s)
-          continue
-        self.rng, key = jax.random.split(self.rng)
-        start = time.perf_counter()
-        groups = self.rollout_fn(params, self.task_fn(self.worker_id, self.batches), key)
-        batch = RolloutBatch(step, groups, self.worker_id, time.perf_counter() - start)
-        self.batches += 1
-        while not self.stop.is_set():
-          try:
-            self.out.put(batch, timeout=self.poll_s)  # bounded queue = back-pressure
-            break
-          except queue.Full:
-            continue
-    except BaseException as e:  # pylint: disable=broad-except  (surfaced by the trainer)
-      self.error = e
-
-
-class DecoupledRollouts:
-  """The trainer's side of the split: snapshots out, fresh rollout batches in.
-
-  `start(params, update)` publishes the first snapshot and starts the workers; `take(update)`
-  returns the next batch at most `max_staleness` updates old (older ones are dropped), as
-  (batch, staleness, batches dropped so far); `published(update, params)` writes a snapshot
-  every `publish_every` updates; `close()` stops the workers. `discard(batch)`, when set, is
-  called on each dropped batch (e.g. to forget its recorded trajectories).
-  """
-
-  def __init__(self, rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
-               task_fn: Callable[[int, int], Sequence[Any]], directory: str, *,
-               num_workers: int = 1, publish_every: int = 1, max_staleness: int = 2,
-               queue_size: int = 2, timeout_s: float = 300.0, seed: int = 0,
-               discard: Callable[[RolloutBatch], None] | None = None):
-    self.store = WeightStore(directory)
-    self.rollout_fn, self.task_fn, self.num_workers, self.seed = (rollout_fn, task_fn,
-                                                                  num_workers, seed)
-    self.publish_every, self.max_staleness, self.timeout_s = (publish_every, max_staleness,
-                                                              timeout_s)
-    self.out: queue.Queue = queue.Queue(maxsize=queue_size)
-    self.stop = threading.Event()
-    self.workers: list[RolloutWorker] = []
-    self.dropped, self.deadline, self.started = 0, float("inf"), False
-    self.discard = discard
-
-  def start(self, params: Any, update: int = 0) -> None:
-    self.store.publish(update, params)
-    # Workers only need the tree structure; not the arrays (the trainer may donate them).
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    self.workers = [RolloutWorker(i, self.store, like, self.rollout_fn, self.task_fn, self.out,
-                                  self.stop, self.seed) for i in range(self.num_workers)]
-    for w in self.workers:
-      w.start()
-    self.deadline, self.started = time.monotonic() + self.timeout_s, True
-
-  def take(self, update: int) -> tuple[RolloutBatch, int, int]:
-    while True:
-      failed = [w for w in self.workers if w.error is not None]
-      if failed:
-        raise RuntimeError(f"rollout worker {failed[0].worker_id} failed") from failed[0].error
-      if time.monotonic() > self.deadline:
-        raise TimeoutError(f"decoupled run: no fresh rollouts for update {update + 1} within "
-                           f"{self.timeout_s}s")
-      try:
-        batch = self.out.get(timeout=0.1)
-      except queue.Empty:
-        continue
-      staleness = update - batch.policy_step
-      if staleness <= self.max_staleness:
-        return batch, staleness, self.dropped
-      self.dropped += 1
-      if self.discard is not None:
-        self.discard(batch)
-
-  def published(self, update: int, params: Any) -> None:
-    if update % self.publish_every == 0:
-      self.store.publish(update, params)
-
-  def close(self) -> None:
-    self.stop.set()
-    for w in self.workers:
-      w.join(timeout=30)
-
-
-def run_decoupled(init_params: Any, train_fn: Callable[[Any, RolloutBatch], tuple[Any, dict]],
-                  rollout_fn: Callable[[Any, Sequence[Any], jax.Array], list],
-                  task_fn: Callable[[int, int], Sequence[Any]], directory: str, *,
-                  num_updates: int, num_workers: int = 1, publish_every: int = 1,
-                  max_staleness: int = 2, queue_size: int = 2, timeout_s: float = 300.0,
-                  seed: int = 0) -> tuple[Any, list[dict]]:
-  """A bare trainer loop over `DecoupledRollouts` (the agentic stage uses the Trainer).
-
-  train_fn(params_or_state, batch) -> (new, metrics); the state's `.params` (if any) are
-  published. Returns (final state, per-update log with the staleness of each batch used).
-  """
-  params_of = lambda s: getattr(s, "params", s)  # noqa: E731
-  rollouts = DecoupledRollouts(rollout_fn, task_fn, directory, num_workers=num_workers,
-                               publish_every=publish_every, max_staleness=max_staleness,
-                               queue_size=queue_size, timeout_s=timeout_s, seed=seed)
-  state, log = init_params, []
-  rollouts.start(params_of(state), 0)
-  try:
-    for update in range(num_updates):
-      batch, staleness, dropped = rollouts.take(update)
-      state, metrics = train_fn(state, batch)
-      rollouts.published(update + 1, params_of(state))
-      log.append({"update": update + 1, "policy_step": batch.policy_step,
-                  "staleness": staleness, "worker": batch.worker, "rollout_s": batch.seconds,
-                  "dropped": dropped, **metrics})
-  finally:
-    rollouts.close()
-  return state, log
 
 
 # ----------------------------------------------------------------------------- server client

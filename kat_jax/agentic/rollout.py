@@ -25,9 +25,10 @@ Token layout of an episode (qwen2.5 template), matching `render_chat(messages)` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -117,7 +118,36 @@ def continuation_text(observation: Sequence[Message], template: str = "qwen2.5",
   return after[len(before) - 1:]
 
 
-def _engine(sampler: Sampler | EngineSampler, params: DecodeParams, episodes: int,
+class Weights(Protocol):
+  """Versioned weights that change while a rollout runs (`kat_jax.rl.pipeline.RolloutWeights`):
+  `current()` -> (decode params, version); `attach(engine)` / `detach(engine)`: the engine
+  gets every push in between (`Engine.set_params`)."""
+
+  def current(self) -> tuple[DecodeParams, int]:
+    ...
+
+  def attach(self, sampler: Any) -> None:
+    ...
+
+  def detach(self, sampler: Any) -> None:
+    ...
+
+
+@contextlib.contextmanager
+def _receiving(weights: Weights | None, engine: Engine) -> Iterator[None]:
+  """While inside, pushes of `weights` reach `engine` (its requests in flight continue under
+  the new weights: partial rollouts)."""
+  if weights is None:
+    yield
+    return
+  weights.attach(engine)
+  try:
+    yield
+  finally:
+    weights.detach(engine)
+
+
+def _engine(sampler: Sampler | EngineSampler, params: DecodeParams, version: int, episodes: int,
             max_length: int) -> Engine:
   """An engine with the sampler's model, pad id and prefill chunk (an EngineSampler's slots
   and page size; a static Sampler's: one slot per episode), its pool room for every episode
@@ -126,7 +156,7 @@ def _engine(sampler: Sampler | EngineSampler, params: DecodeParams, episodes: in
                       else (min(episodes, 64), 16))
   pages = episodes * (-(-max_length // page_size) + 1) + 2
   return Engine(sampler.config, params, num_slots=slots, num_pages=pages, page_size=page_size,
-                prefill_chunk=sampler.prefill_chunk, pad_id=sampler.pad_id)
+                prefill_chunk=sampler.prefill_chunk, pad_id=sampler.pad_id, version=version)
 
 
 def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
@@ -137,7 +167,7 @@ def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
   return count
 
 
-def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
+def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weights,
                  make_env: Callable[[], Environment], tasks: Sequence[Any],
                  tokenizer: Tokenizer, rng: jax.Array, cfg: RolloutConfig,
                  manager: TrajectoryManager | None = None) -> list[list[Episode]]:
@@ -145,12 +175,14 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
 
   sampler gives the engine's settings (model config, pad id, prefill chunk; an EngineSampler
   also its slots and page size); the rollout always runs on a `kat_jax.sampling.Engine`.
+  params: decode params (version 0), or `Weights` (the RL pipeline's `RolloutWeights`): the
+  rollout starts with `current()` and the engine takes every push while it runs, so an
+  episode in flight at a weight update continues under the new weights.
   With a `manager`, every task gets a new manager group (`Episode.record_group`), every
   sampled turn is recorded (prompt = the episode's tokens before the turn; weight versions
   from `Completion.versions` where the engine gives them, else 0) and each finished
   episode's reward is set on its last turn (`Episode.last_interaction`), with the
   end-of-turn token forced after a cut-off last turn as the trajectory's closing suffix."""
-  stop = tokenizer.im_end_id
   live: list[Episode] = []
   news: list[list[int]] = []  # per live episode: tokens to prefill before its next turn
   for g, task in enumerate(tasks):
@@ -169,7 +201,23 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
     episode.extend(prompt, generated=False)
     live.append(episode)
     news.append(list(prompt))
-  engine = _engine(sampler, params, _max_episodes(len(tasks), cfg), cfg.max_length)
+  weights = params if hasattr(params, "current") else None
+  dparams, version = weights.current() if weights is not None else (params, 0)
+  engine = _engine(sampler, dparams, version, _max_episodes(len(tasks), cfg), cfg.max_length)
+  with _receiving(weights, engine):
+    finished = _run_turns(engine, live, news, tokenizer, rng, cfg, manager)
+  groups: list[list[Episode]] = [[] for _ in tasks]
+  for episode in sorted(finished, key=lambda e: e.branch_id):
+    groups[episode.group].append(episode)
+  return groups
+
+
+def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], tokenizer: Tokenizer,
+               rng: jax.Array, cfg: RolloutConfig, manager: TrajectoryManager | None
+               ) -> list[Episode]:
+  """The turns of `tree_rollout`: live episodes (with the tokens each prefills before its
+  next turn) -> every finished episode."""
+  stop = tokenizer.im_end_id
   sequences: list[int | None] = [None] * len(live)  # each live episode's kept KV
   finished: list[Episode] = []
 
@@ -229,8 +277,4 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams,
     live = next_live
     if not live:
       break
-
-  groups: list[list[Episode]] = [[] for _ in tasks]
-  for episode in sorted(finished, key=lambda e: e.branch_id):
-    groups[episode.group].append(episode)
-  return groups
+  return finished

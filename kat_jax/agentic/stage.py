@@ -9,64 +9,42 @@ gradient of fixed shape; the batch is padded with inert rows). The loss weights 
 whole batch's normaliser, so tree and unrolled packing take the same update. Like every
 stage it checkpoints (`<workdir>/checkpoints`) and resumes.
 
-`mode=decoupled` takes the same update on rollouts made by `rollout_workers` worker threads
-that read weight snapshots and hand tree groups over a queue (`decoupled.DecoupledRollouts`);
-a batch sampled more than `max_staleness` updates ago is dropped.
+`agentic.max_staleness` k >= 1 rolls out up to k batches ahead of the trainer, on the
+`rollout_devices` apart from the trainer's if set (`kat_jax.rl.pipeline`, as Step-SRPO does).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from kat_jax.agentic.batches import TreeRollouts, drop_groups
+from kat_jax.agentic.batches import TreeRollouts
 from kat_jax.agentic.config import check_fields, objective_from, rollout_config
-from kat_jax.agentic.decoupled import DecoupledRollouts
 from kat_jax.agentic.environments import make_environment
 from kat_jax.agentic.rollout import tree_rollout
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
 from kat_jax.progress import status
+from kat_jax.rl.pipeline import decode_weights_fn, rollout_meshes
 from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.rl.policy_step import AccumulatedPolicyUpdate
-from kat_jax.sampling import EngineSampler, prepare_params
+from kat_jax.sampling import EngineSampler
 from kat_jax.checkpoint.models import config_from_model_fields
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import Trainer
 
 
-def _decoupled(ag: ConfigDict, rollout_fn, workdir: str, seed: int,
-               manager: TrajectoryManager) -> DecoupledRollouts:
-  """Worker threads; tasks are numbered across workers in the order batches are started.
-  A batch dropped as too stale is dropped from the manager too."""
-  counter, lock = [0], threading.Lock()
-
-  def task_fn(worker: int, i: int) -> list[int]:
-    del worker, i
-    with lock:
-      batch, counter[0] = counter[0], counter[0] + 1
-    return [batch * ag.tasks_per_step + j for j in range(ag.tasks_per_step)]
-
-  return DecoupledRollouts(rollout_fn, task_fn, os.path.join(workdir, "rollout_weights"),
-                           num_workers=ag.rollout_workers, publish_every=ag.publish_every,
-                           max_staleness=ag.max_staleness, queue_size=ag.queue_size,
-                           timeout_s=float(ag.decoupled_timeout_s) or float("inf"), seed=seed,
-                           discard=lambda batch: drop_groups(manager, batch.groups))
-
-
 def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   """Stage `agentic_rl`. Returns the last step's record; writes <workdir>/agentic_metrics.json.
 
   Every step is one optimizer update; its record holds the rollout stats (reward, success
-  rate), the packing stats of `rl_batch`, the summed loss of `AccumulatedPolicyUpdate` and,
-  decoupled, the batch's staleness.
-  """
+  rate), the packing stats of `rl_batch`, the summed loss of `AccumulatedPolicyUpdate`, the
+  batch's staleness and the step's time split."""
   if "agentic" not in config:
     raise ConfigError("config.agentic is missing; start from experiments/configs/agentic_rl.py")
   ag = config.agentic
@@ -79,26 +57,30 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   make_env = lambda: make_environment(ag.env, **dict(ag.env_kwargs))  # noqa: E731
   steps = config.train.steps
   optimizer = make_optimizer(config.optim, steps)
-  trainer = Trainer(config, name="agentic_rl", workdir=workdir, steps=steps,
+  train_mesh, rollout_mesh = rollout_meshes(config, ag.rollout_devices, ag.train_devices,
+                                            ag.rollout_tensor, section="config.agentic")
+  trainer = Trainer(config, name="agentic_rl", workdir=workdir, steps=steps, mesh=train_mesh,
                     meta={"model_config": model_config.to_dict()})
-  status(f"agentic_rl ({ag.mode}): {steps} updates x {ag.tasks_per_step} tasks, "
-         f"branching {ag.branching}, env {ag.env}")
+  status(f"agentic_rl: {steps} updates x {ag.tasks_per_step} tasks, branching "
+         f"{ag.branching}, env {ag.env}, max_staleness {ag.max_staleness}"
+         + (f", rollouts on {rollout_mesh.size} devices apart" if rollout_mesh is not train_mesh
+            else ""))
+  # The engine's settings; each tree rollout builds an engine of the room it needs.
   sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, prefill_chunk=256, num_slots=64)
-  # Every sampled turn and reward goes here; the update reads its trajectories from it.
+  # Every sampled turn and reward goes here; each batch reads its trajectories from it.
   manager = TrajectoryManager()
 
-  def rollout_fn(params, tasks, key) -> list:
-    dparams = prepare_params(params, model_config, trainer.mesh)
-    return tree_rollout(sampler, dparams, make_env, tasks, tokenizer, key, rollout_cfg,
+  def rollout_fn(weights, tasks, key) -> list:
+    return tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
                         manager=manager)
 
   source = TreeRollouts(
       ag, objective, pad_id=tokenizer.pad_id, seed=config.seed, steps=steps,
       rollout_fn=rollout_fn, manager=manager,
+      rollout_prepare=decode_weights_fn(model_config, train_mesh, rollout_mesh,
+                                        own_copy=ag.max_staleness > 0),
       metrics_path=os.path.join(workdir, "agentic_metrics.json"),
-      config_dict=config.to_dict(), log_every=config.train.log_every,
-      decoupled=(_decoupled(ag, rollout_fn, workdir, config.seed, manager)
-                 if ag.mode == "decoupled" else None))
+      config_dict=config.to_dict(), log_every=config.train.log_every)
   update = AccumulatedPolicyUpdate(model_config, optimizer, objective, ag.micro_batch_rows,
                                    config.train.loss_chunk)
 

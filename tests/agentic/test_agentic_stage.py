@@ -1,11 +1,14 @@
-"""The agentic_rl stage end to end (tiny model): tree vs unrolled, pruning, decoupled mode."""
+"""The agentic_rl stage end to end (tiny model): tree vs unrolled, pruning, the synchronous loop
+reproduced exactly, rollouts one step ahead on a split mesh, kill and resume."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from experiments.configs.agentic_rl import get_config
+from kat_jax.agentic import batches as batches_lib
 from kat_jax.agentic.environments import DigitsEnv
 from kat_jax.agentic.batches import rl_batch
 from kat_jax.agentic.config import objective_from
@@ -55,17 +58,16 @@ def test_tree_and_unrolled_packing_take_the_same_single_update(tmp_path):
   assert tree["grad_norm"] > 0
 
 
-def test_decoupled_mode_with_pruning_logs_prune_report_and_staleness(tmp_path):
+def test_one_step_stale_rollouts_with_pruning_log_prune_report_and_staleness(tmp_path):
   tokenizer = get_tokenizer("bytes")
   prompt = len(tokenize_chat(tokenizer, DigitsEnv().reset(0), template="qwen2.5",
                              add_generation_prompt=True).ids)
   # the prompt and one first-turn branch (3 tokens + the ~30-token observation) of each tree
   budget = prompt + 40
-  config = _config(tmp_path / "decoupled", mode="decoupled", rollout_workers=2,
-                   max_staleness=1, prune_budget=budget, decoupled_timeout_s=600.0)
+  config = _config(tmp_path / "stale", max_staleness=1, prune_budget=budget)
   config.train.steps = 2
   last = run_agentic_rl(config)
-  history = _history(tmp_path, "decoupled")
+  history = _history(tmp_path, "stale")
   assert [h["step"] for h in history] == [1, 2] and last["step"] == 2
   for h in history:
     assert 0 <= h["staleness"] <= 1
@@ -75,6 +77,74 @@ def test_decoupled_mode_with_pruning_logs_prune_report_and_staleness(tmp_path):
     assert h["prune_kept_trajectories"] + h["prune_partial_trajectories"] <= 8
     assert 0 < h["weight_mass_kept"] < 1 and h["prune_partial_trajectories"] > 0
     assert np.isfinite(h["loss"])
+
+
+def _metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_on_policy_agentic_rl_reproduces_the_recorded_synchronous_loop_exactly(tmp_path):
+  config = _config(tmp_path / "k0", max_staleness=0)
+  config.train.update(steps=3, tensorboard=False, checkpoint_every=100)
+  run_agentic_rl(config)
+  record_path = os.path.join(os.path.dirname(__file__), "..", "rl", "data",
+                             "synchronous_loop_record.json")
+  with open(record_path, encoding="utf-8") as f:
+    record = json.load(f)["agentic_rl"]
+  got = _metrics(config.workdir)
+  assert [{k: row[k] for k in want} for row, want in zip(got, record)] == record
+  assert len(got) == len(record) == 3
+  assert all(row["staleness"] == 0 for row in got)
+  for key in ("rollout_wait_s", "produce_s", "update_s", "weight_push_s"):
+    assert all(row[key] >= 0 for row in got), key
+
+
+def test_one_step_stale_agentic_rl_on_a_split_mesh_trains_on_recorded_behaviour_logprobs(
+    tmp_path, monkeypatch):
+  seen = []
+  real_next = batches_lib.TreeRollouts.next
+
+  def spy(self, state, step):
+    work = real_next(self, state, step)
+    seen.append((work.batch, self._last["episodes"]))
+    return work
+
+  monkeypatch.setattr(batches_lib.TreeRollouts, "next", spy)
+  # unrolled: one row per episode, so each row's positions are its episode's tokens
+  config = _config(tmp_path / "k1", max_staleness=1, rollout_devices=2, pack="unrolled")
+  config.train.update(steps=3, tensorboard=False)
+  run_agentic_rl(config)
+  rows = _metrics(config.workdir)
+  assert [row["step"] for row in rows] == [1, 2, 3]
+  assert {row["staleness"] for row in rows} <= {0.0, 1.0}
+  assert all("is_weight_mean" in row for row in rows)
+  assert len(seen) == 3
+  for batch, groups in seen:
+    assert "old_logp" not in batch  # the update computes the proximal log-probs itself
+    behav, weights = np.asarray(batch["behav_logp"]), np.asarray(batch["kl_weight"])
+    episodes = [e for group in groups for e in group]
+    for row, episode in enumerate(episodes):
+      trained = np.flatnonzero(episode.loss_mask)
+      assert np.all(weights[row, trained] > 0)
+      np.testing.assert_array_equal(behav[row, trained],
+                                    np.float32(episode.logprobs)[trained])
+    assert not np.any(weights[len(episodes):])  # padding rows train nothing
+
+
+def test_one_step_stale_agentic_rl_killed_after_a_checkpoint_resumes_and_finishes(tmp_path):
+  from kat_jax.testing import SimulatedKill, killed_before_step  # pylint: disable=g-import-not-at-top
+  config = _config(tmp_path / "killed", max_staleness=1)
+  config.train.update(steps=3, checkpoint_every=2, async_checkpoint=False, tensorboard=False)
+  with killed_before_step(3):
+    with pytest.raises(SimulatedKill):
+      run_agentic_rl(config)
+  saved = [int(n) for n in os.listdir(tmp_path / "killed" / "checkpoints") if n.isdigit()]
+  assert max(saved) == 2  # batch 3, produced ahead of the trainer, is lost with the kill
+  last = run_agentic_rl(config)
+  assert last["step"] == 3
+  assert [row["step"] for row in _metrics(config.workdir)] == [1, 2, 3]
+  assert [h["step"] for h in _history(tmp_path, "killed")] == [1, 2, 3]
 
 
 def _recorded_group(prompt, completions) -> list:
@@ -105,9 +175,12 @@ def test_rl_batch_prune_stats_and_a_budget_below_the_prompt():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("mode", "async", "config.agentic.mode 'async' not in"),
     ("pack", "flat", "config.agentic.pack 'flat' not in"),
     ("micro_batch_rows", 0, "config.agentic.micro_batch_rows must be >= 1"),
+    ("max_staleness", -1, "config.agentic.max_staleness must be >= 0"),
+    ("rollout_tensor", 0, "config.agentic.rollout_tensor must be >= 1"),
+    ("rollout_devices", 9, "config.agentic.rollout_devices=9 .* do not fit the 8 devices"),
+    ("is_cap", 0.5, "config.agentic: is_cap must be >= 1"),
 ])
 def test_bad_agentic_fields_are_config_errors(tmp_path, field, value, message):
   with pytest.raises(ConfigError, match=message):

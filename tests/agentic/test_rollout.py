@@ -127,3 +127,38 @@ def test_greedy_tree_rollout_is_independent_of_slots_and_page_size_and_frees_eve
   for a, b in zip(*flat):
     assert a.branch_id == b.branch_id and a.tokens == b.tokens and a.loss_mask == b.loss_mask
     np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_pushed_while_a_tree_rollout_runs_reach_its_engine_until_it_ends():
+  from kat_jax.rl.pipeline import RolloutWeights  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+  tokenizer = get_tokenizer("bytes")
+  config = get_preset("tiny", num_layers=1)
+  old, new = (prepare_params(init_params(config, jax.random.key(s)), config) for s in (0, 1))
+  weights = RolloutWeights(lambda p: p)
+  weights.push(old, 3)
+  engines = []
+  real_attach = weights.attach
+  weights.attach = lambda engine: (engines.append(engine), real_attach(engine))
+
+  class PushingEnv(ScriptedToolEnv):
+    """Pushes version 4 (other weights) during the first environment step: an update lands
+    between turn 1 and turn 2, while every episode is in flight."""
+
+    def step(self, action):
+      if weights.current()[1] == 3:
+        weights.push(new, 4)
+      return super().step(action)
+
+  cfg = RolloutConfig(branching=(2,), max_turns=2, max_new_tokens=3, max_length=1024,
+                      sampling=SamplingParams(1.0, vocab_limit=128))
+  manager = TrajectoryManager()
+  groups = tree_rollout(Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=256), weights,
+                        PushingEnv, [0], tokenizer, jax.random.key(2), cfg, manager=manager)
+  assert len(engines) == 1 and engines[0].version == 4 and engines[0].params is new
+  # Each token keeps the version it was sampled with: turn 1 under 3, turn 2 under 4.
+  for trajectory in manager.trajectories(groups[0][0].record_group):
+    np.testing.assert_array_equal(trajectory.versions[trajectory.loss_mask > 0], [3] * 3 + [4] * 3)
+  weights.push(old, 5)  # after the rollout: its engine is detached and keeps version 4
+  assert engines[0].version == 4
+  weights.detach(engines[0])  # detaching an absent sampler is a no-op
