@@ -8,8 +8,9 @@ one policy update (gradients summed over micro-batches of `micro_batch_rows` row
 environments: `--config.agentic.env=repo_repair` (or `python`) with a model that can write
 tool calls (`--config.model.init_from=...`, `--config.data.tokenizer=qwen2.5`, more
 turns/tokens). Compare packing with `--config.agentic.pack=unrolled` (the same update on
-2.7x more tokens); prune with `--config.agentic.prune_budget=600`; decouple rollouts from
-training with `--config.agentic.mode=decoupled --config.agentic.rollout_workers=2`.
+2.7x more tokens); prune with `--config.agentic.prune_budget=600`; roll out one batch ahead
+of the trainer with `--config.agentic.max_staleness=1` (on devices of their own with
+`--config.agentic.rollout_devices=N`).
 """
 
 from experiments.configs.base import base_config

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from kat_jax.agentic.batches import TreeRollouts
@@ -28,6 +29,7 @@ from kat_jax.agentic.environments import make_environment
 from kat_jax.agentic.rollout import tree_rollout
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.parallel import sharding_context
 from kat_jax.progress import status
 from kat_jax.rl.pipeline import decode_weights_fn, rollout_meshes
 from kat_jax.rl.trajectories import TrajectoryManager
@@ -71,8 +73,12 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   manager = TrajectoryManager()
 
   def rollout_fn(weights, tasks, key) -> list:
-    return tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
-                        manager=manager)
+    # On the rollout devices, also the engine's own arrays (page pool, keys) and on the
+    # rollout thread: nothing of a rollout runs on the trainer's devices beside its update.
+    with sharding_context(rollout_mesh), jax.default_device(rollout_mesh.devices.flat[0]):
+      key = jax.device_put(key, NamedSharding(rollout_mesh, PartitionSpec()))
+      return tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
+                          manager=manager)
 
   source = TreeRollouts(
       ag, objective, pad_id=tokenizer.pad_id, seed=config.seed, steps=steps,

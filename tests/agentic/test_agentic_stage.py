@@ -112,7 +112,8 @@ def test_one_step_stale_agentic_rl_on_a_split_mesh_trains_on_recorded_behaviour_
 
   monkeypatch.setattr(batches_lib.TreeRollouts, "next", spy)
   # unrolled: one row per episode, so each row's positions are its episode's tokens
-  config = _config(tmp_path / "k1", max_staleness=1, rollout_devices=2, pack="unrolled")
+  config = _config(tmp_path / "k1", max_staleness=1, rollout_devices=2, rollout_tensor=2,
+                   train_devices=1, pack="unrolled")
   config.train.update(steps=3, tensorboard=False)
   run_agentic_rl(config)
   rows = _metrics(config.workdir)
