@@ -102,7 +102,7 @@ class Producer:
     from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
     args, engine = self.args, self.engine
-    manager, rewards, leaves = TrajectoryManager(), {}, {}
+    manager, rewards = TrajectoryManager(), {}
     groups = [manager.new_group() for _ in self.prompts]
     key = jax.random.key(args.seed * 1000 + index)
     sampling = SamplingParams(temperature=1.0)
@@ -112,6 +112,7 @@ class Producer:
       rewards[iid] = self.pool.score_async([{"response": _stand_in_answer(tokens),
                                              "verifier": {"type": "math", "answer": "3"}}])
 
+    self._generated = 0
     if args.workload_now == "grpo":
       owners = {}
       for p, prompt in enumerate(self.prompts):
@@ -123,12 +124,12 @@ class Producer:
       def finished(sid, c):
         p = owners[sid]
         iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
-        leaves.setdefault(p, []).append(iid)
+        self._generated += len(c.tokens)
         score(iid, c.tokens)
 
       engine.run(on_finish=finished)
     else:
-      self._tree(key, sampling, manager, groups, leaves, score)
+      self._tree(key, sampling, manager, groups, score)
     generated = time.perf_counter()
     values = {iid: f.result()[0].reward for iid, f in rewards.items()}
     reward_wait = time.perf_counter() - generated
@@ -143,17 +144,13 @@ class Producer:
     rows = pack_trees(trees, seq_len, 0)
     versions = np.concatenate([t.versions[t.loss_mask > 0] for g in groups
                                for t in manager.trajectories(g)])
-    return {"rows": rows, "generated": int(sum(len(c.tokens) for g in groups
-                                               for c in manager.trajectories(g))
-                                           - 0),
-            "generated_tokens": int(versions.size if self.args.workload_now == "grpo"
-                                    else self._generated),
+    return {"rows": rows, "generated_tokens": self._generated,
             "tree_tokens": int(sum(t.num_nodes for t in trees)),
             "unrolled_tokens": int(sum(t.unrolled_tokens for t in trees)),
             "oldest_version": int(versions.min()), "generate_s": generated - start,
             "reward_wait_s": reward_wait, "seq_len": seq_len}
 
-  def _tree(self, key, sampling, manager, groups, leaves, score):
+  def _tree(self, key, sampling, manager, groups, score):
     """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each."""
     import jax  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
@@ -161,7 +158,6 @@ class Producer:
     second = args.samples // args.branch1
     rng = np.random.default_rng(args.seed + 1)
     owners, first = {}, {}
-    self._generated = 0
     for p, prompt in enumerate(self.prompts):
       half = [max(1, int(n) // 2) for n in self.lengths[p][::second][:args.branch1]]
       for b, sid in enumerate(engine.submit(Request(
@@ -188,7 +184,6 @@ class Producer:
     def second_done(sid, c):
       p, context = turn2[sid]
       iid = manager.record(groups[p], context, c.tokens, c.logprobs, c.versions)
-      leaves.setdefault(p, []).append(iid)
       self._generated += len(c.tokens)
       score(iid, c.tokens)
 
