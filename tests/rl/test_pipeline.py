@@ -141,6 +141,53 @@ def test_decode_weights_on_shared_devices_do_not_alias_the_training_params():
   assert not training & decode
 
 
+def test_partial_rollouts_keep_each_tokens_version_across_two_pushes_into_the_packed_batch():
+  """Two weight pushes land while one batch generates (after decode calls 1 and 3): the
+  engine switches at the next call, every token keeps the version and log-prob it was
+  sampled with, through the trajectory manager into the packed rows the update reads."""
+  from kat_jax.rl.objectives import ObjectiveConfig  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.tree import unrolled_batch  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny", dtype="float32", param_dtype="float32")
+  dparams = [prepare_params(init_params(config, jax.random.key(i)), config) for i in range(3)]
+  weights = RolloutWeights(lambda p: p)
+  weights.push(dparams[0], 0)
+  engine = Engine(config, dparams[0], num_slots=4, num_pages=64, page_size=4, steps_per_call=3,
+                  prefill_chunk=16)
+  weights.attach(engine)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (5, 7)]
+  ids = [engine.submit(Request(p, 14, sampling=SamplingParams(1.0), num_samples=3,
+                               rng=jax.random.key(i))) for i, p in enumerate(prompts)]
+
+  def push(_):
+    calls = engine.stats["decode_calls"]
+    if calls in (1, 3) and weights.current()[1] != (calls + 1) // 2:
+      weights.push(dparams[(calls + 1) // 2], (calls + 1) // 2)
+
+  done = engine.run(push)
+  manager, groups = TrajectoryManager(), []
+  for prompt, sample_ids in zip(prompts, ids):
+    group = manager.new_group()
+    for sid in sample_ids:
+      manager.record(group, prompt, done[sid].tokens, done[sid].logprobs, done[sid].versions)
+    groups.append(group)
+  versions = np.concatenate([done[s].versions for sample_ids in ids for s in sample_ids])
+  assert set(versions.tolist()) == {0, 1, 2}
+  assert all(np.all(np.diff(done[s].versions) >= 0) for sample_ids in ids for s in sample_ids)
+  batch = unrolled_batch([[t.to_trajectory(1.0) for t in manager.trajectories(g)]
+                          for g in groups], ObjectiveConfig(), 32, 0)
+  row = 0
+  for prompt, group, sample_ids in zip(prompts, groups, ids):
+    for t, sid in zip(manager.trajectories(group), sample_ids):
+      span = slice(len(prompt), len(prompt) + len(done[sid].tokens))
+      np.testing.assert_array_equal(t.versions[span], done[sid].versions)
+      np.testing.assert_array_equal(batch["old_logp"][row, span], done[sid].logprobs)
+      row += 1
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
