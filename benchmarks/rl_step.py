@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import CompileClock, workload  # noqa: E402  pylint: disable=g-import-not-at-top
+from rollout import CompileClock, add_workload_flags, workload  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
 
@@ -51,13 +51,7 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--workload", nargs="+", default=["grpo", "tree"],
                       choices=["grpo", "tree"])
   parser.add_argument("--k", nargs="+", type=int, default=[0, 1], help="max_staleness values")
-  parser.add_argument("--prompts", type=int, default=64)
-  parser.add_argument("--samples", type=int, default=8)
-  parser.add_argument("--prompt_min", type=int, default=256)
-  parser.add_argument("--prompt_max", type=int, default=1024)
-  parser.add_argument("--mean_new", type=float, default=1024)
-  parser.add_argument("--max_new", type=int, default=8192)
-  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+  add_workload_flags(parser)
   parser.add_argument("--branch1", type=int, default=4, help="tree: first-turn branches")
   parser.add_argument("--tool_tokens", type=int, default=64, help="tree: tool output length")
   parser.add_argument("--num_slots", type=int, default=128)
@@ -73,7 +67,6 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=2, help="timed steps")
   parser.add_argument("--reward_workers", type=int, default=8)
   parser.add_argument("--lr", type=float, default=1e-6)
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
   if parser.parse_known_args(argv)[0].tiny:
     parser.set_defaults(preset="tiny", prompts=4, samples=4, prompt_min=8, prompt_max=24,

@@ -1,32 +1,17 @@
 """benchmarks/rl_step.py on CPU at tiny size: both workloads, k = 0 and 1, do exactly the drawn
 work, and the one-step-stale run trains its second batch one version behind."""
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 
-_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-
-
-def _module(name):
-  sys.path.insert(0, _DIR)
-  try:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(_DIR)
-  return module
+from kat_jax.testing import benchmark_module
 
 
 def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path):
-  bench = _module("rl_step")
+  bench = benchmark_module("rl_step")
   report = bench.main(["--tiny", "--out", str(tmp_path / "rl_step.json")])
   assert (tmp_path / "rl_step.json").exists()
   args = bench._parse(["--tiny"])  # pylint: disable=protected-access
-  _, lengths = _module("rollout").workload(args, 1024)
+  _, lengths = benchmark_module("rollout").workload(args, 1024)
   second = args.samples // args.branch1
   halves = [sum(max(1, int(n) // 2) for n in row[::second][:args.branch1])
             + sum(max(1, int(n) - int(n) // 2) for n in row) for row in lengths]
