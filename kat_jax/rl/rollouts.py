@@ -75,7 +75,9 @@ class AutoThinkRollouts:
     # A group's samples share the prompt's pages, and a slot is refilled as soon as its
     # sample stops (think-off answers do not wait for think-on chains).
     self.sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, num_slots=64)
-    self.sampling = SamplingParams(temperature=rl.temperature, vocab_limit=tokenizer.vocab_size)
+    # Behaviour log-probs of the tempered policy the loss trains (rl.temperature).
+    self.sampling = SamplingParams(temperature=rl.temperature, vocab_limit=tokenizer.vocab_size,
+                                   tempered_stats=True)
     self.tokenizer, self.rl, self._force = tokenizer, rl, think_mode_prompts
     self.model_config = model_config
 

@@ -251,7 +251,11 @@ def test_one_step_stale_step_srpo_on_a_split_mesh_trains_on_recorded_behaviour_l
   curves = _curves(config.workdir)
   assert [h["step"] for h in curves] == [1, 2, 3]
   assert all(0 <= h["staleness"] <= 1 for h in curves)
-  assert all("is_weight_mean" in row for row in _metrics(config.workdir))
+  metrics = _metrics(config.workdir)
+  assert all("is_weight_mean" in row for row in metrics)
+  # Batch 0 was sampled with the weights it trains from: its behaviour log-probs (tempered
+  # like the loss) equal the proximal ones, so every importance weight is 1.
+  assert abs(metrics[0]["is_weight_mean"] - 1.0) < 1e-4 and metrics[0]["is_capped_fraction"] == 0
   # The batch's behaviour log-probs are the ones the engine recorded while sampling, token by
   # token, and its old_logp (the proximal policy) is a fresh forward pass, not a copy of them.
   for batch, sampled, keep in seen:
