@@ -42,7 +42,7 @@ from kat_jax.rl.objectives import ObjectiveConfig, overlong_penalty
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.tasks.rewards import RewardPool
 from kat_jax.rl.trajectories import TrajectoryManager
-from kat_jax.rl.tree import unrolled_batch
+from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.train.trainer import Work
 
 
@@ -161,18 +161,26 @@ def _record_groups(manager: TrajectoryManager, prompts, groups, results) -> list
 
 
 def _policy_rows(manager: TrajectoryManager, keys: list[int], advantages,
-                 objective: ObjectiveConfig, pad_id: int, rows_multiple: int
+                 objective: ObjectiveConfig, pad_id: int, rows_multiple: int, pack: str
                  ) -> dict[str, np.ndarray]:
   """This process's [B, T] policy rows of the chosen groups, from the trajectory manager
   (rows padded to a multiple of the mesh's batch axes); `old_logp` holds the behaviour
-  log-probs. advantages: per group, per sample, [response] per-token arrays."""
+  log-probs. advantages: per group, per sample, [response] per-token arrays.
+
+  pack "tree": a group's samples are one prefix tree (the prompt once), trees packed
+  first-fit into rows as long as the largest; "unrolled": one row per sample.
+  """
   trajectories = []
   for key, advs in zip(keys, advantages):
     recorded = manager.trajectories(key)
     trajectories.append([t.to_trajectory(np.concatenate([np.zeros(len(t.tokens) - len(a)), a]))
                          for t, a in zip(recorded, advs)])
-  longest = max(len(t.tokens) for g in trajectories for t in g)
-  batch = unrolled_batch(trajectories, objective, -(-longest // 64) * 64, pad_id)
+  if pack == "tree":
+    trees = build_trees(trajectories, objective)
+    batch = pack_trees(trees, -(-max(t.num_nodes for t in trees) // 64) * 64, pad_id)
+  else:
+    longest = max(len(t.tokens) for g in trajectories for t in g)
+    batch = unrolled_batch(trajectories, objective, -(-longest // 64) * 64, pad_id)
   return pad_batch_rows({k: v for k, v in batch.items() if k != "visits"}, rows_multiple,
                         pad_id)
 
@@ -346,7 +354,7 @@ class StepSRPORollouts:
       rows = _policy_rows(manager, [keys[i] for i in keep],
                           [sampled["advantages"][i] for i in keep], self.objective,
                           self.rollouts.tokenizer.pad_id,
-                          self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+                          self.mesh.shape["data"] * self.mesh.shape["fsdp"], rl.pack)
     resampling = None
     if self.pool.epoch_complete:  # one pass over the prompts of a kind in use
       resampling = self.pool.end_epoch(drop=rl.history_resampling)

@@ -223,14 +223,23 @@ def _curves(workdir):
 
 def test_on_policy_step_srpo_reproduces_the_recorded_synchronous_loop_exactly(tmp_path,
                                                                               monkeypatch):
+  # The loop packed one row per sample (the only packing it had): pack="unrolled".
   monkeypatch.setattr(stage_lib, "RewardPool", ParityRewards)
-  config = _run_step_srpo(tmp_path / "k0", max_staleness=0)
+  config = _run_step_srpo(tmp_path / "k0", max_staleness=0, pack="unrolled")
   stage_lib.run_step_srpo(config)
   with open(RECORD, encoding="utf-8") as f:
     record = json.load(f)["step_srpo"]
   got = _metrics(config.workdir)
   assert [{k: row[k] for k in want} for row, want in zip(got, record)] == record
   assert all(h["staleness"] == 0 for h in _curves(config.workdir))
+  # Tree packing (each group's prompt once) takes the same updates, up to float rounding.
+  tree = _run_step_srpo(tmp_path / "tree", max_staleness=0, pack="tree")
+  stage_lib.run_step_srpo(tree)
+  tree_rows = _metrics(tree.workdir)
+  np.testing.assert_allclose([r["grad_norm"] for r in tree_rows],
+                             [r["grad_norm"] for r in record], rtol=1e-5)
+  np.testing.assert_allclose(tree_rows[0]["loss"], record[0]["loss"], rtol=1e-5)
+  assert [r["reward"] for r in tree_rows] == [r["reward"] for r in record]
 
 
 def test_one_step_stale_step_srpo_on_a_split_mesh_trains_on_recorded_behaviour_logprobs(
@@ -245,8 +254,9 @@ def test_one_step_stale_step_srpo_on_a_split_mesh_trains_on_recorded_behaviour_l
     return work
 
   monkeypatch.setattr(rollouts_lib.StepSRPORollouts, "next", spy)
+  # One row per sample, so each sample's tokens sit at known positions of its row.
   config = _run_step_srpo(tmp_path / "k1", steps=3, max_staleness=1, rollout_devices=2,
-                          rollout_tensor=2)
+                          rollout_tensor=2, pack="unrolled")
   stage_lib.run_step_srpo(config)
   curves = _curves(config.workdir)
   assert [h["step"] for h in curves] == [1, 2, 3]
@@ -302,6 +312,7 @@ def test_one_step_stale_step_srpo_killed_after_a_checkpoint_resumes_and_redraws_
 @pytest.mark.parametrize("field, value, match", [
     ("max_staleness", -1, "max_staleness must be >= 0"),
     ("rollout_tensor", 0, "rollout_tensor must be >= 1"),
+    ("pack", "flat", "config.rl.pack 'flat' not in"),
     ("rollout_devices", 9, "do not fit the 8 devices"),
 ])
 def test_bad_pipeline_fields_are_config_errors(tmp_path, field, value, match):
