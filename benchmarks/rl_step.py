@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import CompileClock, workload  # noqa: E402  pylint: disable=g-import-not-at-top
+from rollout import CompileClock, add_workload_flags, workload  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
 
@@ -51,13 +51,7 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--workload", nargs="+", default=["grpo", "tree"],
                       choices=["grpo", "tree"])
   parser.add_argument("--k", nargs="+", type=int, default=[0, 1], help="max_staleness values")
-  parser.add_argument("--prompts", type=int, default=64)
-  parser.add_argument("--samples", type=int, default=8)
-  parser.add_argument("--prompt_min", type=int, default=256)
-  parser.add_argument("--prompt_max", type=int, default=1024)
-  parser.add_argument("--mean_new", type=float, default=1024)
-  parser.add_argument("--max_new", type=int, default=8192)
-  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+  add_workload_flags(parser)
   parser.add_argument("--branch1", type=int, default=4, help="tree: first-turn branches")
   parser.add_argument("--tool_tokens", type=int, default=64, help="tree: tool output length")
   parser.add_argument("--num_slots", type=int, default=128)
@@ -73,7 +67,6 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=2, help="timed steps")
   parser.add_argument("--reward_workers", type=int, default=8)
   parser.add_argument("--lr", type=float, default=1e-6)
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
   if parser.parse_known_args(argv)[0].tiny:
     parser.set_defaults(preset="tiny", prompts=4, samples=4, prompt_min=8, prompt_max=24,
@@ -102,7 +95,7 @@ class Producer:
     from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
     args, engine = self.args, self.engine
-    manager, rewards, leaves = TrajectoryManager(), {}, {}
+    manager, rewards = TrajectoryManager(), {}
     groups = [manager.new_group() for _ in self.prompts]
     key = jax.random.key(args.seed * 1000 + index)
     sampling = SamplingParams(temperature=1.0)
@@ -112,6 +105,7 @@ class Producer:
       rewards[iid] = self.pool.score_async([{"response": _stand_in_answer(tokens),
                                              "verifier": {"type": "math", "answer": "3"}}])
 
+    self._generated = 0
     if args.workload_now == "grpo":
       owners = {}
       for p, prompt in enumerate(self.prompts):
@@ -123,12 +117,12 @@ class Producer:
       def finished(sid, c):
         p = owners[sid]
         iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
-        leaves.setdefault(p, []).append(iid)
+        self._generated += len(c.tokens)
         score(iid, c.tokens)
 
       engine.run(on_finish=finished)
     else:
-      self._tree(key, sampling, manager, groups, leaves, score)
+      self._tree(key, sampling, manager, groups, score)
     generated = time.perf_counter()
     values = {iid: f.result()[0].reward for iid, f in rewards.items()}
     reward_wait = time.perf_counter() - generated
@@ -143,17 +137,13 @@ class Producer:
     rows = pack_trees(trees, seq_len, 0)
     versions = np.concatenate([t.versions[t.loss_mask > 0] for g in groups
                                for t in manager.trajectories(g)])
-    return {"rows": rows, "generated": int(sum(len(c.tokens) for g in groups
-                                               for c in manager.trajectories(g))
-                                           - 0),
-            "generated_tokens": int(versions.size if self.args.workload_now == "grpo"
-                                    else self._generated),
+    return {"rows": rows, "generated_tokens": self._generated,
             "tree_tokens": int(sum(t.num_nodes for t in trees)),
             "unrolled_tokens": int(sum(t.unrolled_tokens for t in trees)),
             "oldest_version": int(versions.min()), "generate_s": generated - start,
             "reward_wait_s": reward_wait, "seq_len": seq_len}
 
-  def _tree(self, key, sampling, manager, groups, leaves, score):
+  def _tree(self, key, sampling, manager, groups, score):
     """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each."""
     import jax  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
@@ -161,7 +151,6 @@ class Producer:
     second = args.samples // args.branch1
     rng = np.random.default_rng(args.seed + 1)
     owners, first = {}, {}
-    self._generated = 0
     for p, prompt in enumerate(self.prompts):
       half = [max(1, int(n) // 2) for n in self.lengths[p][::second][:args.branch1]]
       for b, sid in enumerate(engine.submit(Request(
@@ -188,7 +177,6 @@ class Producer:
     def second_done(sid, c):
       p, context = turn2[sid]
       iid = manager.record(groups[p], context, c.tokens, c.logprobs, c.versions)
-      leaves.setdefault(p, []).append(iid)
       self._generated += len(c.tokens)
       score(iid, c.tokens)
 

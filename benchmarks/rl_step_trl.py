@@ -72,14 +72,7 @@ def _parse(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="qwen2.5-1.5b", help="kat_jax.model.presets name")
   parser.add_argument("--tiny", action="store_true", help="tiny model and workload (CPU smoke)")
-  parser.add_argument("--prompts", type=int, default=64, help="prompts in the draw")
-  parser.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO group)")
-  parser.add_argument("--prompt_min", type=int, default=256)
-  parser.add_argument("--prompt_max", type=int, default=1024)
-  parser.add_argument("--mean_new", type=float, default=1024)
-  parser.add_argument("--max_new", type=int, default=8192)
-  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
-  parser.add_argument("--seed", type=int, default=0)
+  _rollout_module().add_workload_flags(parser)
   parser.add_argument("--step_prompts", type=int, default=0,
                       help="prompts per measured step (0: all --prompts); a reduction of the "
                            "step, reported in the JSON")
@@ -131,13 +124,18 @@ def _parse(argv=None) -> argparse.Namespace:
   return args
 
 
-def workload(args, vocab: int):
-  """benchmarks/rollout.py's draw: prompts [P] (token lists), response lengths [P, samples]."""
+def _rollout_module():
+  """benchmarks/rollout.py, loaded by path (the workload's flags and draw live there)."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rollout.py")
   spec = importlib.util.spec_from_file_location("rollout_benchmark", path)
   rollout = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(rollout)
-  return rollout.workload(args, vocab)
+  return rollout
+
+
+def workload(args, vocab: int):
+  """benchmarks/rollout.py's draw: prompts [P] (token lists), response lengths [P, samples]."""
+  return _rollout_module().workload(args, vocab)
 
 
 def model_config(preset: str):

@@ -39,13 +39,7 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--preset", default="qwen2.5-1.5b")
   parser.add_argument("--tiny", action="store_true",
                       help="tiny model and workload on any backend (a CPU smoke run)")
-  parser.add_argument("--prompts", type=int, default=64)
-  parser.add_argument("--samples", type=int, default=8)
-  parser.add_argument("--prompt_min", type=int, default=256)
-  parser.add_argument("--prompt_max", type=int, default=1024)
-  parser.add_argument("--mean_new", type=float, default=1024)
-  parser.add_argument("--max_new", type=int, default=8192)
-  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+  add_workload_flags(parser)
   parser.add_argument("--num_slots", type=int, default=128)
   parser.add_argument("--page_size", type=int, default=16)
   parser.add_argument("--kv_gib", type=float, default=40.0,
@@ -68,7 +62,6 @@ def _parse(argv=None) -> argparse.Namespace:
                       help="run only the engine's host scheduler on the workload, with a "
                            "stand-in device (every active slot makes one token per step): "
                            "occupancy, calls, compiled shapes and host time, no model")
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
   if parser.parse_known_args(argv)[0].tiny:  # tiny defaults; flags given still win
     parser.set_defaults(preset="tiny", prompts=4, samples=2, prompt_min=8, prompt_max=24,
@@ -77,6 +70,18 @@ def _parse(argv=None) -> argparse.Namespace:
                         memory_every=1)
   args = parser.parse_args(argv)
   return args
+
+
+def add_workload_flags(parser: argparse.ArgumentParser) -> None:
+  """The RL workload's flags (shared by rollout.py, rl_step.py and rl_step_trl.py)."""
+  parser.add_argument("--prompts", type=int, default=64, help="prompts in the draw")
+  parser.add_argument("--samples", type=int, default=8, help="samples per prompt (a group)")
+  parser.add_argument("--prompt_min", type=int, default=256)
+  parser.add_argument("--prompt_max", type=int, default=1024)
+  parser.add_argument("--mean_new", type=float, default=1024)
+  parser.add_argument("--max_new", type=int, default=8192)
+  parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+  parser.add_argument("--seed", type=int, default=0)
 
 
 def workload(args, vocab: int) -> tuple[list[list[int]], np.ndarray]:

@@ -5,10 +5,12 @@
 #   here, once:   bash benchmarks/peer_wheels.sh   (the peer's wheels; the project's own GPU
 #                 wheels go into the same .whl folder)
 #   device call:  carry [".whl"], timeout 600, command: bash benchmarks/run_rl_step_gpu.sh
+#   ours, tree:   STAGES="ours_tree" bash benchmarks/run_rl_step_gpu.sh
 #   7B peer:      a second call, command: STAGES=peer7b bash benchmarks/run_rl_step_gpu.sh
 #
 # Variables:
-#   STAGES        stages to run, in this order: ours peer peer7b (default "ours peer")
+#   STAGES        stages to run, in this order: ours_grpo ours_tree peer peer7b
+#                 (default "ours_grpo peer"; "ours_grpo ours_tree" for ours alone)
 #   OURS_ARGS     extra flags for every run of ours
 #   PEER_ARGS     the 1.5B peer's flags (default: the reduced step below)
 #   PEER7B_ARGS   the 7B peer's flags
@@ -32,7 +34,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 start=$SECONDS
 budget=${BUDGET_S:-570}
-stages=" ${STAGES:-ours peer} "
+stages=" ${STAGES:-ours_grpo peer} "
 
 stage() { [[ "$stages" == *" $1 "* ]]; }
 left() { echo $((budget - (SECONDS - start))); }
@@ -57,23 +59,21 @@ def v(name):
 print("versions:", {name: v(name) for name in names})
 PY
 
-# ========================= OURS: benchmarks/rl_step.py (written by the lead) =================
-# Runs first, alone on the GPU; each run is its own process, so its memory is freed before the
-# peer starts. Flags: --preset --prompts --samples --k --out.
-if stage ours; then
-  if [ -f benchmarks/rl_step.py ]; then
-    for k in 0 1; do
-      limit=$(( $(left) - $(stage peer && echo "${PEER_RESERVE_S:-280}" || echo 0) ))
-      if (( limit < 30 )); then echo "ours k=$k: skipped, ${limit}s left"; continue; fi
-      echo "=== ours: qwen2.5-1.5b, k=$k (limit ${limit}s) ==="
-      timeout "$limit" python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --prompts 64 \
-        --samples 8 --k "$k" --out "$out/rl_step_qwen2.5-1.5b_k$k.json" ${OURS_ARGS:-}
-      echo "ours k=$k: exit $?"
-    done
-  else
-    echo "ours: benchmarks/rl_step.py is not in this tree; skipped"
-  fi
-fi
+# ========================= OURS: benchmarks/rl_step.py ======================================
+# Stages ours_grpo / ours_tree: one process per workload runs k = 0 then k = 1 (the XLA cache
+# below lets the second reuse the first's programs). Step 0 of each k compiles and is not
+# timed; step 1 is (k = 1: its batch was sampled while update 0 ran).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+for workload in grpo tree; do
+  stage "ours_$workload" || continue
+  limit=$(( $(left) - $(stage peer && echo "${PEER_RESERVE_S:-280}" || echo 0) ))
+  if (( limit < 30 )); then echo "ours $workload: skipped, ${limit}s left"; continue; fi
+  echo "=== ours: qwen2.5-1.5b, $workload, k = 0 and 1 (limit ${limit}s) ==="
+  # shellcheck disable=SC2086
+  timeout "$limit" python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --workload "$workload" \
+    --k 0 1 --warmup 1 --steps 1 --out "$out/rl_step_qwen2.5-1.5b_$workload.json" ${OURS_ARGS:-}
+  echo "ours $workload: exit $?"
+done
 # ========================= PEER: TRL GRPOTrainer (benchmarks/rl_step_trl.py) ================
 run_peer() {  # preset, json name, flags...
   local preset=$1 name=$2 limit

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import http.server
 import json
 import os
@@ -198,3 +199,19 @@ def assert_resume_reproduces(run: Callable[[str], Any], workdir: str, *, steps: 
   with open(os.path.join(logs, "metrics.jsonl"), encoding="utf-8") as f:
     first_steps = [json.loads(line)["step"] for line in f].count(1)
   assert first_steps == 1, "the restart trained from scratch instead of resuming"
+
+
+def benchmark_module(name: str) -> Any:
+  """`benchmarks/<name>.py` of this checkout, imported by path (benchmarks are scripts, not a
+  package; one may import another, so their folder is on sys.path while it loads)."""
+  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks")
+  spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
+                                                os.path.join(folder, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, folder)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(folder)
+  return module

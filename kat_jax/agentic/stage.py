@@ -60,7 +60,7 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   steps = config.train.steps
   optimizer = make_optimizer(config.optim, steps)
   train_mesh, rollout_mesh = rollout_meshes(config, ag.rollout_devices, ag.train_devices,
-                                            ag.rollout_tensor, section="config.agentic")
+                                            ag.rollout_tensor, fields="config.agentic")
   trainer = Trainer(config, name="agentic_rl", workdir=workdir, steps=steps, mesh=train_mesh,
                     meta={"model_config": model_config.to_dict()})
   status(f"agentic_rl: {steps} updates x {ag.tasks_per_step} tasks, branching "

@@ -45,6 +45,7 @@ def rl_fields() -> ConfigDict:
       rollout_devices=0,  # > 0: these many devices generate, apart from the trainer's; 0 = share
       train_devices=0,  # with rollout_devices: the trainer's devices (0 = all the others)
       rollout_tensor=1,  # tensor-parallel size of the rollout mesh (its other axis: data)
+      pack="tree",  # tree: a group's samples are one prefix tree (prompt once) | unrolled
       objective=ConfigDict(dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, beta=0.0,
                                 kl_estimator="k3", entropy_coef=0.0,
                                 loss_agg_mode="seq-mean-token-mean",
@@ -103,6 +104,8 @@ def _check_dapo_fields(rl: ConfigDict) -> None:
     raise ConfigError(f"config.rl.updates_per_batch must be >= 1, got {rl.updates_per_batch}")
   if rl.max_staleness < 0:
     raise ConfigError(f"config.rl.max_staleness must be >= 0, got {rl.max_staleness}")
+  if rl.pack not in ("tree", "unrolled"):
+    raise ConfigError(f"config.rl.pack {rl.pack!r} not in ['tree', 'unrolled']")
   if rl.rollout_tensor < 1:
     raise ConfigError(f"config.rl.rollout_tensor must be >= 1, got {rl.rollout_tensor}")
 

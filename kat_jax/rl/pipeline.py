@@ -46,38 +46,38 @@ class AcceptsWeights(Protocol):
 
 
 def split_devices(rollout: int, train: int, devices: Sequence[Any] | None = None, *,
-                  section: str = "config.rl") -> tuple[list[Any], list[Any]]:
+                  fields: str = "config.rl") -> tuple[list[Any], list[Any]]:
   """(train devices, rollout devices): disjoint slices of `devices` (default all), training
-  first. rollout = 0 means both use every device (train must then be 0 too). Errors name
-  the fields under `section`."""
+  first. rollout = 0 means both use every device (train must then be 0 too). `fields`: the
+  config section errors name."""
   devices = list(jax.devices() if devices is None else devices)
   if rollout < 0 or train < 0:
-    raise ConfigError(f"{section}.rollout_devices / train_devices must be >= 0, got "
+    raise ConfigError(f"{fields}.rollout_devices / train_devices must be >= 0, got "
                       f"{rollout} / {train}")
   if rollout == 0:
     if train:
-      raise ConfigError(f"{section}.train_devices needs {section}.rollout_devices > 0 (0 = "
+      raise ConfigError(f"{fields}.train_devices needs {fields}.rollout_devices > 0 (0 = "
                         "rollout and training share every device)")
     return devices, devices
   train = train or len(devices) - rollout
   if train < 1 or rollout + train > len(devices):
-    raise ConfigError(f"{section}.rollout_devices={rollout} + train_devices={train} do not "
+    raise ConfigError(f"{fields}.rollout_devices={rollout} + train_devices={train} do not "
                       f"fit the {len(devices)} devices")
   return devices[:train], devices[train:train + rollout]
 
 
 def rollout_meshes(config: Any, rollout_devices: int, train_devices: int, rollout_tensor: int,
-                   *, section: str = "config.rl") -> tuple[Any, Any]:
+                   *, fields: str = "config.rl") -> tuple[Any, Any]:
   """(train mesh by `config.mesh` over the train devices, rollout mesh (data=-1,
   tensor=rollout_tensor) over the rollout devices); one mesh twice when they share."""
-  train, rollout = split_devices(rollout_devices, train_devices, section=section)
+  train, rollout = split_devices(rollout_devices, train_devices, fields=fields)
   train_mesh = mesh_from(config, train)
   if rollout is train:
     return train_mesh, train_mesh
   try:
     return train_mesh, make_mesh(-1, 1, rollout_tensor, rollout)
   except ValueError as e:
-    raise ConfigError(f"{section}.rollout_tensor: {e}") from e
+    raise ConfigError(f"{fields}.rollout_tensor: {e}") from e
 
 
 class RolloutWeights:
@@ -181,7 +181,7 @@ class RolloutPipeline:
                max_staleness: int, end: int | None = None, timeout_s: float = float("inf")):
     """end: the number of batches of the run (k >= 1 produces none past it)."""
     if max_staleness < 0:
-      raise ConfigError(f"config.rl.max_staleness must be >= 0, got {max_staleness}")
+      raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
     self.produce, self.weights, self.k = produce, weights, max_staleness
     self.timeout_s, self.end = timeout_s, end
     self._results: dict[int, Produced] = {}

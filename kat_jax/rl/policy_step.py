@@ -33,7 +33,12 @@ TOKEN_MEANS = ("clip_fraction", "is_weight_mean", "is_capped_fraction")
 def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
                         loss_chunk: int = 1024, temperature: float = 1.0
                         ) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
-  """(params, batch) -> (summed objective, metrics); π is tempered like the rollouts."""
+  """(params, batch) -> (summed objective, metrics); π is tempered like the rollouts.
+
+  A batch without `old_logp` is centred on the weights being differentiated: old_logp is
+  stop_gradient(logp) of this very pass, the proximal policy of a single update without a
+  second forward pass (the ratio is exactly 1, its gradient that of log π).
+  """
   model = Decoder(config)
 
   def loss_fn(params, batch):
@@ -43,7 +48,8 @@ def make_policy_loss_fn(config: ModelConfig, objective: ObjectiveConfig, *,
         hidden, lm_head_kernel(params, config), batch["tokens"], batch["pred_index"],
         chunk_size=loss_chunk, with_entropy=bool(objective.entropy_coef),
         temperature=temperature)
-    return token_objective(logp, batch["old_logp"], batch.get("ref_logp"), entropy,
+    old_logp = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
+    return token_objective(logp, old_logp, batch.get("ref_logp"), entropy,
                            batch["adv_pos"], batch["adv_neg"], batch["kl_weight"], objective,
                            batch.get("behav_logp"))
 
@@ -116,8 +122,9 @@ class AccumulatedPolicyUpdate:
                ) -> tuple[TrainState, dict[str, float]]:
     """batch: [B, T] arrays, B a multiple of micro_batch_rows -> (state, metrics).
 
-    An off-policy batch (with `behav_logp`) gets its proximal `old_logp` here, micro-batch by
-    micro-batch, from the weights the update starts from.
+    A batch without `old_logp` (e.g. an off-policy batch carrying only `behav_logp`) is
+    centred on the weights this update starts from (`make_policy_loss_fn`): one update per
+    batch needs no separate log-prob pass.
 
     `state` is donated: its buffers are reused for the new state.
     """
@@ -128,8 +135,6 @@ class AccumulatedPolicyUpdate:
     grads, sums, token_means, active = None, {}, {}, 0.0
     for start in range(0, total_rows, self.rows):
       chunk = {k: batch[k][start:start + self.rows] for k in POLICY_INPUTS if k in batch}
-      if "behav_logp" in chunk:  # off-policy: centre the clip on the current weights
-        chunk["old_logp"] = self.logprob_fn(state.params, chunk)
       if self.ref_params is not None:  # the reference policy's log-probs of this micro-batch
         chunk["ref_logp"] = self.logprob_fn(self.ref_params, chunk)
       (loss, metrics), g = self.grad_fn(state.params, chunk)

@@ -41,7 +41,8 @@ from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
 from kat_jax.rl.objectives import ObjectiveConfig, overlong_penalty
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.tasks.rewards import RewardPool
-from kat_jax.rl.tree import Trajectory, unrolled_batch
+from kat_jax.rl.trajectories import TrajectoryManager
+from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.train.trainer import Work
 
 
@@ -74,7 +75,9 @@ class AutoThinkRollouts:
     # A group's samples share the prompt's pages, and a slot is refilled as soon as its
     # sample stops (think-off answers do not wait for think-on chains).
     self.sampler = EngineSampler(model_config, pad_id=tokenizer.pad_id, num_slots=64)
-    self.sampling = SamplingParams(temperature=rl.temperature, vocab_limit=tokenizer.vocab_size)
+    # Behaviour log-probs of the tempered policy the loss trains (rl.temperature).
+    self.sampling = SamplingParams(temperature=rl.temperature, vocab_limit=tokenizer.vocab_size,
+                                   tempered_stats=True)
     self.tokenizer, self.rl, self._force = tokenizer, rl, think_mode_prompts
     self.model_config = model_config
 
@@ -143,19 +146,41 @@ def _rate(values) -> float | None:
   return float(np.mean(values)) if len(values) else None
 
 
-def _policy_rows(prompts, groups, advantages, objective: ObjectiveConfig, pad_id: int,
-                 rows_multiple: int) -> dict[str, np.ndarray]:
-  """This process's [B, T] policy rows of the chosen prompt groups (rows padded to a
-  multiple of the mesh's batch axes); `old_logp` holds the behaviour log-probs."""
+def _record_groups(manager: TrajectoryManager, prompts, groups, results) -> list[int]:
+  """Records every sample of the sampled groups (in sample order) with its reward; returns
+  the groups' keys. A forced sample's prefill is part of its context (mask 0)."""
+  keys, rewards = [], iter(results)
+  for prompt, group in zip(prompts, groups):
+    key = manager.new_group()
+    for x in group:
+      iid = manager.record(key, prompt + x.ids[:x.prefill], x.ids[x.prefill:], x.logprobs,
+                           x.versions)
+      manager.set_reward(iid, next(rewards).reward)
+    keys.append(key)
+  return keys
+
+
+def _policy_rows(manager: TrajectoryManager, keys: list[int], advantages,
+                 objective: ObjectiveConfig, pad_id: int, rows_multiple: int, pack: str
+                 ) -> dict[str, np.ndarray]:
+  """This process's [B, T] policy rows of the chosen groups, from the trajectory manager
+  (rows padded to a multiple of the mesh's batch axes); `old_logp` holds the behaviour
+  log-probs. advantages: per group, per sample, [response] per-token arrays.
+
+  pack "tree": a group's samples are one prefix tree (the prompt once), trees packed
+  first-fit into rows as long as the largest; "unrolled": one row per sample.
+  """
   trajectories = []
-  for prompt, group, advs in zip(prompts, groups, advantages):
-    trajectories.append([
-        Trajectory(prompt + x.ids, [0] * (len(prompt) + x.prefill) + [1] * (len(x.ids) - x.prefill),
-                   np.concatenate([np.zeros(len(prompt)), adv]),
-                   np.concatenate([np.zeros(len(prompt) + x.prefill), x.logprobs]))
-        for x, adv in zip(group, advs)])
-  longest = max(len(t.tokens) for g in trajectories for t in g)
-  batch = unrolled_batch(trajectories, objective, -(-longest // 64) * 64, pad_id)
+  for key, advs in zip(keys, advantages):
+    recorded = manager.trajectories(key)
+    trajectories.append([t.to_trajectory(np.concatenate([np.zeros(len(t.tokens) - len(a)), a]))
+                         for t, a in zip(recorded, advs)])
+  if pack == "tree":
+    trees = build_trees(trajectories, objective)
+    batch = pack_trees(trees, -(-max(t.num_nodes for t in trees) // 64) * 64, pad_id)
+  else:
+    longest = max(len(t.tokens) for g in trajectories for t in g)
+    batch = unrolled_batch(trajectories, objective, -(-longest // 64) * 64, pad_id)
   return pad_batch_rows({k: v for k, v in batch.items() if k != "visits"}, rows_multiple,
                         pad_id)
 
@@ -322,18 +347,20 @@ class StepSRPORollouts:
     for task, group in zip(sampled["tasks"], sampled["srpo"]):
       self.pool.record(task.id, [r.score for r in group])
     keep = select_groups(sampled["advantages"], rl.prompts_per_step, rl.dynamic_sampling)
+    manager = TrajectoryManager()  # this batch's interactions; the update reads them from it
+    keys = _record_groups(manager, sampled["prompts"], sampled["groups"], sampled["results"])
     rows = None
     if keep:
-      rows = _policy_rows([sampled["prompts"][i] for i in keep],
-                          [sampled["groups"][i] for i in keep],
+      rows = _policy_rows(manager, [keys[i] for i in keep],
                           [sampled["advantages"][i] for i in keep], self.objective,
                           self.rollouts.tokenizer.pad_id,
-                          self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+                          self.mesh.shape["data"] * self.mesh.shape["fsdp"], rl.pack)
     resampling = None
     if self.pool.epoch_complete:  # one pass over the prompts of a kind in use
       resampling = self.pool.end_epoch(drop=rl.history_resampling)
       status(f"step {index + 1}: epoch {resampling['epoch']} done: {resampling}")
-    versions = np.concatenate([x.versions for g in sampled["groups"] for x in g])
+    versions = np.concatenate([t.versions[t.loss_mask > 0] for key in keys
+                               for t in manager.trajectories(key)])
     return {"rows": rows, "keep": keep, "sampled": sampled, "pool_state": self.get_pool_state(),
             "stats": _batch_stats(index, sampled, self.srpo_cfg, self.mix, self.pool,
                                   resampling),

@@ -23,6 +23,7 @@ from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.checkpoint import models
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.parallel import batch_sharding
 from kat_jax.progress import status
 from kat_jax.rl.config import parse_mix, typed_configs
 from kat_jax.rl.curriculum import TwoStageMix
@@ -86,8 +87,10 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
       srpo_cfg=srpo_cfg, objective=objective, task_pool={t.id: t for t in tasks}, mix=mix,
       mode_tags=[tokenizer.token_to_id("<think_on>"), tokenizer.token_to_id("<think_off>")],
       mesh=trainer.mesh, curves_path=os.path.join(workdir, "rl_curves.json"),
+      # [B, T] log-probs laid out like the batch they join (the step's input sharding)
       logprob_fn=jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk,
-                                         temperature=temperature)),
+                                         temperature=temperature),
+                         out_shardings=batch_sharding(train_mesh)),
       rollout_prepare=decode_weights_fn(model_config, train_mesh, rollout_mesh,
                                         own_copy=rl.max_staleness > 0))
 

@@ -91,7 +91,8 @@ class Request:
 @dataclasses.dataclass
 class Completion:
   """One sample's result: generated tokens (the stop token kept), their log-probs and
-  entropies (untempered, as `GenerationResult` has them), whether a stop id ended it; error
+  entropies (untempered, as `GenerationResult` has them, unless the request's
+  `SamplingParams.tempered_stats`), whether a stop id ended it; error
   is the reason a bad request did not run (then everything else is empty); sequence is the
   kept sequence id (Request.keep) for `Engine.fork` / `continue_from`; versions [n] int32 the
   weight version (`Engine.set_params`) whose logits each token was sampled from."""

@@ -16,11 +16,15 @@ class SamplingParams:
   The order is HF's: temperature, then top-k, then top-p. Tokens tied with the last kept
   logit are kept too. vocab_limit > 0 never picks ids >= vocab_limit (an embedding table
   padded past the tokenizer's ids); log-probs stay those of the whole model distribution.
+  tempered_stats: the recorded log-probs and entropies are those of the tempered
+  distribution softmax(logits / temperature) (still unfiltered) instead of the model's own:
+  the behaviour log-probs of an RL loss that is tempered like its rollouts.
   """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   vocab_limit: int = 0
+  tempered_stats: bool = False
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -127,4 +131,6 @@ def sample_with_stats(logits: jax.Array, rng: jax.Array | None, sampling: Sampli
     log_total, entropy = _log_total_and_entropy(logits, m)
     return tokens, -log_total, entropy
   tokens = choose_tokens(logits, rng, sampling)
+  if sampling.tempered_stats and not sampling.greedy:
+    return (tokens,) + logprob_and_entropy(logits / sampling.temperature, tokens)
   return (tokens,) + logprob_and_entropy(logits, tokens)

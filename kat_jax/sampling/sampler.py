@@ -69,7 +69,8 @@ class GenerationResult:
   """tokens/logprobs/entropies/mask [B,N]; stopped [B] bool (ended by a stop token).
 
   mask marks generated tokens (the stop token included); after it, tokens hold `pad_id` and
-  log-probs/entropies 0. Log-probs and entropies are of the model's untempered distribution.
+  log-probs/entropies 0. Log-probs and entropies are of the model's untempered distribution
+  (of the tempered one with `SamplingParams.tempered_stats`).
   """
   tokens: jax.Array
   logprobs: jax.Array

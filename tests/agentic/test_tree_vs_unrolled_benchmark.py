@@ -1,20 +1,13 @@
 """benchmarks/tree_vs_unrolled.py end to end at `--tiny` size on CPU, and the token ratio of
 its `--high-sharing` workload (issue 25 asks for >= 5)."""
 
-import importlib.util
-import os
-
 from kat_jax.rl.tree import build_trees
 from kat_jax.rl.objectives import ObjectiveConfig
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tree_vs_unrolled.py")
+from kat_jax.testing import benchmark_module
 
 
 def _bench():
-  spec = importlib.util.spec_from_file_location("tree_vs_unrolled_benchmark", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module("tree_vs_unrolled")
 
 
 def test_high_sharing_workload_has_token_ratio_at_least_5():

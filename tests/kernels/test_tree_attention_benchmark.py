@@ -1,21 +1,12 @@
 """benchmarks/tree_attention.py end to end at `--tiny` size on CPU (kernels interpreted)."""
 
-import importlib.util
 import json
-import os
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tree_attention.py")
-
-
-def _load(name, path):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kat_jax.testing import benchmark_module
 
 
 def test_tiny_run_times_the_triton_kernel_and_records_gpu_only_methods_as_skipped(tmp_path):
-  bench = _load("tree_attention_benchmark", _PATH)
+  bench = benchmark_module("tree_attention")
   record = bench.main(["--tiny", "--skip-checks", "--backends", "gpu", "--out", str(tmp_path),
                        "--name", "tiny.json"])
   assert json.loads((tmp_path / "tiny.json").read_text()) == json.loads(json.dumps(record))

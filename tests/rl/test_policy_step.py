@@ -47,3 +47,29 @@ def test_updates_per_batch_keep_old_logprobs():
                              float(expected_metrics["clip_fraction"]), atol=1e-6)
   assert float(second["clip_fraction"]) > 0.0
   assert abs(float(expected) - float(refreshed)) > 1e-3  # not the ratio-1 objective
+
+
+def test_a_batch_without_old_logprobs_is_centred_on_the_weights_being_differentiated():
+  """Omitting old_logp equals passing a separate forward pass's log-probs of the same
+  weights: same loss, same gradient (one update needs no extra pass); with behaviour
+  log-probs the importance weights are taken against that same pass."""
+  from kat_jax.rl.policy_step import make_policy_loss_fn  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny", num_layers=1)
+  cfg = ObjectiveConfig(eps_low=0.2, eps_high=0.2, is_cap=2.0)
+  params = init_params(config, jax.random.key(0))
+  batch = _batch(cfg)
+  batch["behav_logp"] = np.asarray(
+      jax.jit(make_logprob_fn(config, loss_chunk=64))(init_params(config, jax.random.key(1)),
+                                                      batch))
+  grad_fn = jax.jit(jax.value_and_grad(make_policy_loss_fn(config, cfg, loss_chunk=64),
+                                       has_aux=True))
+  without = {k: v for k, v in batch.items() if k != "old_logp"}
+  separate = dict(batch, old_logp=np.asarray(
+      jax.jit(make_logprob_fn(config, loss_chunk=64))(params, batch)))
+  (loss_a, metrics_a), grads_a = grad_fn(params, without)
+  (loss_b, metrics_b), grads_b = grad_fn(params, separate)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  np.testing.assert_allclose(metrics_a["is_weight_mean"], metrics_b["is_weight_mean"], rtol=1e-5)
+  assert abs(float(metrics_a["is_weight_mean"]) - 1.0) > 1e-3  # the weights act here
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)

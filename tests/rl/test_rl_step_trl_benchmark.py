@@ -2,21 +2,16 @@
 random logits, and one tiny GRPO step end to end on CPU where trl is installed (CI does not
 install it: it is setup.py's extra `peer`)."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "rl_step_trl.py")
+from kat_jax.testing import benchmark_module
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("rl_step_trl_benchmark", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module("rl_step_trl")
 
 
 def test_force_lengths_makes_each_row_end_exactly_at_its_target():

@@ -1,6 +1,8 @@
 """Rollout engine vs the static Sampler and the training forward: greedy tokens, log-probs,
 entropies, shared prompt pages, forks, multi-turn extends, bad requests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,18 +25,20 @@ def model():
   return config, params, prepare_params(params, config)
 
 
-@jax.jit
-def _log_probs(params, tokens):
+@functools.partial(jax.jit, static_argnums=2)
+def _log_probs(params, tokens, temperature=1.0):
   logits = Decoder(get_preset("tiny", **_CONFIG)).apply({"params": params}, tokens)[0]
-  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
 
 
-def _check_against_training_forward(params, prompt, completion):
-  """The completion's log-probs / entropies equal the training forward's (float32)."""
+def _check_against_training_forward(params, prompt, completion, temperature=1.0):
+  """The completion's log-probs / entropies equal the training forward's (float32) at
+  `temperature` (log_softmax(logits / temperature))."""
   tokens = completion.tokens
   seq = np.zeros((1, 64), np.int32)
   seq[0, :len(prompt) + len(tokens)] = list(prompt) + tokens
-  pred = np.asarray(_log_probs(params, jnp.asarray(seq)))[len(prompt) - 1:][:len(tokens)]
+  pred = np.asarray(_log_probs(params, jnp.asarray(seq), temperature))[len(prompt) - 1:][
+      :len(tokens)]
   assert relative_error(completion.logprobs, pred[np.arange(len(tokens)), tokens]) < 1e-5
   assert relative_error(completion.entropies, -np.sum(np.exp(pred) * pred, axis=-1)) < 1e-5
 
@@ -133,6 +137,23 @@ def test_logprobs_and_entropies_equal_training_forward_with_mixed_sampling_and_s
       _check_against_training_forward(params, request.prompt, b)
       assert a.tokens == b.tokens
   assert done[ids[1][0]].tokens != done[ids[1][1]].tokens  # two samples, two key streams
+
+
+def test_tempered_stats_record_the_log_probs_of_the_tempered_distribution(model):
+  """With SamplingParams.tempered_stats the log-probs and entropies are those of
+  softmax(logits / T) (what an RL loss tempered like its rollouts sees), the tokens unchanged."""
+  config, params, dparams = model
+  prompt = np.random.default_rng(4).integers(1, config.vocab_size, size=7).tolist()
+  runs = {}
+  for tempered in (False, True):
+    engine = Engine(config, dparams, **_ENGINE)
+    [sid] = engine.submit(Request(prompt, 9, sampling=SamplingParams(
+        0.6, vocab_limit=config.vocab_size - 3, tempered_stats=tempered), rng=jax.random.key(8)))
+    runs[tempered] = engine.run()[sid]
+  assert runs[True].tokens == runs[False].tokens
+  _check_against_training_forward(params, prompt, runs[True], temperature=0.6)
+  _check_against_training_forward(params, prompt, runs[False])
+  assert relative_error(runs[True].logprobs, runs[False].logprobs) > 1e-2
 
 
 def test_a_group_of_8_samples_holds_its_prompt_pages_once(model):

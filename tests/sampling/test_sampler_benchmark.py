@@ -1,22 +1,15 @@
 """benchmarks/sampler.py on a tiny model (CPU, XLA decode step)."""
 
-import importlib.util
-import os
-
 import jax
 import pytest
 
 from kat_jax.model import get_preset, init_params
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "sampler.py")
+from kat_jax.testing import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("sampler_benchmark", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module("sampler")
 
 
 def test_bench_ours_times_the_decode_call_alone(bench):

@@ -141,6 +141,53 @@ def test_decode_weights_on_shared_devices_do_not_alias_the_training_params():
   assert not training & decode
 
 
+def test_partial_rollouts_keep_each_tokens_version_across_two_pushes_into_the_packed_batch():
+  """Two weight pushes land while one batch generates (after decode calls 1 and 3): the
+  engine switches at the next call, every token keeps the version and log-prob it was
+  sampled with, through the trajectory manager into the packed rows the update reads."""
+  from kat_jax.rl.objectives import ObjectiveConfig  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.tree import unrolled_batch  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny", dtype="float32", param_dtype="float32")
+  dparams = [prepare_params(init_params(config, jax.random.key(i)), config) for i in range(3)]
+  weights = RolloutWeights(lambda p: p)
+  weights.push(dparams[0], 0)
+  engine = Engine(config, dparams[0], num_slots=4, num_pages=64, page_size=4, steps_per_call=3,
+                  prefill_chunk=16)
+  weights.attach(engine)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (5, 7)]
+  ids = [engine.submit(Request(p, 14, sampling=SamplingParams(1.0), num_samples=3,
+                               rng=jax.random.key(i))) for i, p in enumerate(prompts)]
+
+  def push(_):
+    calls = engine.stats["decode_calls"]
+    if calls in (1, 3) and weights.current()[1] != (calls + 1) // 2:
+      weights.push(dparams[(calls + 1) // 2], (calls + 1) // 2)
+
+  done = engine.run(push)
+  manager, groups = TrajectoryManager(), []
+  for prompt, sample_ids in zip(prompts, ids):
+    group = manager.new_group()
+    for sid in sample_ids:
+      manager.record(group, prompt, done[sid].tokens, done[sid].logprobs, done[sid].versions)
+    groups.append(group)
+  versions = np.concatenate([done[s].versions for sample_ids in ids for s in sample_ids])
+  assert set(versions.tolist()) == {0, 1, 2}
+  assert all(np.all(np.diff(done[s].versions) >= 0) for sample_ids in ids for s in sample_ids)
+  batch = unrolled_batch([[t.to_trajectory(1.0) for t in manager.trajectories(g)]
+                          for g in groups], ObjectiveConfig(), 32, 0)
+  row = 0
+  for prompt, group, sample_ids in zip(prompts, groups, ids):
+    for t, sid in zip(manager.trajectories(group), sample_ids):
+      span = slice(len(prompt), len(prompt) + len(done[sid].tokens))
+      np.testing.assert_array_equal(t.versions[span], done[sid].versions)
+      np.testing.assert_array_equal(batch["old_logp"][row, span], done[sid].logprobs)
+      row += 1
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -176,14 +223,23 @@ def _curves(workdir):
 
 def test_on_policy_step_srpo_reproduces_the_recorded_synchronous_loop_exactly(tmp_path,
                                                                               monkeypatch):
+  # The loop packed one row per sample (the only packing it had): pack="unrolled".
   monkeypatch.setattr(stage_lib, "RewardPool", ParityRewards)
-  config = _run_step_srpo(tmp_path / "k0", max_staleness=0)
+  config = _run_step_srpo(tmp_path / "k0", max_staleness=0, pack="unrolled")
   stage_lib.run_step_srpo(config)
   with open(RECORD, encoding="utf-8") as f:
     record = json.load(f)["step_srpo"]
   got = _metrics(config.workdir)
   assert [{k: row[k] for k in want} for row, want in zip(got, record)] == record
   assert all(h["staleness"] == 0 for h in _curves(config.workdir))
+  # Tree packing (each group's prompt once) takes the same updates, up to float rounding.
+  tree = _run_step_srpo(tmp_path / "tree", max_staleness=0, pack="tree")
+  stage_lib.run_step_srpo(tree)
+  tree_rows = _metrics(tree.workdir)
+  np.testing.assert_allclose([r["grad_norm"] for r in tree_rows],
+                             [r["grad_norm"] for r in record], rtol=1e-5)
+  np.testing.assert_allclose(tree_rows[0]["loss"], record[0]["loss"], rtol=1e-5)
+  assert [r["reward"] for r in tree_rows] == [r["reward"] for r in record]
 
 
 def test_one_step_stale_step_srpo_on_a_split_mesh_trains_on_recorded_behaviour_logprobs(
@@ -198,13 +254,18 @@ def test_one_step_stale_step_srpo_on_a_split_mesh_trains_on_recorded_behaviour_l
     return work
 
   monkeypatch.setattr(rollouts_lib.StepSRPORollouts, "next", spy)
+  # One row per sample, so each sample's tokens sit at known positions of its row.
   config = _run_step_srpo(tmp_path / "k1", steps=3, max_staleness=1, rollout_devices=2,
-                          rollout_tensor=2)
+                          rollout_tensor=2, pack="unrolled")
   stage_lib.run_step_srpo(config)
   curves = _curves(config.workdir)
   assert [h["step"] for h in curves] == [1, 2, 3]
   assert all(0 <= h["staleness"] <= 1 for h in curves)
-  assert all("is_weight_mean" in row for row in _metrics(config.workdir))
+  metrics = _metrics(config.workdir)
+  assert all("is_weight_mean" in row for row in metrics)
+  # Batch 0 was sampled with the weights it trains from: its behaviour log-probs (tempered
+  # like the loss) equal the proximal ones, so every importance weight is 1.
+  assert abs(metrics[0]["is_weight_mean"] - 1.0) < 1e-4 and metrics[0]["is_capped_fraction"] == 0
   # The batch's behaviour log-probs are the ones the engine recorded while sampling, token by
   # token, and its old_logp (the proximal policy) is a fresh forward pass, not a copy of them.
   for batch, sampled, keep in seen:
@@ -251,6 +312,7 @@ def test_one_step_stale_step_srpo_killed_after_a_checkpoint_resumes_and_redraws_
 @pytest.mark.parametrize("field, value, match", [
     ("max_staleness", -1, "max_staleness must be >= 0"),
     ("rollout_tensor", 0, "rollout_tensor must be >= 1"),
+    ("pack", "flat", "config.rl.pack 'flat' not in"),
     ("rollout_devices", 9, "do not fit the 8 devices"),
 ])
 def test_bad_pipeline_fields_are_config_errors(tmp_path, field, value, match):

@@ -1,0 +1,28 @@
+"""benchmarks/rl_step.py on CPU at tiny size: both workloads, k = 0 and 1, do exactly the drawn
+work, and the one-step-stale run trains its second batch one version behind."""
+
+import numpy as np
+
+from kat_jax.testing import benchmark_module
+
+
+def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path):
+  bench = benchmark_module("rl_step")
+  report = bench.main(["--tiny", "--out", str(tmp_path / "rl_step.json")])
+  assert (tmp_path / "rl_step.json").exists()
+  args = bench._parse(["--tiny"])  # pylint: disable=protected-access
+  _, lengths = benchmark_module("rollout").workload(args, 1024)
+  second = args.samples // args.branch1
+  halves = [sum(max(1, int(n) // 2) for n in row[::second][:args.branch1])
+            + sum(max(1, int(n) - int(n) // 2) for n in row) for row in lengths]
+  expected = {"grpo": int(lengths.sum()), "tree": int(sum(halves))}
+  assert [(r["workload"], r["k"]) for r in report["results"]] == [
+      ("grpo", 0), ("grpo", 1), ("tree", 0), ("tree", 1)]
+  for result in report["results"]:
+    steps = result["steps"]
+    assert [s["generated_tokens"] for s in steps] == [expected[result["workload"]]] * len(steps)
+    assert [s["staleness"] for s in steps] == ([0] * len(steps) if result["k"] == 0
+                                               else [0] + [1] * (len(steps) - 1))
+    assert all(s["tree_tokens"] < s["unrolled_tokens"] for s in steps)
+    assert all((s["is_weight_mean"] is None) == (result["k"] == 0) for s in steps)
+    assert np.isfinite(result["tokens_per_s_per_device"]) and result["tokens_per_s_per_device"] > 0
