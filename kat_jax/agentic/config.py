@@ -77,5 +77,6 @@ def rollout_config(ag: ConfigDict) -> RolloutConfig:
   return RolloutConfig(
       branching=_branching(ag.branching), max_turns=ag.max_turns,
       max_new_tokens=ag.max_new_tokens, max_length=ag.max_length,
-      sampling=SamplingParams(ag.temperature, vocab_limit=ag.vocab_limit),
+      # log-probs of the tempered distribution: the loss is tempered the same way
+      sampling=SamplingParams(ag.temperature, vocab_limit=ag.vocab_limit, tempered_stats=True),
       template=ag.template, tool_format=ag.tool_format)

@@ -87,8 +87,10 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
                                         own_copy=ag.max_staleness > 0),
       metrics_path=os.path.join(workdir, "agentic_metrics.json"),
       config_dict=config.to_dict(), log_every=config.train.log_every)
+  # Ratios and KL are taken under the tempered distribution the rollouts came from.
   update = AccumulatedPolicyUpdate(model_config, optimizer, objective, ag.micro_batch_rows,
-                                   config.train.loss_chunk)
+                                   config.train.loss_chunk,
+                                   temperature=ag.temperature if ag.temperature > 0 else 1.0)
 
   def init_state():
     state, shardings = init_sharded_state(model_config, optimizer, trainer.mesh,

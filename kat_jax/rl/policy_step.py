@@ -103,14 +103,18 @@ class AccumulatedPolicyUpdate:
 
   def __init__(self, model_config: ModelConfig, optimizer: optax.GradientTransformation,
                objective: ObjectiveConfig, micro_batch_rows: int, loss_chunk: int,
-               ref_params: Any = None):
+               ref_params: Any = None, temperature: float = 1.0):
+    """temperature: the sampling temperature of the rollouts; log-probs (loss, reference)
+    are taken under the tempered distribution they were sampled from."""
     self.rows, self.optimizer = micro_batch_rows, optimizer
     self.grad_fn = jax.jit(jax.value_and_grad(
-        make_policy_loss_fn(model_config, objective, loss_chunk=loss_chunk), has_aux=True))
+        make_policy_loss_fn(model_config, objective, loss_chunk=loss_chunk,
+                            temperature=temperature), has_aux=True))
     self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
     self.apply = jax.jit(self._apply, donate_argnums=(0,))
     self.ref_params = ref_params if objective.beta else None  # settable after construction
-    self.logprob_fn = jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk))
+    self.logprob_fn = jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk,
+                                              temperature=temperature))
 
   def _apply(self, state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)

@@ -111,15 +111,21 @@ def test_one_step_stale_agentic_rl_on_a_split_mesh_trains_on_recorded_behaviour_
     return work
 
   monkeypatch.setattr(batches_lib.TreeRollouts, "next", spy)
-  # unrolled: one row per episode, so each row's positions are its episode's tokens
+  # unrolled: one row per episode, so each row's positions are its episode's tokens. One
+  # training device: with several, XLA:CPU's in-process all-reduce of the update, run beside
+  # the rollout thread's programs on the other devices, intermittently never gathers all its
+  # participants and aborts the process (about 1 run in 3 with 6 training devices).
   config = _config(tmp_path / "k1", max_staleness=1, rollout_devices=2, rollout_tensor=2,
-                   train_devices=1, pack="unrolled")
+                   train_devices=1, pack="unrolled", temperature=0.7)
   config.train.update(steps=3, tensorboard=False)
   run_agentic_rl(config)
   rows = _metrics(config.workdir)
   assert [row["step"] for row in rows] == [1, 2, 3]
   assert {row["staleness"] for row in rows} <= {0.0, 1.0}
   assert all("is_weight_mean" in row for row in rows)
+  # Batch 0 is sampled with the weights its update starts from: π / π_behav = 1 per token,
+  # also at a temperature != 1 (the behaviour log-probs are the tempered ones, as the loss's).
+  assert abs(rows[0]["is_weight_mean"] - 1.0) < 1e-4
   assert len(seen) == 3
   for batch, groups in seen:
     assert "old_logp" not in batch  # the update computes the proximal log-probs itself
