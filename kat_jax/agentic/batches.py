@@ -117,8 +117,9 @@ def _prune_stats(reports) -> dict[str, float]:
 class TreeRollouts:
   """The trainer's batch source for `agentic_rl`: a `RolloutPipeline` producer.
 
-  rollout_fn(weights, tasks, key) -> groups of episodes, sampled with the `RolloutWeights`
-  (their pushes reach the rollout while it runs) and recorded in `manager`.
+  rollout_fn(weights, tasks, key) -> (groups of episodes, sampled with the `RolloutWeights`
+  (their pushes reach the rollout while it runs) and recorded in `manager`; timing stats,
+  e.g. env_wait_s).
   rollout_prepare(params) -> decode params where the rollouts run (the rollout mesh).
   Batch b's tasks (b * tasks_per_step + i) and key follow from b, so nothing but the
   weights is checkpointed.
@@ -147,7 +148,8 @@ class TreeRollouts:
     (`old_logp` = the sampled log-probs). Its groups leave the manager here."""
     start = time.perf_counter()
     tasks = [index * self.ag.tasks_per_step + i for i in range(self.ag.tasks_per_step)]
-    episodes = self.rollout_fn(weights, tasks, jax.random.fold_in(self.key, index))
+    episodes, rollout_stats = self.rollout_fn(weights, tasks,
+                                              jax.random.fold_in(self.key, index))
     generated = time.perf_counter()
     groups = take_groups(self.manager, episodes)
     rewards = np.array([t.reward for g in groups for t in g])
@@ -160,7 +162,7 @@ class TreeRollouts:
             "stats": {"reward_mean": float(rewards.mean()),
                       "success_rate": float(np.mean(rewards >= self.ag.success_threshold)),
                       "episodes": float(len(rewards)), "generate_s": generated - start,
-                      **batch_stats}}
+                      **rollout_stats, **batch_stats}}
 
   def next(self, state, step: int) -> Work:
     if self.pipeline.started_at is None:

@@ -25,9 +25,11 @@ Token layout of an episode (qwen2.5 template), matching `render_chat(messages)` 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import time
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
@@ -40,6 +42,9 @@ from kat_jax.rl.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.sampling import DecodeParams, Engine, EngineSampler, Request, Sampler, SamplingParams
+
+
+_ENV_WORKERS = 8  # environment steps running at once (tool calls, reward checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +175,8 @@ def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
 def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weights,
                  make_env: Callable[[], Environment], tasks: Sequence[Any],
                  tokenizer: Tokenizer, rng: jax.Array, cfg: RolloutConfig,
-                 manager: TrajectoryManager | None = None) -> list[list[Episode]]:
+                 manager: TrajectoryManager | None = None,
+                 stats: dict[str, float] | None = None) -> list[list[Episode]]:
   """Runs one tree of episodes per task -> groups[task] = its finished episodes.
 
   sampler gives the engine's settings (model config, pad id, prefill chunk; an EngineSampler
@@ -178,6 +184,9 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weight
   params: decode params (version 0), or `Weights` (the RL pipeline's `RolloutWeights`): the
   rollout starts with `current()` and the engine takes every push while it runs, so an
   episode in flight at a weight update continues under the new weights.
+  Each sample's environment step (tool call, reward check) starts as soon as the sample
+  ends, on a thread pool, while the turn's other samples still decode; `stats` (if given)
+  gets `env_wait_s`, the seconds waited for them after the turns' generation ended.
   With a `manager`, every task gets a new manager group (`Episode.record_group`), every
   sampled turn is recorded (prompt = the episode's tokens before the turn; weight versions
   from `Completion.versions` where the engine gives them, else 0) and each finished
@@ -204,8 +213,11 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weight
   weights = params if hasattr(params, "current") else None
   dparams, version = weights.current() if weights is not None else (params, 0)
   engine = _engine(sampler, dparams, version, _max_episodes(len(tasks), cfg), cfg.max_length)
-  with _receiving(weights, engine):
-    finished = _run_turns(engine, live, news, tokenizer, rng, cfg, manager)
+  with _receiving(weights, engine), concurrent.futures.ThreadPoolExecutor(
+      max_workers=min(_ENV_WORKERS, len(live) * max(cfg.branching))) as pool:
+    finished, env_wait = _run_turns(engine, live, news, tokenizer, rng, cfg, manager, pool)
+  if stats is not None:
+    stats["env_wait_s"] = stats.get("env_wait_s", 0.0) + env_wait
   groups: list[list[Episode]] = [[] for _ in tasks]
   for episode in sorted(finished, key=lambda e: e.branch_id):
     groups[episode.group].append(episode)
@@ -213,11 +225,13 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weight
 
 
 def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], tokenizer: Tokenizer,
-               rng: jax.Array, cfg: RolloutConfig, manager: TrajectoryManager | None
-               ) -> list[Episode]:
+               rng: jax.Array, cfg: RolloutConfig, manager: TrajectoryManager | None,
+               pool: concurrent.futures.Executor) -> tuple[list[Episode], float]:
   """The turns of `tree_rollout`: live episodes (with the tokens each prefills before its
-  next turn) -> every finished episode."""
+  next turn) -> (every finished episode, seconds waited for environment steps after the
+  turns' generation ended)."""
   stop = tokenizer.im_end_id
+  env_wait = 0.0
   sequences: list[int | None] = [None] * len(live)  # each live episode's kept KV
   finished: list[Episode] = []
 
@@ -230,11 +244,24 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
                                  rng=jax.random.fold_in(key, i), keep=not last_turn,
                                  continue_from=seq))
            for i, (new, seq) in enumerate(zip(news, sequences))]
-    done = engine.run()
+    # Copies are made before any branch's turn changes the episode.
+    families = [[parent] + [copy.deepcopy(parent) for _ in sample_ids[1:]]
+                for parent, sample_ids in zip(live, ids)]
+    episode_of = {sid: e for family, sample_ids in zip(families, ids)
+                  for e, sid in zip(family, sample_ids)}
+    texts, steps = {}, {}
+
+    def start_step(sid: int, result) -> None:
+      """A sample that ended: its environment step (tool call, reward check) starts now, on
+      the pool, while the other samples still decode."""
+      if result.error is None:
+        texts[sid] = tokenizer.decode(result.tokens[:-1] if result.stopped else result.tokens)
+        steps[sid] = pool.submit(episode_of[sid].env.step,
+                                 parse_tool_calls(texts[sid], cfg.tool_format))
+
+    done = engine.run(on_finish=start_step)
     next_live, news, sequences = [], [], []
-    for parent, sample_ids in zip(live, ids):
-      # Copies are made before any branch's turn changes the episode.
-      branches = [parent] + [copy.deepcopy(parent) for _ in sample_ids[1:]]
+    for branches, sample_ids in zip(families, ids):
       for c, (episode, sid) in enumerate(zip(branches, sample_ids)):
         result = done[sid]
         if result.error is not None:
@@ -248,10 +275,11 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
         episode.extend(tokens, generated=True, logprobs=result.logprobs,
                        entropies=result.entropies)
         episode.turns += 1
-        text = tokenizer.decode(tokens[:-1] if result.stopped else tokens)
-        episode.messages.append({"role": "assistant", "content": text})
+        episode.messages.append({"role": "assistant", "content": texts[sid]})
         forced_end = [] if result.stopped else [stop]
-        outcome = episode.env.step(parse_tool_calls(text, cfg.tool_format))
+        wait_start = time.perf_counter()
+        outcome = steps[sid].result()
+        env_wait += time.perf_counter() - wait_start
         suffix = []
         if not outcome.done:
           episode.messages += outcome.observation
@@ -277,4 +305,4 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
     live = next_live
     if not live:
       break
-  return finished
+  return finished, env_wait

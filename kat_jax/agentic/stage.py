@@ -72,13 +72,15 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   # Every sampled turn and reward goes here; each batch reads its trajectories from it.
   manager = TrajectoryManager()
 
-  def rollout_fn(weights, tasks, key) -> list:
+  def rollout_fn(weights, tasks, key) -> tuple[list, dict[str, float]]:
     # On the rollout devices, also the engine's own arrays (page pool, keys) and on the
     # rollout thread: nothing of a rollout runs on the trainer's devices beside its update.
+    stats: dict[str, float] = {}
     with sharding_context(rollout_mesh), jax.default_device(rollout_mesh.devices.flat[0]):
       key = jax.device_put(key, NamedSharding(rollout_mesh, PartitionSpec()))
-      return tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
-                          manager=manager)
+      groups = tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
+                            manager=manager, stats=stats)
+    return groups, stats
 
   source = TreeRollouts(
       ag, objective, pad_id=tokenizer.pad_id, seed=config.seed, steps=steps,

@@ -96,7 +96,8 @@ def test_on_policy_agentic_rl_reproduces_the_recorded_synchronous_loop_exactly(t
   assert [{k: row[k] for k in want} for row, want in zip(got, record)] == record
   assert len(got) == len(record) == 3
   assert all(row["staleness"] == 0 for row in got)
-  for key in ("rollout_wait_s", "produce_s", "update_s", "weight_push_s"):
+  for key in ("rollout_wait_s", "produce_s", "generate_s", "env_wait_s", "update_s",
+              "weight_push_s"):
     assert all(row[key] >= 0 for row in got), key
 
 
