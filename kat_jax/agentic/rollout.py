@@ -11,8 +11,9 @@ previous turn's observation), then `branching[t]` samples that share every page 
 are released. So the episodes of a task form a tree: everything before a branch is one shared
 token list with one set of behaviour log-probs, which `kat_jax.rl.tree.build_trees` then
 merges back into one trie path. Each turn: decode (per-token log-probs and entropies
-recorded), parse the tool calls, step the environment, and append the observation rendered by
-the chat template (mask 0) to the episode's kept sequence.
+recorded); as each sample ends, parse its tool calls and step its environment on a thread pool
+while the others still decode; then append each observation rendered by the chat template
+(mask 0) to its episode's kept sequence.
 
 Token layout of an episode (qwen2.5 template), matching `render_chat(messages)` exactly:
 
