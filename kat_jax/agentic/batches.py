@@ -25,10 +25,12 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from kat_jax.agentic.pruning import build_pruned_trees, prune_group
 from kat_jax.data.packing import pad_batch_rows
+from kat_jax.parallel import sharding_context
 from kat_jax.errors import ConfigError
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
@@ -120,17 +122,18 @@ class TreeRollouts:
   rollout_fn(weights, tasks, key) -> (groups of episodes, sampled with the `RolloutWeights`
   (their pushes reach the rollout while it runs) and recorded in `manager`; timing stats,
   e.g. env_wait_s).
-  rollout_prepare(params) -> decode params where the rollouts run (the rollout mesh).
+  rollout_prepare(params) -> decode params where the rollouts run (`rollout_mesh`).
   Batch b's tasks (b * tasks_per_step + i) and key follow from b, so nothing but the
   weights is checkpointed.
   """
 
   def __init__(self, ag: ConfigDict, objective: ObjectiveConfig, *, pad_id: int, seed: int,
-               steps: int, rollout_fn: Callable, manager: TrajectoryManager,
+               steps: int, rollout_fn: Callable, manager: TrajectoryManager, rollout_mesh: Mesh,
                rollout_prepare: Callable[[Any], Any], metrics_path: str, config_dict: dict,
                log_every: int = 1):
     self.ag, self.objective, self.pad_id, self.steps = ag, objective, pad_id, steps
     self.manager, self.rollout_fn, self.path = manager, rollout_fn, metrics_path
+    self.rollout_mesh = rollout_mesh
     self.key, self.config_dict = jax.random.key(seed + 1), config_dict
     self.log_every = log_every
     self.checkpoint = None  # the tasks and keys of a step follow from its number
@@ -148,8 +151,14 @@ class TreeRollouts:
     (`old_logp` = the sampled log-probs). Its groups leave the manager here."""
     start = time.perf_counter()
     tasks = [index * self.ag.tasks_per_step + i for i in range(self.ag.tasks_per_step)]
-    episodes, rollout_stats = self.rollout_fn(weights, tasks,
-                                              jax.random.fold_in(self.key, index))
+    # Everything of a rollout (keys, the engine's page pool) on the rollout devices, also on
+    # the rollout thread: none of it runs on the trainer's devices beside its update (on
+    # XLA:CPU such an op, e.g. this fold_in on the default device, stalled the update's
+    # all-reduce until XLA aborted the process, in about 1 run in 3).
+    with (sharding_context(self.rollout_mesh),
+          jax.default_device(self.rollout_mesh.devices.flat[0])):
+      episodes, rollout_stats = self.rollout_fn(weights, tasks,
+                                                jax.random.fold_in(self.key, index))
     generated = time.perf_counter()
     groups = take_groups(self.manager, episodes)
     rewards = np.array([t.reward for g in groups for t in g])

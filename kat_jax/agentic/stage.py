@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from kat_jax.agentic.batches import TreeRollouts
@@ -29,7 +28,6 @@ from kat_jax.agentic.environments import make_environment
 from kat_jax.agentic.rollout import tree_rollout
 from kat_jax.data.tokenizer import get_tokenizer
 from kat_jax.errors import ConfigError
-from kat_jax.parallel import sharding_context
 from kat_jax.progress import status
 from kat_jax.rl.pipeline import decode_weights_fn, rollout_meshes
 from kat_jax.rl.trajectories import TrajectoryManager
@@ -73,18 +71,14 @@ def run_agentic_rl(config: ConfigDict) -> dict[str, Any]:
   manager = TrajectoryManager()
 
   def rollout_fn(weights, tasks, key) -> tuple[list, dict[str, float]]:
-    # On the rollout devices, also the engine's own arrays (page pool, keys) and on the
-    # rollout thread: nothing of a rollout runs on the trainer's devices beside its update.
     stats: dict[str, float] = {}
-    with sharding_context(rollout_mesh), jax.default_device(rollout_mesh.devices.flat[0]):
-      key = jax.device_put(key, NamedSharding(rollout_mesh, PartitionSpec()))
-      groups = tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
-                            manager=manager, stats=stats)
+    groups = tree_rollout(sampler, weights, make_env, tasks, tokenizer, key, rollout_cfg,
+                          manager=manager, stats=stats)
     return groups, stats
 
   source = TreeRollouts(
       ag, objective, pad_id=tokenizer.pad_id, seed=config.seed, steps=steps,
-      rollout_fn=rollout_fn, manager=manager,
+      rollout_fn=rollout_fn, manager=manager, rollout_mesh=rollout_mesh,
       rollout_prepare=decode_weights_fn(model_config, train_mesh, rollout_mesh,
                                         own_copy=ag.max_staleness > 0),
       metrics_path=os.path.join(workdir, "agentic_metrics.json"),

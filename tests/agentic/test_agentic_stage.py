@@ -112,12 +112,9 @@ def test_one_step_stale_agentic_rl_on_a_split_mesh_trains_on_recorded_behaviour_
     return work
 
   monkeypatch.setattr(batches_lib.TreeRollouts, "next", spy)
-  # unrolled: one row per episode, so each row's positions are its episode's tokens. One
-  # training device: with several, XLA:CPU's in-process all-reduce of the update, run beside
-  # the rollout thread's programs on the other devices, intermittently never gathers all its
-  # participants and aborts the process (about 1 run in 3 with 6 training devices).
+  # unrolled: one row per episode, so each row's positions are its episode's tokens
   config = _config(tmp_path / "k1", max_staleness=1, rollout_devices=2, rollout_tensor=2,
-                   train_devices=1, pack="unrolled", temperature=0.7)
+                   pack="unrolled", temperature=0.7)
   config.train.update(steps=3, tensorboard=False)
   run_agentic_rl(config)
   rows = _metrics(config.workdir)
