@@ -30,8 +30,8 @@ from ml_collections import ConfigDict
 
 from kat_jax.agentic.pruning import build_pruned_trees, prune_group
 from kat_jax.data.packing import pad_batch_rows
-from kat_jax.parallel import sharding_context
 from kat_jax.errors import ConfigError
+from kat_jax.parallel import sharding_context
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.rl.trajectories import RecordedTrajectory, TrajectoryManager
@@ -179,7 +179,9 @@ class TreeRollouts:
     produced, waited = self.pipeline.take(step, state.params)
     out = produced.value
     batch = out["batch"]
-    if self.pipeline.k:  # off-policy: the update recomputes the proximal old_logp itself
+    # Off-policy: no old_logp, so the loss centres its clip on the weights being trained
+    # (rl.policy_step); the sampled log-probs weight its terms (truncated importance weight).
+    if self.pipeline.k:
       batch = {k: v for k, v in batch.items() if k != "old_logp"}
       batch["behav_logp"] = out["batch"]["old_logp"]
     stats = {**out["stats"], "staleness": float(step - out["oldest_version"]),
