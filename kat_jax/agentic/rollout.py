@@ -215,7 +215,7 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weight
   dparams, version = weights.current() if weights is not None else (params, 0)
   engine = _engine(sampler, dparams, version, _max_episodes(len(tasks), cfg), cfg.max_length)
   with _receiving(weights, engine), concurrent.futures.ThreadPoolExecutor(
-      max_workers=min(_ENV_WORKERS, len(live) * max(cfg.branching))) as pool:
+      max_workers=max(1, min(_ENV_WORKERS, len(live) * max(cfg.branching)))) as pool:
     finished, env_wait = _run_turns(engine, live, news, tokenizer, rng, cfg, manager, pool)
   if stats is not None:
     stats["env_wait_s"] = stats.get("env_wait_s", 0.0) + env_wait
