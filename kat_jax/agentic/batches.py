@@ -31,7 +31,6 @@ from ml_collections import ConfigDict
 from kat_jax.agentic.pruning import build_pruned_trees, prune_group
 from kat_jax.data.packing import pad_batch_rows
 from kat_jax.errors import ConfigError
-from kat_jax.parallel import sharding_context
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.rl.trajectories import RecordedTrajectory, TrajectoryManager
@@ -133,7 +132,6 @@ class TreeRollouts:
                log_every: int = 1):
     self.ag, self.objective, self.pad_id, self.steps = ag, objective, pad_id, steps
     self.manager, self.rollout_fn, self.path = manager, rollout_fn, metrics_path
-    self.rollout_mesh = rollout_mesh
     self.key, self.config_dict = jax.random.key(seed + 1), config_dict
     self.log_every = log_every
     self.checkpoint = None  # the tasks and keys of a step follow from its number
@@ -142,7 +140,8 @@ class TreeRollouts:
       with open(metrics_path, encoding="utf-8") as f:
         self.history = json.load(f)["history"]
     self.pipeline = RolloutPipeline(self._produce, RolloutWeights(rollout_prepare),
-                                    max_staleness=ag.max_staleness, end=steps)
+                                    max_staleness=ag.max_staleness, end=steps,
+                                    mesh=rollout_mesh)
     self._last: dict[str, Any] = {}
     self._t = 0.0
 
@@ -151,14 +150,7 @@ class TreeRollouts:
     (`old_logp` = the sampled log-probs). Its groups leave the manager here."""
     start = time.perf_counter()
     tasks = [index * self.ag.tasks_per_step + i for i in range(self.ag.tasks_per_step)]
-    # Everything of a rollout (keys, the engine's page pool) on the rollout devices, also on
-    # the rollout thread: none of it runs on the trainer's devices beside its update (on
-    # XLA:CPU such an op, e.g. this fold_in on the default device, stalled the update's
-    # all-reduce until XLA aborted the process, in about 1 run in 3).
-    with (sharding_context(self.rollout_mesh),
-          jax.default_device(self.rollout_mesh.devices.flat[0])):
-      episodes, rollout_stats = self.rollout_fn(weights, tasks,
-                                                jax.random.fold_in(self.key, index))
+    episodes, rollout_stats = self.rollout_fn(weights, tasks, jax.random.fold_in(self.key, index))
     generated = time.perf_counter()
     groups = take_groups(self.manager, episodes)
     rewards = np.array([t.reward for g in groups for t in g])

@@ -178,12 +178,14 @@ class RolloutPipeline:
   """
 
   def __init__(self, produce: Callable[[int, RolloutWeights], Any], weights: RolloutWeights, *,
-               max_staleness: int, end: int | None = None, timeout_s: float = float("inf")):
-    """end: the number of batches of the run (k >= 1 produces none past it)."""
+               max_staleness: int, end: int | None = None, mesh: Any = None,
+               timeout_s: float = float("inf")):
+    """end: the number of batches of the run (k >= 1 produces none past it); mesh: the
+    rollout mesh, made the context and default device of every `produce` call."""
     if max_staleness < 0:
       raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
     self.produce, self.weights, self.k = produce, weights, max_staleness
-    self.timeout_s, self.end = timeout_s, end
+    self.timeout_s, self.end, self.mesh = timeout_s, end, mesh
     self._results: dict[int, Produced] = {}
     self._cond = threading.Condition()
     self._stop = threading.Event()
@@ -207,7 +209,7 @@ class RolloutPipeline:
         if not self.weights.wait_for(index - self.k, self._stop):
           return
         start = time.perf_counter()
-        value = self.produce(index, self.weights)
+        value = self._produce(index)
         with self._cond:
           self._results[index] = Produced(index, value, time.perf_counter() - start)
           self._cond.notify_all()
@@ -217,6 +219,16 @@ class RolloutPipeline:
         self._error = e
         self._cond.notify_all()
 
+  def _produce(self, index: int) -> Any:
+    if self.mesh is None:
+      return self.produce(index, self.weights)
+    # Everything of a rollout (keys, the engine's page pool) on the rollout devices: nothing
+    # of it may run on the trainer's devices beside an update (on XLA:CPU a small op there,
+    # e.g. a key's fold_in on the default device, stalled the update's all-reduce until XLA
+    # aborted the process, about 1 run in 3).
+    with sharding_context(self.mesh), jax.default_device(self.mesh.devices.flat[0]):
+      return self.produce(index, self.weights)
+
   def take(self, step: int, params: Any) -> tuple[Produced, float]:
     """Batch `step` and the seconds the trainer waited for it; `params` are the trainer's
     current weights (k = 0 samples with them; k >= 1 has them already)."""
@@ -225,7 +237,7 @@ class RolloutPipeline:
     start = time.perf_counter()
     if not self.k:
       self.weights.push(params, step)
-      value = self.produce(step, self.weights)
+      value = self._produce(step)
       seconds = time.perf_counter() - start
       return Produced(step, value, seconds), seconds
     deadline = time.monotonic() + self.timeout_s

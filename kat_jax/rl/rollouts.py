@@ -288,14 +288,15 @@ def _rollout_round(rollouts: AutoThinkRollouts, weights: RolloutWeights,
 class StepSRPORollouts:
   """The trainer's batch source for `step_srpo` (see the module docstring).
 
-  rollout_prepare(params) -> decode params where the rollouts run (the rollout mesh).
+  rollout_prepare(params) -> decode params where the rollouts run (`rollout_mesh`, the
+  context and default device of the producer).
   """
 
   def __init__(self, rl: ConfigDict, *, seed: int, rollouts: AutoThinkRollouts,
                reward_pool: RewardPool, srpo_cfg: step_srpo.StepSRPOConfig,
                objective: ObjectiveConfig, task_pool: dict[str, task_lib.Task],
                mix: TwoStageMix, mode_tags: list[int], mesh, logprob_fn: Callable,
-               curves_path: str, rollout_prepare: Callable[[Any], Any]):
+               curves_path: str, rollout_prepare: Callable[[Any], Any], rollout_mesh=None):
     self.rl, self.seed, self.rollouts, self.reward_pool = rl, seed, rollouts, reward_pool
     self.srpo_cfg, self.objective, self.task_pool, self.mix = srpo_cfg, objective, task_pool, mix
     self.mode_tags, self.mesh, self.logprob_fn = mode_tags, mesh, logprob_fn
@@ -311,7 +312,7 @@ class StepSRPORollouts:
     weights = RolloutWeights(rollout_prepare)
     weights.attach(rollouts.sampler)
     self.pipeline = RolloutPipeline(self._produce, weights, max_staleness=rl.max_staleness,
-                                    end=rl.steps)
+                                    end=rl.steps, mesh=rollout_mesh)
     self._last: dict[str, Any] = {}
 
   def get_pool_state(self) -> bytes:

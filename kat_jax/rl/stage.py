@@ -92,7 +92,8 @@ def run_step_srpo(config: ConfigDict) -> dict[str, Any]:
                                          temperature=temperature),
                          out_shardings=batch_sharding(train_mesh)),
       rollout_prepare=decode_weights_fn(model_config, train_mesh, rollout_mesh,
-                                        own_copy=rl.max_staleness > 0))
+                                        own_copy=rl.max_staleness > 0),
+      rollout_mesh=rollout_mesh)
 
   def init_state():
     state, shardings = init_sharded_state(model_config, optimizer, trainer.mesh,
