@@ -30,7 +30,8 @@ from kat_jax.rl.curriculum import TwoStageMix
 from kat_jax.rl.pipeline import decode_weights_fn, rollout_meshes
 from kat_jax.rl.policy_step import make_logprob_fn, make_policy_step
 from kat_jax.tasks.rewards import RewardPool
-from kat_jax.rl.rollouts import AutoThinkRollouts, StepSRPORollouts
+from kat_jax.rl.autothink_groups import AutoThinkRollouts
+from kat_jax.rl.rollouts import StepSRPORollouts
 from kat_jax.train.optimizer import make_optimizer
 from kat_jax.train.state import init_sharded_state
 from kat_jax.train.trainer import Trainer
