@@ -64,18 +64,22 @@ class AutoThinkRollouts:
   def groups(self, weights: RolloutWeights, tasks, key, cfg: step_srpo.StepSRPOConfig,
              on_final: Callable[[int, int, Sample], None]):
     """-> (prompts, groups[task][g] = Sample). on_final(task, g, sample) is called once per
-    sample as soon as it is final: when its group's forced rollouts are decided (for the
-    samples that keep their rollout) or when its forced rollout ends."""
+    sample as soon as it is final: when it is sampled (an index no forced mode can replace),
+    when its group's forced rollouts are decided (it keeps its rollout), or when its forced
+    rollout ends."""
     key, forced_key = jax.random.split(key)
     prompts = [self.prompt_ids(t) for t in tasks]
     g = self.rl.group_size
     groups: list[list[Sample | None]] = [[None] * g for _ in tasks]
     pending = [g] * len(tasks)
     forced_of: dict[int, list[tuple[int, str]]] = {}
+    forcible = step_srpo.forcible(g, cfg.force_fraction)
 
     def sampled(row: int, c) -> None:
       i, j = divmod(row, g)
       groups[i][j] = Sample(list(c.tokens), 0, False, c.logprobs, c.versions)
+      if j not in forcible:
+        on_final(i, j, groups[i][j])
       pending[i] -= 1
       if pending[i]:
         return
@@ -83,7 +87,7 @@ class AutoThinkRollouts:
       forced_of[i] = step_srpo.forced_rollouts([self.mode(x.ids) for x in groups[i]],
                                                cfg.force_fraction)
       replaced = {j for j, _ in forced_of[i]}
-      for j in range(g):
+      for j in forcible:
         if j not in replaced:
           on_final(i, j, groups[i][j])
 

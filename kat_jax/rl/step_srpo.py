@@ -67,14 +67,21 @@ def preferred_mode(rollouts: Sequence[Rollout], margin: float) -> str | None:
   return "think_off" if acc["think_off"] >= acc["think_on"] - margin else "think_on"
 
 
+def forcible(group_size: int, fraction: float) -> range:
+  """The rollout indices a forced mode may replace (the last ones of a group); the others
+  are final as soon as they are sampled."""
+  if fraction <= 0:
+    return range(group_size, group_size)
+  return range(group_size - max(1, int(round(fraction * group_size))), group_size)
+
+
 def forced_rollouts(modes: Sequence[str | None], fraction: float) -> list[tuple[int, str]]:
   """(rollout index, mode to force) for a group that chose only one mode; [] otherwise."""
   chosen = {m for m in modes if m in MODES}
-  if len(chosen) != 1 or fraction <= 0:
+  if len(chosen) != 1:
     return []
   other = "think_off" if chosen == {"think_on"} else "think_on"
-  count = max(1, int(round(fraction * len(modes))))
-  return [(i, other) for i in range(len(modes) - count, len(modes))]
+  return [(i, other) for i in forcible(len(modes), fraction)]
 
 
 def group_rewards(rollouts: Sequence[Rollout], cfg: StepSRPOConfig
