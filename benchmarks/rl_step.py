@@ -90,7 +90,8 @@ class Producer:
   def __call__(self, index: int, weights) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
     from kat_jax.rl.objectives import group_advantages  # pylint: disable=g-import-not-at-top
-    from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+    from kat_jax.rl.trajectories import (TrajectoryManager,  # pylint: disable=g-import-not-at-top
+                                         oldest_version)
     from kat_jax.rl.tree import build_trees, pack_trees  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
@@ -126,21 +127,20 @@ class Producer:
     generated = time.perf_counter()
     values = {iid: f.result()[0].reward for iid, f in rewards.items()}
     reward_wait = time.perf_counter() - generated
-    trajectories, advantages = [], []
-    for p, group in enumerate(groups):
-      recorded = manager.trajectories(group)
-      adv = group_advantages(np.array([values[t.interactions[-1]] for t in recorded]),
-                             np.zeros(len(recorded), int))
-      trajectories.append([t.to_trajectory(a) for t, a in zip(recorded, adv)])
+    recorded = [manager.trajectories(group) for group in groups]
+    trajectories = []
+    for group in recorded:
+      adv = group_advantages(np.array([values[t.interactions[-1]] for t in group]),
+                             np.zeros(len(group), int))
+      trajectories.append([t.to_trajectory(a) for t, a in zip(group, adv)])
     trees = build_trees(trajectories, self.objective)
     seq_len = args.seq_len or -(-max(t.num_nodes for t in trees) // 1024) * 1024
     rows = pack_trees(trees, seq_len, 0)
-    versions = np.concatenate([t.versions[t.loss_mask > 0] for g in groups
-                               for t in manager.trajectories(g)])
     return {"rows": rows, "generated_tokens": self._generated,
             "tree_tokens": int(sum(t.num_nodes for t in trees)),
             "unrolled_tokens": int(sum(t.unrolled_tokens for t in trees)),
-            "oldest_version": int(versions.min()), "generate_s": generated - start,
+            "oldest_version": oldest_version([t for g in recorded for t in g], default=index),
+            "generate_s": generated - start,
             "reward_wait_s": reward_wait, "seq_len": seq_len}
 
   def _tree(self, key, sampling, manager, groups, score):

@@ -33,7 +33,7 @@ from kat_jax.data.packing import pad_batch_rows
 from kat_jax.errors import ConfigError
 from kat_jax.rl.objectives import ObjectiveConfig, group_advantages
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
-from kat_jax.rl.trajectories import RecordedTrajectory, TrajectoryManager
+from kat_jax.rl.trajectories import RecordedTrajectory, TrajectoryManager, oldest_version
 from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.train.trainer import Work
 
@@ -157,17 +157,14 @@ class TreeRollouts:
     group_ids = np.array([i for i, g in enumerate(groups) for _ in g])
     advantages = group_advantages(rewards, group_ids, estimator=self.ag.advantage)
     batch, batch_stats = rl_batch(groups, advantages, self.ag, self.objective, self.pad_id)
-    versions = np.concatenate([t.versions[t.loss_mask > 0] for g in groups for t in g])
     return {"batch": batch, "episodes": episodes,
-            "oldest_version": int(versions.min()) if len(versions) else index,
+            "oldest_version": oldest_version([t for g in groups for t in g], default=index),
             "stats": {"reward_mean": float(rewards.mean()),
                       "success_rate": float(np.mean(rewards >= self.ag.success_threshold)),
                       "episodes": float(len(rewards)), "generate_s": generated - start,
                       **rollout_stats, **batch_stats}}
 
   def next(self, state, step: int) -> Work:
-    if self.pipeline.started_at is None:
-      self.pipeline.start(state.params, step)
     produced, waited = self.pipeline.take(step, state.params)
     out = produced.value
     batch = out["batch"]
@@ -186,8 +183,7 @@ class TreeRollouts:
     """Pushes the new weights to the rollouts (k >= 1); records the step in
     `agentic_metrics.json`."""
     timing = {"update_s": time.perf_counter() - self._t}
-    self.pipeline.trained(state.params, step)
-    timing["weight_push_s"] = self.pipeline.weights.push_seconds if self.pipeline.k else 0.0
+    timing["weight_push_s"] = self.pipeline.trained(state.params, step)
     record = {"step": step, **metrics, **timing}
     self.history = [h for h in self.history if h["step"] < step] + [record]
     if jax.process_index() == 0:

@@ -31,13 +31,14 @@ import contextlib
 import copy
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from kat_jax.agentic.environments import Environment, Message
 from kat_jax.agentic.tool_calls import parse_tool_calls
+from kat_jax.rl.pipeline import RolloutWeights
 from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.rl.tree import Trajectory
 from kat_jax.data.chat_template import render_chat, tokenize_chat
@@ -124,23 +125,8 @@ def continuation_text(observation: Sequence[Message], template: str = "qwen2.5",
   return after[len(before) - 1:]
 
 
-class Weights(Protocol):
-  """Versioned weights that change while a rollout runs (`kat_jax.rl.pipeline.RolloutWeights`):
-  `current()` -> (decode params, version); `attach(engine)` / `detach(engine)`: the engine
-  gets every push in between (`Engine.set_params`)."""
-
-  def current(self) -> tuple[DecodeParams, int]:
-    ...
-
-  def attach(self, sampler: Any) -> None:
-    ...
-
-  def detach(self, sampler: Any) -> None:
-    ...
-
-
 @contextlib.contextmanager
-def _receiving(weights: Weights | None, engine: Engine) -> Iterator[None]:
+def _receiving(weights: RolloutWeights | None, engine: Engine) -> Iterator[None]:
   """While inside, pushes of `weights` reach `engine` (its requests in flight continue under
   the new weights: partial rollouts)."""
   if weights is None:
@@ -173,7 +159,7 @@ def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
   return count
 
 
-def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weights,
+def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | RolloutWeights,
                  make_env: Callable[[], Environment], tasks: Sequence[Any],
                  tokenizer: Tokenizer, rng: jax.Array, cfg: RolloutConfig,
                  manager: TrajectoryManager | None = None,
@@ -182,7 +168,7 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weight
 
   sampler gives the engine's settings (model config, pad id, prefill chunk; an EngineSampler
   also its slots and page size); the rollout always runs on a `kat_jax.sampling.Engine`.
-  params: decode params (version 0), or `Weights` (the RL pipeline's `RolloutWeights`): the
+  params: decode params (version 0), or the RL pipeline's `RolloutWeights`: the
   rollout starts with `current()` and the engine takes every push while it runs, so an
   episode in flight at a weight update continues under the new weights.
   Each sample's environment step (tool call, reward check) starts as soon as the sample
@@ -211,7 +197,7 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Weight
     episode.extend(prompt, generated=False)
     live.append(episode)
     news.append(list(prompt))
-  weights = params if hasattr(params, "current") else None
+  weights = params if isinstance(params, RolloutWeights) else None
   dparams, version = weights.current() if weights is not None else (params, 0)
   engine = _engine(sampler, dparams, version, _max_episodes(len(tasks), cfg), cfg.max_length)
   with _receiving(weights, engine), concurrent.futures.ThreadPoolExecutor(

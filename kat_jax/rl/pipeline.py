@@ -231,9 +231,10 @@ class RolloutPipeline:
 
   def take(self, step: int, params: Any) -> tuple[Produced, float]:
     """Batch `step` and the seconds the trainer waited for it; `params` are the trainer's
-    current weights (k = 0 samples with them; k >= 1 has them already)."""
+    current weights (k = 0 samples with them; k >= 1 has them already). The first take
+    starts the pipeline at `step` (the run's first or resumed step)."""
     if self.started_at is None:
-      raise RuntimeError("RolloutPipeline.take before start")
+      self.start(params, step)
     start = time.perf_counter()
     if not self.k:
       self.weights.push(params, step)
@@ -251,11 +252,14 @@ class RolloutPipeline:
       produced = self._results.pop(step)
     return produced, time.perf_counter() - start
 
-  def trained(self, params: Any, step: int) -> None:
+  def trained(self, params: Any, step: int) -> float:
     """After the trainer's step `step` (1-based count of trained batches): for k >= 1 push
-    its weights as version `step` (k = 0: the next `take` pushes them)."""
-    if self.k:
-      self.weights.push(params, step)
+    its weights as version `step` (k = 0: the next `take` pushes them). -> the seconds the
+    push took (0 for k = 0)."""
+    if not self.k:
+      return 0.0
+    self.weights.push(params, step)
+    return self.weights.push_seconds
 
   def close(self) -> None:
     self._stop.set()

@@ -39,7 +39,7 @@ from kat_jax.rl.curriculum import HistoryResampler, TwoStageMix
 from kat_jax.rl.objectives import ObjectiveConfig
 from kat_jax.rl.pipeline import RolloutPipeline, RolloutWeights
 from kat_jax.tasks.rewards import RewardPool
-from kat_jax.rl.trajectories import TrajectoryManager
+from kat_jax.rl.trajectories import TrajectoryManager, oldest_version
 from kat_jax.rl.tree import build_trees, pack_trees, unrolled_batch
 from kat_jax.train.trainer import Work
 
@@ -228,18 +228,15 @@ class StepSRPORollouts:
     if self.pool.epoch_complete:  # one pass over the prompts of a kind in use
       resampling = self.pool.end_epoch(drop=rl.history_resampling)
       status(f"step {index + 1}: epoch {resampling['epoch']} done: {resampling}")
-    versions = np.concatenate([t.versions[t.loss_mask > 0] for key in keys
-                               for t in manager.trajectories(key)])
     return {"rows": rows, "keep": keep, "sampled": sampled, "pool_state": self.get_pool_state(),
             "stats": _batch_stats(index, sampled, self.srpo_cfg, self.mix, self.pool,
                                   resampling),
-            "oldest_version": int(versions.min()) if len(versions) else index,
+            "oldest_version": oldest_version(
+                [t for key in keys for t in manager.trajectories(key)], default=index),
             "timing": {"generate_s": sum(r["generate_s"] for r in rounds),
                        "reward_wait_s": sum(r["reward_wait_s"] for r in rounds)}}
 
   def next(self, state, step: int) -> Work:
-    if self.pipeline.started_at is None:
-      self.pipeline.start(state.params, step)
     t0 = time.perf_counter()
     produced, waited = self.pipeline.take(step, state.params)
     out = produced.value
@@ -270,8 +267,7 @@ class StepSRPORollouts:
     rewrites `rl_curves.json`; returns its scalars."""
     last = self._last
     timing = {**last["timing"], "update_s": time.perf_counter() - last["t_update"]}
-    self.pipeline.trained(state.params, step)
-    timing["weight_push_s"] = self.pipeline.weights.push_seconds if self.pipeline.k else 0.0
+    timing["weight_push_s"] = self.pipeline.trained(state.params, step)
     self._pool_state = last["pool_state"]
     stats = {**last["stats"], **{k: float(v) for k, v in jax.device_get(metrics).items()}}
     stats.update(policy_updates=int(state.step), trained_groups=len(last["keep"]),

@@ -71,6 +71,14 @@ class RecordedTrajectory:
     return Trajectory(self.tokens, self.loss_mask, advantage, self.logprobs, ref_logp)
 
 
+def oldest_version(trajectories: Sequence[RecordedTrajectory], default: int) -> int:
+  """The oldest weight version that sampled a token of these trajectories (`default` when
+  they have no sampled token): a batch's staleness is the trainer's version minus it."""
+  versions = [t.versions[t.loss_mask > 0] for t in trajectories]
+  versions = np.concatenate(versions) if versions else np.zeros(0, np.int32)
+  return int(versions.min()) if len(versions) else default
+
+
 @dataclasses.dataclass
 class _Interaction:
   group: int
