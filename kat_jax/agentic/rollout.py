@@ -11,7 +11,8 @@ previous turn's observation), then `branching[t]` samples that share every page 
 are released. So the episodes of a task form a tree: everything before a branch is one shared
 token list with one set of behaviour log-probs, which `kat_jax.rl.tree.build_trees` then
 merges back into one trie path. Each turn: decode (per-token log-probs and entropies
-recorded); as each sample ends, parse its tool calls and step its environment on a thread pool
+recorded); as each sample ends, parse its tool calls and step its environment (and score an
+episode the turn limit or max_length cuts off) on a thread pool
 while the others still decode; then append each observation rendered by the chat template
 (mask 0) to its episode's kept sequence.
 
@@ -36,8 +37,8 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from kat_jax.agentic.environments import Environment, Message
-from kat_jax.agentic.tool_calls import parse_tool_calls
+from kat_jax.agentic.environments import Environment, Message, StepResult
+from kat_jax.agentic.tool_calls import ParsedAction, parse_tool_calls
 from kat_jax.rl.pipeline import RolloutWeights
 from kat_jax.rl.trajectories import TrajectoryManager
 from kat_jax.rl.tree import Trajectory
@@ -243,8 +244,11 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
       the pool, while the other samples still decode."""
       if result.error is None:
         texts[sid] = tokenizer.decode(result.tokens[:-1] if result.stopped else result.tokens)
-        steps[sid] = pool.submit(episode_of[sid].env.step,
-                                 parse_tool_calls(texts[sid], cfg.tool_format))
+        # Cut off whatever the step returns: the turn limit, or no room for another turn.
+        cut_off = last_turn or (len(episode_of[sid].tokens) + len(result.tokens)
+                                + cfg.max_new_tokens > cfg.max_length)
+        steps[sid] = pool.submit(_env_turn, episode_of[sid].env,
+                                 parse_tool_calls(texts[sid], cfg.tool_format), cut_off)
 
     done = engine.run(on_finish=start_step)
     next_live, news, sequences = [], [], []
@@ -265,7 +269,7 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
         episode.messages.append({"role": "assistant", "content": texts[sid]})
         forced_end = [] if result.stopped else [stop]
         wait_start = time.perf_counter()
-        outcome = steps[sid].result()
+        outcome, cut_off_reward = steps[sid].result()
         env_wait += time.perf_counter() - wait_start
         suffix = []
         if not outcome.done:
@@ -276,7 +280,8 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
         if outcome.done or last_turn or too_long:
           if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
             del episode.messages[len(episode.messages) - len(outcome.observation):]
-            outcome.reward = episode.env.finish()
+            outcome.reward = (episode.env.finish() if cut_off_reward is None
+                              else cut_off_reward)
           episode.extend(forced_end, generated=False)
           episode.reward, episode.done = float(outcome.reward), True
           if manager is not None:
@@ -293,3 +298,12 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
     if not live:
       break
   return finished, env_wait
+
+
+def _env_turn(env: Environment, action: ParsedAction,
+              cut_off: bool) -> tuple[StepResult, float | None]:
+  """One sample's environment step, run on the pool -> (its outcome, the episode's
+  `finish()` reward if the step left it open and `cut_off` says no turn can follow, else
+  None). Scoring a cut-off episode (a code task runs its tests) thus overlaps decoding too."""
+  outcome = env.step(action)
+  return outcome, (env.finish() if cut_off and not outcome.done else None)

@@ -194,3 +194,32 @@ def test_environment_steps_start_inside_the_engine_run_that_ends_their_samples(m
   # same for each of the two branches.
   assert log == ["run", "env step", "env step", "ended"] * 2
   assert stats["env_wait_s"] >= 0
+
+
+def test_a_cut_off_episode_is_scored_by_its_environment_step_on_the_pool():
+  import threading  # pylint: disable=g-import-not-at-top
+  finishes = []
+
+  class OpenEndedEnv(ScriptedToolEnv):
+    """Never ends by itself: the rollout's turn limit cuts every episode off."""
+
+    def __init__(self):
+      super().__init__()
+      self.max_turns = 100
+
+    def finish(self):
+      finishes.append(threading.current_thread() is threading.main_thread())
+      self.done = True
+      return 0.25
+
+  tokenizer = get_tokenizer("bytes")
+  config = get_preset("tiny", num_layers=1)
+  cfg = RolloutConfig(branching=(2,), max_turns=2, max_new_tokens=3, max_length=1024,
+                      sampling=SamplingParams(1.0, vocab_limit=128))
+  groups = tree_rollout(Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=256),
+                        prepare_params(init_params(config, jax.random.key(0)), config),
+                        OpenEndedEnv, [0], tokenizer, jax.random.key(2), cfg)
+  assert [e.reward for e in groups[0]] == [0.25, 0.25]
+  # Each branch is scored once, off the main thread: the task the engine run submits when the
+  # sample ends (the test above shows those start inside the run) also scores a cut-off.
+  assert finishes == [False, False]
