@@ -50,9 +50,10 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--prefill_chunks_per_call", type=int, default=1)
   parser.add_argument("--attention", default="auto",
                       help="paged attention backend (kat_jax.kernels.paged_attention.BACKENDS)")
-  parser.add_argument("--long_rows", type=int, default=8,
+  parser.add_argument("--long_rows", type=int, default=None,
                       help="Engine(long_rows=...): slots attending over the whole page table "
-                           "(0 for a kernel that reads only live pages)")
+                           "(default: the engine's, 8 for XLA attention and 0 for a kernel "
+                           "that reads only live pages)")
   parser.add_argument("--static_batch_prompts", type=int, default=8)
   parser.add_argument("--static_batches", type=int, default=1, help="0: all")
   parser.add_argument("--skip_static", action="store_true")
@@ -124,18 +125,19 @@ def copy_bandwidth(jax, jnp, nbytes: int) -> float:
 def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request, attention_plan  # pylint: disable=g-import-not-at-top
   worst = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 2 * args.num_slots
   cap = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size))
   num_pages = min(worst, cap) + 1
+  attention, long_rows = attention_plan(args.attention, config, args.page_size)
+  long_rows = long_rows if args.long_rows is None else args.long_rows
   engine = Engine(config, dparams, num_slots=args.num_slots, num_pages=num_pages,
                   page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                   prefill_chunks_per_call=args.prefill_chunks_per_call,
-                  steps_per_call=args.steps_per_call, attention=args.attention,
-                  long_rows=args.long_rows,
+                  steps_per_call=args.steps_per_call, attention=attention, long_rows=long_rows,
                   # One full table width for the whole run: only the cut widths compile.
                   min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
-                  if args.long_rows else 8)
+                  if long_rows else 8)
   sampling = SamplingParams(temperature=1.0, vocab_limit=0)
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
@@ -170,8 +172,8 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
       "generated_tokens": generated, "seconds": seconds, "compile_s": compile_s,
       "wall_s_with_compiles": wall, "tokens_per_s": generated / seconds,
       "num_slots": args.num_slots, "page_size": args.page_size, "num_pages": num_pages,
-      "steps_per_call": args.steps_per_call, "attention": args.attention,
-      "long_rows": args.long_rows, "split_calls": stats["split_calls"],
+      "steps_per_call": args.steps_per_call, "attention": engine.attention,
+      "long_rows": engine.long_rows, "split_calls": stats["split_calls"],
       "decode_calls": stats["decode_calls"],
       "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
       "mean_slot_occupancy": stats["slot_steps"] / max(stats["decode_steps"] * args.num_slots,
@@ -260,14 +262,16 @@ def simulate(args) -> dict:
   prompts, lengths = workload(args, config.vocab_size)
   with contextlib.ExitStack() as stack:
     stack.enter_context(mock.patch.object(paged, "jitted", lambda *a: fns))
-    stack.enter_context(mock.patch.object(paged, "init_pages", lambda *a: {"k": [], "v": []}))
+    stack.enter_context(mock.patch.object(paged, "init_pages",
+                                          lambda *a: {"k": [jax.numpy.zeros(1)], "v": []}))
     num_pages = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 1
+    long_rows = 8 if args.long_rows is None else args.long_rows  # as XLA attention's engine
     engine = Engine(config, _stand_in_params(), num_slots=args.num_slots, num_pages=num_pages,
                     page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                     prefill_chunks_per_call=args.prefill_chunks_per_call,
-                    steps_per_call=args.steps_per_call, long_rows=args.long_rows,
+                    steps_per_call=args.steps_per_call, attention="xla", long_rows=long_rows,
                     min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
-                    if args.long_rows else 8)
+                    if long_rows else 8)
     for i, prompt in enumerate(prompts):
       engine.submit(Request(prompt, lengths[i].tolist(), sampling=SamplingParams(1.0),
                             num_samples=args.samples, rng=jax.random.key(0)))

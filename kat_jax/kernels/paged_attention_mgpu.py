@@ -45,6 +45,15 @@ def _gpu_interpret_params():
   return params.InterpretGPUParams()
 
 
+def supports(dtype, groups: int, head_dim: int, page_size: int) -> bool:
+  """Whether the kernel (at its default tiling) takes inputs of `dtype` with `groups` query
+  heads per kv head, `head_dim` and `page_size`."""
+  block = max(64, page_size)
+  return (jnp.dtype(dtype) in [jnp.dtype(d) for d in DTYPES] and -(-groups // 8) * 8 <= _ROWS
+          and head_dim % 64 == 0 and page_size % 8 == 0 and block % 64 == 0
+          and block % page_size == 0)
+
+
 def default_tiling(batch: int, num_kv_heads: int, max_tokens: int, page_size: int,
                    block_tokens: int | None = None) -> tuple[int, int]:
   """(block_tokens, split_tokens): blocks of 64 keys (or one page, if larger), so that with 2

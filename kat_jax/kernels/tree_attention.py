@@ -18,7 +18,7 @@ Backends (`backend=`):
          prefetch and drive the BlockSpec index maps, the innermost grid axis walks the list
          (steps past its end repeat the last block index, so no DMA, and skip compute).
   'mgpu' Pallas Mosaic GPU (Hopper): TMA pipelines, wgmma, warp-specialised forward
-         (tree_attention_mgpu.py); opt-in: 'auto' does not pick it until it has run on a GPU.
+         (tree_attention_mgpu.py); opt-in: 'auto' does not pick it until it is timed on a GPU.
 All run on CPU with `interpret=True` (the tests do).  The backward pass is two kernels: dQ
 (per query block, like the forward) and dK/dV (per key block, looping over the group's query
 heads and the visible query blocks), with `delta = rowsum(dO * O)` computed in plain JAX.

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kat_jax.kernels.paged_attention import default_backend
 from kat_jax.model.config import ModelConfig
 from kat_jax.sampling import paged
 from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
@@ -175,14 +176,17 @@ class Engine:
   def __init__(self, config: ModelConfig, params: DecodeParams, *, num_slots: int = 64,
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
-               tokenizer: Any = None, attention: str = "auto", long_rows: int = 8,
+               tokenizer: Any = None, attention: str = "auto", long_rows: int | None = None,
                min_table_pages: int = 8, version: int = 0):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
-    tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend;
+    tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend
+    ("auto": `paged_attention.default_backend` for a pool on one device; "xla" for a pool
+    spread over a mesh, which XLA partitions by kv head where a Pallas call would gather it);
     long_rows: the slots with the longest caches (up to this many) attend over the whole page
     table and the others over a table cut to their own longest (`paged.split_attend`: the XLA
-    backend gathers every row at the table's width); 0 = one table for all; min_table_pages:
+    backend gathers every row at the table's width); 0 = one table for all; None = 8 for the
+    XLA backend, 0 for a kernel that reads only live pages; min_table_pages:
     the narrowest page table of a decode call (tables are powers of two >= it, one compiled
     program each: a width that covers the longest request compiles only the cut widths);
     version: the weights' version number (`Completion.versions`, `set_params`)."""
@@ -199,12 +203,14 @@ class Engine:
     self.prefill_chunk, self.steps_per_call = int(prefill_chunk), int(steps_per_call)
     self.prefill_chunks_per_call = int(prefill_chunks_per_call)
     self.pad_id, self.tokenizer = int(pad_id), tokenizer
-    self.long_rows = int(long_rows)
     self.min_table_pages = _bucket(int(min_table_pages), 8)
     self.allocator = PageAllocator(num_pages, page_size)
     self.cache = paged.init_pages(config, num_pages, page_size)
+    self.attention, default_long_rows = attention_plan(
+        attention, config, page_size, spread=len(self.cache["k"][0].sharding.device_set) > 1)
+    self.long_rows = int(default_long_rows if long_rows is None else long_rows)
     self.logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
-    self._fns = paged.jitted(config, self.pad_id, attention)
+    self._fns = paged.jitted(config, self.pad_id, self.attention)
     self._slots: list[_Sample | None] = [None] * num_slots
     self._pending: collections.deque[_Prefill] = collections.deque()
     self._ready: collections.deque[_Sample] = collections.deque()
@@ -700,3 +706,15 @@ def make_batch_sampler(config: ModelConfig, kind: str = "paged", *, pad_id: int 
     raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {num_pages}")
   return EngineSampler(config, pad_id=pad_id, prefill_chunk=prefill_chunk, num_slots=num_slots,
                        page_size=page_size, num_pages=num_pages)
+
+
+
+def attention_plan(attention: str, config: ModelConfig, page_size: int,
+                   spread: bool = False) -> tuple[str, int]:
+  """(paged-attention backend, default `long_rows`) of an engine given `attention` for a
+  `config` model with pages of `page_size` tokens; spread: the pool spans several devices."""
+  if attention == "auto":
+    attention = "xla" if spread else default_backend(
+        config.compute_dtype, config.num_heads // config.num_kv_heads, config.head_dim,
+        page_size)
+  return attention, 8 if attention in ("xla", "reference") else 0

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kat_jax.kernels.paged_attention import (paged_decode_attention,
+from kat_jax.kernels.paged_attention import (default_backend, paged_decode_attention,
                                              paged_decode_attention_reference)
 from kat_jax.kernels.paged_attention_mgpu import has_interpreter, paged_decode_attention_mgpu
 from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu
@@ -224,3 +224,25 @@ def test_bad_shapes_raise_an_error_naming_the_argument():
     paged_decode_attention(q, k, v[:, :-1], table, lengths)
   with pytest.raises(ValueError, match="backend must be one of"):
     paged_decode_attention(q, k, v, table, lengths, backend="triton")
+
+
+class _FakeDevice:
+  def __init__(self, platform, compute_capability=""):
+    self.platform, self.compute_capability = platform, compute_capability
+
+
+@pytest.mark.parametrize("platform, capability, dtype, groups, head_dim, page_size, want", [
+    ("gpu", "9.0", jnp.bfloat16, 6, 128, 16, "mosaic_gpu"),    # qwen2.5-1.5b on an H100
+    ("gpu", "9.0", jnp.float16, 7, 128, 64, "mosaic_gpu"),     # qwen2.5-7b, one-block pages
+    ("gpu", "9.0", jnp.float32, 6, 128, 16, "xla"),            # the kernel is bf16/f16 only
+    ("gpu", "9.0", jnp.bfloat16, 6, 96, 16, "xla"),            # D not a multiple of 64
+    ("gpu", "9.0", jnp.bfloat16, 6, 128, 24, "xla"),           # pages that do not tile 64 keys
+    ("gpu", "9.0", jnp.bfloat16, 72, 128, 16, "xla"),          # more query heads than MMA rows
+    ("gpu", "8.0", jnp.bfloat16, 6, 128, 16, "xla"),           # an A100: no Mosaic GPU
+    ("tpu", "", jnp.bfloat16, 6, 128, 16, "pallas_tpu"),
+    ("cpu", "", jnp.bfloat16, 6, 128, 16, "xla"),
+])
+def test_auto_backend_is_the_mosaic_gpu_kernel_only_for_hopper_inputs_it_takes(
+    monkeypatch, platform, capability, dtype, groups, head_dim, page_size, want):
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(platform, capability)])
+  assert default_backend(dtype, groups, head_dim, page_size) == want

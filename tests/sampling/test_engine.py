@@ -10,7 +10,7 @@ import pytest
 
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import GREEDY, Sampler, SamplingParams, prepare_params
-from kat_jax.sampling.engine import Engine, EngineSampler, Request
+from kat_jax.sampling.engine import Engine, EngineSampler, Request, attention_plan
 from kat_jax.testing import relative_error
 
 _CONFIG = dict(num_layers=1, initializer_range=0.3)
@@ -531,3 +531,17 @@ def test_engine_sampler_on_finish_gets_each_rows_completion(model, greedy_refere
   for row, [completion] in rows.items():
     assert completion.tokens == result.token_lists()[row]
     np.testing.assert_array_equal(completion.logprobs, np.asarray(result.logprobs)[row])
+
+
+def test_attention_plan_splits_long_rows_only_for_xla_and_keeps_a_spread_pool_on_xla(
+    monkeypatch):
+  from kat_jax.sampling import engine as engine_module  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny")
+  assert attention_plan("auto", config, 16) == ("xla", 8)  # this CPU
+  assert attention_plan("mosaic_gpu", config, 16) == ("mosaic_gpu", 0)
+  assert attention_plan("xla", config, 16, spread=True) == ("xla", 8)
+  monkeypatch.setattr(engine_module, "default_backend", lambda *a: "mosaic_gpu")  # a Hopper GPU
+  assert attention_plan("auto", config, 16) == ("mosaic_gpu", 0)
+  # A pool over several devices: XLA partitions its attention by kv head; a Pallas call would
+  # gather the whole pool onto every device.
+  assert attention_plan("auto", config, 16, spread=True) == ("xla", 8)
