@@ -7,8 +7,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Low to high; a package may import its own layer and the layers below it.
 LAYERS = (
-    ("errors", "progress", "openai_http", "kernels", "data", "tasks"),  # utilities, kernels,
-    # tokenizers/packing, tasks + verifiers
+    # utilities, config field checks, kernels, tokenizers/packing, tasks + verifiers
+    ("errors", "field_checks", "progress", "openai_http", "kernels", "data", "tasks"),
     ("model",),
     ("parallel", "checkpoint"),
     ("train", "sampling"),  # the trainer; decoding and "a model as a generate function"

@@ -7,6 +7,7 @@ from ml_collections import ConfigDict
 
 from kat_jax.agentic.rollout import RolloutConfig
 from kat_jax.errors import ConfigError
+from kat_jax.field_checks import at_least, check_section, one_of
 from kat_jax.rl.objectives import ObjectiveConfig
 from kat_jax.sampling import SamplingParams
 
@@ -64,13 +65,11 @@ def objective_from(ag: ConfigDict) -> ObjectiveConfig:
 
 
 def check_fields(ag: ConfigDict) -> None:
-  if ag.pack not in ("tree", "unrolled"):
-    raise ConfigError(f"config.agentic.pack {ag.pack!r} not in ['tree', 'unrolled']")
-  for name, low in (("micro_batch_rows", 1), ("tasks_per_step", 1), ("max_staleness", 0),
-                    ("rollout_devices", 0), ("train_devices", 0), ("rollout_tensor", 1),
-                    ("prune_budget", 0)):
-    if int(ag[name]) < low:
-      raise ConfigError(f"config.agentic.{name} must be >= {low}, got {ag[name]}")
+  check_section(ag, "agentic", {
+      "pack": one_of("tree", "unrolled"), "micro_batch_rows": at_least(1),
+      "tasks_per_step": at_least(1), "max_staleness": at_least(0),
+      "rollout_devices": at_least(0), "train_devices": at_least(0),
+      "rollout_tensor": at_least(1), "prune_budget": at_least(0)})
 
 
 def rollout_config(ag: ConfigDict) -> RolloutConfig:

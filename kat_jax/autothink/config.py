@@ -7,6 +7,7 @@ from ml_collections import ConfigDict
 
 from kat_jax.autothink import templates
 from kat_jax.errors import ConfigError
+from kat_jax.field_checks import FRACTION, at_least, check_section
 
 TAGGERS = ("simulated", "model", "endpoint")
 
@@ -69,15 +70,10 @@ def parse_accuracy(text: str) -> dict[int, float]:
 def check_fields(at: ConfigDict) -> None:
   if at.tagger not in TAGGERS:
     raise ConfigError(f"config.autothink.tagger {at.tagger!r} not in {TAGGERS}")
-  for name in ("num_train", "num_eval", "votes", "eval_prompts", "eval_max_new_tokens",
-               "eval_batch_size"):
-    if at[name] < 1:
-      raise ConfigError(f"config.autothink.{name} must be >= 1, got {at[name]}")
-  if not 0.0 <= at.random_fraction <= 1.0:
-    raise ConfigError(f"config.autothink.random_fraction must be in [0, 1], got "
-                      f"{at.random_fraction}")
-  if not 0.0 <= at.hard_fraction <= 1.0:
-    raise ConfigError(f"config.autothink.hard_fraction must be in [0, 1], got {at.hard_fraction}")
+  check_section(at, "autothink", {
+      **{name: at_least(1) for name in ("num_train", "num_eval", "votes", "eval_prompts",
+                                        "eval_max_new_tokens", "eval_batch_size")},
+      "random_fraction": FRACTION, "hard_fraction": FRACTION})
   if at.tagger == "endpoint" and not (at.endpoint_url and at.endpoint_model):
     raise ConfigError("config.autothink.tagger 'endpoint' needs endpoint_url and endpoint_model")
   segment_weights(at)

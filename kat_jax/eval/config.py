@@ -7,6 +7,7 @@ import warnings
 from ml_collections import ConfigDict
 
 from kat_jax.errors import ConfigError
+from kat_jax.field_checks import at_least, check_section
 from kat_jax.sampling.autothink import THINK_MODES
 
 BENCHMARKS = ("generated", "humaneval", "jsonl")
@@ -65,11 +66,10 @@ def check_fields(ev: ConfigDict) -> list[int]:
     raise ConfigError("config.eval.benchmarks has 'jsonl' but config.eval.jsonl_paths is empty")
   if ev.think_mode not in THINK_MODES:
     raise ConfigError(f"config.eval.think_mode {ev.think_mode!r} not in {THINK_MODES}")
-  for name in ("num_generated", "num_samples", "max_new_tokens", "batch_size", "workers"):
-    if ev[name] < 1:
-      raise ConfigError(f"config.eval.{name} must be >= 1, got {ev[name]}")
-  if ev.humaneval_limit < 0:
-    raise ConfigError(f"config.eval.humaneval_limit must be >= 0, got {ev.humaneval_limit}")
+  check_section(ev, "eval", {
+      **{name: at_least(1) for name in ("num_generated", "num_samples", "max_new_tokens",
+                                        "batch_size", "workers")},
+      "humaneval_limit": at_least(0)})
   try:
     ks = [int(k) for k in split_list(ev.ks)]
   except ValueError:

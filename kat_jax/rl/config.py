@@ -7,6 +7,7 @@ from ml_collections import ConfigDict
 
 from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.errors import ConfigError
+from kat_jax.field_checks import at_least, check_section, one_of
 from kat_jax.rl import step_srpo
 from kat_jax.rl.objectives import ObjectiveConfig
 
@@ -97,17 +98,10 @@ def _check_dapo_fields(rl: ConfigDict) -> None:
   if not 0 <= rl.overlong_buffer < rl.max_new_tokens:
     raise ConfigError(f"config.rl.overlong_buffer must be in [0, max_new_tokens="
                       f"{rl.max_new_tokens}), got {rl.overlong_buffer}")
-  if rl.dynamic_sampling_max_batches < 1:
-    raise ConfigError(f"config.rl.dynamic_sampling_max_batches must be >= 1, got "
-                      f"{rl.dynamic_sampling_max_batches}")
-  if rl.updates_per_batch < 1:
-    raise ConfigError(f"config.rl.updates_per_batch must be >= 1, got {rl.updates_per_batch}")
-  if rl.max_staleness < 0:
-    raise ConfigError(f"config.rl.max_staleness must be >= 0, got {rl.max_staleness}")
-  if rl.pack not in ("tree", "unrolled"):
-    raise ConfigError(f"config.rl.pack {rl.pack!r} not in ['tree', 'unrolled']")
-  if rl.rollout_tensor < 1:
-    raise ConfigError(f"config.rl.rollout_tensor must be >= 1, got {rl.rollout_tensor}")
+  check_section(rl, "rl", {
+      "dynamic_sampling_max_batches": at_least(1), "updates_per_batch": at_least(1),
+      "max_staleness": at_least(0), "pack": one_of("tree", "unrolled"),
+      "rollout_tensor": at_least(1)})
 
 
 def typed_configs(rl: ConfigDict) -> tuple[ObjectiveConfig, step_srpo.StepSRPOConfig]:

@@ -34,6 +34,7 @@ from kat_jax.checkpoint import models
 from kat_jax.data.chat_template import TEMPLATES, parse_autothink_response, tokenize_chat
 from kat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from kat_jax.errors import ConfigError
+from kat_jax.field_checks import at_least, check_section
 from kat_jax.progress import status
 from kat_jax.sampling.autothink import (THINK_MODES, autothink_stats, forced_mode_prefix,
                                         think_mode_prompts)
@@ -108,10 +109,8 @@ def _check(gen: ConfigDict, vocab_limit: int) -> SamplingParams:
     raise ConfigError("config.generate.think_mode 'on'/'off' needs template 'kat'")
   if gen.sampler not in BATCH_SAMPLERS:
     raise ConfigError(f"config.generate.sampler {gen.sampler!r} not in {BATCH_SAMPLERS}")
-  for name in ("num_samples", "max_new_tokens", "batch_size", "prefill_chunk", "num_slots",
-               "page_size"):
-    if gen[name] < 1:
-      raise ConfigError(f"config.generate.{name} must be >= 1, got {gen[name]}")
+  check_section(gen, "generate", {name: at_least(1) for name in (
+      "num_samples", "max_new_tokens", "batch_size", "prefill_chunk", "num_slots", "page_size")})
   if gen.num_pages != 0 and gen.num_pages < 2:
     raise ConfigError(f"config.generate.num_pages must be 0 (sized per call) or >= 2 (page 0 "
                       f"is scratch), got {gen.num_pages}")

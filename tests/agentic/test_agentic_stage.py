@@ -180,7 +180,7 @@ def test_rl_batch_prune_stats_and_a_budget_below_the_prompt():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("pack", "flat", "config.agentic.pack 'flat' not in"),
+    ("pack", "flat", "config.agentic.pack must be one of \\['tree', 'unrolled'\\], got 'flat'"),
     ("micro_batch_rows", 0, "config.agentic.micro_batch_rows must be >= 1"),
     ("max_staleness", -1, "config.agentic.max_staleness must be >= 0"),
     ("rollout_tensor", 0, "config.agentic.rollout_tensor must be >= 1"),

@@ -312,7 +312,7 @@ def test_one_step_stale_step_srpo_killed_after_a_checkpoint_resumes_and_redraws_
 @pytest.mark.parametrize("field, value, match", [
     ("max_staleness", -1, "max_staleness must be >= 0"),
     ("rollout_tensor", 0, "rollout_tensor must be >= 1"),
-    ("pack", "flat", "config.rl.pack 'flat' not in"),
+    ("pack", "flat", "config.rl.pack must be one of \\['tree', 'unrolled'\\], got 'flat'"),
     ("rollout_devices", 9, "do not fit the 8 devices"),
 ])
 def test_bad_pipeline_fields_are_config_errors(tmp_path, field, value, match):
