@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import CompileClock, add_workload_flags, workload  # noqa: E402  pylint: disable=g-import-not-at-top
+from rollout import CompileClock, add_workload_flags, workload, write_report  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
 
@@ -286,10 +286,6 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   clock = CompileClock(jax)
   results = []
-  for name in args.workload:
-    for k in args.k:
-      print(f"{args.preset} {name} k={k}", flush=True)
-      results.append(run(args, k, name, clock))
   report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "preset": args.preset, "workload": {
@@ -300,6 +296,11 @@ def main(argv=None) -> dict:
                 "tree": {"branch1": args.branch1, "tool_tokens": args.tool_tokens}},
             "results": results,
             "versions": {"python": platform.python_version(), "jax": jax.__version__}}
+  for name in args.workload:
+    for k in args.k:
+      print(f"{args.preset} {name} k={k}", flush=True)
+      results.append(run(args, k, name, clock))
+      write_report(args.out, report)  # kept if a later run is cut off by a time limit
   print(f"{'workload':8} {'k':>2} {'tok/s/dev':>10} {'param-tok/s':>12} {'step s':>8} "
         f"{'rollout%':>8} {'gen s':>7} {'rew s':>6} {'logp s':>7} {'upd s':>7} {'push s':>7}")
   for r in results:
@@ -310,12 +311,6 @@ def main(argv=None) -> dict:
           f"{s['generate_s']:>7.1f} {s['reward_wait_s']:>6.2f} {s['logprob_s']:>7.1f} "
           f"{s['update_s']:>7.1f} {s['weight_push_s']:>7.2f}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, default=float)
     print(f"wrote {args.out}")
   return report
 
-
-if __name__ == "__main__":
-  main()

@@ -363,6 +363,18 @@ def main(argv=None) -> dict:
                 tuning={b: {n: t._asdict() for n, t in zip(Tuning._fields, tunings[b])}
                         for b in backends})
 
+  os.makedirs(args.out, exist_ok=True)
+  times, skipped = {}, {}
+
+  def save(completed: str) -> None:
+    """Writes what is measured so far, so a run cut off by a time limit keeps it."""
+    record.update(completed=completed, skipped=skipped,
+                  times_ms={n: dict(fwd=f, fwd_bwd=fb) for n, (f, fb) in times.items()})
+    with open(os.path.join(args.out, args.name), "w") as f:
+      json.dump(record, f, indent=2)
+    with open(os.path.join(args.out, args.name.replace(".json", "_log.txt")), "w") as f:
+      f.write("\n".join(lines) + "\n")
+
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(key, (1, length, heads, dim), jnp.bfloat16) for key in keys)
   kv_end = jnp.asarray(kv_end_np)[None]
@@ -376,11 +388,12 @@ def main(argv=None) -> dict:
       record["check_benchmark_size"][backend] = attempt(
           check_benchmark_size, tree_fn(kv_end, backend, tunings, interpret), q, k, v, do,
           kv_end, paths, args.check_heads, on_gpu, log)
+      save(f"checks_{backend}")
 
   rate = matmul_tflops(256 if args.tiny else 8192)
   log(f"bf16 matmul: {rate:.1f} TFLOP/s (MFU {rate / PEAK_BF16_TFLOPS:.2f})")
+  record.update(matmul_tflops=rate, matmul_mfu=rate / PEAK_BF16_TFLOPS)
   fwd_flops = 4 * heads * dim * pairs_tree
-  times, skipped = {}, {}
   for backend in backends:
     result = attempt(bench_attention, tree_fn(kv_end, backend, tunings, interpret), q, k, v, do)
     if isinstance(result, dict):
@@ -388,6 +401,7 @@ def main(argv=None) -> dict:
     else:
       times[f"tree_{backend}"] = result
     log(f"tree kernel ({backend}): {result}")
+    save(f"tree_{backend}")
   sweep = []
   first = backends[0] if backends else "gpu"
   for text in args.sweep_fwd:
@@ -402,6 +416,7 @@ def main(argv=None) -> dict:
         lambda t=t: bench_attention(tree_fn(kv_end, first, t, interpret), q, k, v, do)[1])))
     log(f"sweep {sweep[-1]}")
   record["sweep"] = sweep
+  save("sweep")
 
   if on_gpu:
     unrolled = [jnp.take(x[0], jnp.asarray(paths), axis=0) for x in (q, k, v, do)]
@@ -424,9 +439,8 @@ def main(argv=None) -> dict:
   work = {name: fwd_flops for name in times}
   if "cudnn_unrolled" in times:
     work["cudnn_unrolled"] = 4 * heads * dim * pairs_unrolled
-  record.update(matmul_tflops=rate, matmul_mfu=rate / PEAK_BF16_TFLOPS, skipped=skipped,
-                times_ms={n: dict(fwd=f, fwd_bwd=fb) for n, (f, fb) in times.items()},
-                fwd_rates={n: rate_record(work[n], f, rate) for n, (f, _) in times.items()},
+  save("peers")
+  record.update(fwd_rates={n: rate_record(work[n], f, rate) for n, (f, _) in times.items()},
                 fwd_bwd_rates={n: rate_record(3.5 * work[n], fb, rate)
                                for n, (_, fb) in times.items()})
   if "flex_tree" in times:
@@ -441,11 +455,7 @@ def main(argv=None) -> dict:
     log(f"{name:<18}{f:>10.3f}{fb:>12.3f}{record['fwd_rates'][name]['mfu_vs_peak']:>9.2f}")
   for name, reason in skipped.items():
     log(f"{name:<18} skipped: {reason}")
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, args.name), "w") as f:
-    json.dump(record, f, indent=2)
-  with open(os.path.join(args.out, args.name.replace(".json", "_log.txt")), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  save("all")
   return record
 
 

@@ -10,6 +10,7 @@ def test_tiny_run_times_the_triton_kernel_and_records_gpu_only_methods_as_skippe
   record = bench.main(["--tiny", "--skip-checks", "--backends", "gpu", "--out", str(tmp_path),
                        "--name", "tiny.json"])
   assert json.loads((tmp_path / "tiny.json").read_text()) == json.loads(json.dumps(record))
+  assert record["completed"] == "all"  # the last of its incremental saves
   assert record["interpreted"] and record["workload"]["tokens"] == 224
   assert set(record["times_ms"]) == {"tree_gpu", "flop_floor"}
   assert record["times_ms"]["tree_gpu"]["fwd_bwd"] > 0
