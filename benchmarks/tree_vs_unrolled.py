@@ -127,6 +127,9 @@ def main(argv=None) -> dict:
   optimizer = optax.adamw(1e-4)
   mesh = make_mesh(-1, 1, 1)
   by_attention = {}
+  report = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+            "preset": args.preset, "args": vars(args), "results": by_attention,
+            "backend": jax.default_backend()}
   with sharding_context(mesh):
     state, _ = init_sharded_state(config, optimizer, mesh, jax.random.key(0))
     for attention in args.attention.split(","):
@@ -151,14 +154,15 @@ def main(argv=None) -> dict:
         results["speedup_over_token_ratio"] = results["speedup"] / results["token_ratio"]
       by_attention[attention] = results
       print(f"attention {attention}: {json.dumps(results)}", flush=True)
-  report = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
-            "preset": args.preset, "args": vars(args), "results": by_attention,
-            "backend": jax.default_backend()}
+      _write(args.out, report)  # kept if a later backend is cut off by a time limit
   print(json.dumps(report, indent=1))
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=1)
   return report
+
+
+def _write(path: str, report: dict) -> None:
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
