@@ -164,7 +164,6 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
   seconds = wall - compile_s
   stats = engine.stats
   log = np.asarray(engine.decode_log, np.float64).reshape(-1, 5)
-  full = log[(log[:, 1] == args.num_slots) & (log[:, 4] == 0) & (log[:, 2] > 0)]
   held = np.asarray([m["held_tokens"] for m in memory], np.float64)
   live = np.asarray([m["live_tokens"] for m in memory], np.float64)
   ok = live > 0
@@ -182,15 +181,52 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
       "kv_held_over_live_max": float((held[ok] / live[ok]).max()) if ok.any() else None,
       "kv_held_tokens_max": float(held.max()) if held.size else 0.0,
       "kv_samples": int(held.size),
-      "full_occupancy_calls": int(len(full)),
+      "decode_s_with_compiles": float(log[:, 0].sum()),
+      "decode_log": log,
   }
-  if len(full):
-    per_step = full[:, 0] / full[:, 2]
-    context = full[:, 3] + full[:, 1] * full[:, 2] / 2  # live tokens mid-call
-    result["full_occupancy"] = {"step_ms_median": float(np.median(per_step) * 1e3),
-                                "context_tokens_median": float(np.median(context)),
-                                "per_step_s": per_step, "context": context}
   return result
+
+
+# Buckets of active slots per decode call for `step_times` (upper bounds, inclusive).
+ACTIVE_BUCKETS = (8, 32, 64, 96, 127, 128)
+
+
+def step_times(log: np.ndarray, num_slots: int, weight_bytes: int, kv_per_token: int,
+               bandwidth: float) -> tuple[dict | None, list[dict]]:
+  """The engine's decode calls -> (full-occupancy summary, one row per bucket of active slots).
+
+  log [calls, 5]: seconds, active slots, steps run, live tokens at the start, prefill chunks
+  since the previous call (`Engine.decode_log`). A call's step time is its seconds / steps;
+  its floor reads the weights and its slots' live KV (mid-call) once per step at the copy
+  `bandwidth`. Full occupancy: every slot busy, no prefill before the call. Calls that
+  compiled a program are in the log too: medians keep them out of the figures.
+  """
+  ran = log[log[:, 2] > 0]
+  per_step = ran[:, 0] / ran[:, 2]
+  context = ran[:, 3] + ran[:, 1] * ran[:, 2] / 2
+  floor = (weight_bytes + context * kv_per_token) / bandwidth
+  full = (ran[:, 1] == num_slots) & (ran[:, 4] == 0)
+  summary = None
+  if full.any():
+    summary = {"calls": int(full.sum()),
+               "step_ms_median": float(np.median(per_step[full]) * 1e3),
+               "context_tokens_median": float(np.median(context[full])),
+               "floor_ms_median": float(np.median(floor[full]) * 1e3),
+               "step_over_floor_median": float(np.median(per_step[full] / floor[full]))}
+  rows, low = [], 0
+  for high in ACTIVE_BUCKETS:
+    pick = (ran[:, 1] > low) & (ran[:, 1] <= min(high, num_slots))
+    low = high
+    if not pick.any():
+      continue
+    rows.append({"active_slots": [int(ran[pick, 1].min()), int(ran[pick, 1].max())],
+                 "calls": int(pick.sum()), "steps": int(ran[pick, 2].sum()),
+                 "seconds": float(ran[pick, 0].sum()),
+                 "step_ms_median": float(np.median(per_step[pick]) * 1e3),
+                 "context_tokens_median": float(np.median(context[pick])),
+                 "floor_ms_median": float(np.median(floor[pick]) * 1e3),
+                 "step_over_floor_median": float(np.median(per_step[pick] / floor[pick]))})
+  return summary, rows
 
 
 def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
@@ -339,13 +375,8 @@ def main(argv=None) -> dict:
         f"to generate (mean {lengths.mean():.0f}, max {lengths.max()}); copy bandwidth "
         f"{bandwidth / 1e12:.2f} TB/s", flush=True)
   engine = run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock)
-  full = engine.pop("full_occupancy", None)
-  if full is not None:
-    floor = (weight_bytes + full.pop("context") * kv_per_token) / bandwidth
-    ratio = full.pop("per_step_s") / floor
-    full.update(floor_ms_median=float(np.median(floor) * 1e3),
-                step_over_floor_median=float(np.median(ratio)))
-    engine["full_occupancy"] = full
+  engine["full_occupancy"], engine["step_ms_by_active_slots"] = step_times(
+      engine.pop("decode_log"), args.num_slots, weight_bytes, kv_per_token, bandwidth)
   report = {
       "device": jax.devices()[0].device_kind,
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -401,6 +432,13 @@ def _print_table(report: dict) -> None:
     print(f"{name:34s} {a:>24s} {b:>28s}")
   if s:
     print(f"engine / static tokens/s: {report['engine_over_static_tokens_per_s']:.2f}x")
+  print(f"engine decode calls by active slots: {'calls':>6} {'steps':>6} {'s':>7} "
+        f"{'step ms':>8} {'floor ms':>8} {'ratio':>6}")
+  for r in e["step_ms_by_active_slots"]:
+    low, high = r["active_slots"]
+    print(f"{f'{low}-{high}':>35} {r['calls']:>6} {r['steps']:>6} {r['seconds']:>7.1f} "
+          f"{r['step_ms_median']:>8.2f} {r['floor_ms_median']:>8.2f} "
+          f"{r['step_over_floor_median']:>6.2f}")
 
 
 if __name__ == "__main__":

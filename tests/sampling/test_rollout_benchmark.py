@@ -31,3 +31,28 @@ def test_rollout_benchmark_simulation_schedules_every_drawn_token():
   assert report["decode_steps"] >= report["longest_sample"]
   assert report["decode_shapes"] and 0 < report["mean_slot_occupancy"] <= 1
   assert report["kv_held_over_live_mean"] >= 1
+
+
+def test_step_times_split_decode_calls_by_active_slots_against_their_floor():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  module = benchmark_module("rollout")
+  log = np.array([  # seconds, active slots, steps run, live tokens at start, prefill chunks
+      [0.010, 4, 10, 1000, 0],   # every slot busy, no prefill: full occupancy, 1 ms a step
+      [0.004, 2, 4, 100, 0],     # 1 ms a step
+      [0.500, 4, 5, 0, 1],       # a prefill before it: not full occupancy; 100 ms a step
+      [0.000, 1, 0, 0, 0],       # ran no step: left out
+      [0.090, 9, 3, 60, 0],      # 9 slots: only in the num_slots=16 case below
+  ])
+  full, rows = module.step_times(log[:4], num_slots=4, weight_bytes=1000, kv_per_token=1,
+                                 bandwidth=1e6)
+  # floor = (weights + live KV mid-call) / bandwidth = (1000 + 1000 + 4 * 10 / 2) / 1e6 s
+  assert full == {"calls": 1, "step_ms_median": 1.0, "context_tokens_median": 1020.0,
+                  "floor_ms_median": 2.02, "step_over_floor_median": 1.0 / 2.02}
+  assert len(rows) == 1
+  row = rows[0]
+  assert (row["active_slots"], row["calls"], row["steps"]) == ([2, 4], 3, 19)
+  assert np.isclose(row["seconds"], 0.514) and row["step_ms_median"] == 1.0
+  full, rows = module.step_times(log, num_slots=16, weight_bytes=1000, kv_per_token=1,
+                                 bandwidth=1e6)
+  assert full is None  # no call had all 16 slots busy
+  assert [r["active_slots"] for r in rows] == [[2, 4], [9, 9]]
