@@ -16,6 +16,8 @@ Backends (all compute the same function):
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -85,7 +87,7 @@ def paged_decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
   return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
-def default_backend(dtype=jnp.bfloat16, groups: int = 1, head_dim: int = 128,
+def default_backend(dtype: Any = jnp.bfloat16, groups: int = 1, head_dim: int = 128,
                     page_size: int = 16) -> str:
   """The backend "auto" picks on the default device for inputs of `dtype` with `groups` query
   heads per kv head, `head_dim` and `page_size`.

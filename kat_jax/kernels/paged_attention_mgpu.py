@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ def _gpu_interpret_params():
   return params.InterpretGPUParams()
 
 
-def supports(dtype, groups: int, head_dim: int, page_size: int) -> bool:
+def supports(dtype: Any, groups: int, head_dim: int, page_size: int) -> bool:
   """Whether the kernel (at its default tiling) takes inputs of `dtype` with `groups` query
   heads per kv head, `head_dim` and `page_size`."""
   block = max(64, page_size)
