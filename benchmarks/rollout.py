@@ -122,22 +122,30 @@ def copy_bandwidth(jax, jnp, nbytes: int) -> float:
   return 2 * x.size * 2 / statistics.median(times)
 
 
+def engine_layout(args, config, attention: str) -> dict:
+  """The Engine's attention, long_rows and min_table_pages for this run: long rows split off
+  (the XLA attention) get one full table width for the whole run, so only the cut widths
+  compile."""
+  from kat_jax.sampling.engine import attention_plan  # pylint: disable=g-import-not-at-top
+  attention, long_rows = attention_plan(attention, config, args.page_size)
+  long_rows = long_rows if args.long_rows is None else args.long_rows
+  full_width = -(-(args.prompt_max + args.max_new) // args.page_size)
+  return dict(attention=attention, long_rows=long_rows,
+              min_table_pages=full_width if long_rows else 8)
+
+
 def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling.engine import Engine, Request, attention_plan  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
   worst = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 2 * args.num_slots
   cap = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size))
   num_pages = min(worst, cap) + 1
-  attention, long_rows = attention_plan(args.attention, config, args.page_size)
-  long_rows = long_rows if args.long_rows is None else args.long_rows
   engine = Engine(config, dparams, num_slots=args.num_slots, num_pages=num_pages,
                   page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                   prefill_chunks_per_call=args.prefill_chunks_per_call,
-                  steps_per_call=args.steps_per_call, attention=attention, long_rows=long_rows,
-                  # One full table width for the whole run: only the cut widths compile.
-                  min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
-                  if long_rows else 8)
+                  steps_per_call=args.steps_per_call,
+                  **engine_layout(args, config, args.attention))
   sampling = SamplingParams(temperature=1.0, vocab_limit=0)
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
@@ -301,13 +309,10 @@ def simulate(args) -> dict:
     stack.enter_context(mock.patch.object(paged, "init_pages",
                                           lambda *a: {"k": [jax.numpy.zeros(1)], "v": []}))
     num_pages = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 1
-    long_rows = 8 if args.long_rows is None else args.long_rows  # as XLA attention's engine
     engine = Engine(config, _stand_in_params(), num_slots=args.num_slots, num_pages=num_pages,
                     page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                     prefill_chunks_per_call=args.prefill_chunks_per_call,
-                    steps_per_call=args.steps_per_call, attention="xla", long_rows=long_rows,
-                    min_table_pages=-(-(args.prompt_max + args.max_new) // args.page_size)
-                    if long_rows else 8)
+                    steps_per_call=args.steps_per_call, **engine_layout(args, config, "xla"))
     for i, prompt in enumerate(prompts):
       engine.submit(Request(prompt, lengths[i].tolist(), sampling=SamplingParams(1.0),
                             num_samples=args.samples, rng=jax.random.key(0)))

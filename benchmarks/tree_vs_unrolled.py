@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -34,6 +36,9 @@ from kat_jax.train.state import init_sharded_state
 from kat_jax.parallel import make_mesh, sharding_context
 from kat_jax.rl.objectives import ObjectiveConfig
 from kat_jax.rl.policy_step import POLICY_INPUTS, make_policy_step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rollout import write_report  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def synthetic_groups(num_groups: int, branch1: int, branch2: int, prompt: int, turn: int,
@@ -154,15 +159,9 @@ def main(argv=None) -> dict:
         results["speedup_over_token_ratio"] = results["speedup"] / results["token_ratio"]
       by_attention[attention] = results
       print(f"attention {attention}: {json.dumps(results)}", flush=True)
-      _write(args.out, report)  # kept if a later backend is cut off by a time limit
+      write_report(args.out, report)  # kept if a later backend is cut off by a time limit
   print(json.dumps(report, indent=1))
   return report
-
-
-def _write(path: str, report: dict) -> None:
-  if path:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

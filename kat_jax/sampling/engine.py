@@ -708,7 +708,6 @@ def make_batch_sampler(config: ModelConfig, kind: str = "paged", *, pad_id: int 
                        page_size=page_size, num_pages=num_pages)
 
 
-
 def attention_plan(attention: str, config: ModelConfig, page_size: int,
                    spread: bool = False) -> tuple[str, int]:
   """(paged-attention backend, default `long_rows`) of an engine given `attention` for a
