@@ -314,3 +314,7 @@ def main(argv=None) -> dict:
     print(f"wrote {args.out}")
   return report
 
+
+
+if __name__ == "__main__":
+  main()
