@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+import device_profile  # this folder is on sys.path: the script's own, or benchmark_module's
+
 
 def _parse(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -63,6 +65,11 @@ def _parse(argv=None) -> argparse.Namespace:
                       help="run only the engine's host scheduler on the workload, with a "
                            "stand-in device (every active slot makes one token per step): "
                            "occupancy, calls, compiled shapes and host time, no model")
+  parser.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                      help="trace CALLS decode calls twice, once with every slot busy and once "
+                           "with at most 8 busy, and report their kernels per step "
+                           "(`device_profile`); the traced calls run slower, so the batch "
+                           "time of such a run is a diagnosis, not a result")
   parser.add_argument("--out", default="")
   if parser.parse_known_args(argv)[0].tiny:  # tiny defaults; flags given still win
     parser.set_defaults(preset="tiny", prompts=4, samples=2, prompt_min=8, prompt_max=24,
@@ -155,10 +162,13 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
   memory, rounds = [], 0
   total = int(lengths.sum())
   progress = Progress("engine (compiles included)", total, unit="tokens")
+  profiler = DecodeProfiler(engine, args.profile, args.out or "rollout.json")
   start = time.perf_counter()
   while engine.busy:
     before = engine.stats["slot_steps"]
+    profiler.before_round()
     engine.step()
+    profiler.after_round()
     progress.update(engine.stats["slot_steps"] - before)
     rounds += 1
     if rounds % args.memory_every == 0:
@@ -192,7 +202,68 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
       "decode_s_with_compiles": float(log[:, 0].sum()),
       "decode_log": log,
   }
+  if args.profile:
+    result["profile"] = profiler.windows
+    result["profile_wall_s"] = profiler.wall_s
   return result
+
+
+class DecodeProfiler:
+  """Traces `calls` decode calls of a running engine twice: the first window opens at a
+  round whose previous decode call had every slot busy (after `skip` calls, so its programs
+  are compiled), the second at one whose previous call had at most `tail_slots` busy.
+  Each window's kernel summary (`device_profile.kernel_summary`, per decode step) lands in
+  `windows[name]`; `wall_s` is the time spent in traced rounds and in starting and stopping
+  traces (the traces stay beside `out_path`, in `<name>_traces/`). calls = 0: does
+  nothing."""
+
+  def __init__(self, engine, calls: int, out_path: str, skip: int = 8, tail_slots: int = 8):
+    self.engine, self.calls, self.skip, self.tail_slots = engine, int(calls), skip, tail_slots
+    self.trace_root = os.path.splitext(os.path.abspath(out_path))[0] + "_traces"
+    self.windows: dict[str, dict] = {}
+    self.wall_s = 0.0
+    self._open = None  # (name, Window, decode calls at its start, steps at its start, t0)
+
+  def _want(self) -> str | None:
+    log = self.engine.decode_log
+    if len(log) < self.skip:
+      return None
+    busy = log[-1][1]
+    if "full" not in self.windows and busy == self.engine.num_slots:
+      return "full"
+    if "tail" not in self.windows and "full" in self.windows and busy <= self.tail_slots:
+      return "tail"
+    return None
+
+  def before_round(self) -> None:
+    if not self.calls or self._open is not None:
+      return
+    name = self._want()
+    if name is None:
+      return
+    t0 = time.perf_counter()
+    window = device_profile.Window(os.path.join(self.trace_root, name)).__enter__()
+    stats = self.engine.stats
+    self._open = (name, window, stats["decode_calls"], stats["decode_steps"], t0,
+                  int(self.engine.decode_log[-1][1]))
+
+  def after_round(self) -> None:
+    if self._open is None:
+      return
+    name, window, calls0, steps0, t0, busy = self._open
+    stats = self.engine.stats
+    if stats["decode_calls"] - calls0 < self.calls and self.engine.busy:
+      return
+    window.__exit__(None, None, None)
+    self.wall_s += time.perf_counter() - t0
+    self._open = None
+    steps = max(stats["decode_steps"] - steps0, 1)
+    summary = device_profile.kernel_summary(device_profile.kernel_events(window.trace_dir),
+                                            steps)
+    summary["decode_calls"] = stats["decode_calls"] - calls0
+    summary["busy_slots_at_start"] = busy
+    self.windows[name] = summary
+    print(device_profile.format_summary(f"profile {name}", summary), flush=True)
 
 
 # Buckets of active slots per decode call for `step_times` (upper bounds, inclusive).

@@ -56,3 +56,19 @@ def test_step_times_split_decode_calls_by_active_slots_against_their_floor():
                                  bandwidth=1e6)
   assert full is None  # no call had all 16 slots busy
   assert [r["active_slots"] for r in rows] == [[2, 4], [9, 9]]
+
+
+def test_rollout_profile_traces_a_full_and_a_tail_window_of_decode_calls(tmp_path):
+  """--profile N opens one trace window with every slot busy and a later one with few busy,
+  each closed after N decode calls; on CPU the trace has no GPU kernel, which is said."""
+  module = benchmark_module("rollout")
+  report = module.main(["--tiny", "--skip_static", "--prompts", "16", "--profile", "2",
+                        "--out", str(tmp_path / "rollout.json")])
+  windows = report["engine"]["profile"]
+  assert set(windows) == {"full", "tail"}
+  assert windows["full"]["busy_slots_at_start"] == report["engine"]["num_slots"]
+  for window in windows.values():
+    assert window["decode_calls"] == 2 and window["steps"] >= 2
+    assert window["note"] == "no GPU kernel in the trace"
+  assert (tmp_path / "rollout_traces" / "full").is_dir()
+  assert report["engine"]["profile_wall_s"] > 0
