@@ -267,7 +267,19 @@ class DecodeProfiler:
 
 
 # Buckets of active slots per decode call for `step_times` (upper bounds, inclusive).
-ACTIVE_BUCKETS = (8, 32, 64, 96, 127, 128)
+ACTIVE_BUCKETS = (1, 4, 8, 32, 64, 96, 127, 128)
+
+
+def steps_by_active_slots(log: np.ndarray, num_slots: int) -> dict[str, int]:
+  """Decode steps by the busy slots at the start of their call (`ACTIVE_BUCKETS` ranges,
+  "low-high": steps) from `Engine.decode_log` [calls, 5]."""
+  out, low = {}, 0
+  for high in ACTIVE_BUCKETS:
+    pick = (log[:, 1] > low) & (log[:, 1] <= min(high, num_slots))
+    if pick.any():
+      out[f"{low + 1}-{min(high, num_slots)}"] = int(log[pick, 2].sum())
+    low = high
+  return out
 
 
 def step_times(log: np.ndarray, num_slots: int, weight_bytes: int, kv_per_token: int,
@@ -408,7 +420,9 @@ def simulate(args) -> dict:
             "decode_shapes": sorted(shapes), "split_calls": stats["split_calls"],
             "kv_held_over_live_mean": float((held / live).mean()),
             "kv_held_over_live_max": float((held / live).max()),
-            "host_ms_per_decode_call": host_s / stats["decode_calls"] * 1e3}
+            "host_ms_per_decode_call": host_s / stats["decode_calls"] * 1e3,
+            "steps_by_active_slots": steps_by_active_slots(
+                np.asarray(engine.decode_log, np.float64).reshape(-1, 5), args.num_slots)}
   print(json.dumps(report, indent=1))
   return report
 

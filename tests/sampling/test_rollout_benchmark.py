@@ -31,6 +31,7 @@ def test_rollout_benchmark_simulation_schedules_every_drawn_token():
   assert report["decode_steps"] >= report["longest_sample"]
   assert report["decode_shapes"] and 0 < report["mean_slot_occupancy"] <= 1
   assert report["kv_held_over_live_mean"] >= 1
+  assert sum(report["steps_by_active_slots"].values()) == report["decode_steps"]
 
 
 def test_step_times_split_decode_calls_by_active_slots_against_their_floor():
