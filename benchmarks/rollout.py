@@ -242,7 +242,11 @@ class DecodeProfiler:
     if name is None:
       return
     t0 = time.perf_counter()
-    window = device_profile.Window(os.path.join(self.trace_root, name)).__enter__()
+    try:
+      window = device_profile.Window(os.path.join(self.trace_root, name)).__enter__()
+    except Exception as e:  # pylint: disable=broad-except  # a diagnosis must not end the run
+      self._give_up(name, e)
+      return
     stats = self.engine.stats
     self._open = (name, window, stats["decode_calls"], stats["decode_steps"], t0,
                   int(self.engine.decode_log[-1][1]))
@@ -254,16 +258,26 @@ class DecodeProfiler:
     stats = self.engine.stats
     if stats["decode_calls"] - calls0 < self.calls and self.engine.busy:
       return
-    window.__exit__(None, None, None)
-    self.wall_s += time.perf_counter() - t0
     self._open = None
-    steps = max(stats["decode_steps"] - steps0, 1)
-    summary = device_profile.kernel_summary(device_profile.kernel_events(window.trace_dir),
-                                            steps)
+    try:
+      window.__exit__(None, None, None)
+      events = device_profile.kernel_events(window.trace_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      self._give_up(name, e)
+      return
+    finally:
+      self.wall_s += time.perf_counter() - t0
+    summary = device_profile.kernel_summary(events, max(stats["decode_steps"] - steps0, 1))
     summary["decode_calls"] = stats["decode_calls"] - calls0
     summary["busy_slots_at_start"] = busy
     self.windows[name] = summary
     print(device_profile.format_summary(f"profile {name}", summary), flush=True)
+
+  def _give_up(self, name: str, error: Exception) -> None:
+    """Records why window `name` failed and traces no more."""
+    self.windows[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    self.calls = 0
+    print(f"profile {name}: {self.windows[name]['error']} (no more traces)", flush=True)
 
 
 # Buckets of active slots per decode call for `step_times` (upper bounds, inclusive).

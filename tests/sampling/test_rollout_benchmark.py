@@ -73,3 +73,17 @@ def test_rollout_profile_traces_a_full_and_a_tail_window_of_decode_calls(tmp_pat
     assert window["note"] == "no GPU kernel in the trace"
   assert (tmp_path / "rollout_traces" / "full").is_dir()
   assert report["engine"]["profile_wall_s"] > 0
+
+
+def test_rollout_profile_that_cannot_trace_records_the_error_and_the_run_goes_on(
+    tmp_path, monkeypatch):
+  module = benchmark_module("rollout")
+
+  def no_profiler(self):
+    raise RuntimeError("CUPTI not found")
+
+  monkeypatch.setattr(module.device_profile.Window, "__enter__", no_profiler)
+  report = module.main(["--tiny", "--skip_static", "--prompts", "16", "--profile", "2",
+                        "--out", str(tmp_path / "rollout.json")])
+  assert report["engine"]["profile"] == {"full": {"error": "RuntimeError: CUPTI not found"}}
+  assert report["engine"]["generated_tokens"] > 0
