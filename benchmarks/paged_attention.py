@@ -53,12 +53,16 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
 
 
 def make_inputs(seed: int, batch: int, heads: tuple[int, int, int], page_size: int,
-                min_len: int, max_len: int, dtype=jnp.bfloat16):
+                min_len: int, max_len: int, dtype=jnp.bfloat16, tail: int = 0):
   """q [B, Hq, D], pools [Hkv, P, page_size, D] holding exactly the rows' pages in random
-  order, page_table [B, max_len / page_size] (entries past a row's pages: 0), lengths [B]."""
+  order, page_table [B, max_len / page_size] (entries past a row's pages: 0), lengths [B]
+  uniform in [min_len, max_len]; tail > 0: only the first `tail` rows are busy, at
+  max_len, the others idle (length 0), as an engine's slots at the end of a batch."""
   num_q_heads, num_kv_heads, head_dim = heads
   rng = np.random.default_rng(seed)
   lengths = rng.integers(min_len, max_len + 1, batch).astype(np.int32)
+  if tail:
+    lengths = np.where(np.arange(batch) < tail, max_len, 0).astype(np.int32)
   used = -(-lengths // page_size)
   max_pages = -(-max_len // page_size)
   num_pages = int(used.sum())
@@ -79,7 +83,11 @@ def backends(on_gpu: bool) -> dict:
   """name -> jitted function of (q, k_pages, v_pages, page_table, lengths)."""
   fns = {"xla": jax.jit(paged_decode_attention_reference),
          "mosaic_gpu": jax.jit(lambda *a: paged_decode_attention_mgpu(
-             *a, interpret=not on_gpu))}
+             *a, interpret=not on_gpu)),
+         # Interpreted, a few programs: the interpreter runs each of the GPU's ~264 in turn.
+         "mosaic_gpu_worklist": jax.jit(lambda *a: paged_decode_attention_mgpu(
+             *a, schedule="worklist", programs=None if on_gpu else 4,
+             interpret=not on_gpu))}
   if not on_gpu:
     fns["pallas_tpu"] = jax.jit(lambda *a: paged_decode_attention_tpu(*a, interpret=True))
   return fns
@@ -100,19 +108,22 @@ def sweep_variants(batch: int, num_kv_heads: int, head_dim: int, max_len: int,
   return variants
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--batches", default="64,128,256")
   parser.add_argument("--page_sizes", default="16,32,64")
   parser.add_argument("--min_len", type=int, default=256)
   parser.add_argument("--max_len", type=int, default=8192)
+  parser.add_argument("--tail", type=int, default=0,
+                      help="only this many rows busy, at --max_len; the others idle (the end "
+                           "of an engine's batch)")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--sweep", action="store_true", help="also time Mosaic GPU tilings")
   parser.add_argument("--tiny", action="store_true",
                       help="CPU smoke test: 1 model, batch 4, lengths 8..100, page size 16")
   parser.add_argument("--out", default="")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   models = args.models.split(",")
   batches = [int(b) for b in args.batches.split(",")]
@@ -130,7 +141,7 @@ def main() -> None:
   start = time.perf_counter()
   for done, (model, batch, page_size) in enumerate(shapes):
     heads = MODELS[model]
-    inputs = make_inputs(done, batch, heads, page_size, min_len, max_len)
+    inputs = make_inputs(done, batch, heads, page_size, min_len, max_len, tail=args.tail)
     lengths = np.asarray(inputs[4])
     kv_bytes = 2 * int(lengths.sum()) * heads[1] * heads[2] * inputs[1].dtype.itemsize
     row = dict(model=model, batch=batch, page_size=page_size,
@@ -167,13 +178,14 @@ def main() -> None:
     cells = [f"{t:.3f} ({t / row['floor_ms']:.2f}x)" if t else "failed" for t in row["ms"].values()]
     print(f"| {row['model']} | {row['batch']} | {row['page_size']} | {row['mean_len']:.0f} | "
           f"{row['kv_bytes'] / 1e6:.1f} | {row['floor_ms']:.3f} | " + " | ".join(cells) + " |")
+  record = dict(device=device, jax=jax.__version__, python=platform.python_version(),
+                command=" ".join(sys.argv), copy_bandwidth_bytes_per_s=bandwidth,
+                min_len=min_len, max_len=max_len, tail=args.tail, iters=iters, rows=rows)
   if args.out:
-    record = dict(device=device, jax=jax.__version__, python=platform.python_version(),
-                  command=" ".join(sys.argv), copy_bandwidth_bytes_per_s=bandwidth,
-                  min_len=min_len, max_len=max_len, iters=iters, rows=rows)
     with open(args.out, "w") as f:
       json.dump(record, f, indent=1)
     print(f"wrote {args.out}")
+  return record
 
 
 if __name__ == "__main__":

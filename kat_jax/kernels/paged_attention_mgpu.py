@@ -9,6 +9,14 @@ kernel is built for memory bandwidth:
 - QK^T and PV run on the tensor cores (wgmma) with an online softmax in registers;
 - each program writes its split's normalised output and log-sum-exp; `merge_splits` (XLA)
   combines the splits, so short batches still spread over every SM.
+Two schedules of the same splits (`schedule=`):
+- "grid": a program per (split of `split_tokens` keys of the table, kv head, row); splits
+  past a row's length exit at once, so a wide table (one long row) launches thousands of
+  programs that do nothing, and a long row's split is `split_tokens` keys long;
+- "worklist": ~2 programs per SM per kv head (`programs`) loop over a list of the live
+  splits only, built in XLA from the lengths: row b's keys in at most `max_splits` splits of
+  at least `min_split_blocks` blocks each, so a long row spreads over many programs and idle
+  rows cost nothing. Not yet timed on a GPU (the engine uses "grid").
 Pages past a row's last page are not read: a block's dead page slots re-read the row's last
 live page (an L2 hit) and are masked, like keys past the length in a partly filled page.
 Inputs are bf16 or f16 (the tensor cores' operands); f32 goes to the XLA path.
@@ -101,10 +109,106 @@ def _mma(a, b, n: int, *, transpose_b: bool, interpret: bool) -> jax.Array:
   return pl.run_scoped(product, plgpu.ACC((_ROWS, n), jnp.float32))
 
 
+def _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, *, b, h,
+            first_page, last_page, live_keys, num_blocks, page_size: int, block_tokens: int,
+            stages: int, num_pages: int, interpret: bool):
+  """Online softmax of the query in q_smem [64, D] over `num_blocks` blocks of row b's keys
+  from page `first_page` on (`live_keys` of them live; pages past `last_page` re-read it).
+  Returns (acc [64, D], m [64], l [64]) f32: unnormalised output, max, sum (base 2).
+  The caller has issued the copies of blocks 0 .. stages-1 (`_issue`)."""
+  head_dim = q_smem.shape[-1]
+  dtype = q_smem.dtype
+  scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is one instruction
+  layout = (lambda x, _: x) if interpret else _plgpu().layout_cast
+  cols = layout(lax.broadcasted_iota(jnp.int32, (_ROWS, block_tokens), 1),
+                _plgpu().Layout.WGMMA)
+  issue = functools.partial(_issue, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref,
+                            b=b, h=h, first_page=first_page, last_page=last_page,
+                            page_size=page_size, block_tokens=block_tokens,
+                            num_pages=num_pages)
+
+  def step(block, carry):
+    acc, m, l = carry
+    slot = lax.rem(block, stages)
+    _plgpu().barrier_wait(k_bar.at[slot])
+    s = _mma(q_smem, k_smem.at[slot], block_tokens, transpose_b=True, interpret=interpret)
+    live = cols < live_keys - block * block_tokens
+    s = jnp.where(live, s * scale, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1))  # finite: every block has a live key
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    _plgpu().barrier_wait(v_bar.at[slot])
+    pv = _mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
+              interpret=interpret)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+    pl.when(block + stages < num_blocks)(lambda: issue(block + stages, slot))
+    return acc, m_new, l
+
+  acc = layout(jnp.zeros((_ROWS, head_dim), jnp.float32), _plgpu().Layout.WGMMA)
+  m = layout(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _plgpu().Layout.WGMMA.reduce(1))
+  l = layout(jnp.zeros((_ROWS,), jnp.float32), _plgpu().Layout.WGMMA.reduce(1))
+  return lax.fori_loop(0, num_blocks, step, (acc, m, l))
+
+
+def _issue(k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, block, slot, *, b, h,
+           first_page, last_page, page_size: int, block_tokens: int, num_pages: int) -> None:
+  """Gathers block `block` (from page `first_page` of row b) of K and V into `slot`: one TMA
+  copy per page; pages past `last_page` re-read it (masked later)."""
+  plgpu = _plgpu()
+  for i in range(block_tokens // page_size):
+    index = jnp.minimum(first_page + block * (block_tokens // page_size) + i, last_page)
+    page = jnp.clip(table_ref[b, index], 0, num_pages - 1)
+    rows = pl.ds(i * page_size, page_size)
+    plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, rows], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, rows], v_bar.at[slot])
+
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu
+
+
+def _scratch(head_dim: int, block_tokens: int, stages: int, page_size: int, dtype):
+  """Shared memory of one program: query, K and V stage rings, their barriers."""
+  plgpu = _plgpu()
+  tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  kv_buffer = plgpu.SMEM((stages, block_tokens, head_dim), dtype, transforms=tiled)
+  arrivals = dict(num_arrivals=block_tokens // page_size, num_barriers=stages)  # a copy per page
+  return (plgpu.SMEM((_ROWS, head_dim), dtype, transforms=tiled), kv_buffer, kv_buffer,
+          plgpu.Barrier(), plgpu.Barrier(**arrivals), plgpu.Barrier(**arrivals))
+
+
+def _load_query(q_smem, q_bar, q_ref, b, h, *, zero_pad: bool, interpret: bool) -> None:
+  """Starts copying row b's query heads of kv head h into q_smem's first rows (zeroing the
+  padded rows first when `zero_pad`); wait on q_bar before reading them."""
+  plgpu = _plgpu()
+  groups8, head_dim = q_ref.shape[2], q_ref.shape[3]
+  if zero_pad:
+    layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+    q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), q_smem.dtype), plgpu.Layout.WGMMA)
+    plgpu.commit_smem()
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, groups8)], q_bar)
+
+
+def _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split) -> None:
+  """Writes one split's normalised output and base-2 log-sum-exp to o_ref/lse_ref[b, h,
+  split] and waits until the shared-memory tiles are free again."""
+  plgpu = _plgpu()
+  groups8 = o_ref.shape[-2]
+  o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+  lse_smem[...] = m + jnp.log2(l)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, groups8)], o_ref.at[b, h, split])
+  plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, groups8)], lse_ref.at[b, h, split])
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_size: int,
             block_tokens: int, split_tokens: int, stages: int, num_pages: int,
             interpret: bool):
-  """Program (split, kv head, row): online softmax over the split's live blocks.
+  """Schedule "grid", program (split, kv head, row): online softmax over the split's live
+  blocks.
 
   q_ref [B, Hkv, G8, D] (zero-padded heads), k_ref/v_ref [Hkv, P, page_size, D], table_ref
   [B, max_pages], len_ref [B]; writes o_ref [B, Hkv, S, G8, D] f32 (normalised) and lse_ref
@@ -112,94 +216,112 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_siz
   Shared memory: the query and the K/V stage buffers, then (reusing their space) the f32
   output tile.
   """
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  # Register layouts for values made in the kernel (the interpreter has no layouts).
-  layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+  plgpu = _plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("row")
-  pages_per_block = block_tokens // page_size
   head_dim = q_ref.shape[-1]
-  groups8 = q_ref.shape[2]
-  dtype = q_ref.dtype
   length = len_ref[b]
   start = split * split_tokens
   live_keys = jnp.minimum(length - start, split_tokens)
   num_blocks = lax.div(jnp.maximum(live_keys, 0) + block_tokens - 1, block_tokens)
-  last_page = jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, 0)
-  first_page = split * (split_tokens // page_size)
+  where = dict(b=b, h=h, first_page=split * (split_tokens // page_size),
+               last_page=jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, 0),
+               page_size=page_size, block_tokens=block_tokens, num_pages=num_pages)
 
   def attend(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar):
-    """(acc [64, D], m [64], l [64]) of the split: unnormalised output, max, sum (base 2)."""
-
-    def issue(block, slot):  # gathers block `block` of the split's pages into `slot`
-      for i in range(pages_per_block):
-        index = jnp.minimum(first_page + block * pages_per_block + i, last_page)
-        page = jnp.clip(table_ref[b, index], 0, num_pages - 1)
-        rows = pl.ds(i * page_size, page_size)
-        plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, rows], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, rows], v_bar.at[slot])
-
     @pl.when(num_blocks > 0)
     def _prologue():
-      # The padded query rows are zeros: written once, then the real rows copied over them.
-      q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), dtype), plgpu.Layout.WGMMA)
-      plgpu.commit_smem()
-      plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, groups8)], q_bar)
+      _load_query(q_smem, q_bar, q_ref, b, h, zero_pad=True, interpret=interpret)
       for stage in range(stages):
-        pl.when(stage < num_blocks)(functools.partial(issue, stage, stage))
+        pl.when(stage < num_blocks)(functools.partial(
+            _issue, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, stage, stage,
+            **where))
       plgpu.barrier_wait(q_bar)
 
-    scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is one instruction
-    cols = layout(lax.broadcasted_iota(jnp.int32, (_ROWS, block_tokens), 1),
-                  plgpu.Layout.WGMMA)
+    return _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref,
+                   live_keys=live_keys, num_blocks=num_blocks, stages=stages,
+                   interpret=interpret, **where)
 
-    def step(block, carry):
-      acc, m, l = carry
-      slot = lax.rem(block, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-      s = _mma(q_smem, k_smem.at[slot], block_tokens, transpose_b=True, interpret=interpret)
-      live = cols < live_keys - block * block_tokens
-      s = jnp.where(live, s * scale, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=1))  # finite: every block has a live key
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      l = l * alpha + p.sum(axis=1)
-      plgpu.barrier_wait(v_bar.at[slot])
-      pv = _mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
-                interpret=interpret)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-      pl.when(block + stages < num_blocks)(lambda: issue(block + stages, slot))
-      return acc, m_new, l
-
-    acc = layout(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-    m = layout(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    l = layout(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    return lax.fori_loop(0, num_blocks, step, (acc, m, l))
-
-  tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  kv_buffer = plgpu.SMEM((stages, block_tokens, head_dim), dtype, transforms=tiled)
-  arrivals = dict(num_arrivals=pages_per_block, num_barriers=stages)  # a copy per page
-  acc, m, l = pl.run_scoped(
-      attend, plgpu.SMEM((_ROWS, head_dim), dtype, transforms=tiled), kv_buffer, kv_buffer,
-      plgpu.Barrier(), plgpu.Barrier(**arrivals), plgpu.Barrier(**arrivals))
+  acc, m, l = pl.run_scoped(attend, *_scratch(head_dim, block_tokens, stages, page_size,
+                                              q_ref.dtype))
 
   def store(o_smem, lse_smem):
-    @pl.when(num_blocks > 0)
-    def _store():
-      o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-      lse_smem[...] = m + jnp.log2(l)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, groups8)], o_ref.at[b, h, split])
-      plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, groups8)], lse_ref.at[b, h, split])
-      plgpu.wait_smem_to_gmem(0)
+    pl.when(num_blocks > 0)(
+        lambda: _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split))
 
   pl.run_scoped(store, plgpu.SMEM((_ROWS, head_dim), jnp.float32),
                 plgpu.SMEM((_ROWS,), jnp.float32))
+
+
+def _worklist_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, items_ref, count_ref,
+                     per_ref, o_ref, lse_ref, *, programs: int, page_size: int,
+                     block_tokens: int, stages: int, num_pages: int, interpret: bool):
+  """Schedule "worklist", program (p, kv head): splits p, p + P, ... of the list.
+
+  items_ref [C] int32: split i of the list is row items_ref[i] // S, its split
+  items_ref[i] % S; count_ref [1]: live entries; per_ref [B]: blocks per split of each row.
+  Other refs as `_kernel`. Shared memory holds the query, the K/V rings and the output tile
+  at once (a program runs many splits).
+  """
+  plgpu = _plgpu()
+  p, h = lax.axis_index("program"), lax.axis_index("head")
+  head_dim = q_ref.shape[-1]
+  num_splits = o_ref.shape[2]
+  count = count_ref[0]
+  mine = lax.div(jnp.maximum(count - p, 0) + programs - 1, programs)
+
+  def body(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, o_smem, lse_smem):
+    def one_split(i, zero_pad):
+      item = items_ref[p + i * programs]
+      b, split = lax.div(item, num_splits), lax.rem(item, num_splits)
+      length = len_ref[b]
+      split_keys = per_ref[b] * block_tokens
+      live_keys = jnp.minimum(length - split * split_keys, split_keys)
+      num_blocks = lax.div(live_keys + block_tokens - 1, block_tokens)  # >= 1: a live split
+      where = dict(b=b, h=h, first_page=split * (split_keys // page_size),
+                   last_page=lax.div(length + page_size - 1, page_size) - 1,
+                   page_size=page_size, block_tokens=block_tokens, num_pages=num_pages)
+      _load_query(q_smem, q_bar, q_ref, b, h, zero_pad=zero_pad, interpret=interpret)
+      for stage in range(stages):
+        pl.when(stage < num_blocks)(functools.partial(
+            _issue, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, stage, stage,
+            **where))
+      plgpu.barrier_wait(q_bar)
+      acc, m, l = _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref,
+                          live_keys=live_keys, num_blocks=num_blocks, stages=stages,
+                          interpret=interpret, **where)
+      _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split)
+
+    # The padded query rows are zeroed once; each split copies only the real rows over them.
+    pl.when(mine > 0)(lambda: one_split(0, True))
+    lax.fori_loop(1, jnp.maximum(mine, 1), lambda i, c: (one_split(i, False), c)[1], None)
+
+  pl.run_scoped(body, *_scratch(head_dim, block_tokens, stages, page_size, q_ref.dtype),
+                plgpu.SMEM((_ROWS, head_dim), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32))
+
+
+def worklist(lengths: jax.Array, block_tokens: int, max_splits: int, min_split_blocks: int
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The live splits of schedule "worklist": lengths [B] int32 ->
+  (items [B * max_splits] int32, row * max_splits + split for the live splits first, in row
+  order; count [1] int32, live entries; per [B] int32, blocks per split of each row;
+  live [B, max_splits] bool). Row b's ceil(len / block_tokens) blocks are cut into splits of
+  per[b] = max(min_split_blocks, ceil(blocks / max_splits)) blocks."""
+  blocks = (jnp.maximum(lengths, 0) + block_tokens - 1) // block_tokens
+  per = jnp.maximum(min_split_blocks, (blocks + max_splits - 1) // max_splits)
+  splits = (blocks + per - 1) // per
+  live = jnp.arange(max_splits)[None, :] < splits[:, None]
+  flat = live.reshape(-1)
+  # Stable: live entries first, each row's in split order, then the dead ones.
+  items = jnp.argsort(~flat, stable=True).astype(jnp.int32)
+  return items, jnp.sum(flat, dtype=jnp.int32)[None], per.astype(jnp.int32), live
 
 
 def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                 page_table: jax.Array, lengths: jax.Array, *,
                                 block_tokens: int | None = None,
                                 split_tokens: int | None = None, stages: int = 2,
+                                schedule: str = "grid", max_splits: int = 16,
+                                min_split_blocks: int = 2, programs: int | None = None,
                                 interpret: bool = False) -> jax.Array:
   """`paged_decode_attention_reference` on Mosaic GPU (bf16/f16 inputs, Hq/Hkv <= 64).
 
@@ -211,6 +333,10 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       `default_tiling`).
     split_tokens: keys per program, a multiple of block_tokens (default `default_tiling`).
     stages: blocks copied ahead of the one being computed (shared-memory buffers).
+    schedule: "grid" or "worklist" (module doc).
+    max_splits, min_split_blocks: "worklist": a row's splits (at most, and the fewest blocks
+      of a split; `worklist`).
+    programs: "worklist": programs per kv head (default: 2 per SM of 132, over the kv heads).
     interpret: run with Mosaic GPU's CPU interpreter (tests).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -233,24 +359,46 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
     raise ValueError(f"mosaic_gpu needs page_size a multiple of 8 (got {page_size}), "
                      f"block_tokens a multiple of 64 and of it (got {block_tokens}), "
                      f"split_tokens a multiple of block_tokens (got {split_tokens})")
-  num_splits = -(-max_tokens // split_tokens)
+  if schedule not in ("grid", "worklist"):
+    raise ValueError(f"schedule must be 'grid' or 'worklist', got {schedule!r}")
+  if max_splits < 1 or min_split_blocks < 1 or (programs is not None and programs < 1):
+    raise ValueError(f"max_splits, min_split_blocks and programs must be >= 1, got "
+                     f"{max_splits}, {min_split_blocks}, {programs}")
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_tokens)  # as the reference reads them
   q8 = jnp.pad(q.reshape(batch, num_kv_heads, groups, head_dim),
                ((0, 0), (0, 0), (0, groups8 - groups), (0, 0)))
-  kernel = functools.partial(
-      _kernel, page_size=page_size, block_tokens=block_tokens, split_tokens=split_tokens,
-      stages=stages, num_pages=num_pages, interpret=interpret)
+  common = dict(page_size=page_size, block_tokens=block_tokens, stages=stages,
+                num_pages=num_pages, interpret=interpret)
+  args = (q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths)
+  if schedule == "grid":
+    num_splits = -(-max_tokens // split_tokens)
+    kernel = functools.partial(_kernel, split_tokens=split_tokens, **common)
+    grid, names = (num_splits, num_kv_heads, batch), ("split", "head", "row")
+    live = jnp.arange(num_splits)[None, :] * split_tokens < lengths[:, None]
+  else:
+    # The output tile sits beside the rings (a program stores many splits): 227 KiB at most.
+    smem = (_ROWS * head_dim + 2 * stages * block_tokens * head_dim) * q.dtype.itemsize + (
+        _ROWS * (head_dim + 1) * 4)
+    if smem > 227 * 1024:
+      raise ValueError(f"schedule 'worklist' needs {smem} bytes of shared memory at "
+                       f"block_tokens={block_tokens}, stages={stages}, D={head_dim}; at most "
+                       f"{227 * 1024} fit (fewer stages or a smaller block)")
+    num_splits = max_splits
+    items, count, per, live = worklist(lengths, block_tokens, max_splits, min_split_blocks)
+    programs = programs or max(1, 2 * 132 // num_kv_heads)
+    kernel = functools.partial(_worklist_kernel, programs=programs, **common)
+    grid, names = (programs, num_kv_heads), ("program", "head")
+    args += (items, count, per)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, groups8, head_dim),
                                      jnp.float32),
                 jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, groups8), jnp.float32)),
-      grid=(num_splits, num_kv_heads, batch),
-      grid_names=("split", "head", "row"),
+      grid=grid,
+      grid_names=names,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_gpu_interpret_params() if interpret else False,
       kernel_name="paged_decode_attention_mgpu",
-  )(q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths)
-  live = jnp.arange(num_splits)[None, :] * split_tokens < lengths[:, None]
+  )(*args)
   merged = merge_splits(out, lse, live)[:, :, :groups]
   return merged.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
