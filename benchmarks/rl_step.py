@@ -39,7 +39,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import CompileClock, add_workload_flags, workload, write_report  # noqa: E402  pylint: disable=g-import-not-at-top
+from rollout import (CompileClock, add_workload_flags, engine_layout, workload,  # noqa: E402  pylint: disable=g-import-not-at-top
+                     write_report)
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
 
@@ -56,6 +57,11 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--tool_tokens", type=int, default=64, help="tree: tool output length")
   parser.add_argument("--num_slots", type=int, default=128)
   parser.add_argument("--page_size", type=int, default=16)
+  parser.add_argument("--attention", default="auto",
+                      help="the engine's paged attention (kat_jax.kernels.paged_attention."
+                           "BACKENDS)")
+  parser.add_argument("--long_rows", type=int, default=None,
+                      help="Engine(long_rows=...) (default: the engine's)")
   parser.add_argument("--steps_per_call", type=int, default=16)
   parser.add_argument("--prefill_chunk", type=int, default=512)
   parser.add_argument("--kv_gib", type=float, default=24.0, help="page pool size in GiB")
@@ -216,7 +222,8 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   num_pages = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size)) + 1
   engine = Engine(config, prepare_params(state.params, config, mesh), num_slots=args.num_slots,
                   num_pages=num_pages, page_size=args.page_size,
-                  prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call)
+                  prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call,
+                  **engine_layout(args, config, args.attention))
   pool = RewardPool(max_workers=args.reward_workers)
   weights = RolloutWeights(decode_weights_fn(config, mesh, mesh, own_copy=k > 0))
   weights.attach(engine)
@@ -273,6 +280,8 @@ def run(args, k: int, workload_name: str, clock) -> dict:
            for key in ("seconds", "compile_s", "rollout_wait_s", "produce_s", "generate_s",
                        "reward_wait_s", "logprob_s", "update_s", "weight_push_s")}
   return {"k": k, "workload": workload_name, "params": n_params,
+          "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
+                     "num_slots": engine.num_slots},
           "tokens_per_s_per_device": per_device,
           "param_tokens_per_s_per_device": per_device * n_params,
           "over_nemo_rl_param_tokens": per_device * n_params / NEMO_PARAM_TOKENS_PER_S,

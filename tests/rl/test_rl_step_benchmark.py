@@ -26,3 +26,4 @@ def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path)
     assert all(s["tree_tokens"] < s["unrolled_tokens"] for s in steps)
     assert all((s["is_weight_mean"] is None) == (result["k"] == 0) for s in steps)
     assert np.isfinite(result["tokens_per_s_per_device"]) and result["tokens_per_s_per_device"] > 0
+    assert result["engine"] == {"attention": "xla", "long_rows": 8, "num_slots": args.num_slots}
