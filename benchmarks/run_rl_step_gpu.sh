@@ -32,7 +32,6 @@ set -uo pipefail
 out=${OUT:-/tmp/rl_step_gpu}
 mkdir -p "$out"
 exec > >(tee "$out/run.log") 2>&1
-export PYTHONUNBUFFERED=1
 # No network there: nothing may wait on the hub. Expandable segments: fewer fragmentation OOMs.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -43,14 +42,8 @@ stages=" ${STAGES:-ours_grpo} "
 stage() { [[ "$stages" == *" $1 "* ]]; }
 left() { echo $((budget - (SECONDS - start))); }
 
-if ! ls .whl/*.whl >/dev/null 2>&1; then
-  echo "error: benchmarks/run_rl_step_gpu.sh: no wheels in .whl (run benchmarks/peer_wheels.sh and carry .whl)"
-  exit 1
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || { echo "error: benchmarks/run_rl_step_gpu.sh: wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_setup.sh
+gpu_setup benchmarks/run_rl_step_gpu.sh || exit 1
 python3 - <<'PY'
 from importlib.metadata import version, PackageNotFoundError
 names = ("torch", "transformers", "accelerate", "trl", "datasets", "pyarrow", "fsspec",
@@ -64,10 +57,9 @@ print("versions:", {name: v(name) for name in names})
 PY
 
 # ========================= OURS: benchmarks/rl_step.py ======================================
-# Stages ours_grpo / ours_tree: one process per workload runs k = 0 then k = 1 (the XLA cache
-# below lets the second reuse the first's programs). Step 0 of each k compiles and is not
-# timed; step 1 is (k = 1: its batch was sampled while update 0 ran).
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+# Stages ours_grpo / ours_tree: one process per workload runs k = 0 then k = 1 (the XLA
+# cache of gpu_setup.sh lets the second reuse the first's programs). Step 0 of each k
+# compiles and is not timed; step 1 is (k = 1: its batch was sampled while update 0 ran).
 for workload in grpo tree; do
   stage "ours_$workload" || continue
   limit=$(( $(left) - $(stage peer && echo "${PEER_RESERVE_S:-280}" || echo 0) ))

@@ -28,3 +28,12 @@ def test_benchmark_script_prints_usage_when_run_with_help(script):
                         env=env, timeout=120, cwd=ROOT, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "usage:" in done.stdout.lower(), (done.stdout[-500:], done.stderr[-500:])
+
+
+SHELL_SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")))
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=os.path.basename)
+def test_benchmark_shell_script_parses(script):
+  done = subprocess.run(["bash", "-n", script], capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
