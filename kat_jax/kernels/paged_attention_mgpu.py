@@ -90,12 +90,19 @@ def merge_splits(out: jax.Array, lse: jax.Array, live: jax.Array) -> jax.Array:
   return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def _plgpu():
+  """jax.experimental.pallas.mosaic_gpu, imported when a kernel is built (it needs jaxlib's
+  Mosaic GPU support only then)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu
+
+
 def _mma(a, b, n: int, *, transpose_b: bool, interpret: bool) -> jax.Array:
   """a @ b (or a @ b.T) as float32 [64, n] on the tensor cores: a [64, K] in shared memory or
   registers, b [K, n] (or [n, K]) in shared memory. Returning the result waits for the MMA,
   so b's buffer is free afterwards. The interpreter, which has no wgmma of these operands,
   takes a plain dot."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  plgpu = _plgpu()
   if interpret:
     a = a if isinstance(a, jax.Array) else a[...]
     b = b[...].T if transpose_b else b[...]
@@ -116,12 +123,13 @@ def _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, *, b,
   from page `first_page` on (`live_keys` of them live; pages past `last_page` re-read it).
   Returns (acc [64, D], m [64], l [64]) f32: unnormalised output, max, sum (base 2).
   The caller has issued the copies of blocks 0 .. stages-1 (`_issue`)."""
+  plgpu = _plgpu()
   head_dim = q_smem.shape[-1]
   dtype = q_smem.dtype
   scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is one instruction
-  layout = (lambda x, _: x) if interpret else _plgpu().layout_cast
+  layout = (lambda x, _: x) if interpret else plgpu.layout_cast
   cols = layout(lax.broadcasted_iota(jnp.int32, (_ROWS, block_tokens), 1),
-                _plgpu().Layout.WGMMA)
+                plgpu.Layout.WGMMA)
   issue = functools.partial(_issue, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref,
                             b=b, h=h, first_page=first_page, last_page=last_page,
                             page_size=page_size, block_tokens=block_tokens,
@@ -130,7 +138,7 @@ def _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, *, b,
   def step(block, carry):
     acc, m, l = carry
     slot = lax.rem(block, stages)
-    _plgpu().barrier_wait(k_bar.at[slot])
+    plgpu.barrier_wait(k_bar.at[slot])
     s = _mma(q_smem, k_smem.at[slot], block_tokens, transpose_b=True, interpret=interpret)
     live = cols < live_keys - block * block_tokens
     s = jnp.where(live, s * scale, -jnp.inf)
@@ -138,16 +146,16 @@ def _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, *, b,
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
     l = l * alpha + p.sum(axis=1)
-    _plgpu().barrier_wait(v_bar.at[slot])
+    plgpu.barrier_wait(v_bar.at[slot])
     pv = _mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
               interpret=interpret)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
     pl.when(block + stages < num_blocks)(lambda: issue(block + stages, slot))
     return acc, m_new, l
 
-  acc = layout(jnp.zeros((_ROWS, head_dim), jnp.float32), _plgpu().Layout.WGMMA)
-  m = layout(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _plgpu().Layout.WGMMA.reduce(1))
-  l = layout(jnp.zeros((_ROWS,), jnp.float32), _plgpu().Layout.WGMMA.reduce(1))
+  acc = layout(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+  m = layout(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  l = layout(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
   return lax.fori_loop(0, num_blocks, step, (acc, m, l))
 
 
@@ -162,11 +170,6 @@ def _issue(k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, block, slot, *
     rows = pl.ds(i * page_size, page_size)
     plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, rows], k_bar.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, rows], v_bar.at[slot])
-
-
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu
 
 
 def _scratch(head_dim: int, block_tokens: int, stages: int, page_size: int, dtype):
@@ -339,7 +342,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
     programs: "worklist": programs per kv head (default: 2 per SM of 132, over the kv heads).
     interpret: run with Mosaic GPU's CPU interpreter (tests).
   """
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  plgpu = _plgpu()
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_pages, page_size, _ = k_pages.shape
   groups = num_q_heads // num_kv_heads
