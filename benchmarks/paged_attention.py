@@ -8,7 +8,10 @@ from [--min_len, --max_len], their pages scattered over the pool in random order
 the live KV bytes (K and V of every row's keys) / the device copy bandwidth measured in the
 same run (bytes read + written by `x + 1` on 1 GiB). A time is the mean over `--iters` calls
 issued back to back (asynchronous dispatch keeps the device busy), the best of 3 such runs.
-`--sweep` also times Mosaic GPU tilings (block_tokens x stages x split_tokens) at each shape.
+`--tail N` keeps only N rows busy (at --max_len; the others idle), as at the end of an engine's
+batch, where the "grid" schedule still launches programs for the idle rows and "worklist" does
+not. `--sweep` also times Mosaic GPU tilings (block_tokens x stages x split_tokens) at each
+shape.
 Off a GPU the Pallas kernels run in their interpreters (a smoke test; the times mean nothing).
 """
 
