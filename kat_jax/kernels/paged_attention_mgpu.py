@@ -116,13 +116,14 @@ def _mma(a, b, n: int, *, transpose_b: bool, interpret: bool) -> jax.Array:
   return pl.run_scoped(product, plgpu.ACC((_ROWS, n), jnp.float32))
 
 
-def _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, *, b, h,
-            first_page, last_page, live_keys, num_blocks, page_size: int, block_tokens: int,
-            stages: int, num_pages: int, interpret: bool):
-  """Online softmax of the query in q_smem [64, D] over `num_blocks` blocks of row b's keys
-  from page `first_page` on (`live_keys` of them live; pages past `last_page` re-read it).
-  Returns (acc [64, D], m [64], l [64]) f32: unnormalised output, max, sum (base 2).
-  The caller has issued the copies of blocks 0 .. stages-1 (`_issue`)."""
+def _attend(q_ref, k_ref, v_ref, table_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, *,
+            b, h, first_page, last_page, live_keys, num_blocks, zero_pad: bool, page_size: int,
+            block_tokens: int, stages: int, num_pages: int, interpret: bool):
+  """One split: copies row b's query heads of kv head h into q_smem [64, D] (`_load_query`)
+  and runs the online softmax over `num_blocks` blocks of the row's keys from page
+  `first_page` on (`live_keys` of them live; pages past `last_page` re-read it), `stages`
+  blocks in flight. Returns (acc [64, D], m [64], l [64]) f32: unnormalised output, max, sum
+  (base 2); with num_blocks = 0 nothing is copied and the initial values come back."""
   plgpu = _plgpu()
   head_dim = q_smem.shape[-1]
   dtype = q_smem.dtype
@@ -134,6 +135,13 @@ def _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, *, b,
                             b=b, h=h, first_page=first_page, last_page=last_page,
                             page_size=page_size, block_tokens=block_tokens,
                             num_pages=num_pages)
+
+  @pl.when(num_blocks > 0)
+  def _prologue():
+    _load_query(q_smem, q_bar, q_ref, b, h, zero_pad=zero_pad, interpret=interpret)
+    for stage in range(stages):
+      pl.when(stage < num_blocks)(functools.partial(issue, stage, stage))
+    plgpu.barrier_wait(q_bar)  # after the K/V copies are on their way
 
   def step(block, carry):
     acc, m, l = carry
@@ -230,20 +238,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_siz
                last_page=jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, 0),
                page_size=page_size, block_tokens=block_tokens, num_pages=num_pages)
 
-  def attend(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar):
-    @pl.when(num_blocks > 0)
-    def _prologue():
-      _load_query(q_smem, q_bar, q_ref, b, h, zero_pad=True, interpret=interpret)
-      for stage in range(stages):
-        pl.when(stage < num_blocks)(functools.partial(
-            _issue, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, stage, stage,
-            **where))
-      plgpu.barrier_wait(q_bar)
-
-    return _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref,
-                   live_keys=live_keys, num_blocks=num_blocks, stages=stages,
-                   interpret=interpret, **where)
-
+  attend = functools.partial(_attend, q_ref, k_ref, v_ref, table_ref, live_keys=live_keys,
+                             num_blocks=num_blocks, zero_pad=True, stages=stages,
+                             interpret=interpret, **where)
   acc, m, l = pl.run_scoped(attend, *_scratch(head_dim, block_tokens, stages, page_size,
                                               q_ref.dtype))
 
@@ -283,15 +280,9 @@ def _worklist_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, items_ref, count_r
       where = dict(b=b, h=h, first_page=split * (split_keys // page_size),
                    last_page=lax.div(length + page_size - 1, page_size) - 1,
                    page_size=page_size, block_tokens=block_tokens, num_pages=num_pages)
-      _load_query(q_smem, q_bar, q_ref, b, h, zero_pad=zero_pad, interpret=interpret)
-      for stage in range(stages):
-        pl.when(stage < num_blocks)(functools.partial(
-            _issue, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, stage, stage,
-            **where))
-      plgpu.barrier_wait(q_bar)
-      acc, m, l = _attend(q_smem, k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref,
-                          live_keys=live_keys, num_blocks=num_blocks, stages=stages,
-                          interpret=interpret, **where)
+      acc, m, l = _attend(q_ref, k_ref, v_ref, table_ref, q_smem, k_smem, v_smem, q_bar,
+                          k_bar, v_bar, live_keys=live_keys, num_blocks=num_blocks,
+                          zero_pad=zero_pad, stages=stages, interpret=interpret, **where)
       _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split)
 
     # The padded query rows are zeroed once; each split copies only the real rows over them.
