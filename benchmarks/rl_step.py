@@ -324,6 +324,5 @@ def main(argv=None) -> dict:
   return report
 
 
-
 if __name__ == "__main__":
   main()

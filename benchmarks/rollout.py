@@ -224,7 +224,8 @@ class DecodeProfiler:
     self.trace_root = os.path.splitext(os.path.abspath(out_path))[0] + "_traces"
     self.windows: dict[str, dict] = {}
     self.wall_s = 0.0
-    self._open = None  # (name, Window, decode calls at its start, steps at its start, t0)
+    # (name, Window, decode calls, decode steps, perf_counter and busy slots at its start)
+    self._open = None
 
   def _want(self) -> str | None:
     log = self.engine.decode_log
@@ -286,16 +287,22 @@ class DecodeProfiler:
 ACTIVE_BUCKETS = (1, 4, 8, 32, 64, 96, 127, 128)
 
 
+def _active_buckets(active: np.ndarray, num_slots: int):
+  """(label "low-high", mask of the calls in it) for each `ACTIVE_BUCKETS` range of busy
+  slots that holds a call; active [calls]."""
+  low = 0
+  for high in ACTIVE_BUCKETS:
+    pick = (active > low) & (active <= min(high, num_slots))
+    if pick.any():
+      yield f"{low + 1}-{min(high, num_slots)}", pick
+    low = high
+
+
 def steps_by_active_slots(log: np.ndarray, num_slots: int) -> dict[str, int]:
   """Decode steps by the busy slots at the start of their call (`ACTIVE_BUCKETS` ranges,
   "low-high": steps) from `Engine.decode_log` [calls, 5]."""
-  out, low = {}, 0
-  for high in ACTIVE_BUCKETS:
-    pick = (log[:, 1] > low) & (log[:, 1] <= min(high, num_slots))
-    if pick.any():
-      out[f"{low + 1}-{min(high, num_slots)}"] = int(log[pick, 2].sum())
-    low = high
-  return out
+  return {label: int(log[pick, 2].sum()) for label, pick in _active_buckets(log[:, 1],
+                                                                             num_slots)}
 
 
 def step_times(log: np.ndarray, num_slots: int, weight_bytes: int, kv_per_token: int,
@@ -320,12 +327,8 @@ def step_times(log: np.ndarray, num_slots: int, weight_bytes: int, kv_per_token:
                "context_tokens_median": float(np.median(context[full])),
                "floor_ms_median": float(np.median(floor[full]) * 1e3),
                "step_over_floor_median": float(np.median(per_step[full] / floor[full]))}
-  rows, low = [], 0
-  for high in ACTIVE_BUCKETS:
-    pick = (ran[:, 1] > low) & (ran[:, 1] <= min(high, num_slots))
-    low = high
-    if not pick.any():
-      continue
+  rows = []
+  for _, pick in _active_buckets(ran[:, 1], num_slots):
     rows.append({"active_slots": [int(ran[pick, 1].min()), int(ran[pick, 1].max())],
                  "calls": int(pick.sum()), "steps": int(ran[pick, 2].sum()),
                  "seconds": float(ran[pick, 0].sum()),
