@@ -9,8 +9,7 @@ the live KV bytes (K and V of every row's keys) / the device copy bandwidth meas
 same run (bytes read + written by `x + 1` on 1 GiB). A time is the mean over `--iters` calls
 issued back to back (asynchronous dispatch keeps the device busy), the best of 3 such runs.
 `--tail N` keeps only N rows busy (at --max_len; the others idle), as at the end of an engine's
-batch, where the "grid" schedule still launches programs for the idle rows and "worklist" does
-not. `--sweep` also times Mosaic GPU tilings (block_tokens x stages x split_tokens) at each
+batch, where the Mosaic GPU grid still launches (empty) programs for the idle rows. `--sweep` also times Mosaic GPU tilings (block_tokens x stages x split_tokens) at each
 shape.
 Off a GPU the Pallas kernels run in their interpreters (a smoke test; the times mean nothing).
 """
@@ -86,11 +85,7 @@ def backends(on_gpu: bool) -> dict:
   """name -> jitted function of (q, k_pages, v_pages, page_table, lengths)."""
   fns = {"xla": jax.jit(paged_decode_attention_reference),
          "mosaic_gpu": jax.jit(lambda *a: paged_decode_attention_mgpu(
-             *a, interpret=not on_gpu)),
-         # Interpreted, a few programs: the interpreter runs each of the GPU's ~264 in turn.
-         "mosaic_gpu_worklist": jax.jit(lambda *a: paged_decode_attention_mgpu(
-             *a, schedule="worklist", programs=None if on_gpu else 4,
-             interpret=not on_gpu))}
+             *a, interpret=not on_gpu))}
   if not on_gpu:
     fns["pallas_tpu"] = jax.jit(lambda *a: paged_decode_attention_tpu(*a, interpret=True))
   return fns

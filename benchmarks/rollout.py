@@ -132,15 +132,13 @@ def copy_bandwidth(jax, jnp, nbytes: int) -> float:
 def engine_layout(args, config, attention: str) -> dict:
   """The Engine's attention, long_rows and min_table_pages for this run. One full table width
   for the whole run where the width costs little: with long rows split off (the XLA
-  attention: only the cut widths compile) and with the worklist kernel (its launch does not
-  grow with the width: one decode program compiles)."""
+  attention: only the cut widths compile)."""
   from kat_jax.sampling.engine import attention_plan  # pylint: disable=g-import-not-at-top
   attention, long_rows = attention_plan(attention, config, args.page_size)
   long_rows = long_rows if args.long_rows is None else args.long_rows
   full_width = -(-(args.prompt_max + args.max_new) // args.page_size)
-  one_width = long_rows or attention == "mosaic_gpu_worklist"
   return dict(attention=attention, long_rows=long_rows,
-              min_table_pages=full_width if one_width else 8)
+              min_table_pages=full_width if long_rows else 8)
 
 
 def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> dict:

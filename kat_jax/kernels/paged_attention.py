@@ -9,9 +9,6 @@ value; the same page may appear in several rows' tables (a shared prompt prefix)
 Backends (all compute the same function):
   "xla"          `paged_decode_attention_reference`: gather the rows' pages, mask, softmax.
   "mosaic_gpu"   Pallas on Mosaic GPU (Hopper), a program per (split, kv head, row).
-  "mosaic_gpu_worklist"  the same kernel with programs looping over the live splits only
-                 (`paged_attention_mgpu` schedule "worklist"; not yet timed, so "auto"
-                 does not pick it).
   "pallas_tpu"   Pallas with TPU-style BlockSpecs and the page table as scalar prefetch
                  (lowers with Mosaic TPU; `interpret=True` runs it on CPU).
   "auto"         `default_backend`: "pallas_tpu" on TPU, "mosaic_gpu" on Hopper, else "xla".
@@ -24,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "mosaic_gpu", "mosaic_gpu_worklist", "pallas_tpu")
+BACKENDS = ("auto", "xla", "mosaic_gpu", "pallas_tpu")
 
 
 def _check_shapes(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
@@ -129,11 +126,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   if backend == "auto":
     backend = default_backend(q.dtype, q.shape[1] // k_pages.shape[0], q.shape[2],
                               k_pages.shape[2])
-  if backend in ("mosaic_gpu", "mosaic_gpu_worklist"):
+  if backend == "mosaic_gpu":
     from kat_jax.kernels.paged_attention_mgpu import paged_decode_attention_mgpu  # pylint: disable=g-import-not-at-top
-    return paged_decode_attention_mgpu(
-        q, k_pages, v_pages, page_table, lengths,
-        schedule="worklist" if backend == "mosaic_gpu_worklist" else "grid")
+    return paged_decode_attention_mgpu(q, k_pages, v_pages, page_table, lengths)
   if backend == "pallas_tpu":
     from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu  # pylint: disable=g-import-not-at-top
     return paged_decode_attention_tpu(q, k_pages, v_pages, page_table, lengths,

@@ -2,21 +2,14 @@
 
 Decode attention reads every live KV byte once and does little arithmetic per byte, so the
 kernel is built for memory bandwidth:
-- one program per (row, kv head, split of `split_tokens` keys); the Hq/Hkv query heads of the
-  kv head share each K/V tile (GQA), padded to the 64 rows of one warpgroup MMA;
+- one program per (row, kv head, split of `split_tokens` keys of the table); the Hq/Hkv
+  query heads of the kv head share each K/V tile (GQA), padded to the 64 rows of one
+  warpgroup MMA; splits past a row's length exit at once;
 - a block of `block_tokens` keys is gathered page by page with TMA copies into shared memory,
   `stages` blocks in flight ahead of the one being computed;
 - QK^T and PV run on the tensor cores (wgmma) with an online softmax in registers;
 - each program writes its split's normalised output and log-sum-exp; `merge_splits` (XLA)
   combines the splits, so short batches still spread over every SM.
-Two schedules of the same splits (`schedule=`):
-- "grid": a program per (split of `split_tokens` keys of the table, kv head, row); splits
-  past a row's length exit at once, so a wide table (one long row) launches thousands of
-  programs that do nothing, and a long row's split is `split_tokens` keys long;
-- "worklist": ~2 programs per SM per kv head (`programs`) loop over a list of the live
-  splits only, built in XLA from the lengths: row b's keys in at most `max_splits` splits of
-  at least `min_split_blocks` blocks each, so a long row spreads over many programs and idle
-  rows cost nothing. Not yet timed on a GPU (the engine uses "grid").
 Pages past a row's last page are not read: a block's dead page slots re-read the row's last
 live page (an L2 hit) and are masked, like keys past the length in a partly filled page.
 Inputs are bf16 or f16 (the tensor cores' operands); f32 goes to the XLA path.
@@ -117,7 +110,7 @@ def _mma(a, b, n: int, *, transpose_b: bool, interpret: bool) -> jax.Array:
 
 
 def _attend(q_ref, k_ref, v_ref, table_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, *,
-            b, h, first_page, last_page, live_keys, num_blocks, zero_pad: bool, page_size: int,
+            b, h, first_page, last_page, live_keys, num_blocks, page_size: int,
             block_tokens: int, stages: int, num_pages: int, interpret: bool):
   """One split: copies row b's query heads of kv head h into q_smem [64, D] (`_load_query`)
   and runs the online softmax over `num_blocks` blocks of the row's keys from page
@@ -138,7 +131,7 @@ def _attend(q_ref, k_ref, v_ref, table_ref, q_smem, k_smem, v_smem, q_bar, k_bar
 
   @pl.when(num_blocks > 0)
   def _prologue():
-    _load_query(q_smem, q_bar, q_ref, b, h, zero_pad=zero_pad, interpret=interpret)
+    _load_query(q_smem, q_bar, q_ref, b, h, interpret=interpret)
     for stage in range(stages):
       pl.when(stage < num_blocks)(functools.partial(issue, stage, stage))
     plgpu.barrier_wait(q_bar)  # after the K/V copies are on their way
@@ -190,15 +183,14 @@ def _scratch(head_dim: int, block_tokens: int, stages: int, page_size: int, dtyp
           plgpu.Barrier(), plgpu.Barrier(**arrivals), plgpu.Barrier(**arrivals))
 
 
-def _load_query(q_smem, q_bar, q_ref, b, h, *, zero_pad: bool, interpret: bool) -> None:
-  """Starts copying row b's query heads of kv head h into q_smem's first rows (zeroing the
-  padded rows first when `zero_pad`); wait on q_bar before reading them."""
+def _load_query(q_smem, q_bar, q_ref, b, h, *, interpret: bool) -> None:
+  """Zeroes q_smem [64, D] and starts copying row b's query heads of kv head h into its first
+  rows; wait on q_bar before reading them."""
   plgpu = _plgpu()
   groups8, head_dim = q_ref.shape[2], q_ref.shape[3]
-  if zero_pad:
-    layout = (lambda x, _: x) if interpret else plgpu.layout_cast
-    q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), q_smem.dtype), plgpu.Layout.WGMMA)
-    plgpu.commit_smem()
+  layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+  q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), q_smem.dtype), plgpu.Layout.WGMMA)
+  plgpu.commit_smem()
   plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, groups8)], q_bar)
 
 
@@ -218,8 +210,7 @@ def _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split) -> None:
 def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_size: int,
             block_tokens: int, split_tokens: int, stages: int, num_pages: int,
             interpret: bool):
-  """Schedule "grid", program (split, kv head, row): online softmax over the split's live
-  blocks.
+  """Program (split, kv head, row): online softmax over the split's live blocks.
 
   q_ref [B, Hkv, G8, D] (zero-padded heads), k_ref/v_ref [Hkv, P, page_size, D], table_ref
   [B, max_pages], len_ref [B]; writes o_ref [B, Hkv, S, G8, D] f32 (normalised) and lse_ref
@@ -239,7 +230,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_siz
                page_size=page_size, block_tokens=block_tokens, num_pages=num_pages)
 
   attend = functools.partial(_attend, q_ref, k_ref, v_ref, table_ref, live_keys=live_keys,
-                             num_blocks=num_blocks, zero_pad=True, stages=stages,
+                             num_blocks=num_blocks, stages=stages,
                              interpret=interpret, **where)
   acc, m, l = pl.run_scoped(attend, *_scratch(head_dim, block_tokens, stages, page_size,
                                               q_ref.dtype))
@@ -252,70 +243,10 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_siz
                 plgpu.SMEM((_ROWS,), jnp.float32))
 
 
-def _worklist_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, items_ref, count_ref,
-                     per_ref, o_ref, lse_ref, *, programs: int, page_size: int,
-                     block_tokens: int, stages: int, num_pages: int, interpret: bool):
-  """Schedule "worklist", program (p, kv head): splits p, p + P, ... of the list.
-
-  items_ref [C] int32: split i of the list is row items_ref[i] // S, its split
-  items_ref[i] % S; count_ref [1]: live entries; per_ref [B]: blocks per split of each row.
-  Other refs as `_kernel`. Shared memory holds the query, the K/V rings and the output tile
-  at once (a program runs many splits).
-  """
-  plgpu = _plgpu()
-  p, h = lax.axis_index("program"), lax.axis_index("head")
-  head_dim = q_ref.shape[-1]
-  num_splits = o_ref.shape[2]
-  count = count_ref[0]
-  mine = lax.div(jnp.maximum(count - p, 0) + programs - 1, programs)
-
-  def body(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, o_smem, lse_smem):
-    def one_split(i, zero_pad):
-      item = items_ref[p + i * programs]
-      b, split = lax.div(item, num_splits), lax.rem(item, num_splits)
-      length = len_ref[b]
-      split_keys = per_ref[b] * block_tokens
-      live_keys = jnp.minimum(length - split * split_keys, split_keys)
-      num_blocks = lax.div(live_keys + block_tokens - 1, block_tokens)  # >= 1: a live split
-      where = dict(b=b, h=h, first_page=split * (split_keys // page_size),
-                   last_page=lax.div(length + page_size - 1, page_size) - 1,
-                   page_size=page_size, block_tokens=block_tokens, num_pages=num_pages)
-      acc, m, l = _attend(q_ref, k_ref, v_ref, table_ref, q_smem, k_smem, v_smem, q_bar,
-                          k_bar, v_bar, live_keys=live_keys, num_blocks=num_blocks,
-                          zero_pad=zero_pad, stages=stages, interpret=interpret, **where)
-      _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split)
-
-    # The padded query rows are zeroed once; each split copies only the real rows over them.
-    pl.when(mine > 0)(lambda: one_split(0, True))
-    lax.fori_loop(1, jnp.maximum(mine, 1), lambda i, c: (one_split(i, False), c)[1], None)
-
-  pl.run_scoped(body, *_scratch(head_dim, block_tokens, stages, page_size, q_ref.dtype),
-                plgpu.SMEM((_ROWS, head_dim), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32))
-
-
-def worklist(lengths: jax.Array, block_tokens: int, max_splits: int, min_split_blocks: int
-             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The live splits of schedule "worklist": lengths [B] int32 ->
-  (items [B * max_splits] int32, row * max_splits + split for the live splits first, in row
-  order; count [1] int32, live entries; per [B] int32, blocks per split of each row;
-  live [B, max_splits] bool). Row b's ceil(len / block_tokens) blocks are cut into splits of
-  per[b] = max(min_split_blocks, ceil(blocks / max_splits)) blocks."""
-  blocks = (jnp.maximum(lengths, 0) + block_tokens - 1) // block_tokens
-  per = jnp.maximum(min_split_blocks, (blocks + max_splits - 1) // max_splits)
-  splits = (blocks + per - 1) // per
-  live = jnp.arange(max_splits)[None, :] < splits[:, None]
-  flat = live.reshape(-1)
-  # Stable: live entries first, each row's in split order, then the dead ones.
-  items = jnp.argsort(~flat, stable=True).astype(jnp.int32)
-  return items, jnp.sum(flat, dtype=jnp.int32)[None], per.astype(jnp.int32), live
-
-
 def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                 page_table: jax.Array, lengths: jax.Array, *,
                                 block_tokens: int | None = None,
                                 split_tokens: int | None = None, stages: int = 2,
-                                schedule: str = "grid", max_splits: int = 16,
-                                min_split_blocks: int = 2, programs: int | None = None,
                                 interpret: bool = False) -> jax.Array:
   """`paged_decode_attention_reference` on Mosaic GPU (bf16/f16 inputs, Hq/Hkv <= 64).
 
@@ -327,10 +258,6 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       `default_tiling`).
     split_tokens: keys per program, a multiple of block_tokens (default `default_tiling`).
     stages: blocks copied ahead of the one being computed (shared-memory buffers).
-    schedule: "grid" or "worklist" (module doc).
-    max_splits, min_split_blocks: "worklist": a row's splits (at most, and the fewest blocks
-      of a split; `worklist`).
-    programs: "worklist": programs per kv head (default: 2 per SM of 132, over the kv heads).
     interpret: run with Mosaic GPU's CPU interpreter (tests).
   """
   plgpu = _plgpu()
@@ -353,46 +280,24 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
     raise ValueError(f"mosaic_gpu needs page_size a multiple of 8 (got {page_size}), "
                      f"block_tokens a multiple of 64 and of it (got {block_tokens}), "
                      f"split_tokens a multiple of block_tokens (got {split_tokens})")
-  if schedule not in ("grid", "worklist"):
-    raise ValueError(f"schedule must be 'grid' or 'worklist', got {schedule!r}")
-  if max_splits < 1 or min_split_blocks < 1 or (programs is not None and programs < 1):
-    raise ValueError(f"max_splits, min_split_blocks and programs must be >= 1, got "
-                     f"{max_splits}, {min_split_blocks}, {programs}")
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_tokens)  # as the reference reads them
   q8 = jnp.pad(q.reshape(batch, num_kv_heads, groups, head_dim),
                ((0, 0), (0, 0), (0, groups8 - groups), (0, 0)))
-  common = dict(page_size=page_size, block_tokens=block_tokens, stages=stages,
-                num_pages=num_pages, interpret=interpret)
-  args = (q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths)
-  if schedule == "grid":
-    num_splits = -(-max_tokens // split_tokens)
-    kernel = functools.partial(_kernel, split_tokens=split_tokens, **common)
-    grid, names = (num_splits, num_kv_heads, batch), ("split", "head", "row")
-    live = jnp.arange(num_splits)[None, :] * split_tokens < lengths[:, None]
-  else:
-    # The output tile sits beside the rings (a program stores many splits): 227 KiB at most.
-    smem = (_ROWS * head_dim + 2 * stages * block_tokens * head_dim) * q.dtype.itemsize + (
-        _ROWS * (head_dim + 1) * 4)
-    if smem > 227 * 1024:
-      raise ValueError(f"schedule 'worklist' needs {smem} bytes of shared memory at "
-                       f"block_tokens={block_tokens}, stages={stages}, D={head_dim}; at most "
-                       f"{227 * 1024} fit (fewer stages or a smaller block)")
-    num_splits = max_splits
-    items, count, per, live = worklist(lengths, block_tokens, max_splits, min_split_blocks)
-    programs = programs or max(1, 2 * 132 // num_kv_heads)
-    kernel = functools.partial(_worklist_kernel, programs=programs, **common)
-    grid, names = (programs, num_kv_heads), ("program", "head")
-    args += (items, count, per)
+  num_splits = -(-max_tokens // split_tokens)
+  kernel = functools.partial(_kernel, page_size=page_size, block_tokens=block_tokens,
+                             split_tokens=split_tokens, stages=stages, num_pages=num_pages,
+                             interpret=interpret)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, groups8, head_dim),
                                      jnp.float32),
                 jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, groups8), jnp.float32)),
-      grid=grid,
-      grid_names=names,
+      grid=(num_splits, num_kv_heads, batch),
+      grid_names=("split", "head", "row"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_gpu_interpret_params() if interpret else False,
       kernel_name="paged_decode_attention_mgpu",
-  )(*args)
+  )(q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths)
+  live = jnp.arange(num_splits)[None, :] * split_tokens < lengths[:, None]
   merged = merge_splits(out, lse, live)[:, :, :groups]
   return merged.reshape(batch, num_q_heads, head_dim).astype(q.dtype)

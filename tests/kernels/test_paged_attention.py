@@ -20,8 +20,7 @@ import pytest
 
 from kat_jax.kernels.paged_attention import (default_backend, paged_decode_attention,
                                              paged_decode_attention_reference)
-from kat_jax.kernels.paged_attention_mgpu import (has_interpreter, paged_decode_attention_mgpu,
-                                                  worklist)
+from kat_jax.kernels.paged_attention_mgpu import has_interpreter, paged_decode_attention_mgpu
 from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu
 
 _ON_HOPPER = (jax.default_backend() == "gpu"
@@ -150,27 +149,14 @@ _MGPU_CASES = [(1, 1, 64, 16, 64, 192, 2),  # 4 pages per block; 3 blocks per sp
                (7, 1, 128, 64, 64, 64, 3)]  # one page per block and per split; spare stages
 
 
-# Schedule "worklist": (Hq/Hkv, Hkv, D, page_size, block_tokens, stages, max_splits,
-# min_split_blocks, programs); lengths up to 208 keys (13 pages of 16, 7 of 32, 4 of 64).
-_WORKLIST_CASES = [(1, 1, 64, 16, 64, 2, 16, 1, 1),  # one program runs every split
-                   (2, 2, 128, 32, 64, 2, 2, 1, 3),  # long rows: 2 blocks a split (max_splits)
-                   (7, 1, 128, 64, 64, 3, 4, 2, 64)]  # more programs than splits; spare stages
-
-
-def _mgpu_check(case, interpret: bool, schedule: str = "grid") -> None:
-  if schedule == "grid":
-    groups, num_kv_heads, head_dim, page_size, block_tokens, split_tokens, stages = case
-    tiling = dict(block_tokens=block_tokens, split_tokens=split_tokens, stages=stages)
-  else:
-    (groups, num_kv_heads, head_dim, page_size, block_tokens, stages, max_splits,
-     min_split_blocks, programs) = case
-    tiling = dict(block_tokens=block_tokens, stages=stages, max_splits=max_splits,
-                  min_split_blocks=min_split_blocks, programs=programs)
+def _mgpu_check(case, interpret: bool) -> None:
+  groups, num_kv_heads, head_dim, page_size, block_tokens, split_tokens, stages = case
   q, k, v, table, lengths = _case(3, groups=groups, head_dim=head_dim, page_size=page_size,
                                   dtype=jnp.bfloat16, num_kv_heads=num_kv_heads,
                                   max_pages=192 // page_size + 1, dead_slot_value=30.0)
   kernel = jax.jit(lambda *a: paged_decode_attention_mgpu(
-      *a, schedule=schedule, interpret=interpret, **tiling))
+      *a, block_tokens=block_tokens, split_tokens=split_tokens, stages=stages,
+      interpret=interpret))
   got = kernel(q, k, v, table, lengths)
   assert got.dtype == jnp.bfloat16
   want = paged_decode_attention_reference(q, k, v, table, lengths)
@@ -184,46 +170,14 @@ def test_mosaic_gpu_interpreted_matches_reference(case):
   _mgpu_check(case, interpret=True)
 
 
-@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
-                    "(jax._src.pallas.mosaic_gpu.interpret)")
-@pytest.mark.parametrize("case", _WORKLIST_CASES)
-def test_mosaic_gpu_worklist_schedule_interpreted_matches_reference(case):
-  _mgpu_check(case, interpret=True, schedule="worklist")
-
-
-def test_worklist_lists_each_rows_live_splits_in_row_order():
-  # Blocks of 64 keys: lengths 0, 1, 64, 65, 640 -> 0, 1, 1, 2, 10 blocks; at most 4 splits
-  # of at least 2 blocks: per = 2, 2, 2, 2, 3 -> splits 0, 1, 1, 1, 4.
-  items, count, per, live = worklist(jnp.array([0, 1, 64, 65, 640], jnp.int32),
-                                     block_tokens=64, max_splits=4, min_split_blocks=2)
-  assert count.tolist() == [7]
-  assert per.tolist() == [2, 2, 2, 2, 3]
-  assert items[:7].tolist() == [4, 8, 12, 16, 17, 18, 19]  # row * 4 + split
-  assert sorted(items.tolist()) == list(range(20))  # the dead entries follow, each once
-  assert live.sum(axis=1).tolist() == [0, 1, 1, 1, 4]
-
-
-def test_mosaic_gpu_worklist_rejects_a_tiling_beyond_shared_memory():
-  q, k, v, table, lengths = _case(0, groups=2, head_dim=128, page_size=64, dtype=jnp.bfloat16)
-  with pytest.raises(ValueError, match="schedule 'worklist' needs .* bytes of shared memory"):
-    paged_decode_attention_mgpu(q, k, v, table, lengths, schedule="worklist",
-                                block_tokens=128, stages=3, interpret=True)
-
-
 # Engine shapes: (Hq, Hkv, D, page_size, tiling keywords) of qwen2.5-1.5b and -7b heads.
-# Schedule "worklist" keeps its output tile beside the rings, so 128-key blocks fit 2 stages.
-_LOWERING_CASES = [("grid", 12, 2, 128, 16, {}),
-                   ("grid", 28, 4, 128, 64, dict(block_tokens=128, stages=3)),
-                   ("grid", 8, 8, 64, 32, dict(stages=4)),
-                   ("worklist", 12, 2, 128, 16, {}), ("worklist", 28, 4, 128, 16, {}),
-                   ("worklist", 28, 4, 128, 64, dict(block_tokens=128, stages=2)),
-                   ("worklist", 8, 8, 64, 32, dict(stages=4))]
+_LOWERING_CASES = [(12, 2, 128, 16, {}), (28, 4, 128, 64, dict(block_tokens=128, stages=3)),
+                   (8, 8, 64, 32, dict(stages=4))]
 
 
-@pytest.mark.parametrize("schedule,num_q_heads,num_kv_heads,head_dim,page_size,tiling",
-                         _LOWERING_CASES)
-def test_mosaic_gpu_kernel_lowers_for_cuda(schedule, num_q_heads, num_kv_heads, head_dim,
-                                           page_size, tiling):
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size,tiling", _LOWERING_CASES)
+def test_mosaic_gpu_kernel_lowers_for_cuda(num_q_heads, num_kv_heads, head_dim, page_size,
+                                           tiling):
   # The Python half of Mosaic GPU's compilation (register layouts, wgmma and TMA shapes,
   # shared-memory budget) runs here; PTX generation needs the GPU.
   batch, max_pages = 16, 8192 // page_size
@@ -232,7 +186,7 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(schedule, num_q_heads, num_kv_heads, 
           spec((num_kv_heads, batch * max_pages, page_size, head_dim), jnp.bfloat16),
           spec((num_kv_heads, batch * max_pages, page_size, head_dim), jnp.bfloat16),
           spec((batch, max_pages), jnp.int32), spec((batch,), jnp.int32))
-  kernel = jax.jit(lambda *a: paged_decode_attention_mgpu(*a, schedule=schedule, **tiling))
+  kernel = jax.jit(lambda *a: paged_decode_attention_mgpu(*a, **tiling))
   exported = jax.export.export(kernel, platforms=["cuda"])(*args)
   assert "mosaic_gpu" in exported.mlir_module()
 
@@ -242,13 +196,6 @@ def test_mosaic_gpu_kernel_lowers_for_cuda(schedule, num_q_heads, num_kv_heads, 
 @pytest.mark.parametrize("case", _MGPU_CASES)
 def test_mosaic_gpu_compiled_matches_reference(case):
   _mgpu_check(case, interpret=False)
-
-
-@pytest.mark.skipif(not _ON_HOPPER, reason="compiled Mosaic GPU needs a Hopper GPU "
-                    "(run with KAT_TEST_GPU=1 on one)")
-@pytest.mark.parametrize("case", _WORKLIST_CASES)
-def test_mosaic_gpu_worklist_schedule_compiled_matches_reference(case):
-  _mgpu_check(case, interpret=False, schedule="worklist")
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="compiled Mosaic GPU needs a Hopper GPU "

@@ -89,15 +89,13 @@ def test_rollout_profile_that_cannot_trace_records_the_error_and_the_run_goes_on
   assert report["engine"]["generated_tokens"] > 0
 
 
-def test_engine_layout_gives_the_worklist_kernel_one_full_table_width():
+def test_engine_layout_gives_one_full_table_width_only_where_long_rows_are_split_off():
   import argparse  # pylint: disable=g-import-not-at-top
   from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
   module = benchmark_module("rollout")
   config = get_preset("tiny")
   args = argparse.Namespace(page_size=16, prompt_max=1024, max_new=8192, long_rows=None)
   full = -(-(1024 + 8192) // 16)
-  assert module.engine_layout(args, config, "mosaic_gpu_worklist") == dict(
-      attention="mosaic_gpu_worklist", long_rows=0, min_table_pages=full)
   assert module.engine_layout(args, config, "mosaic_gpu") == dict(
       attention="mosaic_gpu", long_rows=0, min_table_pages=8)
   assert module.engine_layout(args, config, "xla")["min_table_pages"] == full
