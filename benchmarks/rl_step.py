@@ -22,7 +22,8 @@ derived from the tokens: real verifier work, meaningless values.
 
 Reported per k: generated tokens/s per device (steady state: measured steps after `--warmup`
 steps; compile seconds, from jax.monitoring, reported apart), the step's time split (rollout
-wait, generate, reward wait after the last sample, old log-probs, update, weight push),
+wait, generate, reward wait after the last sample, tree building and packing, update, weight
+push; no old log-probs pass: one update per batch takes them in its own forward pass),
 trained vs unrolled tokens, staleness, and tokens/s x parameters beside NeMo RL's published
 on-policy GRPO rate (1,562 tokens/s per H100 at Llama-3.1-8B, ~1.25e13 parameter-tokens/s).
 """
@@ -132,7 +133,8 @@ class Producer:
       self._tree(key, sampling, manager, groups, score)
     generated = time.perf_counter()
     values = {iid: f.result()[0].reward for iid, f in rewards.items()}
-    reward_wait = time.perf_counter() - generated
+    scored = time.perf_counter()
+    reward_wait = scored - generated
     recorded = [manager.trajectories(group) for group in groups]
     trajectories = []
     for group in recorded:
@@ -146,8 +148,8 @@ class Producer:
             "tree_tokens": int(sum(t.num_nodes for t in trees)),
             "unrolled_tokens": int(sum(t.unrolled_tokens for t in trees)),
             "oldest_version": oldest_version([t for g in recorded for t in g], default=index),
-            "generate_s": generated - start,
-            "reward_wait_s": reward_wait, "seq_len": seq_len}
+            "generate_s": generated - start, "reward_wait_s": reward_wait,
+            "pack_s": time.perf_counter() - scored, "seq_len": seq_len}
 
   def _tree(self, key, sampling, manager, groups, score):
     """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each."""
@@ -243,12 +245,9 @@ def run(args, k: int, workload_name: str, clock) -> dict:
       if pad:
         from kat_jax.data.packing import pad_batch_rows  # pylint: disable=g-import-not-at-top
         batch = pad_batch_rows(batch, args.micro_batch_rows, 0)
+      # One update per batch: its own forward pass gives the proximal log-probs (no old_logp;
+      # rl.policy_step), as in the stages; off-policy, the sampled ones weight the terms.
       behaviour = batch.pop("old_logp")
-      t1 = time.perf_counter()
-      old = [update.logprob_fn(state.params, {key: v[r:r + args.micro_batch_rows]
-                                              for key, v in batch.items()})
-             for r in range(0, len(batch["tokens"]), args.micro_batch_rows)]
-      batch["old_logp"] = np.concatenate([np.asarray(o) for o in old])
       if k:
         batch["behav_logp"] = behaviour
       t2 = time.perf_counter()
@@ -259,7 +258,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
       record = {"step": step, "seconds": t4 - t0, "compile_s": clock.total - c0,
                 "rollout_wait_s": waited, "produce_s": produced.seconds,
                 "generate_s": out["generate_s"], "reward_wait_s": out["reward_wait_s"],
-                "logprob_s": t2 - t1, "update_s": t3 - t2,
+                "pack_s": out["pack_s"], "update_s": t3 - t2,
                 "weight_push_s": (t4 - t3) if k else weights.push_seconds,
                 "generated_tokens": out["generated_tokens"], "tree_tokens": out["tree_tokens"],
                 "unrolled_tokens": out["unrolled_tokens"], "rows": rows,
@@ -268,7 +267,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
       steps.append(record)
       print(f"  {workload_name} k={k} step {step}: {record['seconds']:.1f}s "
             f"(compile {record['compile_s']:.1f}s) generated {record['generated_tokens']} "
-            f"wait {waited:.1f}s logprob {t2 - t1:.1f}s update {t3 - t2:.1f}s", flush=True)
+            f"wait {waited:.1f}s pack {out['pack_s']:.1f}s update {t3 - t2:.1f}s", flush=True)
   finally:
     pipeline.close()
     pool.close()
@@ -278,7 +277,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   per_device = tokens / wall / jax.device_count()
   split = {key: float(np.mean([s[key] for s in timed]))
            for key in ("seconds", "compile_s", "rollout_wait_s", "produce_s", "generate_s",
-                       "reward_wait_s", "logprob_s", "update_s", "weight_push_s")}
+                       "reward_wait_s", "pack_s", "update_s", "weight_push_s")}
   return {"k": k, "workload": workload_name, "params": n_params,
           "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
                      "num_slots": engine.num_slots},
@@ -311,13 +310,13 @@ def main(argv=None) -> dict:
       results.append(run(args, k, name, clock))
       write_report(args.out, report)  # kept if a later run is cut off by a time limit
   print(f"{'workload':8} {'k':>2} {'tok/s/dev':>10} {'param-tok/s':>12} {'step s':>8} "
-        f"{'rollout%':>8} {'gen s':>7} {'rew s':>6} {'logp s':>7} {'upd s':>7} {'push s':>7}")
+        f"{'rollout%':>8} {'gen s':>7} {'rew s':>6} {'pack s':>7} {'upd s':>7} {'push s':>7}")
   for r in results:
     s = r["mean_split_s"]
     share = f"{100 * r['rollout_share_of_step']:.0f}" if r["rollout_share_of_step"] else "-"
     print(f"{r['workload']:8} {r['k']:>2} {r['tokens_per_s_per_device']:>10.0f} "
           f"{r['param_tokens_per_s_per_device']:>12.3g} {s['seconds']:>8.1f} {share:>8} "
-          f"{s['generate_s']:>7.1f} {s['reward_wait_s']:>6.2f} {s['logprob_s']:>7.1f} "
+          f"{s['generate_s']:>7.1f} {s['reward_wait_s']:>6.2f} {s['pack_s']:>7.1f} "
           f"{s['update_s']:>7.1f} {s['weight_push_s']:>7.2f}")
   if args.out:
     print(f"wrote {args.out}")

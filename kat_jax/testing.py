@@ -201,6 +201,24 @@ def assert_resume_reproduces(run: Callable[[str], Any], workdir: str, *, steps: 
   assert first_steps == 1, "the restart trained from scratch instead of resuming"
 
 
+def assert_reproduces_synchronous_loop(got: list[dict], record: list[dict]) -> None:
+  """Asserts that a stage's per-step metrics `got` reproduce `record`, those of the
+  synchronous RL loop before the rollout pipeline existed (tests/rl/data): the same steps,
+  samples, rewards and clipping, exactly; loss and gradient
+  norm to float32 rounding. The loop took its proximal log-probs from a forward pass of
+  their own (or the sampler's), the stages take them from the update's own pass: the same
+  weights, so the same values up to another XLA program's rounding. Losses that are zero
+  but for rounding (a group's advantages cancelling at a ratio of 1) were recorded as
+  ~1e-8."""
+  assert len(got) == len(record), (len(got), len(record))
+  rounded = ("loss", "policy_loss", "grad_norm")
+  for row, want in zip(got, record):
+    assert {k: row[k] for k in want if k not in rounded} == {
+        k: v for k, v in want.items() if k not in rounded}
+    np.testing.assert_allclose([row[k] for k in rounded], [want[k] for k in rounded],
+                               rtol=1e-6, atol=1e-7)
+
+
 def benchmark_module(name: str) -> Any:
   """`benchmarks/<name>.py` of this checkout, imported by path (benchmarks are scripts, not a
   package; one may import another, so their folder is on sys.path while it loads)."""

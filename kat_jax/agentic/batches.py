@@ -168,10 +168,11 @@ class TreeRollouts:
     produced, waited = self.pipeline.take(step, state.params)
     out = produced.value
     batch = out["batch"]
-    # Off-policy: no old_logp, so the loss centres its clip on the weights being trained
-    # (rl.policy_step); the sampled log-probs weight its terms (truncated importance weight).
+    # No old_logp: the loss centres its clip on the weights being trained (rl.policy_step;
+    # one update per batch), not on the sampler's numerics. Off-policy, the sampled log-probs
+    # weight its terms (truncated importance weight).
+    batch = {k: v for k, v in batch.items() if k != "old_logp"}
     if self.pipeline.k:
-      batch = {k: v for k, v in batch.items() if k != "old_logp"}
       batch["behav_logp"] = out["batch"]["old_logp"]
     stats = {**out["stats"], "staleness": float(step - out["oldest_version"]),
              "rollout_wait_s": waited, "produce_s": produced.seconds}

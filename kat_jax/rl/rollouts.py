@@ -10,8 +10,9 @@ rewards and segment advantages -> optional DAPO dynamic sampling -> record every
 Batches come from `pipeline.RolloutPipeline`: with `rl.max_staleness` = 0 each is produced
 with the trainer's current weights, just before its update; with k >= 1 a rollout thread
 produces up to k batches ahead (partial rollouts, per-token weight versions). The trainer's
-side recomputes the proximal log-probs (`old_logp`) with its current weights; an off-policy
-batch also carries the sampled ones (`behav_logp`) for the importance weight. The prompt
+side centres the update on its current weights (the proximal policy: taken in the update's
+own forward pass, or by a separate `old_logp` pass when a batch gets several updates); an
+off-policy batch also carries the sampled log-probs (`behav_logp`) for the importance weight. The prompt
 pool, as of the last trained batch, is the checkpointed state; the per-step curves go to
 `<workdir>/rl_curves.json`.
 """
@@ -247,8 +248,11 @@ class StepSRPORollouts:
       behaviour = batch.pop("old_logp")
       t1 = time.perf_counter()
       # The proximal policy: the weights this update starts from (= the sampling weights
-      # on-policy). Off-policy, the sampled log-probs weight the terms (objectives module).
-      batch["old_logp"] = self.logprob_fn(state.params, batch)
+      # on-policy). One update per batch takes it from the update's own forward pass
+      # (rl.policy_step: no old_logp); several need it fixed, from a pass of its own.
+      # Off-policy, the sampled log-probs weight the terms (objectives module).
+      if self.rl.updates_per_batch > 1:
+        batch["old_logp"] = self.logprob_fn(state.params, batch)
       if self.pipeline.k:
         batch["behav_logp"] = behaviour
       if self.ref_params is not None:

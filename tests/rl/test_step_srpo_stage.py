@@ -16,6 +16,7 @@ import pytest
 from experiments.configs.step_srpo import get_config
 from kat_jax.tasks import dual_regime as task_lib
 from kat_jax.errors import ConfigError
+from kat_jax.rl import rollouts as rollouts_lib
 from kat_jax.rl import stage as stage_lib
 from kat_jax.tasks.rewards import RewardPool, RewardResult
 from kat_jax.rl.stage import run_step_srpo
@@ -60,8 +61,19 @@ def test_stage_end_to_end_with_kl_schedule_resampling_and_resume(tmp_path, monke
   # The run below is laid out for this pool: stage 1 (2 prompts a step) uses up the math
   # prompts in step 1, so the epoch ends after step 2 and drops them (all correct).
   assert len(math_ids) == 2 and code_ids, [t.domain for t in tasks]
+  real_next, batches = rollouts_lib.StepSRPORollouts.next, []
 
+  def spy(self, state, step):
+    work = real_next(self, state, step)
+    batches.append(work.batch)
+    return work
+
+  monkeypatch.setattr(rollouts_lib.StepSRPORollouts, "next", spy)
   summary = run_step_srpo(config)
+  # Two updates per batch: their proximal log-probs come from a pass of their own, fixed
+  # across both updates (one update per batch takes them in its own forward pass).
+  assert batches and all(b is None or "old_logp" in b for b in batches)
+  assert any(b is not None for b in batches)
   workdir = tmp_path / "rl"
   history = json.loads((workdir / "rl_curves.json").read_text())["history"]
   assert [h["step"] for h in history] == [1, 2, 3]
