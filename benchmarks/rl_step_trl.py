@@ -19,7 +19,8 @@ the script checks that every completion came back at its drawn length. The rewar
 completion length / 1000: rewards do not change the work of a step, only the advantages'
 values (a length reward makes them non-zero, so the update is not trivially zero).
 
-A measured step covers `--step_prompts` prompts of the draw (default: all) × `--samples`; it is
+A measured step covers `--step_prompts` prompts of the draw (default: all; from prompt
+`--first_prompt` on) × `--samples`; it is
 preceded by one warm-up step on the same prompts with responses cut to `--warmup_new` tokens.
 `--steps N` measures N steps (step i takes the next `--step_prompts` prompts, cycling).
 
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -64,6 +64,9 @@ import warnings
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rollout import add_workload_flags, workload  # noqa: E402  pylint: disable=g-import-not-at-top
+
 EOS_ID = 0  # "<eos>": end and pad id; workload() draws prompt ids from [1, vocab)
 PHASES = ("generate", "generate_and_score", "training_step", "optimizer")
 
@@ -72,10 +75,12 @@ def _parse(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="qwen2.5-1.5b", help="kat_jax.model.presets name")
   parser.add_argument("--tiny", action="store_true", help="tiny model and workload (CPU smoke)")
-  _rollout_module().add_workload_flags(parser)
+  add_workload_flags(parser)
   parser.add_argument("--step_prompts", type=int, default=0,
                       help="prompts per measured step (0: all --prompts); a reduction of the "
                            "step, reported in the JSON")
+  parser.add_argument("--first_prompt", type=int, default=0,
+                      help="the draw's prompt the first measured step starts at")
   parser.add_argument("--steps", type=int, default=1, help="measured GRPO steps")
   parser.add_argument("--warmup_new", type=int, default=16,
                       help="response length cap of the warm-up step")
@@ -119,23 +124,12 @@ def _parse(argv=None) -> argparse.Namespace:
                     f"{args.generation_batch}")
   if args.samples < 2:
     problems.append("--samples must be >= 2 (GRPO needs a group)")
+  if not 0 <= args.first_prompt < args.prompts:
+    problems.append(f"--first_prompt {args.first_prompt} must be in [0, --prompts "
+                    f"{args.prompts})")
   if problems:
     parser.exit(2, f"error: benchmarks/rl_step_trl.py: {'; '.join(problems)}\n")
   return args
-
-
-def _rollout_module():
-  """benchmarks/rollout.py, loaded by path (the workload's flags and draw live there)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rollout.py")
-  spec = importlib.util.spec_from_file_location("rollout_benchmark", path)
-  rollout = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(rollout)
-  return rollout
-
-
-def workload(args, vocab: int):
-  """benchmarks/rollout.py's draw: prompts [P] (token lists), response lengths [P, samples]."""
-  return _rollout_module().workload(args, vocab)
 
 
 def model_config(preset: str):
@@ -372,8 +366,8 @@ def main(argv=None) -> dict:
   command = " ".join(["python"] + sys.argv) if argv is None else " ".join(
       ["python", "benchmarks/rl_step_trl.py"] + list(argv))
   # Rows: the warm-up step's prompts, then each measured step's (cycling through the draw).
-  step_rows = [[(s * args.step_prompts + i) % args.prompts for i in range(args.step_prompts)]
-               for s in range(args.steps)]
+  step_rows = [[(args.first_prompt + s * args.step_prompts + i) % args.prompts
+                for i in range(args.step_prompts)] for s in range(args.steps)]
   rows = [(i, np.minimum(lengths[i], args.warmup_new)) for i in step_rows[0]]
   rows += [(i, lengths[i]) for step in step_rows for i in step]
   dataset = Dataset.from_dict({"prompt": [as_text(prompts[i]) for i, _ in rows],
@@ -404,6 +398,7 @@ def main(argv=None) -> dict:
                    "seed": args.seed, "drawn_tokens": int(lengths.sum()),
                    "drawn_longest": int(lengths.max()),
                    "step_prompts": args.step_prompts, "step_samples": step_samples,
+                   "first_prompt": args.first_prompt,
                    "reduced": args.step_prompts < args.prompts,
                    "warmup_new": args.warmup_new},
       "trl_settings": {"generation": "model.generate (KV cache), no vLLM",

@@ -58,3 +58,16 @@ def test_rl_step_trl_runs_a_tiny_step_and_reports_every_field(tmp_path):
   for key in ("trl", "transformers", "torch"):
     assert report["versions"][key]
   assert report["device"] and "rl_step_trl.py --tiny" in report["command"]
+
+
+def test_rl_step_trl_first_prompt_picks_the_prompts_of_a_reduced_step(tmp_path):
+  pytest.importorskip("trl", reason="trl is not installed (setup.py extra 'peer'; CI does not "
+                                    "install it)")
+  module = _module()
+  report = module.main(["--tiny", "--first_prompt", "1", "--step_prompts", "1",
+                        "--generation_batch", "2", "--out", str(tmp_path / "trl.json")])
+  args = module._parse(["--tiny"])  # pylint: disable=protected-access
+  _, lengths = benchmark_module("rollout").workload(args, module.model_config("tiny").vocab_size)
+  assert report["workload"]["first_prompt"] == 1
+  assert report["steps"][0]["generated_tokens"] == int(lengths[1].sum())
+  assert report["projected_full_step"]["generated_tokens"] == int(lengths.sum())
