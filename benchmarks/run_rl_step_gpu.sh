@@ -91,6 +91,6 @@ if stage peer7b; then
   # bf16 weights + gradients + AdamW state are 57 GiB: small generate calls and micro-batches.
   # shellcheck disable=SC2086
   run_peer qwen2.5-7b rl_step_trl_qwen2.5-7b.json \
-    ${PEER7B_ARGS:---step_prompts 4 --generation_batch 32 --micro_batch 1}
+    ${PEER7B_ARGS:---first_prompt 58 --step_prompts 4 --generation_batch 32 --micro_batch 1}
 fi
 echo "done in $((SECONDS - start)) s"
