@@ -15,7 +15,16 @@
 #                 compiles for ~130 s and rolls out the 1.5b draw in ~42 s
 #                 (benchmarks/results/rollout_qwen2.5-1.5b_mosaic_gpu_h100.json), so ours'
 #                 four timed-or-warm-up steps (k = 0 and 1) take most of a call
-#   OURS_ARGS     extra flags for every run of ours
+#   OURS_ARGS     extra flags for every run of ours (default "--kv_gib 10 --remat dots_no_batch":
+#                 the 1.5b draw held at most 4.0 GB of KV (rollout_qwen2.5-1.5b_mosaic_gpu_h100
+#                 .json) and the engine's schedule of the grpo draw is unchanged down to 8 GiB
+#                 (8,593 decode steps; 6 GiB: 8,929, rollout.py --simulate with the pool
+#                 capped), so a 10 GiB pool leaves room for the update to keep its matmul
+#                 outputs instead of recomputing the forward (remat "full": 17.1 s of a 67 s
+#                 step at 30 K tokens/s). Memory, estimated from train_step_h100.json (43.8
+#                 GiB at 16 K tokens with dots_no_batch, AdamW state included): + 6 GiB of
+#                 accumulated gradients + 10 GiB KV + 3 GiB decode weights, ~63 of the 73.6
+#                 GiB that XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 gives)
 #   PEER_ARGS     the 1.5B peer's flags (default: the reduced step below)
 #   PEER7B_ARGS   the 7B peer's flags
 #   BUDGET_S      seconds this script may take in all (default 570, inside a 600 s call)
@@ -69,7 +78,8 @@ for workload in grpo tree; do
   echo "=== ours: qwen2.5-1.5b, $workload, k = 0 and 1 (limit ${limit}s) ==="
   # shellcheck disable=SC2086
   timeout "$limit" python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --workload "$workload" \
-    --k 0 1 --warmup 1 --steps 1 --out "$out/rl_step_qwen2.5-1.5b_$workload.json" ${OURS_ARGS:-}
+    --k 0 1 --warmup 1 --steps 1 --out "$out/rl_step_qwen2.5-1.5b_$workload.json" \
+    ${OURS_ARGS:---kv_gib 10 --remat dots_no_batch}
   echo "ours $workload: exit $?"
 done
 # ========================= PEER: TRL GRPOTrainer (benchmarks/rl_step_trl.py) ================
