@@ -26,25 +26,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kat_jax.kernels import mgpu_support
+
 _ROWS = 64  # one warpgroup MMA's rows: the query heads of a kv head, zero-padded
 _LOG2E = math.log2(math.e)
 DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def has_interpreter() -> bool:
-  """Whether this jax has Mosaic GPU's CPU interpreter (a private module in jax 0.10)."""
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
-
-
-@functools.cache
-def _gpu_interpret_params():
-  """Mosaic GPU's CPU interpreter settings."""
-  from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
-  return params.InterpretGPUParams()
 
 
 def supports(dtype: Any, groups: int, head_dim: int, page_size: int) -> bool:
@@ -83,19 +69,12 @@ def merge_splits(out: jax.Array, lse: jax.Array, live: jax.Array) -> jax.Array:
   return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def _plgpu():
-  """jax.experimental.pallas.mosaic_gpu, imported when a kernel is built (it needs jaxlib's
-  Mosaic GPU support only then)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu
-
-
 def _mma(a, b, n: int, *, transpose_b: bool, interpret: bool) -> jax.Array:
   """a @ b (or a @ b.T) as float32 [64, n] on the tensor cores: a [64, K] in shared memory or
   registers, b [K, n] (or [n, K]) in shared memory. Returning the result waits for the MMA,
   so b's buffer is free afterwards. The interpreter, which has no wgmma of these operands,
   takes a plain dot."""
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   if interpret:
     a = a if isinstance(a, jax.Array) else a[...]
     b = b[...].T if transpose_b else b[...]
@@ -117,7 +96,7 @@ def _attend(q_ref, k_ref, v_ref, table_ref, q_smem, k_smem, v_smem, q_bar, k_bar
   `first_page` on (`live_keys` of them live; pages past `last_page` re-read it), `stages`
   blocks in flight. Returns (acc [64, D], m [64], l [64]) f32: unnormalised output, max, sum
   (base 2); with num_blocks = 0 nothing is copied and the initial values come back."""
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   head_dim = q_smem.shape[-1]
   dtype = q_smem.dtype
   scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is one instruction
@@ -164,7 +143,7 @@ def _issue(k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, block, slot, *
            first_page, last_page, page_size: int, block_tokens: int, num_pages: int) -> None:
   """Gathers block `block` (from page `first_page` of row b) of K and V into `slot`: one TMA
   copy per page; pages past `last_page` re-read it (masked later)."""
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   for i in range(block_tokens // page_size):
     index = jnp.minimum(first_page + block * (block_tokens // page_size) + i, last_page)
     page = jnp.clip(table_ref[b, index], 0, num_pages - 1)
@@ -175,7 +154,7 @@ def _issue(k_smem, v_smem, k_bar, v_bar, k_ref, v_ref, table_ref, block, slot, *
 
 def _scratch(head_dim: int, block_tokens: int, stages: int, page_size: int, dtype):
   """Shared memory of one program: query, K and V stage rings, their barriers."""
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kv_buffer = plgpu.SMEM((stages, block_tokens, head_dim), dtype, transforms=tiled)
   arrivals = dict(num_arrivals=block_tokens // page_size, num_barriers=stages)  # a copy per page
@@ -186,7 +165,7 @@ def _scratch(head_dim: int, block_tokens: int, stages: int, page_size: int, dtyp
 def _load_query(q_smem, q_bar, q_ref, b, h, *, interpret: bool) -> None:
   """Zeroes q_smem [64, D] and starts copying row b's query heads of kv head h into its first
   rows; wait on q_bar before reading them."""
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   groups8, head_dim = q_ref.shape[2], q_ref.shape[3]
   layout = (lambda x, _: x) if interpret else plgpu.layout_cast
   q_smem[...] = layout(jnp.zeros((_ROWS, head_dim), q_smem.dtype), plgpu.Layout.WGMMA)
@@ -197,7 +176,7 @@ def _load_query(q_smem, q_bar, q_ref, b, h, *, interpret: bool) -> None:
 def _store(o_smem, lse_smem, o_ref, lse_ref, acc, m, l, b, h, split) -> None:
   """Writes one split's normalised output and base-2 log-sum-exp to o_ref/lse_ref[b, h,
   split] and waits until the shared-memory tiles are free again."""
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   groups8 = o_ref.shape[-2]
   o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
   lse_smem[...] = m + jnp.log2(l)
@@ -218,7 +197,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, len_ref, o_ref, lse_ref, *, page_siz
   Shared memory: the query and the K/V stage buffers, then (reusing their space) the f32
   output tile.
   """
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("row")
   head_dim = q_ref.shape[-1]
   length = len_ref[b]
@@ -260,7 +239,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
     stages: blocks copied ahead of the one being computed (shared-memory buffers).
     interpret: run with Mosaic GPU's CPU interpreter (tests).
   """
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_pages, page_size, _ = k_pages.shape
   groups = num_q_heads // num_kv_heads
@@ -295,7 +274,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       grid=(num_splits, num_kv_heads, batch),
       grid_names=("split", "head", "row"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_gpu_interpret_params() if interpret else False,
+      interpret=mgpu_support.interpret_params() if interpret else False,
       kernel_name="paged_decode_attention_mgpu",
   )(q8, k_pages, v_pages, page_table.astype(jnp.int32), lengths)
   live = jnp.arange(num_splits)[None, :] * split_tokens < lengths[:, None]

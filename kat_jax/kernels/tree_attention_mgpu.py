@@ -37,8 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kat_jax.kernels.paged_attention_mgpu import _gpu_interpret_params
-from kat_jax.kernels.paged_attention_mgpu import has_interpreter
+from kat_jax.kernels import mgpu_support
 from kat_jax.kernels.tree_attention_blocks import KernelConfig
 from kat_jax.kernels.tree_attention_blocks import KernelTiles
 from kat_jax.kernels.tree_attention_blocks import LOG2E
@@ -46,8 +45,7 @@ from kat_jax.kernels.tree_attention_blocks import tile_classes
 from kat_jax.kernels.tree_attention_blocks import Tuning
 from kat_jax.kernels.tree_attention_blocks import visit_lists
 
-__all__ = ["DEFAULT_TUNING", "DTYPES", "ROWS", "backward", "check_tiles", "forward",
-           "has_interpreter"]
+__all__ = ["DEFAULT_TUNING", "DTYPES", "ROWS", "backward", "check_tiles", "forward"]
 
 ROWS = 64  # rows of one warpgroup MMA: forward/dQ query blocks, dK/dV key blocks
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -78,18 +76,13 @@ def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
       raise ValueError(f"backend 'mgpu' needs {name} a multiple of 64, got {size}")
 
 
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu
-
-
 class _Ops:
   """The few Mosaic GPU operations whose form differs between compiled and interpreted runs
   (the interpreter has no register layouts and no wgmma of these operands)."""
 
   def __init__(self, interpret: bool):
     self.interpret = interpret
-    self.plgpu = _plgpu()
+    self.plgpu = mgpu_support.plgpu()
 
   def layout(self, x, layout):
     return x if self.interpret else self.plgpu.layout_cast(x, layout)
@@ -183,7 +176,7 @@ def _kernel_call(plgpu, body, out_type, grid, names, interpret, name):
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names,
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_gpu_interpret_params() if interpret else False, kernel_name=name)
+      interpret=mgpu_support.interpret_params() if interpret else False, kernel_name=name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -361,7 +354,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: Ke
   """q [B,T,Hq,D], k/v [B,T,Hkv,D], kv_end [B,T] (T padded to the blocks)
   -> (o [B,T,Hq,D], lse [B,Hq,T] float32 base 2)."""
   scale, tuning, interpret = cfg.scale, cfg.tuning, cfg.interpret
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   batch, length, num_q_heads, head_dim = q.shape
   tiles = tuning.fwd
   nq = length // tiles.block_q
@@ -376,7 +369,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: Ke
   call = plgpu.kernel(
       kernel, out_type=out_type, grid=(nq, num_q_heads, batch), grid_names=("q", "head", "row"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_gpu_interpret_params() if interpret else False,
+      interpret=mgpu_support.interpret_params() if interpret else False,
       kernel_name="tree_attention_fwd_mgpu",
       **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}))
   return call(meta, kv_end, q, k, v)
@@ -549,7 +542,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: ja
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Padded [B,T,H,D] tensors, lse/delta [B,Hq,T] f32 (base-2 lse) -> (dq, dk, dv)."""
   scale, tuning, interpret = cfg.scale, cfg.tuning, cfg.interpret
-  plgpu = _plgpu()
+  plgpu = mgpu_support.plgpu()
   batch, length, num_q_heads, _ = q.shape
   num_kv_heads = k.shape[2]
   groups = num_q_heads // num_kv_heads

@@ -20,7 +20,8 @@ import pytest
 
 from kat_jax.kernels.paged_attention import (default_backend, paged_decode_attention,
                                              paged_decode_attention_reference)
-from kat_jax.kernels.paged_attention_mgpu import has_interpreter, paged_decode_attention_mgpu
+from kat_jax.kernels.mgpu_support import has_interpreter
+from kat_jax.kernels.paged_attention_mgpu import paged_decode_attention_mgpu
 from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu
 
 _ON_HOPPER = (jax.default_backend() == "gpu"

@@ -20,8 +20,8 @@ from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.kernels.reference import attention_reference
+from kat_jax.kernels.mgpu_support import has_interpreter
 from kat_jax.kernels.tree_attention_mgpu import DEFAULT_TUNING as DEFAULT_TUNING_MGPU
-from kat_jax.kernels.tree_attention_mgpu import has_interpreter
 from kat_jax.testing import packed_kv_end
 from kat_jax.testing import random_tree_kv_end
 from kat_jax.testing import relative_error
