@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 25's GPU measurements of the Mosaic GPU tree kernel (docs/tree_attention.md, "How to
+# measure"), in order, as far as one call's budget goes; each stage saves its JSON (and the
+# Python scripts save after every section), so a stage cut off keeps what it measured.
+#
+#   device call:  carry [".whl"], timeout 600, command: bash benchmarks/run_tree_gpu.sh
+#   later calls:  STAGES="unrolled compiled" bash benchmarks/run_tree_gpu.sh   (and so on)
+#
+# Stages (STAGES, default "anchor"; they run in this order):
+#   anchor     benchmarks/tree_attention.py: correctness, the anchor workload's fwd and
+#              fwd+bwd for tree_mgpu, the Triton kernel, cuDNN, FlexAttention, the stock
+#              attention_mgpu, and plain causal rows (targets: fwd <= 1.8 ms, fwd+bwd <= 6.0 ms,
+#              >= 1.3x / 1.45x flex, causal fwd >= 0.9x cuDNN)
+#   unrolled   benchmarks/tree_vs_unrolled.py --high-sharing at qwen2.5-1.5b (target: update
+#              speed-up >= 0.85x the token ratio)
+#   compiled   the kernel's compiled pytest cases (KAT_TEST_GPU=1 ... -k compiled)
+#   sweep      forward tiles of tree_mgpu: the one-warpgroup forward and 3 stages
+# Variables: STAGES, BUDGET_S (default 570: seconds for the whole script).
+# Writes under $OUT: run.log and the stages' JSON files.
+set -uo pipefail
+out=${OUT:-/tmp/tree_gpu}
+mkdir -p "$out"
+exec > >(tee "$out/run.log") 2>&1
+start=$SECONDS
+budget=${BUDGET_S:-570}
+stages=" ${STAGES:-anchor} "
+stage() { [[ "$stages" == *" $1 "* ]]; }
+left() { echo $((budget - (SECONDS - start))); }
+source benchmarks/gpu_setup.sh
+gpu_setup benchmarks/run_tree_gpu.sh || exit 1
+
+run() {  # stage name, command...
+  local name=$1 limit
+  shift
+  stage "$name" || return 0
+  limit=$(left)
+  if (( limit < 30 )); then echo "$name: skipped, ${limit}s left"; return 0; fi
+  echo "=== $name (limit ${limit}s): $* ==="
+  timeout "$limit" "$@"
+  echo "$name: exit $?"
+}
+run anchor python3 benchmarks/tree_attention.py --out "$out" --check-heads 2 \
+  --backends mgpu,gpu --name tree_attention_mgpu.json
+run unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen2.5-1.5b \
+  --dtype bfloat16 --remat full --attention tree_mgpu,tree --repeats 3 \
+  --out "$out/tree_vs_unrolled_high_sharing.json"
+run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
+  tests/kernels/test_tree_attention_mgpu.py tests/kernels/test_tree_attention.py -k compiled
+run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-flex \
+  --backends mgpu --sweep-fwd 64,128,0,2 128,128,0,3 --name tree_attention_mgpu_sweep.json
+echo "done in $((SECONDS - start)) s"
