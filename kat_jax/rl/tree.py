@@ -1,8 +1,10 @@
 """Prefix trees of trajectories, laid out depth-first into packed rows (DESIGN: "Tree RL is exact").
 
 Trajectories that share a prefix (the same prompt, the same first turns) share those
-tokens: a token-level trie stores each shared token once. Laid out in depth-first order,
-every token j gets
+tokens: a trie stores each shared token once. (It is kept as a radix trie, `radix.py`: a run
+of tokens without a branch is one node of numpy arrays, so merging a trajectory costs a few
+numpy operations per node on its path, not a Python step per token.) Laid out in
+depth-first order, children in insertion order, every token j gets
   positions[j]  = its depth (index along its path), for RoPE;
   kv_end[j]     = one past the last token of its subtree: exactly its descendants see it;
   pred_index[j] = its parent's index (the state that predicts it);
@@ -71,9 +73,8 @@ class _Node(RadixNode):
   """
 
   PER_TOKEN = ("old_logp", "ref_logp", "sampled", "adv_pos", "adv_neg", "kl_weight", "visits")
-  __slots__ = PER_TOKEN
-
   DTYPES = (np.float32, np.float32, bool, np.float64, np.float64, np.float64, np.int32)
+  __slots__ = PER_TOKEN
 
   @classmethod
   def unvisited(cls, tokens: np.ndarray, depth: int) -> _Node:
@@ -99,7 +100,7 @@ class _Node(RadixNode):
     np.copyto(self.sampled, trained, where=first)
     self.visits += 1
     w = weight * trajectory.loss_mask[span].astype(np.float64)
-    advantage = trajectory.advantage[span]
+    advantage = np.where(trained, trajectory.advantage[span], 0.0)  # unread where untrained
     np.add(self.adv_pos, w * np.maximum(advantage, 0.0), out=self.adv_pos, where=trained)
     np.add(self.adv_neg, w * np.minimum(advantage, 0.0), out=self.adv_neg, where=trained)
     np.add(self.kl_weight, w, out=self.kl_weight, where=trained)
@@ -224,10 +225,9 @@ def pack_trees(trees: Sequence[PrefixTree], seq_len: int, pad_id: int
   Padding follows the pre-training contract: a pad token sees only itself, weight 0.
   """
   layouts = [tree.layout() for tree in trees]
-  sizes = np.array([len(layout["tokens"]) for layout in layouts], np.int64)
   rows, offsets, segments = [], [], []  # per tree: its row, offset and segment id there
   used, count = [], []  # per row: tokens and trees in it
-  for size in sizes.tolist():
+  for size in (len(layout["tokens"]) for layout in layouts):
     if size > seq_len:
       raise ValueError(f"a tree of {size} tokens does not fit seq_len {seq_len}; prune it "
                        "(kat_jax.agentic.pruning) or raise seq_len")
@@ -244,21 +244,16 @@ def pack_trees(trees: Sequence[PrefixTree], seq_len: int, pad_id: int
   batch["tokens"][:] = pad_id
   batch["kv_end"][:] = np.arange(1, seq_len + 1)
   batch["pred_index"][:] = np.arange(seq_len)
-  if not layouts:
-    return batch
-  # Every tree token's flat index in the batch: row * seq_len + offset + its index in the tree.
-  shift = np.repeat(np.array(offsets, np.int64), sizes)
-  tree_start = np.repeat(np.cumsum(sizes) - sizes, sizes)
-  flat = (np.repeat(np.array(rows, np.int64) * seq_len, sizes) + shift
-          + np.arange(int(sizes.sum())) - tree_start)
-  for key in TREE_KEYS:
-    if key == "segment_ids":
-      values = np.repeat(np.array(segments, np.int64), sizes)
-    else:
-      values = np.concatenate([layout[key] for layout in layouts])
-      if key in ("kv_end", "pred_index"):
-        values = values + shift
-    batch[key].reshape(-1)[flat] = values
+  # One slice copy per tree and key (measured faster here than one scatter per key).
+  for layout, row, offset, segment in zip(layouts, rows, offsets, segments):
+    span = slice(offset, offset + len(layout["tokens"]))
+    for key in TREE_KEYS:
+      if key == "segment_ids":
+        batch[key][row, span] = segment
+      elif key in ("kv_end", "pred_index"):
+        np.add(layout[key], offset, out=batch[key][row, span])
+      else:
+        batch[key][row, span] = layout[key]
   return batch
 
 
