@@ -44,6 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kat_jax.rl.radix import RadixNode, walk
 from kat_jax.rl.tree import Trajectory
 
 
@@ -93,44 +94,21 @@ class _Interaction:
   suffix: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
 
-class _Node:
-  """A radix-trie node: the edge `tokens` from its parent, ending at sequence length `depth`.
+class _Node(RadixNode):
+  """A trie node of one group (`radix.RadixNode`).
 
   claims[i]: log-prob of edge token i where some interaction generated it (NaN: context only).
   ends: interactions whose prompt + completion end here; continued: some interaction's
   longest matched prefix ends here.
   """
 
-  __slots__ = ("tokens", "claims", "depth", "children", "ends", "continued")
+  PER_TOKEN = ("claims",)
+  __slots__ = ("claims", "ends", "continued")
 
-  def __init__(self, tokens: np.ndarray, claims: np.ndarray, depth: int):
-    self.tokens, self.claims, self.depth = tokens, claims, depth
-    self.children: dict[int, _Node] = {}
+  def __init__(self, tokens: np.ndarray, depth: int, **per_token: np.ndarray):
+    super().__init__(tokens, depth, **per_token)
     self.ends: list[int] = []
     self.continued = False
-
-  def split(self, at: int) -> "_Node":
-    """Cuts the edge after `at` tokens; returns the new upper node (the caller relinks it)."""
-    upper = _Node(self.tokens[:at], self.claims[:at], self.depth - len(self.tokens) + at)
-    self.tokens, self.claims = self.tokens[at:], self.claims[at:]
-    upper.children[int(self.tokens[0])] = self
-    return upper
-
-
-def _walk(root: _Node, seq: np.ndarray):
-  """Yields (node, start, matched): node's first `matched` edge tokens equal seq[start:]."""
-  node, pos = root, 0
-  while pos < len(seq):
-    child = node.children.get(int(seq[pos]))
-    if child is None:
-      return
-    n = min(len(child.tokens), len(seq) - pos)
-    diff = np.flatnonzero(child.tokens[:n] != seq[pos:pos + n])
-    matched = int(diff[0]) if len(diff) else n
-    yield child, pos, matched
-    if matched < len(child.tokens):
-      return
-    node, pos = child, pos + matched
 
 
 def _as_array(name: str, values, dtype, length: int | None) -> np.ndarray:
@@ -174,7 +152,7 @@ class TrajectoryManager:
 
   def _group(self, group: int) -> _Node:
     if group not in self._roots:
-      self._roots[group] = _Node(np.zeros(0, np.int32), np.zeros(0, np.float32), 0)
+      self._roots[group] = _Node(np.zeros(0, np.int32), 0, claims=np.zeros(0, np.float32))
       self._members[group] = []
       self._next_group = max(self._next_group, group + 1)
     return self._roots[group]
@@ -221,7 +199,7 @@ class TrajectoryManager:
     root = self._group(group)
 
     # Read-only pass: the longest recorded sequence within the prompt, and the log-prob check.
-    spans = list(_walk(root, seq))
+    spans = list(walk(root, seq))
     parent_node = None
     for node, pos, matched in spans:
       if matched == len(node.tokens) and node.depth <= start and node.ends:
@@ -255,7 +233,7 @@ class TrajectoryManager:
     if pos < len(seq):
       claims = np.full(len(seq) - pos, np.nan, np.float32)
       claims[max(start - pos, 0):] = logprobs[max(pos - start, 0):]
-      leaf = _Node(seq[pos:].copy(), claims, len(seq))
+      leaf = _Node(seq[pos:].copy(), len(seq), claims=claims)
       node.children[int(seq[pos])] = leaf
       node = leaf
     node.ends.append(iid)

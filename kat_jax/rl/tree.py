@@ -1,8 +1,10 @@
 """Prefix trees of trajectories, laid out depth-first into packed rows (DESIGN: "Tree RL is exact").
 
 Trajectories that share a prefix (the same prompt, the same first turns) share those
-tokens: a token-level trie stores each shared token once. Laid out in depth-first order,
-every token j gets
+tokens: a trie stores each shared token once. (It is kept as a radix trie, `radix.py`: a run
+of tokens without a branch is one node of numpy arrays, so merging a trajectory costs a few
+numpy operations per node on its path, not a Python step per token.) Laid out in
+depth-first order, children in insertion order, every token j gets
   positions[j]  = its depth (index along its path), for RoPE;
   kv_end[j]     = one past the last token of its subtree: exactly its descendants see it;
   pred_index[j] = its parent's index (the state that predicts it);
@@ -19,9 +21,15 @@ from typing import Sequence
 import numpy as np
 
 from kat_jax.rl.objectives import ObjectiveConfig, trajectory_weights
+from kat_jax.rl.radix import RadixNode, walk
 
 TREE_KEYS = ("tokens", "positions", "kv_end", "pred_index", "segment_ids", "old_logp",
              "ref_logp", "adv_pos", "adv_neg", "kl_weight", "visits")
+_FLOAT_KEYS = ("old_logp", "ref_logp", "adv_pos", "adv_neg", "kl_weight")
+
+
+def _dtype(key: str) -> type:
+  return np.float32 if key in _FLOAT_KEYS else np.int32
 
 
 @dataclasses.dataclass
@@ -55,98 +63,144 @@ class Trajectory:
     self.advantage = np.broadcast_to(adv, (n,)).astype(np.float64)
 
 
-class _Node:
-  """One trie token. `sampled`: its log-probs come from a trajectory that trains it."""
+class _Node(RadixNode):
+  """A run of tokens of one PrefixTree (`radix.RadixNode`) and, per token, what the
+  trajectories through it add up to.
 
-  __slots__ = ("token", "children", "old_logp", "ref_logp", "sampled", "adv_pos", "adv_neg",
-               "kl_weight", "visits")
+  old_logp / ref_logp [n] float32: the token's one log-prob pair; sampled [n] bool: it comes
+  from a trajectory that trains the token; adv_pos / adv_neg / kl_weight [n] float64: sums of
+  w·max(A, 0), w·min(A, 0) and w over the trajectories that train it; visits [n] int32.
+  """
 
-  def __init__(self, token: int):
-    self.token = token
-    self.children: dict[int, _Node] = {}
-    self.old_logp = self.ref_logp = 0.0
-    self.sampled = False
-    self.adv_pos = self.adv_neg = self.kl_weight = 0.0
-    self.visits = 0
+  PER_TOKEN = ("old_logp", "ref_logp", "sampled", "adv_pos", "adv_neg", "kl_weight", "visits")
+  DTYPES = (np.float32, np.float32, bool, np.float64, np.float64, np.float64, np.int32)
+  __slots__ = PER_TOKEN
+
+  @classmethod
+  def unvisited(cls, tokens: np.ndarray, depth: int) -> _Node:
+    return cls(tokens, depth, **{name: np.zeros(len(tokens), dtype)
+                                 for name, dtype in zip(cls.PER_TOKEN, cls.DTYPES)})
+
+  def sets_logp(self, trained: np.ndarray) -> np.ndarray:
+    """[m] bool for the first m edge tokens visited with `trained` [m]: this visit sets their
+    log-probs (a first visit, or the first by a trajectory that trains them)."""
+    m = len(trained)
+    return (self.visits[:m] == 0) | (trained & ~self.sampled[:m])
+
+  def visit(self, trajectory: Trajectory, start: int, trained: np.ndarray,
+            weight: float) -> None:
+    """Adds trajectory tokens [start, start + n) (this node's edge); trained: their mask != 0.
+
+    Elementwise, in float64, the per-token rule of `PrefixTree.add`.
+    """
+    span = slice(start, start + len(self.tokens))
+    first = self.sets_logp(trained)
+    np.copyto(self.old_logp, trajectory.old_logp[span], where=first)
+    np.copyto(self.ref_logp, trajectory.ref_logp[span], where=first)
+    np.copyto(self.sampled, trained, where=first)
+    self.visits += 1
+    w = weight * trajectory.loss_mask[span].astype(np.float64)
+    advantage = np.where(trained, trajectory.advantage[span], 0.0)  # unread where untrained
+    np.add(self.adv_pos, w * np.maximum(advantage, 0.0), out=self.adv_pos, where=trained)
+    np.add(self.adv_neg, w * np.minimum(advantage, 0.0), out=self.adv_neg, where=trained)
+    np.add(self.kl_weight, w, out=self.kl_weight, where=trained)
 
 
 class PrefixTree:
-  """A token trie of one group of trajectories (usually one prompt's rollouts)."""
+  """A prefix tree of one group of trajectories (usually one prompt's rollouts).
+
+  Stored as a radix trie (runs of tokens without a branch are one node); the layout is the
+  token trie's. num_nodes: its tokens; unrolled_tokens: the trajectories' tokens.
+  """
 
   def __init__(self):
-    self.roots: dict[int, _Node] = {}
+    self.root = _Node.unvisited(np.zeros(0, np.int32), 0)
     self.num_nodes = 0
     self.unrolled_tokens = 0
 
   def add(self, trajectory: Trajectory, weight: float, *, logp_atol: float = 1e-4) -> None:
     """Merges a trajectory; `weight` is its aggregation weight w_k (objectives module).
 
-    A shared token may be trained in one trajectory and not in another (e.g. a Step-SRPO
-    mode tag prefilled in forced rollouts, sampled in the others): it has one context, hence
-    one log-prob, taken from a trajectory that trains it; a trajectory with mask 0 there
-    adds a visit and no weight, and its placeholder log-prob is ignored, as in the unrolled
-    loss where its weight is 0.
+    Per token: the first visit, or the first visit by a trajectory that trains it, sets its
+    log-probs. A shared token may be trained in one trajectory and not in another (e.g. a
+    Step-SRPO mode tag prefilled in forced rollouts, sampled in the others): it has one
+    context, hence one log-prob, taken from a trajectory that trains it; a trajectory with
+    mask 0 there adds a visit and no weight, and its placeholder log-prob is ignored, as in
+    the unrolled loss where its weight is 0. A trained token adds w·max(A, 0), w·min(A, 0)
+    and w (w = weight · mask).
+
+    Raises:
+      ValueError: a trained token whose context already has an old_logp from a trajectory
+        that trains it, more than `logp_atol` away (the tree is left unchanged).
     """
-    children = self.roots
-    self.unrolled_tokens += len(trajectory.tokens)
-    for i, token in enumerate(trajectory.tokens.tolist()):
-      node = children.get(token)
-      trained = bool(trajectory.loss_mask[i])
-      if node is None:
-        node = children[token] = _Node(token)
-        self.num_nodes += 1
-      if node.visits == 0 or (trained and not node.sampled):  # first visit or first trained
-        node.old_logp, node.ref_logp = float(trajectory.old_logp[i]), float(
-            trajectory.ref_logp[i])
-        node.sampled = trained
-      elif trained and abs(node.old_logp - trajectory.old_logp[i]) > logp_atol:
+    weight = float(weight)
+    tokens = trajectory.tokens
+    trained = trajectory.loss_mask != 0
+    spans = list(walk(self.root, tokens))
+    for node, pos, matched in spans:  # check everything before changing anything
+      span = slice(pos, pos + matched)
+      node_logp = node.old_logp[:matched]
+      clash = np.flatnonzero(trained[span] & ~node.sets_logp(trained[span]) & (
+          np.abs(node_logp - trajectory.old_logp[span]) > logp_atol))
+      if len(clash):
+        i, k = pos + int(clash[0]), int(clash[0])
         raise ValueError(f"token {i} of a trajectory shares its context with another "
                          f"trajectory but has old_logp {trajectory.old_logp[i]} vs "
-                         f"{node.old_logp}: the same context must have one log-prob")
-      node.visits += 1
-      if trained:
-        w = weight * float(trajectory.loss_mask[i])
-        a = float(trajectory.advantage[i])
-        node.adv_pos += w * max(a, 0.0)
-        node.adv_neg += w * min(a, 0.0)
-        node.kl_weight += w
-      children = node.children
+                         f"{float(node_logp[k])}: the same context must have one log-prob")
+    self.unrolled_tokens += len(tokens)
+    parent, pos = self.root, 0
+    for node, pos, matched in spans:
+      if matched < len(node.tokens):  # the trajectory ends or leaves inside this edge
+        node = node.split(matched)
+        parent.children[int(tokens[pos])] = node
+      node.visit(trajectory, pos, trained[pos:pos + matched], weight)
+      parent, pos = node, pos + matched
+    if pos < len(tokens):
+      leaf = _Node.unvisited(tokens[pos:].copy(), len(tokens))
+      parent.children[int(tokens[pos])] = leaf
+      leaf.visit(trajectory, pos, trained[pos:], weight)
+      self.num_nodes += len(leaf.tokens)
 
   def layout(self) -> dict[str, np.ndarray]:
-    """Depth-first arrays [N] (see module docstring); pred_index is relative to the tree."""
-    order: list[tuple[_Node, int, int]] = []  # (node, depth, parent index)
+    """Depth-first arrays [N] (see module docstring); pred_index is relative to the tree.
+
+    A node's tokens are contiguous; kv_end of each is the end of the node's subtree.
+    """
+    order: list[_Node] = []  # pre-order, children in insertion order
+    starts: list[int] = []  # index of each node's first token
+    first_preds: list[int] = []  # pred_index of that token: the parent's last, or itself
     ends: list[int] = []
-    stack = [(node, 0, -1) for node in reversed(list(self.roots.values()))]
-    # Iterative pre-order; subtree ends are filled in when a subtree closes.
-    open_nodes: list[tuple[int, int]] = []  # (index, depth)
+    open_nodes: list[tuple[int, int]] = []  # (order index, level): subtrees not yet closed
+    stack = [(node, 0, -1) for node in reversed(self.root.children.values())]
+    size = 0
     while stack:
-      node, depth, parent = stack.pop()
-      while open_nodes and open_nodes[-1][1] >= depth:
-        ends[open_nodes.pop()[0]] = len(order)
-      index = len(order)
-      order.append((node, depth, parent))
+      node, level, parent_last = stack.pop()
+      while open_nodes and open_nodes[-1][1] >= level:
+        ends[open_nodes.pop()[0]] = size
+      open_nodes.append((len(order), level))
+      order.append(node)
+      starts.append(size)
+      first_preds.append(parent_last if parent_last >= 0 else size)
       ends.append(-1)
-      open_nodes.append((index, depth))
-      for child in reversed(list(node.children.values())):
-        stack.append((child, depth + 1, index))
-    for index, _ in open_nodes:
-      ends[index] = len(order)
-    n = len(order)
-    out = {
-        "tokens": np.array([o[0].token for o in order], np.int32),
-        "positions": np.array([o[1] for o in order], np.int32),
-        "kv_end": np.array(ends, np.int32),
-        "pred_index": np.array([o[2] if o[2] >= 0 else i for i, o in enumerate(order)],
-                               np.int32),
-        "old_logp": np.array([o[0].old_logp for o in order], np.float32),
-        "ref_logp": np.array([o[0].ref_logp for o in order], np.float32),
-        "adv_pos": np.array([o[0].adv_pos for o in order], np.float32),
-        "adv_neg": np.array([o[0].adv_neg for o in order], np.float32),
-        "kl_weight": np.array([o[0].kl_weight for o in order], np.float32),
-        "visits": np.array([o[0].visits for o in order], np.int32),
-    }
-    assert len(out["tokens"]) == n
-    return out
+      size += len(node.tokens)
+      stack.extend((child, level + 1, size - 1) for child in reversed(node.children.values()))
+    for k, _ in open_nodes:
+      ends[k] = size
+    out = {key: np.zeros(0, _dtype(key)) for key in TREE_KEYS if key != "segment_ids"}
+    if not order:
+      return out
+    lengths = np.array([len(node.tokens) for node in order])
+    index = np.arange(size)
+    first_positions = np.array([node.depth - len(node.tokens) for node in order])
+    pred_index = index - 1
+    pred_index[starts] = first_preds
+    out["tokens"] = np.concatenate([node.tokens for node in order])
+    out["positions"] = np.repeat(first_positions - np.array(starts), lengths) + index
+    out["kv_end"] = np.repeat(ends, lengths)
+    out["pred_index"] = pred_index
+    for key in ("old_logp", "ref_logp", "adv_pos", "adv_neg", "kl_weight", "visits"):
+      out[key] = np.concatenate([getattr(node, key) for node in order])
+    return {key: value.astype(_dtype(key)) for key, value in out.items()}
 
 
 def build_trees(groups: Sequence[Sequence[Trajectory]], cfg: ObjectiveConfig
@@ -171,41 +225,35 @@ def pack_trees(trees: Sequence[PrefixTree], seq_len: int, pad_id: int
   Padding follows the pre-training contract: a pad token sees only itself, weight 0.
   """
   layouts = [tree.layout() for tree in trees]
-  rows: list[list[dict[str, np.ndarray]]] = []
-  used: list[int] = []
-  for layout in layouts:
-    size = len(layout["tokens"])
+  rows, offsets, segments = [], [], []  # per tree: its row, offset and segment id there
+  used, count = [], []  # per row: tokens and trees in it
+  for size in (len(layout["tokens"]) for layout in layouts):
     if size > seq_len:
       raise ValueError(f"a tree of {size} tokens does not fit seq_len {seq_len}; prune it "
                        "(kat_jax.agentic.pruning) or raise seq_len")
-    for r, u in enumerate(used):
-      if u + size <= seq_len:
-        rows[r].append(layout)
-        used[r] += size
-        break
-    else:
-      rows.append([layout])
-      used.append(size)
-  batch = {k: np.zeros((len(rows), seq_len), np.float32 if k in (
-      "old_logp", "ref_logp", "adv_pos", "adv_neg", "kl_weight") else np.int32)
-           for k in TREE_KEYS}
+    row = next((r for r, u in enumerate(used) if u + size <= seq_len), len(used))
+    if row == len(used):
+      used.append(0)
+      count.append(0)
+    rows.append(row)
+    offsets.append(used[row])
+    count[row] += 1
+    segments.append(count[row])
+    used[row] += size
+  batch = {k: np.zeros((len(used), seq_len), _dtype(k)) for k in TREE_KEYS}
   batch["tokens"][:] = pad_id
-  for r, row in enumerate(rows):
-    offset = 0
-    for seg, layout in enumerate(row, start=1):
-      n = len(layout["tokens"])
-      sl = slice(offset, offset + n)
-      for key in TREE_KEYS:
-        if key == "segment_ids":
-          batch[key][r, sl] = seg
-        elif key in ("kv_end", "pred_index"):
-          batch[key][r, sl] = layout[key] + offset
-        else:
-          batch[key][r, sl] = layout[key]
-      offset += n
-    pads = np.arange(offset, seq_len)
-    batch["kv_end"][r, offset:] = pads + 1
-    batch["pred_index"][r, offset:] = pads
+  batch["kv_end"][:] = np.arange(1, seq_len + 1)
+  batch["pred_index"][:] = np.arange(seq_len)
+  # One slice copy per tree and key (measured faster here than one scatter per key).
+  for layout, row, offset, segment in zip(layouts, rows, offsets, segments):
+    span = slice(offset, offset + len(layout["tokens"]))
+    for key in TREE_KEYS:
+      if key == "segment_ids":
+        batch[key][row, span] = segment
+      elif key in ("kv_end", "pred_index"):
+        np.add(layout[key], offset, out=batch[key][row, span])
+      else:
+        batch[key][row, span] = layout[key]
   return batch
 
 
@@ -214,9 +262,7 @@ def unrolled_batch(groups: Sequence[Sequence[Trajectory]], cfg: ObjectiveConfig,
   """The same trajectories as one flat row each (the reference the tree must equal)."""
   flat = [t for group in groups for t in group]
   weights = trajectory_weights(np.array([t.loss_mask.sum() for t in flat]), cfg)
-  batch = {k: np.zeros((len(flat), seq_len), np.float32 if k in (
-      "old_logp", "ref_logp", "adv_pos", "adv_neg", "kl_weight") else np.int32)
-           for k in TREE_KEYS}
+  batch = {k: np.zeros((len(flat), seq_len), _dtype(k)) for k in TREE_KEYS}
   batch["tokens"][:] = pad_id
   for r, t in enumerate(flat):
     n = len(t.tokens)

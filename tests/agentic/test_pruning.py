@@ -110,14 +110,13 @@ def test_random_groups_respect_budget_and_stay_ancestor_closed():
 
 
 def _tree_paths(tree) -> set[tuple]:
-  """Token paths from the root of every node of a PrefixTree."""
-  paths, stack = set(), [((), node) for node in tree.roots.values()]
-  while stack:
-    prefix, node = stack.pop()
-    path = prefix + (node.token,)
-    paths.add(path)
-    stack.extend((path, child) for child in node.children.values())
-  return paths
+  """Token paths from the root of every token of a PrefixTree (from its layout)."""
+  layout = tree.layout()
+  paths = []  # depth-first: a token's predecessor comes before it
+  for j, (token, pred) in enumerate(zip(layout["tokens"].tolist(),
+                                        layout["pred_index"].tolist())):
+    paths.append((paths[pred] if pred != j else ()) + (token,))
+  return set(paths)
 
 
 @pytest.fixture(scope="module")
