@@ -288,6 +288,18 @@ def run(args, k: int, workload_name: str, clock) -> dict:
           "mean_split_s": split, "steps": steps}
 
 
+# Bytes per parameter held for a whole step on a device: f32 weights (4), AdamW's two f32
+# moments (8), the accumulated f32 gradient (4), one micro-batch's f32 gradient (4) and the
+# rollout engine's compute-dtype copy of the weights (2 in bf16).
+STATIC_BYTES_PER_PARAM = 4 + 8 + 4 + 4 + 2
+
+
+def static_bytes(num_params: int, kv_gib: float) -> int:
+  """Bytes a step holds before any activation: the per-parameter state above on one device
+  (the benchmark's mesh is data-parallel) plus the engine's KV page pool."""
+  return num_params * STATIC_BYTES_PER_PARAM + int(kv_gib * 2**30)
+
+
 def main(argv=None) -> dict:
   args = _parse(argv)
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
@@ -304,6 +316,20 @@ def main(argv=None) -> dict:
                 "tree": {"branch1": args.branch1, "tool_tokens": args.tool_tokens}},
             "results": results,
             "versions": {"python": platform.python_version(), "jax": jax.__version__}}
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  num_params = get_preset(args.preset).num_params()
+  need = static_bytes(num_params, args.kv_gib)
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  if limit and need > limit:
+    report["status"] = "does_not_fit"
+    report["error"] = (f"{args.preset}: {num_params / 1e9:.2f}B parameters x "
+                       f"{STATIC_BYTES_PER_PARAM} bytes (f32 weights, AdamW moments, two f32 "
+                       f"gradients, bf16 rollout weights) + {args.kv_gib:g} GiB KV = "
+                       f"{need / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB usable on "
+                       f"{report['device']}, before activations")
+    print(f"error: benchmarks/rl_step.py: {report['error']}", flush=True)
+    write_report(args.out, report)
+    return report
   for name in args.workload:
     for k in args.k:
       print(f"{args.preset} {name} k={k}", flush=True)

@@ -27,3 +27,25 @@ def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path)
     assert all((s["is_weight_mean"] is None) == (result["k"] == 0) for s in steps)
     assert np.isfinite(result["tokens_per_s_per_device"]) and result["tokens_per_s_per_device"] > 0
     assert result["engine"] == {"attention": "xla", "long_rows": 8, "num_slots": args.num_slots}
+
+
+def test_rl_step_reports_does_not_fit_when_the_static_state_exceeds_device_memory(
+    tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  bench = benchmark_module("rl_step")
+
+  class OneGiBDevice:
+    device_kind = "a 1 GiB device"
+
+    def memory_stats(self):
+      return {"bytes_limit": 2**30}
+
+  monkeypatch.setattr(jax, "devices", lambda *a: [OneGiBDevice()])
+  out = tmp_path / "rl_step.json"
+  report = bench.main(["--tiny", "--kv_gib", "2", "--out", str(out)])
+  assert report["status"] == "does_not_fit" and report["results"] == []
+  assert "2 GiB KV" in report["error"] and "> 1.0 GiB usable on a 1 GiB device" in report["error"]
+  assert (tmp_path / "rl_step.json").exists()
+  # qwen2.5-7b's weights, AdamW moments and gradients alone exceed one H200's 141 GB.
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  assert bench.static_bytes(get_preset("qwen2.5-7b").num_params(), 0) > 141e9
