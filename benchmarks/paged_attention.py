@@ -9,8 +9,8 @@ the live KV bytes (K and V of every row's keys) / the device copy bandwidth meas
 same run (bytes read + written by `x + 1` on 1 GiB). A time is the mean over `--iters` calls
 issued back to back (asynchronous dispatch keeps the device busy), the best of 3 such runs.
 `--tail N` keeps only N rows busy (at --max_len; the others idle), as at the end of an engine's
-batch, where the Mosaic GPU grid still launches (empty) programs for the idle rows. `--sweep` also times Mosaic GPU tilings (block_tokens x stages x split_tokens) at each
-shape.
+batch, where the Mosaic GPU grid still launches (empty) programs for the idle rows.
+`--sweep` also times Mosaic GPU tilings (block_tokens x stages x split_tokens) at each shape.
 Off a GPU the Pallas kernels run in their interpreters (a smoke test; the times mean nothing).
 """
 

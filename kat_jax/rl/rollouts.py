@@ -12,9 +12,9 @@ with the trainer's current weights, just before its update; with k >= 1 a rollou
 produces up to k batches ahead (partial rollouts, per-token weight versions). The trainer's
 side centres the update on its current weights (the proximal policy: taken in the update's
 own forward pass, or by a separate `old_logp` pass when a batch gets several updates); an
-off-policy batch also carries the sampled log-probs (`behav_logp`) for the importance weight. The prompt
-pool, as of the last trained batch, is the checkpointed state; the per-step curves go to
-`<workdir>/rl_curves.json`.
+off-policy batch also carries the sampled log-probs (`behav_logp`) for the importance
+weight. The prompt pool, as of the last trained batch, is the checkpointed state; the
+per-step curves go to `<workdir>/rl_curves.json`.
 """
 
 from __future__ import annotations
