@@ -1,7 +1,20 @@
-# Sourced by the GPU-call scripts (run_*_gpu.sh): installs the carried wheels (.whl, see the
-# device notes in docs/performance.md) into /tmp/site, puts them and the checkout on
-# PYTHONPATH, and prints the GPU. $1: the calling script's name, for error lines.
-# Returns non-zero (the caller exits) when there are no wheels or they do not install.
+# Sourced by the GPU-call scripts (run_*_gpu.sh).
+
+# gpu_budget DEFAULT_STAGES: starts the script's clock (BUDGET_S seconds in all, default 570,
+# inside a 600 s call) and its stage list (STAGES, default DEFAULT_STAGES). Then `left`
+# prints the seconds left and `stage NAME` says whether NAME is to run.
+gpu_budget() {
+  start=$SECONDS
+  budget=${BUDGET_S:-570}
+  stages=" ${STAGES:-$1} "
+}
+stage() { [[ "$stages" == *" $1 "* ]]; }
+left() { echo $((budget - (SECONDS - start))); }
+
+# gpu_setup CALLER: installs the carried wheels (.whl, see the device notes in
+# docs/performance.md) into /tmp/site, puts them and the checkout on PYTHONPATH, and prints
+# the GPU. CALLER: the calling script's name, for error lines. Returns non-zero (the caller
+# exits) when there are no wheels or they do not install.
 gpu_setup() {
   local caller=$1
   if ! ls .whl/*.whl >/dev/null 2>&1; then

@@ -46,14 +46,8 @@ exec > >(tee "$out/run.log") 2>&1
 # No network there: nothing may wait on the hub. Expandable segments: fewer fragmentation OOMs.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-start=$SECONDS
-budget=${BUDGET_S:-570}
-stages=" ${STAGES:-ours_grpo} "
-
-stage() { [[ "$stages" == *" $1 "* ]]; }
-left() { echo $((budget - (SECONDS - start))); }
-
 source benchmarks/gpu_setup.sh
+gpu_budget ours_grpo
 gpu_setup benchmarks/run_rl_step_gpu.sh || exit 1
 python3 - <<'PY'
 from importlib.metadata import version, PackageNotFoundError

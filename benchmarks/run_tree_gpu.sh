@@ -21,12 +21,8 @@ set -uo pipefail
 out=${OUT:-/tmp/tree_gpu}
 mkdir -p "$out"
 exec > >(tee "$out/run.log") 2>&1
-start=$SECONDS
-budget=${BUDGET_S:-570}
-stages=" ${STAGES:-anchor} "
-stage() { [[ "$stages" == *" $1 "* ]]; }
-left() { echo $((budget - (SECONDS - start))); }
 source benchmarks/gpu_setup.sh
+gpu_budget anchor
 gpu_setup benchmarks/run_tree_gpu.sh || exit 1
 
 run() {  # stage name, command...
