@@ -63,13 +63,12 @@ def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
     raise ValueError(f"backend 'mgpu' takes bf16 or f16 q/k/v, got {jnp.dtype(dtype)}")
   if head_dim % 64:
     raise ValueError(f"backend 'mgpu' needs a head dim multiple of 64, got {head_dim}")
-  if tuning.fwd.block_q not in (ROWS, 2 * ROWS):
-    raise ValueError(f"backend 'mgpu' needs fwd.block_q = {ROWS} (one warpgroup) or "
-                     f"{2 * ROWS} (two consumer warpgroups), got {tuning.fwd.block_q}")
-  rows = {"dq.block_q": tuning.dq.block_q, "dkdv.block_k": tuning.dkdv.block_k}
+  rows = {"fwd.block_q": tuning.fwd.block_q, "dq.block_q": tuning.dq.block_q,
+          "dkdv.block_k": tuning.dkdv.block_k}
   for name, size in rows.items():
-    if size != ROWS:
-      raise ValueError(f"backend 'mgpu' needs {name} = {ROWS} (one warpgroup MMA), got {size}")
+    if size not in (ROWS, 2 * ROWS):
+      raise ValueError(f"backend 'mgpu' needs {name} = {ROWS} (one warpgroup) or {2 * ROWS} "
+                       f"(two consumer warpgroups and a producer), got {size}")
   for name, size in {"fwd.block_k": tuning.fwd.block_k, "dq.block_k": tuning.dq.block_k,
                      "dkdv.block_q": tuning.dkdv.block_q}.items():
     if size % 64:
@@ -172,11 +171,93 @@ def _smem_tiles(plgpu, shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=tiled)
 
 
-def _kernel_call(plgpu, body, out_type, grid, names, interpret, name):
+def _kernel_call(plgpu, body, out_type, grid, names, consumers, interpret, name):
+  """plgpu.kernel over grid (named `names`); with consumers > 1, consumers + 1 warpgroups."""
+  threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers > 1 else {}
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names,
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=mgpu_support.interpret_params() if interpret else False, kernel_name=name)
+      interpret=mgpu_support.interpret_params() if interpret else False, kernel_name=name,
+      **threads)
+
+
+# ------------------------------------------------------------------------------------------
+# Roles and copies shared by the kernels.  A program owns `consumers` 64-row blocks, one per
+# consumer warpgroup, and loops over its visit list with the partner tiles in a `stages`-deep
+# shared-memory ring.  consumers = 1: the warpgroup issues its own TMA copies; consumers = 2:
+# FlashAttention-3's warp specialisation, a third (producer) warpgroup only issues copies, with
+# register reallocation (`set_max_registers`) towards the consumers.  Either way a step
+# "releases" each ring buffer after its last read: the single warpgroup then refills the slot
+# itself (after the step's last release), consumers arrive on the slot's free barrier, which
+# the producer waits on before refilling.
+
+
+def _collective(consumers: int) -> dict:
+  """run_scoped's keywords: with a producer, scratch is allocated once for all warpgroups."""
+  return dict(collective_axes="wg") if consumers > 1 else {}
+
+
+def _run_roles(plgpu, consumers: int, wg, n_steps, stages: int, consume, rings) -> None:
+  """Runs the program's warpgroups.
+
+  consume(prologue, *releases): one consumer's work; calls `prologue()` once its own copies
+  are issued and `releases[r](t, slot)` after step t's last read of ring r.
+  rings: [(copy(t, slot), free barriers [stages])], in the order a step first reads them.
+  """
+  def prologue():
+    for stage in range(stages):
+      for copy, _ in rings:
+        pl.when(stage < n_steps)(functools.partial(copy, stage, stage))
+
+  def release(copy, free, t, slot):  # only slots that get refilled: every phase has a waiter
+    if consumers == 1:
+      pl.when(t + stages < n_steps)(lambda: copy(t + stages, slot))
+    else:
+      pl.when(t + stages < n_steps)(lambda: plgpu.barrier_arrive(free.at[slot]))
+
+  releases = [functools.partial(release, copy, free) for copy, free in rings]
+  if consumers == 1:
+    consume(prologue, *releases)
+    return
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    consume(lambda: None, *releases)
+
+  @pl.when(wg == consumers)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    prologue()
+
+    @pl.loop(0, jnp.maximum(n_steps - stages, 0))
+    def _refill(t):
+      slot = lax.rem(t, stages)
+      for copy, free in rings:
+        plgpu.barrier_wait(free.at[slot])
+        copy(t + stages, slot)
+
+
+def _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start, block_k,
+                      k_ring, v_ring):
+  """-> (copy_k, copy_v)(j, slot): TMA copies of visit step j's key block into the rings
+  k_ring = (K buffers, kv_end buffers, ready barriers of 2 arrivals), v_ring = (V buffers,
+  ready barriers); key_start(j) = the block's first key."""
+  k_smem, end_smem, k_bar = k_ring
+  v_smem, v_bar = v_ring
+
+  def copy_k(j, slot):
+    k_start = key_start(j)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k_start, block_k), kv_head], k_smem.at[slot],
+                            k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, block_k)], end_smem.at[slot],
+                            k_bar.at[slot])
+
+  def copy_v(j, slot):
+    plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(key_start(j), block_k), kv_head],
+                            v_smem.at[slot], v_bar.at[slot])
+
+  return copy_k, copy_v
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,8 +265,11 @@ def _kernel_call(plgpu, body, out_type, grid, names, interpret, name):
 
 
 def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, groups,
-                block_k, stages, interpret):
-  """Program (query block, q head, row): online softmax over the block's visible key blocks.
+                block_k, stages, consumers, interpret):
+  """Program (query block of consumers x 64 rows, q head, row[, wg]): online softmax over the
+  block's visible key blocks, one 64-row half per consumer warpgroup.  The visit list is the
+  whole block's; each consumer masks partial tiles with its own rows (a tile full for the
+  block is full for every part of it).
 
   meta_ref [B, nq, 2 + nk] visit lists, kv_end_ref [B, T], q/k/v [B, T, H, D];
   writes o_ref [B, T, Hq, D] and lse_ref [B, Hq, T] (base 2, +inf for rows that see nothing).
@@ -194,94 +278,26 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
   plgpu = ops.plgpu
   nq = meta_ref.shape[1]
   i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
+  wg = lax.axis_index("wg") if consumers > 1 else 0
   qb = nq - 1 - i  # heaviest (latest) query blocks first
-  q_start = qb * ROWS
   kv_head = lax.div(h, groups)
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
   logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
-
-  def attend(q_smem, k_smem, v_smem, end_smem, q_bar, k_bar, v_bar):
-    def issue(j, slot):
-      k_start = meta_ref[b, qb, 2 + j] * block_k
-      rows = (b, pl.ds(k_start, block_k), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, block_k)], end_smem.at[slot],
-                              k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, ROWS), h], q_smem, q_bar)
-    for stage in range(stages):
-      pl.when(stage < n_visible)(functools.partial(issue, stage, stage))
-    plgpu.barrier_wait(q_bar)
-
-    def step(j, carry, masked):
-      acc, m, l = carry
-      slot = lax.rem(j, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-      s = ops.mma(q_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
-      if masked:
-        k_start = meta_ref[b, qb, 2 + j] * block_k
-        key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
-        s = jnp.where(_visible(ops, q_start, k_start, key_ends, tile), s, -jnp.inf)
-      p, alpha, m_next, l = _online_softmax(s, m, l, masked)
-      plgpu.barrier_wait(v_bar.at[slot])
-      acc = ops.mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
-                    acc=acc * _col(alpha, (ROWS, head_dim)))
-      pl.when(j + stages < n_visible)(lambda: issue(j + stages, slot))
-      return acc, m_next, l
-
-    carry = (ops.zeros((ROWS, head_dim)), ops.row_stat(-jnp.inf), ops.row_stat(0.0))
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    return lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
-
-  kv_buffer = _smem_tiles(plgpu, (stages, block_k, head_dim), dtype)
-  acc, m, l = pl.run_scoped(
-      attend, _smem_tiles(plgpu, (ROWS, head_dim), dtype), kv_buffer, kv_buffer,
-      plgpu.SMEM((stages, block_k), jnp.int32), plgpu.Barrier(),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages))
-
-  def store(o_smem, lse_smem):
-    o_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, ROWS)])
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(store, _smem_tiles(plgpu, (ROWS, head_dim), dtype),
-                plgpu.SMEM((ROWS,), jnp.float32))
-
-
-def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                   groups, block_k, stages, interpret):
-  """Warp-specialised forward (FlashAttention-3's schedule): program (128-row query block,
-  q head, row) with three warpgroups: two consumers of 64 rows each and one producer that
-  only issues TMA copies, refilling a ring slot once both consumers have released it.
-  The visit list is the 128-row block's; each consumer masks partial tiles with its own rows
-  (a tile full for the block is full for both halves)."""
-  ops = _Ops(interpret)
-  plgpu = ops.plgpu
-  nq = meta_ref.shape[1]
-  i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
-  wg = lax.axis_index("wg")
-  qb = nq - 1 - i
-  kv_head = lax.div(h, groups)
-  head_dim = q_ref.shape[-1]
-  dtype = q_ref.dtype
-  n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
-  logit_scale = scale * LOG2E
-  tile = (ROWS, block_k)
+  key_start = lambda j: meta_ref[b, qb, 2 + j] * block_k
 
   def body(qo_smem2, k_smem, v_smem, end_smem, lse_smem2, q_bar, k_bar, v_bar, k_free,
            v_free):
-    @pl.when(wg < 2)
-    def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+    copy_k, copy_v = _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start,
+                                       block_k, (k_smem, end_smem, k_bar), (v_smem, v_bar))
+
+    def consume(prologue, release_k, release_v):
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-      q_start = qb * 2 * ROWS + wg * ROWS
+      q_start = (qb * consumers + wg) * ROWS
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, ROWS), h], qo_smem, q_bar.at[wg])
+      prologue()
       plgpu.barrier_wait(q_bar.at[wg])
 
       def step(j, carry, masked):
@@ -290,177 +306,150 @@ def _fwd_ws_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
         plgpu.barrier_wait(k_bar.at[slot])
         s = ops.mma(qo_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
         if masked:
-          k_start = meta_ref[b, qb, 2 + j] * block_k
           key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
-          s = jnp.where(_visible(ops, q_start, k_start, key_ends, tile), s, -jnp.inf)
-        plgpu.barrier_arrive(k_free.at[slot])  # K and its kv_end slice are read
+          s = jnp.where(_visible(ops, q_start, key_start(j), key_ends, tile), s, -jnp.inf)
+        release_k(j, slot)  # K and its kv_end slice are read
         p, alpha, m_next, l = _online_softmax(s, m, l, masked)
         plgpu.barrier_wait(v_bar.at[slot])
         acc = ops.mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
                       acc=acc * _col(alpha, (ROWS, head_dim)))
-        plgpu.barrier_arrive(v_free.at[slot])
+        release_v(j, slot)
         return acc, m_next, l
 
       carry = (ops.zeros((ROWS, head_dim)), ops.row_stat(-jnp.inf), ops.row_stat(0.0))
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       acc, m, l = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
-      qo_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)
+      qo_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)  # q's buffer is free now
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_start, ROWS)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def copy_k(j, slot):
-        k_start = meta_ref[b, qb, 2 + j] * block_k
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(k_start, block_k), kv_head], k_smem.at[slot],
-                                k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, block_k)], end_smem.at[slot],
-                                k_bar.at[slot])
-
-      def copy_v(j, slot):
-        k_start = meta_ref[b, qb, 2 + j] * block_k
-        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(k_start, block_k), kv_head], v_smem.at[slot],
-                                v_bar.at[slot])
-
-      for stage in range(stages):
-        @pl.when(stage < n_visible)
-        def _prologue(stage=stage):
-          copy_k(stage, stage)
-          copy_v(stage, stage)
-
-      @pl.loop(0, jnp.maximum(n_visible - stages, 0))
-      def _refill(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        copy_k(j + stages, slot)
-        plgpu.barrier_wait(v_free.at[slot])
-        copy_v(j + stages, slot)
+    _run_roles(plgpu, consumers, wg, n_visible, stages, consume,
+               [(copy_k, k_free), (copy_v, v_free)])
 
   kv_buffer = _smem_tiles(plgpu, (stages, block_k, head_dim), dtype)
-  released = plgpu.Barrier(num_arrivals=2, num_barriers=stages)  # both consumers
+  released = plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)
   pl.run_scoped(
-      body, _smem_tiles(plgpu, (2, ROWS, head_dim), dtype), kv_buffer, kv_buffer,
-      plgpu.SMEM((stages, block_k), jnp.int32), plgpu.SMEM((2, ROWS), jnp.float32),
-      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages), released, released, collective_axes="wg")
+      body, _smem_tiles(plgpu, (consumers, ROWS, head_dim), dtype), kv_buffer, kv_buffer,
+      plgpu.SMEM((stages, block_k), jnp.int32), plgpu.SMEM((consumers, ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=consumers), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages), released, released, **_collective(consumers))
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: KernelConfig
             ) -> tuple[jax.Array, jax.Array]:
   """q [B,T,Hq,D], k/v [B,T,Hkv,D], kv_end [B,T] (T padded to the blocks)
   -> (o [B,T,Hq,D], lse [B,Hq,T] float32 base 2)."""
-  scale, tuning, interpret = cfg.scale, cfg.tuning, cfg.interpret
+  scale, tiles, interpret = cfg.scale, cfg.tuning.fwd, cfg.interpret
   plgpu = mgpu_support.plgpu()
-  batch, length, num_q_heads, head_dim = q.shape
-  tiles = tuning.fwd
-  nq = length // tiles.block_q
-  meta = visit_lists(tile_classes(kv_end, tiles.block_q, tiles.block_k))
-  warp_specialized = tiles.block_q == 2 * ROWS
+  batch, length, num_q_heads, _ = q.shape
+  consumers = tiles.block_q // ROWS
   kernel = functools.partial(
-      _fwd_ws_kernel if warp_specialized else _fwd_kernel, scale=scale,
-      groups=num_q_heads // k.shape[2], block_k=tiles.block_k, stages=tiles.num_stages or 2,
-      interpret=interpret)
+      _fwd_kernel, scale=scale, groups=num_q_heads // k.shape[2], block_k=tiles.block_k,
+      stages=tiles.num_stages or 2, consumers=consumers, interpret=interpret)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, num_q_heads, length), jnp.float32))
-  call = plgpu.kernel(
-      kernel, out_type=out_type, grid=(nq, num_q_heads, batch), grid_names=("q", "head", "row"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=mgpu_support.interpret_params() if interpret else False,
-      kernel_name="tree_attention_fwd_mgpu",
-      **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}))
-  return call(meta, kv_end, q, k, v)
+  meta = visit_lists(tile_classes(kv_end, tiles.block_q, tiles.block_k))
+  return _kernel_call(plgpu, kernel, out_type, (length // tiles.block_q, num_q_heads, batch),
+                      ("q", "head", "row"), consumers, interpret, "tree_attention_fwd_mgpu"
+                      )(meta, kv_end, q, k, v)
 
 
 # ------------------------------------------------------------------------------------------
-# Backward: dQ per query block, dK/dV per key block.
+# Backward: dQ per query block, dK/dV per key block.  With `consumers` = 2 a program owns two
+# 64-row blocks (one per consumer warpgroup) and a producer warpgroup issues the partner
+# tiles' copies (the warp-specialised forward's schedule); with 1 the single warpgroup issues
+# its own copies.  Either way a step ends by "releasing" a ring slot's buffers: the one
+# warpgroup refills the slot itself, consumers arrive on its free barrier for the producer.
 
 
 def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, scale, groups, block_k, stages, interpret):
-  """Program (query block, q head, row): dQ = scale * sum over visible key blocks of dS K."""
+               *, scale, groups, block_k, stages, consumers, interpret):
+  """Program (query block of consumers x 64 rows, q head, row[, wg]): dQ = scale * sum over
+  the visible key blocks of dS K, one 64-row block per consumer warpgroup."""
   ops = _Ops(interpret)
   plgpu = ops.plgpu
   nq = meta_ref.shape[1]
   i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
+  wg = lax.axis_index("wg") if consumers > 1 else 0
   qb = nq - 1 - i
-  q_start = qb * ROWS
   kv_head = lax.div(h, groups)
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
   logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
+  key_start = lambda j: meta_ref[b, qb, 2 + j] * block_k
 
-  def gradient(q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, end_smem, q_bar, k_bar,
-               v_bar):
-    def issue(j, slot):
-      k_start = meta_ref[b, qb, 2 + j] * block_k
-      rows = (b, pl.ds(k_start, block_k), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, block_k)], end_smem.at[slot],
-                              k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+  def body(q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, end_smem, q_bar, k_bar,
+           v_bar, k_free, v_free):
+    copy_k, copy_v = _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start,
+                                       block_k, (k_smem, end_smem, k_bar), (v_smem, v_bar))
 
-    q_rows = (b, pl.ds(q_start, ROWS), h)
-    plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_smem, q_bar)
-    plgpu.copy_gmem_to_smem(do_ref.at[q_rows], do_smem, q_bar)
-    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(q_start, ROWS)], lse_smem, q_bar)
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(q_start, ROWS)], delta_smem, q_bar)
-    for stage in range(stages):
-      pl.when(stage < n_visible)(functools.partial(issue, stage, stage))
-    plgpu.barrier_wait(q_bar)
-    lse = _col(ops.load_vector(lse_smem, along_rows=True), tile)
-    delta = _col(ops.load_vector(delta_smem, along_rows=True), tile)
+    def consume(prologue, release_k, release_v):
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      q_start = (qb * consumers + wg) * ROWS
+      q_rows = (b, pl.ds(q_start, ROWS), h)
+      plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_smem, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[q_rows], do_smem, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(q_start, ROWS)], lse_smem2.at[wg],
+                              q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(q_start, ROWS)], delta_smem2.at[wg],
+                              q_bar.at[wg])
+      prologue()
+      plgpu.barrier_wait(q_bar.at[wg])
+      lse = _col(ops.load_vector(lse_smem2.at[wg], along_rows=True), tile)
+      delta = _col(ops.load_vector(delta_smem2.at[wg], along_rows=True), tile)
 
-    def step(j, dq, masked):
-      slot = lax.rem(j, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-      p = jnp.exp2(ops.mma(q_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
-                   - lse)
-      if masked:
-        k_start = meta_ref[b, qb, 2 + j] * block_k
-        key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
-        p = jnp.where(_visible(ops, q_start, k_start, key_ends, tile), p, 0.0)
-      plgpu.barrier_wait(v_bar.at[slot])
-      dp = ops.mma(do_smem, v_smem.at[slot], block_k, transpose_b=True)
-      ds = p * (dp - delta)
-      dq = ops.mma(ds.astype(dtype), k_smem.at[slot], head_dim, transpose_b=False, acc=dq)
-      pl.when(j + stages < n_visible)(lambda: issue(j + stages, slot))
-      return dq
+      def step(j, dq, masked):
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+        p = jnp.exp2(ops.mma(q_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
+                     - lse)
+        if masked:
+          key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
+          p = jnp.where(_visible(ops, q_start, key_start(j), key_ends, tile), p, 0.0)
+        plgpu.barrier_wait(v_bar.at[slot])
+        dp = ops.mma(do_smem, v_smem.at[slot], block_k, transpose_b=True)
+        release_v(j, slot)
+        ds = p * (dp - delta)
+        dq = ops.mma(ds.astype(dtype), k_smem.at[slot], head_dim, transpose_b=False, acc=dq)
+        release_k(j, slot)
+        return dq
 
-    dq = ops.zeros((ROWS, head_dim))
-    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-    return lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), dq)
+      dq = ops.zeros((ROWS, head_dim))
+      dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+      dq = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), dq)
+      q_smem[...] = (dq * scale).astype(dtype)  # q's buffer is free: the last MMA has waited
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[q_rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    _run_roles(plgpu, consumers, wg, n_visible, stages, consume,
+               [(copy_k, k_free), (copy_v, v_free)])
 
   kv_buffer = _smem_tiles(plgpu, (stages, block_k, head_dim), dtype)
-  q_buffer = _smem_tiles(plgpu, (ROWS, head_dim), dtype)
-  dq = pl.run_scoped(
-      gradient, q_buffer, q_buffer, plgpu.SMEM((ROWS,), jnp.float32),
-      plgpu.SMEM((ROWS,), jnp.float32), kv_buffer, kv_buffer,
-      plgpu.SMEM((stages, block_k), jnp.int32), plgpu.Barrier(num_arrivals=4),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages))
-
-  def store(dq_smem):
-    dq_smem[...] = (dq * scale).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, pl.ds(q_start, ROWS), h])
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(store, q_buffer)
+  q_buffer = _smem_tiles(plgpu, (consumers, ROWS, head_dim), dtype)
+  vector = plgpu.SMEM((consumers, ROWS), jnp.float32)
+  released = plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)
+  pl.run_scoped(
+      body, q_buffer, q_buffer, vector, vector, kv_buffer, kv_buffer,
+      plgpu.SMEM((stages, block_k), jnp.int32),
+      plgpu.Barrier(num_arrivals=4, num_barriers=consumers),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+      released, released, **_collective(consumers))
 
 
 def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                 dv_ref, *, scale, groups, block_q, stages, interpret):
-  """Program (key block, kv head, row): dK, dV over the group's query heads and the block's
-  visible query blocks, computed key-major (P^T, dS^T [ROWS keys, block_q queries])."""
+                 dv_ref, *, scale, groups, block_q, stages, consumers, interpret):
+  """Program (key block of consumers x 64 rows, kv head, row[, wg]): dK, dV over the group's
+  query heads and the block's visible query blocks, computed key-major (P^T, dS^T [64 keys,
+  block_q queries]), one 64-key block per consumer warpgroup."""
   ops = _Ops(interpret)
   plgpu = ops.plgpu
   kb, h, b = lax.axis_index("k"), lax.axis_index("head"), lax.axis_index("row")
-  k_start = kb * ROWS
+  wg = lax.axis_index("wg") if consumers > 1 else 0
   head_dim = k_ref.shape[-1]
   dtype = k_ref.dtype
   n_full, n_visible = meta_ref[b, kb, 0], meta_ref[b, kb, 1]
@@ -468,73 +457,87 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   logit_scale = scale * LOG2E
   tile = (ROWS, block_q)
 
-  def gradient(k_smem, v_smem, end_smem, q_smem, do_smem, lse_smem, delta_smem, k_bar, q_bar):
-    def issue(t, slot):
-      g, j = lax.div(t, n_visible), lax.rem(t, n_visible)
-      q_start = meta_ref[b, kb, 2 + j] * block_q
-      q_head = h * groups + g
-      rows = (b, pl.ds(q_start, block_q), q_head)
-      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], q_bar.at[slot])
+  def query_rows(t):
+    """Step t's query tile: (first row, q head)."""
+    g, j = lax.div(t, n_visible), lax.rem(t, n_visible)
+    return meta_ref[b, kb, 2 + j] * block_q, h * groups + g
+
+  def body(k_smem2, v_smem2, end_smem2, q_smem, do_smem, lse_smem, delta_smem, k_bar, q_bar,
+           do_bar, q_free, do_free):
+    def copy_q(t, slot):  # Q and its lse
+      q_start, q_head = query_rows(t)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, block_q), q_head], q_smem.at[slot],
+                              q_bar.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[b, q_head, pl.ds(q_start, block_q)],
                               lse_smem.at[slot], q_bar.at[slot])
+
+    def copy_do(t, slot):  # dO and its delta
+      q_start, q_head = query_rows(t)
+      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(q_start, block_q), q_head], do_smem.at[slot],
+                              do_bar.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[b, q_head, pl.ds(q_start, block_q)],
-                              delta_smem.at[slot], q_bar.at[slot])
+                              delta_smem.at[slot], do_bar.at[slot])
 
-    k_rows = (b, pl.ds(k_start, ROWS), h)
-    plgpu.copy_gmem_to_smem(k_ref.at[k_rows], k_smem, k_bar)
-    plgpu.copy_gmem_to_smem(v_ref.at[k_rows], v_smem, k_bar)
-    plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, ROWS)], end_smem, k_bar)
-    for stage in range(stages):
-      pl.when(stage < steps)(functools.partial(issue, stage, stage))
-    plgpu.barrier_wait(k_bar)
-    key_ends = _col(ops.load_vector(end_smem, along_rows=True), tile)
+    def consume(prologue, release_q, release_do):
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      k_start = (kb * consumers + wg) * ROWS
+      k_rows = (b, pl.ds(k_start, ROWS), h)
+      plgpu.copy_gmem_to_smem(k_ref.at[k_rows], k_smem, k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[k_rows], v_smem, k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(kv_end_ref.at[b, pl.ds(k_start, ROWS)], end_smem2.at[wg],
+                              k_bar.at[wg])
+      prologue()
+      plgpu.barrier_wait(k_bar.at[wg])
+      key_ends = _col(ops.load_vector(end_smem2.at[wg], along_rows=True), tile)
 
-    def step(j, carry, g, masked):
-      dk, dv = carry
-      t = g * n_visible + j
-      slot = lax.rem(t, stages)
-      plgpu.barrier_wait(q_bar.at[slot])
-      lse = _row(ops.load_vector(lse_smem.at[slot], along_rows=False), tile)
-      delta = _row(ops.load_vector(delta_smem.at[slot], along_rows=False), tile)
-      p_t = jnp.exp2(ops.mma(k_smem, q_smem.at[slot], block_q, transpose_b=True) * logit_scale
-                     - lse)
-      if masked:
-        q_start = meta_ref[b, kb, 2 + j] * block_q
-        p_t = jnp.where(_visible(ops, q_start, k_start, key_ends, tile, keys_on_rows=True),
-                        p_t, 0.0)
-      dv = ops.mma(p_t.astype(dtype), do_smem.at[slot], head_dim, transpose_b=False, acc=dv)
-      dp_t = ops.mma(v_smem, do_smem.at[slot], block_q, transpose_b=True)
-      ds_t = p_t * (dp_t - delta)
-      dk = ops.mma(ds_t.astype(dtype), q_smem.at[slot], head_dim, transpose_b=False, acc=dk)
-      pl.when(t + stages < steps)(lambda: issue(t + stages, slot))
-      return dk, dv
+      def step(j, carry, g, masked):
+        dk, dv = carry
+        t = g * n_visible + j
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+        lse = _row(ops.load_vector(lse_smem.at[slot], along_rows=False), tile)
+        p_t = jnp.exp2(ops.mma(k_smem, q_smem.at[slot], block_q, transpose_b=True)
+                       * logit_scale - lse)
+        if masked:
+          q_start = meta_ref[b, kb, 2 + j] * block_q
+          p_t = jnp.where(_visible(ops, q_start, k_start, key_ends, tile, keys_on_rows=True),
+                          p_t, 0.0)
+        plgpu.barrier_wait(do_bar.at[slot])
+        delta = _row(ops.load_vector(delta_smem.at[slot], along_rows=False), tile)
+        dv = ops.mma(p_t.astype(dtype), do_smem.at[slot], head_dim, transpose_b=False, acc=dv)
+        dp_t = ops.mma(v_smem, do_smem.at[slot], block_q, transpose_b=True)
+        release_do(t, slot)
+        ds_t = p_t * (dp_t - delta)
+        dk = ops.mma(ds_t.astype(dtype), q_smem.at[slot], head_dim, transpose_b=False, acc=dk)
+        release_q(t, slot)
+        return dk, dv
 
-    def group_step(g, carry):
-      carry = lax.fori_loop(0, n_full, functools.partial(step, g=g, masked=False), carry)
-      return lax.fori_loop(n_full, n_visible, functools.partial(step, g=g, masked=True), carry)
+      def group_step(g, carry):
+        carry = lax.fori_loop(0, n_full, functools.partial(step, g=g, masked=False), carry)
+        return lax.fori_loop(n_full, n_visible, functools.partial(step, g=g, masked=True),
+                             carry)
 
-    carry = (ops.zeros((ROWS, head_dim)), ops.zeros((ROWS, head_dim)))
-    return lax.fori_loop(0, groups, group_step, carry)
+      carry = (ops.zeros((ROWS, head_dim)), ops.zeros((ROWS, head_dim)))
+      dk, dv = lax.fori_loop(0, groups, group_step, carry)
+      k_smem[...] = (dk * scale).astype(dtype)  # K/V buffers are free: the last MMA has waited
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[k_rows])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[k_rows])
+      plgpu.wait_smem_to_gmem(0)
 
-  k_buffer = _smem_tiles(plgpu, (ROWS, head_dim), dtype)
+    _run_roles(plgpu, consumers, wg, steps, stages, consume,
+               [(copy_q, q_free), (copy_do, do_free)])
+
+  k_buffer = _smem_tiles(plgpu, (consumers, ROWS, head_dim), dtype)
   q_buffer = _smem_tiles(plgpu, (stages, block_q, head_dim), dtype)
   vector = plgpu.SMEM((stages, block_q), jnp.float32)
-  dk, dv = pl.run_scoped(
-      gradient, k_buffer, k_buffer, plgpu.SMEM((ROWS,), jnp.int32), q_buffer, q_buffer, vector,
-      vector, plgpu.Barrier(num_arrivals=3),
-      plgpu.Barrier(num_arrivals=4, num_barriers=stages))
-
-  def store(dk_smem, dv_smem):
-    dk_smem[...] = (dk * scale).astype(dtype)
-    dv_smem[...] = dv.astype(dtype)
-    plgpu.commit_smem()
-    rows = (b, pl.ds(k_start, ROWS), h)
-    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[rows])
-    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[rows])
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(store, k_buffer, k_buffer)
+  ready = plgpu.Barrier(num_arrivals=2, num_barriers=stages)
+  released = plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)
+  pl.run_scoped(
+      body, k_buffer, k_buffer, plgpu.SMEM((consumers, ROWS), jnp.int32), q_buffer, q_buffer,
+      vector, vector, plgpu.Barrier(num_arrivals=3, num_barriers=consumers), ready, ready,
+      released, released, **_collective(consumers))
 
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: jax.Array,
@@ -546,24 +549,28 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: ja
   batch, length, num_q_heads, _ = q.shape
   num_kv_heads = k.shape[2]
   groups = num_q_heads // num_kv_heads
-  block_k = tuning.dq.block_k
-  meta_q = visit_lists(tile_classes(kv_end, ROWS, block_k))
+  args = (q, k, v, do, lse, delta)
+
+  tiles = tuning.dq
+  consumers = tiles.block_q // ROWS
   dq_kernel = functools.partial(
-      _dq_kernel, scale=scale, groups=groups, block_k=block_k,
-      stages=tuning.dq.num_stages or 2, interpret=interpret)
+      _dq_kernel, scale=scale, groups=groups, block_k=tiles.block_k,
+      stages=tiles.num_stages or 2, consumers=consumers, interpret=interpret)
   dq = _kernel_call(
       plgpu, dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype),
-      (length // ROWS, num_q_heads, batch), ("q", "head", "row"), interpret,
-      "tree_attention_dq_mgpu")(meta_q, kv_end, q, k, v, do, lse, delta)
+      (length // tiles.block_q, num_q_heads, batch), ("q", "head", "row"), consumers,
+      interpret, "tree_attention_dq_mgpu"
+  )(visit_lists(tile_classes(kv_end, tiles.block_q, tiles.block_k)), kv_end, *args)
 
-  block_q = tuning.dkdv.block_q
-  meta_k = visit_lists(jnp.swapaxes(tile_classes(kv_end, block_q, ROWS), 1, 2))
+  tiles = tuning.dkdv
+  consumers = tiles.block_k // ROWS
   dkdv_kernel = functools.partial(
-      _dkdv_kernel, scale=scale, groups=groups, block_q=block_q,
-      stages=tuning.dkdv.num_stages or 2, interpret=interpret)
+      _dkdv_kernel, scale=scale, groups=groups, block_q=tiles.block_q,
+      stages=tiles.num_stages or 2, consumers=consumers, interpret=interpret)
+  meta_k = visit_lists(jnp.swapaxes(tile_classes(kv_end, tiles.block_q, tiles.block_k), 1, 2))
   dk, dv = _kernel_call(
       plgpu, dkdv_kernel,
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      (length // ROWS, num_kv_heads, batch), ("k", "head", "row"), interpret,
-      "tree_attention_dkdv_mgpu")(meta_k, kv_end, q, k, v, do, lse, delta)
+      (length // tiles.block_k, num_kv_heads, batch), ("k", "head", "row"), consumers,
+      interpret, "tree_attention_dkdv_mgpu")(meta_k, kv_end, *args)
   return dq, dk, dv
