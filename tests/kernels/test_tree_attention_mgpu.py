@@ -62,13 +62,26 @@ def _check(q, k, v, d_out, kv_end, tol, **kwargs):
     assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
 
 
-@pytest.mark.parametrize("head_dim, num_kv_heads, fwd_block_q", [
-    (64, 32, 64), (128, 32, 64), (128, 8, 64), (128, 8, 128)])
-def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_heads,
-                                                             fwd_block_q):
-  """Anchor workload shape (1-4-2-2 tree, 23,552 tokens, 32 query heads), GQA 4:1 too;
-  fwd_block_q 128 is the warp-specialised forward (two consumer warpgroups + a producer)."""
-  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
+_FWD_ONE_WARPGROUP = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(64, 128, None, 2))
+# Backward variants (dq tiles, dkdv tiles) beside the default 64x64 / 64x64, 2 stages:
+# wider partner tiles on one warpgroup; 128-row blocks = two consumer warpgroups + a producer.
+_BWD_VARIANTS = {
+    "wide_partner_tiles": (KernelTiles(64, 128, None, 2), KernelTiles(128, 64, None, 2)),
+    "three_stages": (KernelTiles(64, 64, None, 3), KernelTiles(64, 64, None, 3)),
+    "warp_specialized": (KernelTiles(128, 64, None, 2), KernelTiles(64, 128, None, 2)),
+    "warp_specialized_3_stages": (KernelTiles(128, 64, None, 3), KernelTiles(64, 128, None, 3)),
+    "warp_specialized_wide": (KernelTiles(128, 128, None, 2), KernelTiles(128, 128, None, 2)),
+}
+
+
+def _bwd_variant(name: str, fwd: KernelTiles = KernelTiles(64, 128, None, 2)):
+  dq, dkdv = _BWD_VARIANTS[name]
+  return DEFAULT_TUNING_MGPU._replace(fwd=fwd, dq=dq, dkdv=dkdv)
+
+
+def _lowers_for_cuda(head_dim: int, num_kv_heads: int, tuning) -> str:
+  """The exported fwd+bwd module (MLIR text) at the anchor workload's shape: 23,552 tokens, 32
+  query heads."""
   length = 23552
   spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   q_shape, kv_shape = (1, length, 32, head_dim), (1, length, num_kv_heads, head_dim)
@@ -81,8 +94,31 @@ def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_he
   exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"])(
       spec(q_shape), spec(kv_shape), spec(kv_shape), spec((1, length), jnp.int32),
       spec(q_shape))
-  module = exported.mlir_module()
-  for name in ("tree_attention_fwd_mgpu", "tree_attention_dq_mgpu", "tree_attention_dkdv_mgpu"):
+  return exported.mlir_module()
+
+
+_KERNEL_NAMES = ("tree_attention_fwd_mgpu", "tree_attention_dq_mgpu", "tree_attention_dkdv_mgpu")
+
+
+@pytest.mark.parametrize("head_dim, num_kv_heads, fwd_block_q", [
+    (64, 32, 64), (128, 32, 64), (128, 8, 64), (128, 8, 128)])
+def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_heads,
+                                                             fwd_block_q):
+  """GQA 4:1 too; fwd_block_q 128 is the warp-specialised forward (two consumer warpgroups +
+  a producer)."""
+  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
+  module = _lowers_for_cuda(head_dim, num_kv_heads, tuning)
+  for name in _KERNEL_NAMES:
+    assert name in module, name
+
+
+@pytest.mark.parametrize("variant", sorted(_BWD_VARIANTS))
+@pytest.mark.parametrize("head_dim, num_kv_heads", [(64, 32), (128, 8)])
+def test_mgpu_backward_variants_lower_for_cuda_at_the_anchor_shape(variant, head_dim,
+                                                                  num_kv_heads):
+  module = _lowers_for_cuda(head_dim, num_kv_heads,
+                            _bwd_variant(variant, DEFAULT_TUNING_MGPU.fwd))
+  for name in _KERNEL_NAMES:
     assert name in module, name
 
 
@@ -91,8 +127,20 @@ def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_he
 def test_mgpu_interpreted_matches_reference_on_tile_boundary_rows():
   rows = _rows(256, 0)[3:]  # the tile-boundary tree
   q, k, v, d_out = _inputs(0, 1, 256, 2, 1, 64, jnp.bfloat16)
-  one_warpgroup = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(64, 128, None, 2))
-  _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=one_warpgroup)
+  _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=_FWD_ONE_WARPGROUP)
+
+
+@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
+                    "(jax._src.pallas.mosaic_gpu.interpret)")
+@pytest.mark.parametrize("variant, length, head_dim", [
+    ("wide_partner_tiles", 200, 128), ("three_stages", 200, 64)])
+def test_mgpu_interpreted_one_warpgroup_backward_variants_match_reference(
+    variant, length, head_dim):
+  """One warpgroup per kernel: dQ over 128-key tiles and dK/dV over 128-query tiles, or 3
+  stages; T = 200 is padded to 256, GQA 2:1."""
+  rows = _rows(length, 0)[3:]
+  q, k, v, d_out = _inputs(0, 1, length, 2, 1, head_dim, jnp.bfloat16)
+  _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=_bwd_variant(variant))
 
 
 @pytest.mark.skipif(not has_interpreter() or not os.environ.get("KAT_TEST_SLOW"),
@@ -111,14 +159,34 @@ def test_mgpu_warp_specialized_forward_interpreted_matches_reference():
   assert relative_error(got[:, row], want[:, row]) < 1e-2
 
 
+@pytest.mark.skipif(not has_interpreter() or not os.environ.get("KAT_TEST_SLOW"),
+                    reason="slow (~40 s a case): Mosaic GPU's interpreter runs the 3 warpgroups "
+                    "one by one; run with KAT_TEST_SLOW=1 (lowering is tested above)")
+@pytest.mark.parametrize("variant, head_dim", [
+    ("warp_specialized", 64), ("warp_specialized_3_stages", 128), ("warp_specialized_wide", 64)])
+def test_mgpu_warp_specialized_backward_interpreted_matches_reference_on_tile_boundary_rows(
+    variant, head_dim):
+  """dQ over 128-row query blocks, dK/dV over 128-row key blocks (two consumer warpgroups and
+  a producer each); T = 200 padded to 256, GQA 2:1."""
+  rows = _rows(200, 0)[3:]
+  q, k, v, d_out = _inputs(4, 1, 200, 2, 1, head_dim, jnp.bfloat16)
+  _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=_bwd_variant(variant))
+
+
 def test_mgpu_rejects_float32_and_odd_tiles():
   q = jnp.zeros((1, 64, 2, 64), jnp.float32)
   kv_end = jnp.full((1, 64), 64, jnp.int32)
   with pytest.raises(ValueError, match="bf16 or f16"):
     tree_attention(q, q, q, kv_end, backend="mgpu")
   q = q.astype(jnp.bfloat16)
-  with pytest.raises(ValueError, match="dq.block_q = 64"):
-    tree_attention(q, q, q, kv_end, backend="mgpu", block_q=128, block_k=128)
+  with pytest.raises(ValueError, match="fwd.block_q = 64 .* or 128"):
+    tree_attention(q, q, q, kv_end, backend="mgpu", block_q=32, block_k=128)
+  with pytest.raises(ValueError, match="dkdv.block_k = 64 .* or 128"):
+    tree_attention(q, q, q, kv_end, backend="mgpu",
+                   tuning=DEFAULT_TUNING_MGPU._replace(dkdv=KernelTiles(64, 256, None, 2)))
+  with pytest.raises(ValueError, match="dq.block_k a multiple of 64"):
+    tree_attention(q, q, q, kv_end, backend="mgpu",
+                   tuning=DEFAULT_TUNING_MGPU._replace(dq=KernelTiles(64, 32, None, 2)))
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
@@ -132,6 +200,18 @@ def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_bloc
   q, k, v, d_out = _inputs(1, 4, length, 8, num_kv_heads, head_dim, dtype)
   tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
   _check(q, k, v, d_out, _rows(length, 1), 1e-2, tuning=tuning)
+
+
+@pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
+@pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [
+    (jnp.bfloat16, 128, 8), (jnp.float16, 64, 2)])
+@pytest.mark.parametrize("variant", sorted(_BWD_VARIANTS))
+def test_mgpu_compiled_backward_variants_match_reference(variant, dtype, head_dim,
+                                                         num_kv_heads):
+  """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded)."""
+  q, k, v, d_out = _inputs(1, 4, 1000, 8, num_kv_heads, head_dim, dtype)
+  _check(q, k, v, d_out, _rows(1000, 1), 1e-2,
+         tuning=_bwd_variant(variant, DEFAULT_TUNING_MGPU.fwd))
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
