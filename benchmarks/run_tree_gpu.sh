@@ -15,6 +15,9 @@
 #              speed-up >= 0.85x the token ratio)
 #   compiled   the kernel's compiled pytest cases (KAT_TEST_GPU=1 ... -k compiled)
 #   sweep      forward tiles of tree_mgpu: the one-warpgroup forward and 3 stages
+#   sweep_bwd  backward tiles of tree_mgpu (dq/dkdv as bq,bk,0,stages), the default first: each
+#              config's fwd+bwd ms, bwd ms and grads vs the default's; fits one call alone
+#              (STAGES=sweep_bwd)
 # Variables: STAGES, BUDGET_S (default 570: seconds for the whole script).
 # Writes under $OUT: run.log and the stages' JSON files.
 set -uo pipefail
@@ -42,6 +45,12 @@ run unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen
   --out "$out/tree_vs_unrolled_high_sharing.json"
 run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_tree_attention_mgpu.py tests/kernels/test_tree_attention.py -k compiled
-run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-flex \
-  --backends mgpu --sweep-fwd 64,128,0,2 128,128,0,3 --name tree_attention_mgpu_sweep.json
+sweep=(python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers
+       --causal-lengths "" --backends mgpu)
+run sweep "${sweep[@]}" --sweep-fwd 64,128,0,2 128,128,0,3 --name tree_attention_mgpu_sweep.json
+# Most promising first: warp-specialised dQ and dK/dV (2 consumer warpgroups + a producer),
+# with 3 stages, with 128-key dQ tiles; then one warpgroup with 128-wide partner tiles, 3 stages.
+run sweep_bwd "${sweep[@]}" --name tree_attention_mgpu_sweep_bwd.json --sweep-bwd \
+  64,64,0,2/64,64,0,2 128,64,0,2/64,128,0,2 128,64,0,3/64,128,0,3 128,128,0,2/64,128,0,2 \
+  64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3
 echo "done in $((SECONDS - start)) s"

@@ -174,6 +174,20 @@ def bench_attention(attend, q, k, v, do) -> tuple[float, float]:
   return median_ms_jax(jax.jit(attend), q, k, v), median_ms_jax(fwd_bwd, q, k, v, do)
 
 
+def sweep_bwd_config(attend, q, k, v, do, first_grads) -> dict:
+  """fwd+bwd ms of attend(q, k, v) (one compilation) and its grads; with `first_grads`, also
+  the largest relative error of dq/dk/dv against them (a tile variant must not change the
+  result)."""
+  fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+  grads = fwd_bwd(q, k, v, do)
+  result = dict(fwd_bwd_ms=median_ms_jax(fwd_bwd, q, k, v, do), grads=grads,
+                finite=bool(all(jnp.all(jnp.isfinite(g)) for g in grads)))
+  if first_grads is not None:
+    result["grads_vs_first_config"] = max(
+        relative_error(g, f) for g, f in zip(grads, first_grads))
+  return result
+
+
 def cudnn_causal(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
@@ -313,11 +327,14 @@ def parse_args(argv=None):
   parser.add_argument("--sweep-fwd", nargs="*", default=[],
                       help="extra fwd tiles to time (first backend)")
   parser.add_argument("--sweep-bwd", nargs="*", default=[],
-                      help="extra 'dq_tiles/dkdv_tiles' pairs to time in fwd+bwd (first backend)")
+                      help="'dq_tiles/dkdv_tiles' pairs to time in fwd+bwd (first backend), "
+                      "each checked against the first pair's grads (list the default first)")
   parser.add_argument("--causal-lengths", default="4096,16384")
   parser.add_argument("--check-heads", type=int, default=1)
   parser.add_argument("--skip-checks", action="store_true")
-  parser.add_argument("--skip-flex", action="store_true")
+  parser.add_argument("--skip-peers", action="store_true",
+                      help="time only the tree kernels: no cuDNN, FlexAttention or stock "
+                      "attention_mgpu (sweeps)")
   parser.add_argument("--tiny", action="store_true",
                       help="CPU smoke run: tiny workloads, kernels interpreted, 1 timed call")
   parser.add_argument("--name", default="tree_attention.json")
@@ -402,35 +419,46 @@ def main(argv=None) -> dict:
       times[f"tree_{backend}"] = result
     log(f"tree kernel ({backend}): {result}")
     save(f"tree_{backend}")
-  sweep = []
+  record["sweep"] = sweep = []
   first = backends[0] if backends else "gpu"
   for text in args.sweep_fwd:
     t = {first: Tuning(parse_tiles(text), tunings[first].dq, tunings[first].dkdv)}
     sweep.append(dict(backend=first, fwd=text, fwd_ms=attempt(
         lambda t=t: median_ms_jax(jax.jit(tree_fn(kv_end, first, t, interpret)), q, k, v))))
     log(f"sweep {sweep[-1]}")
+    save(f"sweep_fwd {text}")
+  first_grads = None  # the first --sweep-bwd config's (dq, dk, dv): the others' yardstick
   for text in args.sweep_bwd:
     dq_text, dkdv_text = text.split("/")
     t = {first: Tuning(tunings[first].fwd, parse_tiles(dq_text), parse_tiles(dkdv_text))}
-    sweep.append(dict(backend=first, dq=dq_text, dkdv=dkdv_text, fwd_bwd_ms=attempt(
-        lambda t=t: bench_attention(tree_fn(kv_end, first, t, interpret), q, k, v, do)[1])))
-    log(f"sweep {sweep[-1]}")
-  record["sweep"] = sweep
-  save("sweep")
+    entry = dict(backend=first, dq=dq_text, dkdv=dkdv_text)
+    result = attempt(sweep_bwd_config, tree_fn(kv_end, first, t, interpret), q, k, v, do,
+                     first_grads)
+    if "error" in result:
+      entry.update(result)
+    else:
+      grads = result.pop("grads")
+      first_grads = grads if first_grads is None else first_grads
+      entry.update(result)
+      if f"tree_{first}" in times:  # the same forward tiles as the main measurement
+        entry["bwd_ms"] = entry["fwd_bwd_ms"] - times[f"tree_{first}"][0]
+    sweep.append(entry)
+    log(f"sweep {entry}")
+    save(f"sweep_bwd {text}")
 
-  if on_gpu:
+  if on_gpu and not args.skip_peers:
     unrolled = [jnp.take(x[0], jnp.asarray(paths), axis=0) for x in (q, k, v, do)]
     times["cudnn_unrolled"] = bench_attention(cudnn_causal, *unrolled[:3], unrolled[3])
     record["stock_attention_mgpu_unrolled"] = bench_stock_mgpu(*unrolled, log)
     del unrolled
-    flex = "skipped (--skip-flex)" if args.skip_flex else bench_flex(kv_end_np, heads, dim)
+    flex = bench_flex(kv_end_np, heads, dim)
     if isinstance(flex, str):
       skipped["flex_tree"] = flex
     else:
       times["flex_tree"] = flex
   else:
     for name in ("cudnn_unrolled", "flex_tree", "stock_attention_mgpu_unrolled"):
-      skipped[name] = "needs a CUDA GPU"
+      skipped[name] = "--skip-peers" if args.skip_peers else "needs a CUDA GPU"
   floor_fwd = fwd_flops / (rate * 1e12) * 1e3
   times["flop_floor"] = (floor_fwd, 3.5 * floor_fwd)  # bwd = 5 matmuls of the fwd's 2
 

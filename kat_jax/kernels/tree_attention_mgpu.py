@@ -6,25 +6,26 @@ wiring stays in tree_attention.py).  Same block-sparse schedule as the other bac
 hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.08608) on Hopper:
 - a warpgroup of 128 threads computes 64-row tiles with wgmma (QK^T, PV, ...) whose operands
   sit in 128-byte-swizzled shared memory, accumulating in float32 registers;
-- forward with fwd.block_q = 128 (the default): warp-specialised, two consumer warpgroups of
-  64 rows and one producer warpgroup that only issues TMA copies, with register reallocation
-  (`set_max_registers`) and per-slot "released" barriers; fwd.block_q = 64: one warpgroup
-  that issues its own copies (as the backward kernels do);
-- the partner tiles of the visit list (K/V, or Q/dO/lse/delta for dK/dV) are copied by TMA
-  into a `stages`-deep shared-memory ring: block j + stages is in flight while j computes;
+- every kernel's program owns block_q (forward, dQ) or block_k (dK/dV) = 64 or 128 rows: 128
+  is warp-specialised, two consumer warpgroups of 64 rows and one producer warpgroup that only
+  issues TMA copies, with register reallocation (`set_max_registers`) and per-slot "released"
+  barriers; 64 is one warpgroup that issues its own copies (`_run_roles`);
+- the partner tiles of the visit list (K/V, or Q/dO/lse/delta for dK/dV; 64 or more rows) are
+  copied by TMA into a `stages`-deep shared-memory ring: block j + stages is in flight while j
+  computes;
 - full tiles run without mask arithmetic, partial tiles mask `j <= i < kv_end[j]` with the
   tile's kv_end row (also TMA-copied);
 - dK/dV: one program per (key block, kv head) loops over its group's query heads, so GQA
   needs no atomics and no per-query-head buffers.
-Not done yet (next steps, see docs/tree_attention.md): warp specialisation of the backward
-kernels, FA3's ping-pong schedule barrier between the consumers, and the dQ fused into the
-dK/dV pass.
+Not done (see docs/tree_attention.md): FA3's ping-pong schedule barrier between the consumers
+and the dQ fused into the dK/dV pass (needs a TMA reduce-add, which Mosaic GPU's CPU
+interpreter does not run, so it could not be tested here).
 
 Layout [B, T, H, D] (no transposes), lse / delta [B, Hq, T] float32 base 2 (as the Triton
 kernels).  Inputs bf16 or f16 (the tensor cores' operand types), D a multiple of 64.
 
-Status: lowers for CUDA on CPU (tests); NOT yet run on a GPU, so `backend="auto"` does not
-pick it — pass `backend="mgpu"` explicitly until the GPU tests have passed.
+Status: compiled and timed on an H100 with the default tiles; `backend="auto"` does not pick
+it yet (pass `backend="mgpu"`).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ __all__ = ["DEFAULT_TUNING", "DTYPES", "ROWS", "backward", "check_tiles", "forwa
 ROWS = 64  # rows of one warpgroup MMA: forward/dQ query blocks, dK/dV key blocks
 DTYPES = (jnp.bfloat16, jnp.float16)
 # 64-row tiles per warpgroup; the forward's 128 query rows are two consumer warpgroups of 64
-# (warp-specialised; fwd.block_q=64 picks the one-warpgroup kernel) over 128-key tiles with
-# 2 TMA stages: the fastest config of JAX's attention_mgpu on the H200. num_stages = TMA
-# pipeline depth; num_warps unused. Not yet tuned on a GPU.
+# (warp-specialised) over 128-key tiles with 2 TMA stages: the fastest config of JAX's
+# attention_mgpu on the H200. The backward's 64-row blocks are one warpgroup each (dq.block_q
+# or dkdv.block_k = 128: warp-specialised). num_stages = TMA pipeline depth; num_warps unused.
+# Not yet tuned on a GPU.
 DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, None, 2), dq=KernelTiles(64, 64, None, 2),
                         dkdv=KernelTiles(64, 64, None, 2))
 
@@ -124,6 +126,20 @@ class _Ops:
     def accumulate(acc_ref):
       plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+  def mmas(self, *products):
+    """Independent MMAs issued together and waited for once (one wgmma wait, not one each):
+    products of (a, b, n, transpose_b, acc or None) -> their results, as `mma` gives them."""
+    if self.interpret:
+      return tuple(self.mma(a, b, n, transpose_b=t, acc=acc) for a, b, n, t, acc in products)
+    plgpu = self.plgpu
+
+    def issue(acc_refs):
+      for acc_ref, (a, b, _, transpose_b, _) in zip(acc_refs, products):
+        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transpose_b else b)
+    return pl.run_state(issue)(tuple(
+        plgpu.ACC.init(self.zeros((ROWS, n)) if acc is None else acc)
+        for _, _, n, _, acc in products))
 
 
 def _col(x, shape):
@@ -405,14 +421,14 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
       def step(j, dq, masked):
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(k_bar.at[slot])
-        p = jnp.exp2(ops.mma(q_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
-                     - lse)
+        plgpu.barrier_wait(v_bar.at[slot])
+        s, dp = ops.mmas((q_smem, k_smem.at[slot], block_k, True, None),
+                         (do_smem, v_smem.at[slot], block_k, True, None))
+        release_v(j, slot)
+        p = jnp.exp2(s * logit_scale - lse)
         if masked:
           key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
           p = jnp.where(_visible(ops, q_start, key_start(j), key_ends, tile), p, 0.0)
-        plgpu.barrier_wait(v_bar.at[slot])
-        dp = ops.mma(do_smem, v_smem.at[slot], block_k, transpose_b=True)
-        release_v(j, slot)
         ds = p * (dp - delta)
         dq = ops.mma(ds.astype(dtype), k_smem.at[slot], head_dim, transpose_b=False, acc=dq)
         release_k(j, slot)
@@ -504,8 +520,8 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
                           p_t, 0.0)
         plgpu.barrier_wait(do_bar.at[slot])
         delta = _row(ops.load_vector(delta_smem.at[slot], along_rows=False), tile)
-        dv = ops.mma(p_t.astype(dtype), do_smem.at[slot], head_dim, transpose_b=False, acc=dv)
-        dp_t = ops.mma(v_smem, do_smem.at[slot], block_q, transpose_b=True)
+        dv, dp_t = ops.mmas((p_t.astype(dtype), do_smem.at[slot], head_dim, False, dv),
+                            (v_smem, do_smem.at[slot], block_q, True, None))
         release_do(t, slot)
         ds_t = p_t * (dp_t - delta)
         dk = ops.mma(ds_t.astype(dtype), q_smem.at[slot], head_dim, transpose_b=False, acc=dk)
