@@ -14,10 +14,9 @@
 #   unrolled   benchmarks/tree_vs_unrolled.py --high-sharing at qwen2.5-1.5b (target: update
 #              speed-up >= 0.85x the token ratio)
 #   compiled   the kernel's compiled pytest cases (KAT_TEST_GPU=1 ... -k compiled)
-#   sweep      forward tiles of tree_mgpu: the one-warpgroup forward and 3 stages
-#   sweep_bwd  backward tiles of tree_mgpu (dq/dkdv as bq,bk,0,stages), the default first: each
-#              config's fwd+bwd ms, bwd ms and grads vs the default's; fits one call alone
-#              (STAGES=sweep_bwd)
+#   sweep      tiles of tree_mgpu, one compilation each: forward (fwd ms), then backward
+#              dq/dkdv pairs (fwd+bwd ms, bwd ms, grads vs the default pair's); one call alone
+#              (STAGES=sweep)
 # Variables: STAGES, BUDGET_S (default 570: seconds for the whole script).
 # Writes under $OUT: run.log and the stages' JSON files.
 set -uo pipefail
@@ -45,12 +44,13 @@ run unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen
   --out "$out/tree_vs_unrolled_high_sharing.json"
 run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_tree_attention_mgpu.py tests/kernels/test_tree_attention.py -k compiled
-sweep=(python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers
-       --causal-lengths "" --backends mgpu)
-run sweep "${sweep[@]}" --sweep-fwd 64,128,0,2 128,128,0,3 --name tree_attention_mgpu_sweep.json
-# Most promising first: warp-specialised dQ and dK/dV (2 consumer warpgroups + a producer),
-# with 3 stages, with 128-key dQ tiles; then one warpgroup with 128-wide partner tiles, 3 stages.
-run sweep_bwd "${sweep[@]}" --name tree_attention_mgpu_sweep_bwd.json --sweep-bwd \
-  64,64,0,2/64,64,0,2 128,64,0,2/64,128,0,2 128,64,0,3/64,128,0,3 128,128,0,2/64,128,0,2 \
-  64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3
+# Forward tiles: the one-warpgroup forward, 3 stages. Backward (dq/dkdv) tiles: the default
+# first (the others' yardstick), then warp-specialised dQ alone and dK/dV alone (2 consumer
+# warpgroups + a producer; the kernels run one after the other, so their gains add), both with
+# 3 stages, with 128-key dQ tiles; then one warpgroup with 128-wide partner tiles, 3 stages.
+run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers \
+  --causal-lengths "" --backends mgpu --name tree_attention_mgpu_sweep.json \
+  --sweep-fwd 64,128,0,2 128,128,0,3 --sweep-bwd \
+  64,64,0,2/64,64,0,2 128,64,0,2/64,64,0,2 64,64,0,2/64,128,0,2 128,64,0,3/64,128,0,3 \
+  128,128,0,2/64,128,0,2 64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3
 echo "done in $((SECONDS - start)) s"

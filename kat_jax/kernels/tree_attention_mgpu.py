@@ -2,8 +2,8 @@
 
 Backend 'mgpu' of `tree_attention` (same `(q, k, v, kv_end)` interface and custom VJP; the
 wiring stays in tree_attention.py).  Same block-sparse schedule as the other backends: per
-(query block) or (key block) visit lists from `tree_attention_blocks` (full tiles first, then partial;
-hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.08608) on Hopper:
+(query block) or (key block) visit lists from `tree_attention_blocks` (full tiles first, then
+partial; hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.08608) on Hopper:
 - a warpgroup of 128 threads computes 64-row tiles with wgmma (QK^T, PV, ...) whose operands
   sit in 128-byte-swizzled shared memory, accumulating in float32 registers;
 - every kernel's program owns block_q (forward, dQ) or block_k (dK/dV) = 64 or 128 rows: 128
@@ -203,9 +203,10 @@ def _kernel_call(plgpu, body, out_type, grid, names, consumers, interpret, name)
 # shared-memory ring.  consumers = 1: the warpgroup issues its own TMA copies; consumers = 2:
 # FlashAttention-3's warp specialisation, a third (producer) warpgroup only issues copies, with
 # register reallocation (`set_max_registers`) towards the consumers.  Either way a step
-# "releases" each ring buffer after its last read: the single warpgroup then refills the slot
-# itself (after the step's last release), consumers arrive on the slot's free barrier, which
-# the producer waits on before refilling.
+# "releases" each ring's slot after its last read: the single warpgroup then refills it with
+# step t + stages itself, consumers arrive on the slot's free barrier, which the producer waits
+# on before refilling.  Steps that are not followed by a refill release nothing, so every
+# barrier phase has a waiter (Mosaic GPU's interpreter checks that).
 
 
 def _collective(consumers: int) -> dict:
@@ -225,7 +226,7 @@ def _run_roles(plgpu, consumers: int, wg, n_steps, stages: int, consume, rings) 
       for copy, _ in rings:
         pl.when(stage < n_steps)(functools.partial(copy, stage, stage))
 
-  def release(copy, free, t, slot):  # only slots that get refilled: every phase has a waiter
+  def release(copy, free, t, slot):
     if consumers == 1:
       pl.when(t + stages < n_steps)(lambda: copy(t + stages, slot))
     else:
