@@ -159,15 +159,19 @@ def test_mgpu_warp_specialized_forward_interpreted_matches_reference():
   assert relative_error(got[:, row], want[:, row]) < 1e-2
 
 
-@pytest.mark.skipif(not has_interpreter() or not os.environ.get("KAT_TEST_SLOW"),
-                    reason="slow (~40 s a case): Mosaic GPU's interpreter runs the 3 warpgroups "
-                    "one by one; run with KAT_TEST_SLOW=1 (lowering is tested above)")
+_SLOW = pytest.mark.skipif(not os.environ.get("KAT_TEST_SLOW"), reason="slow (~15 s): one "
+                           "such case runs by default; run with KAT_TEST_SLOW=1")
+
+
+@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
+                    "(jax._src.pallas.mosaic_gpu.interpret)")
 @pytest.mark.parametrize("variant, head_dim", [
-    ("warp_specialized", 64), ("warp_specialized_3_stages", 128), ("warp_specialized_wide", 64)])
+    ("warp_specialized", 64), pytest.param("warp_specialized_3_stages", 128, marks=_SLOW),
+    pytest.param("warp_specialized_wide", 64, marks=_SLOW)])
 def test_mgpu_warp_specialized_backward_interpreted_matches_reference_on_tile_boundary_rows(
     variant, head_dim):
   """dQ over 128-row query blocks, dK/dV over 128-row key blocks (two consumer warpgroups and
-  a producer each); T = 200 padded to 256, GQA 2:1."""
+  a producer each, the producer refilling ring slots); T = 200 padded to 256, GQA 2:1."""
   rows = _rows(200, 0)[3:]
   q, k, v, d_out = _inputs(4, 1, 200, 2, 1, head_dim, jnp.bfloat16)
   _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=_bwd_variant(variant))
