@@ -255,6 +255,18 @@ def _run_roles(plgpu, consumers: int, wg, n_steps, stages: int, consume, rings) 
         copy(t + stages, slot)
 
 
+def _query_program(meta_ref, groups: int, block_k: int, consumers: int):
+  """A query-major program's (forward, dQ) ids: (row b, q head h, kv head, query block qb,
+  warpgroup wg, n_full, n_visible, key_start(j) = visit step j's first key).  Heaviest (latest)
+  query blocks run first."""
+  i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
+  qb = meta_ref.shape[1] - 1 - i
+  wg = lax.axis_index("wg") if consumers > 1 else 0
+  key_start = lambda j: meta_ref[b, qb, 2 + j] * block_k
+  return (b, h, lax.div(h, groups), qb, wg, meta_ref[b, qb, 0], meta_ref[b, qb, 1],
+          key_start)
+
+
 def _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start, block_k,
                       k_ring, v_ring):
   """-> (copy_k, copy_v)(j, slot): TMA copies of visit step j's key block into the rings
@@ -293,17 +305,12 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
   """
   ops = _Ops(interpret)
   plgpu = ops.plgpu
-  nq = meta_ref.shape[1]
-  i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
-  wg = lax.axis_index("wg") if consumers > 1 else 0
-  qb = nq - 1 - i  # heaviest (latest) query blocks first
-  kv_head = lax.div(h, groups)
+  b, h, kv_head, qb, wg, n_full, n_visible, key_start = _query_program(
+      meta_ref, groups, block_k, consumers)
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
-  n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
   logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
-  key_start = lambda j: meta_ref[b, qb, 2 + j] * block_k
 
   def body(qo_smem2, k_smem, v_smem, end_smem, lse_smem2, q_bar, k_bar, v_bar, k_free,
            v_free):
@@ -387,17 +394,12 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   the visible key blocks of dS K, one 64-row block per consumer warpgroup."""
   ops = _Ops(interpret)
   plgpu = ops.plgpu
-  nq = meta_ref.shape[1]
-  i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
-  wg = lax.axis_index("wg") if consumers > 1 else 0
-  qb = nq - 1 - i
-  kv_head = lax.div(h, groups)
+  b, h, kv_head, qb, wg, n_full, n_visible, key_start = _query_program(
+      meta_ref, groups, block_k, consumers)
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
-  n_full, n_visible = meta_ref[b, qb, 0], meta_ref[b, qb, 1]
   logit_scale = scale * LOG2E
   tile = (ROWS, block_k)
-  key_start = lambda j: meta_ref[b, qb, 2 + j] * block_k
 
   def body(q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, end_smem, q_bar, k_bar,
            v_bar, k_free, v_free):
