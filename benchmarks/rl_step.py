@@ -26,6 +26,11 @@ wait, generate, reward wait after the last sample, tree building and packing, up
 push; no old log-probs pass: one update per batch takes them in its own forward pass),
 trained vs unrolled tokens, staleness, and tokens/s x parameters beside NeMo RL's published
 on-policy GRPO rate (1,562 tokens/s per H100 at Llama-3.1-8B, ~1.25e13 parameter-tokens/s).
+
+Memory: before anything is allocated, the static bytes (22 per parameter + the KV pool) are
+checked against the device; before each run's engine, also the update's scratch for rows as
+long as the draw's largest tree, twice at k >= 1 (`step_bytes`, `choose_remat`): a run that
+does not fit trains with remat "full" (a `note:` line), or is reported does_not_fit.
 """
 
 from __future__ import annotations
@@ -324,7 +329,8 @@ def run(args, k: int, workload_name: str, clock, bytes_limit: int | None = None)
            for key in ("seconds", "compile_s", "rollout_wait_s", "produce_s", "generate_s",
                        "reward_wait_s", "pack_s", "update_s", "weight_push_s")}
   return {"k": k, "workload": workload_name, "params": n_params, "remat": remat,
-          "update_temp_bytes": temps.get(remat), "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
+          "update_temp_bytes": temps.get(remat),
+          "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
                      "num_slots": engine.num_slots},
           "tokens_per_s_per_device": per_device,
           "param_tokens_per_s_per_device": per_device * n_params,
