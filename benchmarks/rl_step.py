@@ -75,7 +75,9 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--micro_batch_rows", type=int, default=1)
   parser.add_argument("--seq_len", type=int, default=0,
                       help="packed row length (0: the draw's largest tree, rounded up to 1024)")
-  parser.add_argument("--remat", default="full", help="ModelConfig.remat_policy")
+  parser.add_argument("--remat", default="full",
+                      help="ModelConfig.remat_policy of the update (\"full\" where the step "
+                           "does not fit the device with it)")
   parser.add_argument("--warmup", type=int, default=1, help="steps not timed (compiles)")
   parser.add_argument("--steps", type=int, default=2, help="timed steps")
   parser.add_argument("--reward_workers", type=int, default=8)
@@ -365,29 +367,30 @@ def choose_remat(label: str, requested: str, k: int, num_params: int, kv_gib: fl
                  ) -> tuple[str | None, str, dict[str, int]]:
   """The update's remat policy for a run: `requested` if the step fits `limit` bytes, else
   "full" (the least scratch: only each layer's input is kept), else None: it does not fit.
-  update_temp(policy) -> the update's scratch bytes (None: unknown, taken as fitting).
-  -> (policy or None, the arithmetic: '' when `requested` fits, the reason for "full" or
-  the does-not-fit error otherwise, {policy: scratch bytes measured})."""
+  update_temp(policy) -> the update's scratch bytes (None: the backend does not say).
+  -> (policy or None, '' when `requested` fits or `limit` is unknown, else the arithmetic:
+  the reason for "full" or the does-not-fit error, {policy: scratch bytes measured})."""
   if not limit:
     return requested, "", {}
   temps, tried = {}, []
   for remat in dict.fromkeys((requested, "full")):
     temps[remat] = temp = update_temp(remat)
     if temp is None:
-      return remat, "", {}
+      return remat, (f"{label}: the backend reports no memory analysis, the update's scratch "
+                     "is not checked"), {}
     need = step_bytes(num_params, kv_gib, temp, k)
     tried.append(f"remat {remat}: {static_bytes(num_params, 0) / 2**30:.1f} GiB static "
                  f"({num_params / 1e9:.2f}B parameters x {STATIC_BYTES_PER_PARAM} bytes) + "
                  f"{kv_gib:g} GiB KV + {'2 x ' if k else ''}{temp / 2**30:.2f} GiB update "
-                 f"scratch = {need / 2**30:.1f} GiB")
+                 f"scratch = {need / 2**30:.2f} GiB")
     if need <= limit:
       reason = "" if remat == requested else (
-          f"{label} uses remat {remat}: {tried[0]} > {limit / 2**30:.1f} GiB usable; "
+          f"{label} uses remat {remat}: {tried[0]} > {limit / 2**30:.2f} GiB usable; "
           f"{tried[-1]} fits")
       return remat, reason, temps
   rollout = " (k >= 1: a second scratch span for the rollout beside the update)" if k else ""
   return None, (f"{label} does not fit: " + "; ".join(tried) +
-                f" > {limit / 2**30:.1f} GiB usable{rollout}"), temps
+                f" > {limit / 2**30:.2f} GiB usable{rollout}"), temps
 
 
 def device_bytes_limit(device) -> int | None:
@@ -414,7 +417,7 @@ def main(argv=None) -> dict:
   from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
   num_params = get_preset(args.preset).num_params()
   need = static_bytes(num_params, args.kv_gib)
-  limit = device_bytes_limit(jax.devices()[0])
+  limit = report["bytes_limit"] = device_bytes_limit(jax.devices()[0])
   if limit and need > limit:
     report["status"] = "does_not_fit"
     report["error"] = (f"{args.preset}: {num_params / 1e9:.2f}B parameters x "

@@ -73,16 +73,20 @@ def test_the_fit_check_counts_the_update_scratch_twice_at_k1_and_falls_back_to_r
                                          update_temp)
   assert (remat, seen) == ("full", temps)
   assert line == ("x k=1 uses remat full: remat dots_no_batch: 0.2 GiB static (0.01B "
-                  "parameters x 22 bytes) + 0.25 GiB KV + 2 x 0.29 GiB update scratch = 1.0 "
-                  "GiB > 1.0 GiB usable; remat full: 0.2 GiB static (0.01B parameters x 22 "
-                  "bytes) + 0.25 GiB KV + 2 x 0.05 GiB update scratch = 0.6 GiB fits")
+                  "parameters x 22 bytes) + 0.25 GiB KV + 2 x 0.29 GiB update scratch = 1.04 "
+                  "GiB > 1.00 GiB usable; remat full: 0.2 GiB static (0.01B parameters x 22 "
+                  "bytes) + 0.25 GiB KV + 2 x 0.05 GiB update scratch = 0.55 GiB fits")
   # Not even remat full fits half a GiB: does not fit, with both policies' arithmetic.
   remat, line, _ = bench.choose_remat("x k=1", "dots_no_batch", 1, params, kv_gib, 2**29,
                                       update_temp)
   assert remat is None and line.startswith("x k=1 does not fit: remat dots_no_batch: ")
   assert "; remat full: " in line and line.endswith(
-      "= 0.6 GiB > 0.5 GiB usable (k >= 1: a second scratch span for the rollout beside the "
+      "= 0.55 GiB > 0.50 GiB usable (k >= 1: a second scratch span for the rollout beside the "
       "update)")
+  # A backend without memory analysis: the requested policy, said to be unchecked.
+  assert bench.choose_remat("x", "dots_no_batch", 1, params, kv_gib, limit, lambda _: None) == (
+      "dots_no_batch", "x: the backend reports no memory analysis, the update's scratch is not "
+      "checked", {})
   # Unknown device memory (CPU): the requested policy, nothing compiled.
   measured.clear()
   assert bench.choose_remat("x", "dots_no_batch", 1, params, kv_gib, None,
@@ -117,7 +121,9 @@ def test_the_planned_row_length_is_the_largest_tree_of_the_draw_measured_on_the_
   import os  # pylint: disable=g-import-not-at-top
   bench = benchmark_module("rl_step")
   args = bench._parse([])  # pylint: disable=protected-access
-  prompts, lengths = benchmark_module("rollout").workload(args, 151936)
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  prompts, lengths = benchmark_module("rollout").workload(
+      args, get_preset("qwen2.5-1.5b").vocab_size)
   folder = os.path.join(os.path.dirname(bench.__file__), "results")
   for name in ("grpo", "tree"):
     with open(os.path.join(folder, f"rl_step_qwen2.5-1.5b_{name}_h100.json"),
