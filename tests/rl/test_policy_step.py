@@ -116,8 +116,15 @@ def test_micro_batch_temp_bytes_grows_with_the_row_and_its_compile_serves_the_up
   short, long = (update.micro_batch_temp_bytes(state.params, spec(n)) for n in (16, 256))
   assert 0 < short < long
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, _, **kw: compiles.append(kw.get("fun_name"))
-      if event.endswith("backend_compile_duration") else None)
-  update(state, batch)  # [4, 16]: two micro-batches of the shape measured above
-  assert compiles and "jit(loss_fn)" not in compiles  # add / apply compiled, not the gradient
+
+  def listen(event, _, **kw):
+    if event.endswith("backend_compile_duration"):
+      compiles.append(kw.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    update(state, batch)  # [4, 16]: two micro-batches of the shape measured above
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles and all(compiles)  # each compile names its function
+  assert "jit(loss_fn)" not in compiles  # add / apply compiled, the gradient pass reused
