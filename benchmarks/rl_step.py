@@ -26,6 +26,11 @@ wait, generate, reward wait after the last sample, tree building and packing, up
 push; no old log-probs pass: one update per batch takes them in its own forward pass),
 trained vs unrolled tokens, staleness, and tokens/s x parameters beside NeMo RL's published
 on-policy GRPO rate (1,562 tokens/s per H100 at Llama-3.1-8B, ~1.25e13 parameter-tokens/s).
+
+Memory: before anything is allocated, the static bytes (22 per parameter + the KV pool) are
+checked against the device; before each run's engine, also the update's scratch for rows as
+long as the draw's largest tree, twice at k >= 1 (`step_bytes`, `choose_remat`): a run that
+does not fit trains with remat "full" (a `note:` line), or is reported does_not_fit.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import os
 import platform
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -68,8 +74,10 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--kv_gib", type=float, default=24.0, help="page pool size in GiB")
   parser.add_argument("--micro_batch_rows", type=int, default=1)
   parser.add_argument("--seq_len", type=int, default=0,
-                      help="packed row length (0: the largest tree, rounded up to 1024)")
-  parser.add_argument("--remat", default="full", help="ModelConfig.remat_policy")
+                      help="packed row length (0: the draw's largest tree, rounded up to 1024)")
+  parser.add_argument("--remat", default="full",
+                      help="ModelConfig.remat_policy of the update (\"full\" where the step "
+                           "does not fit the device with it)")
   parser.add_argument("--warmup", type=int, default=1, help="steps not timed (compiles)")
   parser.add_argument("--steps", type=int, default=2, help="timed steps")
   parser.add_argument("--reward_workers", type=int, default=8)
@@ -90,9 +98,10 @@ def _stand_in_answer(tokens) -> str:
 class Producer:
   """Batch `index` of a workload on the engine: returns the packed host rows and its stats."""
 
-  def __init__(self, args, config, engine, pool, objective, prompts, lengths):
+  def __init__(self, args, config, engine, pool, objective, prompts, lengths, seq_len):
     self.args, self.config, self.engine, self.pool = args, config, engine, pool
     self.objective, self.prompts, self.lengths = objective, prompts, lengths
+    self.seq_len = seq_len
 
   def __call__(self, index: int, weights) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
@@ -142,14 +151,13 @@ class Producer:
                              np.zeros(len(group), int))
       trajectories.append([t.to_trajectory(a) for t, a in zip(group, adv)])
     trees = build_trees(trajectories, self.objective)
-    seq_len = args.seq_len or -(-max(t.num_nodes for t in trees) // 1024) * 1024
-    rows = pack_trees(trees, seq_len, 0)
+    rows = pack_trees(trees, self.seq_len, 0)
     return {"rows": rows, "generated_tokens": self._generated,
             "tree_tokens": int(sum(t.num_nodes for t in trees)),
             "unrolled_tokens": int(sum(t.unrolled_tokens for t in trees)),
             "oldest_version": oldest_version([t for g in recorded for t in g], default=index),
             "generate_s": generated - start, "reward_wait_s": reward_wait,
-            "pack_s": time.perf_counter() - scored, "seq_len": seq_len}
+            "pack_s": time.perf_counter() - scored, "seq_len": self.seq_len}
 
   def _tree(self, key, sampling, manager, groups, score):
     """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each."""
@@ -191,7 +199,34 @@ class Producer:
     engine.run(on_finish=second_done)
 
 
-def run(args, k: int, workload_name: str, clock) -> dict:
+def tree_sizes(args, workload_name: str, prompts, lengths) -> np.ndarray:
+  """Tokens of each prompt's prefix tree [P], known before sampling since every sample stops
+  at its drawn length: the prompt, every turn's tokens and (tree) the tool outputs. An upper
+  bound: samples whose first tokens happen to coincide share them in the tree."""
+  prompt = np.array([len(p) for p in prompts])
+  if workload_name == "grpo":
+    return prompt + lengths.sum(axis=1)
+  second = args.samples // args.branch1
+  first = np.maximum(1, lengths[:, ::second][:, :args.branch1] // 2).sum(axis=1)
+  rest = np.maximum(1, lengths - lengths // 2).sum(axis=1)
+  return prompt + first + args.branch1 * args.tool_tokens + rest
+
+
+def update_batch(rows: dict, k: int) -> dict:
+  """The update's inputs from packed rows. One update per batch: its own forward pass gives
+  the proximal log-probs (no old_logp; rl.policy_step), as in the stages; off-policy (k >= 1)
+  the sampled ones weight the terms."""
+  batch = {key: v for key, v in rows.items() if key not in ("visits", "segment_ids", "old_logp")}
+  if k:
+    batch["behav_logp"] = rows["old_logp"]
+  return batch
+
+
+def run(args, k: int, workload_name: str, clock, bytes_limit: int | None = None) -> dict:
+  """One (workload, k) run. bytes_limit: the device's usable bytes (None: unchecked); a step
+  that does not fit it with any remat policy returns status does_not_fit before the engine
+  allocates its pool."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -201,6 +236,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   from kat_jax.rl.pipeline import (RolloutPipeline, RolloutWeights,  # pylint: disable=g-import-not-at-top
                                    decode_weights_fn)
   from kat_jax.rl.policy_step import AccumulatedPolicyUpdate  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.tree import pack_trees  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import prepare_params  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling.engine import Engine  # pylint: disable=g-import-not-at-top
   from kat_jax.tasks.rewards import RewardPool  # pylint: disable=g-import-not-at-top
@@ -216,9 +252,31 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   state, _ = init_sharded_state(config, optimizer, mesh, jax.random.key(args.seed))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   objective = ObjectiveConfig(eps_low=0.2, eps_high=0.28, loss_agg_mode="token-mean")
-  update = AccumulatedPolicyUpdate(config, optimizer, objective, args.micro_batch_rows,
-                                   loss_chunk=1024)
   prompts, lengths = workload(args, config.vocab_size)
+  largest = int(tree_sizes(args, workload_name, prompts, lengths).max())
+  seq_len = args.seq_len or -(-largest // 1024) * 1024
+  spec = {key: jax.ShapeDtypeStruct((args.micro_batch_rows, seq_len), v.dtype)
+          for key, v in update_batch(pack_trees([], seq_len, 0), k).items()}
+  updates = {}
+
+  def make_update(remat: str) -> AccumulatedPolicyUpdate:
+    if remat not in updates:
+      updates[remat] = AccumulatedPolicyUpdate(
+          dataclasses.replace(config, remat_policy=remat), optimizer, objective,
+          args.micro_batch_rows, loss_chunk=1024)
+    return updates[remat]
+
+  label = f"{args.preset} {workload_name} k={k} (rows of {seq_len} tokens)"
+  remat, line, temps = choose_remat(
+      label, args.remat, k, n_params, args.kv_gib, bytes_limit,
+      lambda policy: make_update(policy).micro_batch_temp_bytes(state.params, spec))
+  if remat is None:
+    print(f"error: benchmarks/rl_step.py: {line}", flush=True)
+    return {"k": k, "workload": workload_name, "params": n_params, "status": "does_not_fit",
+            "error": line, "update_temp_bytes": temps}
+  if line:
+    print(f"note: benchmarks/rl_step.py: {line}", flush=True)
+  update = make_update(remat)
   item = jnp.dtype(config.compute_dtype).itemsize
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
   num_pages = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size)) + 1
@@ -229,7 +287,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   pool = RewardPool(max_workers=args.reward_workers)
   weights = RolloutWeights(decode_weights_fn(config, mesh, mesh, own_copy=k > 0))
   weights.attach(engine)
-  producer = Producer(args, config, engine, pool, objective, prompts, lengths)
+  producer = Producer(args, config, engine, pool, objective, prompts, lengths, seq_len)
   total = args.warmup + args.steps
   pipeline = RolloutPipeline(producer, weights, max_staleness=k, end=total)
   steps = []
@@ -239,17 +297,11 @@ def run(args, k: int, workload_name: str, clock) -> dict:
       t0, c0 = time.perf_counter(), clock.total
       produced, waited = pipeline.take(step, state.params)
       out = produced.value
-      batch = {key: v for key, v in out["rows"].items() if key not in ("visits", "segment_ids")}
+      batch = update_batch(out["rows"], k)
       rows = len(batch["tokens"])
-      pad = -rows % args.micro_batch_rows
-      if pad:
+      if rows % args.micro_batch_rows:
         from kat_jax.data.packing import pad_batch_rows  # pylint: disable=g-import-not-at-top
         batch = pad_batch_rows(batch, args.micro_batch_rows, 0)
-      # One update per batch: its own forward pass gives the proximal log-probs (no old_logp;
-      # rl.policy_step), as in the stages; off-policy, the sampled ones weight the terms.
-      behaviour = batch.pop("old_logp")
-      if k:
-        batch["behav_logp"] = behaviour
       t2 = time.perf_counter()
       state, metrics = update(state, batch)
       t3 = time.perf_counter()
@@ -278,7 +330,8 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   split = {key: float(np.mean([s[key] for s in timed]))
            for key in ("seconds", "compile_s", "rollout_wait_s", "produce_s", "generate_s",
                        "reward_wait_s", "pack_s", "update_s", "weight_push_s")}
-  return {"k": k, "workload": workload_name, "params": n_params,
+  return {"k": k, "workload": workload_name, "params": n_params, "remat": remat,
+          "update_temp_bytes": temps.get(remat),
           "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
                      "num_slots": engine.num_slots},
           "tokens_per_s_per_device": per_device,
@@ -300,6 +353,51 @@ def static_bytes(num_params: int, kv_gib: float) -> int:
   return num_params * STATIC_BYTES_PER_PARAM + int(kv_gib * 2**30)
 
 
+def step_bytes(num_params: int, kv_gib: float, update_temp: int, k: int) -> int:
+  """Bytes a step needs on its one device: the static bytes and the update's scratch, once
+  at k = 0 and twice at k >= 1. There the next batch's rollout allocates and frees beside the
+  update, and the free memory can end up in pieces while the scratch is one contiguous buffer
+  (XLA on GPU): a tree step at k = 1 stalled in the allocator asking for its 16.2 GiB scratch
+  with 24 GiB free in two pieces. So k >= 1 keeps a second scratch-sized span free."""
+  return static_bytes(num_params, kv_gib) + (2 if k else 1) * update_temp
+
+
+def choose_remat(label: str, requested: str, k: int, num_params: int, kv_gib: float,
+                 limit: int | None, update_temp: Callable[[str], int | None]
+                 ) -> tuple[str | None, str, dict[str, int]]:
+  """The update's remat policy for a run: `requested` if the step fits `limit` bytes, else
+  "full" (the least scratch: only each layer's input is kept), else None: it does not fit.
+  update_temp(policy) -> the update's scratch bytes (None: the backend does not say).
+  -> (policy or None, '' when `requested` fits or `limit` is unknown, else the arithmetic:
+  the reason for "full" or the does-not-fit error, {policy: scratch bytes measured})."""
+  if not limit:
+    return requested, "", {}
+  temps, tried = {}, []
+  for remat in dict.fromkeys((requested, "full")):
+    temps[remat] = temp = update_temp(remat)
+    if temp is None:
+      return remat, (f"{label}: the backend reports no memory analysis, the update's scratch "
+                     "is not checked"), {}
+    need = step_bytes(num_params, kv_gib, temp, k)
+    tried.append(f"remat {remat}: {static_bytes(num_params, 0) / 2**30:.1f} GiB static "
+                 f"({num_params / 1e9:.2f}B parameters x {STATIC_BYTES_PER_PARAM} bytes) + "
+                 f"{kv_gib:g} GiB KV + {'2 x ' if k else ''}{temp / 2**30:.2f} GiB update "
+                 f"scratch = {need / 2**30:.2f} GiB")
+    if need <= limit:
+      reason = "" if remat == requested else (
+          f"{label} uses remat {remat}: {tried[0]} > {limit / 2**30:.2f} GiB usable; "
+          f"{tried[-1]} fits")
+      return remat, reason, temps
+  rollout = " (k >= 1: a second scratch span for the rollout beside the update)" if k else ""
+  return None, (f"{label} does not fit: " + "; ".join(tried) +
+                f" > {limit / 2**30:.2f} GiB usable{rollout}"), temps
+
+
+def device_bytes_limit(device) -> int | None:
+  """The bytes XLA may allocate on `device` (None where the backend does not say, e.g. CPU)."""
+  return (device.memory_stats() or {}).get("bytes_limit")
+
+
 def main(argv=None) -> dict:
   args = _parse(argv)
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
@@ -319,7 +417,7 @@ def main(argv=None) -> dict:
   from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
   num_params = get_preset(args.preset).num_params()
   need = static_bytes(num_params, args.kv_gib)
-  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  limit = report["bytes_limit"] = device_bytes_limit(jax.devices()[0])
   if limit and need > limit:
     report["status"] = "does_not_fit"
     report["error"] = (f"{args.preset}: {num_params / 1e9:.2f}B parameters x "
@@ -333,11 +431,14 @@ def main(argv=None) -> dict:
   for name in args.workload:
     for k in args.k:
       print(f"{args.preset} {name} k={k}", flush=True)
-      results.append(run(args, k, name, clock))
+      results.append(run(args, k, name, clock, limit))
       write_report(args.out, report)  # kept if a later run is cut off by a time limit
   print(f"{'workload':8} {'k':>2} {'tok/s/dev':>10} {'param-tok/s':>12} {'step s':>8} "
         f"{'rollout%':>8} {'gen s':>7} {'rew s':>6} {'pack s':>7} {'upd s':>7} {'push s':>7}")
   for r in results:
+    if r.get("status") == "does_not_fit":
+      print(f"{r['workload']:8} {r['k']:>2} does not fit (error above)")
+      continue
     s = r["mean_split_s"]
     share = f"{100 * r['rollout_share_of_step']:.0f}" if r["rollout_share_of_step"] else "-"
     print(f"{r['workload']:8} {r['k']:>2} {r['tokens_per_s_per_device']:>10.0f} "

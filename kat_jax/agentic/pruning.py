@@ -144,6 +144,18 @@ def _shared_values(members: Sequence[Trajectory], entropies: Sequence[np.ndarray
   return entropy, old_logp, masks.max(axis=0)
 
 
+def _shared_run_end(seqs: list[np.ndarray], start: int) -> int:
+  """One past the last position of the run from `start` where every sequence has a token and
+  all tokens agree (they agree at `start`)."""
+  first = seqs[0]
+  end = min(len(s) for s in seqs)
+  for s in seqs[1:]:
+    differ = np.flatnonzero(s[start:end] != first[start:end])
+    if len(differ):
+      end = start + int(differ[0])
+  return end
+
+
 def compressed_trie(trajectories: Sequence[Trajectory], entropies: Sequence[np.ndarray]
                     ) -> list[Segment]:
   """Segments of the group's compressed trie; index 0.. in creation order, parents first.
@@ -165,10 +177,7 @@ def compressed_trie(trajectories: Sequence[Trajectory], entropies: Sequence[np.n
       if start < len(trajectories[k].tokens):
         by_token.setdefault(int(trajectories[k].tokens[start]), []).append(k)
     for group in by_token.values():
-      end = start + 1
-      while all(end < len(trajectories[k].tokens) for k in group) and len(
-          {int(trajectories[k].tokens[end]) for k in group}) == 1:
-        end += 1
+      end = _shared_run_end([trajectories[k].tokens for k in group], start)
       index = len(segments)
       segments.append(Segment(start, end, group, *_shared_values(
           [trajectories[k] for k in group], [entropies[k] for k in group], start, end),

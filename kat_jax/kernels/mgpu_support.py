@@ -6,11 +6,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
+
 
 def plgpu() -> Any:
   """jax.experimental.pallas.mosaic_gpu."""
   from jax.experimental.pallas import mosaic_gpu  # pylint: disable=g-import-not-at-top
   return mosaic_gpu
+
+
+def is_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x): the kernels here
+  are written for its wgmma and TMA, so newer GPUs (Blackwell's tcgen05) do not run them."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def has_interpreter() -> bool:

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kat_jax.kernels import mgpu_support
+
 BACKENDS = ("auto", "xla", "mosaic_gpu", "pallas_tpu")
 
 
@@ -97,10 +99,9 @@ def default_backend(dtype: Any = jnp.bfloat16, groups: int = 1, head_dim: int = 
   kernel made the engine's full-occupancy decode step 4.2x faster than "xla"
   (benchmarks/results/rollout_qwen2.5-1.5b_*_h100.json).
   """
-  device = jax.devices()[0]
-  if device.platform == "tpu":
+  if jax.devices()[0].platform == "tpu":
     return "pallas_tpu"
-  if device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9"):
+  if mgpu_support.is_hopper():
     from kat_jax.kernels.paged_attention_mgpu import supports  # pylint: disable=g-import-not-at-top
     if supports(dtype, groups, head_dim, page_size):
       return "mosaic_gpu"

@@ -24,8 +24,8 @@ interpreter does not run, so it could not be tested here).
 Layout [B, T, H, D] (no transposes), lse / delta [B, Hq, T] float32 base 2 (as the Triton
 kernels).  Inputs bf16 or f16 (the tensor cores' operand types), D a multiple of 64.
 
-Status: compiled and timed on an H100 with the default tiles; `backend="auto"` does not pick
-it yet (pass `backend="mgpu"`).
+Status: compiled and timed on an H100 with the default tiles (docs/tree_attention.md); the
+backward variants are tested on CPU (lowering, interpreter) but not yet compiled on a GPU.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 `kv_end=None` means plain causal attention over the row. Backends:
 - `reference`: plain JAX, any `kv_end` (kat_jax.kernels.reference);
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, plain causal rows only;
-- `tree`: the Pallas tree-attention kernel, any `kv_end`, block-sparse;
-- `tree_mgpu`: the same on Mosaic GPU (Hopper, bf16/f16; opt-in until it has passed on a GPU);
+- `tree`: the Pallas tree-attention kernel, any `kv_end`, block-sparse (its own `auto`: the
+  Mosaic GPU kernel on Hopper for bf16/f16, Triton on other GPUs, Mosaic TPU on TPU);
+- `tree_mgpu`: the Mosaic GPU kernel explicitly (Hopper, bf16/f16);
 - `auto`: `reference` on CPU; on GPU `cudnn` for causal rows and `tree` otherwise; `tree` on TPU.
 """
 

@@ -116,6 +116,16 @@ class AccumulatedPolicyUpdate:
     self.logprob_fn = jax.jit(make_logprob_fn(model_config, loss_chunk=loss_chunk,
                                               temperature=temperature))
 
+  def micro_batch_temp_bytes(self, params: Any, batch_spec: dict[str, Any]) -> int | None:
+    """Scratch bytes of one micro-batch's gradient pass beyond its inputs (the params, the
+    micro-batch) and outputs (one gradient): XLA's temp allocation, on GPU one contiguous
+    buffer per call. From the compiled program's memory analysis for `batch_spec` (name ->
+    jax.ShapeDtypeStruct [micro_batch_rows, T], the keys a real micro-batch has); None where
+    the backend reports none. The compile is cached: a call at these shapes reuses it."""
+    spec = {k: batch_spec[k] for k in POLICY_INPUTS if k in batch_spec}
+    stats = self.grad_fn.lower(params, spec).compile().memory_analysis()
+    return None if stats is None else int(stats.temp_size_in_bytes)
+
   def _apply(self, state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -143,6 +153,7 @@ class AccumulatedPolicyUpdate:
         chunk["ref_logp"] = self.logprob_fn(self.ref_params, chunk)
       (loss, metrics), g = self.grad_fn(state.params, chunk)
       grads = g if grads is None else self.add(grads, g)
+      del g  # else it lives on beside the next micro-batch's: three gradient copies, not two
       chunk_active = float(np.sum(chunk["kl_weight"] > 0))
       for key, value in {**metrics, "loss": loss}.items():
         if key in TOKEN_MEANS:

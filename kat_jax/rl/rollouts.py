@@ -79,7 +79,7 @@ def _policy_rows(manager: TrajectoryManager, keys: list[int], advantages,
   log-probs. advantages: per group, per sample, [response] per-token arrays.
 
   pack "tree": a group's samples are one prefix tree (the prompt once), trees packed
-  first-fit into rows as long as the largest; "unrolled": one row per sample.
+  first fit, largest first, into rows as long as the largest; "unrolled": one row per sample.
   """
   trajectories = []
   for key, advs in zip(keys, advantages):

@@ -36,6 +36,23 @@ def test_compressed_trie_segments():
   assert sum(s.num_tokens for s in segs) == build_trees([trajs], ObjectiveConfig())[0].num_nodes
 
 
+def test_random_compressed_tries_have_maximal_shared_runs_and_the_prefix_trees_size():
+  rng = np.random.default_rng(1)
+  for _ in range(200):
+    base = list(rng.integers(0, 3, rng.integers(1, 4)))
+    # Few symbols and short tails: long shared runs, and trajectories that are prefixes of others.
+    trajs = [Trajectory(tokens, [0] * len(base) + [1] * (len(tokens) - len(base)), 1.0)
+             for tokens in (base + list(rng.integers(0, 2, rng.integers(0, 6)))
+                            for _ in range(5))]
+    segs = compressed_trie(trajs, [np.zeros(len(t.tokens)) for t in trajs])
+    for seg in segs:
+      runs = [np.asarray(trajs[k].tokens[seg.start:seg.end]) for k in seg.members]
+      assert all(len(r) == seg.end - seg.start and (r == runs[0]).all() for r in runs)
+      at_end = [trajs[k].tokens[seg.end] for k in seg.members if seg.end < len(trajs[k].tokens)]
+      assert len(at_end) < len(seg.members) or len(set(at_end)) > 1, "run not maximal"
+    assert sum(s.num_tokens for s in segs) == build_trees([trajs], ObjectiveConfig())[0].num_nodes
+
+
 def test_shared_segment_takes_values_from_a_member_that_trains_the_token():
   # token 2 is prefilled in the first trajectory (mask 0, entropy 0), sampled in the second
   trajs = [Trajectory([1, 2, 3], [0, 0, 1], 1.0, [0, 0, -0.5]),

@@ -6,6 +6,8 @@ finite-everywhere checks below also prove that every output element was written.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,9 @@ from kat_jax.kernels import visibility_mask
 from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.testing import packed_kv_end, random_tree_kv_end, relative_error
 from kat_jax.testing import subtree_ends_before_tile_end_kv_end
+
+# The module (the package exports its function under the same name).
+tree_attention_module = importlib.import_module("kat_jax.kernels.tree_attention")
 
 _HAS_GPU = jax.default_backend() == "gpu"
 
@@ -167,7 +172,7 @@ def test_gpu_compiled_random_tree(dtype, tol, head_dim):
   kv_end = jnp.asarray(np.stack([random_tree_kv_end(rng, length, 200),
                                  packed_kv_end([300, 500, 200])]))
   q, k, v, d_out = _inputs(5, 2, length, 8, 4, head_dim, dtype)
-  _check_against_reference(q, k, v, d_out, kv_end, tol)
+  _check_against_reference(q, k, v, d_out, kv_end, tol, backend="gpu")
 
 
 @pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [(jnp.bfloat16, 128, 2),
@@ -187,3 +192,36 @@ def test_gpu_kernels_lower_to_triton_on_cpu(dtype, head_dim, num_kv_heads):
   exported = export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=[triton])(
       spec(q_shape), spec(kv_shape), spec(kv_shape), spec((1, 1000), jnp.int32), spec(q_shape))
   assert exported.mlir_module().count("xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+class _FakeDevice:
+  def __init__(self, platform, compute_capability=""):
+    self.platform, self.compute_capability = platform, compute_capability
+
+
+@pytest.mark.parametrize("platform, capability, dtype, head_dim, want", [
+    ("gpu", "9.0", jnp.bfloat16, 128, "mgpu"),   # an H100 / H200
+    ("gpu", "9.0", jnp.float16, 64, "mgpu"),
+    ("gpu", "9.0", jnp.float32, 128, "gpu"),     # the Mosaic GPU kernel is bf16/f16 only
+    ("gpu", "9.0", jnp.bfloat16, 32, "gpu"),     # head dims must tile 64
+    ("gpu", "8.0", jnp.bfloat16, 128, "gpu"),    # an A100: no wgmma
+    ("gpu", "10.0", jnp.bfloat16, 128, "gpu"),   # Blackwell: tcgen05, not wgmma
+    ("tpu", "", jnp.bfloat16, 128, "tpu"),
+])
+def test_auto_backend_is_mosaic_gpu_only_for_hopper_and_the_inputs_it_takes(
+    monkeypatch, platform, capability, dtype, head_dim, want):
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(platform, capability)])
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  assert tree_attention_module.default_backend(dtype, head_dim) == want
+
+
+@pytest.mark.parametrize("tiles, want", [({}, "mgpu"), ({"block_q": 64, "block_k": 64}, "gpu")])
+def test_auto_on_hopper_keeps_caller_tiles_on_the_triton_kernel(monkeypatch, tiles, want):
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice("gpu", "9.0")])
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  seen = []
+  monkeypatch.setattr(tree_attention_module, "_tree_attention",
+                      lambda q, k, v, kv_end, cfg: seen.append(cfg.backend) or q)
+  q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  tree_attention(q, q, q, causal_kv_end(1, 64), **tiles)
+  assert seen == [want]

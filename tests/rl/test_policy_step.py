@@ -73,3 +73,58 @@ def test_a_batch_without_old_logprobs_is_centred_on_the_weights_being_differenti
   assert abs(float(metrics_a["is_weight_mean"]) - 1.0) > 1e-3  # the weights act here
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def _accumulated_update(rows: int):
+  from kat_jax.rl.policy_step import AccumulatedPolicyUpdate  # pylint: disable=g-import-not-at-top
+  config = get_preset("tiny", num_layers=1)
+  optimizer = optax.adamw(1e-3)
+  state = create_train_state(init_params(config, jax.random.key(0)), optimizer)
+  update = AccumulatedPolicyUpdate(config, optimizer, ObjectiveConfig(), rows, loss_chunk=64)
+  return config, state, update
+
+
+def test_accumulated_update_holds_two_gradients_while_computing_the_next_micro_batch():
+  """While micro-batch i's gradient is computed, the live copies of a parameter's shape are
+  the weights, AdamW's two moments and the running sum; micro-batch i-1's own gradient is
+  gone (one more would be a whole f32 copy of the model: 5.75 GiB at qwen2.5-1.5b)."""
+  config, state, update = _accumulated_update(rows=1)
+  shape = (config.vocab_size, config.hidden_size)  # the (tied) embedding: one leaf per copy
+  live = []
+  grad_fn = update.grad_fn
+
+  def counting(params, chunk):
+    live.append(sum(a.shape == shape for a in jax.live_arrays()))
+    return grad_fn(params, chunk)
+
+  update.grad_fn = counting
+  batch = _batch(ObjectiveConfig())  # 4 rows: 4 micro-batches of 1
+  batch.pop("old_logp")
+  update(state, batch)
+  # weights, mu, nu; from the second micro-batch on also the running sum, nothing more
+  assert live == [3, 4, 4, 4]
+
+
+def test_micro_batch_temp_bytes_grows_with_the_row_and_its_compile_serves_the_update():
+  _, state, update = _accumulated_update(rows=2)
+  batch = _batch(ObjectiveConfig())
+  batch.pop("old_logp")
+
+  def spec(length):
+    return {k: jax.ShapeDtypeStruct((2, length), v.dtype) for k, v in batch.items()}
+
+  short, long = (update.micro_batch_temp_bytes(state.params, spec(n)) for n in (16, 256))
+  assert 0 < short < long
+  compiles = []
+
+  def listen(event, _, **kw):
+    if event.endswith("backend_compile_duration"):
+      compiles.append(kw.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    update(state, batch)  # [4, 16]: two micro-batches of the shape measured above
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles and all(compiles)  # each compile names its function
+  assert "jit(loss_fn)" not in compiles  # add / apply compiled, the gradient pass reused

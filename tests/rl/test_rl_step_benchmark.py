@@ -49,3 +49,86 @@ def test_rl_step_reports_does_not_fit_when_the_static_state_exceeds_device_memor
   # qwen2.5-7b's weights, AdamW moments and gradients alone exceed one H200's 141 GB.
   from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
   assert bench.static_bytes(get_preset("qwen2.5-7b").num_params(), 0) > 141e9
+
+
+def test_the_fit_check_counts_the_update_scratch_twice_at_k1_and_falls_back_to_remat_full():
+  bench = benchmark_module("rl_step")
+  params, kv_gib, limit = 10**7, 0.25, 2**30
+  temps = {"dots_no_batch": 300 * 2**20, "full": 50 * 2**20}
+  static = params * 22 + 2**28
+  assert bench.step_bytes(params, kv_gib, temps["full"], 0) == static + 50 * 2**20
+  assert bench.step_bytes(params, kv_gib, temps["full"], 1) == static + 2 * 50 * 2**20
+  assert bench.step_bytes(params, kv_gib, temps["full"], 3) == static + 2 * 50 * 2**20
+  measured = []
+
+  def update_temp(policy):
+    measured.append(policy)
+    return temps[policy]
+
+  # k = 0: 0.20 + 0.25 + 0.29 = 0.75 GiB fits 1 GiB; k = 1: 0.20 + 0.25 + 2 x 0.29 > 1 GiB.
+  assert bench.choose_remat("x k=0", "dots_no_batch", 0, params, kv_gib, limit,
+                            update_temp) == ("dots_no_batch", "", {"dots_no_batch": temps[
+                                "dots_no_batch"]})
+  remat, line, seen = bench.choose_remat("x k=1", "dots_no_batch", 1, params, kv_gib, limit,
+                                         update_temp)
+  assert (remat, seen) == ("full", temps)
+  assert line == ("x k=1 uses remat full: remat dots_no_batch: 0.2 GiB static (0.01B "
+                  "parameters x 22 bytes) + 0.25 GiB KV + 2 x 0.29 GiB update scratch = 1.04 "
+                  "GiB > 1.00 GiB usable; remat full: 0.2 GiB static (0.01B parameters x 22 "
+                  "bytes) + 0.25 GiB KV + 2 x 0.05 GiB update scratch = 0.55 GiB fits")
+  # Not even remat full fits half a GiB: does not fit, with both policies' arithmetic.
+  remat, line, _ = bench.choose_remat("x k=1", "dots_no_batch", 1, params, kv_gib, 2**29,
+                                      update_temp)
+  assert remat is None and line.startswith("x k=1 does not fit: remat dots_no_batch: ")
+  assert "; remat full: " in line and line.endswith(
+      "= 0.55 GiB > 0.50 GiB usable (k >= 1: a second scratch span for the rollout beside the "
+      "update)")
+  # A backend without memory analysis: the requested policy, said to be unchecked.
+  assert bench.choose_remat("x", "dots_no_batch", 1, params, kv_gib, limit, lambda _: None) == (
+      "dots_no_batch", "x: the backend reports no memory analysis, the update's scratch is not "
+      "checked", {})
+  # Unknown device memory (CPU): the requested policy, nothing compiled.
+  measured.clear()
+  assert bench.choose_remat("x", "dots_no_batch", 1, params, kv_gib, None,
+                            update_temp) == ("dots_no_batch", "", {})
+  assert not measured
+
+
+def test_rl_step_k1_reports_does_not_fit_with_the_update_scratch_before_rolling_out(capsys):
+  """The tiny tree step on a device with room for the static bytes only: k = 1 measures the
+  update's scratch under the requested remat and "full", and stops with the arithmetic
+  before the engine allocates its pool."""
+  bench = benchmark_module("rl_step")
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  args = bench._parse(["--tiny", "--steps", "0"])  # pylint: disable=protected-access
+  clock = benchmark_module("rollout").CompileClock(__import__("jax"))
+  static = bench.static_bytes(get_preset("tiny", num_layers=1).num_params(), args.kv_gib)
+  result = bench.run(args, 1, "tree", clock, static + 1)
+  temps = result["update_temp_bytes"]
+  assert result["status"] == "does_not_fit" and "steps" not in result
+  assert set(temps) == {"none", "full"} and min(temps.values()) > 0
+  printed = capsys.readouterr().out
+  assert printed.startswith("error: benchmarks/rl_step.py: tiny tree k=1 (rows of 1024 tokens) "
+                            "does not fit: remat none: ")
+  assert printed.rstrip().endswith("(k >= 1: a second scratch span for the rollout beside "
+                                   "the update)") and "tree k=1 step" not in printed
+
+
+def test_the_planned_row_length_is_the_largest_tree_of_the_draw_measured_on_the_h100():
+  """tree_sizes, known before sampling, against the tree tokens of the H100 runs' batches: an
+  upper bound, exact but for the grpo batch, where two samples drew the same first token."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  bench = benchmark_module("rl_step")
+  args = bench._parse([])  # pylint: disable=protected-access
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  prompts, lengths = benchmark_module("rollout").workload(
+      args, get_preset("qwen2.5-1.5b").vocab_size)
+  folder = os.path.join(os.path.dirname(bench.__file__), "results")
+  for name in ("grpo", "tree"):
+    with open(os.path.join(folder, f"rl_step_qwen2.5-1.5b_{name}_h100.json"),
+              encoding="utf-8") as f:
+      step = json.load(f)["results"][0]["steps"][0]
+    sizes = bench.tree_sizes(args, name, prompts, lengths)
+    assert int(sizes.sum()) - step["tree_tokens"] == (1 if name == "grpo" else 0)
+    assert -(-int(sizes.max()) // 1024) * 1024 == step["seq_len"]

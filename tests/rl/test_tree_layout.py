@@ -81,9 +81,9 @@ def _reference_layout(roots: dict) -> dict[str, np.ndarray]:
 
 
 def _reference_pack(layouts, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """First fit in order; each tree copied key by key into its row."""
+  """First fit, largest tree first (ties in order); each tree copied key by key into its row."""
   rows, used = [], []
-  for layout in layouts:
+  for layout in sorted(layouts, key=lambda layout: -len(layout["tokens"])):
     size = len(layout["tokens"])
     for r, u in enumerate(used):
       if u + size <= seq_len:
@@ -273,3 +273,12 @@ def test_pack_trees_rejects_a_tree_longer_than_seq_len():
                       ObjectiveConfig())
   with pytest.raises(ValueError, match="a tree of 4 tokens does not fit seq_len 3"):
     pack_trees(trees, 3, 0)
+
+
+def test_pack_trees_places_the_largest_tree_first_and_so_fills_fewer_rows():
+  # Trees of 4, 7, 3 and 6 tokens in rows of 10: in arrival order first fit needs 3 rows
+  # ([4, 3], [7], [6]); largest first needs 2 ([7, 3], [6, 4]).
+  groups = [[Trajectory(list(range(1, n + 1)), [0] + [1] * (n - 1), 1.0)] for n in (4, 7, 3, 6)]
+  batch = pack_trees(build_trees(groups, ObjectiveConfig()), 10, 0)
+  assert batch["tokens"].shape == (2, 10)
+  np.testing.assert_array_equal(batch["segment_ids"], [[1] * 7 + [2] * 3, [1] * 6 + [2] * 4])
