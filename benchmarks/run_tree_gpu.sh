@@ -14,9 +14,9 @@
 #   unrolled   benchmarks/tree_vs_unrolled.py --high-sharing at qwen2.5-1.5b (target: update
 #              speed-up >= 0.85x the token ratio)
 #   compiled   the kernel's compiled pytest cases (KAT_TEST_GPU=1 ... -k compiled)
-#   sweep      tiles of tree_mgpu, one compilation each: forward (fwd ms), then backward
-#              dq/dkdv pairs (fwd+bwd ms, bwd ms, grads vs the default pair's); one call alone
-#              (STAGES=sweep)
+#   sweep      tiles of tree_mgpu, one compilation each, each checked against the default's
+#              results: dq/dkdv pairs (fwd+bwd ms, bwd ms), then forward tiles (fwd ms, the
+#              ping-pong forward last); one call on its own (STAGES=sweep)
 # Variables: STAGES, BUDGET_S (default 570: seconds for the whole script).
 # Writes under $OUT: run.log and the stages' JSON files.
 set -uo pipefail
@@ -44,13 +44,15 @@ run unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen
   --out "$out/tree_vs_unrolled_high_sharing.json"
 run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_tree_attention_mgpu.py tests/kernels/test_tree_attention.py -k compiled
-# Forward tiles: the one-warpgroup forward, 3 stages. Backward (dq/dkdv) tiles: the default
-# first (the others' yardstick), then warp-specialised dQ alone and dK/dV alone (2 consumer
-# warpgroups + a producer; the kernels run one after the other, so their gains add), both with
-# 3 stages, with 128-key dQ tiles; then one warpgroup with 128-wide partner tiles, 3 stages.
+# Each list's first config is the default, the others' yardstick (timing and outputs). The
+# backward sweep runs first: warp-specialised dQ alone and dK/dV alone (2 consumer warpgroups
+# + a producer; the kernels run one after the other, so their gains add), both with 3 stages,
+# with 128-key dQ tiles; one warpgroup with 128-wide partner tiles; 3 stages. Then forward
+# tiles (bq,bk,0,stages[,ping_pong]): one warpgroup, 3 stages, and last the consumers'
+# ping-pong schedule barrier (never run on a GPU yet: if it hangs, only it is lost).
 run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers \
-  --causal-lengths "" --backends mgpu --name tree_attention_mgpu_sweep.json \
-  --sweep-fwd 64,128,0,2 128,128,0,3 --sweep-bwd \
+  --causal-lengths "" --backends mgpu --name tree_attention_mgpu_sweep.json --sweep-bwd \
   64,64,0,2/64,64,0,2 128,64,0,2/64,64,0,2 64,64,0,2/64,128,0,2 128,64,0,3/64,128,0,3 \
-  128,128,0,2/64,128,0,2 64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3
+  128,128,0,2/64,128,0,2 64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3 \
+  --sweep-fwd 128,128,0,2 64,128,0,2 128,128,0,3 128,128,0,2,1
 echo "done in $((SECONDS - start)) s"

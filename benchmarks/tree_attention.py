@@ -174,17 +174,16 @@ def bench_attention(attend, q, k, v, do) -> tuple[float, float]:
   return median_ms_jax(jax.jit(attend), q, k, v), median_ms_jax(fwd_bwd, q, k, v, do)
 
 
-def sweep_bwd_config(attend, q, k, v, do, first_grads) -> dict:
-  """fwd+bwd ms of attend(q, k, v) (one compilation) and its grads; with `first_grads`, also
-  the largest relative error of dq/dk/dv against them (a tile variant must not change the
-  result)."""
-  fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
-  grads = fwd_bwd(q, k, v, do)
-  result = dict(fwd_bwd_ms=median_ms_jax(fwd_bwd, q, k, v, do), grads=grads,
-                finite=bool(all(jnp.all(jnp.isfinite(g)) for g in grads)))
-  if first_grads is not None:
-    result["grads_vs_first_config"] = max(
-        relative_error(g, f) for g, f in zip(grads, first_grads))
+def sweep_config(fn, args, first_outputs) -> dict:
+  """ms of jax.jit(fn)(*args) (one compilation) and its outputs; with `first_outputs` (those
+  of the sweep's first config), also the largest relative error against them: a tile variant
+  must not change the result."""
+  jitted = jax.jit(fn)
+  outputs = jax.tree.leaves(jitted(*args))
+  result = dict(ms=median_ms_jax(jitted, *args), outputs=outputs,
+                finite=bool(all(jnp.all(jnp.isfinite(x)) for x in outputs)))
+  if first_outputs is not None:
+    result["vs_first_config"] = max(relative_error(x, f) for x, f in zip(outputs, first_outputs))
   return result
 
 
@@ -306,9 +305,10 @@ def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] 
 
 
 def parse_tiles(text: str) -> KernelTiles:
-  """'bq,bk,warps,stages' -> KernelTiles (warps 0 = default; unused by 'mgpu')."""
-  bq, bk, warps, stages = (int(x) for x in text.split(","))
-  return KernelTiles(bq, bk, warps or None, stages)
+  """'bq,bk,warps,stages[,ping_pong]' -> KernelTiles (warps 0 = default; unused by 'mgpu';
+  ping_pong 1: the Mosaic GPU warp-specialised forward's schedule barrier)."""
+  bq, bk, warps, stages, *ping_pong = (int(x) for x in text.split(","))
+  return KernelTiles(bq, bk, warps or None, stages, bool(ping_pong and ping_pong[0]))
 
 
 def parse_args(argv=None):
@@ -320,12 +320,13 @@ def parse_args(argv=None):
   parser.add_argument("--dq", default="64,64,4,2")
   parser.add_argument("--dkdv", default="64,64,4,2")
   parser.add_argument("--mgpu-fwd", default="128,128,0,2",
-                      help="Mosaic GPU bq,bk,0,stages (bq 128: warp-specialised, 64: one "
-                      "warpgroup)")
+                      help="Mosaic GPU bq,bk,0,stages[,ping_pong] (bq 128: warp-specialised, "
+                      "64: one warpgroup)")
   parser.add_argument("--mgpu-dq", default="64,64,0,2")
   parser.add_argument("--mgpu-dkdv", default="64,64,0,2")
   parser.add_argument("--sweep-fwd", nargs="*", default=[],
-                      help="extra fwd tiles to time (first backend)")
+                      help="fwd tiles to time (first backend), each checked against the first "
+                      "one's output (list the default first)")
   parser.add_argument("--sweep-bwd", nargs="*", default=[],
                       help="'dq_tiles/dkdv_tiles' pairs to time in fwd+bwd (first backend), "
                       "each checked against the first pair's grads (list the default first)")
@@ -419,32 +420,33 @@ def main(argv=None) -> dict:
       times[f"tree_{backend}"] = result
     log(f"tree kernel ({backend}): {result}")
     save(f"tree_{backend}")
+  # Sweeps: each config against the first of its list (list the default first). Backward
+  # first: a forward variant that hangs on the GPU then costs only the configs after it.
   record["sweep"] = sweep = []
   first = backends[0] if backends else "gpu"
-  for text in args.sweep_fwd:
-    t = {first: Tuning(parse_tiles(text), tunings[first].dq, tunings[first].dkdv)}
-    sweep.append(dict(backend=first, fwd=text, fwd_ms=attempt(
-        lambda t=t: median_ms_jax(jax.jit(tree_fn(kv_end, first, t, interpret)), q, k, v))))
-    log(f"sweep {sweep[-1]}")
-    save(f"sweep_fwd {text}")
-  first_grads = None  # the first --sweep-bwd config's (dq, dk, dv): the others' yardstick
-  for text in args.sweep_bwd:
-    dq_text, dkdv_text = text.split("/")
-    t = {first: Tuning(tunings[first].fwd, parse_tiles(dq_text), parse_tiles(dkdv_text))}
-    entry = dict(backend=first, dq=dq_text, dkdv=dkdv_text)
-    result = attempt(sweep_bwd_config, tree_fn(kv_end, first, t, interpret), q, k, v, do,
-                     first_grads)
-    if "error" in result:
-      entry.update(result)
+  base = tunings[first]
+  configs = [("fwd_bwd", text, base._replace(dq=parse_tiles(text.split("/")[0]),
+                                             dkdv=parse_tiles(text.split("/")[1])))
+             for text in args.sweep_bwd]
+  configs += [("fwd", text, base._replace(fwd=parse_tiles(text))) for text in args.sweep_fwd]
+  first_outputs = {}
+  for kind, text, tuning in configs:
+    attend = tree_fn(kv_end, first, {first: tuning}, interpret)
+    if kind == "fwd":
+      fn, inputs, entry = attend, (q, k, v), dict(fwd=text)
     else:
-      grads = result.pop("grads")
-      first_grads = grads if first_grads is None else first_grads
-      entry.update(result)
-      if f"tree_{first}" in times:  # the same forward tiles as the main measurement
+      fn = lambda q, k, v, do, attend=attend: jax.vjp(attend, q, k, v)[1](do)
+      inputs, entry = (q, k, v, do), dict(zip(("dq", "dkdv"), text.split("/")))
+    entry = dict(backend=first, **entry, **attempt(sweep_config, fn, inputs,
+                                                   first_outputs.get(kind)))
+    if "outputs" in entry:
+      first_outputs.setdefault(kind, entry.pop("outputs"))
+      entry[f"{kind}_ms"] = entry.pop("ms")
+      if kind == "fwd_bwd" and f"tree_{first}" in times:  # same forward as the main timing
         entry["bwd_ms"] = entry["fwd_bwd_ms"] - times[f"tree_{first}"][0]
     sweep.append(entry)
     log(f"sweep {entry}")
-    save(f"sweep_bwd {text}")
+    save(f"sweep {len(sweep)}/{len(configs)}")
 
   if on_gpu and not args.skip_peers:
     unrolled = [jnp.take(x[0], jnp.asarray(paths), axis=0) for x in (q, k, v, do)]

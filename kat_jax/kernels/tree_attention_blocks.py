@@ -16,11 +16,14 @@ LOG2E = math.log2(math.e)
 
 
 class KernelTiles(NamedTuple):
-  """Tile sizes (powers of two >= 16) and Triton launch parameters of one kernel."""
+  """Tile sizes (powers of two >= 16) and GPU launch parameters of one kernel."""
   block_q: int = 128
   block_k: int = 128
   num_warps: int | None = None  # GPU only; default 4 (D <= 64) or 8
   num_stages: int | None = None  # GPU only; default 2
+  # Mosaic GPU's warp-specialised forward only: FlashAttention-3's ping-pong schedule barrier
+  # (one consumer's softmax overlaps the other's matmuls).
+  ping_pong: bool = False
 
 
 class Tuning(NamedTuple):

@@ -75,6 +75,11 @@ def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
                      "dkdv.block_q": tuning.dkdv.block_q}.items():
     if size % 64:
       raise ValueError(f"backend 'mgpu' needs {name} a multiple of 64, got {size}")
+  if tuning.dq.ping_pong or tuning.dkdv.ping_pong:
+    raise ValueError("backend 'mgpu' has ping_pong for the forward only (fwd.ping_pong)")
+  if tuning.fwd.ping_pong and tuning.fwd.block_q != 2 * ROWS:
+    raise ValueError(f"backend 'mgpu' needs fwd.block_q = {2 * ROWS} (two consumer "
+                     f"warpgroups) for fwd.ping_pong, got {tuning.fwd.block_q}")
 
 
 class _Ops:
@@ -107,19 +112,24 @@ class _Ops:
     reduced = 1 if along_rows else 0
     return self.plgpu.load(ref, (), layout=self.plgpu.Layout.WGMMA.reduce(reduced))
 
-  def mma(self, a, b, n: int, *, transpose_b: bool, acc=None):
+  def mma(self, a, b, n: int, *, transpose_b: bool, acc=None, while_running=None):
     """acc + a @ b (or a @ b.T) float32 [ROWS, n]; a [ROWS, K] in smem or registers, b in
-    smem.  Returning waits for the MMA, so b's buffer may be refilled afterwards."""
+    smem.  Returning waits for the MMA, so b's buffer may be refilled afterwards;
+    `while_running()` (acc None only) runs between issuing the MMA and waiting for it."""
     plgpu = self.plgpu
     if self.interpret:
       a = a if isinstance(a, jax.Array) else a[...]
       b = b[...].T if transpose_b else b[...]
       out = jnp.dot(a, b, preferred_element_type=jnp.float32)
+      if while_running is not None:
+        while_running()
       return out if acc is None else acc + out
     b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
     if acc is None:
       def product(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
+        if while_running is not None:
+          while_running()
         return acc_ref[...]
       return pl.run_scoped(product, plgpu.ACC((ROWS, n), jnp.float32))
 
@@ -294,11 +304,13 @@ def _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start, bl
 
 
 def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, groups,
-                block_k, stages, consumers, interpret):
+                block_k, stages, consumers, ping_pong, interpret):
   """Program (query block of consumers x 64 rows, q head, row[, wg]): online softmax over the
   block's visible key blocks, one 64-row half per consumer warpgroup.  The visit list is the
   whole block's; each consumer masks partial tiles with its own rows (a tile full for the
-  block is full for every part of it).
+  block is full for every part of it), so both consumers run the same steps.  ping_pong:
+  FlashAttention-3's schedule barrier between the two consumers, so that one's softmax runs
+  while the other's QK^T / PV use the tensor cores.
 
   meta_ref [B, nq, 2 + nk] visit lists, kv_end_ref [B, T], q/k/v [B, T, H, D];
   writes o_ref [B, T, Hq, D] and lse_ref [B, Hq, T] (base 2, +inf for rows that see nothing).
@@ -313,9 +325,13 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
   tile = (ROWS, block_k)
 
   def body(qo_smem2, k_smem, v_smem, end_smem, lse_smem2, q_bar, k_bar, v_bar, k_free,
-           v_free):
+           v_free, turn_bar):
     copy_k, copy_v = _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start,
                                        block_k, (k_smem, end_smem, k_bar), (v_smem, v_bar))
+
+    def turn():  # both consumers arrive; each waits for the other's matching arrival
+      plgpu.barrier_arrive(turn_bar)
+      plgpu.barrier_wait(turn_bar)
 
     def consume(prologue, release_k, release_v):
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
@@ -323,26 +339,36 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, ROWS), h], qo_smem, q_bar.at[wg])
       prologue()
       plgpu.barrier_wait(q_bar.at[wg])
+      if ping_pong:
+        pl.when(wg == 1)(turn)  # consumer 0 goes first
 
       def step(j, carry, masked):
         acc, m, l = carry
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(k_bar.at[slot])
-        s = ops.mma(qo_smem, k_smem.at[slot], block_k, transpose_b=True) * logit_scale
+        s = ops.mma(qo_smem, k_smem.at[slot], block_k, transpose_b=True,
+                    while_running=turn if ping_pong else None) * logit_scale
         if masked:
           key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
           s = jnp.where(_visible(ops, q_start, key_start(j), key_ends, tile), s, -jnp.inf)
         release_k(j, slot)  # K and its kv_end slice are read
         p, alpha, m_next, l = _online_softmax(s, m, l, masked)
+        acc, p = acc * _col(alpha, (ROWS, head_dim)), p.astype(dtype)
+        if ping_pong:  # the softmax is done before this consumer gives up its turn
+          acc, p, m_next, l = lax.optimization_barrier((acc, p, m_next, l))
+          plgpu.barrier_arrive(turn_bar)
         plgpu.barrier_wait(v_bar.at[slot])
-        acc = ops.mma(p.astype(dtype), v_smem.at[slot], head_dim, transpose_b=False,
-                      acc=acc * _col(alpha, (ROWS, head_dim)))
+        if ping_pong:  # the other consumer's matmuls are issued: the tensor cores are free
+          plgpu.barrier_wait(turn_bar)
+        acc = ops.mma(p, v_smem.at[slot], head_dim, transpose_b=False, acc=acc)
         release_v(j, slot)
         return acc, m_next, l
 
       carry = (ops.zeros((ROWS, head_dim)), ops.row_stat(-jnp.inf), ops.row_stat(0.0))
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       acc, m, l = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
+      if ping_pong:
+        pl.when(wg == 0)(turn)  # as many turns as consumer 1
       qo_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)  # q's buffer is free now
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
@@ -358,7 +384,8 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
       body, _smem_tiles(plgpu, (consumers, ROWS, head_dim), dtype), kv_buffer, kv_buffer,
       plgpu.SMEM((stages, block_k), jnp.int32), plgpu.SMEM((consumers, ROWS), jnp.float32),
       plgpu.Barrier(num_barriers=consumers), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages), released, released, **_collective(consumers))
+      plgpu.Barrier(num_barriers=stages), released, released,
+      plgpu.Barrier(num_arrivals=consumers), **_collective(consumers))
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: KernelConfig
@@ -371,7 +398,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: Ke
   consumers = tiles.block_q // ROWS
   kernel = functools.partial(
       _fwd_kernel, scale=scale, groups=num_q_heads // k.shape[2], block_k=tiles.block_k,
-      stages=tiles.num_stages or 2, consumers=consumers, interpret=interpret)
+      stages=tiles.num_stages or 2, consumers=consumers, ping_pong=tiles.ping_pong,
+      interpret=interpret)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, num_q_heads, length), jnp.float32))
   meta = visit_lists(tile_classes(kv_end, tiles.block_q, tiles.block_k))

@@ -5,11 +5,11 @@ import json
 from kat_jax.testing import benchmark_module
 
 
-def test_tiny_run_times_triton_and_a_bwd_tile_sweep_and_marks_gpu_only_methods_skipped(tmp_path):
+def test_tiny_run_times_triton_and_tile_sweeps_and_marks_gpu_only_methods_skipped(tmp_path):
   bench = benchmark_module("tree_attention")
   record = bench.main(["--tiny", "--skip-checks", "--backends", "gpu", "--out", str(tmp_path),
                        "--name", "tiny.json", "--sweep-bwd", "64,64,4,2/64,64,4,2",
-                       "32,64,4,2/64,32,4,2"])
+                       "32,64,4,2/64,32,4,2", "--sweep-fwd", "128,128,4,2", "64,32,4,2"])
   assert json.loads((tmp_path / "tiny.json").read_text()) == json.loads(json.dumps(record))
   assert record["completed"] == "all"  # the last of its incremental saves
   assert record["interpreted"] and record["workload"]["tokens"] == 224
@@ -19,10 +19,12 @@ def test_tiny_run_times_triton_and_a_bwd_tile_sweep_and_marks_gpu_only_methods_s
                                     "stock_attention_mgpu_unrolled"}
   rate = record["fwd_rates"]["tree_gpu"]
   assert rate["mfu_vs_peak"] == rate["tflops"] / 989.0
-  first, second = record["sweep"]
-  assert (second["dq"], second["dkdv"]) == ("32,64,4,2", "64,32,4,2")
-  assert first["fwd_bwd_ms"] > 0 and second["fwd_bwd_ms"] > 0
-  assert "grads_vs_first_config" not in first and second["grads_vs_first_config"] < 1e-2
+  first, second, first_fwd, second_fwd = record["sweep"]  # backward configs come first
+  assert (second["dq"], second["dkdv"], second_fwd["fwd"]) == ("32,64,4,2", "64,32,4,2",
+                                                               "64,32,4,2")
+  assert first["fwd_bwd_ms"] > 0 and second["fwd_bwd_ms"] > 0 and second_fwd["fwd_ms"] > 0
+  assert "vs_first_config" not in first and "vs_first_config" not in first_fwd
+  assert second["vs_first_config"] < 1e-2 and second_fwd["vs_first_config"] < 1e-2
   assert second["bwd_ms"] == second["fwd_bwd_ms"] - record["times_ms"]["tree_gpu"]["fwd"]
   causal = record["causal_rows"]["128"]
   assert causal["tree_gpu"]["fwd"]["ms"] > 0 and "skipped" in causal["cudnn"]

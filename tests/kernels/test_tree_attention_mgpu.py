@@ -62,6 +62,11 @@ def _check(q, k, v, d_out, kv_end, tol, **kwargs):
     assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
 
 
+_SLOW = pytest.mark.skipif(
+    not os.environ.get("KAT_TEST_SLOW"), reason="slow (~15 s a case): the interpreter runs 3 "
+    "warpgroups one by one; one such case runs by default; run with KAT_TEST_SLOW=1")
+
+
 _FWD_ONE_WARPGROUP = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(64, 128, None, 2))
 # Backward variants (dq tiles, dkdv tiles) beside the default 64x64 / 64x64, 2 stages:
 # wider partner tiles on one warpgroup; 128-row blocks = two consumer warpgroups + a producer.
@@ -100,13 +105,15 @@ def _lowers_for_cuda(head_dim: int, num_kv_heads: int, tuning) -> str:
 _KERNEL_NAMES = ("tree_attention_fwd_mgpu", "tree_attention_dq_mgpu", "tree_attention_dkdv_mgpu")
 
 
-@pytest.mark.parametrize("head_dim, num_kv_heads, fwd_block_q", [
-    (64, 32, 64), (128, 32, 64), (128, 8, 64), (128, 8, 128)])
+@pytest.mark.parametrize("head_dim, num_kv_heads, fwd_block_q, ping_pong", [
+    (64, 32, 64, False), (128, 32, 64, False), (128, 8, 64, False), (128, 8, 128, False),
+    (128, 32, 128, True), (64, 8, 128, True)])
 def test_mgpu_fwd_and_bwd_lower_for_cuda_at_the_anchor_shape(head_dim, num_kv_heads,
-                                                             fwd_block_q):
+                                                             fwd_block_q, ping_pong):
   """GQA 4:1 too; fwd_block_q 128 is the warp-specialised forward (two consumer warpgroups +
-  a producer)."""
-  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
+  a producer), with or without the consumers' ping-pong schedule barrier."""
+  tuning = DEFAULT_TUNING_MGPU._replace(
+      fwd=KernelTiles(fwd_block_q, 128, None, 2, ping_pong))
   module = _lowers_for_cuda(head_dim, num_kv_heads, tuning)
   for name in _KERNEL_NAMES:
     assert name in module, name
@@ -143,24 +150,22 @@ def test_mgpu_interpreted_one_warpgroup_backward_variants_match_reference(
   _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=_bwd_variant(variant))
 
 
-@pytest.mark.skipif(not has_interpreter() or not os.environ.get("KAT_TEST_SLOW"),
-                    reason="slow (~30 s): Mosaic GPU's interpreter runs the 3 warpgroups one "
-                    "by one; run with KAT_TEST_SLOW=1 (lowering is tested above)")
-def test_mgpu_warp_specialized_forward_interpreted_matches_reference():
+@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
+                    "(jax._src.pallas.mosaic_gpu.interpret)")
+@pytest.mark.parametrize("block_k, ping_pong", [pytest.param(128, False, marks=_SLOW),
+                                                (64, True)])
+def test_mgpu_warp_specialized_forward_interpreted_matches_reference(block_k, ping_pong):
+  """Two consumer warpgroups and a producer; with 64-key tiles the producer refills slots."""
   kv_end_np, row = subtree_ends_before_tile_end_kv_end(64, 128)
   kv_end = jnp.asarray(kv_end_np[None])
   q, k, v, _ = _inputs(3, 1, kv_end.shape[1], 2, 1, 64, jnp.bfloat16)
-  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(128, 128, None, 2))
+  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(128, block_k, None, 2, ping_pong))
   got = jax.jit(lambda q, k, v: tree_attention(q, k, v, kv_end, backend="mgpu", tuning=tuning,
                                                interpret=True))(q, k, v)
   f32 = lambda x: x.astype(jnp.float32)
   want = attention_reference(f32(q), f32(k), f32(v), kv_end)
   assert relative_error(got, want) < 1e-2
   assert relative_error(got[:, row], want[:, row]) < 1e-2
-
-
-_SLOW = pytest.mark.skipif(not os.environ.get("KAT_TEST_SLOW"), reason="slow (~15 s): one "
-                           "such case runs by default; run with KAT_TEST_SLOW=1")
 
 
 @pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
@@ -177,7 +182,7 @@ def test_mgpu_warp_specialized_backward_interpreted_matches_reference_on_tile_bo
   _check(q, k, v, d_out, rows, 1e-2, interpret=True, tuning=_bwd_variant(variant))
 
 
-def test_mgpu_rejects_float32_and_odd_tiles():
+def test_mgpu_rejects_float32_odd_tiles_and_misplaced_ping_pong():
   q = jnp.zeros((1, 64, 2, 64), jnp.float32)
   kv_end = jnp.full((1, 64), 64, jnp.int32)
   with pytest.raises(ValueError, match="bf16 or f16"):
@@ -191,18 +196,28 @@ def test_mgpu_rejects_float32_and_odd_tiles():
   with pytest.raises(ValueError, match="dq.block_k a multiple of 64"):
     tree_attention(q, q, q, kv_end, backend="mgpu",
                    tuning=DEFAULT_TUNING_MGPU._replace(dq=KernelTiles(64, 32, None, 2)))
+  with pytest.raises(ValueError, match="fwd.block_q = 128 .* for fwd.ping_pong"):
+    tree_attention(q, q, q, kv_end, backend="mgpu", tuning=DEFAULT_TUNING_MGPU._replace(
+        fwd=KernelTiles(64, 128, None, 2, True)))
+  with pytest.raises(ValueError, match="ping_pong for the forward only"):
+    tree_attention(q, q, q, kv_end, backend="mgpu", tuning=DEFAULT_TUNING_MGPU._replace(
+        dkdv=KernelTiles(64, 128, None, 2, True)))
+  with pytest.raises(ValueError, match="fwd.ping_pong needs backend 'mgpu'"):
+    tree_attention(q, q, q, kv_end, backend="gpu", tuning=DEFAULT_TUNING_MGPU._replace(
+        fwd=KernelTiles(128, 128, None, 2, True)))
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
 @pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [
     (jnp.bfloat16, 128, 8), (jnp.bfloat16, 64, 2), (jnp.float16, 128, 2), (jnp.float16, 64, 8)])
-@pytest.mark.parametrize("fwd_block_q", [64, 128])
-def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_block_q):
+@pytest.mark.parametrize("fwd_block_q, ping_pong", [(64, False), (128, False), (128, True)])
+def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_block_q, ping_pong):
   """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded); both
-  forward kernels (64: one warpgroup; 128: warp-specialised)."""
+  forward kernels (64: one warpgroup; 128: warp-specialised, with or without ping-pong)."""
   length = 1000
   q, k, v, d_out = _inputs(1, 4, length, 8, num_kv_heads, head_dim, dtype)
-  tuning = DEFAULT_TUNING_MGPU._replace(fwd=KernelTiles(fwd_block_q, 128, None, 2))
+  tuning = DEFAULT_TUNING_MGPU._replace(
+      fwd=KernelTiles(fwd_block_q, 128, None, 2, ping_pong))
   _check(q, k, v, d_out, _rows(length, 1), 1e-2, tuning=tuning)
 
 
