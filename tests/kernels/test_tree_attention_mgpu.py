@@ -224,7 +224,8 @@ def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_bloc
 @pytest.mark.skipif(not _ON_HOPPER, reason=_NEEDS_HOPPER)
 @pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [
     (jnp.bfloat16, 128, 8), (jnp.float16, 64, 2)])
-@pytest.mark.parametrize("variant", sorted(_BWD_VARIANTS))
+@pytest.mark.parametrize("variant", [  # the 3-stage ones differ only in ring depth
+    "warp_specialized", "warp_specialized_wide", "wide_partner_tiles"])
 def test_mgpu_compiled_backward_variants_match_reference(variant, dtype, head_dim,
                                                          num_kv_heads):
   """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded)."""
