@@ -21,8 +21,8 @@ class KernelTiles(NamedTuple):
   block_k: int = 128
   num_warps: int | None = None  # GPU only; default 4 (D <= 64) or 8
   num_stages: int | None = None  # GPU only; default 2
-  # Mosaic GPU's warp-specialised forward only: FlashAttention-3's ping-pong schedule barrier
-  # (one consumer's softmax overlaps the other's matmuls).
+  # Mosaic GPU's warp-specialised forward and dQ only: FlashAttention-3's ping-pong schedule
+  # barrier (one consumer's softmax / dS arithmetic overlaps the other's matmuls).
   ping_pong: bool = False
 
 

@@ -75,11 +75,12 @@ def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
                      "dkdv.block_q": tuning.dkdv.block_q}.items():
     if size % 64:
       raise ValueError(f"backend 'mgpu' needs {name} a multiple of 64, got {size}")
-  if tuning.dq.ping_pong or tuning.dkdv.ping_pong:
-    raise ValueError("backend 'mgpu' has ping_pong for the forward only (fwd.ping_pong)")
-  if tuning.fwd.ping_pong and tuning.fwd.block_q != 2 * ROWS:
-    raise ValueError(f"backend 'mgpu' needs fwd.block_q = {2 * ROWS} (two consumer "
-                     f"warpgroups) for fwd.ping_pong, got {tuning.fwd.block_q}")
+  if tuning.dkdv.ping_pong:
+    raise ValueError("backend 'mgpu' has ping_pong for the forward and dQ only, not dkdv")
+  for name, tiles in {"fwd": tuning.fwd, "dq": tuning.dq}.items():
+    if tiles.ping_pong and tiles.block_q != 2 * ROWS:
+      raise ValueError(f"backend 'mgpu' needs {name}.block_q = {2 * ROWS} (two consumer "
+                       f"warpgroups) for {name}.ping_pong, got {tiles.block_q}")
 
 
 class _Ops:
@@ -137,16 +138,21 @@ class _Ops:
       plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
-  def mmas(self, *products):
+  def mmas(self, *products, while_running=None):
     """Independent MMAs issued together and waited for once (one wgmma wait, not one each):
     products of (a, b, n, transpose_b, acc or None) -> their results, as `mma` gives them."""
     if self.interpret:
-      return tuple(self.mma(a, b, n, transpose_b=t, acc=acc) for a, b, n, t, acc in products)
+      out = tuple(self.mma(a, b, n, transpose_b=t, acc=acc) for a, b, n, t, acc in products)
+      if while_running is not None:
+        while_running()
+      return out
     plgpu = self.plgpu
 
     def issue(acc_refs):
       for acc_ref, (a, b, _, transpose_b, _) in zip(acc_refs, products):
         plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transpose_b else b)
+      if while_running is not None:
+        while_running()
     return pl.run_state(issue)(tuple(
         plgpu.ACC.init(self.zeros((ROWS, n)) if acc is None else acc)
         for _, _, n, _, acc in products))
@@ -222,6 +228,45 @@ def _kernel_call(plgpu, body, out_type, grid, names, consumers, interpret, name)
 def _collective(consumers: int) -> dict:
   """run_scoped's keywords: with a producer, scratch is allocated once for all warpgroups."""
   return dict(collective_axes="wg") if consumers > 1 else {}
+
+
+class _PingPong:
+  """FlashAttention-3's schedule barrier between two consumer warpgroups that run the same
+  steps: each step a consumer arrives once after issuing its first MMAs (`issued`, passed as
+  `while_running`) and once when its elementwise work is done (`yield_cores`), then waits for
+  the other's matching arrival before its last MMA (`take_cores`), so one consumer's
+  exp/softmax runs while the other's MMAs hold the tensor cores.  Disabled: all no-ops."""
+
+  def __init__(self, plgpu, barrier, wg, enabled: bool):
+    self.plgpu, self.barrier, self.wg, self.enabled = plgpu, barrier, wg, enabled
+
+  def _turn(self):
+    self.plgpu.barrier_arrive(self.barrier)
+    self.plgpu.barrier_wait(self.barrier)
+
+  def start(self):  # consumer 0 goes first
+    if self.enabled:
+      pl.when(self.wg == 1)(self._turn)
+
+  def finish(self):  # as many arrivals as consumer 1
+    if self.enabled:
+      pl.when(self.wg == 0)(self._turn)
+
+  @property
+  def issued(self):
+    return self._turn if self.enabled else None
+
+  def yield_cores(self, values):
+    """values (this step's elementwise results) computed before the arrival."""
+    if not self.enabled:
+      return values
+    values = lax.optimization_barrier(values)
+    self.plgpu.barrier_arrive(self.barrier)
+    return values
+
+  def take_cores(self):
+    if self.enabled:
+      self.plgpu.barrier_wait(self.barrier)
 
 
 def _run_roles(plgpu, consumers: int, wg, n_steps, stages: int, consume, rings) -> None:
@@ -329,9 +374,7 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
     copy_k, copy_v = _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start,
                                        block_k, (k_smem, end_smem, k_bar), (v_smem, v_bar))
 
-    def turn():  # both consumers arrive; each waits for the other's matching arrival
-      plgpu.barrier_arrive(turn_bar)
-      plgpu.barrier_wait(turn_bar)
+    turns = _PingPong(plgpu, turn_bar, wg, ping_pong)
 
     def consume(prologue, release_k, release_v):
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
@@ -339,27 +382,23 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, ROWS), h], qo_smem, q_bar.at[wg])
       prologue()
       plgpu.barrier_wait(q_bar.at[wg])
-      if ping_pong:
-        pl.when(wg == 1)(turn)  # consumer 0 goes first
+      turns.start()
 
       def step(j, carry, masked):
         acc, m, l = carry
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(k_bar.at[slot])
         s = ops.mma(qo_smem, k_smem.at[slot], block_k, transpose_b=True,
-                    while_running=turn if ping_pong else None) * logit_scale
+                    while_running=turns.issued) * logit_scale
         if masked:
           key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
           s = jnp.where(_visible(ops, q_start, key_start(j), key_ends, tile), s, -jnp.inf)
         release_k(j, slot)  # K and its kv_end slice are read
         p, alpha, m_next, l = _online_softmax(s, m, l, masked)
-        acc, p = acc * _col(alpha, (ROWS, head_dim)), p.astype(dtype)
-        if ping_pong:  # the softmax is done before this consumer gives up its turn
-          acc, p, m_next, l = lax.optimization_barrier((acc, p, m_next, l))
-          plgpu.barrier_arrive(turn_bar)
+        acc, p, m_next, l = turns.yield_cores(
+            (acc * _col(alpha, (ROWS, head_dim)), p.astype(dtype), m_next, l))
         plgpu.barrier_wait(v_bar.at[slot])
-        if ping_pong:  # the other consumer's matmuls are issued: the tensor cores are free
-          plgpu.barrier_wait(turn_bar)
+        turns.take_cores()
         acc = ops.mma(p, v_smem.at[slot], head_dim, transpose_b=False, acc=acc)
         release_v(j, slot)
         return acc, m_next, l
@@ -367,8 +406,7 @@ def _fwd_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sc
       carry = (ops.zeros((ROWS, head_dim)), ops.row_stat(-jnp.inf), ops.row_stat(0.0))
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       acc, m, l = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
-      if ping_pong:
-        pl.when(wg == 0)(turn)  # as many turns as consumer 1
+      turns.finish()
       qo_smem[...], lse_smem[...] = _finish(acc, m, l, dtype)  # q's buffer is free now
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_start, ROWS), h])
@@ -417,9 +455,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, cfg: Ke
 
 
 def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, scale, groups, block_k, stages, consumers, interpret):
+               *, scale, groups, block_k, stages, consumers, ping_pong, interpret):
   """Program (query block of consumers x 64 rows, q head, row[, wg]): dQ = scale * sum over
-  the visible key blocks of dS K, one 64-row block per consumer warpgroup."""
+  the visible key blocks of dS K, one 64-row block per consumer warpgroup (both consumers run
+  the block's visit list; ping_pong: `_PingPong` around the dS arithmetic)."""
   ops = _Ops(interpret)
   plgpu = ops.plgpu
   b, h, kv_head, qb, wg, n_full, n_visible, key_start = _query_program(
@@ -430,9 +469,10 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   tile = (ROWS, block_k)
 
   def body(q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, end_smem, q_bar, k_bar,
-           v_bar, k_free, v_free):
+           v_bar, k_free, v_free, turn_bar):
     copy_k, copy_v = _key_block_copies(plgpu, kv_end_ref, k_ref, v_ref, b, kv_head, key_start,
                                        block_k, (k_smem, end_smem, k_bar), (v_smem, v_bar))
+    turns = _PingPong(plgpu, turn_bar, wg, ping_pong)
 
     def consume(prologue, release_k, release_v):
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -448,26 +488,30 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
       plgpu.barrier_wait(q_bar.at[wg])
       lse = _col(ops.load_vector(lse_smem2.at[wg], along_rows=True), tile)
       delta = _col(ops.load_vector(delta_smem2.at[wg], along_rows=True), tile)
+      turns.start()
 
       def step(j, dq, masked):
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
         s, dp = ops.mmas((q_smem, k_smem.at[slot], block_k, True, None),
-                         (do_smem, v_smem.at[slot], block_k, True, None))
+                         (do_smem, v_smem.at[slot], block_k, True, None),
+                         while_running=turns.issued)
         release_v(j, slot)
         p = jnp.exp2(s * logit_scale - lse)
         if masked:
           key_ends = _key_ends_row(ops, end_smem.at[slot], tile)
           p = jnp.where(_visible(ops, q_start, key_start(j), key_ends, tile), p, 0.0)
-        ds = p * (dp - delta)
-        dq = ops.mma(ds.astype(dtype), k_smem.at[slot], head_dim, transpose_b=False, acc=dq)
+        ds = turns.yield_cores((p * (dp - delta)).astype(dtype))
+        turns.take_cores()
+        dq = ops.mma(ds, k_smem.at[slot], head_dim, transpose_b=False, acc=dq)
         release_k(j, slot)
         return dq
 
       dq = ops.zeros((ROWS, head_dim))
       dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
       dq = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), dq)
+      turns.finish()
       q_smem[...] = (dq * scale).astype(dtype)  # q's buffer is free: the last MMA has waited
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[q_rows])
@@ -485,7 +529,7 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
       plgpu.SMEM((stages, block_k), jnp.int32),
       plgpu.Barrier(num_arrivals=4, num_barriers=consumers),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-      released, released, **_collective(consumers))
+      released, released, plgpu.Barrier(num_arrivals=consumers), **_collective(consumers))
 
 
 def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
@@ -602,7 +646,8 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: ja
   consumers = tiles.block_q // ROWS
   dq_kernel = functools.partial(
       _dq_kernel, scale=scale, groups=groups, block_k=tiles.block_k,
-      stages=tiles.num_stages or 2, consumers=consumers, interpret=interpret)
+      stages=tiles.num_stages or 2, consumers=consumers, ping_pong=tiles.ping_pong,
+      interpret=interpret)
   dq = _kernel_call(
       plgpu, dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype),
       (length // tiles.block_q, num_q_heads, batch), ("q", "head", "row"), consumers,

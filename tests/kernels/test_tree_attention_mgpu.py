@@ -76,6 +76,8 @@ _BWD_VARIANTS = {
     "warp_specialized": (KernelTiles(128, 64, None, 2), KernelTiles(64, 128, None, 2)),
     "warp_specialized_3_stages": (KernelTiles(128, 64, None, 3), KernelTiles(64, 128, None, 3)),
     "warp_specialized_wide": (KernelTiles(128, 128, None, 2), KernelTiles(128, 128, None, 2)),
+    "warp_specialized_dq_ping_pong": (KernelTiles(128, 64, None, 2, True),
+                                      KernelTiles(64, 64, None, 2)),
 }
 
 
@@ -172,7 +174,8 @@ def test_mgpu_warp_specialized_forward_interpreted_matches_reference(block_k, pi
                     "(jax._src.pallas.mosaic_gpu.interpret)")
 @pytest.mark.parametrize("variant, head_dim", [
     ("warp_specialized", 64), pytest.param("warp_specialized_3_stages", 128, marks=_SLOW),
-    pytest.param("warp_specialized_wide", 64, marks=_SLOW)])
+    pytest.param("warp_specialized_wide", 64, marks=_SLOW),
+    pytest.param("warp_specialized_dq_ping_pong", 128, marks=_SLOW)])
 def test_mgpu_warp_specialized_backward_interpreted_matches_reference_on_tile_boundary_rows(
     variant, head_dim):
   """dQ over 128-row query blocks, dK/dV over 128-row key blocks (two consumer warpgroups and
@@ -199,7 +202,7 @@ def test_mgpu_rejects_float32_odd_tiles_and_misplaced_ping_pong():
   with pytest.raises(ValueError, match="fwd.block_q = 128 .* for fwd.ping_pong"):
     tree_attention(q, q, q, kv_end, backend="mgpu", tuning=DEFAULT_TUNING_MGPU._replace(
         fwd=KernelTiles(64, 128, None, 2, True)))
-  with pytest.raises(ValueError, match="ping_pong for the forward only"):
+  with pytest.raises(ValueError, match="ping_pong for the forward and dQ only"):
     tree_attention(q, q, q, kv_end, backend="mgpu", tuning=DEFAULT_TUNING_MGPU._replace(
         dkdv=KernelTiles(64, 128, None, 2, True)))
   with pytest.raises(ValueError, match="fwd.ping_pong needs backend 'mgpu'"):
@@ -225,7 +228,8 @@ def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_bloc
 @pytest.mark.parametrize("dtype, head_dim, num_kv_heads", [
     (jnp.bfloat16, 128, 8), (jnp.float16, 64, 2)])
 @pytest.mark.parametrize("variant", [  # the 3-stage ones differ only in ring depth
-    "warp_specialized", "warp_specialized_wide", "wide_partner_tiles"])
+    "warp_specialized", "warp_specialized_wide", "wide_partner_tiles",
+    "warp_specialized_dq_ping_pong"])
 def test_mgpu_compiled_backward_variants_match_reference(variant, dtype, head_dim,
                                                          num_kv_heads):
   """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded)."""
