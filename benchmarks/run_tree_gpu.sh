@@ -49,11 +49,12 @@ run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
 # + a producer; the kernels run one after the other, so their gains add), both with 3 stages,
 # with 128-key dQ tiles; one warpgroup with 128-wide partner tiles; 3 stages; last the
 # warp-specialised dQ with the consumers' ping-pong schedule barrier. Then forward tiles
-# (bq,bk,0,stages[,ping_pong]): one warpgroup, 3 stages, and last the ping-pong forward.
+# (bq,bk,0,stages[,ping_pong]): one warpgroup, and last the ping-pong forward (128x128 with
+# 3 stages does not fit shared memory at D = 128).
 # The ping-pong configs have never run on a GPU: each comes last in its list.
 run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers \
   --causal-lengths "" --backends mgpu --name tree_attention_mgpu_sweep.json --sweep-bwd \
   64,64,0,2/64,64,0,2 128,64,0,2/64,64,0,2 64,64,0,2/64,128,0,2 128,64,0,3/64,128,0,3 \
   128,128,0,2/64,128,0,2 64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3 128,64,0,2,1/64,64,0,2 \
-  --sweep-fwd 128,128,0,2 64,128,0,2 128,128,0,3 128,128,0,2,1
+  --sweep-fwd 128,128,0,2 64,128,0,2 128,128,0,2,1
 echo "done in $((SECONDS - start)) s"
