@@ -57,7 +57,7 @@ from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
 from kat_jax.sampling.forward import DecodeParams
 from kat_jax.sampling.logits import SamplingParams
 from kat_jax.sampling.pages import SCRATCH_PAGE, PageAllocator, PagedSequence, live_tokens
-from kat_jax.sampling.sampler import GenerationResult, Sampler
+from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS, GenerationResult, Sampler
 
 MAX_STOP_IDS = 16
 # The batch generators behind `make_batch_sampler`: the engine, or the static Sampler.
@@ -177,7 +177,8 @@ class Engine:
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
                tokenizer: Any = None, attention: str = "auto", long_rows: int | None = None,
-               min_table_pages: int = 8, version: int = 0):
+               min_table_pages: int = 8, version: int = 0, compact_widths: Sequence[int] = (),
+               command_buffers: bool = False):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
     tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend
@@ -189,12 +190,25 @@ class Engine:
     XLA backend, 0 for a kernel that reads only live pages; min_table_pages:
     the narrowest page table of a decode call (tables are powers of two >= it, one compiled
     program each: a width that covers the longest request compiles only the cut widths);
-    version: the weights' version number (`Completion.versions`, `set_params`)."""
+    version: the weights' version number (`Completion.versions`, `set_params`);
+    compact_widths: narrower decode widths for a batch's tail: a decode call with at most w
+    slots busy (w the narrowest such width) first moves the busy samples into slots [0, w)
+    and runs those w rows only (`paged.decode_loop`; one more compiled program per width and
+    table width); () = every call runs num_slots rows;
+    command_buffers: on a GPU backend, the decode loop compiles with
+    `GPU_DECODE_COMPILER_OPTIONS` (the whole while loop replays as one CUDA graph); no
+    change elsewhere (`compiler_options` holds what applies)."""
     for name, value in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                         ("prefill_chunks_per_call", prefill_chunks_per_call),
                         ("steps_per_call", steps_per_call)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    bad = [w for w in compact_widths if not 1 <= int(w) < num_slots]
+    if bad:
+      raise ValueError(f"compact_widths must lie in [1, num_slots={num_slots}), got {bad[0]}")
+    self.compact_widths = tuple(sorted({int(w) for w in compact_widths}))
+    self.compiler_options = (dict(GPU_DECODE_COMPILER_OPTIONS)
+                             if command_buffers and jax.default_backend() == "gpu" else {})
     self.config = config
     _check_params(params)
     self._weights = (params, int(version))
@@ -210,7 +224,8 @@ class Engine:
         attention, config, page_size, spread=len(self.cache["k"][0].sharding.device_set) > 1)
     self.long_rows = int(default_long_rows if long_rows is None else long_rows)
     self.logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
-    self._fns = paged.jitted(config, self.pad_id, self.attention)
+    self._fns = paged.jitted(config, self.pad_id, self.attention,
+                             tuple(sorted(self.compiler_options.items())))
     self._slots: list[_Sample | None] = [None] * num_slots
     self._pending: collections.deque[_Prefill] = collections.deque()
     self._ready: collections.deque[_Sample] = collections.deque()
@@ -222,7 +237,9 @@ class Engine:
     self._ids = itertools.count()
     self._requests = itertools.count()
     self._sequences = itertools.count()
-    self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, prefill_chunks, split_calls
+    # decode_calls, decode_steps, slot_steps, prefill_chunks, split_calls; compact_calls and
+    # compact_steps (calls / steps run narrower than num_slots), moved_samples (slot moves).
+    self.stats = collections.Counter()
     # Per decode call: wall seconds (host work and the result's transfer included), slots
     # active at its start, steps run, tokens in the active slots' caches at its start, prefill
     # chunks queued since the previous call (their device time lands in this call's).
@@ -505,28 +522,56 @@ class Engine:
     return table
 
   def _split(self, pages: list[int], width: int) -> tuple[np.ndarray, int]:
-    """(long_rows [N], short_pages) for `paged.split_attend`: the `long_rows` slots with
-    the most pages, and the table width (a power of two >= 8) the others fit."""
-    n = self.long_rows
+    """(long_rows [N], short_pages) for `paged.split_attend` of a call over the slots with
+    `pages` pages each: the `long_rows` slots with the most pages (the call's row count =
+    none), and the table width (a power of two >= 8) the others fit. Which slots are long
+    depends on the page counts only (a slot past the cut has more pages than every slot
+    short of it), so a compacted call splits its samples as the full one would."""
+    n, none = self.long_rows, len(pages)
     order = np.argsort(pages, kind="stable")[::-1]
     if n == 0 or len(pages) <= n:
-      return np.full(max(n, 1), self.num_slots, np.int32), width
+      return np.full(max(n, 1), none, np.int32), width
     short = _bucket(pages[order[n]], 8)
     if short >= width:
-      return np.full(n, self.num_slots, np.int32), width
-    rows = np.where(np.asarray(pages)[order[:n]] > short, order[:n], self.num_slots)
+      return np.full(n, none, np.int32), width
+    rows = np.where(np.asarray(pages)[order[:n]] > short, order[:n], none)
     return rows.astype(np.int32), short
+
+  def _width(self) -> int:
+    """Rows of the next decode call: the narrowest compact width that holds every busy slot,
+    else num_slots."""
+    busy = self.num_slots - self._free_slots()
+    return min((w for w in self.compact_widths if w >= busy), default=self.num_slots)
+
+  def _move_into(self, width: int) -> None:
+    """Moves the samples of slots >= width into free slots < width, their carried logits rows
+    with them (the caller checked that they fit). A sample's draws do not depend on its slot
+    (its key stream is its own), so this changes no token."""
+    free = [i for i in range(width) if self._slots[i] is None]
+    moves = list(zip([i for i in range(width, self.num_slots) if self._slots[i] is not None],
+                     free))
+    if not moves:
+      return
+    source = np.zeros(self.num_slots, np.int32)
+    dest = np.full(self.num_slots, self.num_slots, np.int32)  # one shape: padded to the slots
+    source[:len(moves)], dest[:len(moves)] = zip(*moves)
+    self.logits = self._fns["move_rows"](self.logits, jnp.asarray(source), jnp.asarray(dest))
+    for src, dst in moves:
+      self._slots[dst], self._slots[src] = self._slots[src], None
+    self.stats["moved_samples"] += len(moves)
 
   def _decode(self) -> None:
     steps = self.steps_per_call
-    slots = self._slots
+    n = self._width()
+    if n < self.num_slots:
+      self._move_into(n)
+    slots = self._slots[:n]
     copies = []
     for s in slots:
       if s is not None:
         copies += s.seq.reserve(self.allocator, min(steps, s.remaining))
     self._copy(copies)
     samplings = self._samplings
-    n = self.num_slots
     positions = np.zeros(n, np.int32)
     budget = np.zeros(n, np.int32)
     counts = np.zeros(n, np.int32)
@@ -562,6 +607,9 @@ class Engine:
     self._chunks_at_last_call = chunks
     self.stats["decode_steps"] += run
     self.stats["slot_steps"] += int(mask.sum())
+    if n < self.num_slots:
+      self.stats["compact_calls"] += 1
+      self.stats["compact_steps"] += run
     for i, s in enumerate(slots):
       if s is None:
         continue
