@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import (CompileClock, add_workload_flags, engine_layout, workload,  # noqa: E402  pylint: disable=g-import-not-at-top
-                     write_report)
+from rollout import (CompileClock, add_engine_option_flags, add_workload_flags,  # noqa: E402  pylint: disable=g-import-not-at-top
+                     engine_layout, engine_options, workload, write_report)
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
 
@@ -64,6 +64,7 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--long_rows", type=int, default=None,
                       help="Engine(long_rows=...) (default: the engine's)")
   parser.add_argument("--steps_per_call", type=int, default=16)
+  add_engine_option_flags(parser)
   parser.add_argument("--prefill_chunk", type=int, default=512)
   parser.add_argument("--kv_gib", type=float, default=24.0, help="page pool size in GiB")
   parser.add_argument("--micro_batch_rows", type=int, default=1)
@@ -225,7 +226,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
   engine = Engine(config, prepare_params(state.params, config, mesh), num_slots=args.num_slots,
                   num_pages=num_pages, page_size=args.page_size,
                   prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call,
-                  **engine_layout(args, config, args.attention))
+                  **engine_layout(args, config, args.attention), **engine_options(args))
   pool = RewardPool(max_workers=args.reward_workers)
   weights = RolloutWeights(decode_weights_fn(config, mesh, mesh, own_copy=k > 0))
   weights.attach(engine)
@@ -280,7 +281,11 @@ def run(args, k: int, workload_name: str, clock) -> dict:
                        "reward_wait_s", "pack_s", "update_s", "weight_push_s")}
   return {"k": k, "workload": workload_name, "params": n_params,
           "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
-                     "num_slots": engine.num_slots},
+                     "num_slots": engine.num_slots,
+                     "compact_widths": list(engine.compact_widths),
+                     "compact_calls": engine.stats["compact_calls"],
+                     "command_buffers": args.command_buffers,
+                     "compiler_options": engine.compiler_options},
           "tokens_per_s_per_device": per_device,
           "param_tokens_per_s_per_device": per_device * n_params,
           "over_nemo_rl_param_tokens": per_device * n_params / NEMO_PARAM_TOKENS_PER_S,

@@ -12,8 +12,10 @@ A fixed number of decode slots run one jitted multi-step decode call at a time (
 steps, pages reserved for them first), each slot at its own position. Between calls the host
 takes finished samples out and refills their slots; prompts are prefilled in chunks
 (`prefill_chunk` tokens, `prefill_chunks_per_call` chunks between two decode calls), so running
-samples keep decoding. The G samples of a request share its prompt's pages (one prefill, one
-copy of the KV); the last, partial prompt page is copied when a sample first writes into it.
+samples keep decoding. With `compact_widths`, a call with few busy slots moves them into the
+lowest slots and runs only that many rows (the batch's long tail). The G samples of a request
+share its prompt's pages (one prefill, one copy of the KV); the last, partial prompt page is
+copied when a sample first writes into it.
 
 Each sample gives the static `Sampler`'s result for its row: the same greedy tokens and the
 same log-probs / entropies (tested); a sampled token comes from the request's own key stream
