@@ -33,21 +33,11 @@ source benchmarks/gpu_setup.sh
 gpu_budget ab
 gpu_setup benchmarks/run_rollout_ab_gpu.sh || exit 1
 
-run() {  # stage name, command...
-  local name=$1 limit
-  shift
-  stage "$name" || return 0
-  limit=$(left)
-  if (( limit < 60 )); then echo "$name: skipped, ${limit}s left"; return 0; fi
-  echo "=== $name (limit ${limit}s): $* ==="
-  timeout "$limit" "$@"
-  echo "$name: exit $?"
-}
 # shellcheck disable=SC2086
-run ab python3 benchmarks/rollout.py --preset qwen2.5-1.5b --skip_static --ab \
+run_stage ab python3 benchmarks/rollout.py --preset qwen2.5-1.5b --skip_static --ab \
   ${AB_ARGS:---compact_widths 32 --kv_gib 10} --out "$out/rollout_ab_qwen2.5-1.5b.json"
 # shellcheck disable=SC2086
-run rl_grpo python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --workload grpo --k 0 \
+run_stage rl_grpo python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --workload grpo --k 0 \
   --warmup 1 --steps 1 --kv_gib 10 --remat dots_no_batch \
   ${ENGINE_ARGS:---compact_widths 32 --command_buffers} \
   --out "$out/rl_step_qwen2.5-1.5b_grpo_options.json"
