@@ -196,11 +196,21 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock,
   progress = Progress(f"engine {options} (compiles included)", total, unit="tokens")
   profiler = DecodeProfiler(engine, args.profile, args.out or "rollout.json")
   start = time.perf_counter()
+  # Rounds that compiled nothing: their seconds inside and outside the decode call.
+  rounds_s = {"decode_call_s": 0.0, "outside_decode_call_s": 0.0, "rounds": 0}
   while engine.busy:
-    before = engine.stats["slot_steps"]
+    before, calls, compiled = engine.stats["slot_steps"], len(engine.decode_log), clock.total
     profiler.before_round()
+    traced = profiler.tracing
+    t0 = time.perf_counter()
     engine.step()
+    seconds = time.perf_counter() - t0
     profiler.after_round()
+    if clock.total == compiled and not traced:
+      inside = sum(call[0] for call in list(engine.decode_log)[calls:])
+      rounds_s["decode_call_s"] += inside
+      rounds_s["outside_decode_call_s"] += seconds - inside
+      rounds_s["rounds"] += 1
     progress.update(engine.stats["slot_steps"] - before)
     rounds += 1
     if rounds % args.memory_every == 0:
@@ -236,6 +246,10 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock,
       "kv_held_tokens_max": float(held.max()) if held.size else 0.0,
       "kv_samples": int(held.size),
       "decode_s_with_compiles": float(log[:, 0].sum()),
+      # Scheduler rounds without a compile or a trace: seconds in decode calls (dispatch to
+      # records unpacked) and outside them (admission, prefill chunks, page reservation and
+      # the call's inputs; the device idles unless a prefill chunk runs).
+      "rounds_without_compile": rounds_s,
       "decode_log": log,
   }
   if args.profile:
@@ -286,6 +300,11 @@ class DecodeProfiler:
     self.wall_s = 0.0
     # (name, Window, decode calls, decode steps, perf_counter and busy slots at its start)
     self._open = None
+
+  @property
+  def tracing(self) -> bool:
+    """Whether a trace window is open (this round is traced)."""
+    return self._open is not None
 
   def _want(self) -> str | None:
     log = self.engine.decode_log
@@ -649,6 +668,9 @@ def _print_table(report: dict) -> None:
            f"{s['useful_fraction']:.3f} (useful rows)" if s else "-"),
           ("KV held / live (mean, max)",
            f"{e['kv_held_over_live_mean'] or 0:.3f}, {e['kv_held_over_live_max'] or 0:.3f}", "-")]
+  r = e["rounds_without_compile"]
+  rows.append(("s in / out of calls (no compile)",
+               f"{r['decode_call_s']:.1f} / {r['outside_decode_call_s']:.1f} ({r['rounds']})", "-"))
   full = e.get("full_occupancy")
   if full:
     rows.append(("full-occupancy step ms (floor)",

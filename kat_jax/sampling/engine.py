@@ -157,6 +157,13 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+@jax.jit
+def _sample_keys(rng: jax.Array, samples: jax.Array) -> jax.Array:
+  """[G, 2] key data of fold_in(rng, g) for each g of samples [G]: a request's samples' keys
+  in one call (one host round trip instead of G)."""
+  return jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, samples))
+
+
 def _check_params(params: Any) -> None:
   if not isinstance(params, DecodeParams):
     raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
@@ -477,8 +484,7 @@ class Engine:
       table = self._table([p.seq.pages], 8)[0]
       params, p.logits_version = self._weights
       self.cache, p.logits = self._fns["prefill"](
-          params, self.cache, jnp.asarray(tokens), jnp.int32(p.seq.length),
-          jnp.int32(count), jnp.asarray(table))
+          params, self.cache, tokens, np.int32(p.seq.length), np.int32(count), table)
       p.seq.length += count
       p.done += count
       self.stats["prefill_chunks"] += 1
@@ -488,8 +494,8 @@ class Engine:
     rng = p.spec.rng if p.spec.rng is not None else jax.random.key(0)
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
       rng = jax.random.wrap_key_data(rng)
-    for g, (sid, new) in enumerate(zip(p.sample_ids, _per_sample(p.spec))):
-      key = np.asarray(jax.random.key_data(jax.random.fold_in(rng, g)), np.uint32)
+    keys = np.asarray(_sample_keys(rng, np.arange(len(p.sample_ids))), np.uint32)
+    for g, (sid, new, key) in enumerate(zip(p.sample_ids, _per_sample(p.spec), keys)):
       seq = p.seq.fork(self.allocator)
       self._ready.append(_Sample(sid, p.request, g, p.spec, seq, p.logits, p.logits_version,
                                  key, new))
@@ -502,7 +508,7 @@ class Engine:
         return
       if self._slots[i] is None:
         sample = self._ready.popleft()
-        self.logits = self._fns["set_row"](self.logits, sample.logits, jnp.int32(i))
+        self.logits = self._fns["set_row"](self.logits, sample.logits, np.int32(i))
         self._slots[i] = sample
 
   def _copy(self, copies: list[tuple[int, int]]) -> None:
@@ -512,15 +518,18 @@ class Engine:
     src = np.full(width, SCRATCH_PAGE, np.int32)
     dst = np.full(width, SCRATCH_PAGE, np.int32)
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
-    self.cache = self._fns["copy"](self.cache, jnp.asarray(src), jnp.asarray(dst))
+    self.cache = self._fns["copy"](self.cache, src, dst)
 
   def _table(self, page_lists: list[list[int]], minimum: int) -> np.ndarray:
     """Page lists -> a [rows, M] int32 table, M a power of two >= minimum (few compiled
-    shapes)."""
-    width = _bucket(max(len(p) for p in page_lists), minimum)
+    shapes). Host arrays like this one go to the jitted calls as they are: the call's
+    dispatch moves them, in less host time than a jnp.asarray each."""
+    counts = np.fromiter(map(len, page_lists), np.int64, len(page_lists))
+    width = _bucket(int(counts.max()), minimum)
     table = np.full((len(page_lists), width), SCRATCH_PAGE, np.int32)
-    for row, pages in enumerate(page_lists):
-      table[row, :len(pages)] = pages
+    # Row-major boolean assignment: row r's first counts[r] entries get its pages, in order.
+    table[np.arange(width) < counts[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(page_lists), np.int32, int(counts.sum()))
     return table
 
   def _split(self, pages: list[int], width: int) -> tuple[np.ndarray, int]:
@@ -557,7 +566,7 @@ class Engine:
     source = np.zeros(self.num_slots, np.int32)
     dest = np.full(self.num_slots, self.num_slots, np.int32)  # one shape: padded to the slots
     source[:len(moves)], dest[:len(moves)] = zip(*moves)
-    self.logits = self._fns["move_rows"](self.logits, jnp.asarray(source), jnp.asarray(dest))
+    self.logits = self._fns["move_rows"](self.logits, source, dest)
     for src, dst in moves:
       self._slots[dst], self._slots[src] = self._slots[src], None
     self.stats["moved_samples"] += len(moves)
@@ -568,24 +577,24 @@ class Engine:
     if n < self.num_slots:
       self._move_into(n)
     slots = self._slots[:n]
+    busy = [(i, s) for i, s in enumerate(slots) if s is not None]
     copies = []
-    for s in slots:
-      if s is not None:
-        copies += s.seq.reserve(self.allocator, min(steps, s.remaining))
+    for _, s in busy:
+      copies += s.seq.reserve(self.allocator, min(steps, s.remaining))
     self._copy(copies)
     samplings = self._samplings
+    choices = {sampling: index for index, sampling in enumerate(samplings)}
     positions = np.zeros(n, np.int32)
     budget = np.zeros(n, np.int32)
     counts = np.zeros(n, np.int32)
     stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
     choice = np.zeros(n, np.int32)
     keys = np.zeros((n, 2), np.uint32)
-    for i, s in enumerate(slots):
-      if s is None:
-        continue
+    for i, s in busy:
       positions[i], budget[i], counts[i] = s.seq.length, s.remaining, len(s.tokens)
-      stops[i, :len(s.spec.stop_ids)] = s.spec.stop_ids
-      choice[i] = samplings.index(s.spec.sampling)
+      if s.spec.stop_ids:
+        stops[i, :len(s.spec.stop_ids)] = s.spec.stop_ids
+      choice[i] = choices[s.spec.sampling]
       keys[i] = s.key
     table = self._table([s.seq.pages if s is not None else [] for s in slots],
                         self.min_table_pages)
@@ -595,10 +604,8 @@ class Engine:
     start = time.perf_counter()
     params, version = self._weights
     self.cache, self.logits, records = self._fns["decode"](
-        params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
-        jnp.asarray(budget), jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(choice),
-        jnp.asarray(keys), jnp.asarray(long_rows), samplings=samplings, steps=steps,
-        short_pages=short_pages)
+        params, self.cache, self.logits, table, positions, budget, counts, stops, choice, keys,
+        long_rows, samplings=samplings, steps=steps, short_pages=short_pages)
     records = np.asarray(records)  # the one host sync per call
     self.stats["decode_calls"] += 1
     mask = records[..., 3] > 0
@@ -612,20 +619,21 @@ class Engine:
     if n < self.num_slots:
       self.stats["compact_calls"] += 1
       self.stats["compact_steps"] += run
-    for i, s in enumerate(slots):
-      if s is None:
-        continue
-      row = records[i][mask[i]]
-      s.tokens += row[:, 0].astype(np.int64).tolist()
-      s.logprobs += row[:, 1].tolist()
-      s.entropies += row[:, 2].tolist()
-      if len(row):
+    # A slot's records are a prefix of the steps (once its budget is 0 it stays 0).
+    made = mask.sum(axis=1).tolist()
+    tokens = records[..., 0].astype(np.int64)
+    for i, s in busy:
+      k = made[i]
+      if k:
+        s.tokens += tokens[i, :k].tolist()
+        s.logprobs += records[i, :k, 1].tolist()
+        s.entropies += records[i, :k, 2].tolist()
         # The first token came from the logits carried into this call; the others (and the
         # logits carried out) from this call's weights.
-        s.versions += [s.logits_version] + [version] * (len(row) - 1)
+        s.versions += [s.logits_version] + [version] * (k - 1)
         s.logits_version = version
-      s.seq.length += len(row)
-      stopped = bool(len(row)) and s.tokens[-1] in s.spec.stop_ids
+        s.seq.length += k
+      stopped = bool(k) and s.tokens[-1] in s.spec.stop_ids
       if stopped or s.remaining <= 0:
         self._finish(i, s, stopped)
 

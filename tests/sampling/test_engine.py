@@ -631,3 +631,13 @@ def test_compact_widths_outside_the_slots_error_and_command_buffers_stay_off_the
   assert jax.default_backend() == "cpu" and engine.compiler_options == {}
   [sid] = engine.submit(Request([5, 9, 33], 4, sampling=GREEDY))
   assert len(engine.run()[sid].tokens) == 4
+
+
+def test_page_table_rows_hold_each_sequences_pages_then_scratch(model):
+  config, _, dparams = model
+  engine = Engine(config, dparams, **_ENGINE)
+  pages = [[5, 3], [], [7, 1, 2, 9, 4, 6, 8, 10, 11], [12]]
+  table = engine._table(pages, 8)
+  assert table.shape == (4, 16) and table.dtype == np.int32  # 9 pages -> a width of 16
+  for row, want in zip(table, pages):
+    assert row[:len(want)].tolist() == want and not row[len(want):].any()  # scratch page 0
