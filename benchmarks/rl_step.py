@@ -41,9 +41,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rollout import (CompileClock, add_engine_option_flags, add_workload_flags,  # noqa: E402  pylint: disable=g-import-not-at-top
-                     engine_layout, engine_options, workload, write_report)
+                     engine_layout, engine_options, precompile, workload, write_report)
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
+
+
+def rollout_sampling():
+  """The rollouts' SamplingParams: temperature 1."""
+  from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  return SamplingParams(temperature=1.0)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -101,13 +107,12 @@ class Producer:
     from kat_jax.rl.trajectories import (TrajectoryManager,  # pylint: disable=g-import-not-at-top
                                          oldest_version)
     from kat_jax.rl.tree import build_trees, pack_trees  # pylint: disable=g-import-not-at-top
-    from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
     args, engine = self.args, self.engine
     manager, rewards = TrajectoryManager(), {}
     groups = [manager.new_group() for _ in self.prompts]
     key = jax.random.key(args.seed * 1000 + index)
-    sampling = SamplingParams(temperature=1.0)
+    sampling = rollout_sampling()
     start = time.perf_counter()
 
     def score(iid, tokens):
@@ -227,6 +232,10 @@ def run(args, k: int, workload_name: str, clock) -> dict:
                   num_pages=num_pages, page_size=args.page_size,
                   prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call,
                   **engine_layout(args, config, args.attention), **engine_options(args))
+  tree = workload_name == "tree"  # its second turns prefill onto whole first turns
+  precompiled = precompile(args, engine, clock, (rollout_sampling(),),
+                           args.prompt_max + args.max_new + tree * args.tool_tokens,
+                           None if tree else args.prompt_max)
   pool = RewardPool(max_workers=args.reward_workers)
   weights = RolloutWeights(decode_weights_fn(config, mesh, mesh, own_copy=k > 0))
   weights.attach(engine)
@@ -285,7 +294,7 @@ def run(args, k: int, workload_name: str, clock) -> dict:
                      "compact_widths": list(engine.compact_widths),
                      "compact_calls": engine.stats["compact_calls"],
                      "command_buffers": args.command_buffers,
-                     "compiler_options": engine.compiler_options},
+                     "compiler_options": engine.compiler_options, "precompile": precompiled},
           "tokens_per_s_per_device": per_device,
           "param_tokens_per_s_per_device": per_device * n_params,
           "over_nemo_rl_param_tokens": per_device * n_params / NEMO_PARAM_TOKENS_PER_S,

@@ -102,6 +102,23 @@ def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--command_buffers", action="store_true",
                       help="Engine(command_buffers=True): on a GPU the decode loop compiles "
                            "with sampler.GPU_DECODE_COMPILER_OPTIONS (one CUDA graph)")
+  parser.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
+                      help="before the run, compile every program the engine can call, "
+                           "WORKERS at a time (Engine.precompile; 0: compile as met)")
+
+
+def precompile(args, engine, clock, samplings, max_length: int,
+               prompt_length: int | None) -> dict | None:
+  """`--precompile`: `Engine.precompile(max_length, samplings, prompt_length=...)` ->
+  {programs, workers, wall_s, compile_s_summed (the compile events' seconds added up over
+  the threads)}; None without the flag."""
+  if not args.precompile:
+    return None
+  before, start = clock.total, time.perf_counter()
+  programs = engine.precompile(max_length, samplings, prompt_length=prompt_length,
+                               workers=args.precompile)
+  return {"programs": programs, "workers": args.precompile,
+          "wall_s": time.perf_counter() - start, "compile_s_summed": clock.total - before}
 
 
 def engine_options(args) -> dict:
@@ -186,6 +203,8 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock,
                   steps_per_call=args.steps_per_call,
                   **engine_layout(args, config, args.attention), **options)
   sampling = SamplingParams(temperature=1.0, vocab_limit=0)
+  precompiled = precompile(args, engine, clock, (sampling,), args.prompt_max + args.max_new,
+                           args.prompt_max)
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
                           num_samples=args.samples, rng=jax.random.key(i)))
@@ -236,7 +255,7 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock,
       "compact_widths": list(engine.compact_widths), "compact_calls": stats["compact_calls"],
       "compact_steps": stats["compact_steps"], "moved_samples": stats["moved_samples"],
       "command_buffers": options.get("command_buffers", False),
-      "compiler_options": engine.compiler_options,
+      "compiler_options": engine.compiler_options, "precompile": precompiled,
       "decode_calls": stats["decode_calls"],
       "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
       "mean_slot_occupancy": stats["slot_steps"] / max(stats["decode_steps"] * args.num_slots,

@@ -17,6 +17,9 @@
 #             mosaic_gpu --compact_widths 32`; command buffers: every decode shape again)
 #   rl_grpo   rl_step.py, the grpo workload at k = 0, with ENGINE_ARGS (run_rl_step_gpu.sh's
 #             settings otherwise)
+#   precompile  rollout.py with neither option and --precompile 16: its programs compiled
+#             side by side first (engine.precompile: wall_s against ab's base compile_s; run
+#             it in a call of its own, on a fresh compilation cache)
 # Variables:
 #   STAGES, BUDGET_S (default 570: seconds for the whole script)
 #   AB_ARGS      rollout.py's extra flags (default "--compact_widths 32 --kv_gib 10": decode
@@ -41,4 +44,6 @@ run_stage rl_grpo python3 benchmarks/rl_step.py --preset qwen2.5-1.5b --workload
   --warmup 1 --steps 1 --kv_gib 10 --remat dots_no_batch \
   ${ENGINE_ARGS:---compact_widths 32 --command_buffers} \
   --out "$out/rl_step_qwen2.5-1.5b_grpo_options.json"
+run_stage precompile python3 benchmarks/rollout.py --preset qwen2.5-1.5b --skip_static \
+  --kv_gib 10 --precompile 16 --out "$out/rollout_precompile_qwen2.5-1.5b.json"
 echo "done in $((SECONDS - start)) s"

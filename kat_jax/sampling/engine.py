@@ -41,6 +41,7 @@ a caller driving `step()` itself collects them with `take_finished()`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import threading
@@ -54,6 +55,7 @@ import numpy as np
 
 from kat_jax.kernels.paged_attention import default_backend
 from kat_jax.model.config import ModelConfig
+from kat_jax.progress import Progress
 from kat_jax.sampling import paged
 from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
 from kat_jax.sampling.forward import DecodeParams
@@ -155,6 +157,12 @@ def _per_sample(request: Request) -> list[int]:
 
 def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _buckets(minimum: int, n: int) -> list[int]:
+  """Every `_bucket(m, minimum)` for m in 1..n (powers of two from minimum, a power of two)."""
+  top = _bucket(n, minimum)
+  return [minimum << i for i in range((top // minimum).bit_length())]
 
 
 @jax.jit
@@ -326,6 +334,57 @@ class Engine:
     """Multi-turn: appends `tokens` (a tool output + the next turn's header) to a kept
     sequence and continues it; keywords are the Request's."""
     return self.submit(Request(list(tokens), continue_from=sequence, **request))
+
+  def precompile(self, max_length: int, samplings: Sequence[SamplingParams], *,
+                 prompt_length: int | None = None, workers: int = 8) -> int:
+    """Compiles the device programs a run can call, `workers` at a time (XLA compiles them
+    side by side instead of one by one as the run first meets them); returns how many.
+
+    max_length: the most tokens a sequence reaches (prompt + generated): the decode calls'
+    table widths up to it, at every row count (num_slots and `compact_widths`) and cut width;
+    samplings: the run's SamplingParams in arrival order (one decode program per tuple);
+    prompt_length: the most tokens a prefill reaches (default max_length): the prefill
+    chunks' shapes. Shapes the run never meets compile too. A later call with the same
+    argument shapes and shardings runs the compiled program (tested); the weights passed to
+    `set_params` must keep the current ones' shardings."""
+    params, size = self._weights[0], self.page_size
+    samplings = tuple(samplings)
+    jobs = []  # (jitted function, arguments, static keywords)
+    for rows in (self.num_slots,) + self.compact_widths:
+      for width in _buckets(self.min_table_pages, -(-max_length // size)):
+        split = self.long_rows and rows > self.long_rows
+        for short in (_buckets(8, width) if split else [width]):
+          args = (np.zeros((rows, width), np.int32),) + tuple(
+              np.zeros(rows, np.int32) for _ in range(3)) + (
+                  np.full((rows, MAX_STOP_IDS), -1, np.int32), np.zeros(rows, np.int32),
+                  np.zeros((rows, 2), np.uint32),
+                  np.full(max(self.long_rows, 1), rows, np.int32))
+          jobs.append((self._fns["decode"], (params, self.cache, self.logits) + args,
+                       dict(samplings=samplings, steps=self.steps_per_call,
+                            short_pages=short)))
+    for chunk in _buckets(16, self.prefill_chunk):
+      least = _bucket(-(-(chunk // 2 + 1) // size), 8)  # the pages its tokens fill at least
+      for width in _buckets(8, -(-(prompt_length or max_length) // size)):
+        if width >= least:
+          jobs.append((self._fns["prefill"], (params, self.cache, np.zeros(chunk, np.int32),
+                                              np.int32(0), np.int32(1),
+                                              np.zeros(width, np.int32)), {}))
+    for width in _buckets(4, self.num_slots):  # one copy per slot at most
+      pages = np.zeros(width, np.int32)
+      jobs.append((self._fns["copy"], (self.cache, pages, pages), {}))
+    row = jnp.zeros(self.config.vocab_size, jnp.float32)
+    jobs.append((self._fns["set_row"], (self.logits, row, np.int32(0)), {}))
+    if self.compact_widths:
+      moves = np.zeros(self.num_slots, np.int32)
+      jobs.append((self._fns["move_rows"], (self.logits, moves, moves), {}))
+    progress = Progress("engine precompile", len(jobs), unit="programs")
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+      for done in concurrent.futures.as_completed(
+          [pool.submit(lambda f, a, k: f.lower(*a, **k).compile(), *job) for job in jobs]):
+        done.result()
+        progress.update()
+    progress.finish()
+    return len(jobs)
 
   @property
   def busy(self) -> bool:

@@ -9,10 +9,10 @@ from kat_jax.testing import benchmark_module
 
 def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path):
   bench = benchmark_module("rl_step")
-  # Compaction on (a call with <= 2 of the 8 slots busy runs 2 rows) and command buffers
-  # asked for (GPU only: no compiler option here).
+  # Compaction on (a call with <= 2 of the 8 slots busy runs 2 rows), command buffers asked
+  # for (GPU only: no compiler option here), the engine's programs compiled up front.
   report = bench.main(["--tiny", "--compact_widths", "2", "--command_buffers",
-                       "--out", str(tmp_path / "rl_step.json")])
+                       "--precompile", "2", "--out", str(tmp_path / "rl_step.json")])
   assert (tmp_path / "rl_step.json").exists()
   args = bench._parse(["--tiny"])  # pylint: disable=protected-access
   _, lengths = benchmark_module("rollout").workload(args, 1024)
@@ -31,7 +31,7 @@ def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path)
     assert all((s["is_weight_mean"] is None) == (result["k"] == 0) for s in steps)
     assert np.isfinite(result["tokens_per_s_per_device"]) and result["tokens_per_s_per_device"] > 0
     engine = result["engine"]
-    assert engine.pop("compact_calls") > 0
+    assert engine.pop("compact_calls") > 0 and engine.pop("precompile")["programs"] > 0
     assert engine == {"attention": "xla", "long_rows": 8, "num_slots": args.num_slots,
                       "compact_widths": [2], "command_buffers": True, "compiler_options": {}}
 

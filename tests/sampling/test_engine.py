@@ -641,3 +641,51 @@ def test_page_table_rows_hold_each_sequences_pages_then_scratch(model):
   assert table.shape == (4, 16) and table.dtype == np.int32  # 9 pages -> a width of 16
   for row, want in zip(table, pages):
     assert row[:len(want)].tolist() == want and not row[len(want):].any()  # scratch page 0
+
+
+_ENGINE_PROGRAMS = ("jit(decode_loop)", "jit(prefill_chunk)", "jit(copy_pages)", "jit(set_row)",
+                    "jit(move_rows)")
+
+
+def test_precompile_compiles_every_program_a_run_then_calls_and_changes_no_token(model):
+  """Engine.precompile (2 threads) compiles each program once: decode at 5 and 2 rows, table
+  widths 8 and 16, their cut widths (long_rows=1); prefill, page copies (4 and 8 pages),
+  set_row, move_rows. The run afterwards compiles none of them and gives a fresh engine's
+  tokens."""
+  config, _, dparams = model
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event.endswith("backend_compile_duration") and kwargs.get("fun_name") in _ENGINE_PROGRAMS:
+      compiled.append(kwargs["fun_name"])
+
+  # pad_id 7: programs of their own (paged.jitted is cached per pad id), so none exists yet.
+  shape = dict(num_slots=5, num_pages=64, page_size=4, steps_per_call=3, prefill_chunk=16,
+               compact_widths=(2,), long_rows=1, pad_id=7)
+  rng = np.random.default_rng(5)
+  requests = [Request(rng.integers(1, config.vocab_size, size=n).tolist(), [3 + 11 * i, 7 + i],
+                      sampling=_TAIL_SAMPLING, num_samples=2, rng=jax.random.key(i))
+              for i, n in enumerate((3, 7, 12))]  # at most 12 + 25 = 37 tokens: 10 pages
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    engine = Engine(config, dparams, **shape)
+    programs = engine.precompile(37, (_TAIL_SAMPLING,), prompt_length=12, workers=2)
+    # Tables of 8 pages (cut 8) and 16 (cuts 8, 16) at 5 and 2 rows; one prefill shape. The
+    # other programs are plain functions: another test may have compiled them for the same
+    # shapes already.
+    assert programs == 11
+    assert compiled.count("jit(decode_loop)") == 6 and compiled.count("jit(prefill_chunk)") == 1
+    assert len(compiled) <= programs
+    compiled.clear()
+    for r in requests:
+      engine.submit(r)
+    got = engine.run()
+    assert compiled == [] and engine.stats["compact_calls"] > 0
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  fresh = Engine(config, dparams, **shape)
+  for r in requests:
+    fresh.submit(r)
+  want = fresh.run()
+  assert {k: c.tokens for k, c in got.items()} == {k: c.tokens for k, c in want.items()}

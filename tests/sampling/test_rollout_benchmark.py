@@ -42,11 +42,12 @@ def test_rollout_benchmark_simulation_schedules_every_drawn_token():
 def test_rollout_ab_runs_four_engines_on_one_draw_with_the_first_ones_completions(tmp_path):
   """--ab: neither option, compaction, command buffers (no compiler option on CPU), both;
   each run generates every drawn token, the compacted ones run narrower calls, and every
-  run's tokens and log-probs equal the first run's."""
+  run's tokens and log-probs equal the first run's. --precompile compiles each run's
+  programs first (the compacted runs' have 2 more)."""
   module = benchmark_module("rollout")
   out = tmp_path / "rollout.json"
   report = module.main(["--tiny", "--skip_static", "--prompts", "6", "--ab",
-                        "--compact_widths", "2", "--out", str(out)])
+                        "--compact_widths", "2", "--precompile", "2", "--out", str(out)])
   variants = report["variants"]
   assert list(variants) == ["base", "compact", "command_buffers", "both"]
   assert json.loads(out.read_text())["variants"].keys() == variants.keys()
@@ -56,6 +57,9 @@ def test_rollout_ab_runs_four_engines_on_one_draw_with_the_first_ones_completion
     assert (run["compact_calls"] > 0) == (name in ("compact", "both"))
     assert run["command_buffers"] == (name in ("command_buffers", "both"))
     assert run["compiler_options"] == {}  # CPU
+    compact = name in ("compact", "both")
+    assert run["precompile"]["programs"] == variants["base"]["precompile"]["programs"] + (
+        2 if compact else 0)  # the 2-row decode (one table width here) and move_rows
     if name != "base":
       same = run["vs_first"]
       assert same["identical_tokens"] == same["identical_logprobs"] == same["samples"] == 12
