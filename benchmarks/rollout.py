@@ -2,6 +2,8 @@
 
   PYTHONPATH=$PWD python benchmarks/rollout.py --preset qwen2.5-1.5b --out $OUT/rollout.json
   PYTHONPATH=$PWD python benchmarks/rollout.py --tiny          # CPU, tiny model, seconds
+  PYTHONPATH=$PWD python benchmarks/rollout.py --skip_static --ab --compact_widths 32
+      # the engine's options (tail compaction, command buffers): neither, each, both
 
 Workload (issue #23): `--prompts` prompts × `--samples` samples (a GRPO group shares its
 prompt), prompt lengths uniform in [prompt_min, prompt_max], random tokens; every sample's
