@@ -25,23 +25,13 @@ source benchmarks/gpu_setup.sh
 gpu_budget anchor
 gpu_setup benchmarks/run_tree_gpu.sh || exit 1
 
-run() {  # stage name, command...
-  local name=$1 limit
-  shift
-  stage "$name" || return 0
-  limit=$(left)
-  if (( limit < 30 )); then echo "$name: skipped, ${limit}s left"; return 0; fi
-  echo "=== $name (limit ${limit}s): $* ==="
-  timeout "$limit" "$@"
-  echo "$name: exit $?"
-}
-run anchor python3 benchmarks/tree_attention.py --out "$out" --check-heads 2 \
+run_stage anchor python3 benchmarks/tree_attention.py --out "$out" --check-heads 2 \
   --backends mgpu,gpu --name tree_attention_mgpu.json
-run unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen2.5-1.5b \
+run_stage unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen2.5-1.5b \
   --dtype bfloat16 --remat full --attention tree_mgpu,tree --repeats 3 \
   --out "$out/tree_vs_unrolled_high_sharing.json"
-run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
+run_stage compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_tree_attention_mgpu.py tests/kernels/test_tree_attention.py -k compiled
-run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-flex \
+run_stage sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-flex \
   --backends mgpu --sweep-fwd 64,128,0,2 128,128,0,3 --name tree_attention_mgpu_sweep.json
 echo "done in $((SECONDS - start)) s"
