@@ -11,6 +11,19 @@ gpu_budget() {
 stage() { [[ "$stages" == *" $1 "* ]]; }
 left() { echo $((budget - (SECONDS - start))); }
 
+# run_stage NAME COMMAND...: runs COMMAND if stage NAME is to run and 30 s or more are left,
+# under `timeout` for the seconds left, and prints its exit status.
+run_stage() {
+  local name=$1 limit
+  shift
+  stage "$name" || return 0
+  limit=$(left)
+  if (( limit < 30 )); then echo "$name: skipped, ${limit}s left"; return 0; fi
+  echo "=== $name (limit ${limit}s): $* ==="
+  timeout "$limit" "$@"
+  echo "$name: exit $?"
+}
+
 # gpu_setup CALLER: installs the carried wheels (.whl, see the device notes in
 # docs/performance.md) into /tmp/site, puts them and the checkout on PYTHONPATH, and prints
 # the GPU. CALLER: the calling script's name, for error lines. Returns non-zero (the caller

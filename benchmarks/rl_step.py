@@ -46,10 +46,16 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout import (CompileClock, add_workload_flags, engine_layout, workload,  # noqa: E402  pylint: disable=g-import-not-at-top
-                     write_report)
+from rollout import (CompileClock, add_engine_option_flags, add_workload_flags,  # noqa: E402  pylint: disable=g-import-not-at-top
+                     engine_layout, engine_options, precompile, workload, write_report)
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
+
+
+def rollout_sampling():
+  """The rollouts' SamplingParams: temperature 1."""
+  from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  return SamplingParams(temperature=1.0)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -70,6 +76,7 @@ def _parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--long_rows", type=int, default=None,
                       help="Engine(long_rows=...) (default: the engine's)")
   parser.add_argument("--steps_per_call", type=int, default=16)
+  add_engine_option_flags(parser)
   parser.add_argument("--prefill_chunk", type=int, default=512)
   parser.add_argument("--kv_gib", type=float, default=24.0, help="page pool size in GiB")
   parser.add_argument("--micro_batch_rows", type=int, default=1)
@@ -109,13 +116,12 @@ class Producer:
     from kat_jax.rl.trajectories import (TrajectoryManager,  # pylint: disable=g-import-not-at-top
                                          oldest_version)
     from kat_jax.rl.tree import build_trees, pack_trees  # pylint: disable=g-import-not-at-top
-    from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
     args, engine = self.args, self.engine
     manager, rewards = TrajectoryManager(), {}
     groups = [manager.new_group() for _ in self.prompts]
     key = jax.random.key(args.seed * 1000 + index)
-    sampling = SamplingParams(temperature=1.0)
+    sampling = rollout_sampling()
     start = time.perf_counter()
 
     def score(iid, tokens):
@@ -283,7 +289,11 @@ def run(args, k: int, workload_name: str, clock, bytes_limit: int | None = None)
   engine = Engine(config, prepare_params(state.params, config, mesh), num_slots=args.num_slots,
                   num_pages=num_pages, page_size=args.page_size,
                   prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call,
-                  **engine_layout(args, config, args.attention))
+                  **engine_layout(args, config, args.attention), **engine_options(args))
+  tree = workload_name == "tree"  # its second turns prefill onto whole first turns
+  precompiled = precompile(args, engine, clock, (rollout_sampling(),),
+                           args.prompt_max + args.max_new + tree * args.tool_tokens,
+                           None if tree else args.prompt_max)
   pool = RewardPool(max_workers=args.reward_workers)
   weights = RolloutWeights(decode_weights_fn(config, mesh, mesh, own_copy=k > 0))
   weights.attach(engine)
@@ -333,7 +343,11 @@ def run(args, k: int, workload_name: str, clock, bytes_limit: int | None = None)
   return {"k": k, "workload": workload_name, "params": n_params, "remat": remat,
           "update_temp_bytes": temps.get(remat),
           "engine": {"attention": engine.attention, "long_rows": engine.long_rows,
-                     "num_slots": engine.num_slots},
+                     "num_slots": engine.num_slots,
+                     "compact_widths": list(engine.compact_widths),
+                     "compact_calls": engine.stats["compact_calls"],
+                     "command_buffers": args.command_buffers,
+                     "compiler_options": engine.compiler_options, "precompile": precompiled},
           "tokens_per_s_per_device": per_device,
           "param_tokens_per_s_per_device": per_device * n_params,
           "over_nemo_rl_param_tokens": per_device * n_params / NEMO_PARAM_TOKENS_PER_S,

@@ -2,6 +2,8 @@
 
   PYTHONPATH=$PWD python benchmarks/rollout.py --preset qwen2.5-1.5b --out $OUT/rollout.json
   PYTHONPATH=$PWD python benchmarks/rollout.py --tiny          # CPU, tiny model, seconds
+  PYTHONPATH=$PWD python benchmarks/rollout.py --skip_static --ab --compact_widths 32
+      # the engine's options (tail compaction, command buffers): neither, each, both
 
 Workload (issue #23): `--prompts` prompts × `--samples` samples (a GRPO group shares its
 prompt), prompt lengths uniform in [prompt_min, prompt_max], random tokens; every sample's
@@ -24,6 +26,8 @@ Imports no grain / ml_collections (absent on the GPU machine).
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import json
 import os
 import platform
@@ -56,6 +60,13 @@ def _parse(argv=None) -> argparse.Namespace:
                       help="Engine(long_rows=...): slots attending over the whole page table "
                            "(default: the engine's, 8 for XLA attention and 0 for a kernel "
                            "that reads only live pages)")
+  add_engine_option_flags(parser)
+  parser.add_argument("--ab", action="store_true",
+                      help="run the engine four times in one process on the same draw: "
+                           "neither option, --compact_widths only, --command_buffers only, "
+                           "both; each run's report lands in `variants` (the first is "
+                           "`engine`) with its tokens/s and tail step times, and whether its "
+                           "tokens and log-probs equal the first run's (needs --compact_widths)")
   parser.add_argument("--static_batch_prompts", type=int, default=8)
   parser.add_argument("--static_batches", type=int, default=1, help="0: all")
   parser.add_argument("--skip_static", action="store_true")
@@ -77,7 +88,44 @@ def _parse(argv=None) -> argparse.Namespace:
                         prefill_chunk=16, static_batch_prompts=4, static_batches=0,
                         memory_every=1)
   args = parser.parse_args(argv)
+  if args.ab and not args.compact_widths:
+    parser.error("--ab needs --compact_widths")
+  if args.ab and args.profile:
+    parser.error("--ab and --profile: trace one engine run at a time")
   return args
+
+
+def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
+  """The rollout engine's speed options (off by default; shared by rollout.py and
+  rl_step.py), given to the Engine by `engine_options`."""
+  parser.add_argument("--compact_widths", type=int, nargs="*", default=[],
+                      help="Engine(compact_widths=...): decode calls with at most w busy slots "
+                           "run w rows (the busy samples moved into the low slots)")
+  parser.add_argument("--command_buffers", action="store_true",
+                      help="Engine(command_buffers=True): on a GPU the decode loop compiles "
+                           "with sampler.GPU_DECODE_COMPILER_OPTIONS (one CUDA graph)")
+  parser.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
+                      help="before the run, compile every program the engine can call, "
+                           "WORKERS at a time (Engine.precompile; 0: compile as met)")
+
+
+def precompile(args, engine, clock, samplings, max_length: int,
+               prompt_length: int | None) -> dict | None:
+  """`--precompile`: `Engine.precompile(max_length, samplings, prompt_length=...)` ->
+  {programs, workers, wall_s, compile_s_summed (the compile events' seconds added up over
+  the threads)}; None without the flag."""
+  if not args.precompile:
+    return None
+  before, start = clock.total, time.perf_counter()
+  programs = engine.precompile(max_length, samplings, prompt_length=prompt_length,
+                               workers=args.precompile)
+  return {"programs": programs, "workers": args.precompile,
+          "wall_s": time.perf_counter() - start, "compile_s_summed": clock.total - before}
+
+
+def engine_options(args) -> dict:
+  """The Engine keywords of `add_engine_option_flags`."""
+  return dict(compact_widths=tuple(args.compact_widths), command_buffers=args.command_buffers)
 
 
 def add_workload_flags(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +189,10 @@ def engine_layout(args, config, attention: str) -> dict:
               min_table_pages=full_width if long_rows else 8)
 
 
-def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> dict:
+def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock,
+               options: dict) -> tuple[dict, dict]:
+  """One engine run of the draw with Engine `options` (`engine_options`) -> (its report,
+  its completions {sample id: Completion})."""
   import jax  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
   from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
@@ -152,8 +203,10 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
                   page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                   prefill_chunks_per_call=args.prefill_chunks_per_call,
                   steps_per_call=args.steps_per_call,
-                  **engine_layout(args, config, args.attention))
+                  **engine_layout(args, config, args.attention), **options)
   sampling = SamplingParams(temperature=1.0, vocab_limit=0)
+  precompiled = precompile(args, engine, clock, (sampling,), args.prompt_max + args.max_new,
+                           args.prompt_max)
   for i, prompt in enumerate(prompts):
     engine.submit(Request(prompt, lengths[i].tolist(), sampling=sampling,
                           num_samples=args.samples, rng=jax.random.key(i)))
@@ -161,14 +214,24 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
   compile_before = clock.total
   memory, rounds = [], 0
   total = int(lengths.sum())
-  progress = Progress("engine (compiles included)", total, unit="tokens")
+  progress = Progress(f"engine {options} (compiles included)", total, unit="tokens")
   profiler = DecodeProfiler(engine, args.profile, args.out or "rollout.json")
   start = time.perf_counter()
+  # Rounds that compiled nothing: their seconds inside and outside the decode call.
+  rounds_s = {"decode_call_s": 0.0, "outside_decode_call_s": 0.0, "rounds": 0}
   while engine.busy:
-    before = engine.stats["slot_steps"]
+    before, calls, compiled = engine.stats["slot_steps"], len(engine.decode_log), clock.total
     profiler.before_round()
+    traced = profiler.tracing
+    t0 = time.perf_counter()
     engine.step()
+    seconds = time.perf_counter() - t0
     profiler.after_round()
+    if clock.total == compiled and not traced:
+      inside = sum(call[0] for call in list(engine.decode_log)[calls:])
+      rounds_s["decode_call_s"] += inside
+      rounds_s["outside_decode_call_s"] += seconds - inside
+      rounds_s["rounds"] += 1
     progress.update(engine.stats["slot_steps"] - before)
     rounds += 1
     if rounds % args.memory_every == 0:
@@ -191,6 +254,10 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
       "num_slots": args.num_slots, "page_size": args.page_size, "num_pages": num_pages,
       "steps_per_call": args.steps_per_call, "attention": engine.attention,
       "long_rows": engine.long_rows, "split_calls": stats["split_calls"],
+      "compact_widths": list(engine.compact_widths), "compact_calls": stats["compact_calls"],
+      "compact_steps": stats["compact_steps"], "moved_samples": stats["moved_samples"],
+      "command_buffers": options.get("command_buffers", False),
+      "compiler_options": engine.compiler_options, "precompile": precompiled,
       "decode_calls": stats["decode_calls"],
       "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
       "mean_slot_occupancy": stats["slot_steps"] / max(stats["decode_steps"] * args.num_slots,
@@ -200,12 +267,42 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock) -> 
       "kv_held_tokens_max": float(held.max()) if held.size else 0.0,
       "kv_samples": int(held.size),
       "decode_s_with_compiles": float(log[:, 0].sum()),
+      # Scheduler rounds without a compile or a trace: seconds in decode calls (dispatch to
+      # records unpacked) and outside them (admission, prefill chunks, page reservation and
+      # the call's inputs; the device idles unless a prefill chunk runs).
+      "rounds_without_compile": rounds_s,
       "decode_log": log,
   }
   if args.profile:
     result["profile"] = profiler.windows
     result["profile_wall_s"] = profiler.wall_s
-  return result
+  return result, completions
+
+
+def same_completions(want: dict, got: dict) -> dict:
+  """How far two runs' completions {sample id: Completion} of one draw agree: samples with
+  identical tokens, identical log-probs and identical versions, the largest |log-prob
+  difference| over the tokens both runs share before they first differ, and the earliest
+  token where a sample's tokens differ (None: none does)."""
+  same_tokens = same_logprobs = same_versions = 0
+  worst, first = 0.0, None
+  for sid, w in want.items():
+    g = got[sid]
+    a, b = np.asarray(w.tokens), np.asarray(g.tokens)
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    shared = int(differ[0]) if differ.size else n
+    if differ.size or len(a) != len(b):
+      first = shared if first is None else min(first, shared)
+    else:
+      same_tokens += 1
+    same_logprobs += int(np.array_equal(w.logprobs, g.logprobs))
+    same_versions += int(np.array_equal(w.versions, g.versions))
+    if shared:
+      worst = max(worst, float(np.max(np.abs(w.logprobs[:shared] - g.logprobs[:shared]))))
+  return {"samples": len(want), "identical_tokens": same_tokens,
+          "identical_logprobs": same_logprobs, "identical_versions": same_versions,
+          "max_abs_logprob_diff_before_divergence": worst, "first_divergence_token": first}
 
 
 class DecodeProfiler:
@@ -224,6 +321,11 @@ class DecodeProfiler:
     self.wall_s = 0.0
     # (name, Window, decode calls, decode steps, perf_counter and busy slots at its start)
     self._open = None
+
+  @property
+  def tracing(self) -> bool:
+    """Whether a trace window is open (this round is traced)."""
+    return self._open is not None
 
   def _want(self) -> str | None:
     log = self.engine.decode_log
@@ -380,8 +482,9 @@ def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
 def simulate(args) -> dict:
   """The engine's scheduling of the workload with a stand-in device (no model): each active
   slot generates one token per step until its budget ends. Gives occupancy, decode calls,
-  the distinct (table width, cut width) decode shapes a real run compiles, KV held / live,
-  and the host's seconds per decode call."""
+  the distinct (rows, table width, cut width) decode shapes a real run compiles, decode
+  steps by rows (`--compact_widths`), KV held / live, and the host's seconds per decode
+  call. `--attention` other than auto lays the engine out for that backend (auto: xla)."""
   import contextlib  # pylint: disable=g-import-not-at-top
   from unittest import mock  # pylint: disable=g-import-not-at-top
 
@@ -391,18 +494,20 @@ def simulate(args) -> dict:
   from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
 
   config = get_preset("tiny", num_layers=1, max_position_embeddings=1 << 16)
-  shapes = set()
+  shapes, steps_by_rows = set(), collections.Counter()
 
   def decode(params, cache, logits, table, positions, budget, counts, stops, choice, keys,
              long_rows, *, samplings, steps, short_pages):
-    shapes.add((int(table.shape[1]), int(short_pages)))
+    shapes.add((int(table.shape[0]), int(table.shape[1]), int(short_pages)))
     live = np.asarray(budget)[:, None] > np.arange(steps)[None, :]
     records = np.zeros(live.shape + (4,), np.float32)
     records[..., 0], records[..., 3] = 1.0, live
+    steps_by_rows[int(table.shape[0])] += int(live.any(axis=0).sum())
     return cache, logits, records
 
   fns = {"prefill": lambda params, cache, *a: (cache, None), "decode": decode,
-         "copy": lambda cache, src, dst: cache, "set_row": lambda logits, row, i: logits}
+         "copy": lambda cache, src, dst: cache, "set_row": lambda logits, row, i: logits,
+         "move_rows": lambda logits, src, dst: logits}
   prompts, lengths = workload(args, config.vocab_size)
   with contextlib.ExitStack() as stack:
     stack.enter_context(mock.patch.object(paged, "jitted", lambda *a: fns))
@@ -412,7 +517,9 @@ def simulate(args) -> dict:
     engine = Engine(config, _stand_in_params(), num_slots=args.num_slots, num_pages=num_pages,
                     page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                     prefill_chunks_per_call=args.prefill_chunks_per_call,
-                    steps_per_call=args.steps_per_call, **engine_layout(args, config, "xla"))
+                    steps_per_call=args.steps_per_call,
+                    **engine_layout(args, config, "xla" if args.attention == "auto"
+                                    else args.attention), **engine_options(args))
     for i, prompt in enumerate(prompts):
       engine.submit(Request(prompt, lengths[i].tolist(), sampling=SamplingParams(1.0),
                             num_samples=args.samples, rng=jax.random.key(0)))
@@ -435,6 +542,8 @@ def simulate(args) -> dict:
             "mean_slot_occupancy": stats["slot_steps"] / (stats["decode_steps"] *
                                                           args.num_slots),
             "decode_shapes": sorted(shapes), "split_calls": stats["split_calls"],
+            "steps_by_rows": {str(rows): n for rows, n in sorted(steps_by_rows.items())},
+            "moved_samples": stats["moved_samples"],
             "kv_held_over_live_mean": float((held / live).mean()),
             "kv_held_over_live_max": float((held / live).max()),
             "host_ms_per_decode_call": host_s / stats["decode_calls"] * 1e3,
@@ -481,9 +590,6 @@ def main(argv=None) -> dict:
   print(f"{args.preset}: {len(prompts)} prompts x {args.samples}, {int(lengths.sum())} tokens "
         f"to generate (mean {lengths.mean():.0f}, max {lengths.max()}); copy bandwidth "
         f"{bandwidth / 1e12:.2f} TB/s", flush=True)
-  engine = run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock)
-  engine["full_occupancy"], engine["step_ms_by_active_slots"] = step_times(
-      engine.pop("decode_log"), args.num_slots, weight_bytes, kv_per_token, bandwidth)
   report = {
       "device": jax.devices()[0].device_kind,
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -495,9 +601,36 @@ def main(argv=None) -> dict:
                                         "drawn_max": int(lengths.max())},
                    "sampling": "temperature 1, no stop ids (each sample stops at its length)"},
       "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
-      "copy_bandwidth_bytes_per_s": bandwidth, "engine": engine, "static": None,
+      "copy_bandwidth_bytes_per_s": bandwidth, "engine": None, "static": None,
       "versions": {"python": platform.python_version(), "jax": jax.__version__},
   }
+  first = None
+  for name, options in ab_variants(args) if args.ab else [("engine", engine_options(args))]:
+    try:
+      result, completions = run_engine(args, config, dparams, prompts, lengths, kv_per_token,
+                                       clock, options)
+    except Exception as e:  # pylint: disable=broad-except
+      if not args.ab or first is None:
+        raise
+      # A later --ab run that fails (e.g. an option XLA cannot compile here) is recorded;
+      # the runs after it still go.
+      report["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+      print(f"{name}: {report['variants'][name]['error']}", flush=True)
+      gc.collect()
+      continue
+    result["full_occupancy"], result["step_ms_by_active_slots"] = step_times(
+        result.pop("decode_log"), args.num_slots, weight_bytes, kv_per_token, bandwidth)
+    if first is None:
+      first, report["engine"] = completions, result
+    else:
+      result["vs_first"] = same_completions(first, completions)
+    if args.ab:
+      report.setdefault("variants", {})[name] = result
+      _print_variants(report["variants"])
+      write_report(args.out, report)  # kept if a later run is cut off by a time limit
+    del completions
+    gc.collect()  # the previous engine's page pool goes before the next one's
+  engine = report["engine"]
   if not args.skip_static:
     write_report(args.out, report)  # kept if the static run is cut off by a time limit
     report["static"] = run_static(args, config, dparams, prompts, lengths, clock)
@@ -508,6 +641,33 @@ def main(argv=None) -> dict:
   if args.out:
     print(f"wrote {args.out}")
   return report
+
+
+def ab_variants(args) -> list[tuple[str, dict]]:
+  """--ab's engine runs: (name, `engine_options`) with neither option, each alone, both."""
+  compact = tuple(args.compact_widths)
+  return [("base", dict(compact_widths=(), command_buffers=False)),
+          ("compact", dict(compact_widths=compact, command_buffers=False)),
+          ("command_buffers", dict(compact_widths=(), command_buffers=True)),
+          ("both", dict(compact_widths=compact, command_buffers=True))]
+
+
+def _print_variants(variants: dict) -> None:
+  """One line per --ab run: tokens/s, batch and compile seconds, step ms by busy slots, and
+  how many samples' tokens / log-probs equal the first run's."""
+  print(f"{'run':16s} {'tokens/s':>9s} {'s':>6s} {'compile':>7s}  step ms by busy slots; "
+        f"samples equal to the first run's (tokens, log-probs)")
+  for name, e in variants.items():
+    if "error" in e:
+      print(f"{name:16s} {e['error'][:100]}")
+      continue
+    steps = " ".join(f"{r['active_slots'][0]}-{r['active_slots'][1]}:{r['step_ms_median']:.2f}"
+                     for r in e["step_ms_by_active_slots"])
+    same = e.get("vs_first")
+    same = f"{same['identical_tokens']}, {same['identical_logprobs']} of {same['samples']}" \
+        if same else "-"
+    print(f"{name:16s} {e['tokens_per_s']:9.0f} {e['seconds']:6.1f} {e['compile_s']:7.1f}  "
+          f"{steps}; {same}", flush=True)
 
 
 def write_report(path: str, report: dict) -> None:
@@ -529,6 +689,9 @@ def _print_table(report: dict) -> None:
            f"{s['useful_fraction']:.3f} (useful rows)" if s else "-"),
           ("KV held / live (mean, max)",
            f"{e['kv_held_over_live_mean'] or 0:.3f}, {e['kv_held_over_live_max'] or 0:.3f}", "-")]
+  r = e["rounds_without_compile"]
+  rows.append(("s in / out of calls (no compile)",
+               f"{r['decode_call_s']:.1f} / {r['outside_decode_call_s']:.1f} ({r['rounds']})", "-"))
   full = e.get("full_occupancy")
   if full:
     rows.append(("full-occupancy step ms (floor)",

@@ -27,22 +27,12 @@ source benchmarks/gpu_setup.sh
 gpu_budget anchor
 gpu_setup benchmarks/run_tree_gpu.sh || exit 1
 
-run() {  # stage name, command...
-  local name=$1 limit
-  shift
-  stage "$name" || return 0
-  limit=$(left)
-  if (( limit < 30 )); then echo "$name: skipped, ${limit}s left"; return 0; fi
-  echo "=== $name (limit ${limit}s): $* ==="
-  timeout "$limit" "$@"
-  echo "$name: exit $?"
-}
-run anchor python3 benchmarks/tree_attention.py --out "$out" --check-heads 2 \
+run_stage anchor python3 benchmarks/tree_attention.py --out "$out" --check-heads 2 \
   --backends mgpu,gpu --name tree_attention_mgpu.json
-run unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen2.5-1.5b \
+run_stage unrolled python3 benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen2.5-1.5b \
   --dtype bfloat16 --remat full --attention tree_mgpu,tree --repeats 3 \
   --out "$out/tree_vs_unrolled_high_sharing.json"
-run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
+run_stage compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_tree_attention_mgpu.py tests/kernels/test_tree_attention.py -k compiled
 # Each list's first config is the default, the others' yardstick (timing and outputs). The
 # backward sweep runs first: warp-specialised dQ alone and dK/dV alone (2 consumer warpgroups
@@ -52,7 +42,7 @@ run compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
 # (bq,bk,0,stages[,ping_pong]): one warpgroup, and last the ping-pong forward (128x128 with
 # 3 stages does not fit shared memory at D = 128).
 # The ping-pong configs have never run on a GPU: each comes last in its list.
-run sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers \
+run_stage sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers \
   --causal-lengths "" --backends mgpu --name tree_attention_mgpu_sweep.json --sweep-bwd \
   64,64,0,2/64,64,0,2 128,64,0,2/64,64,0,2 64,64,0,2/64,128,0,2 128,64,0,3/64,128,0,3 \
   128,128,0,2/64,128,0,2 64,128,0,2/128,64,0,2 64,64,0,3/64,64,0,3 128,64,0,2,1/64,64,0,2 \

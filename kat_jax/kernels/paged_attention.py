@@ -110,7 +110,7 @@ def default_backend(dtype: Any = jnp.bfloat16, groups: int = 1, head_dim: int = 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            page_table: jax.Array, lengths: jax.Array, *,
-                           backend: str = "auto") -> jax.Array:
+                           backend: str = "auto", tiling_batch: int | None = None) -> jax.Array:
   """Attention of one query token per row over its pages of the KV cache.
 
   Shapes and semantics as `paged_decode_attention_reference`:
@@ -120,6 +120,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
   Args:
     backend: one of BACKENDS ("auto" picks by platform, see `default_backend`).
+    tiling_batch: the batch `mosaic_gpu` picks its split of the keys for (default B): rows
+      taken out of a wider batch and passed its width get the wider call's results exactly.
+      The other backends have no batch-dependent tiling.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -129,7 +132,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                               k_pages.shape[2])
   if backend == "mosaic_gpu":
     from kat_jax.kernels.paged_attention_mgpu import paged_decode_attention_mgpu  # pylint: disable=g-import-not-at-top
-    return paged_decode_attention_mgpu(q, k_pages, v_pages, page_table, lengths)
+    return paged_decode_attention_mgpu(q, k_pages, v_pages, page_table, lengths,
+                                       tiling_batch=tiling_batch)
   if backend == "pallas_tpu":
     from kat_jax.kernels.paged_attention_tpu import paged_decode_attention_tpu  # pylint: disable=g-import-not-at-top
     return paged_decode_attention_tpu(q, k_pages, v_pages, page_table, lengths,

@@ -226,6 +226,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
                                 page_table: jax.Array, lengths: jax.Array, *,
                                 block_tokens: int | None = None,
                                 split_tokens: int | None = None, stages: int = 2,
+                                tiling_batch: int | None = None,
                                 interpret: bool = False) -> jax.Array:
   """`paged_decode_attention_reference` on Mosaic GPU (bf16/f16 inputs, Hq/Hkv <= 64).
 
@@ -237,6 +238,9 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       `default_tiling`).
     split_tokens: keys per program, a multiple of block_tokens (default `default_tiling`).
     stages: blocks copied ahead of the one being computed (shared-memory buffers).
+    tiling_batch: the batch `default_tiling` picks the split for (default B): a caller that
+      runs some rows of a wider batch passes the wider batch, so each row's splits, and so
+      its rounding, are those of the wider call.
     interpret: run with Mosaic GPU's CPU interpreter (tests).
   """
   plgpu = mgpu_support.plgpu()
@@ -246,8 +250,8 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
   groups8 = -(-groups // 8) * 8
   max_pages = page_table.shape[1]
   max_tokens = max_pages * page_size
-  block_tokens, default_split = default_tiling(batch, num_kv_heads, max_tokens, page_size,
-                                               block_tokens)
+  block_tokens, default_split = default_tiling(tiling_batch or batch, num_kv_heads, max_tokens,
+                                               page_size, block_tokens)
   split_tokens = split_tokens or default_split
   if q.dtype not in DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
     raise ValueError(f"mosaic_gpu takes q, k_pages, v_pages all bf16 or all f16, got "

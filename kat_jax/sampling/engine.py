@@ -12,8 +12,10 @@ A fixed number of decode slots run one jitted multi-step decode call at a time (
 steps, pages reserved for them first), each slot at its own position. Between calls the host
 takes finished samples out and refills their slots; prompts are prefilled in chunks
 (`prefill_chunk` tokens, `prefill_chunks_per_call` chunks between two decode calls), so running
-samples keep decoding. The G samples of a request share its prompt's pages (one prefill, one
-copy of the KV); the last, partial prompt page is copied when a sample first writes into it.
+samples keep decoding. With `compact_widths`, a call with few busy slots moves them into the
+lowest slots and runs only that many rows (the batch's long tail). The G samples of a request
+share its prompt's pages (one prefill, one copy of the KV); the last, partial prompt page is
+copied when a sample first writes into it.
 
 Each sample gives the static `Sampler`'s result for its row: the same greedy tokens and the
 same log-probs / entropies (tested); a sampled token comes from the request's own key stream
@@ -39,6 +41,7 @@ a caller driving `step()` itself collects them with `take_finished()`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import threading
@@ -52,12 +55,13 @@ import numpy as np
 
 from kat_jax.kernels.paged_attention import default_backend
 from kat_jax.model.config import ModelConfig
+from kat_jax.progress import Progress
 from kat_jax.sampling import paged
 from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
 from kat_jax.sampling.forward import DecodeParams
 from kat_jax.sampling.logits import SamplingParams
 from kat_jax.sampling.pages import SCRATCH_PAGE, PageAllocator, PagedSequence, live_tokens
-from kat_jax.sampling.sampler import GenerationResult, Sampler
+from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS, GenerationResult, Sampler
 
 MAX_STOP_IDS = 16
 # The batch generators behind `make_batch_sampler`: the engine, or the static Sampler.
@@ -155,6 +159,19 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _buckets(minimum: int, n: int) -> list[int]:
+  """Every `_bucket(m, minimum)` for m in 1..n (powers of two from minimum, a power of two)."""
+  top = _bucket(n, minimum)
+  return [minimum << i for i in range((top // minimum).bit_length())]
+
+
+@jax.jit
+def _sample_keys(rng: jax.Array, samples: jax.Array) -> jax.Array:
+  """[G, 2] key data of fold_in(rng, g) for each g of samples [G]: a request's samples' keys
+  in one call (one host round trip instead of G)."""
+  return jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, samples))
+
+
 def _check_params(params: Any) -> None:
   if not isinstance(params, DecodeParams):
     raise ValueError("Engine takes DecodeParams; convert the model's param tree once with "
@@ -177,7 +194,8 @@ class Engine:
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
                tokenizer: Any = None, attention: str = "auto", long_rows: int | None = None,
-               min_table_pages: int = 8, version: int = 0):
+               min_table_pages: int = 8, version: int = 0, compact_widths: Sequence[int] = (),
+               command_buffers: bool = False):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
     tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend
@@ -189,12 +207,25 @@ class Engine:
     XLA backend, 0 for a kernel that reads only live pages; min_table_pages:
     the narrowest page table of a decode call (tables are powers of two >= it, one compiled
     program each: a width that covers the longest request compiles only the cut widths);
-    version: the weights' version number (`Completion.versions`, `set_params`)."""
+    version: the weights' version number (`Completion.versions`, `set_params`);
+    compact_widths: narrower decode widths for a batch's tail: a decode call with at most w
+    slots busy (w the narrowest such width) first moves the busy samples into slots [0, w)
+    and runs those w rows only (`paged.decode_loop`; one more compiled program per width and
+    table width); () = every call runs num_slots rows;
+    command_buffers: on a GPU backend, the decode loop compiles with
+    `GPU_DECODE_COMPILER_OPTIONS` (the whole while loop replays as one CUDA graph); no
+    change elsewhere (`compiler_options` holds what applies)."""
     for name, value in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                         ("prefill_chunks_per_call", prefill_chunks_per_call),
                         ("steps_per_call", steps_per_call)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    bad = [w for w in compact_widths if not 1 <= int(w) < num_slots]
+    if bad:
+      raise ValueError(f"compact_widths must lie in [1, num_slots={num_slots}), got {bad[0]}")
+    self.compact_widths = tuple(sorted({int(w) for w in compact_widths}))
+    self.compiler_options = (dict(GPU_DECODE_COMPILER_OPTIONS)
+                             if command_buffers and jax.default_backend() == "gpu" else {})
     self.config = config
     _check_params(params)
     self._weights = (params, int(version))
@@ -210,7 +241,8 @@ class Engine:
         attention, config, page_size, spread=len(self.cache["k"][0].sharding.device_set) > 1)
     self.long_rows = int(default_long_rows if long_rows is None else long_rows)
     self.logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
-    self._fns = paged.jitted(config, self.pad_id, self.attention)
+    self._fns = paged.jitted(config, self.pad_id, self.attention,
+                             tuple(sorted(self.compiler_options.items())))
     self._slots: list[_Sample | None] = [None] * num_slots
     self._pending: collections.deque[_Prefill] = collections.deque()
     self._ready: collections.deque[_Sample] = collections.deque()
@@ -222,7 +254,9 @@ class Engine:
     self._ids = itertools.count()
     self._requests = itertools.count()
     self._sequences = itertools.count()
-    self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, prefill_chunks, split_calls
+    # decode_calls, decode_steps, slot_steps, prefill_chunks, split_calls; compact_calls and
+    # compact_steps (calls / steps run narrower than num_slots), moved_samples (slot moves).
+    self.stats = collections.Counter()
     # Per decode call: wall seconds (host work and the result's transfer included), slots
     # active at its start, steps run, tokens in the active slots' caches at its start, prefill
     # chunks queued since the previous call (their device time lands in this call's).
@@ -300,6 +334,57 @@ class Engine:
     """Multi-turn: appends `tokens` (a tool output + the next turn's header) to a kept
     sequence and continues it; keywords are the Request's."""
     return self.submit(Request(list(tokens), continue_from=sequence, **request))
+
+  def precompile(self, max_length: int, samplings: Sequence[SamplingParams], *,
+                 prompt_length: int | None = None, workers: int = 8) -> int:
+    """Compiles the device programs a run can call, `workers` at a time (XLA compiles them
+    side by side instead of one by one as the run first meets them); returns how many.
+
+    max_length: the most tokens a sequence reaches (prompt + generated): the decode calls'
+    table widths up to it, at every row count (num_slots and `compact_widths`) and cut width;
+    samplings: the run's SamplingParams in arrival order (one decode program per tuple);
+    prompt_length: the most tokens a prefill reaches (default max_length): the prefill
+    chunks' shapes. Shapes the run never meets compile too. A later call with the same
+    argument shapes and shardings runs the compiled program (tested); the weights passed to
+    `set_params` must keep the current ones' shardings."""
+    params, size = self._weights[0], self.page_size
+    samplings = tuple(samplings)
+    jobs = []  # (jitted function, arguments, static keywords)
+    for rows in (self.num_slots,) + self.compact_widths:
+      for width in _buckets(self.min_table_pages, -(-max_length // size)):
+        split = self.long_rows and rows > self.long_rows
+        for short in (_buckets(8, width) if split else [width]):
+          args = (np.zeros((rows, width), np.int32),) + tuple(
+              np.zeros(rows, np.int32) for _ in range(3)) + (
+                  np.full((rows, MAX_STOP_IDS), -1, np.int32), np.zeros(rows, np.int32),
+                  np.zeros((rows, 2), np.uint32),
+                  np.full(max(self.long_rows, 1), rows, np.int32))
+          jobs.append((self._fns["decode"], (params, self.cache, self.logits) + args,
+                       dict(samplings=samplings, steps=self.steps_per_call,
+                            short_pages=short)))
+    for chunk in _buckets(16, self.prefill_chunk):
+      least = _bucket(-(-(chunk // 2 + 1) // size), 8)  # the pages its tokens fill at least
+      for width in _buckets(8, -(-(prompt_length or max_length) // size)):
+        if width >= least:
+          jobs.append((self._fns["prefill"], (params, self.cache, np.zeros(chunk, np.int32),
+                                              np.int32(0), np.int32(1),
+                                              np.zeros(width, np.int32)), {}))
+    for width in _buckets(4, self.num_slots):  # one copy per slot at most
+      pages = np.zeros(width, np.int32)
+      jobs.append((self._fns["copy"], (self.cache, pages, pages), {}))
+    row = jnp.zeros(self.config.vocab_size, jnp.float32)
+    jobs.append((self._fns["set_row"], (self.logits, row, np.int32(0)), {}))
+    if self.compact_widths:
+      moves = np.zeros(self.num_slots, np.int32)
+      jobs.append((self._fns["move_rows"], (self.logits, moves, moves), {}))
+    progress = Progress("engine precompile", len(jobs), unit="programs")
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+      for done in concurrent.futures.as_completed(
+          [pool.submit(lambda f, a, k: f.lower(*a, **k).compile(), *job) for job in jobs]):
+        done.result()
+        progress.update()
+    progress.finish()
+    return len(jobs)
 
   @property
   def busy(self) -> bool:
@@ -458,8 +543,7 @@ class Engine:
       table = self._table([p.seq.pages], 8)[0]
       params, p.logits_version = self._weights
       self.cache, p.logits = self._fns["prefill"](
-          params, self.cache, jnp.asarray(tokens), jnp.int32(p.seq.length),
-          jnp.int32(count), jnp.asarray(table))
+          params, self.cache, tokens, np.int32(p.seq.length), np.int32(count), table)
       p.seq.length += count
       p.done += count
       self.stats["prefill_chunks"] += 1
@@ -469,8 +553,8 @@ class Engine:
     rng = p.spec.rng if p.spec.rng is not None else jax.random.key(0)
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
       rng = jax.random.wrap_key_data(rng)
-    for g, (sid, new) in enumerate(zip(p.sample_ids, _per_sample(p.spec))):
-      key = np.asarray(jax.random.key_data(jax.random.fold_in(rng, g)), np.uint32)
+    keys = np.asarray(_sample_keys(rng, np.arange(len(p.sample_ids))), np.uint32)
+    for g, (sid, new, key) in enumerate(zip(p.sample_ids, _per_sample(p.spec), keys)):
       seq = p.seq.fork(self.allocator)
       self._ready.append(_Sample(sid, p.request, g, p.spec, seq, p.logits, p.logits_version,
                                  key, new))
@@ -483,7 +567,7 @@ class Engine:
         return
       if self._slots[i] is None:
         sample = self._ready.popleft()
-        self.logits = self._fns["set_row"](self.logits, sample.logits, jnp.int32(i))
+        self.logits = self._fns["set_row"](self.logits, sample.logits, np.int32(i))
         self._slots[i] = sample
 
   def _copy(self, copies: list[tuple[int, int]]) -> None:
@@ -493,52 +577,83 @@ class Engine:
     src = np.full(width, SCRATCH_PAGE, np.int32)
     dst = np.full(width, SCRATCH_PAGE, np.int32)
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
-    self.cache = self._fns["copy"](self.cache, jnp.asarray(src), jnp.asarray(dst))
+    self.cache = self._fns["copy"](self.cache, src, dst)
 
   def _table(self, page_lists: list[list[int]], minimum: int) -> np.ndarray:
     """Page lists -> a [rows, M] int32 table, M a power of two >= minimum (few compiled
-    shapes)."""
-    width = _bucket(max(len(p) for p in page_lists), minimum)
+    shapes). Host arrays like this one go to the jitted calls as they are: the call's
+    dispatch moves them, in less host time than a jnp.asarray each."""
+    counts = np.fromiter(map(len, page_lists), np.int64, len(page_lists))
+    width = _bucket(int(counts.max()), minimum)
     table = np.full((len(page_lists), width), SCRATCH_PAGE, np.int32)
-    for row, pages in enumerate(page_lists):
-      table[row, :len(pages)] = pages
+    # Row-major boolean assignment: row r's first counts[r] entries get its pages, in order.
+    table[np.arange(width) < counts[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(page_lists), np.int32, int(counts.sum()))
     return table
 
   def _split(self, pages: list[int], width: int) -> tuple[np.ndarray, int]:
-    """(long_rows [N], short_pages) for `paged.split_attend`: the `long_rows` slots with
-    the most pages, and the table width (a power of two >= 8) the others fit."""
-    n = self.long_rows
+    """(long_rows [N], short_pages) for `paged.split_attend` of a call over the slots with
+    `pages` pages each: the `long_rows` slots with the most pages (the call's row count =
+    none), and the table width (a power of two >= 8) the others fit. Which slots are long
+    depends on the page counts only (a slot past the cut has more pages than every slot
+    short of it), so a compacted call splits its samples as the full one would."""
+    n, none = self.long_rows, len(pages)
     order = np.argsort(pages, kind="stable")[::-1]
     if n == 0 or len(pages) <= n:
-      return np.full(max(n, 1), self.num_slots, np.int32), width
+      return np.full(max(n, 1), none, np.int32), width
     short = _bucket(pages[order[n]], 8)
     if short >= width:
-      return np.full(n, self.num_slots, np.int32), width
-    rows = np.where(np.asarray(pages)[order[:n]] > short, order[:n], self.num_slots)
+      return np.full(n, none, np.int32), width
+    rows = np.where(np.asarray(pages)[order[:n]] > short, order[:n], none)
     return rows.astype(np.int32), short
+
+  def _width(self) -> int:
+    """Rows of the next decode call: the narrowest compact width that holds every busy slot,
+    else num_slots."""
+    busy = self.num_slots - self._free_slots()
+    return min((w for w in self.compact_widths if w >= busy), default=self.num_slots)
+
+  def _move_into(self, width: int) -> None:
+    """Moves the samples of slots >= width into free slots < width, their carried logits rows
+    with them (the caller checked that they fit). A sample's draws do not depend on its slot
+    (its key stream is its own), so this changes no token."""
+    free = [i for i in range(width) if self._slots[i] is None]
+    moves = list(zip([i for i in range(width, self.num_slots) if self._slots[i] is not None],
+                     free))
+    if not moves:
+      return
+    source = np.zeros(self.num_slots, np.int32)
+    dest = np.full(self.num_slots, self.num_slots, np.int32)  # one shape: padded to the slots
+    source[:len(moves)], dest[:len(moves)] = zip(*moves)
+    self.logits = self._fns["move_rows"](self.logits, source, dest)
+    for src, dst in moves:
+      self._slots[dst], self._slots[src] = self._slots[src], None
+    self.stats["moved_samples"] += len(moves)
 
   def _decode(self) -> None:
     steps = self.steps_per_call
-    slots = self._slots
+    n = self._width()
+    if n < self.num_slots:
+      self._move_into(n)
+    slots = self._slots[:n]
+    busy = [(i, s) for i, s in enumerate(slots) if s is not None]
     copies = []
-    for s in slots:
-      if s is not None:
-        copies += s.seq.reserve(self.allocator, min(steps, s.remaining))
+    for _, s in busy:
+      copies += s.seq.reserve(self.allocator, min(steps, s.remaining))
     self._copy(copies)
     samplings = self._samplings
-    n = self.num_slots
+    choices = {sampling: index for index, sampling in enumerate(samplings)}
     positions = np.zeros(n, np.int32)
     budget = np.zeros(n, np.int32)
     counts = np.zeros(n, np.int32)
     stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
     choice = np.zeros(n, np.int32)
     keys = np.zeros((n, 2), np.uint32)
-    for i, s in enumerate(slots):
-      if s is None:
-        continue
+    for i, s in busy:
       positions[i], budget[i], counts[i] = s.seq.length, s.remaining, len(s.tokens)
-      stops[i, :len(s.spec.stop_ids)] = s.spec.stop_ids
-      choice[i] = samplings.index(s.spec.sampling)
+      if s.spec.stop_ids:
+        stops[i, :len(s.spec.stop_ids)] = s.spec.stop_ids
+      choice[i] = choices[s.spec.sampling]
       keys[i] = s.key
     table = self._table([s.seq.pages if s is not None else [] for s in slots],
                         self.min_table_pages)
@@ -548,10 +663,8 @@ class Engine:
     start = time.perf_counter()
     params, version = self._weights
     self.cache, self.logits, records = self._fns["decode"](
-        params, self.cache, self.logits, jnp.asarray(table), jnp.asarray(positions),
-        jnp.asarray(budget), jnp.asarray(counts), jnp.asarray(stops), jnp.asarray(choice),
-        jnp.asarray(keys), jnp.asarray(long_rows), samplings=samplings, steps=steps,
-        short_pages=short_pages)
+        params, self.cache, self.logits, table, positions, budget, counts, stops, choice, keys,
+        long_rows, samplings=samplings, steps=steps, short_pages=short_pages)
     records = np.asarray(records)  # the one host sync per call
     self.stats["decode_calls"] += 1
     mask = records[..., 3] > 0
@@ -562,20 +675,24 @@ class Engine:
     self._chunks_at_last_call = chunks
     self.stats["decode_steps"] += run
     self.stats["slot_steps"] += int(mask.sum())
-    for i, s in enumerate(slots):
-      if s is None:
-        continue
-      row = records[i][mask[i]]
-      s.tokens += row[:, 0].astype(np.int64).tolist()
-      s.logprobs += row[:, 1].tolist()
-      s.entropies += row[:, 2].tolist()
-      if len(row):
+    if n < self.num_slots:
+      self.stats["compact_calls"] += 1
+      self.stats["compact_steps"] += run
+    # A slot's records are a prefix of the steps (once its budget is 0 it stays 0).
+    made = mask.sum(axis=1).tolist()
+    tokens = records[..., 0].astype(np.int64)
+    for i, s in busy:
+      k = made[i]
+      if k:
+        s.tokens += tokens[i, :k].tolist()
+        s.logprobs += records[i, :k, 1].tolist()
+        s.entropies += records[i, :k, 2].tolist()
         # The first token came from the logits carried into this call; the others (and the
         # logits carried out) from this call's weights.
-        s.versions += [s.logits_version] + [version] * (len(row) - 1)
+        s.versions += [s.logits_version] + [version] * (k - 1)
         s.logits_version = version
-      s.seq.length += len(row)
-      stopped = bool(len(row)) and s.tokens[-1] in s.spec.stop_ids
+        s.seq.length += k
+      stopped = bool(k) and s.tokens[-1] in s.spec.stop_ids
       if stopped or s.remaining <= 0:
         self._finish(i, s, stopped)
 

@@ -34,12 +34,14 @@ RECORDS = ("token", "logprob", "entropy", "mask")  # a decode call's per-step re
 
 
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-           lengths: jax.Array, backend: str = "auto") -> jax.Array:
-  """The engine's one decode-attention dispatch: `paged_decode_attention` (shapes there);
-  backend "reference" forces its plain-JAX reference."""
+           lengths: jax.Array, backend: str = "auto",
+           tiling_batch: int | None = None) -> jax.Array:
+  """The engine's one decode-attention dispatch: `paged_decode_attention` (shapes and
+  tiling_batch there); backend "reference" forces its plain-JAX reference."""
   if backend == "reference":
     return paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths)
-  return paged_decode_attention(q, k_pages, v_pages, page_table, lengths, backend=backend)
+  return paged_decode_attention(q, k_pages, v_pages, page_table, lengths, backend=backend,
+                                tiling_batch=tiling_batch)
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int) -> dict[str, list[jax.Array]]:
@@ -107,19 +109,20 @@ def prefill_chunk(params: DecodeParams, cache: dict[str, list[jax.Array]], token
 
 def split_attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
                  lengths: jax.Array, long_rows: jax.Array, short_pages: int,
-                 backend: str = "auto") -> jax.Array:
+                 backend: str = "auto", tiling_batch: int | None = None) -> jax.Array:
   """`attend` in two calls: every row over the first `short_pages` table columns, then the
   rows `long_rows` [N] (index B = none) over the whole table, replacing theirs.
 
   For a backend whose cost grows with the table width (the XLA one gathers B x M pages), a
   long-tailed batch then reads its few long rows' pages, not every row at their width. The
-  caller puts every row longer than `short_pages` pages in `long_rows`.
+  caller puts every row longer than `short_pages` pages in `long_rows`. tiling_batch: as
+  `attend`'s, for the call over every row (the long rows' call has N rows at any width).
   """
   size = k_pages.shape[2]
   if short_pages >= page_table.shape[1]:
-    return attend(q, k_pages, v_pages, page_table, lengths, backend)
+    return attend(q, k_pages, v_pages, page_table, lengths, backend, tiling_batch)
   out = attend(q, k_pages, v_pages, page_table[:, :short_pages],
-               jnp.minimum(lengths, short_pages * size), backend)
+               jnp.minimum(lengths, short_pages * size), backend, tiling_batch)
   picked = jnp.take(lengths, long_rows, axis=0, mode="fill", fill_value=0)
   long_out = attend(jnp.take(q, long_rows, axis=0, mode="clip"), k_pages, v_pages,
                     jnp.take(page_table, long_rows, axis=0, mode="clip"), picked, backend)
@@ -130,11 +133,13 @@ def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens:
                 positions: jax.Array, active: jax.Array, page_table: jax.Array,
                 rope: tuple[jax.Array, jax.Array], *, config: ModelConfig,
                 attention: str = "auto", long_rows: jax.Array | None = None,
-                short_pages: int = 0) -> tuple[dict[str, list[jax.Array]], jax.Array]:
+                short_pages: int = 0, tiling_batch: int | None = None
+                ) -> tuple[dict[str, list[jax.Array]], jax.Array]:
   """Feeds one token per row, each at its own position: tokens, positions [B] int32, active [B]
   bool (inactive rows write the scratch page and attend to nothing), page_table [B, M], rope
   tables covering M*page_size positions -> (cache, float32 logits [B, V]). With `long_rows`,
-  attention is `split_attend` (rows outside them must fit `short_pages` pages)."""
+  attention is `split_attend` (rows outside them must fit `short_pages` pages); tiling_batch
+  as `attend`'s."""
   size = cache["k"][0].shape[2]
   rows = jnp.arange(tokens.shape[0])
   page = jnp.where(active, page_table[rows, positions // size], SCRATCH_PAGE)
@@ -150,10 +155,10 @@ def decode_step(params: DecodeParams, cache: dict[str, list[jax.Array]], tokens:
     new_k.append(k_pages)
     new_v.append(v_pages)
     if long_rows is None:
-      out = attend(q[:, 0], k_pages, v_pages, page_table, lengths, attention)
+      out = attend(q[:, 0], k_pages, v_pages, page_table, lengths, attention, tiling_batch)
     else:
       out = split_attend(q[:, 0], k_pages, v_pages, page_table, lengths, long_rows,
-                         short_pages, attention)
+                         short_pages, attention, tiling_batch)
     h = layer_output(layer, h, out.reshape(out.shape[0], 1, -1), config)
   last = rms_norm(h[:, 0], params.final_norm, config.rms_norm_eps)
   return {"k": new_k, "v": new_v}, head_logits(last, params, config)
@@ -187,20 +192,38 @@ def decode_loop(params: DecodeParams, cache: dict[str, list[jax.Array]], logits:
                 samplings: tuple[SamplingParams, ...], steps: int, pad_id: int,
                 short_pages: int, attention: str = "auto"
                 ) -> tuple[dict[str, list[jax.Array]], jax.Array, jax.Array]:
-  """Up to `steps` decode steps of every slot in one program: sample -> record -> feed.
+  """Up to `steps` decode steps of slots [0, W) in one program: sample -> record -> feed.
 
-  Args (S slots): logits [S,V] float32 (each slot's next-token logits); page_table [S,M] with
-    pages reserved for `min(steps, budget)` more tokens; positions [S] (tokens in the cache);
-    budget [S] tokens each slot may still generate (0: an empty slot); counts [S] tokens it
-    generated so far (its key stream's position); stop_table [S,K] stop ids, -1 padded;
-    choice [S] index into `samplings`; keys [S,2] uint32 key data; long_rows [N] the slots
-    that may need more than `short_pages` pages this call (`split_attend`; S = none).
+  Args (S slots, the first W of them run; W < S: a compacted call):
+    logits [S,V] float32 (each slot's next-token logits; rows past W pass through);
+    page_table [W,M] with pages reserved for `min(steps, budget)` more tokens; positions [W]
+    (tokens in the cache); budget [W] tokens each slot may still generate (0: an empty slot);
+    counts [W] tokens it generated so far (its key stream's position); stop_table [W,K] stop
+    ids, -1 padded; choice [W] index into `samplings`; keys [W,2] uint32 key data; long_rows
+    [N] the slots that may need more than `short_pages` pages this call (`split_attend`;
+    W = none).
 
   Returns:
-    (cache, logits [S,V], records [S, steps, 4] float32 of RECORDS). A slot stops at a stop
+    (cache, logits [S,V], records [W, steps, 4] float32 of RECORDS). A slot stops at a stop
     id (the stop token is fed, as the static sampler does) or when its budget runs out; the
-    loop ends early when every slot has stopped.
+    loop ends early when every slot has stopped. A compacted call tiles attention as the
+    S-row call does (`attend`'s tiling_batch), so each slot's rows are the same.
   """
+  slots, width = logits.shape[0], positions.shape[0]
+  loop = functools.partial(_loop, params, config=config, samplings=samplings, steps=steps,
+                           pad_id=pad_id, short_pages=short_pages, attention=attention)
+  if width == slots:
+    return loop(cache, logits, page_table, positions, budget, counts, stop_table, choice, keys,
+                long_rows)
+  cache, head, records = loop(cache, logits[:width], page_table, positions, budget, counts,
+                              stop_table, choice, keys, long_rows, tiling_batch=slots)
+  return cache, logits.at[:width].set(head), records
+
+
+def _loop(params, cache, logits, page_table, positions, budget, counts, stop_table, choice, keys,
+          long_rows, *, config, samplings, steps, pad_id, short_pages, attention,
+          tiling_batch=None):
+  """`decode_loop` over every row it is given (W = S); tiling_batch as `attend`'s."""
   rope = rope_tables(config, page_table.shape[1] * cache["k"][0].shape[2])
   init = dict(step=jnp.int32(0), cache=cache, logits=logits, positions=positions, budget=budget,
               counts=counts, records=jnp.zeros((logits.shape[0], steps, len(RECORDS)),
@@ -214,7 +237,8 @@ def decode_loop(params: DecodeParams, cache: dict[str, list[jax.Array]], logits:
     new_cache, new_logits = decode_step(params, config=config, cache=c["cache"], tokens=token,
                                         positions=c["positions"], active=active,
                                         page_table=page_table, rope=rope, attention=attention,
-                                        long_rows=long_rows, short_pages=short_pages)
+                                        long_rows=long_rows, short_pages=short_pages,
+                                        tiling_batch=tiling_batch)
     step = active.astype(jnp.int32)
     record = jnp.stack([token.astype(jnp.float32), jnp.where(active, logprob, 0.0),
                         jnp.where(active, entropy, 0.0), active.astype(jnp.float32)], axis=-1)
@@ -243,15 +267,25 @@ def set_row(logits: jax.Array, row: jax.Array, index: jax.Array) -> jax.Array:
   return logits.at[index].set(row)
 
 
+def move_rows(logits: jax.Array, source: jax.Array, dest: jax.Array) -> jax.Array:
+  """logits [S,V] with row dest[i] <- row source[i] (every row read before any is written);
+  source, dest [N] int32, dest S = no move."""
+  return logits.at[dest].set(jnp.take(logits, source, axis=0, mode="clip"), mode="drop")
+
+
 @functools.lru_cache(maxsize=16)
-def jitted(config: ModelConfig, pad_id: int, attention: str) -> dict[str, Any]:
-  """The engine's device programs for one model config, jitted once (cache buffers donated)."""
+def jitted(config: ModelConfig, pad_id: int, attention: str,
+           compiler_options: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+  """The engine's device programs for one model config, jitted once (cache buffers donated);
+  compiler_options: XLA options of the decode loop's compilation (sorted (name, value)
+  pairs, as `jax.jit(compiler_options=...)` takes them as a dict)."""
   return {
       "prefill": jax.jit(functools.partial(prefill_chunk, config=config), donate_argnums=(1,)),
       "decode": jax.jit(functools.partial(decode_loop, config=config, pad_id=pad_id,
                                           attention=attention),
                         static_argnames=("samplings", "steps", "short_pages"),
-                        donate_argnums=(1, 2)),
+                        donate_argnums=(1, 2), compiler_options=dict(compiler_options) or None),
       "copy": jax.jit(copy_pages, donate_argnums=(0,)),
       "set_row": jax.jit(set_row, donate_argnums=(0,)),
+      "move_rows": jax.jit(move_rows, donate_argnums=(0,)),
   }

@@ -13,6 +13,8 @@ compiled Mosaic GPU kernel runs on a Hopper GPU (`KAT_TEST_GPU=1`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,27 @@ def _mgpu_check(case, interpret: bool) -> None:
 @pytest.mark.parametrize("case", _MGPU_CASES)
 def test_mosaic_gpu_interpreted_matches_reference(case):
   _mgpu_check(case, interpret=True)
+
+
+@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
+                    "(jax._src.pallas.mosaic_gpu.interpret)")
+def test_mosaic_gpu_rows_taken_out_of_a_batch_keep_their_results_under_its_tiling_batch():
+  # The engine's compacted decode call runs a few rows of a 128-row batch: with the wide
+  # batch's tiling_batch their splits, and so their rounding, are the wide call's, bit for
+  # bit; left to their own batch they would get another split (checked below).
+  from kat_jax.kernels.paged_attention_mgpu import default_tiling  # pylint: disable=g-import-not-at-top
+  q, k, v, table, lengths = _case(6, groups=2, head_dim=64, page_size=16, dtype=jnp.bfloat16,
+                                  max_pages=28, dead_slot_value=30.0)
+  rows = jnp.asarray([1, 5, 6])  # 5: a row over the whole table (3 splits at 128 rows)
+  assert default_tiling(3, 2, 28 * 16, 16) != default_tiling(128, 2, 28 * 16, 16)
+  kernel = jax.jit(functools.partial(paged_decode_attention_mgpu, tiling_batch=128,
+                                     interpret=True))
+  whole = kernel(q, k, v, table, lengths)
+  part = kernel(q[rows], k, v, table[rows], lengths[rows])
+  np.testing.assert_array_equal(np.asarray(part, np.float32), np.asarray(whole[rows], np.float32))
+  own = jax.jit(functools.partial(paged_decode_attention_mgpu, interpret=True))(
+      q[rows], k, v, table[rows], lengths[rows])
+  assert np.any(np.asarray(own) != np.asarray(part)), "the split did not change the rounding"
 
 
 # Engine shapes: (Hq, Hkv, D, page_size, tiling keywords) of qwen2.5-1.5b and -7b heads.

@@ -1,5 +1,6 @@
 """benchmarks/rl_step.py on CPU at tiny size: both workloads, k = 0 and 1, do exactly the drawn
-work, and the one-step-stale run trains its second batch one version behind."""
+work (with the engine's tail compaction on), and the one-step-stale run trains its second batch
+one version behind."""
 
 import numpy as np
 
@@ -8,7 +9,10 @@ from kat_jax.testing import benchmark_module
 
 def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path):
   bench = benchmark_module("rl_step")
-  report = bench.main(["--tiny", "--out", str(tmp_path / "rl_step.json")])
+  # Compaction on (a call with <= 2 of the 8 slots busy runs 2 rows), command buffers asked
+  # for (GPU only: no compiler option here), the engine's programs compiled up front.
+  report = bench.main(["--tiny", "--compact_widths", "2", "--command_buffers",
+                       "--precompile", "2", "--out", str(tmp_path / "rl_step.json")])
   assert (tmp_path / "rl_step.json").exists()
   args = bench._parse(["--tiny"])  # pylint: disable=protected-access
   _, lengths = benchmark_module("rollout").workload(args, 1024)
@@ -26,7 +30,10 @@ def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path)
     assert all(s["tree_tokens"] < s["unrolled_tokens"] for s in steps)
     assert all((s["is_weight_mean"] is None) == (result["k"] == 0) for s in steps)
     assert np.isfinite(result["tokens_per_s_per_device"]) and result["tokens_per_s_per_device"] > 0
-    assert result["engine"] == {"attention": "xla", "long_rows": 8, "num_slots": args.num_slots}
+    engine = result["engine"]
+    assert engine.pop("compact_calls") > 0 and engine.pop("precompile")["programs"] > 0
+    assert engine == {"attention": "xla", "long_rows": 8, "num_slots": args.num_slots,
+                      "compact_widths": [2], "command_buffers": True, "compiler_options": {}}
 
 
 def test_rl_step_reports_does_not_fit_when_the_static_state_exceeds_device_memory(

@@ -545,3 +545,147 @@ def test_attention_plan_splits_long_rows_only_for_xla_and_keeps_a_spread_pool_on
   # A pool over several devices: XLA partitions its attention by kv head; a Pallas call would
   # gather the whole pool onto every device.
   assert attention_plan("auto", config, 16, spread=True) == ("xla", 8)
+
+
+# ---- tail compaction (Engine(compact_widths=...)) and command buffers ----
+
+
+_TAIL_SAMPLING = SamplingParams(1.0, top_k=5)  # one params set: one program per shape
+
+
+def _tail_run(config, dparams, compact_widths):
+  """A long-tailed batch on 6 slots: 4 requests x 2 samples (one kept, forked in two and both
+  branches extended from on_finish, so the busy count rises again after the tail began), a
+  weight swap after the 2nd decode call; -> (completions, decode widths called, engine)."""
+  engine = Engine(config, dparams, num_slots=6, num_pages=64, page_size=4, steps_per_call=3,
+                  prefill_chunk=16, long_rows=1, min_table_pages=16,
+                  compact_widths=compact_widths)
+  widths = []
+  decode = engine._fns["decode"]
+
+  def counted(params, cache, logits, table, *args, **kwargs):
+    widths.append(int(table.shape[0]))
+    return decode(params, cache, logits, table, *args, **kwargs)
+
+  engine._fns = dict(engine._fns, decode=counted)  # this engine's copy only
+  rng = np.random.default_rng(7)
+  # Request 3 (kept) waits for a slot; its second sample ends while only request 2's long one
+  # runs beside it, so its forks' extends lift the busy count past 3 again.
+  for i, new in enumerate(([3, 4], [5, 6], [7, 30], [8, 14])):
+    prompt = rng.integers(1, config.vocab_size, size=3 + 4 * i).tolist()
+    engine.submit(Request(prompt, new, sampling=_TAIL_SAMPLING, num_samples=2,
+                          rng=jax.random.key(i), keep=i == 3, stop_ids=(3,) * (i == 0)))
+
+  def on_step(_):
+    if engine.stats["decode_calls"] == 2 and engine.version == 0:
+      engine.set_params(dparams, 1)
+
+  def on_finish(_, completion):
+    if completion.sequence is not None:
+      a, b = engine.fork(completion.sequence, 2)
+      engine.release(completion.sequence)
+      engine.extend(a, [5, 6, 7], max_new_tokens=9, sampling=_TAIL_SAMPLING,
+                    rng=jax.random.key(10))
+      engine.extend(b, [8], max_new_tokens=4, sampling=_TAIL_SAMPLING)
+
+  return engine.run(on_step, on_finish), widths, engine
+
+
+def test_tail_compaction_gives_the_full_width_engines_tokens_logprobs_and_versions(model):
+  """With compact_widths=(3,), calls with <= 3 busy slots run 3 rows after moving the busy
+  samples down, and the batch's busy count crosses 3 both ways (the forks' extends); every
+  sample's tokens, log-probs, entropies, stop flag and versions equal the full-width engine's
+  bit for bit, and every page comes back."""
+  config, _, dparams = model
+  want, full_widths, _ = _tail_run(config, dparams, ())
+  got, widths, engine = _tail_run(config, dparams, (3,))
+  assert set(full_widths) == {6} and len(widths) == len(full_widths)
+  first_compact = widths.index(3)
+  assert 6 in widths[first_compact:], "the busy count never rose past 3 after the tail began"
+  assert engine.stats["compact_calls"] == widths.count(3) and engine.stats["moved_samples"] > 0
+  assert want.keys() == got.keys() and len(want) == 12
+  for sid, w in want.items():
+    g = got[sid]
+    assert (g.request, g.sample, g.tokens, g.stopped) == (w.request, w.sample, w.tokens,
+                                                          w.stopped), sid
+    for field in ("logprobs", "entropies", "versions"):
+      np.testing.assert_array_equal(getattr(g, field), getattr(w, field), err_msg=f"{sid}")
+  assert {v for c in got.values() for v in c.versions} == {0, 1}
+  assert engine.allocator.num_used == 0
+
+
+def test_move_rows_moves_rows_read_before_writes_and_skips_padding():
+  from kat_jax.sampling.paged import move_rows  # pylint: disable=g-import-not-at-top
+  logits = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+  # rows 4 -> 0 and 0 -> 4 (a swap: both read first); padding entries (dest 5) move nothing
+  got = move_rows(jnp.asarray(logits), jnp.asarray([4, 0, 0, 0, 0]),
+                  jnp.asarray([0, 4, 5, 5, 5]))
+  np.testing.assert_array_equal(got, logits[[4, 1, 2, 3, 0]])
+
+
+def test_compact_widths_outside_the_slots_error_and_command_buffers_stay_off_the_cpu(model):
+  config, _, dparams = model
+  with pytest.raises(ValueError, match=r"compact_widths must lie in \[1, num_slots=4\), got 4"):
+    Engine(config, dparams, **_ENGINE, compact_widths=(2, 4))
+  engine = Engine(config, dparams, **_ENGINE, command_buffers=True)
+  assert jax.default_backend() == "cpu" and engine.compiler_options == {}
+  [sid] = engine.submit(Request([5, 9, 33], 4, sampling=GREEDY))
+  assert len(engine.run()[sid].tokens) == 4
+
+
+def test_page_table_rows_hold_each_sequences_pages_then_scratch(model):
+  config, _, dparams = model
+  engine = Engine(config, dparams, **_ENGINE)
+  pages = [[5, 3], [], [7, 1, 2, 9, 4, 6, 8, 10, 11], [12]]
+  table = engine._table(pages, 8)
+  assert table.shape == (4, 16) and table.dtype == np.int32  # 9 pages -> a width of 16
+  for row, want in zip(table, pages):
+    assert row[:len(want)].tolist() == want and not row[len(want):].any()  # scratch page 0
+
+
+_ENGINE_PROGRAMS = ("jit(decode_loop)", "jit(prefill_chunk)", "jit(copy_pages)", "jit(set_row)",
+                    "jit(move_rows)")
+
+
+def test_precompile_compiles_every_program_a_run_then_calls_and_changes_no_token(model):
+  """Engine.precompile (2 threads) compiles each program once: decode at 5 and 2 rows, table
+  widths 8 and 16, their cut widths (long_rows=1); prefill, page copies (4 and 8 pages),
+  set_row, move_rows. The run afterwards compiles none of them and gives a fresh engine's
+  tokens."""
+  config, _, dparams = model
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event.endswith("backend_compile_duration") and kwargs.get("fun_name") in _ENGINE_PROGRAMS:
+      compiled.append(kwargs["fun_name"])
+
+  # pad_id 7: programs of their own (paged.jitted is cached per pad id), so none exists yet.
+  shape = dict(num_slots=5, num_pages=64, page_size=4, steps_per_call=3, prefill_chunk=16,
+               compact_widths=(2,), long_rows=1, pad_id=7)
+  rng = np.random.default_rng(5)
+  requests = [Request(rng.integers(1, config.vocab_size, size=n).tolist(), [3 + 11 * i, 7 + i],
+                      sampling=_TAIL_SAMPLING, num_samples=2, rng=jax.random.key(i))
+              for i, n in enumerate((3, 7, 12))]  # at most 12 + 25 = 37 tokens: 10 pages
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    engine = Engine(config, dparams, **shape)
+    programs = engine.precompile(37, (_TAIL_SAMPLING,), prompt_length=12, workers=2)
+    # Tables of 8 pages (cut 8) and 16 (cuts 8, 16) at 5 and 2 rows; one prefill shape. The
+    # other programs are plain functions: another test may have compiled them for the same
+    # shapes already.
+    assert programs == 11
+    assert compiled.count("jit(decode_loop)") == 6 and compiled.count("jit(prefill_chunk)") == 1
+    assert len(compiled) <= programs
+    compiled.clear()
+    for r in requests:
+      engine.submit(r)
+    got = engine.run()
+    assert compiled == [] and engine.stats["compact_calls"] > 0
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  fresh = Engine(config, dparams, **shape)
+  for r in requests:
+    fresh.submit(r)
+  want = fresh.run()
+  assert {k: c.tokens for k, c in got.items()} == {k: c.tokens for k, c in want.items()}

@@ -26,12 +26,44 @@ def test_rollout_benchmark_simulation_schedules_every_drawn_token():
   reports the decode shapes a real run would compile."""
   module = benchmark_module("rollout")
   report = module.main(["--simulate", "--tiny", "--prompts", "6", "--num_slots", "3",
-                        "--long_rows", "1"])
+                        "--long_rows", "1", "--compact_widths", "1"])
   assert report["generated_tokens"] == report["drawn_tokens"] > 0
   assert report["decode_steps"] >= report["longest_sample"]
   assert report["decode_shapes"] and 0 < report["mean_slot_occupancy"] <= 1
   assert report["kv_held_over_live_mean"] >= 1
   assert sum(report["steps_by_active_slots"].values()) == report["decode_steps"]
+  # Calls with one busy slot run 1 row (compaction): the steps by rows split them off.
+  assert report["steps_by_rows"] == {"1": report["steps_by_active_slots"]["1-1"],
+                                     "3": report["decode_steps"]
+                                     - report["steps_by_active_slots"]["1-1"]}
+  assert {rows for rows, _, _ in report["decode_shapes"]} == {1, 3}
+
+
+def test_rollout_ab_runs_four_engines_on_one_draw_with_the_first_ones_completions(tmp_path):
+  """--ab: neither option, compaction, command buffers (no compiler option on CPU), both;
+  each run generates every drawn token, the compacted ones run narrower calls, and every
+  run's tokens and log-probs equal the first run's. --precompile compiles each run's
+  programs first (the compacted runs' have 2 more)."""
+  module = benchmark_module("rollout")
+  out = tmp_path / "rollout.json"
+  report = module.main(["--tiny", "--skip_static", "--prompts", "6", "--ab",
+                        "--compact_widths", "2", "--precompile", "2", "--out", str(out)])
+  variants = report["variants"]
+  assert list(variants) == ["base", "compact", "command_buffers", "both"]
+  assert json.loads(out.read_text())["variants"].keys() == variants.keys()
+  assert report["engine"] is variants["base"]
+  for name, run in variants.items():
+    assert run["generated_tokens"] == variants["base"]["generated_tokens"] > 0
+    assert (run["compact_calls"] > 0) == (name in ("compact", "both"))
+    assert run["command_buffers"] == (name in ("command_buffers", "both"))
+    assert run["compiler_options"] == {}  # CPU
+    compact = name in ("compact", "both")
+    assert run["precompile"]["programs"] == variants["base"]["precompile"]["programs"] + (
+        2 if compact else 0)  # the 2-row decode (one table width here) and move_rows
+    if name != "base":
+      same = run["vs_first"]
+      assert same["identical_tokens"] == same["identical_logprobs"] == same["samples"] == 12
+      assert same["first_divergence_token"] is None
 
 
 def test_step_times_split_decode_calls_by_active_slots_against_their_floor():
@@ -99,3 +131,20 @@ def test_engine_layout_gives_one_full_table_width_only_where_long_rows_are_split
   assert module.engine_layout(args, config, "mosaic_gpu") == dict(
       attention="mosaic_gpu", long_rows=0, min_table_pages=8)
   assert module.engine_layout(args, config, "xla")["min_table_pages"] == full
+
+
+def test_same_completions_counts_equal_samples_and_finds_the_first_divergence():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Completion  # pylint: disable=g-import-not-at-top
+  module = benchmark_module("rollout")
+
+  def run(tokens, logprobs):
+    return {i: Completion(0, i, t, np.asarray(lp, np.float32), versions=np.zeros(len(t), np.int32))
+            for i, (t, lp) in enumerate(zip(tokens, logprobs))}
+
+  want = run([[1, 2, 3], [4, 5, 6, 7]], [[-1, -2, -3], [-1, -1, -1, -1]])
+  # sample 0 equal; sample 1 differs from token 2 on, its shared tokens' log-probs by <= 0.25
+  got = run([[1, 2, 3], [4, 5, 9, 7]], [[-1, -2, -3], [-1, -1.25, -5, -1]])
+  assert module.same_completions(want, got) == {
+      "samples": 2, "identical_tokens": 1, "identical_logprobs": 1, "identical_versions": 2,
+      "max_abs_logprob_diff_before_divergence": 0.25, "first_divergence_token": 2}
