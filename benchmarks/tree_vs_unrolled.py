@@ -3,7 +3,7 @@
     python benchmarks/tree_vs_unrolled.py --out benchmarks/results/agentic_tree_vs_unrolled_cpu.json
     python benchmarks/tree_vs_unrolled.py --tiny          # CPU smoke run (a unit test runs it)
     python benchmarks/tree_vs_unrolled.py --high-sharing --preset qwen2.5-1.5b \
-        --dtype bfloat16 --attention tree,tree_mgpu --out $OUT/tree_vs_unrolled.json   # GPU
+        --dtype bfloat16 --attention tree_mgpu --out $OUT/tree_vs_unrolled.json   # GPU
 
 Rollouts are synthetic multi-turn trees with the shape of an agentic group: one prompt, a first
 turn shared by `branch2` episodes, `branch1` first-turn branches, a tool output and a second
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--extra-turns", type=int, default=0)
   parser.add_argument("--num-layers", type=int, default=0, help="override the preset's (0: keep)")
   parser.add_argument("--attention", default="auto",
-                      help="comma-separated model attention backends to time, e.g. tree,tree_mgpu")
+                      help="comma-separated model attention backends to time, e.g. tree_mgpu,reference")
   parser.add_argument("--high-sharing", action="store_true",
                       help=f"issue 25's agentic workload: {HIGH_SHARING}")
   parser.add_argument("--tiny", action="store_true", help=f"CPU smoke run: {TINY}")
