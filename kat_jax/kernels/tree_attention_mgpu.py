@@ -17,9 +17,10 @@ partial; hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.0
   tile's kv_end row (also TMA-copied);
 - dK/dV: one program per (key block, kv head) loops over its group's query heads, so GQA
   needs no atomics and no per-query-head buffers.
-Not done (see docs/tree_attention.md): FA3's ping-pong schedule barrier between the consumers
-and the dQ fused into the dK/dV pass (needs a TMA reduce-add, which Mosaic GPU's CPU
-interpreter does not run, so it could not be tested here).
+- optionally (`KernelTiles.ping_pong`, warp-specialised forward and dQ) FA3's ping-pong
+  schedule barrier: one consumer's softmax / dS arithmetic overlaps the other's matmuls.
+Not done (see docs/tree_attention.md): dQ fused into the dK/dV pass (needs a TMA reduce-add,
+which Mosaic GPU's CPU interpreter does not run, so it could not be tested here).
 
 Layout [B, T, H, D] (no transposes), lse / delta [B, Hq, T] float32 base 2 (as the Triton
 kernels).  Inputs bf16 or f16 (the tensor cores' operand types), D a multiple of 64.
