@@ -1,4 +1,16 @@
-# Sourced by the GPU-call scripts (run_*_gpu.sh).
+# Sourced by the GPU-call scripts (run_*_gpu.sh), which start with
+#   set -uo pipefail; source benchmarks/gpu_setup.sh; gpu_begin "$0" DEFAULT_STAGES || exit 1
+
+# gpu_begin CALLER DEFAULT_STAGES: sets `out` ($OUT, else /tmp/<caller's name>), copies
+# everything printed from here on to $out/run.log, starts the budget clock (gpu_budget) and
+# installs the wheels (gpu_setup). Returns non-zero where gpu_setup does.
+gpu_begin() {
+  out=${OUT:-/tmp/$(basename "$1" .sh)}
+  mkdir -p "$out"
+  exec > >(tee "$out/run.log") 2>&1
+  gpu_budget "$2"
+  gpu_setup "$1"
+}
 
 # gpu_budget DEFAULT_STAGES: starts the script's clock (BUDGET_S seconds in all, default 570,
 # inside a 600 s call) and its stage list (STAGES, default DEFAULT_STAGES). Then `left`

@@ -40,15 +40,11 @@
 #
 # Writes under $OUT: run.log (everything printed) and one JSON per run.
 set -uo pipefail
-out=${OUT:-/tmp/rl_step_gpu}
-mkdir -p "$out"
-exec > >(tee "$out/run.log") 2>&1
 # No network there: nothing may wait on the hub. Expandable segments: fewer fragmentation OOMs.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 source benchmarks/gpu_setup.sh
-gpu_budget ours_grpo
-gpu_setup benchmarks/run_rl_step_gpu.sh || exit 1
+gpu_begin "$0" ours_grpo || exit 1
 python3 - <<'PY'
 from importlib.metadata import version, PackageNotFoundError
 names = ("torch", "transformers", "accelerate", "trl", "datasets", "pyarrow", "fsspec",

@@ -29,12 +29,8 @@
 #   ENGINE_ARGS  rl_step.py's engine options (default "--compact_widths 32 --command_buffers")
 # Writes under $OUT: run.log and the stages' JSON files.
 set -uo pipefail
-out=${OUT:-/tmp/rollout_ab_gpu}
-mkdir -p "$out"
-exec > >(tee "$out/run.log") 2>&1
 source benchmarks/gpu_setup.sh
-gpu_budget ab
-gpu_setup benchmarks/run_rollout_ab_gpu.sh || exit 1
+gpu_begin "$0" ab || exit 1
 
 # shellcheck disable=SC2086
 run_stage ab python3 benchmarks/rollout.py --preset qwen2.5-1.5b --skip_static --ab \

@@ -21,12 +21,8 @@
 # Variables: STAGES, BUDGET_S (default 570: seconds for the whole script).
 # Writes under $OUT: run.log and the stages' JSON files.
 set -uo pipefail
-out=${OUT:-/tmp/tree_gpu}
-mkdir -p "$out"
-exec > >(tee "$out/run.log") 2>&1
 source benchmarks/gpu_setup.sh
-gpu_budget anchor
-gpu_setup benchmarks/run_tree_gpu.sh || exit 1
+gpu_begin "$0" anchor || exit 1
 
 run_stage anchor python3 benchmarks/tree_attention.py --out "$out" --check-heads 2 \
   --backends mgpu,gpu --name tree_attention_mgpu.json
