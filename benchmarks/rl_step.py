@@ -2,6 +2,7 @@
 
   PYTHONPATH=$PWD python benchmarks/rl_step.py --preset qwen2.5-1.5b --out $OUT/rl_step.json
   PYTHONPATH=$PWD python benchmarks/rl_step.py --tiny          # CPU smoke run, seconds
+  PYTHONPATH=$PWD python benchmarks/rl_step.py --simulate --kv_gib 10   # decode steps, no model
 
 The step is built from the stages' own parts: the rollout engine (continuous batching, paged
 KV, a group's samples sharing the prompt's pages), `rl.pipeline.RolloutPipeline` (k = 0:
@@ -16,7 +17,8 @@ in advance from a lognormal; a sample stops at its drawn length, no stop ids):
   * grpo: a Step-SRPO-shaped step: each prompt's G samples form one prefix tree;
   * tree: an agentic tree step: each prompt branches `--branch1` ways, each branch gets a
     `--tool_tokens` tool output and branches `samples / branch1` ways again; each leaf's two
-    turns split its drawn length in half.
+    turns split its drawn length in half. A branch's second turn starts as soon as its first
+    turn ends (`--turn_barrier`, the baseline: after every first turn ended).
 The model is random, so the reward is the math verifier (SymPy worker) on a stand-in answer
 derived from the tokens: real verifier work, meaningless values.
 

@@ -15,8 +15,9 @@ recorded), its tool calls are parsed and its environment stepped (an episode the
 or max_length cuts off is scored) on a thread pool; when that step returns, the observation
 rendered by the chat template (mask 0) is appended to the episode's kept sequence and its
 next turn is submitted at once. There is no turn barrier: an episode never waits for other
-episodes' turns, so with long-tailed response lengths the rollout takes about as long as its
-longest episode, not the sum of each turn's longest sample. Each turn's request key follows
+episodes' turns, so its next turn takes slots that a barrier would leave idle while each
+turn's longest samples finish (with long-tailed response lengths a barrier makes the rollout
+last about the sum over turns of each turn's longest sample). Each turn's request key follows
 from the episode's identity (task, turn, branch ids), so the samples do not depend on the
 order in which turns or environment steps end.
 
@@ -161,7 +162,7 @@ def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
   """Episodes alive at once at most: every task branched at every turn."""
   count = num_tasks
   for turn in range(cfg.max_turns):
-    count *= cfg.branching[turn] if turn < len(cfg.branching) else 1
+    count *= _copies(cfg, turn)
   return count
 
 

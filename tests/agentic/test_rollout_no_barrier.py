@@ -35,7 +35,9 @@ def _score(text: str) -> int:
 class UnevenEnv(Environment):
   """Episodes that end at a turn their answers decide, observations of answer-dependent
   length, and a prompt that grows with the task (task 2 meets max_length). Each step sleeps
-  DELAYS[(answer score + salt) % 3] seconds, so steps end in an order that `salt` changes."""
+  DELAYS[(answer score + copy + salt) % 3] seconds (copy: which object of the episode's
+  environment, so branches that drew the same answer differ too), so steps end in an order
+  that `salt` changes."""
 
   tools = _TOOLS
   DELAYS = (0.0, 0.02, 0.05)
@@ -48,7 +50,7 @@ class UnevenEnv(Environment):
   def step(self, action):
     self.turns += 1
     score = _score(action.content)
-    time.sleep(self.DELAYS[(score + self.salt) % len(self.DELAYS)])
+    time.sleep(self.DELAYS[(score + id(self) // 64 + self.salt) % len(self.DELAYS)])
     if self.turns >= 2 and score % 3 == 0:
       self.done = True
       return StepResult([], True, float(score % 5))
@@ -70,20 +72,20 @@ def model():
   return tokenizer, config, dparams
 
 
-def _rollout(model, salt: int, monkeypatch, barrier: bool):
+def _rollout(model, salt: int, monkeypatch, barrier: bool, vocab_limit: int):
   with monkeypatch.context() as patch:
     if barrier:
       patch.setattr(rollout_module, "_run_turns", run_turns_with_barrier)
     patch.setattr(UnevenEnv, "salt", salt)
-    return _uneven_rollout(*model)
+    return _uneven_rollout(*model, vocab_limit)
 
 
-def _uneven_rollout(tokenizer, config, dparams):
+def _uneven_rollout(tokenizer, config, dparams, vocab_limit: int = 128):
   # Three slots for up to 12 live episodes: turns queue for slots as well as for env steps.
   sampler = EngineSampler(config, pad_id=tokenizer.pad_id, prefill_chunk=32, num_slots=3,
                           page_size=4)
   cfg = RolloutConfig(branching=(2, 2), max_turns=3, max_new_tokens=4, max_length=MAX_LENGTH,
-                      sampling=SamplingParams(1.0, vocab_limit=128))
+                      sampling=SamplingParams(1.0, vocab_limit=vocab_limit))
   manager = TrajectoryManager()
   groups = tree_rollout(sampler, dparams, UnevenEnv, [0, 1, 2], tokenizer, jax.random.key(7),
                         cfg, manager=manager)
@@ -91,18 +93,29 @@ def _uneven_rollout(tokenizer, config, dparams):
   return groups, records
 
 
+# vocab_limit 128: the draw covers every way an episode ends. 2: branches often draw the same
+# turn, so the manager continues one recorded turn with several episodes' next turns (children
+# of one interaction), whose record order must not follow the order they end in.
+@pytest.mark.parametrize("vocab_limit", [128, 2])
 def test_rollout_equals_the_turn_by_turn_reference_whatever_order_env_steps_end_in(
-    model, monkeypatch):
-  reference = _rollout(model, 0, monkeypatch, barrier=True)
-  runs = [_rollout(model, salt, monkeypatch, barrier=False) for salt in (0, 1)]
+    model, monkeypatch, vocab_limit):
+  reference = _rollout(model, 0, monkeypatch, barrier=True, vocab_limit=vocab_limit)
+  runs = [_rollout(model, salt, monkeypatch, barrier=False, vocab_limit=vocab_limit)
+          for salt in (0, 1)]
   ref_groups, ref_records = reference
   episodes = [e for g in ref_groups for e in g]
-  # The draw covers every way an episode ends: its environment (before the turn limit too),
-  # max_length (task 2: a cut-off before turn 3) and the turn limit (turn 3).
-  ended_by_env = [e for e in episodes if e.reward != _CUT_OFF_REWARD]
-  assert any(e.turns == 2 and e.group < 2 for e in ended_by_env)
-  cut = [e for e in episodes if e.reward == _CUT_OFF_REWARD]
-  assert {e.turns for e in cut if e.group == 2} == {2} and {e.turns for e in cut} == {2, 3}
+  if vocab_limit == 128:
+    # Ended by the environment (before the turn limit too), by max_length (task 2: a cut-off
+    # before turn 3) and by the turn limit (turn 3).
+    ended_by_env = [e for e in episodes if e.reward != _CUT_OFF_REWARD]
+    assert any(e.turns == 2 and e.group < 2 for e in ended_by_env)
+    cut = [e for e in episodes if e.reward == _CUT_OFF_REWARD]
+    assert {e.turns for e in cut if e.group == 2} == {2} and {e.turns for e in cut} == {2, 3}
+  else:  # two first-turn branches drew the same turn and then went different ways
+    assert any(a.branch_id[0] != b.branch_id[0] and a.tokens != b.tokens
+               and a.loss_mask.index(1) + 4 <= len(a.tokens) and
+               a.tokens[:a.loss_mask.index(1) + 4] == b.tokens[:b.loss_mask.index(1) + 4]
+               for g in ref_groups for a in g for b in g)
   for groups, records in runs:
     assert [len(g) for g in groups] == [len(g) for g in ref_groups]
     for a, b in zip(episodes, [e for g in groups for e in g]):
