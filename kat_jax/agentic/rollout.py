@@ -281,17 +281,18 @@ class _Recorder:
       if expected[0] not in waiting:
         return
       branch_id = expected.popleft()
-      episode, prompt, result, continues, suffix = waiting.pop(branch_id)
-      episode.last_interaction = self.manager.record(
+      turn_of, prompt, result, continues, suffix = waiting.pop(branch_id)
+      turn_of.last_interaction = self.manager.record(
           group, prompt, result.tokens, result.logprobs, getattr(result, "versions", None),
           result.entropies)
       if continues:
         self.following[group] += [branch_id + (c,)
                                   for c in range(_copies(self.cfg, len(branch_id)))]
       else:
-        self.manager.set_reward(episode.last_interaction, episode.reward, suffix=suffix)
+        self.manager.set_reward(turn_of.last_interaction, turn_of.reward, suffix=suffix)
 
   def check_done(self) -> None:
+    """Raises if a turn that ended was never recorded (a turn before it never ended)."""
     left = {g: sorted(w) for g, w in self.waiting.items() if w}
     if left:
       raise RuntimeError(f"turns ended but never recorded (group: branch ids): {left}")
