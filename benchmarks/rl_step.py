@@ -2,6 +2,7 @@
 
   PYTHONPATH=$PWD python benchmarks/rl_step.py --preset qwen2.5-1.5b --out $OUT/rl_step.json
   PYTHONPATH=$PWD python benchmarks/rl_step.py --tiny          # CPU smoke run, seconds
+  PYTHONPATH=$PWD python benchmarks/rl_step.py --simulate --kv_gib 10   # decode steps, no model
 
 The step is built from the stages' own parts: the rollout engine (continuous batching, paged
 KV, a group's samples sharing the prompt's pages), `rl.pipeline.RolloutPipeline` (k = 0:
@@ -16,7 +17,8 @@ in advance from a lognormal; a sample stops at its drawn length, no stop ids):
   * grpo: a Step-SRPO-shaped step: each prompt's G samples form one prefix tree;
   * tree: an agentic tree step: each prompt branches `--branch1` ways, each branch gets a
     `--tool_tokens` tool output and branches `samples / branch1` ways again; each leaf's two
-    turns split its drawn length in half.
+    turns split its drawn length in half. A branch's second turn starts as soon as its first
+    turn ends (`--turn_barrier`, the baseline: after every first turn ended).
 The model is random, so the reward is the math verifier (SymPy worker) on a stand-in answer
 derived from the tokens: real verifier work, meaningless values.
 
@@ -47,7 +49,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rollout import (CompileClock, add_engine_option_flags, add_workload_flags,  # noqa: E402  pylint: disable=g-import-not-at-top
-                     engine_layout, engine_options, precompile, workload, write_report)
+                     engine_layout, engine_options, precompile, stand_in_device, workload,
+                     write_report)
 
 NEMO_PARAM_TOKENS_PER_S = 1562 * 8.03e9  # NeMo RL, Llama-3.1-8B on-policy GRPO, per H100
 
@@ -68,6 +71,14 @@ def _parse(argv=None) -> argparse.Namespace:
   add_workload_flags(parser)
   parser.add_argument("--branch1", type=int, default=4, help="tree: first-turn branches")
   parser.add_argument("--tool_tokens", type=int, default=64, help="tree: tool output length")
+  parser.add_argument("--turn_barrier", action="store_true",
+                      help="tree, the baseline: second turns start only after every first "
+                           "turn ended (default: each branch's second turn starts as its "
+                           "first ends)")
+  parser.add_argument("--simulate", action="store_true",
+                      help="only the rollout, on the engine's host scheduler with a stand-in "
+                           "device (rollout.py --simulate): decode steps and calls per "
+                           "workload, no model, no update")
   parser.add_argument("--num_slots", type=int, default=128)
   parser.add_argument("--page_size", type=int, default=16)
   parser.add_argument("--attention", default="auto",
@@ -116,8 +127,7 @@ class Producer:
     from kat_jax.rl.trajectories import (TrajectoryManager,  # pylint: disable=g-import-not-at-top
                                          oldest_version)
     from kat_jax.rl.tree import build_trees, pack_trees  # pylint: disable=g-import-not-at-top
-    from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
-    args, engine = self.args, self.engine
+    args = self.args
     manager, rewards = TrajectoryManager(), {}
     groups = [manager.new_group() for _ in self.prompts]
     key = jax.random.key(args.seed * 1000 + index)
@@ -128,24 +138,7 @@ class Producer:
       rewards[iid] = self.pool.score_async([{"response": _stand_in_answer(tokens),
                                              "verifier": {"type": "math", "answer": "3"}}])
 
-    self._generated = 0
-    if args.workload_now == "grpo":
-      owners = {}
-      for p, prompt in enumerate(self.prompts):
-        for g, sid in enumerate(engine.submit(Request(
-            prompt, [int(n) for n in self.lengths[p]], sampling=sampling,
-            num_samples=args.samples, rng=jax.random.fold_in(key, p)))):
-          owners[sid] = p
-
-      def finished(sid, c):
-        p = owners[sid]
-        iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
-        self._generated += len(c.tokens)
-        score(iid, c.tokens)
-
-      engine.run(on_finish=finished)
-    else:
-      self._tree(key, sampling, manager, groups, score)
+    self.generate(key, sampling, manager, groups, score)
     generated = time.perf_counter()
     values = {iid: f.result()[0].reward for iid, f in rewards.items()}
     scored = time.perf_counter()
@@ -165,44 +158,84 @@ class Producer:
             "generate_s": generated - start, "reward_wait_s": reward_wait,
             "pack_s": time.perf_counter() - scored, "seq_len": self.seq_len}
 
+  def generate(self, key, sampling, manager, groups, score) -> None:
+    """Samples the batch on the engine: records each sample in `manager` (prompt p's group
+    groups[p]) and hands each trajectory's last sample to score(interaction id, tokens) as
+    it ends."""
+    self._generated = 0
+    if self.args.workload_now == "grpo":
+      self._grpo(key, sampling, manager, groups, score)
+    else:
+      self._tree(key, sampling, manager, groups, score)
+
+  def _grpo(self, key, sampling, manager, groups, score):
+    """One turn per prompt: G samples sharing its pages."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
+    owners = {}
+    for p, prompt in enumerate(self.prompts):
+      for sid in self.engine.submit(Request(
+          prompt, [int(n) for n in self.lengths[p]], sampling=sampling,
+          num_samples=self.args.samples, rng=jax.random.fold_in(key, p))):
+        owners[sid] = p
+
+    def finished(sid, c):
+      p = owners[sid]
+      iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
+      self._generated += len(c.tokens)
+      score(iid, c.tokens)
+
+    self.engine.run(on_finish=finished)
+
   def _tree(self, key, sampling, manager, groups, score):
-    """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each."""
+    """Two turns per prompt: branch1 samples (kept), a tool output, then G/branch1 each.
+
+    No turn barrier: a branch's second turn is submitted (`Engine.extend`) in the scheduler
+    round its first turn ends, so second turns decode while other first turns still do. Its
+    tool output and key follow from (prompt, branch) alone, so the tokens do not depend on
+    the order in which first turns end."""
     import jax  # pylint: disable=g-import-not-at-top
     from kat_jax.sampling.engine import Request  # pylint: disable=g-import-not-at-top
     args, engine = self.args, self.engine
     second = args.samples // args.branch1
     rng = np.random.default_rng(args.seed + 1)
-    owners, first = {}, {}
+    tools = {(p, b): rng.integers(1, self.config.vocab_size, args.tool_tokens).tolist()
+             for p in range(len(self.prompts)) for b in range(args.branch1)}
+    first_turn, second_turn = {}, {}  # sample id -> (prompt, branch) / (prompt, context)
     for p, prompt in enumerate(self.prompts):
       half = [max(1, int(n) // 2) for n in self.lengths[p][::second][:args.branch1]]
       for b, sid in enumerate(engine.submit(Request(
           prompt, half, sampling=sampling, num_samples=args.branch1, keep=True,
           rng=jax.random.fold_in(key, p)))):
-        owners[sid] = (p, b)
+        first_turn[sid] = (p, b)
 
-    def first_done(sid, c):
-      p, b = owners[sid]
-      iid = manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
-      first[(p, b)] = (iid, c)
-      self._generated += len(c.tokens)
-
-    engine.run(on_finish=first_done)
-    turn2 = {}
-    for (p, b), (iid, c) in sorted(first.items()):
-      tool = rng.integers(1, self.config.vocab_size, args.tool_tokens).tolist()
-      context = list(self.prompts[p]) + list(c.tokens) + tool
+    def start_second_turn(p, b, c):
+      context = list(self.prompts[p]) + list(c.tokens) + tools[(p, b)]
       rest = [max(1, int(n) - int(n) // 2) for n in self.lengths[p][b * second:(b + 1) * second]]
-      for sid in engine.extend(c.sequence, tool, max_new_tokens=rest, sampling=sampling,
-                               num_samples=second, rng=jax.random.fold_in(key, 1000 + p * 64 + b)):
-        turn2[sid] = (p, context)
+      for child in engine.extend(c.sequence, tools[(p, b)], max_new_tokens=rest,
+                                 sampling=sampling, num_samples=second,
+                                 rng=jax.random.fold_in(key, 1000 + p * 64 + b)):
+        second_turn[child] = (p, context)
 
-    def second_done(sid, c):
-      p, context = turn2[sid]
-      iid = manager.record(groups[p], context, c.tokens, c.logprobs, c.versions)
+    waiting = []  # --turn_barrier: first turns ended, their second turns not yet submitted
+
+    def finished(sid, c):
       self._generated += len(c.tokens)
-      score(iid, c.tokens)
+      if sid in second_turn:
+        p, context = second_turn.pop(sid)
+        score(manager.record(groups[p], context, c.tokens, c.logprobs, c.versions), c.tokens)
+        return
+      p, b = first_turn.pop(sid)
+      manager.record(groups[p], self.prompts[p], c.tokens, c.logprobs, c.versions)
+      if args.turn_barrier:
+        waiting.append((p, b, c))
+      else:
+        start_second_turn(p, b, c)
 
-    engine.run(on_finish=second_done)
+    engine.run(on_finish=finished)
+    for p, b, c in sorted(waiting, key=lambda w: w[:2]):  # empty without --turn_barrier
+      start_second_turn(p, b, c)
+    engine.run(on_finish=finished)
 
 
 def tree_sizes(args, workload_name: str, prompts, lengths) -> np.ndarray:
@@ -216,6 +249,56 @@ def tree_sizes(args, workload_name: str, prompts, lengths) -> np.ndarray:
   first = np.maximum(1, lengths[:, ::second][:, :args.branch1] // 2).sum(axis=1)
   rest = np.maximum(1, lengths - lengths // 2).sum(axis=1)
   return prompt + first + args.branch1 * args.tool_tokens + rest
+
+
+def kv_pages(args, config) -> int:
+  """Pages of the engine's pool: `--kv_gib` of the model's KV (compute dtype)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  item = jnp.dtype(config.compute_dtype).itemsize
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
+  return int(args.kv_gib * 2**30 / (kv_per_token * args.page_size)) + 1
+
+
+def simulate(args) -> dict:
+  """`--simulate`: each workload's rollout (with and, for tree, without `--turn_barrier`) on
+  the engine's host scheduler with a stand-in device that makes one token per active slot
+  and step: decode steps (the rollout's makespan in steps), decode calls, prefill chunks,
+  slot occupancy. The pool and engine settings are the real run's (`--kv_gib` of the
+  preset's KV); no model runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine  # pylint: disable=g-import-not-at-top
+  from rollout import _stand_in_params  # pylint: disable=g-import-not-at-top
+  preset = get_preset(args.preset, dtype="float32" if args.tiny else "bfloat16")
+  config = get_preset("tiny", num_layers=1, max_position_embeddings=1 << 16)
+  prompts, lengths = workload(args, config.vocab_size)
+  runs = []
+  for name in args.workload:
+    for barrier in ([False, True] if name == "tree" else [False]):
+      run_args = argparse.Namespace(**vars(args))
+      run_args.workload_now, run_args.turn_barrier = name, barrier
+      with stand_in_device():
+        engine = Engine(config, _stand_in_params(), num_slots=args.num_slots,
+                        num_pages=kv_pages(args, preset), page_size=args.page_size,
+                        prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call,
+                        **engine_layout(args, config, "xla" if args.attention == "auto"
+                                        else args.attention), **engine_options(args))
+        producer = Producer(run_args, config, engine, None, None, prompts, lengths, 0)
+        manager = TrajectoryManager()
+        producer.generate(jax.random.key(args.seed), rollout_sampling(), manager,
+                          [manager.new_group() for _ in prompts], lambda iid, tokens: None)
+      stats = engine.stats
+      runs.append({"workload": name, "turn_barrier": barrier,
+                   "generated_tokens": producer._generated,  # pylint: disable=protected-access
+                   "decode_steps": stats["decode_steps"], "decode_calls": stats["decode_calls"],
+                   "prefill_chunks": stats["prefill_chunks"],
+                   "mean_slot_occupancy": stats["slot_steps"] / max(
+                       1, stats["decode_steps"] * args.num_slots)})
+      print(json.dumps(runs[-1]), flush=True)
+  return {"simulated": True, "preset": args.preset, "kv_gib": args.kv_gib,
+          "num_slots": args.num_slots, "steps_per_call": args.steps_per_call,
+          "command": " ".join(["python"] + sys.argv), "runs": runs}
 
 
 def update_batch(rows: dict, k: int) -> dict:
@@ -234,7 +317,6 @@ def run(args, k: int, workload_name: str, clock, bytes_limit: int | None = None)
   allocates its pool."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
   from kat_jax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
@@ -283,11 +365,8 @@ def run(args, k: int, workload_name: str, clock, bytes_limit: int | None = None)
   if line:
     print(f"note: benchmarks/rl_step.py: {line}", flush=True)
   update = make_update(remat)
-  item = jnp.dtype(config.compute_dtype).itemsize
-  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
-  num_pages = int(args.kv_gib * 2**30 / (kv_per_token * args.page_size)) + 1
   engine = Engine(config, prepare_params(state.params, config, mesh), num_slots=args.num_slots,
-                  num_pages=num_pages, page_size=args.page_size,
+                  num_pages=kv_pages(args, config), page_size=args.page_size,
                   prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call,
                   **engine_layout(args, config, args.attention), **engine_options(args))
   tree = workload_name == "tree"  # its second turns prefill onto whole first turns
@@ -414,6 +493,10 @@ def device_bytes_limit(device) -> int | None:
 
 def main(argv=None) -> dict:
   args = _parse(argv)
+  if args.simulate:
+    report = simulate(args)
+    write_report(args.out, report)
+    return report
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   import jax  # pylint: disable=g-import-not-at-top
   clock = CompileClock(jax)

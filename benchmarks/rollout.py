@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -34,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -479,40 +481,54 @@ def run_static(args, config, dparams, prompts, lengths, clock) -> dict:
           "kv_held_tokens_per_batch_mean": held / len(batches)}
 
 
-def simulate(args) -> dict:
-  """The engine's scheduling of the workload with a stand-in device (no model): each active
-  slot generates one token per step until its budget ends. Gives occupancy, decode calls,
-  the distinct (rows, table width, cut width) decode shapes a real run compiles, decode
-  steps by rows (`--compact_widths`), KV held / live, and the host's seconds per decode
-  call. `--attention` other than auto lays the engine out for that backend (auto: xla)."""
-  import contextlib  # pylint: disable=g-import-not-at-top
+@contextlib.contextmanager
+def stand_in_device(on_decode: Callable[[int, int, int, int], None] | None = None):
+  """While inside, a new `Engine` runs its host scheduler on a stand-in device (no model):
+  each active slot generates token 1 with log-prob 0 per step until its budget ends.
+  on_decode(rows, table width, cut width, steps some slot ran) is called per decode call."""
   from unittest import mock  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
-  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import SamplingParams, paged  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
-
-  config = get_preset("tiny", num_layers=1, max_position_embeddings=1 << 16)
-  shapes, steps_by_rows = set(), collections.Counter()
+  from kat_jax.sampling import paged  # pylint: disable=g-import-not-at-top
 
   def decode(params, cache, logits, table, positions, budget, counts, stops, choice, keys,
              long_rows, *, samplings, steps, short_pages):
-    shapes.add((int(table.shape[0]), int(table.shape[1]), int(short_pages)))
     live = np.asarray(budget)[:, None] > np.arange(steps)[None, :]
+    if on_decode is not None:
+      on_decode(int(table.shape[0]), int(table.shape[1]), int(short_pages),
+                int(live.any(axis=0).sum()))
     records = np.zeros(live.shape + (4,), np.float32)
     records[..., 0], records[..., 3] = 1.0, live
-    steps_by_rows[int(table.shape[0])] += int(live.any(axis=0).sum())
     return cache, logits, records
 
   fns = {"prefill": lambda params, cache, *a: (cache, None), "decode": decode,
          "copy": lambda cache, src, dst: cache, "set_row": lambda logits, row, i: logits,
          "move_rows": lambda logits, src, dst: logits}
+  with mock.patch.object(paged, "jitted", lambda *a: fns), mock.patch.object(
+      paged, "init_pages", lambda *a: {"k": [jax.numpy.zeros(1)], "v": []}):
+    yield
+
+
+def simulate(args) -> dict:
+  """The engine's scheduling of the workload with a stand-in device (`stand_in_device`).
+  Gives occupancy, decode calls,
+  the distinct (rows, table width, cut width) decode shapes a real run compiles, decode
+  steps by rows (`--compact_widths`), KV held / live, and the host's seconds per decode
+  call. `--attention` other than auto lays the engine out for that backend (auto: xla)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling.engine import Engine, Request  # pylint: disable=g-import-not-at-top
+
+  config = get_preset("tiny", num_layers=1, max_position_embeddings=1 << 16)
+  shapes, steps_by_rows = set(), collections.Counter()
+
+  def on_decode(rows, width, short, steps):
+    shapes.add((rows, width, short))
+    steps_by_rows[rows] += steps
+
   prompts, lengths = workload(args, config.vocab_size)
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(mock.patch.object(paged, "jitted", lambda *a: fns))
-    stack.enter_context(mock.patch.object(paged, "init_pages",
-                                          lambda *a: {"k": [jax.numpy.zeros(1)], "v": []}))
+  with stand_in_device(on_decode):
     num_pages = args.num_slots * (args.prompt_max + args.max_new) // args.page_size + 1
     engine = Engine(config, _stand_in_params(), num_slots=args.num_slots, num_pages=num_pages,
                     page_size=args.page_size, prefill_chunk=args.prefill_chunk,

@@ -10,11 +10,16 @@ previous turn's observation), then `branching[t]` samples that share every page 
 (copy-on-write), each kept (`Request(keep=True)`) for the next turn; an ended episode's pages
 are released. So the episodes of a task form a tree: everything before a branch is one shared
 token list with one set of behaviour log-probs, which `kat_jax.rl.tree.build_trees` then
-merges back into one trie path. Each turn: decode (per-token log-probs and entropies
-recorded); as each sample ends, parse its tool calls and step its environment (and score an
-episode the turn limit or max_length cuts off) on a thread pool
-while the others still decode; then append each observation rendered by the chat template
-(mask 0) to its episode's kept sequence.
+merges back into one trie path. As each sample ends (per-token log-probs and entropies
+recorded), its tool calls are parsed and its environment stepped (an episode the turn limit
+or max_length cuts off is scored) on a thread pool; when that step returns, the observation
+rendered by the chat template (mask 0) is appended to the episode's kept sequence and its
+next turn is submitted at once. There is no turn barrier: an episode never waits for other
+episodes' turns, so its next turn takes slots that a barrier would leave idle while each
+turn's longest samples finish (with long-tailed response lengths a barrier makes the rollout
+last about the sum over turns of each turn's longest sample). Each turn's request key follows
+from the episode's identity (task, turn, branch ids), so the samples do not depend on the
+order in which turns or environment steps end.
 
 Token layout of an episode (qwen2.5 template), matching `render_chat(messages)` exactly:
 
@@ -27,6 +32,7 @@ Token layout of an episode (qwen2.5 template), matching `render_chat(messages)` 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -156,7 +162,7 @@ def _max_episodes(num_tasks: int, cfg: RolloutConfig) -> int:
   """Episodes alive at once at most: every task branched at every turn."""
   count = num_tasks
   for turn in range(cfg.max_turns):
-    count *= cfg.branching[turn] if turn < len(cfg.branching) else 1
+    count *= _copies(cfg, turn)
   return count
 
 
@@ -173,10 +179,12 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Rollou
   rollout starts with `current()` and the engine takes every push while it runs, so an
   episode in flight at a weight update continues under the new weights.
   Each sample's environment step (tool call, reward check) starts as soon as the sample
-  ends, on a thread pool, while the turn's other samples still decode; `stats` (if given)
-  gets `env_wait_s`, the seconds waited for them after the turns' generation ended.
+  ends, on a thread pool, and the episode's next turn as soon as that step returns, while
+  other episodes still decode (no turn barrier); `stats` (if given) gets `env_wait_s`, the
+  seconds the engine had nothing to decode and waited for environment steps.
   With a `manager`, every task gets a new manager group (`Episode.record_group`), every
-  sampled turn is recorded (prompt = the episode's tokens before the turn; weight versions
+  sampled turn is recorded, in turn-then-branch order within a group whatever order turns
+  end in (`_Recorder`; prompt = the episode's tokens before the turn; weight versions
   from `Completion.versions` where the engine gives them, else 0) and each finished
   episode's reward is set on its last turn (`Episode.last_interaction`), with the
   end-of-turn token forced after a cut-off last turn as the trajectory's closing suffix."""
@@ -212,91 +220,191 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Rollou
   return groups
 
 
+def _copies(cfg: RolloutConfig, turn: int) -> int:
+  """Samples each live episode draws at `turn` (its branching factor)."""
+  return cfg.branching[turn] if turn < len(cfg.branching) else 1
+
+
+def _tree_index(group: int, branch_id: tuple[int, ...], cfg: RolloutConfig) -> int:
+  """An episode's place among every episode its turn len(branch_id) could have (each task
+  branched at every earlier turn, none ended): the index that turn's request key is folded
+  with. It follows from the episode's identity alone, so a sample does not depend on which
+  other episodes are alive or on the order turns end in; while no episode has ended it is
+  the episode's place in the turn's live list, the index a turn-by-turn rollout used."""
+  index = group
+  for turn, copy_index in enumerate(branch_id):
+    index = index * _copies(cfg, turn) + copy_index
+  return index
+
+
+@dataclasses.dataclass
+class _TurnEnd:
+  """A sample that ended, its environment step running on the pool."""
+  episode: Episode
+  turn: int
+  result: Any  # the engine's Completion
+  text: str
+  step: concurrent.futures.Future
+
+
+class _Recorder:
+  """Records a tree rollout's turns in the manager in one fixed order per group, whatever
+  order they end in: turn by turn, branch ids ascending (the order a turn-by-turn rollout
+  records them in). The manager lists a group's trajectories depth-first, children in record
+  order, so that order then does not depend on timing. A turn is recorded once every turn
+  before it in that order is recorded or known never to run."""
+
+  def __init__(self, manager: TrajectoryManager, cfg: RolloutConfig):
+    self.manager, self.cfg = manager, cfg
+    self.expected: dict[int, collections.deque] = {}  # group -> branch ids to record, in order
+    self.following: dict[int, list[tuple[int, ...]]] = {}  # group -> the next turn's ids
+    self.waiting: dict[int, dict[tuple[int, ...], tuple]] = {}  # group -> ended, unrecorded
+
+  def start(self, episode: Episode) -> None:
+    group = episode.record_group
+    self.expected[group] = collections.deque((c,) for c in range(_copies(self.cfg, 0)))
+    self.following[group], self.waiting[group] = [], {}
+
+  def ended(self, episode: Episode, prompt: np.ndarray, result, continues: bool,
+            suffix: Sequence[int] = ()) -> None:
+    """Episode's turn ended (its branch id includes the turn): record it when its turn comes;
+    continues=False: the episode ended, its reward (set by then) is recorded with `suffix`."""
+    group = episode.record_group
+    self.waiting[group][episode.branch_id] = (episode, prompt, result, continues, list(suffix))
+    expected, waiting = self.expected[group], self.waiting[group]
+    while True:
+      if not expected:  # the turn is recorded whole: every id of the next one is known
+        if not self.following[group]:
+          return
+        expected.extend(self.following[group])
+        self.following[group] = []
+      if expected[0] not in waiting:
+        return
+      branch_id = expected.popleft()
+      turn_of, prompt, result, continues, suffix = waiting.pop(branch_id)
+      turn_of.last_interaction = self.manager.record(
+          group, prompt, result.tokens, result.logprobs, getattr(result, "versions", None),
+          result.entropies)
+      if continues:
+        self.following[group] += [branch_id + (c,)
+                                  for c in range(_copies(self.cfg, len(branch_id)))]
+      else:
+        self.manager.set_reward(turn_of.last_interaction, turn_of.reward, suffix=suffix)
+
+  def check_done(self) -> None:
+    """Raises if a turn that ended was never recorded (a turn before it never ended)."""
+    left = {g: sorted(w) for g, w in self.waiting.items() if w}
+    if left:
+      raise RuntimeError(f"turns ended but never recorded (group: branch ids): {left}")
+
+
 def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], tokenizer: Tokenizer,
                rng: jax.Array, cfg: RolloutConfig, manager: TrajectoryManager | None,
                pool: concurrent.futures.Executor) -> tuple[list[Episode], float]:
-  """The turns of `tree_rollout`: live episodes (with the tokens each prefills before its
-  next turn) -> (every finished episode, seconds waited for environment steps after the
-  turns' generation ended)."""
+  """The turns of `tree_rollout`, without a turn barrier: live episodes (with the tokens each
+  prefills before its first turn) -> (every finished episode, seconds the engine sat idle
+  waiting for environment steps).
+
+  One thread drives the engine (`Engine.step`). Between scheduler rounds, each sample that
+  ended starts its environment step on the pool, and each environment step that is done
+  closes its turn and, if the episode goes on, submits the next turn at once (continuing the
+  sample's kept KV), while the other episodes' turns still decode. Turn t's request key is
+  fold_in(turn_keys[t], `_tree_index`) (turn_keys: the split chain of `rng`), so the sampled
+  tokens do not depend on the order in which turns or environment steps end."""
   stop = tokenizer.im_end_id
-  env_wait = 0.0
-  sequences: list[int | None] = [None] * len(live)  # each live episode's kept KV
-  finished: list[Episode] = []
-
-  for turn in range(cfg.max_turns):
-    copies = cfg.branching[turn] if turn < len(cfg.branching) else 1
-    last_turn = turn == cfg.max_turns - 1
+  turn_keys = []
+  for _ in range(cfg.max_turns):
     rng, key = jax.random.split(rng)
-    ids = [engine.submit(Request(new, cfg.max_new_tokens, sampling=cfg.sampling,
-                                 stop_ids=(stop,), num_samples=copies,
-                                 rng=jax.random.fold_in(key, i), keep=not last_turn,
-                                 continue_from=seq))
-           for i, (new, seq) in enumerate(zip(news, sequences))]
+    turn_keys.append(key)
+  recorder = _Recorder(manager, cfg) if manager is not None else None
+  owners: dict[int, tuple[Episode, int]] = {}  # sample id -> (its episode, turn)
+  in_flight: list[_TurnEnd] = []
+  finished: list[Episode] = []
+  env_wait = 0.0
+
+  def submit_turn(episode: Episode, new: list[int], sequence: int | None, turn: int) -> None:
+    copies = _copies(cfg, turn)
+    key = jax.random.fold_in(turn_keys[turn],
+                             _tree_index(episode.group, episode.branch_id, cfg))
+    ids = engine.submit(Request(new, cfg.max_new_tokens, sampling=cfg.sampling,
+                                stop_ids=(stop,), num_samples=copies, rng=key,
+                                keep=turn < cfg.max_turns - 1, continue_from=sequence))
     # Copies are made before any branch's turn changes the episode.
-    families = [[parent] + [copy.deepcopy(parent) for _ in sample_ids[1:]]
-                for parent, sample_ids in zip(live, ids)]
-    episode_of = {sid: e for family, sample_ids in zip(families, ids)
-                  for e, sid in zip(family, sample_ids)}
-    texts, steps = {}, {}
+    family = [episode] + [copy.deepcopy(episode) for _ in ids[1:]]
+    for c, (branch, sid) in enumerate(zip(family, ids)):
+      branch.branch_id += (c,)
+      owners[sid] = (branch, turn)
 
-    def start_step(sid: int, result) -> None:
-      """A sample that ended: its environment step (tool call, reward check) starts now, on
-      the pool, while the other samples still decode."""
-      if result.error is None:
-        texts[sid] = tokenizer.decode(result.tokens[:-1] if result.stopped else result.tokens)
-        # Cut off whatever the step returns: the turn limit, or no room for another turn.
-        cut_off = last_turn or (len(episode_of[sid].tokens) + len(result.tokens)
-                                + cfg.max_new_tokens > cfg.max_length)
-        steps[sid] = pool.submit(_env_turn, episode_of[sid].env,
-                                 parse_tool_calls(texts[sid], cfg.tool_format), cut_off)
+  def sample_ended(sid: int, result) -> None:
+    """Its environment step (tool call, reward check) starts now, on the pool."""
+    episode, turn = owners.pop(sid)
+    if result.error is not None:
+      raise ValueError(f"episode of task {episode.group}: {result.error}")
+    text = tokenizer.decode(result.tokens[:-1] if result.stopped else result.tokens)
+    # Cut off whatever the step returns: the turn limit, or no room for another turn.
+    cut_off = turn == cfg.max_turns - 1 or (len(episode.tokens) + len(result.tokens)
+                                            + cfg.max_new_tokens > cfg.max_length)
+    in_flight.append(_TurnEnd(episode, turn, result, text, pool.submit(
+        _env_turn, episode.env, parse_tool_calls(text, cfg.tool_format), cut_off)))
 
-    done = engine.run(on_finish=start_step)
-    next_live, news, sequences = [], [], []
-    for branches, sample_ids in zip(families, ids):
-      for c, (episode, sid) in enumerate(zip(branches, sample_ids)):
-        result = done[sid]
-        if result.error is not None:
-          raise ValueError(f"episode of task {episode.group}: {result.error}")
-        episode.branch_id += (c,)
-        tokens = result.tokens
-        if manager is not None:
-          episode.last_interaction = manager.record(
-              episode.record_group, episode.tokens, tokens, result.logprobs,
-              getattr(result, "versions", None), result.entropies)
-        episode.extend(tokens, generated=True, logprobs=result.logprobs,
-                       entropies=result.entropies)
-        episode.turns += 1
-        episode.messages.append({"role": "assistant", "content": texts[sid]})
-        forced_end = [] if result.stopped else [stop]
-        wait_start = time.perf_counter()
-        outcome, cut_off_reward = steps[sid].result()
-        env_wait += time.perf_counter() - wait_start
-        suffix = []
-        if not outcome.done:
-          episode.messages += outcome.observation
-          suffix = forced_end + tokenizer.encode(
-              continuation_text(outcome.observation, cfg.template, episode.tools))
-        too_long = len(episode.tokens) + len(suffix) + cfg.max_new_tokens > cfg.max_length
-        if outcome.done or last_turn or too_long:
-          if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
-            del episode.messages[len(episode.messages) - len(outcome.observation):]
-            outcome.reward = (episode.env.finish() if cut_off_reward is None
-                              else cut_off_reward)
-          episode.extend(forced_end, generated=False)
-          episode.reward, episode.done = float(outcome.reward), True
-          if manager is not None:
-            manager.set_reward(episode.last_interaction, episode.reward, suffix=forced_end)
-          finished.append(episode)
-          if result.sequence is not None:
-            engine.release(result.sequence)
-        else:
-          episode.extend(suffix, generated=False)
-          next_live.append(episode)
-          news.append(suffix)
-          sequences.append(result.sequence)
-    live = next_live
-    if not live:
+  def step_ended(end: _TurnEnd) -> None:
+    """Closes the turn: the sample and the observation join the episode, which ends or
+    starts its next turn."""
+    episode, result = end.episode, end.result
+    prompt = np.asarray(episode.tokens, np.int64)
+    episode.extend(result.tokens, generated=True, logprobs=result.logprobs,
+                   entropies=result.entropies)
+    episode.turns += 1
+    episode.messages.append({"role": "assistant", "content": end.text})
+    forced_end = [] if result.stopped else [stop]
+    outcome, cut_off_reward = end.step.result()
+    suffix = []
+    if not outcome.done:
+      episode.messages += outcome.observation
+      suffix = forced_end + tokenizer.encode(
+          continuation_text(outcome.observation, cfg.template, episode.tools))
+    too_long = len(episode.tokens) + len(suffix) + cfg.max_new_tokens > cfg.max_length
+    if outcome.done or end.turn == cfg.max_turns - 1 or too_long:
+      if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
+        del episode.messages[len(episode.messages) - len(outcome.observation):]
+        outcome.reward = episode.env.finish() if cut_off_reward is None else cut_off_reward
+      episode.extend(forced_end, generated=False)
+      episode.reward, episode.done = float(outcome.reward), True
+      if recorder is not None:
+        recorder.ended(episode, prompt, result, continues=False, suffix=forced_end)
+      finished.append(episode)
+      if result.sequence is not None:
+        engine.release(result.sequence)
+    else:
+      episode.extend(suffix, generated=False)
+      if recorder is not None:
+        recorder.ended(episode, prompt, result, continues=True)
+      submit_turn(episode, suffix, result.sequence, end.turn + 1)
+
+  for episode, new in zip(live, news):
+    if recorder is not None:
+      recorder.start(episode)
+    submit_turn(episode, new, None, 0)
+  while True:
+    progressed = False
+    for sid, result in sorted(engine.take_finished().items()):
+      sample_ended(sid, result)
+      progressed = True
+    for end in [e for e in in_flight if e.step.done()]:
+      in_flight.remove(end)
+      step_ended(end)
+      progressed = True
+    if engine.busy:
+      engine.step()
+    elif in_flight:  # nothing to decode until an environment step returns
+      wait_start = time.perf_counter()
+      concurrent.futures.wait([e.step for e in in_flight],
+                              return_when=concurrent.futures.FIRST_COMPLETED)
+      env_wait += time.perf_counter() - wait_start
+    elif not progressed:
       break
+  if recorder is not None:
+    recorder.check_done()
   return finished, env_wait
 
 

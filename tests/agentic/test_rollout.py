@@ -164,38 +164,6 @@ def test_weights_pushed_while_a_tree_rollout_runs_reach_its_engine_until_it_ends
   weights.detach(engines[0])  # detaching an absent sampler is a no-op
 
 
-def test_environment_steps_start_inside_the_engine_run_that_ends_their_samples(monkeypatch):
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  from kat_jax.sampling import Engine  # pylint: disable=g-import-not-at-top
-  log = []
-  run, submit = Engine.run, concurrent.futures.ThreadPoolExecutor.submit
-
-  def logged_run(self, *args, **kwargs):
-    log.append("run")
-    done = run(self, *args, **kwargs)
-    log.append("ended")
-    return done
-
-  def logged_submit(self, fn, *args, **kwargs):
-    log.append("env step")
-    return submit(self, fn, *args, **kwargs)
-
-  monkeypatch.setattr(Engine, "run", logged_run)
-  monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", logged_submit)
-  tokenizer = get_tokenizer("bytes")
-  config = get_preset("tiny", num_layers=1)
-  cfg = RolloutConfig(branching=(2,), max_turns=2, max_new_tokens=3, max_length=1024,
-                      sampling=SamplingParams(1.0, vocab_limit=128))
-  stats = {}
-  tree_rollout(Sampler(config, pad_id=tokenizer.pad_id, prefill_chunk=256),
-               prepare_params(init_params(config, jax.random.key(0)), config), ScriptedToolEnv,
-               [0], tokenizer, jax.random.key(2), cfg, stats=stats)
-  # Turn 1: two samples, each handed to its environment before the run returns; turn 2 the
-  # same for each of the two branches.
-  assert log == ["run", "env step", "env step", "ended"] * 2
-  assert stats["env_wait_s"] >= 0
-
-
 def test_a_cut_off_episode_is_scored_by_its_environment_step_on_the_pool():
   import threading  # pylint: disable=g-import-not-at-top
   finishes = []
@@ -220,6 +188,6 @@ def test_a_cut_off_episode_is_scored_by_its_environment_step_on_the_pool():
                         prepare_params(init_params(config, jax.random.key(0)), config),
                         OpenEndedEnv, [0], tokenizer, jax.random.key(2), cfg)
   assert [e.reward for e in groups[0]] == [0.25, 0.25]
-  # Each branch is scored once, off the main thread: the task the engine run submits when the
-  # sample ends (the test above shows those start inside the run) also scores a cut-off.
+  # Each branch is scored once, off the main thread: the pool task that steps the environment
+  # when the sample ends also scores a cut-off.
   assert finishes == [False, False]

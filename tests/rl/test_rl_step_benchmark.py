@@ -139,3 +139,58 @@ def test_the_planned_row_length_is_the_largest_tree_of_the_draw_measured_on_the_
     sizes = bench.tree_sizes(args, name, prompts, lengths)
     assert int(sizes.sum()) - step["tree_tokens"] == (1 if name == "grpo" else 0)
     assert -(-int(sizes.max()) // 1024) * 1024 == step["seq_len"]
+
+
+def _tree_trajectories(bench, args, engine, config, prompts, lengths, barrier: bool):
+  """The tree workload's recorded trajectories (tokens, loss mask, log-probs) on `engine`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.rl.trajectories import TrajectoryManager  # pylint: disable=g-import-not-at-top
+  args.workload_now, args.turn_barrier = "tree", barrier
+  producer = bench.Producer(args, config, engine, None, None, prompts, lengths, 0)
+  manager = TrajectoryManager()
+  groups = [manager.new_group() for _ in prompts]
+  scored = []
+  producer.generate(jax.random.key(5), bench.rollout_sampling(), manager, groups,
+                    lambda iid, tokens: scored.append(iid))
+  out = [sorted(((t.tokens.tolist(), t.loss_mask.tolist(), t.logprobs) for t in
+                 manager.trajectories(g)), key=lambda t: t[:2]) for g in groups]
+  assert sum(map(len, out)) == len(scored) == args.prompts * args.samples
+  return out
+
+
+def test_tree_second_turns_sample_the_same_tokens_with_or_without_the_turn_barrier():
+  import jax  # pylint: disable=g-import-not-at-top
+  from kat_jax.model import get_preset, init_params  # pylint: disable=g-import-not-at-top
+  from kat_jax.sampling import Engine, prepare_params  # pylint: disable=g-import-not-at-top
+  bench = benchmark_module("rl_step")
+  args = bench._parse(["--tiny"])  # pylint: disable=protected-access
+  config = get_preset("tiny", num_layers=1, dtype="float32")
+  dparams = prepare_params(init_params(config, jax.random.key(0)), config)
+  prompts, lengths = benchmark_module("rollout").workload(args, config.vocab_size)
+  runs = []
+  for barrier in (True, False):
+    # Three slots for 8 first-turn samples: first turns queue, so without the barrier some
+    # second turns start before other first turns do.
+    engine = Engine(config, dparams, num_slots=3, num_pages=256, page_size=4,
+                    prefill_chunk=16, steps_per_call=4)
+    runs.append(_tree_trajectories(bench, args, engine, config, prompts, lengths, barrier))
+  for barrier_group, streamed_group in zip(*runs):
+    assert len(barrier_group) == len(streamed_group) == args.samples
+    for (tokens_a, mask_a, logp_a), (tokens_b, mask_b, logp_b) in zip(barrier_group,
+                                                                      streamed_group):
+      assert tokens_a == tokens_b and mask_a == mask_b
+      np.testing.assert_allclose(logp_a, logp_b, rtol=1e-5, atol=1e-6)
+
+
+def test_simulated_tree_rollout_takes_fewer_decode_steps_without_the_turn_barrier():
+  bench = benchmark_module("rl_step")
+  # 3 slots for the 8 first-turn samples of the tiny draw.
+  report = bench.main(["--tiny", "--simulate", "--workload", "tree", "--num_slots", "3"])
+  args = bench._parse(["--tiny"])  # pylint: disable=protected-access
+  _, lengths = benchmark_module("rollout").workload(args, 1024)
+  second = args.samples // args.branch1
+  drawn = int(sum(sum(max(1, int(n) // 2) for n in row[::second][:args.branch1])
+                  + sum(max(1, int(n) - int(n) // 2) for n in row) for row in lengths))
+  runs = {r["turn_barrier"]: r for r in report["runs"]}
+  assert runs[True]["generated_tokens"] == runs[False]["generated_tokens"] == drawn
+  assert runs[False]["decode_steps"] < runs[True]["decode_steps"]

@@ -40,17 +40,18 @@ def test_tree_rollout_records_turns_whose_trees_equal_build_trees_of_the_episode
   # holds a forced end-of-turn token (context) between its turns and after its last one.
   cfg = RolloutConfig(branching=(3, 2), max_turns=2, max_new_tokens=4, max_length=512,
                       sampling=SamplingParams(1.0, vocab_limit=128))
-  # Weight versions as an engine stamps them (`Completion.versions`): 5 on turn 0, 6 on turn 1.
-  run, calls = Engine.run, []
+  # Weight versions as an engine stamps them (`Completion.versions`): 5 on turn 0 (requests 0
+  # and 1, one per task), 6 on turn 1.
+  take = Engine.take_finished
 
-  def run_with_versions(self, *args, **kwargs):
-    done = run(self, *args, **kwargs)
+  def take_with_versions(self):
+    done = take(self)
     for completion in done.values():
-      completion.versions = np.full(len(completion.tokens), 5 + len(calls), np.int32)
-    calls.append(1)
+      completion.versions = np.full(len(completion.tokens), 5 + (completion.request >= 2),
+                                    np.int32)
     return done
 
-  monkeypatch.setattr(Engine, "run", run_with_versions)
+  monkeypatch.setattr(Engine, "take_finished", take_with_versions)
   manager = TrajectoryManager()
   # DigitsEnv: two turns, a user message between them (context, mask 0).
   groups = tree_rollout(sampler, dparams, DigitsEnv, [0, 1], tokenizer, jax.random.key(3), cfg,
