@@ -298,6 +298,37 @@ class _Recorder:
       raise RuntimeError(f"turns ended but never recorded (group: branch ids): {left}")
 
 
+def _close_turn(episode: Episode, result: Any, text: str, step: tuple[StepResult, float | None],
+               last_turn: bool, tokenizer: Tokenizer, cfg: RolloutConfig
+               ) -> tuple[bool, list[int]]:
+  """Appends a turn to `episode`: its sample (`result`, a Completion; `text` its decoded
+  reply) and its environment step (`step`: `_env_turn`'s outcome and cut-off reward).
+  -> (True, the closing tokens) when the episode ended (reward set; the end-of-turn token
+  forced after a reply the engine cut), else (False, the tokens its next turn prefills:
+  the rendered observation)."""
+  episode.extend(result.tokens, generated=True, logprobs=result.logprobs,
+                 entropies=result.entropies)
+  episode.turns += 1
+  episode.messages.append({"role": "assistant", "content": text})
+  forced_end = [] if result.stopped else [tokenizer.im_end_id]
+  outcome, cut_off_reward = step
+  suffix = []
+  if not outcome.done:
+    episode.messages += outcome.observation
+    suffix = forced_end + tokenizer.encode(
+        continuation_text(outcome.observation, cfg.template, episode.tools))
+  too_long = len(episode.tokens) + len(suffix) + cfg.max_new_tokens > cfg.max_length
+  if not (outcome.done or last_turn or too_long):
+    episode.extend(suffix, generated=False)
+    return False, suffix
+  if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
+    del episode.messages[len(episode.messages) - len(outcome.observation):]
+    outcome.reward = episode.env.finish() if cut_off_reward is None else cut_off_reward
+  episode.extend(forced_end, generated=False)
+  episode.reward, episode.done = float(outcome.reward), True
+  return True, forced_end
+
+
 def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], tokenizer: Tokenizer,
                rng: jax.Array, cfg: RolloutConfig, manager: TrajectoryManager | None,
                pool: concurrent.futures.Executor) -> tuple[list[Episode], float]:
@@ -348,38 +379,19 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
         _env_turn, episode.env, parse_tool_calls(text, cfg.tool_format), cut_off)))
 
   def step_ended(end: _TurnEnd) -> None:
-    """Closes the turn: the sample and the observation join the episode, which ends or
-    starts its next turn."""
+    """Closes the turn: the episode ends or starts its next turn."""
     episode, result = end.episode, end.result
     prompt = np.asarray(episode.tokens, np.int64)
-    episode.extend(result.tokens, generated=True, logprobs=result.logprobs,
-                   entropies=result.entropies)
-    episode.turns += 1
-    episode.messages.append({"role": "assistant", "content": end.text})
-    forced_end = [] if result.stopped else [stop]
-    outcome, cut_off_reward = end.step.result()
-    suffix = []
-    if not outcome.done:
-      episode.messages += outcome.observation
-      suffix = forced_end + tokenizer.encode(
-          continuation_text(outcome.observation, cfg.template, episode.tools))
-    too_long = len(episode.tokens) + len(suffix) + cfg.max_new_tokens > cfg.max_length
-    if outcome.done or end.turn == cfg.max_turns - 1 or too_long:
-      if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
-        del episode.messages[len(episode.messages) - len(outcome.observation):]
-        outcome.reward = episode.env.finish() if cut_off_reward is None else cut_off_reward
-      episode.extend(forced_end, generated=False)
-      episode.reward, episode.done = float(outcome.reward), True
-      if recorder is not None:
-        recorder.ended(episode, prompt, result, continues=False, suffix=forced_end)
+    ended, tokens = _close_turn(episode, result, end.text, end.step.result(),
+                               end.turn == cfg.max_turns - 1, tokenizer, cfg)
+    if recorder is not None:
+      recorder.ended(episode, prompt, result, continues=not ended, suffix=tokens if ended else ())
+    if ended:
       finished.append(episode)
       if result.sequence is not None:
         engine.release(result.sequence)
     else:
-      episode.extend(suffix, generated=False)
-      if recorder is not None:
-        recorder.ended(episode, prompt, result, continues=True)
-      submit_turn(episode, suffix, result.sequence, end.turn + 1)
+      submit_turn(episode, tokens, result.sequence, end.turn + 1)
 
   for episode, new in zip(live, news):
     if recorder is not None:

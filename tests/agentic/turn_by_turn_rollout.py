@@ -11,8 +11,8 @@ import time
 
 import jax
 
-from kat_jax.agentic.rollout import (Episode, RolloutConfig, _env_turn,  # pylint: disable=protected-access
-                                     _tree_index, continuation_text)
+# pylint: disable-next=protected-access
+from kat_jax.agentic.rollout import Episode, RolloutConfig, _close_turn, _env_turn, _tree_index
 from kat_jax.agentic.tool_calls import parse_tool_calls
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.rl.trajectories import TrajectoryManager
@@ -72,34 +72,17 @@ def run_turns_with_barrier(engine: Engine, live: list[Episode], news: list[list[
           episode.last_interaction = manager.record(
               episode.record_group, episode.tokens, tokens, result.logprobs,
               getattr(result, "versions", None), result.entropies)
-        episode.extend(tokens, generated=True, logprobs=result.logprobs,
-                       entropies=result.entropies)
-        episode.turns += 1
-        episode.messages.append({"role": "assistant", "content": texts[sid]})
-        forced_end = [] if result.stopped else [stop]
         wait_start = time.perf_counter()
-        outcome, cut_off_reward = steps[sid].result()
+        step = steps[sid].result()
         env_wait += time.perf_counter() - wait_start
-        suffix = []
-        if not outcome.done:
-          episode.messages += outcome.observation
-          suffix = forced_end + tokenizer.encode(
-              continuation_text(outcome.observation, cfg.template, episode.tools))
-        too_long = len(episode.tokens) + len(suffix) + cfg.max_new_tokens > cfg.max_length
-        if outcome.done or last_turn or too_long:
-          if not outcome.done:  # cut off by the turn limit or max_length: drop the observation
-            del episode.messages[len(episode.messages) - len(outcome.observation):]
-            outcome.reward = (episode.env.finish() if cut_off_reward is None
-                              else cut_off_reward)
-          episode.extend(forced_end, generated=False)
-          episode.reward, episode.done = float(outcome.reward), True
+        ended, suffix = _close_turn(episode, result, texts[sid], step, last_turn, tokenizer, cfg)
+        if ended:
           if manager is not None:
-            manager.set_reward(episode.last_interaction, episode.reward, suffix=forced_end)
+            manager.set_reward(episode.last_interaction, episode.reward, suffix=suffix)
           finished.append(episode)
           if result.sequence is not None:
             engine.release(result.sequence)
         else:
-          episode.extend(suffix, generated=False)
           next_live.append(episode)
           news.append(suffix)
           sequences.append(result.sequence)
