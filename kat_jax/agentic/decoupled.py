@@ -6,19 +6,30 @@ elsewhere (SeamlessFlow, arXiv 2508.11553, separates them the same way), this mo
 the two ends: `WeightStore`, numbered weight snapshots in a directory, written atomically,
 that another process can poll; and `server_rollout`, `tree_rollout`'s episodes sampled
 through `OpenAICompletionsClient` from an OpenAI-compatible server (e.g. vLLM, with token ids
-and log-probs in its replies), recorded in a `TrajectoryManager` like in-process rollouts.
+and log-probs in its replies), many requests in flight at once, recorded in a
+`TrajectoryManager` like in-process rollouts.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
+import dataclasses
 import glob
 import os
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
+from kat_jax.agentic.environments import Environment
+from kat_jax.agentic.rollout import (Episode, RolloutConfig, _close_turn, _copies, _env_turn,
+                                     _Recorder, _start_episode)
+from kat_jax.agentic.tool_calls import parse_tool_calls
+from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.openai_http import post_json
+from kat_jax.rl.trajectories import TrajectoryManager
 
 
 class WeightStore:
@@ -105,66 +116,99 @@ def _token_id(token: str) -> int:
   return int(token.split(":", 1)[1])
 
 
-def server_rollout(client: OpenAICompletionsClient, make_env, tasks: Sequence[Any],
-                   tokenizer, cfg, manager=None) -> list[list[Any]]:
-  """`tree_rollout` through a server: each live episode asks for `branching[t]` samples.
+@dataclasses.dataclass
+class _ServerSample:
+  """One sample of a server reply, shaped like the engine's Completion for `_close_turn`."""
+  tokens: list[int]
+  logprobs: list[float]
+  entropies: list[float]  # the server returns none: 0
+  stopped: bool  # ended by the end-of-turn token, which is its last token
 
-  The server's prefix cache does the sharing; entropies are not returned (left 0, so prefer
-  a visit-based pruning score). `manager` (a `kat_jax.rl.trajectories.TrajectoryManager`)
-  records turns and rewards as `tree_rollout` does, with weight version 0.
+
+def server_rollout(client: OpenAICompletionsClient, make_env: Callable[[], Environment],
+                   tasks: Sequence[Any], tokenizer: Tokenizer, cfg: RolloutConfig,
+                   manager: TrajectoryManager | None = None, *,
+                   max_concurrency: int = 64) -> list[list[Episode]]:
+  """`tree_rollout` through a server -> groups[task] = its finished episodes, by branch id.
+
+  Every live episode asks for `branching[t]` samples of its turn t in one request; the
+  server's prefix cache does the sharing. Each episode's chain of turns runs on a pool of
+  `max_concurrency` threads: as a reply arrives the episode forks, each branch's
+  environment step runs and its next request is sent as soon as that step returns, with no
+  barrier between turns, so up to `max_concurrency` requests are in flight and the server
+  can batch them. An episode ends when its environment says so, at `cfg.max_turns`, or when
+  another turn would not fit `cfg.max_length` tokens (as in `tree_rollout`; a prompt that
+  leaves no room for `max_new_tokens` is an error; this rollout used to ignore max_length).
+  A failed request or environment step stops the rollout and is raised here. Entropies are not returned (left 0, so
+  prefer a visit-based pruning score). `manager` records turns and rewards as
+  `tree_rollout` does (turn-then-branch order within a group whatever order replies come
+  in), with weight version 0.
   """
-  import copy  # pylint: disable=g-import-not-at-top
-  from kat_jax.agentic.rollout import Episode, continuation_text  # pylint: disable=g-import-not-at-top
-  from kat_jax.agentic.tool_calls import parse_tool_calls  # pylint: disable=g-import-not-at-top
-  from kat_jax.data.chat_template import tokenize_chat  # pylint: disable=g-import-not-at-top
+  if max_concurrency < 1:
+    raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
   stop = tokenizer.im_end_id
-  live, finished = [], []
-  for g, task in enumerate(tasks):
-    env = make_env()
-    messages = env.reset(task)
-    episode = Episode(g, env, list(messages), list(env.tools), [], [], [], [])
-    if manager is not None:
-      episode.record_group = manager.new_group()
-    episode.extend(tokenize_chat(tokenizer, messages, tools=episode.tools or None,
-                                 template=cfg.template, add_generation_prompt=True).ids,
-                   generated=False)
-    live.append(episode)
-  for turn in range(cfg.max_turns):
-    copies = cfg.branching[turn] if turn < len(cfg.branching) else 1
-    nxt = []
-    for episode in live:
-      samples = client.complete(episode.tokens, n=copies, max_tokens=cfg.max_new_tokens,
-                                temperature=cfg.sampling.temperature, stop_ids=(stop,))
-      # Fork before any branch is extended: copy c must start from the pre-turn episode,
-      # not from copy 0 after its sample and environment step.
-      branches = [episode] + [copy.deepcopy(episode) for _ in samples[1:]]
-      for c, (e, (ids, logprobs, stopped)) in enumerate(zip(branches, samples)):
-        e.branch_id += (c,)
-        if manager is not None:
-          e.last_interaction = manager.record(e.record_group, e.tokens, ids, logprobs)
-        e.extend(ids, generated=True, logprobs=logprobs)
-        e.turns += 1
-        stopped = stopped and bool(ids) and ids[-1] == stop
-        text = tokenizer.decode(ids[:-1] if stopped else ids)
-        e.messages.append({"role": "assistant", "content": text})
-        forced_end = [] if stopped else [stop]
-        outcome = e.env.step(parse_tool_calls(text, cfg.tool_format))
-        if outcome.done or turn == cfg.max_turns - 1:
-          e.extend(forced_end, generated=False)
-          e.reward = float(outcome.reward if outcome.done else e.env.finish())
-          e.done = True
-          if manager is not None:
-            manager.set_reward(e.last_interaction, e.reward, suffix=forced_end)
-          finished.append(e)
-        else:
-          e.messages += outcome.observation
-          e.extend(forced_end + tokenizer.encode(
-              continuation_text(outcome.observation, cfg.template, e.tools)), generated=False)
-          nxt.append(e)
-    live = nxt
-    if not live:
-      break
-  groups: list[list[Any]] = [[] for _ in tasks]
-  for e in sorted(finished, key=lambda e: e.branch_id):
-    groups[e.group].append(e)
+  roots = [_start_episode(g, task, make_env, tokenizer, cfg, manager)
+           for g, task in enumerate(tasks)]
+  recorder = _Recorder(manager, cfg) if manager is not None else None
+  lock = threading.Lock()  # guards the recorder (the manager's records) and `finished`
+  finished: list[Episode] = []
+
+  def request(episode: Episode, turn: int) -> list[tuple[Episode, _ServerSample]]:
+    """Turn `turn`'s samples -> (branch, its sample) per copy; copies are made from the
+    episode before any branch's turn changes it."""
+    replies = client.complete(episode.tokens, n=_copies(cfg, turn),
+                              max_tokens=cfg.max_new_tokens,
+                              temperature=cfg.sampling.temperature, stop_ids=(stop,))
+    family = [episode] + [copy.deepcopy(episode) for _ in replies[1:]]
+    branches = []
+    for c, (branch, (ids, logprobs, stopped)) in enumerate(zip(family, replies)):
+      branch.branch_id += (c,)
+      branches.append((branch, _ServerSample(
+          list(ids), list(logprobs), [0.0] * len(ids),
+          stopped and bool(ids) and ids[-1] == stop)))
+    return branches
+
+  def run_branch(episode: Episode, sample: _ServerSample, turn: int
+                 ) -> list[concurrent.futures.Future]:
+    """Steps the branch's environment and closes its turn; if it goes on, sends its next
+    request -> the futures of the next turn's branches."""
+    text = tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
+    last_turn = turn == cfg.max_turns - 1
+    cut_off = last_turn or (len(episode.tokens) + len(sample.tokens) + cfg.max_new_tokens
+                            > cfg.max_length)
+    step = _env_turn(episode.env, parse_tool_calls(text, cfg.tool_format), cut_off)
+    prompt = np.asarray(episode.tokens, np.int64)
+    ended, tokens = _close_turn(episode, sample, text, step, last_turn, tokenizer, cfg)
+    with lock:
+      if recorder is not None:
+        recorder.ended(episode, prompt, sample, continues=not ended,
+                       suffix=tokens if ended else ())
+      if ended:
+        finished.append(episode)
+    return [] if ended else start_turn(episode, turn + 1)
+
+  def start_turn(episode: Episode, turn: int) -> list[concurrent.futures.Future]:
+    return [pool.submit(run_branch, branch, sample, turn)
+            for branch, sample in request(episode, turn)]
+
+  if recorder is not None:
+    for root in roots:
+      recorder.start(root)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+    # A future's result is the futures it started; the rollout is done when none is left.
+    pending = {pool.submit(start_turn, root, 0) for root in roots}
+    try:
+      while pending:
+        done, pending = concurrent.futures.wait(
+            pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+          pending.update(future.result())
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+  if recorder is not None:
+    recorder.check_done()
+  groups: list[list[Episode]] = [[] for _ in tasks]
+  for episode in sorted(finished, key=lambda e: e.branch_id):
+    groups[episode.group].append(episode)
   return groups

@@ -188,24 +188,9 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Rollou
   from `Completion.versions` where the engine gives them, else 0) and each finished
   episode's reward is set on its last turn (`Episode.last_interaction`), with the
   end-of-turn token forced after a cut-off last turn as the trajectory's closing suffix."""
-  live: list[Episode] = []
-  news: list[list[int]] = []  # per live episode: tokens to prefill before its next turn
-  for g, task in enumerate(tasks):
-    env = make_env()
-    messages = env.reset(task)
-    tools = list(env.tools)
-    prompt = tokenize_chat(tokenizer, messages, tools=tools or None, template=cfg.template,
-                           add_generation_prompt=True).ids
-    if len(prompt) + cfg.max_new_tokens > cfg.max_length:
-      raise ValueError(f"task {g}: its prompt fills {len(prompt)} of max_length "
-                       f"{cfg.max_length} tokens, leaving no room for {cfg.max_new_tokens} new "
-                       "tokens; raise max_length")
-    episode = Episode(g, env, list(messages), tools, [], [], [], [])
-    if manager is not None:
-      episode.record_group = manager.new_group()
-    episode.extend(prompt, generated=False)
-    live.append(episode)
-    news.append(list(prompt))
+  live = [_start_episode(g, task, make_env, tokenizer, cfg, manager)
+          for g, task in enumerate(tasks)]
+  news = [list(e.tokens) for e in live]  # per live episode: tokens its first turn prefills
   weights = params if isinstance(params, RolloutWeights) else None
   dparams, version = weights.current() if weights is not None else (params, 0)
   engine = _engine(sampler, dparams, version, _max_episodes(len(tasks), cfg), cfg.max_length)
@@ -218,6 +203,27 @@ def tree_rollout(sampler: Sampler | EngineSampler, params: DecodeParams | Rollou
   for episode in sorted(finished, key=lambda e: e.branch_id):
     groups[episode.group].append(episode)
   return groups
+
+
+def _start_episode(group: int, task: Any, make_env: Callable[[], Environment],
+                   tokenizer: Tokenizer, cfg: RolloutConfig,
+                   manager: TrajectoryManager | None) -> Episode:
+  """Task `group`'s root episode: a fresh environment reset to `task`, its prompt tokens
+  (chat template + assistant header) and, with a manager, a new manager group."""
+  env = make_env()
+  messages = env.reset(task)
+  tools = list(env.tools)
+  prompt = tokenize_chat(tokenizer, messages, tools=tools or None, template=cfg.template,
+                         add_generation_prompt=True).ids
+  if len(prompt) + cfg.max_new_tokens > cfg.max_length:
+    raise ValueError(f"task {group}: its prompt fills {len(prompt)} of max_length "
+                     f"{cfg.max_length} tokens, leaving no room for {cfg.max_new_tokens} new "
+                     "tokens; raise max_length")
+  episode = Episode(group, env, list(messages), tools, [], [], [], [])
+  if manager is not None:
+    episode.record_group = manager.new_group()
+  episode.extend(prompt, generated=False)
+  return episode
 
 
 def _copies(cfg: RolloutConfig, turn: int) -> int:
