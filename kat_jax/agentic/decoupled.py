@@ -139,10 +139,10 @@ def server_rollout(client: OpenAICompletionsClient, make_env: Callable[[], Envir
   can batch them. An episode ends when its environment says so, at `cfg.max_turns`, or when
   another turn would not fit `cfg.max_length` tokens (as in `tree_rollout`; a prompt that
   leaves no room for `max_new_tokens` is an error; this rollout used to ignore max_length).
-  A failed request or environment step stops the rollout and is raised here. Entropies are not returned (left 0, so
-  prefer a visit-based pruning score). `manager` records turns and rewards as
-  `tree_rollout` does (turn-then-branch order within a group whatever order replies come
-  in), with weight version 0.
+  A failed request or environment step stops the rollout and is raised here. Entropies are
+  not returned (left 0, so prefer a visit-based pruning score). `manager` records turns and
+  rewards as `tree_rollout` does (turn-then-branch order within a group whatever order
+  replies come in), with weight version 0.
   """
   if max_concurrency < 1:
     raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")

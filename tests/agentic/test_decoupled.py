@@ -1,4 +1,5 @@
-"""Rollouts outside the trainer's process: weight snapshots and the OpenAI-compatible server path."""
+"""Rollouts outside the trainer's process: weight snapshots and the OpenAI-compatible server
+path."""
 
 import threading
 import time
