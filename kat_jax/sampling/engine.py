@@ -165,6 +165,15 @@ def _buckets(minimum: int, n: int) -> list[int]:
   return [minimum << i for i in range((top // minimum).bit_length())]
 
 
+def _empty_rows(n: int) -> tuple[np.ndarray, ...]:
+  """A decode call's per-slot inputs for n empty slots (`paged.decode_loop`): positions,
+  budget, counts [n] int32, stop table [n, MAX_STOP_IDS] int32 (-1: none), sampling choice
+  [n] int32, key data [n, 2] uint32."""
+  return (np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+          np.full((n, MAX_STOP_IDS), -1, np.int32), np.zeros(n, np.int32),
+          np.zeros((n, 2), np.uint32))
+
+
 @jax.jit
 def _sample_keys(rng: jax.Array, samples: jax.Array) -> jax.Array:
   """[G, 2] key data of fold_in(rng, g) for each g of samples [G]: a request's samples' keys
@@ -354,11 +363,8 @@ class Engine:
       for width in _buckets(self.min_table_pages, -(-max_length // size)):
         split = self.long_rows and rows > self.long_rows
         for short in (_buckets(8, width) if split else [width]):
-          args = (np.zeros((rows, width), np.int32),) + tuple(
-              np.zeros(rows, np.int32) for _ in range(3)) + (
-                  np.full((rows, MAX_STOP_IDS), -1, np.int32), np.zeros(rows, np.int32),
-                  np.zeros((rows, 2), np.uint32),
-                  np.full(max(self.long_rows, 1), rows, np.int32))
+          args = ((np.zeros((rows, width), np.int32),) + _empty_rows(rows)
+                  + (np.full(max(self.long_rows, 1), rows, np.int32),))
           jobs.append((self._fns["decode"], (params, self.cache, self.logits) + args,
                        dict(samplings=samplings, steps=self.steps_per_call,
                             short_pages=short)))
@@ -643,12 +649,7 @@ class Engine:
     self._copy(copies)
     samplings = self._samplings
     choices = {sampling: index for index, sampling in enumerate(samplings)}
-    positions = np.zeros(n, np.int32)
-    budget = np.zeros(n, np.int32)
-    counts = np.zeros(n, np.int32)
-    stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
-    choice = np.zeros(n, np.int32)
-    keys = np.zeros((n, 2), np.uint32)
+    positions, budget, counts, stops, choice, keys = _empty_rows(n)
     for i, s in busy:
       positions[i], budget[i], counts[i] = s.seq.length, s.remaining, len(s.tokens)
       if s.spec.stop_ids:
