@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kat_jax.rl.radix import shared_prefix
 from kat_jax.rl.tree import PrefixTree, Trajectory
 from kat_jax.rl.objectives import ObjectiveConfig, trajectory_weights
 
@@ -150,9 +151,7 @@ def _shared_run_end(seqs: list[np.ndarray], start: int) -> int:
   first = seqs[0]
   end = min(len(s) for s in seqs)
   for s in seqs[1:]:
-    differ = np.flatnonzero(s[start:end] != first[start:end])
-    if len(differ):
-      end = start + int(differ[0])
+    end = start + shared_prefix(s[start:end], first[start:end])
   return end
 
 

@@ -42,6 +42,12 @@ class RadixNode:
     return upper
 
 
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+  """How many leading tokens a [n] and b [n] share (n when they are equal)."""
+  differ = np.flatnonzero(a != b)
+  return int(differ[0]) if len(differ) else len(a)
+
+
 def walk(root: RadixNode, seq: np.ndarray) -> Iterator[tuple[RadixNode, int, int]]:
   """Yields (node, start, matched): node's first `matched` edge tokens equal seq[start:].
 
@@ -53,8 +59,7 @@ def walk(root: RadixNode, seq: np.ndarray) -> Iterator[tuple[RadixNode, int, int
     if child is None:
       return
     n = min(len(child.tokens), len(seq) - pos)
-    diff = np.flatnonzero(child.tokens[:n] != seq[pos:pos + n])
-    matched = int(diff[0]) if len(diff) else n
+    matched = shared_prefix(child.tokens[:n], seq[pos:pos + n])
     yield child, pos, matched
     if matched < len(child.tokens):
       return
