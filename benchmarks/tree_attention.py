@@ -45,6 +45,8 @@ from kat_jax.kernels import causal_kv_end
 from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
 from kat_jax.kernels import Tuning
+from kat_jax.kernels import tree_attention_mgpu
+from kat_jax.kernels.tree_attention import DEFAULT_TUNING as DEFAULT_TUNING_TRITON
 from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.testing import random_tree_kv_end, relative_error
 
@@ -311,19 +313,27 @@ def parse_tiles(text: str) -> KernelTiles:
   return KernelTiles(bq, bk, warps or None, stages, bool(ping_pong and ping_pong[0]))
 
 
+def format_tiles(tiles: KernelTiles) -> str:
+  """KernelTiles -> 'bq,bk,warps,stages[,1]' (parse_tiles' inverse): the flags' defaults are
+  the kernels' own DEFAULT_TUNINGs, so a plain run times what `tree_attention` runs."""
+  fields = [tiles.block_q, tiles.block_k, tiles.num_warps or 0, tiles.num_stages or 2]
+  return ",".join(map(str, fields + [1] * tiles.ping_pong))
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   parser.add_argument("--backends", default="gpu,mgpu",
                       help="tree_attention backends to time: gpu (Triton), mgpu (Mosaic GPU)")
-  parser.add_argument("--fwd", default="128,128,8,2", help="Triton bq,bk,warps,stages")
-  parser.add_argument("--dq", default="64,64,4,2")
-  parser.add_argument("--dkdv", default="64,64,4,2")
-  parser.add_argument("--mgpu-fwd", default="128,128,0,2",
+  triton, mgpu = DEFAULT_TUNING_TRITON, tree_attention_mgpu.DEFAULT_TUNING
+  parser.add_argument("--fwd", default=format_tiles(triton.fwd), help="Triton bq,bk,warps,stages")
+  parser.add_argument("--dq", default=format_tiles(triton.dq))
+  parser.add_argument("--dkdv", default=format_tiles(triton.dkdv))
+  parser.add_argument("--mgpu-fwd", default=format_tiles(mgpu.fwd),
                       help="Mosaic GPU bq,bk,0,stages[,ping_pong] (bq 128: warp-specialised, "
                       "64: one warpgroup)")
-  parser.add_argument("--mgpu-dq", default="64,64,0,2")
-  parser.add_argument("--mgpu-dkdv", default="64,64,0,2")
+  parser.add_argument("--mgpu-dq", default=format_tiles(mgpu.dq))
+  parser.add_argument("--mgpu-dkdv", default=format_tiles(mgpu.dkdv))
   parser.add_argument("--sweep-fwd", nargs="*", default=[],
                       help="fwd tiles to time (first backend), each checked against the first "
                       "one's output (list the default first)")

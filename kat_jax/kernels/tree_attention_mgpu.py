@@ -51,13 +51,13 @@ __all__ = ["DEFAULT_TUNING", "DTYPES", "ROWS", "backward", "check_tiles", "forwa
 
 ROWS = 64  # rows of one warpgroup MMA: forward/dQ query blocks, dK/dV key blocks
 DTYPES = (jnp.bfloat16, jnp.float16)
-# 64-row tiles per warpgroup; the forward's 128 query rows are two consumer warpgroups of 64
-# (warp-specialised) over 128-key tiles with 2 TMA stages: the fastest config of JAX's
-# attention_mgpu on the H200. The backward's 64-row blocks are one warpgroup each (dq.block_q
-# or dkdv.block_k = 128: warp-specialised). num_stages = TMA pipeline depth; num_warps unused.
-# Not yet tuned on a GPU.
-DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, None, 2), dq=KernelTiles(64, 64, None, 2),
-                        dkdv=KernelTiles(64, 64, None, 2))
+# Measured on an H100 (benchmarks/results/tree_attention_mgpu_sweep_h100.json, anchor workload):
+# every kernel warp-specialised, two consumer warpgroups of 64 rows and a TMA producer. Forward
+# 128 query rows over 128-key tiles with FA3's ping-pong barrier (1.79 ms against 2.11 without);
+# dQ 128 query rows over 128-key tiles, dK/dV 128 key rows over 64-query tiles (fwd+bwd 7.26 ms,
+# the best of the sweep). num_stages = TMA pipeline depth; num_warps unused.
+DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, None, 2, True), dq=KernelTiles(128, 128, None, 2),
+                        dkdv=KernelTiles(64, 128, None, 2))
 
 
 def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
@@ -311,13 +311,20 @@ def _run_roles(plgpu, consumers: int, wg, n_steps, stages: int, consume, rings) 
         copy(t + stages, slot)
 
 
+def _warpgroup(consumers: int) -> jax.Array:
+  """This consumer's warpgroup index, always traced: a static 0 indexing a per-consumer
+  buffer that `_Ops.mmas` closes over fails Mosaic GPU's lowering in jax 0.11 ("Shaped arrays
+  must be represented by ir.Values, got: TypedInt(0)")."""
+  return lax.axis_index("wg") if consumers > 1 else lax.axis_index("row") * 0
+
+
 def _query_program(meta_ref, groups: int, block_k: int, consumers: int):
   """A query-major program's (forward, dQ) ids: (row b, q head h, kv head, query block qb,
   warpgroup wg, n_full, n_visible, key_start(j) = visit step j's first key).  Heaviest (latest)
   query blocks run first."""
   i, h, b = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("row")
   qb = meta_ref.shape[1] - 1 - i
-  wg = lax.axis_index("wg") if consumers > 1 else 0
+  wg = _warpgroup(consumers)
   key_start = lambda j: meta_ref[b, qb, 2 + j] * block_k
   return (b, h, lax.div(h, groups), qb, wg, meta_ref[b, qb, 0], meta_ref[b, qb, 1],
           key_start)
@@ -541,7 +548,7 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   ops = _Ops(interpret)
   plgpu = ops.plgpu
   kb, h, b = lax.axis_index("k"), lax.axis_index("head"), lax.axis_index("row")
-  wg = lax.axis_index("wg") if consumers > 1 else 0
+  wg = _warpgroup(consumers)
   head_dim = k_ref.shape[-1]
   dtype = k_ref.dtype
   n_full, n_visible = meta_ref[b, kb, 0], meta_ref[b, kb, 1]
