@@ -102,8 +102,9 @@ def micro_batch_options(rows: int, remat: str) -> list[tuple[str, tuple[str, int
   `rows`, largest first, so no micro-batch holds padding rows), then the same under remat
   "full" (the least scratch) if `remat` is another policy."""
   sizes = [r for r in range(rows, 0, -1) if rows % r == 0]
-  return [(f"{_plural(r, 'row')} x {_plural(rows // r, 'micro-batch', 'micro-batches')}, remat {policy}",
-           (policy, r)) for policy in dict.fromkeys((remat, "full")) for r in sizes]
+  return [(f"{_plural(r, 'row')} x {_plural(rows // r, 'micro-batch', 'micro-batches')}, "
+           f"remat {policy}", (policy, r))
+          for policy in dict.fromkeys((remat, "full")) for r in sizes]
 
 
 def layout_spec(batch: dict[str, np.ndarray], rows: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -162,8 +163,9 @@ def plan_note(label: str, fit: Fit, limit: int | None) -> str:
   if fit.tried:
     return f"note: {SCRIPT}: {label} uses {fit.tried[0]} <= {gib(limit)} usable"
   policy, per = fit.choice
-  return (f"note: {SCRIPT}: {label} uses {_plural(per, 'row')} per micro-batch, remat {policy}: the "
-          "device reports no memory limit (--memory-limit-gib sets one), nothing checked")
+  return (f"note: {SCRIPT}: {label} uses {_plural(per, 'row')} per micro-batch, remat "
+          f"{policy}: the device reports no memory limit (--memory-limit-gib sets one), "
+          "nothing checked")
 
 
 def updates_of(config: ModelConfig, optimizer: optax.GradientTransformation,
@@ -321,7 +323,7 @@ def main(argv=None) -> dict:
         label = f"{attention} {name} [{len(batch['tokens'])} x {batch['tokens'].shape[1]}]"
         try:
           fit = plan_layout(label, batch, args.remat, limit, abstract, update_for)
-        except Exception as e:  # pylint: disable=broad-except  # e.g. a kernel that fails to compile
+        except Exception as e:  # pylint: disable=broad-except  # e.g. a kernel fails to compile
           results[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
           print(f"error: {SCRIPT}: {label}: {results[name]['error']}", flush=True)
           continue

@@ -29,7 +29,8 @@ def _tiny_unrolled(bench):
   """The `--tiny` workload's config, objective and unrolled batch [4 rows, 128]."""
   config = get_preset("tiny", num_layers=1)
   objective = ObjectiveConfig(eps_high=0.28)
-  batch = bench.layouts(bench._parse(["--tiny"]), config, objective)["unrolled"]  # pylint: disable=protected-access
+  args = bench._parse(["--tiny"])  # pylint: disable=protected-access
+  batch = bench.layouts(args, config, objective)["unrolled"]
   assert batch["tokens"].shape == (4, 128)
   return config, objective, batch
 
@@ -148,7 +149,8 @@ def test_a_layout_that_fits_no_way_prints_an_error_and_exits_1_after_measuring_t
   arithmetic, and exit status 1 once the report is written."""
   bench = _bench()
   config, objective, batch = _tiny_unrolled(bench)
-  tree_batch = bench.layouts(bench._parse(["--tiny"]), config, objective)["tree"]  # pylint: disable=protected-access
+  args = bench._parse(["--tiny"])  # pylint: disable=protected-access
+  tree_batch = bench.layouts(args, config, objective)["tree"]
   optimizer = optax.adamw(1e-4)
   update_for = bench.updates_of(config, optimizer, objective)
   with sharding_context(bench.one_device_mesh()):
