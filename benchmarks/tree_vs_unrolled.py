@@ -20,7 +20,8 @@ layout's micro-batch size is chosen from its compiled gradient pass's memory ana
 most rows per micro-batch (a divisor of its rows, so no padding rows) whose step fits the
 device (weights, AdamW moments, the running gradient sum and one micro-batch's gradient,
 plus the pass's scratch), under `--remat`, else under remat "full"; a `note:` line says what
-was chosen and why. A layout that fits no way gets an `error:` line and the script exits 1
+was chosen and why (`--memory-limit-gib` sets the budget where the device reports none, e.g.
+CPU, or to try a smaller device). A layout that fits no way gets an `error:` line and the script exits 1
 after measuring the others. Each layout is timed over `--repeats` updates after a warm-up
 one (the compiles), for every `--attention` backend; the report gives per layout rows,
 micro-batches, tokens, step seconds and tokens/s, and the tree's speed-up over unrolled
