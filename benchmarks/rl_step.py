@@ -463,32 +463,19 @@ def choose_remat(label: str, requested: str, k: int, num_params: int, kv_gib: fl
   update_temp(policy) -> the update's scratch bytes (None: the backend does not say).
   -> (policy or None, '' when `requested` fits or `limit` is unknown, else the arithmetic:
   the reason for "full" or the does-not-fit error, {policy: scratch bytes measured})."""
-  if not limit:
-    return requested, "", {}
-  temps, tried = {}, []
-  for remat in dict.fromkeys((requested, "full")):
-    temps[remat] = temp = update_temp(remat)
-    if temp is None:
-      return remat, (f"{label}: the backend reports no memory analysis, the update's scratch "
-                     "is not checked"), {}
-    need = step_bytes(num_params, kv_gib, temp, k)
-    tried.append(f"remat {remat}: {static_bytes(num_params, 0) / 2**30:.1f} GiB static "
-                 f"({num_params / 1e9:.2f}B parameters x {STATIC_BYTES_PER_PARAM} bytes) + "
-                 f"{kv_gib:g} GiB KV + {'2 x ' if k else ''}{temp / 2**30:.2f} GiB update "
-                 f"scratch = {need / 2**30:.2f} GiB")
-    if need <= limit:
-      reason = "" if remat == requested else (
-          f"{label} uses remat {remat}: {tried[0]} > {limit / 2**30:.2f} GiB usable; "
-          f"{tried[-1]} fits")
-      return remat, reason, temps
-  rollout = " (k >= 1: a second scratch span for the rollout beside the update)" if k else ""
-  return None, (f"{label} does not fit: " + "; ".join(tried) +
-                f" > {limit / 2**30:.2f} GiB usable{rollout}"), temps
+  from kat_jax.train.memory_fit import first_fit  # pylint: disable=g-import-not-at-top
 
+  def need(remat: str, temp: int) -> tuple[int, str]:
+    return step_bytes(num_params, kv_gib, temp, k), (
+        f"{static_bytes(num_params, 0) / 2**30:.1f} GiB static ({num_params / 1e9:.2f}B "
+        f"parameters x {STATIC_BYTES_PER_PARAM} bytes) + {kv_gib:g} GiB KV + "
+        f"{'2 x ' if k else ''}{temp / 2**30:.2f} GiB update scratch")
 
-def device_bytes_limit(device) -> int | None:
-  """The bytes XLA may allocate on `device` (None where the backend does not say, e.g. CPU)."""
-  return (device.memory_stats() or {}).get("bytes_limit")
+  policies = dict.fromkeys((requested, "full"))
+  fit = first_fit(label, [(f"remat {p}", p) for p in policies], limit, update_temp, need,
+                  " (k >= 1: a second scratch span for the rollout beside the update)" if k
+                  else "")
+  return fit.choice, fit.line, fit.scratch
 
 
 def main(argv=None) -> dict:
@@ -512,6 +499,7 @@ def main(argv=None) -> dict:
             "results": results,
             "versions": {"python": platform.python_version(), "jax": jax.__version__}}
   from kat_jax.model import get_preset  # pylint: disable=g-import-not-at-top
+  from kat_jax.train.memory_fit import device_bytes_limit  # pylint: disable=g-import-not-at-top
   num_params = get_preset(args.preset).num_params()
   need = static_bytes(num_params, args.kv_gib)
   limit = report["bytes_limit"] = device_bytes_limit(jax.devices()[0])

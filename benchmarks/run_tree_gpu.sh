@@ -13,7 +13,8 @@
 #              >= 1.3x / 1.45x flex, causal fwd >= 0.9x cuDNN)
 #   unrolled   benchmarks/tree_vs_unrolled.py --high-sharing at qwen2.5-1.5b with tree_mgpu
 #              (target: update speed-up >= 0.85x the token ratio; `tree` is the same kernel
-#              on Hopper now that `auto` picks it)
+#              on Hopper now that `auto` picks it); each layout's rows in the micro-batches
+#              that fit the GPU by the compiled step's memory analysis (`note:` lines)
 #   compiled   the kernel's compiled pytest cases (KAT_TEST_GPU=1 ... -k compiled)
 #   sweep      tiles of tree_mgpu, one compilation each, each checked against the default's
 #              results: dq/dkdv pairs (fwd+bwd ms, bwd ms), then forward tiles (fwd ms, the
