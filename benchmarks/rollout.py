@@ -2,7 +2,7 @@
 
   PYTHONPATH=$PWD python benchmarks/rollout.py --preset qwen2.5-1.5b --out $OUT/rollout.json
   PYTHONPATH=$PWD python benchmarks/rollout.py --tiny          # CPU, tiny model, seconds
-  PYTHONPATH=$PWD python benchmarks/rollout.py --skip_static --ab --compact_widths 32
+  PYTHONPATH=$PWD python benchmarks/rollout.py --skip_static --ab
       # the engine's options (tail compaction, command buffers): neither, each, both
 
 Workload (issue #23): `--prompts` prompts × `--samples` samples (a GRPO group shares its
@@ -41,6 +41,8 @@ import numpy as np
 
 import device_profile  # this folder is on sys.path: the script's own, or benchmark_module's
 
+AB_RUNS = ("base", "compact", "command_buffers", "both")  # --ab's engine runs (ab_variants)
+
 
 def _parse(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -64,11 +66,14 @@ def _parse(argv=None) -> argparse.Namespace:
                            "that reads only live pages)")
   add_engine_option_flags(parser)
   parser.add_argument("--ab", action="store_true",
-                      help="run the engine four times in one process on the same draw: "
-                           "neither option, --compact_widths only, --command_buffers only, "
-                           "both; each run's report lands in `variants` (the first is "
-                           "`engine`) with its tokens/s and tail step times, and whether its "
-                           "tokens and log-probs equal the first run's (needs --compact_widths)")
+                      help="run the engine several times in one process on the same draw: "
+                           "--ab_runs of base (neither option), compact (--compact_widths, "
+                           "default the engine's), command_buffers, both; each run's report "
+                           "lands in `variants` (the first is `engine`) with its tokens/s and "
+                           "tail step times, and whether its tokens and log-probs equal the "
+                           "first run's")
+  parser.add_argument("--ab_runs", nargs="+", default=list(AB_RUNS), choices=AB_RUNS,
+                      help="--ab's runs, in this order")
   parser.add_argument("--static_batch_prompts", type=int, default=8)
   parser.add_argument("--static_batches", type=int, default=1, help="0: all")
   parser.add_argument("--skip_static", action="store_true")
@@ -90,19 +95,20 @@ def _parse(argv=None) -> argparse.Namespace:
                         prefill_chunk=16, static_batch_prompts=4, static_batches=0,
                         memory_every=1)
   args = parser.parse_args(argv)
-  if args.ab and not args.compact_widths:
-    parser.error("--ab needs --compact_widths")
+  if args.ab and args.compact_widths == []:
+    parser.error("--ab compares against compaction: give --compact_widths a width or leave it out")
   if args.ab and args.profile:
     parser.error("--ab and --profile: trace one engine run at a time")
   return args
 
 
 def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
-  """The rollout engine's speed options (off by default; shared by rollout.py and
-  rl_step.py), given to the Engine by `engine_options`."""
-  parser.add_argument("--compact_widths", type=int, nargs="*", default=[],
+  """The rollout engine's speed options (shared by rollout.py and rl_step.py), given to the
+  Engine by `engine_options`."""
+  parser.add_argument("--compact_widths", type=int, nargs="*", default=None,
                       help="Engine(compact_widths=...): decode calls with at most w busy slots "
-                           "run w rows (the busy samples moved into the low slots)")
+                           "run w rows (the busy samples moved into the low slots); default "
+                           "the engine's (engine.DEFAULT_COMPACT_WIDTHS), no value: off")
   parser.add_argument("--command_buffers", action="store_true",
                       help="Engine(command_buffers=True): on a GPU the decode loop compiles "
                            "with sampler.GPU_DECODE_COMPILER_OPTIONS (one CUDA graph)")
@@ -127,7 +133,8 @@ def precompile(args, engine, clock, samplings, max_length: int,
 
 def engine_options(args) -> dict:
   """The Engine keywords of `add_engine_option_flags`."""
-  return dict(compact_widths=tuple(args.compact_widths), command_buffers=args.command_buffers)
+  widths = None if args.compact_widths is None else tuple(args.compact_widths)
+  return dict(compact_widths=widths, command_buffers=args.command_buffers)
 
 
 def add_workload_flags(parser: argparse.ArgumentParser) -> None:
@@ -660,12 +667,14 @@ def main(argv=None) -> dict:
 
 
 def ab_variants(args) -> list[tuple[str, dict]]:
-  """--ab's engine runs: (name, `engine_options`) with neither option, each alone, both."""
-  compact = tuple(args.compact_widths)
-  return [("base", dict(compact_widths=(), command_buffers=False)),
-          ("compact", dict(compact_widths=compact, command_buffers=False)),
-          ("command_buffers", dict(compact_widths=(), command_buffers=True)),
-          ("both", dict(compact_widths=compact, command_buffers=True))]
+  """--ab's engine runs, `--ab_runs` of them: (name, `engine_options`) with neither option,
+  each alone, both (compaction: --compact_widths, or the engine's default widths)."""
+  compact = None if args.compact_widths is None else tuple(args.compact_widths)
+  runs = {"base": dict(compact_widths=(), command_buffers=False),
+          "compact": dict(compact_widths=compact, command_buffers=False),
+          "command_buffers": dict(compact_widths=(), command_buffers=True),
+          "both": dict(compact_widths=compact, command_buffers=True)}
+  return [(name, runs[name]) for name in args.ab_runs]
 
 
 def _print_variants(variants: dict) -> None:

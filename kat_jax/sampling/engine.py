@@ -64,6 +64,9 @@ from kat_jax.sampling.pages import SCRATCH_PAGE, PageAllocator, PagedSequence, l
 from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS, GenerationResult, Sampler
 
 MAX_STOP_IDS = 16
+# Engine(compact_widths=None): a batch's tail runs 32 rows (those below num_slots). Measured on
+# an H100 (qwen2.5-1.5b, the RL benchmark draw): 12,946 -> 14,342 tokens/s.
+DEFAULT_COMPACT_WIDTHS = (32,)
 # The batch generators behind `make_batch_sampler`: the engine, or the static Sampler.
 BATCH_SAMPLERS = ("paged", "static")
 
@@ -203,7 +206,8 @@ class Engine:
                num_pages: int = 1024, page_size: int = 16, prefill_chunk: int = 512,
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
                tokenizer: Any = None, attention: str = "auto", long_rows: int | None = None,
-               min_table_pages: int = 8, version: int = 0, compact_widths: Sequence[int] = (),
+               min_table_pages: int = 8, version: int = 0,
+               compact_widths: Sequence[int] | None = None,
                command_buffers: bool = False):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
@@ -229,6 +233,8 @@ class Engine:
                         ("steps_per_call", steps_per_call)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if compact_widths is None:
+      compact_widths = [w for w in DEFAULT_COMPACT_WIDTHS if w < num_slots]
     bad = [w for w in compact_widths if not 1 <= int(w) < num_slots]
     if bad:
       raise ValueError(f"compact_widths must lie in [1, num_slots={num_slots}), got {bad[0]}")

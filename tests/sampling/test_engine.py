@@ -10,7 +10,8 @@ import pytest
 
 from kat_jax.model import Decoder, get_preset, init_params
 from kat_jax.sampling import GREEDY, Sampler, SamplingParams, prepare_params
-from kat_jax.sampling.engine import Engine, EngineSampler, Request, attention_plan
+from kat_jax.sampling.engine import DEFAULT_COMPACT_WIDTHS, Engine, EngineSampler, Request
+from kat_jax.sampling.engine import attention_plan
 from kat_jax.testing import relative_error
 
 _CONFIG = dict(num_layers=1, initializer_range=0.3)
@@ -631,6 +632,14 @@ def test_compact_widths_outside_the_slots_error_and_command_buffers_stay_off_the
   assert jax.default_backend() == "cpu" and engine.compiler_options == {}
   [sid] = engine.submit(Request([5, 9, 33], 4, sampling=GREEDY))
   assert len(engine.run()[sid].tokens) == 4
+
+
+def test_compact_widths_default_to_the_engine_widths_below_num_slots(model):
+  config, _, dparams = model
+  wide = dict(_ENGINE, num_slots=64)
+  assert Engine(config, dparams, **wide).compact_widths == DEFAULT_COMPACT_WIDTHS == (32,)
+  assert Engine(config, dparams, **_ENGINE).compact_widths == ()  # 32 >= 4 slots
+  assert Engine(config, dparams, **wide, compact_widths=()).compact_widths == ()
 
 
 def test_page_table_rows_hold_each_sequences_pages_then_scratch(model):

@@ -3,6 +3,8 @@ engines and the report has the issue's fields."""
 
 import json
 
+import pytest
+
 from kat_jax.testing import benchmark_module
 
 
@@ -64,6 +66,20 @@ def test_rollout_ab_runs_four_engines_on_one_draw_with_the_first_ones_completion
       same = run["vs_first"]
       assert same["identical_tokens"] == same["identical_logprobs"] == same["samples"] == 12
       assert same["first_divergence_token"] is None
+
+
+def test_rollout_ab_runs_picks_runs_and_compaction_defaults_to_the_engines_widths():
+  """--ab_runs compact both: two runs, compaction left to the engine's default widths (None);
+  --compact_widths with no value turns compaction off, which --ab refuses."""
+  module = benchmark_module("rollout")
+  args = module._parse(["--tiny", "--ab", "--ab_runs", "compact", "both"])
+  assert module.ab_variants(args) == [
+      ("compact", {"compact_widths": None, "command_buffers": False}),
+      ("both", {"compact_widths": None, "command_buffers": True})]
+  assert module.engine_options(module._parse(["--tiny", "--compact_widths"])) == {
+      "compact_widths": (), "command_buffers": False}
+  with pytest.raises(SystemExit):
+    module._parse(["--tiny", "--ab", "--compact_widths"])
 
 
 def test_step_times_split_decode_calls_by_active_slots_against_their_floor():
