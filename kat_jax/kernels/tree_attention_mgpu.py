@@ -19,14 +19,16 @@ partial; hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.0
   needs no atomics and no per-query-head buffers.
 - optionally (`KernelTiles.ping_pong`, warp-specialised forward and dQ) FA3's ping-pong
   schedule barrier: one consumer's softmax / dS arithmetic overlaps the other's matmuls.
-Not done (see docs/tree_attention.md): dQ fused into the dK/dV pass (needs a TMA reduce-add,
-which Mosaic GPU's CPU interpreter does not run, so it could not be tested here).
+- optionally (`KernelTiles.fused_dq`, dK/dV) FA3's fused backward: the dK/dV kernel also adds
+  each step's dS K into a float32 dQ in global memory by TMA reduce-add and no dQ kernel runs.
+  The CPU interpreter has no reduce-add: interpreted, each step's partial dQ gets a slot of
+  its own and `_sum_dq_partials` adds the slots where the reduce-adds would.
 
 Layout [B, T, H, D] (no transposes), lse / delta [B, Hq, T] float32 base 2 (as the Triton
 kernels).  Inputs bf16 or f16 (the tensor cores' operand types), D a multiple of 64.
 
 Status: compiled and timed on an H100 with the default tiles (docs/tree_attention.md); the
-backward variants are tested on CPU (lowering, interpreter) but not yet compiled on a GPU.
+fused-dQ backward is tested on CPU (lowering, interpreter) but not yet compiled on a GPU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""benchmarks/tree_attention.py end to end at `--tiny` size on CPU (kernels interpreted)."""
+"""benchmarks/tree_attention.py end to end at `--tiny` size on CPU (kernels interpreted), and its
+tile strings."""
 
 import json
 
