@@ -307,17 +307,24 @@ def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] 
 
 
 def parse_tiles(text: str) -> KernelTiles:
-  """'bq,bk,warps,stages[,ping_pong]' -> KernelTiles (warps 0 = default; unused by 'mgpu';
-  ping_pong 1: the Mosaic GPU warp-specialised forward's schedule barrier)."""
-  bq, bk, warps, stages, *ping_pong = (int(x) for x in text.split(","))
-  return KernelTiles(bq, bk, warps or None, stages, bool(ping_pong and ping_pong[0]))
+  """'bq,bk,warps,stages[,ping_pong[,fused_dq]]' -> KernelTiles (warps 0 = default; unused by
+  'mgpu'; flags 0/1: ping_pong = the Mosaic GPU warp-specialised forward's or dQ's schedule
+  barrier, fused_dq = Mosaic GPU dK/dV tiles that also accumulate dQ, so the dQ kernel and its
+  tiles go unused; e.g. '64,128,0,2,0,1')."""
+  bq, bk, warps, stages, *flags = (int(x) for x in text.split(","))
+  ping_pong, fused_dq = (bool(x) for x in (flags + [0, 0])[:2])
+  return KernelTiles(bq, bk, warps or None, stages, ping_pong, fused_dq)
 
 
 def format_tiles(tiles: KernelTiles) -> str:
-  """KernelTiles -> 'bq,bk,warps,stages[,1]' (parse_tiles' inverse): the flags' defaults are
-  the kernels' own DEFAULT_TUNINGs, so a plain run times what `tree_attention` runs."""
+  """KernelTiles -> 'bq,bk,warps,stages[,ping_pong[,fused_dq]]' (parse_tiles' inverse): the
+  flags' defaults are the kernels' own DEFAULT_TUNINGs, so a plain run times what
+  `tree_attention` runs."""
   fields = [tiles.block_q, tiles.block_k, tiles.num_warps or 0, tiles.num_stages or 2]
-  return ",".join(map(str, fields + [1] * tiles.ping_pong))
+  flags = [int(tiles.ping_pong), int(tiles.fused_dq)]
+  while flags and not flags[-1]:
+    flags.pop()
+  return ",".join(map(str, fields + flags))
 
 
 def parse_args(argv=None):
@@ -333,7 +340,9 @@ def parse_args(argv=None):
                       help="Mosaic GPU bq,bk,0,stages[,ping_pong] (bq 128: warp-specialised, "
                       "64: one warpgroup)")
   parser.add_argument("--mgpu-dq", default=format_tiles(mgpu.dq))
-  parser.add_argument("--mgpu-dkdv", default=format_tiles(mgpu.dkdv))
+  parser.add_argument("--mgpu-dkdv", default=format_tiles(mgpu.dkdv),
+                      help="bq,bk,0,stages[,0,fused_dq] (fused_dq 1: dQ accumulated by the "
+                      "dK/dV kernel, --mgpu-dq unused)")
   parser.add_argument("--sweep-fwd", nargs="*", default=[],
                       help="fwd tiles to time (first backend), each checked against the first "
                       "one's output (list the default first)")

@@ -1,7 +1,9 @@
-"""benchmarks/tree_attention.py end to end at `--tiny` size on CPU (kernels interpreted)."""
+"""benchmarks/tree_attention.py end to end at `--tiny` size on CPU (kernels interpreted), and its
+tile strings."""
 
 import json
 
+from kat_jax.kernels import KernelTiles
 from kat_jax.testing import benchmark_module
 
 
@@ -28,3 +30,12 @@ def test_tiny_run_times_triton_and_tile_sweeps_and_marks_gpu_only_methods_skippe
   assert second["bwd_ms"] == second["fwd_bwd_ms"] - record["times_ms"]["tree_gpu"]["fwd"]
   causal = record["causal_rows"]["128"]
   assert causal["tree_gpu"]["fwd"]["ms"] > 0 and "skipped" in causal["cudnn"]
+
+
+def test_tile_strings_parse_ping_pong_and_fused_dq_flags_and_format_back():
+  bench = benchmark_module("tree_attention")
+  for text, tiles in [("64,128,0,2", KernelTiles(64, 128, None, 2)),
+                      ("128,128,0,2,1", KernelTiles(128, 128, None, 2, True)),
+                      ("64,128,0,2,0,1", KernelTiles(64, 128, None, 2, False, True))]:
+    assert bench.parse_tiles(text) == tiles
+    assert bench.format_tiles(tiles) == text
