@@ -36,8 +36,12 @@ run_stage compiled env KAT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider \
 # tiles), the yardstick of the others' timing and grads (`vs_first_config`); then FA3's fused
 # backward (dkdv flag fused_dq: the dK/dV kernel accumulates dQ by TMA reduce-add, no dQ kernel,
 # so the dq tiles go unused), with the default's dK/dV tiles and with one warpgroup of 64 key
-# rows. Never run on a GPU yet. Earlier tile sweeps: results/tree_attention_mgpu_sweep*_h100.json.
+# rows. Never run on a GPU yet. Then the one-warpgroup dQ and dK/dV (they failed to lower on
+# jax 0.11 in the earlier sweeps, fixed since), and the forward with and without ping-pong again
+# (1.79 and 1.98 ms in two earlier runs).
+# Earlier sweeps: benchmarks/results/tree_attention_mgpu_sweep*_h100.json.
 run_stage sweep python3 benchmarks/tree_attention.py --out "$out" --skip-checks --skip-peers \
   --causal-lengths "" --backends mgpu --name tree_attention_mgpu_sweep.json --sweep-bwd \
-  128,128,0,2/64,128,0,2 128,128,0,2/64,128,0,2,0,1 128,128,0,2/64,64,0,2,0,1
+  128,128,0,2/64,128,0,2 128,128,0,2/64,128,0,2,0,1 128,128,0,2/64,64,0,2,0,1 \
+  64,64,0,2/64,64,0,2 128,128,0,2/64,64,0,2 --sweep-fwd 128,128,0,2,1 128,128,0,2
 echo "done in $((SECONDS - start)) s"
