@@ -55,12 +55,14 @@ __all__ = ["DEFAULT_TUNING", "DTYPES", "ROWS", "SMEM_BYTES", "backward", "check_
 ROWS = 64  # rows of one warpgroup MMA: forward/dQ query blocks, dK/dV key blocks
 SMEM_BYTES = 232_448  # shared memory of one H100 / H200 thread block (227 KiB)
 DTYPES = (jnp.bfloat16, jnp.float16)
-# Measured on an H100 (benchmarks/results/tree_attention_mgpu_sweep_h100.json, anchor workload):
-# every kernel warp-specialised, two consumer warpgroups of 64 rows and a TMA producer. Forward
-# 128 query rows over 128-key tiles with FA3's ping-pong barrier (1.79 ms against 2.11 without);
-# dQ 128 query rows over 128-key tiles, dK/dV 128 key rows over 64-query tiles (fwd+bwd 7.26 ms,
-# the best of the sweep). num_stages = TMA pipeline depth; num_warps unused.
-DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, None, 2, True), dq=KernelTiles(128, 128, None, 2),
+# Measured on an H100 (benchmarks/results/tree_attention_mgpu_sweep*_h100.json, anchor
+# workload): every kernel warp-specialised, two consumer warpgroups of 64 rows and a TMA
+# producer. Forward 128 query rows over 128-key tiles; dQ 128 query rows over 128-key tiles,
+# dK/dV 128 key rows over 64-query tiles (fwd+bwd 7.26 / 7.62 ms in two sweeps, the best).
+# The forward's ping-pong barrier stays off: 1.79 / 1.98 ms with it against 1.93 / 2.11
+# without, in different runs (inconclusive), and Mosaic GPU's CPU interpreter sometimes
+# deadlocks on it at 128-key tiles. num_stages = TMA pipeline depth; num_warps unused.
+DEFAULT_TUNING = Tuning(fwd=KernelTiles(128, 128, None, 2), dq=KernelTiles(128, 128, None, 2),
                         dkdv=KernelTiles(64, 128, None, 2))
 
 
