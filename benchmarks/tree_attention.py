@@ -77,20 +77,38 @@ def visible_pairs(kv_end: np.ndarray) -> int:
 
 
 PEAK_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak
-TIMING = {"warmup": 3, "iters": 20}  # --tiny: 1 / 1
+# Both timers (JAX's and FlexAttention's) do the same: back-to-back calls for warmup_s first,
+# since the GPU's clocks drop during the compiles before each timing and take a while to come
+# back; then `reps` timings of `calls` back-to-back calls each (so the host's dispatch and sync
+# latency is paid once per timing, not per call), and the median per call.
+TIMING = {"warmup_s": 0.5, "reps": 10, "calls": 10}  # --tiny: 0 / 1 / 1
 
 
-def median_ms_jax(fn, *args, warmup=None, iters=None) -> float:
-  warmup = TIMING["warmup"] if warmup is None else warmup
-  iters = TIMING["iters"] if iters is None else iters
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
+def timed_ms(run, sync) -> float:
+  """Median ms per call of `run()` by TIMING; `sync()` waits for the device's queued work."""
+  start = time.perf_counter()
+  run()
+  sync()
+  while time.perf_counter() - start < TIMING["warmup_s"]:
+    run()
+    sync()
   times = []
-  for _ in range(iters):
+  for _ in range(TIMING["reps"]):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    for _ in range(TIMING["calls"]):
+      run()
+    sync()
+    times.append((time.perf_counter() - start) / TIMING["calls"])
   return 1e3 * statistics.median(times)
+
+
+def median_ms_jax(fn, *args) -> float:
+  last = []
+
+  def run():
+    last[:] = [fn(*args)]  # keeps only the newest output alive
+
+  return timed_ms(run, lambda: jax.block_until_ready(last))
 
 
 def matmul_tflops(n=8192) -> float:
@@ -289,19 +307,8 @@ def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] 
     out = flex(q, k, v, block_mask=block_mask)
     return torch.autograd.grad(out, (q, k, v), do)
 
-  def median_ms(fn, warmup=3, iters=20):
-    for _ in range(warmup):
-      fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-      start.record()
-      fn()
-      end.record()
-      torch.cuda.synchronize()
-      times.append(start.elapsed_time(end))
-    return statistics.median(times)
+  def median_ms(fn):
+    return timed_ms(fn, torch.cuda.synchronize)
 
   return median_ms(run_fwd), median_ms(run_fwd_bwd)
 
@@ -376,7 +383,7 @@ def main(argv=None) -> dict:
              "mgpu": Tuning(parse_tiles(args.mgpu_fwd), parse_tiles(args.mgpu_dq),
                             parse_tiles(args.mgpu_dkdv))}
   if args.tiny:
-    TIMING.update(warmup=1, iters=1)
+    TIMING.update(warmup_s=0, reps=1, calls=1)
     branching, segments, heads, dim = (1, 2, 2), (32, 32, 32), 2, 64
     causal_lengths = [128]
   else:
