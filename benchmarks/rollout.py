@@ -3,7 +3,7 @@
   PYTHONPATH=$PWD python benchmarks/rollout.py --preset qwen2.5-1.5b --out $OUT/rollout.json
   PYTHONPATH=$PWD python benchmarks/rollout.py --tiny          # CPU, tiny model, seconds
   PYTHONPATH=$PWD python benchmarks/rollout.py --skip_static --ab
-      # the engine's options (tail compaction, command buffers): neither, each, both
+      # the engine with tail compaction off, then on (its default)
 
 Workload (issue #23): `--prompts` prompts × `--samples` samples (a GRPO group shares its
 prompt), prompt lengths uniform in [prompt_min, prompt_max], random tokens; every sample's
@@ -41,7 +41,7 @@ import numpy as np
 
 import device_profile  # this folder is on sys.path: the script's own, or benchmark_module's
 
-AB_RUNS = ("base", "compact", "command_buffers", "both")  # --ab's engine runs (ab_variants)
+AB_RUNS = ("base", "compact")  # --ab's engine runs (ab_variants)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -67,11 +67,10 @@ def _parse(argv=None) -> argparse.Namespace:
   add_engine_option_flags(parser)
   parser.add_argument("--ab", action="store_true",
                       help="run the engine several times in one process on the same draw: "
-                           "--ab_runs of base (neither option), compact (--compact_widths, "
-                           "default the engine's), command_buffers, both; each run's report "
-                           "lands in `variants` (the first is `engine`) with its tokens/s and "
-                           "tail step times, and whether its tokens and log-probs equal the "
-                           "first run's")
+                           "--ab_runs of base (compaction off) and compact (--compact_widths, "
+                           "default the engine's); each run's report lands in `variants` (the "
+                           "first is `engine`) with its tokens/s and tail step times, and "
+                           "whether its tokens and log-probs equal the first run's")
   parser.add_argument("--ab_runs", nargs="+", default=list(AB_RUNS), choices=AB_RUNS,
                       help="--ab's runs, in this order")
   parser.add_argument("--static_batch_prompts", type=int, default=8)
@@ -109,9 +108,6 @@ def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
                       help="Engine(compact_widths=...): decode calls with at most w busy slots "
                            "run w rows (the busy samples moved into the low slots); default "
                            "the engine's (engine.DEFAULT_COMPACT_WIDTHS), no value: off")
-  parser.add_argument("--command_buffers", action="store_true",
-                      help="Engine(command_buffers=True): on a GPU the decode loop compiles "
-                           "with sampler.GPU_DECODE_COMPILER_OPTIONS (one CUDA graph)")
   parser.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
                       help="before the run, compile every program the engine can call, "
                            "WORKERS at a time (Engine.precompile; 0: compile as met)")
@@ -134,7 +130,7 @@ def precompile(args, engine, clock, samplings, max_length: int,
 def engine_options(args) -> dict:
   """The Engine keywords of `add_engine_option_flags`."""
   widths = None if args.compact_widths is None else tuple(args.compact_widths)
-  return dict(compact_widths=widths, command_buffers=args.command_buffers)
+  return dict(compact_widths=widths)
 
 
 def add_workload_flags(parser: argparse.ArgumentParser) -> None:
@@ -265,8 +261,7 @@ def run_engine(args, config, dparams, prompts, lengths, kv_per_token, clock,
       "long_rows": engine.long_rows, "split_calls": stats["split_calls"],
       "compact_widths": list(engine.compact_widths), "compact_calls": stats["compact_calls"],
       "compact_steps": stats["compact_steps"], "moved_samples": stats["moved_samples"],
-      "command_buffers": options.get("command_buffers", False),
-      "compiler_options": engine.compiler_options, "precompile": precompiled,
+      "precompile": precompiled,
       "decode_calls": stats["decode_calls"],
       "decode_steps": stats["decode_steps"], "prefill_chunks": stats["prefill_chunks"],
       "mean_slot_occupancy": stats["slot_steps"] / max(stats["decode_steps"] * args.num_slots,
@@ -667,13 +662,10 @@ def main(argv=None) -> dict:
 
 
 def ab_variants(args) -> list[tuple[str, dict]]:
-  """--ab's engine runs, `--ab_runs` of them: (name, `engine_options`) with neither option,
-  each alone, both (compaction: --compact_widths, or the engine's default widths)."""
+  """--ab's engine runs, `--ab_runs` of them: (name, `engine_options`) with tail compaction
+  off (base) and on (compact: --compact_widths, or the engine's default widths)."""
   compact = None if args.compact_widths is None else tuple(args.compact_widths)
-  runs = {"base": dict(compact_widths=(), command_buffers=False),
-          "compact": dict(compact_widths=compact, command_buffers=False),
-          "command_buffers": dict(compact_widths=(), command_buffers=True),
-          "both": dict(compact_widths=compact, command_buffers=True)}
+  runs = {"base": dict(compact_widths=()), "compact": dict(compact_widths=compact)}
   return [(name, runs[name]) for name in args.ab_runs]
 
 

@@ -61,7 +61,7 @@ from kat_jax.sampling.autothink import THINK_MODES, forced_mode_prefix
 from kat_jax.sampling.forward import DecodeParams
 from kat_jax.sampling.logits import SamplingParams
 from kat_jax.sampling.pages import SCRATCH_PAGE, PageAllocator, PagedSequence, live_tokens
-from kat_jax.sampling.sampler import GPU_DECODE_COMPILER_OPTIONS, GenerationResult, Sampler
+from kat_jax.sampling.sampler import GenerationResult, Sampler
 
 MAX_STOP_IDS = 16
 # Engine(compact_widths=None): a batch's tail runs 32 rows (those below num_slots). Measured on
@@ -207,8 +207,7 @@ class Engine:
                prefill_chunks_per_call: int = 1, steps_per_call: int = 8, pad_id: int = 0,
                tokenizer: Any = None, attention: str = "auto", long_rows: int | None = None,
                min_table_pages: int = 8, version: int = 0,
-               compact_widths: Sequence[int] | None = None,
-               command_buffers: bool = False):
+               compact_widths: Sequence[int] | None = None):
     """num_slots: rows of every decode call; num_pages × page_size: the KV pool (page 0 is
     scratch); steps_per_call: decode steps per jitted call (one host round trip each);
     tokenizer encodes forced think-mode prefixes; attention: the `paged.attend` backend
@@ -224,10 +223,7 @@ class Engine:
     compact_widths: narrower decode widths for a batch's tail: a decode call with at most w
     slots busy (w the narrowest such width) first moves the busy samples into slots [0, w)
     and runs those w rows only (`paged.decode_loop`; one more compiled program per width and
-    table width); () = every call runs num_slots rows;
-    command_buffers: on a GPU backend, the decode loop compiles with
-    `GPU_DECODE_COMPILER_OPTIONS` (the whole while loop replays as one CUDA graph); no
-    change elsewhere (`compiler_options` holds what applies)."""
+    table width); () = every call runs num_slots rows."""
     for name, value in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                         ("prefill_chunks_per_call", prefill_chunks_per_call),
                         ("steps_per_call", steps_per_call)):
@@ -239,8 +235,6 @@ class Engine:
     if bad:
       raise ValueError(f"compact_widths must lie in [1, num_slots={num_slots}), got {bad[0]}")
     self.compact_widths = tuple(sorted({int(w) for w in compact_widths}))
-    self.compiler_options = (dict(GPU_DECODE_COMPILER_OPTIONS)
-                             if command_buffers and jax.default_backend() == "gpu" else {})
     self.config = config
     _check_params(params)
     self._weights = (params, int(version))
@@ -256,8 +250,7 @@ class Engine:
         attention, config, page_size, spread=len(self.cache["k"][0].sharding.device_set) > 1)
     self.long_rows = int(default_long_rows if long_rows is None else long_rows)
     self.logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
-    self._fns = paged.jitted(config, self.pad_id, self.attention,
-                             tuple(sorted(self.compiler_options.items())))
+    self._fns = paged.jitted(config, self.pad_id, self.attention)
     self._slots: list[_Sample | None] = [None] * num_slots
     self._pending: collections.deque[_Prefill] = collections.deque()
     self._ready: collections.deque[_Sample] = collections.deque()

@@ -274,17 +274,15 @@ def move_rows(logits: jax.Array, source: jax.Array, dest: jax.Array) -> jax.Arra
 
 
 @functools.lru_cache(maxsize=16)
-def jitted(config: ModelConfig, pad_id: int, attention: str,
-           compiler_options: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
-  """The engine's device programs for one model config, jitted once (cache buffers donated);
-  compiler_options: XLA options of the decode loop's compilation (sorted (name, value)
-  pairs, as `jax.jit(compiler_options=...)` takes them as a dict)."""
+def jitted(config: ModelConfig, pad_id: int, attention: str) -> dict[str, Any]:
+  """The engine's device programs for one model config, jitted once (cache buffers
+  donated)."""
   return {
       "prefill": jax.jit(functools.partial(prefill_chunk, config=config), donate_argnums=(1,)),
       "decode": jax.jit(functools.partial(decode_loop, config=config, pad_id=pad_id,
                                           attention=attention),
                         static_argnames=("samplings", "steps", "short_pages"),
-                        donate_argnums=(1, 2), compiler_options=dict(compiler_options) or None),
+                        donate_argnums=(1, 2)),
       "copy": jax.jit(copy_pages, donate_argnums=(0,)),
       "set_row": jax.jit(set_row, donate_argnums=(0,)),
       "move_rows": jax.jit(move_rows, donate_argnums=(0,)),

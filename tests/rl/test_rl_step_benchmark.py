@@ -9,10 +9,10 @@ from kat_jax.testing import benchmark_module
 
 def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path):
   bench = benchmark_module("rl_step")
-  # Compaction on (a call with <= 2 of the 8 slots busy runs 2 rows), command buffers asked
-  # for (GPU only: no compiler option here), the engine's programs compiled up front.
-  report = bench.main(["--tiny", "--compact_widths", "2", "--command_buffers",
-                       "--precompile", "2", "--out", str(tmp_path / "rl_step.json")])
+  # Compaction on (a call with <= 2 of the 8 slots busy runs 2 rows), the engine's programs
+  # compiled up front.
+  report = bench.main(["--tiny", "--compact_widths", "2", "--precompile", "2",
+                       "--out", str(tmp_path / "rl_step.json")])
   assert (tmp_path / "rl_step.json").exists()
   args = bench._parse(["--tiny"])  # pylint: disable=protected-access
   _, lengths = benchmark_module("rollout").workload(args, 1024)
@@ -33,7 +33,7 @@ def test_tiny_rl_step_generates_the_drawn_lengths_and_bounds_staleness(tmp_path)
     engine = result["engine"]
     assert engine.pop("compact_calls") > 0 and engine.pop("precompile")["programs"] > 0
     assert engine == {"attention": "xla", "long_rows": 8, "num_slots": args.num_slots,
-                      "compact_widths": [2], "command_buffers": True, "compiler_options": {}}
+                      "compact_widths": [2]}
 
 
 def test_rl_step_reports_does_not_fit_when_the_static_state_exceeds_device_memory(

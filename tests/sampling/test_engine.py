@@ -548,7 +548,7 @@ def test_attention_plan_splits_long_rows_only_for_xla_and_keeps_a_spread_pool_on
   assert attention_plan("auto", config, 16, spread=True) == ("xla", 8)
 
 
-# ---- tail compaction (Engine(compact_widths=...)) and command buffers ----
+# ---- tail compaction (Engine(compact_widths=...)) ----
 
 
 _TAIL_SAMPLING = SamplingParams(1.0, top_k=5)  # one params set: one program per shape
@@ -624,14 +624,10 @@ def test_move_rows_moves_rows_read_before_writes_and_skips_padding():
   np.testing.assert_array_equal(got, logits[[4, 1, 2, 3, 0]])
 
 
-def test_compact_widths_outside_the_slots_error_and_command_buffers_stay_off_the_cpu(model):
+def test_compact_widths_outside_the_slots_error(model):
   config, _, dparams = model
   with pytest.raises(ValueError, match=r"compact_widths must lie in \[1, num_slots=4\), got 4"):
     Engine(config, dparams, **_ENGINE, compact_widths=(2, 4))
-  engine = Engine(config, dparams, **_ENGINE, command_buffers=True)
-  assert jax.default_backend() == "cpu" and engine.compiler_options == {}
-  [sid] = engine.submit(Request([5, 9, 33], 4, sampling=GREEDY))
-  assert len(engine.run()[sid].tokens) == 4
 
 
 def test_compact_widths_default_to_the_engine_widths_below_num_slots(model):

@@ -41,25 +41,23 @@ def test_rollout_benchmark_simulation_schedules_every_drawn_token():
   assert {rows for rows, _, _ in report["decode_shapes"]} == {1, 3}
 
 
-def test_rollout_ab_runs_four_engines_on_one_draw_with_the_first_ones_completions(tmp_path):
-  """--ab: neither option, compaction, command buffers (no compiler option on CPU), both;
-  each run generates every drawn token, the compacted ones run narrower calls, and every
-  run's tokens and log-probs equal the first run's. --precompile compiles each run's
-  programs first (the compacted runs' have 2 more)."""
+def test_rollout_ab_runs_base_and_compact_engines_on_one_draw_with_the_first_ones_completions(
+    tmp_path):
+  """--ab: compaction off (base), then on (compact); both runs generate every drawn token, the
+  compacted one runs narrower calls, and its tokens and log-probs equal the first run's.
+  --precompile compiles each run's programs first (the compacted run's has 2 more)."""
   module = benchmark_module("rollout")
   out = tmp_path / "rollout.json"
   report = module.main(["--tiny", "--skip_static", "--prompts", "6", "--ab",
                         "--compact_widths", "2", "--precompile", "2", "--out", str(out)])
   variants = report["variants"]
-  assert list(variants) == ["base", "compact", "command_buffers", "both"]
+  assert list(variants) == ["base", "compact"]
   assert json.loads(out.read_text())["variants"].keys() == variants.keys()
   assert report["engine"] is variants["base"]
   for name, run in variants.items():
     assert run["generated_tokens"] == variants["base"]["generated_tokens"] > 0
-    assert (run["compact_calls"] > 0) == (name in ("compact", "both"))
-    assert run["command_buffers"] == (name in ("command_buffers", "both"))
-    assert run["compiler_options"] == {}  # CPU
-    compact = name in ("compact", "both")
+    compact = name == "compact"
+    assert (run["compact_calls"] > 0) == compact
     assert run["precompile"]["programs"] == variants["base"]["precompile"]["programs"] + (
         2 if compact else 0)  # the 2-row decode (one table width here) and move_rows
     if name != "base":
@@ -69,15 +67,14 @@ def test_rollout_ab_runs_four_engines_on_one_draw_with_the_first_ones_completion
 
 
 def test_rollout_ab_runs_picks_runs_and_compaction_defaults_to_the_engines_widths():
-  """--ab_runs compact both: two runs, compaction left to the engine's default widths (None);
-  --compact_widths with no value turns compaction off, which --ab refuses."""
+  """--ab_runs compact base: those runs in that order, compaction left to the engine's default
+  widths (None); --compact_widths with no value turns compaction off, which --ab refuses."""
   module = benchmark_module("rollout")
-  args = module._parse(["--tiny", "--ab", "--ab_runs", "compact", "both"])
-  assert module.ab_variants(args) == [
-      ("compact", {"compact_widths": None, "command_buffers": False}),
-      ("both", {"compact_widths": None, "command_buffers": True})]
+  args = module._parse(["--tiny", "--ab", "--ab_runs", "compact", "base"])
+  assert module.ab_variants(args) == [("compact", {"compact_widths": None}),
+                                      ("base", {"compact_widths": ()})]
   assert module.engine_options(module._parse(["--tiny", "--compact_widths"])) == {
-      "compact_widths": (), "command_buffers": False}
+      "compact_widths": ()}
   with pytest.raises(SystemExit):
     module._parse(["--tiny", "--ab", "--compact_widths"])
 
