@@ -314,24 +314,21 @@ def bench_flex(kv_end: np.ndarray, heads: int, dim: int) -> tuple[float, float] 
 
 
 def parse_tiles(text: str) -> KernelTiles:
-  """'bq,bk,warps,stages[,ping_pong[,fused_dq]]' -> KernelTiles (warps 0 = default; unused by
-  'mgpu'; flags 0/1: ping_pong = the Mosaic GPU warp-specialised forward's or dQ's schedule
-  barrier, fused_dq = Mosaic GPU dK/dV tiles that also accumulate dQ, so the dQ kernel and its
-  tiles go unused; e.g. '64,128,0,2,0,1')."""
-  bq, bk, warps, stages, *flags = (int(x) for x in text.split(","))
-  ping_pong, fused_dq = (bool(x) for x in (flags + [0, 0])[:2])
-  return KernelTiles(bq, bk, warps or None, stages, ping_pong, fused_dq)
+  """'bq,bk,warps,stages[,ping_pong]' -> KernelTiles (warps 0 = default; unused by 'mgpu';
+  ping_pong 0/1 = the Mosaic GPU warp-specialised forward's or dQ's schedule barrier, e.g.
+  '128,128,0,2,1'); ValueError for another number of fields."""
+  fields = [int(x) for x in text.split(",")]
+  if len(fields) not in (4, 5):
+    raise ValueError(f"tiles {text!r}: expected bq,bk,warps,stages[,ping_pong]")
+  bq, bk, warps, stages, *flag = fields
+  return KernelTiles(bq, bk, warps or None, stages, bool(flag and flag[0]))
 
 
 def format_tiles(tiles: KernelTiles) -> str:
-  """KernelTiles -> 'bq,bk,warps,stages[,ping_pong[,fused_dq]]' (parse_tiles' inverse): the
-  flags' defaults are the kernels' own DEFAULT_TUNINGs, so a plain run times what
-  `tree_attention` runs."""
+  """KernelTiles -> 'bq,bk,warps,stages[,1]' (parse_tiles' inverse): the options' defaults are
+  the kernels' own DEFAULT_TUNINGs, so a plain run times what `tree_attention` runs."""
   fields = [tiles.block_q, tiles.block_k, tiles.num_warps or 0, tiles.num_stages or 2]
-  flags = [int(tiles.ping_pong), int(tiles.fused_dq)]
-  while flags and not flags[-1]:
-    flags.pop()
-  return ",".join(map(str, fields + flags))
+  return ",".join(map(str, fields + [1] * tiles.ping_pong))
 
 
 def parse_args(argv=None):
@@ -347,9 +344,7 @@ def parse_args(argv=None):
                       help="Mosaic GPU bq,bk,0,stages[,ping_pong] (bq 128: warp-specialised, "
                       "64: one warpgroup)")
   parser.add_argument("--mgpu-dq", default=format_tiles(mgpu.dq))
-  parser.add_argument("--mgpu-dkdv", default=format_tiles(mgpu.dkdv),
-                      help="bq,bk,0,stages[,0,fused_dq] (fused_dq 1: dQ accumulated by the "
-                      "dK/dV kernel, --mgpu-dq unused)")
+  parser.add_argument("--mgpu-dkdv", default=format_tiles(mgpu.dkdv), help="bq,bk,0,stages")
   parser.add_argument("--sweep-fwd", nargs="*", default=[],
                       help="fwd tiles to time (first backend), each checked against the first "
                       "one's output (list the default first)")
@@ -365,7 +360,14 @@ def parse_args(argv=None):
   parser.add_argument("--tiny", action="store_true",
                       help="CPU smoke run: tiny workloads, kernels interpreted, 1 timed call")
   parser.add_argument("--name", default="tree_attention.json")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  for text in [args.fwd, args.dq, args.dkdv, args.mgpu_fwd, args.mgpu_dq, args.mgpu_dkdv,
+               *args.sweep_fwd, *(t for pair in args.sweep_bwd for t in pair.split("/"))]:
+    try:
+      parse_tiles(text)
+    except ValueError as e:
+      parser.error(str(e))
+  return args
 
 
 def main(argv=None) -> dict:

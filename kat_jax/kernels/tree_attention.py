@@ -211,9 +211,8 @@ def tree_attention(
   for kernel_name, tiles in zip(Tuning._fields, tuning):
     _check_block(f"{kernel_name}.block_q", tiles.block_q)
     _check_block(f"{kernel_name}.block_k", tiles.block_k)
-    for flag in ("ping_pong", "fused_dq"):
-      if getattr(tiles, flag) and backend != "mgpu":
-        raise ValueError(f"{kernel_name}.{flag} needs backend 'mgpu', got {backend!r}")
+    if tiles.ping_pong and backend != "mgpu":
+      raise ValueError(f"{kernel_name}.ping_pong needs backend 'mgpu', got {backend!r}")
     multiple = max(multiple, tiles.block_q, tiles.block_k)  # powers of two: max is the lcm
   if backend == "mgpu":
     tree_attention_mgpu.check_tiles(tuning, q.dtype, q.shape[-1])

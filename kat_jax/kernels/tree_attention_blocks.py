@@ -24,10 +24,6 @@ class KernelTiles(NamedTuple):
   # Mosaic GPU's warp-specialised forward and dQ only: FlashAttention-3's ping-pong schedule
   # barrier (one consumer's softmax / dS arithmetic overlaps the other's matmuls).
   ping_pong: bool = False
-  # Mosaic GPU's dK/dV only: FlashAttention-3's fused backward, where the dK/dV kernel also
-  # adds each tile's dS K into a float32 dQ in global memory (TMA reduce-add) and no dQ kernel
-  # runs (`tuning.dq` is then unused).
-  fused_dq: bool = False
 
 
 class Tuning(NamedTuple):

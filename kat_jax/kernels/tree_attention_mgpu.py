@@ -19,16 +19,13 @@ partial; hidden tiles never visited).  Built like FlashAttention-3 (arXiv 2407.0
   needs no atomics and no per-query-head buffers.
 - optionally (`KernelTiles.ping_pong`, warp-specialised forward and dQ) FA3's ping-pong
   schedule barrier: one consumer's softmax / dS arithmetic overlaps the other's matmuls.
-- optionally (`KernelTiles.fused_dq`, dK/dV) FA3's fused backward: the dK/dV kernel also adds
-  each step's dS K into a float32 dQ in global memory by TMA reduce-add and no dQ kernel runs.
-  The CPU interpreter has no reduce-add: interpreted, each step's partial dQ gets a slot of
-  its own and `_sum_dq_partials` adds the slots where the reduce-adds would.
+Not used: FA3's fused dQ (the dK/dV kernel adds dS K into dQ by TMA reduce-add, no dQ kernel),
+slower on an H100 (docs/tree_attention.md).
 
 Layout [B, T, H, D] (no transposes), lse / delta [B, Hq, T] float32 base 2 (as the Triton
 kernels).  Inputs bf16 or f16 (the tensor cores' operand types), D a multiple of 64.
 
-Status: compiled and timed on an H100 with the default tiles (docs/tree_attention.md); the
-fused-dQ backward is tested on CPU (lowering, interpreter) but not yet compiled on a GPU.
+Status: compiled and timed on an H100 (docs/tree_attention.md).
 """
 
 from __future__ import annotations
@@ -88,27 +85,21 @@ def check_tiles(tuning: Tuning, dtype: Any, head_dim: int) -> None:
     if tiles.ping_pong and tiles.block_q != 2 * ROWS:
       raise ValueError(f"backend 'mgpu' needs {name}.block_q = {2 * ROWS} (two consumer "
                        f"warpgroups) for {name}.ping_pong, got {tiles.block_q}")
-  if tuning.fwd.fused_dq or tuning.dq.fused_dq:
-    raise ValueError("backend 'mgpu' fuses dQ into the dK/dV kernel: set dkdv.fused_dq, "
-                     "not fwd.fused_dq or dq.fused_dq")
   need = dkdv_smem_bytes(tuning.dkdv, head_dim, jnp.dtype(dtype).itemsize)
   if need > SMEM_BYTES:
     raise ValueError(
         f"backend 'mgpu': the dK/dV tiles {tuning.dkdv} need {need:,} B of shared memory at "
         f"head dim {head_dim}, more than the {SMEM_BYTES:,} B available: lower "
-        f"dkdv.num_stages or dkdv.block_q (or unset dkdv.fused_dq)")
+        f"dkdv.num_stages or dkdv.block_q")
 
 
 def dkdv_smem_bytes(tiles: KernelTiles, head_dim: int, itemsize: int) -> int:
   """Shared memory of the dK/dV kernel's scratch (each buffer rounded up to the 1 KiB that
   128-byte swizzling aligns to; barriers neglected): the program's K/V blocks, the Q/dO ring
-  with lse/delta, and for `fused_dq` the dS^T tiles and the float32 dQ staging tiles."""
+  with lse/delta."""
   consumers, stages = tiles.block_k // ROWS, tiles.num_stages or 2
   buffers = [consumers * ROWS * head_dim * itemsize] * 2 + [consumers * ROWS * 4]
   buffers += [stages * tiles.block_q * head_dim * itemsize] * 2 + [stages * tiles.block_q * 4] * 2
-  if tiles.fused_dq:
-    buffers += [consumers * ROWS * tiles.block_q * itemsize,
-                consumers * tiles.block_q * head_dim * 4]
   return sum(-(-size // 1024) * 1024 for size in buffers)
 
 
@@ -166,19 +157,6 @@ class _Ops:
     def accumulate(acc_ref):
       plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-  def transposed(self, ref):
-    """A 2-D smem tile as a transposed MMA operand (wgmma reads 16-bit A or B transposed)."""
-    return ref[...].T if self.interpret else self.plgpu.transpose_ref(ref, (1, 0))
-
-  def add_to_gmem(self, src, dst):
-    """dst (gmem) += src (smem) by a TMA reduce-add, asynchronous like any smem -> gmem copy.
-    Mosaic GPU's CPU interpreter has no reduce-add (NotImplementedError in jax 0.10 and 0.11):
-    interpreted, dst is a slot of src's own and receives a plain copy (see `_sum_dq_partials`)."""
-    if self.interpret:
-      self.plgpu.copy_smem_to_gmem(src, dst)
-    else:
-      self.plgpu.copy_smem_to_gmem(src, dst, reduction_op="add")
 
   def mmas(self, *products, while_running=None):
     """Independent MMAs issued together and waited for once (one wgmma wait, not one each):
@@ -249,8 +227,7 @@ def _smem_tiles(plgpu, shape, dtype):
 
 def _kernel_call(plgpu, body, out_type, grid, names, consumers, interpret, name):
   """pl.kernel over a Mosaic GPU mesh `grid` (named `names`); with consumers > 1, consumers + 1
-  warpgroups.  Operands passed as refs (`jax.new_ref`) are updated in place: `pl.kernel`
-  itself, as `plgpu.kernel`'s vmap wrapper rejects refs in jax 0.10."""
+  warpgroups."""
   threads = dict(num_threads=consumers + 1, thread_name="wg") if consumers > 1 else {}
   mesh = plgpu.Mesh(grid=grid, grid_names=names, kernel_name=name, **threads)
   return pl.kernel(
@@ -585,35 +562,11 @@ def _dq_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
       released, released, plgpu.Barrier(num_arrivals=consumers), **_collective(consumers))
 
 
-def _dkdv_query_tile(meta, b, kb, h, t, groups: int, block_q: int):
-  """Step t of the dK/dV program (row b, key block kb, kv head h) -> (first query row, q head).
-  The program walks (group head g, visit step j) pairs g-major, one pipeline over all of them;
-  meta [B, nk, 2 + nq] visit lists (a ref in the kernel, an array in `_sum_dq_partials`)."""
-  n_visible = meta[b, kb, 1]
-  g, j = lax.div(t, n_visible), lax.rem(t, n_visible)
-  return meta[b, kb, 2 + j] * block_q, h * groups + g
-
-
-def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                 scale, groups, block_q, stages, consumers, fused_dq, interpret):
+def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                 dv_ref, *, scale, groups, block_q, stages, consumers, interpret):
   """Program (key block of consumers x 64 rows, kv head, row[, wg]): dK, dV over the group's
   query heads and the block's visible query blocks, computed key-major (P^T, dS^T [64 keys,
-  block_q queries]), one 64-key block per consumer warpgroup.
-
-  refs: (dk_ref, dv_ref), or with fused_dq (dq_ref, dk_ref, dv_ref): FlashAttention-3's fused
-  backward, each step also adds its partial dQ = dS K [block_q, D] (unscaled, float32; dS^T
-  goes through shared memory to be wgmma's transposed A operand) into dq_ref [B, T, Hq, D]
-  float32 (a zero-initialised ref operand) with a TMA reduce-add.  Interpreted (no reduce-add
-  and no ref operands on CPU), refs are (dk_ref, dv_ref, dq_ref) with dq_ref an output
-  [B, T // 64, Hkv, steps, block_q, D], one slot per (64-key block, step), summed by
-  `_sum_dq_partials`.
-  """
-  if not fused_dq:
-    (dk_ref, dv_ref), dq_ref = refs, None
-  elif interpret:
-    dk_ref, dv_ref, dq_ref = refs
-  else:
-    dq_ref, dk_ref, dv_ref = refs
+  block_q queries]), one 64-key block per consumer warpgroup."""
   ops = _Ops(interpret)
   plgpu = ops.plgpu
   kb, h, b = lax.axis_index("k"), lax.axis_index("head"), lax.axis_index("row")
@@ -624,10 +577,14 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   steps = groups * n_visible  # (group head, visit step) pairs, one pipeline over all of them
   logit_scale = scale * LOG2E
   tile = (ROWS, block_q)
-  query_rows = lambda t: _dkdv_query_tile(meta_ref, b, kb, h, t, groups, block_q)
+
+  def query_rows(t):
+    """Step t's query tile: (first row, q head)."""
+    g, j = lax.div(t, n_visible), lax.rem(t, n_visible)
+    return meta_ref[b, kb, 2 + j] * block_q, h * groups + g
 
   def body(k_smem2, v_smem2, end_smem2, q_smem, do_smem, lse_smem, delta_smem, k_bar, q_bar,
-           do_bar, q_free, do_free, ds_smem2=None, dq_smem2=None):
+           do_bar, q_free, do_free):
     def copy_q(t, slot):  # Q and its lse
       q_start, q_head = query_rows(t)
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, block_q), q_head], q_smem.at[slot],
@@ -654,30 +611,6 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
       plgpu.barrier_wait(k_bar.at[wg])
       key_ends = _col(ops.load_vector(end_smem2.at[wg], along_rows=True), tile)
 
-      def add_dq(t, slot, ds_t, dk):
-        """dK += dS^T Q, and this step's dQ rows += dS K (TMA reduce-add) -> dK."""
-        ds_smem, dq_smem = ds_smem2.at[wg], dq_smem2.at[wg]
-        ds_smem[...] = ds_t
-        plgpu.commit_smem()  # dS^T visible to wgmma before it reads it
-        halves = [ops.transposed(ds_smem.at[:, pl.ds(i * ROWS, ROWS)])
-                  for i in range(block_q // ROWS)]
-        dk, dq = ops.mmas((ds_t, q_smem.at[slot], head_dim, False, dk),
-                          (halves[0], k_smem, head_dim, False, None))
-        release_q(t, slot)
-        # The previous step's reduce-add has read the staging tile before it is overwritten.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        dq_smem[pl.ds(0, ROWS)] = dq
-        for i, half in enumerate(halves[1:], 1):
-          dq_smem[pl.ds(i * ROWS, ROWS)] = ops.mma(half, k_smem, head_dim, transpose_b=False)
-        plgpu.commit_smem()
-        if interpret:
-          dst = dq_ref.at[b, kb * consumers + wg, h, t]
-        else:
-          q_start, q_head = query_rows(t)
-          dst = dq_ref.at[b, pl.ds(q_start, block_q), q_head]
-        ops.add_to_gmem(dq_smem, dst)
-        return dk
-
       def step(j, carry, g, masked):
         dk, dv = carry
         t = g * n_visible + j
@@ -695,10 +628,8 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         dv, dp_t = ops.mmas((p_t.astype(dtype), do_smem.at[slot], head_dim, False, dv),
                             (v_smem, do_smem.at[slot], block_q, True, None))
         release_do(t, slot)
-        ds_t = (p_t * (dp_t - delta)).astype(dtype)
-        if fused_dq:
-          return add_dq(t, slot, ds_t, dk), dv
-        dk = ops.mma(ds_t, q_smem.at[slot], head_dim, transpose_b=False, acc=dk)
+        ds_t = p_t * (dp_t - delta)
+        dk = ops.mma(ds_t.astype(dtype), q_smem.at[slot], head_dim, transpose_b=False, acc=dk)
         release_q(t, slot)
         return dk, dv
 
@@ -714,7 +645,7 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[k_rows])
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[k_rows])
-      plgpu.wait_smem_to_gmem(0)  # also the last dQ reduce-add
+      plgpu.wait_smem_to_gmem(0)
 
     _run_roles(plgpu, consumers, wg, steps, stages, consume,
                [(copy_q, q_free), (copy_do, do_free)])
@@ -724,72 +655,22 @@ def _dkdv_kernel(meta_ref, kv_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   vector = plgpu.SMEM((stages, block_q), jnp.float32)
   ready = plgpu.Barrier(num_arrivals=2, num_barriers=stages)
   released = plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)
-  fused = (_smem_tiles(plgpu, (consumers, ROWS, block_q), dtype),
-           _smem_tiles(plgpu, (consumers, block_q, head_dim), jnp.float32)) if fused_dq else ()
   pl.run_scoped(
       body, k_buffer, k_buffer, plgpu.SMEM((consumers, ROWS), jnp.int32), q_buffer, q_buffer,
       vector, vector, plgpu.Barrier(num_arrivals=3, num_barriers=consumers), ready, ready,
-      released, released, *fused, **_collective(consumers))
-
-
-def _sum_dq_partials(partials: jax.Array, meta_k: jax.Array, groups: int, block_q: int,
-                     consumers: int) -> jax.Array:
-  """The interpreter's stand-in for the fused dK/dV kernel's TMA reduce-adds: adds each slot
-  where the compiled kernel would add it.
-
-  partials [B, T // 64, Hkv, steps, block_q, D] float32 (slots past a program's steps are
-  unwritten), meta_k [B, T // block_k, 2 + nq] -> dQ [B, T, Hq, D] float32 (unscaled).
-  """
-  batch, key_blocks, num_kv_heads, steps, _, head_dim = partials.shape
-  b, kr, h, t = jnp.meshgrid(*map(jnp.arange, partials.shape[:4]), indexing="ij")
-  kb = kr // consumers
-  n_visible = meta_k[b, kb, 1]
-  valid = t < groups * n_visible
-  q_start, q_head = _dkdv_query_tile(meta_k, b, kb, h, jnp.where(valid, t, 0), groups, block_q)
-  rows = q_start[..., None] + jnp.arange(block_q)
-  dq = jnp.zeros((batch, key_blocks * ROWS, num_kv_heads * groups, head_dim), jnp.float32)
-  return dq.at[b[..., None], rows, q_head[..., None]].add(
-      jnp.where(valid[..., None, None], partials, 0.0))
+      released, released, **_collective(consumers))
 
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: jax.Array,
              lse: jax.Array, delta: jax.Array, cfg: KernelConfig
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Padded [B,T,H,D] tensors, lse/delta [B,Hq,T] f32 (base-2 lse) -> (dq, dk, dv).
-  With `tuning.dkdv.fused_dq` one kernel computes all three (dQ accumulated in float32, then
-  scaled and cast); `tuning.dq` is unused then."""
+  """Padded [B,T,H,D] tensors, lse/delta [B,Hq,T] f32 (base-2 lse) -> (dq, dk, dv)."""
   scale, tuning, interpret = cfg.scale, cfg.tuning, cfg.interpret
   plgpu = mgpu_support.plgpu()
-  batch, length, num_q_heads, head_dim = q.shape
+  batch, length, num_q_heads, _ = q.shape
   num_kv_heads = k.shape[2]
   groups = num_q_heads // num_kv_heads
   args = (q, k, v, do, lse, delta)
-
-  tiles = tuning.dkdv
-  fused_dq = tiles.fused_dq
-  consumers = tiles.block_k // ROWS
-  dkdv_kernel = functools.partial(
-      _dkdv_kernel, scale=scale, groups=groups, block_q=tiles.block_q,
-      stages=tiles.num_stages or 2, consumers=consumers, fused_dq=fused_dq,
-      interpret=interpret)
-  meta_k = visit_lists(jnp.swapaxes(tile_classes(kv_end, tiles.block_q, tiles.block_k), 1, 2))
-  out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-  dq_acc = ()
-  if fused_dq and interpret:
-    out_type += (jax.ShapeDtypeStruct((batch, length // ROWS, num_kv_heads,
-                                       groups * (length // tiles.block_q), tiles.block_q,
-                                       head_dim), jnp.float32),)
-  elif fused_dq:
-    dq_acc = (jax.new_ref(jnp.zeros(q.shape, jnp.float32)),)
-  outs = _kernel_call(
-      plgpu, dkdv_kernel, out_type, (length // tiles.block_k, num_kv_heads, batch),
-      ("k", "head", "row"), consumers, interpret, "tree_attention_dkdv_mgpu"
-  )(meta_k, kv_end, *args, *dq_acc)
-  dk, dv = outs[:2]
-  if fused_dq:
-    dq = (_sum_dq_partials(outs[2], meta_k, groups, tiles.block_q, consumers) if interpret
-          else dq_acc[0][...])
-    return (dq * scale).astype(q.dtype), dk, dv
 
   tiles = tuning.dq
   consumers = tiles.block_q // ROWS
@@ -802,4 +683,16 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv_end: jax.Array, do: ja
       (length // tiles.block_q, num_q_heads, batch), ("q", "head", "row"), consumers,
       interpret, "tree_attention_dq_mgpu"
   )(visit_lists(tile_classes(kv_end, tiles.block_q, tiles.block_k)), kv_end, *args)
+
+  tiles = tuning.dkdv
+  consumers = tiles.block_k // ROWS
+  dkdv_kernel = functools.partial(
+      _dkdv_kernel, scale=scale, groups=groups, block_q=tiles.block_q,
+      stages=tiles.num_stages or 2, consumers=consumers, interpret=interpret)
+  meta_k = visit_lists(jnp.swapaxes(tile_classes(kv_end, tiles.block_q, tiles.block_k), 1, 2))
+  dk, dv = _kernel_call(
+      plgpu, dkdv_kernel,
+      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      (length // tiles.block_k, num_kv_heads, batch), ("k", "head", "row"), consumers,
+      interpret, "tree_attention_dkdv_mgpu")(meta_k, kv_end, *args)
   return dq, dk, dv

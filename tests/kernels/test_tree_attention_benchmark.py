@@ -3,6 +3,8 @@ tile strings."""
 
 import json
 
+import pytest
+
 from kat_jax.kernels import KernelTiles
 from kat_jax.testing import benchmark_module
 
@@ -32,10 +34,14 @@ def test_tiny_run_times_triton_and_tile_sweeps_and_marks_gpu_only_methods_skippe
   assert causal["tree_gpu"]["fwd"]["ms"] > 0 and "skipped" in causal["cudnn"]
 
 
-def test_tile_strings_parse_ping_pong_and_fused_dq_flags_and_format_back():
+def test_tile_strings_parse_the_ping_pong_flag_and_format_back_and_extra_fields_are_refused(
+    capsys):
   bench = benchmark_module("tree_attention")
   for text, tiles in [("64,128,0,2", KernelTiles(64, 128, None, 2)),
-                      ("128,128,0,2,1", KernelTiles(128, 128, None, 2, True)),
-                      ("64,128,0,2,0,1", KernelTiles(64, 128, None, 2, False, True))]:
+                      ("128,128,0,2,1", KernelTiles(128, 128, None, 2, True))]:
     assert bench.parse_tiles(text) == tiles
     assert bench.format_tiles(tiles) == text
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--sweep-bwd", "128,128,0,2/64,128,0,2,0,1"])
+  assert "error: tiles '64,128,0,2,0,1': expected bq,bk,warps,stages[,ping_pong]" in (
+      capsys.readouterr().err)

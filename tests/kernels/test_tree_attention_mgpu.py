@@ -18,7 +18,6 @@ import pytest
 from kat_jax.kernels import causal_kv_end
 from kat_jax.kernels import KernelTiles
 from kat_jax.kernels import tree_attention
-from kat_jax.kernels import Tuning
 from kat_jax.kernels.checks import kernel_and_reference
 from kat_jax.kernels.reference import attention_reference
 from kat_jax.kernels.mgpu_support import has_interpreter
@@ -84,19 +83,7 @@ _BWD_VARIANTS = {
 }
 
 
-# FlashAttention-3's fused backward (dkdv.fused_dq; no dQ kernel, so `dq` tiles unused): the
-# default's 128 key rows (warp-specialised) over 64-query tiles, one warpgroup of 64 key rows,
-# and one warpgroup over 128-query tiles (over shared memory at D = 128).
-_FUSED_DQ_VARIANTS = {
-    "fused_dq": KernelTiles(64, 128, None, 2, False, True),
-    "fused_dq_one_warpgroup": KernelTiles(64, 64, None, 2, False, True),
-    "fused_dq_wide_query_tiles": KernelTiles(128, 64, None, 2, False, True),
-}
-
-
 def _bwd_variant(name: str, fwd: KernelTiles = KernelTiles(64, 128, None, 2)):
-  if name in _FUSED_DQ_VARIANTS:
-    return DEFAULT_TUNING_MGPU._replace(fwd=fwd, dkdv=_FUSED_DQ_VARIANTS[name])
   dq, dkdv = _BWD_VARIANTS[name]
   return DEFAULT_TUNING_MGPU._replace(fwd=fwd, dq=dq, dkdv=dkdv)
 
@@ -144,34 +131,6 @@ def test_mgpu_backward_variants_lower_for_cuda_at_the_anchor_shape(variant, head
                             _bwd_variant(variant, DEFAULT_TUNING_MGPU.fwd))
   for name in _KERNEL_NAMES:
     assert name in module, name
-
-
-@pytest.mark.parametrize("variant, head_dim, num_kv_heads", [
-    ("fused_dq", 128, 32), ("fused_dq", 128, 8), ("fused_dq", 64, 32),
-    ("fused_dq_one_warpgroup", 128, 8), ("fused_dq_wide_query_tiles", 64, 8)])
-def test_mgpu_fused_dq_lowers_for_cuda_with_a_tma_reduce_add_and_no_dq_kernel(
-    variant, head_dim, num_kv_heads):
-  module = _lowers_for_cuda(head_dim, num_kv_heads,
-                            _bwd_variant(variant, DEFAULT_TUNING_MGPU.fwd))
-  assert "tree_attention_fwd_mgpu" in module
-  assert "tree_attention_dkdv_mgpu" in module
-  assert "tree_attention_dq_mgpu" not in module
-  assert "cp.reduce.async.bulk.tensor" in module
-
-
-@pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
-                    "(jax._src.pallas.mosaic_gpu.interpret)")
-@pytest.mark.parametrize("variant, head_dim, dtype", [
-    ("fused_dq", 64, jnp.bfloat16), ("fused_dq_one_warpgroup", 128, jnp.float16),
-    ("fused_dq_wide_query_tiles", 64, jnp.bfloat16)])
-def test_mgpu_fused_dq_interpreted_matches_reference_on_forest_docs_causal_and_boundary_rows(
-    variant, head_dim, dtype):
-  """The fused schedule's arithmetic: which (key block, query tile, q head) steps add which
-  partial dQ, with masks and GQA 2:1.  The interpreter has no TMA reduce-add: each step's
-  partial dQ is copied to a slot of its own and `_sum_dq_partials` adds the slots where the
-  reduce-add would.  T = 200 padded to 256."""
-  q, k, v, d_out = _inputs(5, 4, 200, 2, 1, head_dim, dtype)
-  _check(q, k, v, d_out, _rows(200, 2), 1e-2, interpret=True, tuning=_bwd_variant(variant))
 
 
 @pytest.mark.skipif(not has_interpreter(), reason="this jax has no Mosaic GPU interpreter "
@@ -272,7 +231,7 @@ def test_mgpu_compiled_matches_reference(dtype, head_dim, num_kv_heads, fwd_bloc
     (jnp.bfloat16, 128, 8), (jnp.float16, 64, 2)])
 @pytest.mark.parametrize("variant", [  # the 3-stage ones differ only in ring depth
     "warp_specialized", "warp_specialized_wide", "wide_partner_tiles",
-    "warp_specialized_dq_ping_pong", "fused_dq", "fused_dq_one_warpgroup"])
+    "warp_specialized_dq_ping_pong"])
 def test_mgpu_compiled_backward_variants_match_reference(variant, dtype, head_dim,
                                                          num_kv_heads):
   """Forest, packed documents, causal and tile-boundary rows; T = 1000 (padded)."""
@@ -290,22 +249,15 @@ def test_mgpu_compiled_tile_boundary_row_is_exact_at_the_boundary_query():
   assert relative_error(got[:, row], want[:, row]) < 1e-2
 
 
-def test_mgpu_rejects_fused_dq_off_dkdv_off_mgpu_and_over_shared_memory():
+def test_mgpu_rejects_dkdv_tiles_over_shared_memory():
   q = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
   kv_end = jnp.full((1, 64), 64, jnp.int32)
-  fused = KernelTiles(64, 128, None, 2, False, True)
-  with pytest.raises(ValueError, match="set dkdv.fused_dq, not fwd.fused_dq or dq.fused_dq"):
-    tree_attention(q, q, q, kv_end, backend="mgpu",
-                   tuning=DEFAULT_TUNING_MGPU._replace(dq=DEFAULT_TUNING_MGPU.dq._replace(
-                       fused_dq=True)))
-  with pytest.raises(ValueError, match="dkdv.fused_dq needs backend 'mgpu'"):
-    tree_attention(q, q, q, kv_end, backend="gpu",
-                   tuning=Tuning(KernelTiles(), KernelTiles(), fused))
-  # 3 stages at D = 128: 248,832 B of dK/dV scratch; 2 stages fit (216,064 B).
+  wide = KernelTiles(128, 128, None, 2)  # 128 key rows over 128-query tiles
+  # 3 stages at D = 128: 267,264 B of dK/dV scratch; 2 stages fit (199,680 B).
   with pytest.raises(ValueError, match="lower dkdv.num_stages or dkdv.block_q"):
     tree_attention(q, q, q, kv_end, backend="mgpu", tuning=DEFAULT_TUNING_MGPU._replace(
-        dkdv=fused._replace(num_stages=3)))
-  assert dkdv_smem_bytes(fused, 128, 2) == 216_064 <= SMEM_BYTES
+        dkdv=wide._replace(num_stages=3)))
+  assert dkdv_smem_bytes(wide, 128, 2) == 199_680 <= SMEM_BYTES
 
 
 def test_model_attention_backend_tree_mgpu_dispatches_to_the_mosaic_gpu_kernel():
