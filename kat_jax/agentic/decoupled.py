@@ -13,7 +13,6 @@ and log-probs in its replies), many requests in flight at once, recorded in a
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import dataclasses
 import glob
 import os
@@ -25,8 +24,7 @@ import numpy as np
 
 from kat_jax.agentic.environments import Environment
 from kat_jax.agentic.rollout import (Episode, RolloutConfig, _close_turn, _copies, _env_turn,
-                                     _Recorder, _start_episode)
-from kat_jax.agentic.tool_calls import parse_tool_calls
+                                     _fork, _Recorder, _reply, _start_episode)
 from kat_jax.data.tokenizer import Tokenizer
 from kat_jax.openai_http import post_json
 from kat_jax.rl.trajectories import TrajectoryManager
@@ -159,26 +157,19 @@ def server_rollout(client: OpenAICompletionsClient, make_env: Callable[[], Envir
     replies = client.complete(episode.tokens, n=_copies(cfg, turn),
                               max_tokens=cfg.max_new_tokens,
                               temperature=cfg.sampling.temperature, stop_ids=(stop,))
-    family = [episode] + [copy.deepcopy(episode) for _ in replies[1:]]
-    branches = []
-    for c, (branch, (ids, logprobs, stopped)) in enumerate(zip(family, replies)):
-      branch.branch_id += (c,)
-      branches.append((branch, _ServerSample(
-          list(ids), list(logprobs), [0.0] * len(ids),
-          stopped and bool(ids) and ids[-1] == stop)))
-    return branches
+    return [(branch, _ServerSample(list(ids), list(logprobs), [0.0] * len(ids),
+                                   stopped and bool(ids) and ids[-1] == stop))
+            for branch, (ids, logprobs, stopped) in zip(_fork(episode, len(replies)), replies)]
 
   def run_branch(episode: Episode, sample: _ServerSample, turn: int
                  ) -> list[concurrent.futures.Future]:
     """Steps the branch's environment and closes its turn; if it goes on, sends its next
     request -> the futures of the next turn's branches."""
-    text = tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
-    last_turn = turn == cfg.max_turns - 1
-    cut_off = last_turn or (len(episode.tokens) + len(sample.tokens) + cfg.max_new_tokens
-                            > cfg.max_length)
-    step = _env_turn(episode.env, parse_tool_calls(text, cfg.tool_format), cut_off)
+    text, action, cut_off = _reply(episode, sample, turn, tokenizer, cfg)
+    step = _env_turn(episode.env, action, cut_off)
     prompt = np.asarray(episode.tokens, np.int64)
-    ended, tokens = _close_turn(episode, sample, text, step, last_turn, tokenizer, cfg)
+    ended, tokens = _close_turn(episode, sample, text, step, turn == cfg.max_turns - 1,
+                                tokenizer, cfg)
     with lock:
       if recorder is not None:
         recorder.ended(episode, prompt, sample, continues=not ended,

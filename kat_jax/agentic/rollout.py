@@ -366,10 +366,7 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
     ids = engine.submit(Request(new, cfg.max_new_tokens, sampling=cfg.sampling,
                                 stop_ids=(stop,), num_samples=copies, rng=key,
                                 keep=turn < cfg.max_turns - 1, continue_from=sequence))
-    # Copies are made before any branch's turn changes the episode.
-    family = [episode] + [copy.deepcopy(episode) for _ in ids[1:]]
-    for c, (branch, sid) in enumerate(zip(family, ids)):
-      branch.branch_id += (c,)
+    for branch, sid in zip(_fork(episode, len(ids)), ids):
       owners[sid] = (branch, turn)
 
   def sample_ended(sid: int, result) -> None:
@@ -377,12 +374,9 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
     episode, turn = owners.pop(sid)
     if result.error is not None:
       raise ValueError(f"episode of task {episode.group}: {result.error}")
-    text = tokenizer.decode(result.tokens[:-1] if result.stopped else result.tokens)
-    # Cut off whatever the step returns: the turn limit, or no room for another turn.
-    cut_off = turn == cfg.max_turns - 1 or (len(episode.tokens) + len(result.tokens)
-                                            + cfg.max_new_tokens > cfg.max_length)
+    text, action, cut_off = _reply(episode, result, turn, tokenizer, cfg)
     in_flight.append(_TurnEnd(episode, turn, result, text, pool.submit(
-        _env_turn, episode.env, parse_tool_calls(text, cfg.tool_format), cut_off)))
+        _env_turn, episode.env, action, cut_off)))
 
   def step_ended(end: _TurnEnd) -> None:
     """Closes the turn: the episode ends or starts its next turn."""
@@ -424,6 +418,27 @@ def _run_turns(engine: Engine, live: list[Episode], news: list[list[int]], token
   if recorder is not None:
     recorder.check_done()
   return finished, env_wait
+
+
+def _fork(episode: Episode, copies: int) -> list[Episode]:
+  """The branches of a turn with `copies` samples: the episode and copies - 1 deep copies of
+  it, made before any branch's turn changes it; branch c's id gains c."""
+  family = [episode] + [copy.deepcopy(episode) for _ in range(copies - 1)]
+  for c, branch in enumerate(family):
+    branch.branch_id += (c,)
+  return family
+
+
+def _reply(episode: Episode, result: Any, turn: int, tokenizer: Tokenizer,
+           cfg: RolloutConfig) -> tuple[str, ParsedAction, bool]:
+  """A sampled turn of `episode` (`result`: its Completion, not yet in the episode) -> (the
+  reply's text without the end-of-turn token, its parsed tool calls, cut_off: the episode
+  ends whatever its environment step returns, at the turn limit or with no room for
+  another turn)."""
+  text = tokenizer.decode(result.tokens[:-1] if result.stopped else result.tokens)
+  cut_off = turn == cfg.max_turns - 1 or (len(episode.tokens) + len(result.tokens)
+                                          + cfg.max_new_tokens > cfg.max_length)
+  return text, parse_tool_calls(text, cfg.tool_format), cut_off
 
 
 def _env_turn(env: Environment, action: ParsedAction,
